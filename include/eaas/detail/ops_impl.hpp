@@ -1,0 +1,211 @@
+#pragma once
+
+#include <cstring>
+#include <type_traits>
+
+#include "eaas/common/status.hpp"
+#include "eaas/common/views.hpp"
+#include "eaas/detail/atomic.hpp"
+#include "eaas/detail/clock.hpp"
+#include "eaas/detail/ldst_impl.hpp"
+
+namespace eaas {
+
+namespace detail {
+
+EAAS_HOST_DEVICE status check_endpoint(const device_endpoint& ep) {
+  if (EAAS_UNLIKELY(ep.magic != kEndpointViewMagic || ep.state == nullptr)) return status::invalid_argument;
+  const auto st = static_cast<endpoint_state>(load_relaxed(ep.state));
+  if (EAAS_LIKELY(st == endpoint_state::connected)) return status::ok;
+  return st == endpoint_state::closed ? status::not_connected : status::peer_unreachable;
+}
+
+EAAS_HOST_DEVICE status check_remote(const device_endpoint& ep, const remote_view& r, std::uint64_t offset,
+                                     std::uint64_t bytes, std::uint64_t align) {
+  if (EAAS_UNLIKELY(r.magic != kRemoteViewMagic || r.transport != ep.transport || r.owner_id != ep.peer_id))
+    return status::invalid_argument;
+  if (EAAS_UNLIKELY(offset > r.size || bytes > r.size - offset)) return status::invalid_argument;
+  if (EAAS_UNLIKELY(((r.addr + offset) & (align - 1)) != 0)) return status::invalid_argument;
+  return status::ok;
+}
+
+EAAS_HOST_DEVICE bool aligned8(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 7u) == 0; }
+
+// A host build has only the shm bodies; a device build has none yet (nvlink / ibgda bring theirs).
+template <class Coop>
+EAAS_HOST_DEVICE constexpr bool shm_callable() {
+  return !EAAS_DEVICE_CODE && std::is_same_v<Coop, coop_thread>;
+}
+
+}  // namespace detail
+
+EAAS_HOST_DEVICE std::uint64_t now_ns() { return detail::now_ns(); }
+
+EAAS_HOST_DEVICE deadline deadline_after(std::uint64_t ns) {
+  const std::uint64_t t = detail::now_ns();
+  return deadline{t + ns < t ? ~std::uint64_t{0} : t + ns};
+}
+
+template <class Coop>
+EAAS_HOST_DEVICE status put(Coop, const device_endpoint& ep, const remote_view& dst, std::uint64_t dst_offset,
+                            const void* src, std::size_t bytes) {
+  static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_remote(ep, dst, dst_offset, bytes, 1); s != status::ok) return s;
+  if (EAAS_UNLIKELY(src == nullptr && bytes != 0)) return status::invalid_argument;
+  if (ep.transport == transport_kind::shm) {
+    if constexpr (detail::shm_callable<Coop>()) return detail::ldst::put(dst, dst_offset, src, bytes);
+  }
+  return status::unsupported;
+}
+
+template <class Coop>
+EAAS_HOST_DEVICE status signal(Coop, const device_endpoint& ep, const remote_view& sig, std::uint64_t sig_offset,
+                               std::uint64_t value, signal_op op) {
+  static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_remote(ep, sig, sig_offset, 8, kSignalAlign); s != status::ok) return s;
+  if (EAAS_UNLIKELY(op != signal_op::set && op != signal_op::add)) return status::invalid_argument;
+  if (ep.transport == transport_kind::shm) {
+    if constexpr (detail::shm_callable<Coop>()) return detail::ldst::signal(sig, sig_offset, value, op);
+  }
+  return status::unsupported;
+}
+
+template <class Coop>
+EAAS_HOST_DEVICE status put_signal(Coop, const device_endpoint& ep, const remote_view& dst, std::uint64_t dst_offset,
+                                   const void* src, std::size_t bytes, const remote_view& sig,
+                                   std::uint64_t sig_offset, std::uint64_t value, signal_op op) {
+  static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_remote(ep, dst, dst_offset, bytes, 1); s != status::ok) return s;
+  if (status s = detail::check_remote(ep, sig, sig_offset, 8, kSignalAlign); s != status::ok) return s;
+  if (EAAS_UNLIKELY((src == nullptr && bytes != 0) || (op != signal_op::set && op != signal_op::add)))
+    return status::invalid_argument;
+  if (ep.transport == transport_kind::shm) {
+    if constexpr (detail::shm_callable<Coop>()) {
+      (void)detail::ldst::put(dst, dst_offset, src, bytes);
+      // The release in the signal store orders the payload before it.
+      return detail::ldst::signal(sig, sig_offset, value, op);
+    }
+  }
+  return status::unsupported;
+}
+
+template <class Coop>
+EAAS_HOST_DEVICE status get(Coop, const device_endpoint& ep, const remote_view& src, std::uint64_t src_offset,
+                            void* dst, std::size_t bytes) {
+  static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_remote(ep, src, src_offset, bytes, 1); s != status::ok) return s;
+  if (EAAS_UNLIKELY(dst == nullptr && bytes != 0)) return status::invalid_argument;
+  if (ep.transport == transport_kind::shm) {
+    if constexpr (detail::shm_callable<Coop>()) return detail::ldst::get(src, src_offset, dst, bytes);
+  }
+  return status::unsupported;
+}
+
+template <class Coop>
+EAAS_HOST_DEVICE status fetch_add(Coop, const device_endpoint& ep, const remote_view& target, std::uint64_t offset,
+                                  std::uint64_t value, std::uint64_t* fetched) {
+  static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_remote(ep, target, offset, 8, kSignalAlign); s != status::ok) return s;
+  if (EAAS_UNLIKELY(fetched == nullptr || !detail::aligned8(fetched))) return status::invalid_argument;
+  if (ep.transport == transport_kind::shm) {
+    if constexpr (detail::shm_callable<Coop>()) return detail::ldst::fetch_add(target, offset, value, fetched);
+  }
+  return status::unsupported;
+}
+
+template <class Coop>
+EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remote_view& target,
+                                     std::uint64_t offset, std::uint64_t expected, std::uint64_t desired,
+                                     std::uint64_t* fetched) {
+  static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_remote(ep, target, offset, 8, kSignalAlign); s != status::ok) return s;
+  if (EAAS_UNLIKELY(fetched == nullptr || !detail::aligned8(fetched))) return status::invalid_argument;
+  if (ep.transport == transport_kind::shm) {
+    if constexpr (detail::shm_callable<Coop>())
+      return detail::ldst::compare_swap(target, offset, expected, desired, fetched);
+  }
+  return status::unsupported;
+}
+
+template <class Coop>
+EAAS_HOST_DEVICE status fence(Coop, const device_endpoint& ep) {
+  static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (ep.transport == transport_kind::shm) {
+    if constexpr (detail::shm_callable<Coop>()) {
+      detail::fence_release();
+      return status::ok;
+    }
+  }
+  return status::unsupported;
+}
+
+template <class Coop>
+EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep) {
+  static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+  if (ep.transport == transport_kind::shm) {
+    if constexpr (detail::shm_callable<Coop>()) {
+      detail::fence_seq_cst();
+      // Checked after the fence: a peer that died before this point may not have seen the writes.
+      return detail::check_endpoint(ep);
+    }
+  }
+  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  return status::unsupported;
+}
+
+namespace detail {
+
+// `ep` may be null: a plain context wait.
+EAAS_HOST_DEVICE status wait_signal_impl(const device_endpoint* ep, const std::uint32_t* abort,
+                                         const std::uint64_t* sig, cmp_op cmp, std::uint64_t value, deadline until,
+                                         std::uint64_t* observed) {
+  if (EAAS_UNLIKELY(sig == nullptr || !aligned8(sig))) return status::invalid_argument;
+  std::uint64_t word = load_acquire(sig);
+  std::uint32_t spins = 0;
+  status result = status::ok;
+  while (!compare(word, cmp, value)) {
+    // The clock and flags are read every few polls only: the poll itself is the fast path.
+    if ((++spins & 15u) == 0) {
+      if (abort != nullptr && load_relaxed(abort) != 0) {
+        result = status::aborted;
+        break;
+      }
+      if (ep != nullptr) {
+        if (status s = check_endpoint(*ep); s != status::ok) {
+          result = s;
+          break;
+        }
+      }
+      if (now_ns() >= until.ns) {
+        result = status::timeout;
+        break;
+      }
+    }
+    spin_pause(spins);
+    word = load_acquire(sig);
+  }
+  if (observed != nullptr) *observed = word;
+  return result;
+}
+
+}  // namespace detail
+
+EAAS_HOST_DEVICE status wait_signal(const device_context& ctx, const std::uint64_t* sig, cmp_op cmp,
+                                    std::uint64_t value, deadline until, std::uint64_t* observed) {
+  return detail::wait_signal_impl(nullptr, ctx.abort, sig, cmp, value, until, observed);
+}
+
+EAAS_HOST_DEVICE status wait_signal(const device_endpoint& ep, const std::uint64_t* sig, cmp_op cmp,
+                                    std::uint64_t value, deadline until, std::uint64_t* observed) {
+  if (EAAS_UNLIKELY(ep.magic != kEndpointViewMagic)) return status::invalid_argument;
+  return detail::wait_signal_impl(&ep, ep.abort, sig, cmp, value, until, observed);
+}
+
+}  // namespace eaas

@@ -1,0 +1,377 @@
+// context, endpoint and region objects of the host library.
+
+#include "eaas/host/context.hpp"
+
+#include <unistd.h>
+
+#include <map>
+#include <mutex>
+
+#include "eaas/detail/atomic.hpp"
+#include "handle.hpp"
+#include "log.hpp"
+#include "monitor.hpp"
+#include "process.hpp"
+#include "transport/shm/shm.hpp"
+
+namespace eaas {
+namespace detail {
+namespace {
+
+// Words that ops and waits read (endpoint states, the abort flag). Addresses stay stable for the
+// life of the pool; later these live in pinned memory mapped into GPUs.
+class word_pool {
+ public:
+  std::uint32_t* take(std::uint32_t initial) {
+    std::lock_guard lock(mu_);
+    if (free_.empty()) {
+      chunks_.push_back(std::make_unique<std::uint32_t[]>(kChunk));
+      for (std::size_t i = 0; i < kChunk; ++i) free_.push_back(&chunks_.back()[kChunk - 1 - i]);
+    }
+    std::uint32_t* w = free_.back();
+    free_.pop_back();
+    store_release(w, initial);
+    return w;
+  }
+  void give(std::uint32_t* w) {
+    std::lock_guard lock(mu_);
+    free_.push_back(w);
+  }
+
+ private:
+  static constexpr std::size_t kChunk = 1024;
+  std::mutex mu_;
+  std::vector<std::unique_ptr<std::uint32_t[]>> chunks_;
+  std::vector<std::uint32_t*> free_;
+};
+
+// State shared by a context and everything made from it.
+struct context_core {
+  context_options options;
+  std::uint64_t id = random_u64();
+  std::uint64_t host = host_id();
+  pid_t pid = ::getpid();
+  std::uint64_t start_time = process_start_time(::getpid());
+  word_pool words;
+  std::uint32_t* abort_flag = words.take(0);
+  std::unique_ptr<peer_monitor> monitor;  // null when options.monitor_peers is off
+};
+
+// Connection handle payload:
+//   u64 context id, u64 host id, u32 pid, u32 0, u64 process start time,
+//   u8 transport count, then per transport: u8 kind, u16 section length, section bytes.
+struct peer_desc {
+  std::uint64_t context_id = 0;
+  std::uint64_t host_id = 0;
+  std::uint32_t pid = 0;
+  std::uint64_t start_time = 0;
+  bool offers_shm = false;
+};
+
+constexpr std::size_t kMaxTransportSections = 8;
+
+status decode_connection(std::span<const std::byte> bytes, peer_desc& out) {
+  handle_info info{};
+  std::span<const std::byte> payload;
+  EAAS_CHECK(decode_handle(bytes, handle_kind::connection, transport_kind::none, info, payload));
+  handle_reader r(payload);
+  peer_desc d;
+  d.context_id = r.u64();
+  d.host_id = r.u64();
+  d.pid = r.u32();
+  const std::uint32_t zero = r.u32();
+  d.start_time = r.u64();
+  const std::uint8_t n = r.u8();
+  if (!r.ok() || zero != 0 || n > kMaxTransportSections || d.pid == 0 || d.pid > 0x7fffffffu)
+    return EAAS_FAIL(status::invalid_handle, "connection handle: malformed identity (pid {}, {} transports)", d.pid,
+                     n);
+  for (std::uint8_t i = 0; i < n; ++i) {
+    const auto kind = static_cast<transport_kind>(r.u8());
+    const std::uint16_t len = r.u16();
+    (void)r.raw(len);
+    if (!r.ok()) return EAAS_FAIL(status::invalid_handle, "connection handle: transport section {} is truncated", i);
+    if (kind == transport_kind::shm) {
+      if (len != 0) return EAAS_FAIL(status::invalid_handle, "connection handle: shm section must be empty");
+      d.offers_shm = true;
+    }
+    // Sections of transports this build does not know are skipped: a newer peer may offer more.
+  }
+  if (!r.done()) return EAAS_FAIL(status::invalid_handle, "connection handle: trailing bytes after the sections");
+  out = d;
+  return status::ok;
+}
+
+class shm_memory_region final : public memory_region {
+ public:
+  shm_memory_region(std::shared_ptr<context_core> core, std::shared_ptr<shm::segment> seg, std::size_t offset,
+                    std::size_t size)
+      : core_(std::move(core)), seg_(std::move(seg)), offset_(offset), size_(size) {}
+
+  void* data() const noexcept override { return static_cast<unsigned char*>(seg_->base) + offset_; }
+  std::size_t size() const noexcept override { return size_; }
+  transport_kind transport() const noexcept override { return transport_kind::shm; }
+  status export_handle(handle_bytes& out) const override {
+    try {
+      shm::region_desc d;
+      d.owner_id = core_->id;
+      d.host_id = core_->host;
+      d.pid = static_cast<std::uint32_t>(core_->pid);
+      d.fd = static_cast<std::uint32_t>(seg_->fd);
+      d.start_time = core_->start_time;
+      d.token = seg_->token;
+      d.offset = offset_;
+      d.size = size_;
+      d.map_size = seg_->map_size;
+      handle_writer w;
+      shm::encode(d, w);
+      out = w.finish(handle_kind::region, transport_kind::shm);
+      return status::ok;
+    } catch (const std::bad_alloc&) {
+      return EAAS_FAIL(status::no_resource, "export_handle: out of memory");
+    }
+  }
+  const std::shared_ptr<shm::segment>& segment() const { return seg_; }
+  std::size_t offset() const { return offset_; }
+
+ private:
+  std::shared_ptr<context_core> core_;
+  std::shared_ptr<shm::segment> seg_;
+  std::size_t offset_, size_;
+};
+
+class shm_remote_region final : public remote_region {
+ public:
+  shm_remote_region(std::shared_ptr<shm::mapping> map, const shm::region_desc& d) : map_(std::move(map)) {
+    view_ = remote_view{};
+    view_.magic = kRemoteViewMagic;
+    view_.transport = transport_kind::shm;
+    view_.addr = reinterpret_cast<std::uintptr_t>(map_->base) + d.offset;
+    view_.size = d.size;
+    view_.owner_id = d.owner_id;
+  }
+  remote_view view() const noexcept override { return view_; }
+
+ private:
+  std::shared_ptr<shm::mapping> map_;
+  remote_view view_;
+};
+
+class endpoint_impl final : public endpoint {
+ public:
+  endpoint_impl(std::shared_ptr<context_core> core, const peer_desc& peer, std::uint32_t* state)
+      : core_(std::move(core)), peer_(peer), state_(state) {}
+
+  ~endpoint_impl() override {
+    close();
+    core_->words.give(state_);
+  }
+
+  device_endpoint view() const noexcept override {
+    device_endpoint v{};
+    v.magic = kEndpointViewMagic;
+    v.transport = transport_kind::shm;
+    v.state = state_;
+    v.abort = core_->abort_flag;
+    v.transport_state = nullptr;
+    v.peer_id = peer_.context_id;
+    return v;
+  }
+  transport_kind transport() const noexcept override { return transport_kind::shm; }
+  std::uint64_t peer_id() const noexcept override { return peer_.context_id; }
+  endpoint_state state() const noexcept override { return static_cast<endpoint_state>(load_acquire(state_)); }
+
+  status import_region(std::span<const std::byte> handle, std::unique_ptr<remote_region>& out) override {
+    try {
+      if (state() == endpoint_state::closed)
+        return EAAS_FAIL(status::not_connected, "import_region: the endpoint is closed");
+      handle_info info{};
+      std::span<const std::byte> payload;
+      EAAS_CHECK(decode_handle(handle, handle_kind::region, transport_kind::shm, info, payload));
+      shm::region_desc d;
+      EAAS_CHECK(shm::decode(payload, d));
+      if (d.owner_id != peer_.context_id)
+        return EAAS_FAIL(status::invalid_argument,
+                         "import_region: the region belongs to context {:016x}, this endpoint connects to {:016x}",
+                         d.owner_id, peer_.context_id);
+      if (d.host_id != peer_.host_id || d.pid != peer_.pid || d.start_time != peer_.start_time)
+        return EAAS_FAIL(status::invalid_handle,
+                         "import_region: the handle names process {} on host {:016x}, the peer is process {} on host "
+                         "{:016x}",
+                         d.pid, d.host_id, peer_.pid, peer_.host_id);
+      if (state() == endpoint_state::peer_dead)
+        return EAAS_FAIL(status::peer_unreachable, "import_region: peer process {} is dead", peer_.pid);
+      std::shared_ptr<shm::mapping> map;
+      {
+        std::lock_guard lock(mu_);
+        auto it = mappings_.find(d.token);
+        if (it != mappings_.end()) map = it->second.lock();
+        if (!map || map->map_size != d.map_size) {
+          EAAS_CHECK(shm::map_peer(d, map));
+          mappings_[d.token] = map;
+        }
+      }
+      out = std::make_unique<shm_remote_region>(std::move(map), d);
+      return status::ok;
+    } catch (const std::bad_alloc&) {
+      return EAAS_FAIL(status::no_resource, "import_region: out of memory");
+    }
+  }
+
+  void close() noexcept override {
+    std::lock_guard lock(mu_);
+    if (closed_) return;
+    closed_ = true;
+    store_release(state_, static_cast<std::uint32_t>(endpoint_state::closed));
+    if (watched_) core_->monitor->unwatch(static_cast<pid_t>(peer_.pid), state_);
+    mappings_.clear();
+  }
+
+  void set_watched() { watched_ = true; }
+
+ private:
+  std::shared_ptr<context_core> core_;
+  peer_desc peer_;
+  std::uint32_t* state_;
+  std::mutex mu_;
+  bool closed_ = false;
+  bool watched_ = false;
+  std::map<std::uint64_t, std::weak_ptr<shm::mapping>> mappings_;
+};
+
+class context_impl final : public context {
+ public:
+  explicit context_impl(std::shared_ptr<context_core> core) : core_(std::move(core)) {}
+
+  std::uint64_t id() const noexcept override { return core_->id; }
+
+  status allocate(std::size_t bytes, std::unique_ptr<memory_region>& out) override {
+    try {
+      if (!core_->options.enable_shm)
+        return EAAS_FAIL(status::unsupported, "allocate: no host-memory transport is enabled (enable_shm is off)");
+      std::shared_ptr<shm::segment> seg;
+      EAAS_CHECK(shm::allocate(bytes, seg));
+      auto region = std::make_unique<shm_memory_region>(core_, seg, 0, bytes);
+      {
+        std::lock_guard lock(mu_);
+        std::erase_if(segments_, [](const auto& w) { return w.expired(); });
+        segments_.push_back(region->segment());
+      }
+      out = std::move(region);
+      return status::ok;
+    } catch (const std::bad_alloc&) {
+      return EAAS_FAIL(status::no_resource, "allocate: out of memory");
+    }
+  }
+
+  status register_memory(void* ptr, std::size_t bytes, std::unique_ptr<memory_region>& out) override {
+    try {
+      if (ptr == nullptr || bytes == 0)
+        return EAAS_FAIL(status::invalid_argument, "register_memory: null pointer or zero size");
+      const auto p = reinterpret_cast<std::uintptr_t>(ptr);
+      std::lock_guard lock(mu_);
+      for (const auto& weak : segments_) {
+        auto seg = weak.lock();
+        if (!seg) continue;
+        const auto base = reinterpret_cast<std::uintptr_t>(seg->base);
+        if (p >= base && p - base <= seg->map_size && bytes <= seg->map_size - (p - base)) {
+          out = std::make_unique<shm_memory_region>(core_, seg, p - base, bytes);
+          return status::ok;
+        }
+      }
+      return EAAS_FAIL(status::unsupported,
+                       "register_memory: [{}, +{}) is not inside memory from context::allocate; the shm transport can "
+                       "share only memfd-backed memory with another process",
+                       ptr, bytes);
+    } catch (const std::bad_alloc&) {
+      return EAAS_FAIL(status::no_resource, "register_memory: out of memory");
+    }
+  }
+
+  status connection_handle(handle_bytes& out) const override {
+    try {
+      handle_writer w;
+      w.u64(core_->id);
+      w.u64(core_->host);
+      w.u32(static_cast<std::uint32_t>(core_->pid));
+      w.u32(0);
+      w.u64(core_->start_time);
+      const bool shm = core_->options.enable_shm;
+      w.u8(shm ? 1 : 0);
+      if (shm) {
+        w.u8(static_cast<std::uint8_t>(transport_kind::shm));
+        w.u16(0);
+      }
+      out = w.finish(handle_kind::connection, transport_kind::none);
+      return status::ok;
+    } catch (const std::bad_alloc&) {
+      return EAAS_FAIL(status::no_resource, "connection_handle: out of memory");
+    }
+  }
+
+  status connect(std::span<const std::byte> handle, std::unique_ptr<endpoint>& out) override {
+    try {
+      peer_desc peer;
+      EAAS_CHECK(decode_connection(handle, peer));
+      const bool same_host = peer.host_id == core_->host;
+      if (!(core_->options.enable_shm && peer.offers_shm && same_host)) {
+        return EAAS_FAIL(status::peer_unreachable,
+                         "connect: no transport reaches context {:016x}: shm needs both sides to enable it ({} here, "
+                         "{} there) and one host (peer host {:016x}, this host {:016x}); no network transport is built",
+                         peer.context_id, core_->options.enable_shm ? "on" : "off", peer.offers_shm ? "on" : "off",
+                         peer.host_id, core_->host);
+      }
+      const auto pid = static_cast<pid_t>(peer.pid);
+      const bool self = pid == core_->pid;
+      if (self && peer.start_time != core_->start_time)
+        return EAAS_FAIL(status::peer_unreachable, "connect: the handle is from an earlier process with this pid");
+      auto ep = std::make_unique<endpoint_impl>(core_, peer, core_->words.take(0));
+      if (!self) {
+        if (core_->monitor) {
+          if (!core_->monitor->watch(pid, peer.start_time, const_cast<std::uint32_t*>(ep->view().state)))
+            return EAAS_FAIL(status::peer_unreachable, "connect: peer process {} is gone", pid);
+          ep->set_watched();
+        } else if (!process_alive(pid, peer.start_time)) {
+          return EAAS_FAIL(status::peer_unreachable, "connect: peer process {} is gone", pid);
+        }
+      }
+      log(log_level::debug, "{}: connected to context {:016x} (pid {}) over shm", core_->options.name,
+          peer.context_id, pid);
+      out = std::move(ep);
+      return status::ok;
+    } catch (const std::bad_alloc&) {
+      return EAAS_FAIL(status::no_resource, "connect: out of memory");
+    } catch (const std::system_error& e) {
+      return EAAS_FAIL(status::internal_error, "connect: {}", e.what());
+    }
+  }
+
+  device_context view() const noexcept override { return device_context{core_->abort_flag}; }
+  void abort() noexcept override { store_release(core_->abort_flag, 1u); }
+  void clear_abort() noexcept override { store_release(core_->abort_flag, 0u); }
+
+ private:
+  std::shared_ptr<context_core> core_;
+  std::mutex mu_;
+  std::vector<std::weak_ptr<shm::segment>> segments_;
+};
+
+}  // namespace
+}  // namespace detail
+
+status context::create(const context_options& options, std::unique_ptr<context>& out) {
+  try {
+    auto core = std::make_shared<detail::context_core>();
+    core->options = options;
+    if (core->start_time == 0)
+      return EAAS_FAIL(status::internal_error, "context: cannot read /proc/self/stat (is /proc mounted?)");
+    if (options.monitor_peers) core->monitor = std::make_unique<detail::peer_monitor>();
+    out = std::make_unique<detail::context_impl>(std::move(core));
+    return status::ok;
+  } catch (const std::bad_alloc&) {
+    return EAAS_FAIL(status::no_resource, "context: out of memory");
+  } catch (const std::system_error& e) {
+    return EAAS_FAIL(status::internal_error, "context: {}", e.what());
+  }
+}
+
+}  // namespace eaas

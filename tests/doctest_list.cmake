@@ -1,0 +1,26 @@
+# cmake -P helper: EXE = doctest binary, OUT = file to write add_test() lines to, LABEL = ctest label.
+execute_process(COMMAND ${EXE} --list-test-cases --no-version
+                OUTPUT_VARIABLE out RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "${EXE} --list-test-cases failed: ${rc}")
+endif()
+string(REPLACE "\n" ";" lines "${out}")
+# Multi-process tests spin processes on every core: run them one at a time.
+set(EXTRA "")
+if(LABEL STREQUAL "mp")
+  set(EXTRA "RUN_SERIAL TRUE")
+endif()
+set(content "")
+foreach(line IN LISTS lines)
+  string(STRIP "${line}" name)
+  if(name STREQUAL "" OR name MATCHES "^\\[doctest\\]" OR name MATCHES "^=+$")
+    continue()
+  endif()
+  # doctest filters treat , * ? [ ] \ specially: escape the ones that can occur in our names.
+  string(REPLACE "," "\\\\," filter "${name}")
+  set(test_name "${LABEL}: ${name}")
+  string(APPEND content
+    "add_test([=[${test_name}]=] [=[${EXE}]=] [=[--test-case=${filter}]=] --no-version)\n"
+    "set_tests_properties([=[${test_name}]=] PROPERTIES LABELS ${LABEL} TIMEOUT 300 ${EXTRA})\n")
+endforeach()
+file(WRITE ${OUT} "${content}")
