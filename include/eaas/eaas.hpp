@@ -13,3 +13,4 @@
 #include "eaas/host/error.hpp"
 #include "eaas/host/handle.hpp"
 #include "eaas/host/memory.hpp"
+#include "eaas/host/topology.hpp"

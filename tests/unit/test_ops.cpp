@@ -174,6 +174,21 @@ TEST_CASE("wait_signal ends: ok, timeout within 2x the deadline, aborted") {
     CHECK(seen == 5);
   }
 
+  // The relative form: the bound starts when the first poll misses.
+  {
+    CHECK(eaas::wait_signal(dctx, sig, eaas::cmp_op::eq, 5, eaas::timeout{0}, &seen) == status::ok);
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK(eaas::wait_signal(lb.ep->view(), sig, eaas::cmp_op::eq, 6, eaas::timeout{50'000'000}, &seen) ==
+          status::timeout);
+    const auto waited =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+    CHECK(waited >= 50);
+    CHECK(waited < 100);
+    // A deadline already in the past still polls once.
+    CHECK(eaas::wait_signal(dctx, sig, eaas::cmp_op::eq, 5, eaas::deadline{0}) == status::ok);
+    CHECK(eaas::wait_signal(dctx, sig, eaas::cmp_op::eq, 6, eaas::deadline{0}) == status::timeout);
+  }
+
   // Another thread signals through the endpoint while we wait.
   std::thread signaller([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

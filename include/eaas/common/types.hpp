@@ -64,6 +64,12 @@ struct deadline {
   std::uint64_t ns;
 };
 
+/// A relative bound on a wait, in nanoseconds. The clock is first read only if the awaited value is
+/// not already there, so a wait that succeeds at once costs no clock read.
+struct timeout {
+  std::uint64_t ns;
+};
+
 /// Alignment every signal / atomic word must have.
 inline constexpr std::size_t kSignalAlign = 8;
 

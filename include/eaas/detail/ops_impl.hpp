@@ -162,12 +162,17 @@ EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep) {
 
 namespace detail {
 
-// `ep` may be null: a plain context wait.
+// `ep` may be null: a plain context wait. `until_ns` == 0 means "now + relative_ns", read from the
+// clock only once the first poll has missed.
 EAAS_HOST_DEVICE status wait_signal_impl(const device_endpoint* ep, const std::uint32_t* abort,
-                                         const std::uint64_t* sig, cmp_op cmp, std::uint64_t value, deadline until,
-                                         std::uint64_t* observed) {
+                                         const std::uint64_t* sig, cmp_op cmp, std::uint64_t value,
+                                         std::uint64_t until_ns, std::uint64_t relative_ns, std::uint64_t* observed) {
   if (EAAS_UNLIKELY(sig == nullptr || !aligned8(sig))) return status::invalid_argument;
   std::uint64_t word = load_acquire(sig);
+  if (until_ns == 0 && !compare(word, cmp, value)) {
+    const std::uint64_t t = now_ns();
+    until_ns = t + relative_ns < t ? ~std::uint64_t{0} : t + relative_ns;
+  }
   std::uint32_t spins = 0;
   status result = status::ok;
   while (!compare(word, cmp, value)) {
@@ -183,7 +188,7 @@ EAAS_HOST_DEVICE status wait_signal_impl(const device_endpoint* ep, const std::u
           break;
         }
       }
-      if (now_ns() >= until.ns) {
+      if (now_ns() >= until_ns) {
         result = status::timeout;
         break;
       }
@@ -197,15 +202,27 @@ EAAS_HOST_DEVICE status wait_signal_impl(const device_endpoint* ep, const std::u
 
 }  // namespace detail
 
+// A deadline of 0 ns is in the past: keep it there rather than mistake it for "relative".
 EAAS_HOST_DEVICE status wait_signal(const device_context& ctx, const std::uint64_t* sig, cmp_op cmp,
                                     std::uint64_t value, deadline until, std::uint64_t* observed) {
-  return detail::wait_signal_impl(nullptr, ctx.abort, sig, cmp, value, until, observed);
+  return detail::wait_signal_impl(nullptr, ctx.abort, sig, cmp, value, until.ns | 1u, 0, observed);
+}
+
+EAAS_HOST_DEVICE status wait_signal(const device_context& ctx, const std::uint64_t* sig, cmp_op cmp,
+                                    std::uint64_t value, timeout limit, std::uint64_t* observed) {
+  return detail::wait_signal_impl(nullptr, ctx.abort, sig, cmp, value, 0, limit.ns, observed);
 }
 
 EAAS_HOST_DEVICE status wait_signal(const device_endpoint& ep, const std::uint64_t* sig, cmp_op cmp,
                                     std::uint64_t value, deadline until, std::uint64_t* observed) {
   if (EAAS_UNLIKELY(ep.magic != kEndpointViewMagic)) return status::invalid_argument;
-  return detail::wait_signal_impl(&ep, ep.abort, sig, cmp, value, until, observed);
+  return detail::wait_signal_impl(&ep, ep.abort, sig, cmp, value, until.ns | 1u, 0, observed);
+}
+
+EAAS_HOST_DEVICE status wait_signal(const device_endpoint& ep, const std::uint64_t* sig, cmp_op cmp,
+                                    std::uint64_t value, timeout limit, std::uint64_t* observed) {
+  if (EAAS_UNLIKELY(ep.magic != kEndpointViewMagic)) return status::invalid_argument;
+  return detail::wait_signal_impl(&ep, ep.abort, sig, cmp, value, 0, limit.ns, observed);
 }
 
 }  // namespace eaas

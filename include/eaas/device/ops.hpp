@@ -91,10 +91,18 @@ EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep);
 EAAS_HOST_DEVICE status wait_signal(const device_context& ctx, const std::uint64_t* sig, cmp_op cmp,
                                     std::uint64_t value, deadline until, std::uint64_t* observed = nullptr);
 
+/// As above, bounded by a relative timeout that starts when the first poll misses.
+EAAS_HOST_DEVICE status wait_signal(const device_context& ctx, const std::uint64_t* sig, cmp_op cmp,
+                                    std::uint64_t value, timeout limit, std::uint64_t* observed = nullptr);
+
 /// As above, and also ends with `peer_unreachable` / `not_connected` once `ep`'s peer is known dead
 /// or `ep` is closed: wait for a peer's answer through its endpoint.
 EAAS_HOST_DEVICE status wait_signal(const device_endpoint& ep, const std::uint64_t* sig, cmp_op cmp,
                                     std::uint64_t value, deadline until, std::uint64_t* observed = nullptr);
+
+/// Endpoint wait bounded by a relative timeout that starts when the first poll misses.
+EAAS_HOST_DEVICE status wait_signal(const device_endpoint& ep, const std::uint64_t* sig, cmp_op cmp,
+                                    std::uint64_t value, timeout limit, std::uint64_t* observed = nullptr);
 
 }  // namespace eaas
 
