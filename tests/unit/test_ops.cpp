@@ -96,7 +96,8 @@ TEST_CASE("ops validate their arguments and touch nothing when they fail") {
   CHECK(eaas::put(coop_thread{}, ep, rv, 4096 - 63, src, 64) == status::invalid_argument);
   CHECK(eaas::put(coop_thread{}, ep, rv, ~std::uint64_t{0} - 2, src, 64) == status::invalid_argument);
   CHECK(eaas::put(coop_thread{}, ep, rv, 0, nullptr, 64) == status::invalid_argument);
-  CHECK(eaas::get(coop_thread{}, ep, rv, 4000, src, 97) == status::invalid_argument);
+  unsigned char dst[128] = {};
+  CHECK(eaas::get(coop_thread{}, ep, rv, 4000, dst, 97) == status::invalid_argument);
   CHECK(eaas::signal(coop_thread{}, ep, rv, 4, 1, eaas::signal_op::set) == status::invalid_argument);
   CHECK(eaas::signal(coop_thread{}, ep, rv, 4096, 1, eaas::signal_op::set) == status::invalid_argument);
   CHECK(eaas::signal(coop_thread{}, ep, rv, 8, 1, static_cast<eaas::signal_op>(9)) == status::invalid_argument);
