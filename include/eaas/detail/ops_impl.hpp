@@ -162,17 +162,13 @@ EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep) {
 
 namespace detail {
 
-// `ep` may be null: a plain context wait. `until_ns` == 0 means "now + relative_ns", read from the
-// clock only once the first poll has missed.
+// `ep` may be null: a plain context wait. `until_ns` == 0 means "now + relative_ns", with "now"
+// read at the first periodic check: a wait that ends within a few polls never reads the clock.
 EAAS_HOST_DEVICE status wait_signal_impl(const device_endpoint* ep, const std::uint32_t* abort,
                                          const std::uint64_t* sig, cmp_op cmp, std::uint64_t value,
                                          std::uint64_t until_ns, std::uint64_t relative_ns, std::uint64_t* observed) {
   if (EAAS_UNLIKELY(sig == nullptr || !aligned8(sig))) return status::invalid_argument;
   std::uint64_t word = load_acquire(sig);
-  if (until_ns == 0 && !compare(word, cmp, value)) {
-    const std::uint64_t t = now_ns();
-    until_ns = t + relative_ns < t ? ~std::uint64_t{0} : t + relative_ns;
-  }
   std::uint32_t spins = 0;
   status result = status::ok;
   while (!compare(word, cmp, value)) {
@@ -188,7 +184,9 @@ EAAS_HOST_DEVICE status wait_signal_impl(const device_endpoint* ep, const std::u
           break;
         }
       }
-      if (now_ns() >= until_ns) {
+      const std::uint64_t now = now_ns();
+      if (until_ns == 0) until_ns = now + relative_ns < now ? ~std::uint64_t{0} : now + relative_ns;
+      if (now >= until_ns) {
         result = status::timeout;
         break;
       }
