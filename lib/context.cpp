@@ -2,8 +2,12 @@
 
 #include "eaas/host/context.hpp"
 
+#include "eaas/config.hpp"
+
 #include <unistd.h>
 
+#include <array>
+#include <cstring>
 #include <map>
 #include <mutex>
 
@@ -13,20 +17,35 @@
 #include "monitor.hpp"
 #include "process.hpp"
 #include "transport/shm/shm.hpp"
+#if EAAS_WITH_CUDA
+#include "transport/nvlink/nvlink.hpp"
+#endif
 
 namespace eaas {
 namespace detail {
 namespace {
 
 // Words that ops and waits read (endpoint states, the abort flag). Addresses stay stable for the
-// life of the pool; later these live in pinned memory mapped into GPUs.
+// life of the pool. A GPU context keeps them in pinned memory mapped into the GPU, so that kernels
+// see a peer's death or an abort.
 class word_pool {
  public:
+  explicit word_pool(bool mapped) : mapped_(mapped) {}
+  ~word_pool() {
+    for (void* c : chunks_) release(c);
+  }
+  word_pool(const word_pool&) = delete;
+  word_pool& operator=(const word_pool&) = delete;
+
+  /// A word set to `initial`, or null when no memory could be had.
   std::uint32_t* take(std::uint32_t initial) {
     std::lock_guard lock(mu_);
     if (free_.empty()) {
-      chunks_.push_back(std::make_unique<std::uint32_t[]>(kChunk));
-      for (std::size_t i = 0; i < kChunk; ++i) free_.push_back(&chunks_.back()[kChunk - 1 - i]);
+      void* c = acquire();
+      if (c == nullptr) return nullptr;
+      chunks_.push_back(c);
+      auto* words = static_cast<std::uint32_t*>(c);
+      for (std::size_t i = 0; i < kChunk; ++i) free_.push_back(&words[kChunk - 1 - i]);
     }
     std::uint32_t* w = free_.back();
     free_.pop_back();
@@ -40,32 +59,53 @@ class word_pool {
 
  private:
   static constexpr std::size_t kChunk = 1024;
+  void* acquire() {
+#if EAAS_WITH_CUDA
+    if (mapped_) {
+      void* p = nullptr;
+      return nvlink::host_alloc_mapped(kChunk * sizeof(std::uint32_t), p) == status::ok ? p : nullptr;
+    }
+#endif
+    return new (std::nothrow) std::uint32_t[kChunk];
+  }
+  void release(void* c) {
+#if EAAS_WITH_CUDA
+    if (mapped_) return nvlink::host_free(c);
+#endif
+    delete[] static_cast<std::uint32_t*>(c);
+  }
+  bool mapped_;
   std::mutex mu_;
-  std::vector<std::unique_ptr<std::uint32_t[]>> chunks_;
+  std::vector<void*> chunks_;
   std::vector<std::uint32_t*> free_;
 };
 
 // State shared by a context and everything made from it.
 struct context_core {
+  explicit context_core(const context_options& o) : options(o), words(o.cuda_device >= 0) {}
   context_options options;
   std::uint64_t id = random_u64();
   std::uint64_t host = host_id();
   pid_t pid = ::getpid();
   std::uint64_t start_time = process_start_time(::getpid());
   word_pool words;
-  std::uint32_t* abort_flag = words.take(0);
+  std::uint32_t* abort_flag = nullptr;
   std::unique_ptr<peer_monitor> monitor;  // null when options.monitor_peers is off
+  std::array<std::uint8_t, 16> gpu{};     // UUID of options.cuda_device
 };
 
 // Connection handle payload:
 //   u64 context id, u64 host id, u32 pid, u32 0, u64 process start time,
-//   u8 transport count, then per transport: u8 kind, u16 section length, section bytes.
+//   u8 transport count, then per transport: u8 kind, u16 section length, section bytes
+//   (shm: empty; nvlink: the 16-byte UUID of the context's GPU).
 struct peer_desc {
   std::uint64_t context_id = 0;
   std::uint64_t host_id = 0;
   std::uint32_t pid = 0;
   std::uint64_t start_time = 0;
   bool offers_shm = false;
+  bool offers_nvlink = false;
+  std::array<std::uint8_t, 16> gpu{};
 };
 
 constexpr std::size_t kMaxTransportSections = 8;
@@ -88,11 +128,16 @@ status decode_connection(std::span<const std::byte> bytes, peer_desc& out) {
   for (std::uint8_t i = 0; i < n; ++i) {
     const auto kind = static_cast<transport_kind>(r.u8());
     const std::uint16_t len = r.u16();
-    (void)r.raw(len);
+    const auto section = r.raw(len);
     if (!r.ok()) return EAAS_FAIL(status::invalid_handle, "connection handle: transport section {} is truncated", i);
     if (kind == transport_kind::shm) {
       if (len != 0) return EAAS_FAIL(status::invalid_handle, "connection handle: shm section must be empty");
       d.offers_shm = true;
+    } else if (kind == transport_kind::nvlink) {
+      if (len != d.gpu.size())
+        return EAAS_FAIL(status::invalid_handle, "connection handle: nvlink section of {} bytes (want 16)", len);
+      std::memcpy(d.gpu.data(), section.data(), d.gpu.size());
+      d.offers_nvlink = true;
     }
     // Sections of transports this build does not know are skipped: a newer peer may offer more.
   }
@@ -139,27 +184,66 @@ class shm_memory_region final : public memory_region {
   std::size_t offset_, size_;
 };
 
-class shm_remote_region final : public remote_region {
+// A peer's region mapped into this process; `keep` holds the mapping (shm or nvlink) alive.
+class mapped_remote_region final : public remote_region {
  public:
-  shm_remote_region(std::shared_ptr<shm::mapping> map, const shm::region_desc& d) : map_(std::move(map)) {
+  mapped_remote_region(std::shared_ptr<void> keep, transport_kind t, void* base, std::uint64_t offset,
+                       std::uint64_t size, std::uint64_t owner)
+      : keep_(std::move(keep)) {
     view_ = remote_view{};
     view_.magic = kRemoteViewMagic;
-    view_.transport = transport_kind::shm;
-    view_.addr = reinterpret_cast<std::uintptr_t>(map_->base) + d.offset;
-    view_.size = d.size;
-    view_.owner_id = d.owner_id;
+    view_.transport = t;
+    view_.addr = reinterpret_cast<std::uintptr_t>(base) + offset;
+    view_.size = size;
+    view_.owner_id = owner;
   }
   remote_view view() const noexcept override { return view_; }
 
  private:
-  std::shared_ptr<shm::mapping> map_;
+  std::shared_ptr<void> keep_;
   remote_view view_;
 };
 
+#if EAAS_WITH_CUDA
+class nvlink_memory_region final : public memory_region {
+ public:
+  nvlink_memory_region(std::shared_ptr<context_core> core, std::shared_ptr<nvlink::allocation> a)
+      : core_(std::move(core)), a_(std::move(a)) {}
+  void* data() const noexcept override { return a_->ptr; }
+  std::size_t size() const noexcept override { return a_->size; }
+  transport_kind transport() const noexcept override { return transport_kind::nvlink; }
+  status export_handle(handle_bytes& out) const override {
+    try {
+      nvlink::region_desc d;
+      d.owner_id = core_->id;
+      d.host_id = core_->host;
+      d.pid = static_cast<std::uint32_t>(core_->pid);
+      d.start_time = core_->start_time;
+      d.token = a_->token;
+      d.gpu = core_->gpu;
+      d.ipc = a_->ipc;
+      d.offset = 0;
+      d.size = a_->size;
+      d.alloc_size = a_->size;
+      handle_writer w;
+      nvlink::encode(d, w);
+      out = w.finish(handle_kind::region, transport_kind::nvlink);
+      return status::ok;
+    } catch (const std::bad_alloc&) {
+      return EAAS_FAIL(status::no_resource, "export_handle: out of memory");
+    }
+  }
+
+ private:
+  std::shared_ptr<context_core> core_;
+  std::shared_ptr<nvlink::allocation> a_;
+};
+#endif
+
 class endpoint_impl final : public endpoint {
  public:
-  endpoint_impl(std::shared_ptr<context_core> core, const peer_desc& peer, std::uint32_t* state)
-      : core_(std::move(core)), peer_(peer), state_(state) {}
+  endpoint_impl(std::shared_ptr<context_core> core, const peer_desc& peer, transport_kind t, std::uint32_t* state)
+      : core_(std::move(core)), peer_(peer), transport_(t), state_(state) {}
 
   ~endpoint_impl() override {
     close();
@@ -169,14 +253,14 @@ class endpoint_impl final : public endpoint {
   device_endpoint view() const noexcept override {
     device_endpoint v{};
     v.magic = kEndpointViewMagic;
-    v.transport = transport_kind::shm;
+    v.transport = transport_;
     v.state = state_;
     v.abort = core_->abort_flag;
     v.transport_state = nullptr;
     v.peer_id = peer_.context_id;
     return v;
   }
-  transport_kind transport() const noexcept override { return transport_kind::shm; }
+  transport_kind transport() const noexcept override { return transport_; }
   std::uint64_t peer_id() const noexcept override { return peer_.context_id; }
   endpoint_state state() const noexcept override { return static_cast<endpoint_state>(load_acquire(state_)); }
 
@@ -186,32 +270,12 @@ class endpoint_impl final : public endpoint {
         return EAAS_FAIL(status::not_connected, "import_region: the endpoint is closed");
       handle_info info{};
       std::span<const std::byte> payload;
-      EAAS_CHECK(decode_handle(handle, handle_kind::region, transport_kind::shm, info, payload));
-      shm::region_desc d;
-      EAAS_CHECK(shm::decode(payload, d));
-      if (d.owner_id != peer_.context_id)
-        return EAAS_FAIL(status::invalid_argument,
-                         "import_region: the region belongs to context {:016x}, this endpoint connects to {:016x}",
-                         d.owner_id, peer_.context_id);
-      if (d.host_id != peer_.host_id || d.pid != peer_.pid || d.start_time != peer_.start_time)
-        return EAAS_FAIL(status::invalid_handle,
-                         "import_region: the handle names process {} on host {:016x}, the peer is process {} on host "
-                         "{:016x}",
-                         d.pid, d.host_id, peer_.pid, peer_.host_id);
-      if (state() == endpoint_state::peer_dead)
-        return EAAS_FAIL(status::peer_unreachable, "import_region: peer process {} is dead", peer_.pid);
-      std::shared_ptr<shm::mapping> map;
-      {
-        std::lock_guard lock(mu_);
-        auto it = mappings_.find(d.token);
-        if (it != mappings_.end()) map = it->second.lock();
-        if (!map || map->map_size != d.map_size) {
-          EAAS_CHECK(shm::map_peer(d, map));
-          mappings_[d.token] = map;
-        }
-      }
-      out = std::make_unique<shm_remote_region>(std::move(map), d);
-      return status::ok;
+      EAAS_CHECK(decode_handle(handle, handle_kind::region, transport_, info, payload));
+      if (transport_ == transport_kind::shm) return import_shm(payload, out);
+#if EAAS_WITH_CUDA
+      if (transport_ == transport_kind::nvlink) return import_nvlink(payload, out);
+#endif
+      return EAAS_FAIL(status::unsupported, "import_region: transport {} is not built", transport_name(transport_));
     } catch (const std::bad_alloc&) {
       return EAAS_FAIL(status::no_resource, "import_region: out of memory");
     }
@@ -229,13 +293,79 @@ class endpoint_impl final : public endpoint {
   void set_watched() { watched_ = true; }
 
  private:
+  // Checks that a region handle's owner is this endpoint's peer.
+  status check_owner(std::uint64_t owner, std::uint64_t host, std::uint32_t pid, std::uint64_t start) const {
+    if (owner != peer_.context_id)
+      return EAAS_FAIL(status::invalid_argument,
+                       "import_region: the region belongs to context {:016x}, this endpoint connects to {:016x}",
+                       owner, peer_.context_id);
+    if (host != peer_.host_id || pid != peer_.pid || start != peer_.start_time)
+      return EAAS_FAIL(status::invalid_handle,
+                       "import_region: the handle names process {} on host {:016x}, the peer is process {} on host "
+                       "{:016x}",
+                       pid, host, peer_.pid, peer_.host_id);
+    if (state() == endpoint_state::peer_dead)
+      return EAAS_FAIL(status::peer_unreachable, "import_region: peer process {} is dead", peer_.pid);
+    return status::ok;
+  }
+
+  // One mapping per exported buffer (token), shared by every region imported from it.
+  template <class Mapping, class MapFn>
+  status cached_mapping(std::uint64_t token, MapFn&& map_fn, std::shared_ptr<Mapping>& out) {
+    std::lock_guard lock(mu_);
+    auto it = mappings_.find(token);
+    if (it != mappings_.end()) {
+      if (auto m = std::static_pointer_cast<Mapping>(it->second.lock())) {
+        out = std::move(m);
+        return status::ok;
+      }
+    }
+    std::shared_ptr<Mapping> m;
+    EAAS_CHECK(map_fn(m));
+    mappings_[token] = m;
+    out = std::move(m);
+    return status::ok;
+  }
+
+  status import_shm(std::span<const std::byte> payload, std::unique_ptr<remote_region>& out) {
+    shm::region_desc d;
+    EAAS_CHECK(shm::decode(payload, d));
+    EAAS_CHECK(check_owner(d.owner_id, d.host_id, d.pid, d.start_time));
+    std::shared_ptr<shm::mapping> map;
+    EAAS_CHECK(cached_mapping<shm::mapping>(d.token ^ d.map_size, [&](auto& m) { return shm::map_peer(d, m); }, map));
+    void* base = map->base;
+    out = std::make_unique<mapped_remote_region>(std::move(map), transport_kind::shm, base, d.offset, d.size,
+                                                 d.owner_id);
+    return status::ok;
+  }
+
+#if EAAS_WITH_CUDA
+  status import_nvlink(std::span<const std::byte> payload, std::unique_ptr<remote_region>& out) {
+    nvlink::region_desc d;
+    EAAS_CHECK(nvlink::decode(payload, d));
+    EAAS_CHECK(check_owner(d.owner_id, d.host_id, d.pid, d.start_time));
+    if (d.gpu != peer_.gpu)
+      return EAAS_FAIL(status::invalid_handle, "import_region: the region lives on {}, the peer drives {}",
+                       nvlink::uuid_text(d.gpu), nvlink::uuid_text(peer_.gpu));
+    const bool same_process = static_cast<pid_t>(d.pid) == core_->pid;
+    std::shared_ptr<nvlink::mapping> map;
+    EAAS_CHECK(cached_mapping<nvlink::mapping>(
+        d.token, [&](auto& m) { return nvlink::map_peer(d, core_->options.cuda_device, same_process, m); }, map));
+    void* base = map->base;
+    out = std::make_unique<mapped_remote_region>(std::move(map), transport_kind::nvlink, base, d.offset, d.size,
+                                                 d.owner_id);
+    return status::ok;
+  }
+#endif
+
   std::shared_ptr<context_core> core_;
   peer_desc peer_;
+  transport_kind transport_;
   std::uint32_t* state_;
   std::mutex mu_;
   bool closed_ = false;
   bool watched_ = false;
-  std::map<std::uint64_t, std::weak_ptr<shm::mapping>> mappings_;
+  std::map<std::uint64_t, std::weak_ptr<void>> mappings_;
 };
 
 class context_impl final : public context {
@@ -244,8 +374,10 @@ class context_impl final : public context {
 
   std::uint64_t id() const noexcept override { return core_->id; }
 
-  status allocate(std::size_t bytes, std::unique_ptr<memory_region>& out) override {
+  status allocate(std::size_t bytes, memory_kind kind, std::unique_ptr<memory_region>& out) override {
     try {
+      if (kind == memory_kind::device) return allocate_device(bytes, out);
+      if (kind != memory_kind::host) return EAAS_FAIL(status::invalid_argument, "allocate: unknown memory kind");
       if (!core_->options.enable_shm)
         return EAAS_FAIL(status::unsupported, "allocate: no host-memory transport is enabled (enable_shm is off)");
       std::shared_ptr<shm::segment> seg;
@@ -261,6 +393,21 @@ class context_impl final : public context {
     } catch (const std::bad_alloc&) {
       return EAAS_FAIL(status::no_resource, "allocate: out of memory");
     }
+  }
+
+  status allocate_device(std::size_t bytes, std::unique_ptr<memory_region>& out) {
+    if (core_->options.cuda_device < 0)
+      return EAAS_FAIL(status::unsupported, "allocate: device memory needs a context made with cuda_device >= 0");
+#if EAAS_WITH_CUDA
+    std::shared_ptr<nvlink::allocation> a;
+    EAAS_CHECK(nvlink::allocate(core_->options.cuda_device, bytes, a));
+    out = std::make_unique<nvlink_memory_region>(core_, std::move(a));
+    return status::ok;
+#else
+    (void)bytes;
+    (void)out;
+    return EAAS_FAIL(status::unsupported, "allocate: this build has no CUDA");
+#endif
   }
 
   status register_memory(void* ptr, std::size_t bytes, std::unique_ptr<memory_region>& out) override {
@@ -296,10 +443,16 @@ class context_impl final : public context {
       w.u32(0);
       w.u64(core_->start_time);
       const bool shm = core_->options.enable_shm;
-      w.u8(shm ? 1 : 0);
+      const bool gpu = core_->options.cuda_device >= 0;
+      w.u8(static_cast<std::uint8_t>((shm ? 1 : 0) + (gpu ? 1 : 0)));
       if (shm) {
         w.u8(static_cast<std::uint8_t>(transport_kind::shm));
         w.u16(0);
+      }
+      if (gpu) {
+        w.u8(static_cast<std::uint8_t>(transport_kind::nvlink));
+        w.u16(static_cast<std::uint16_t>(core_->gpu.size()));
+        w.raw(std::as_bytes(std::span(core_->gpu)));
       }
       out = w.finish(handle_kind::connection, transport_kind::none);
       return status::ok;
@@ -313,18 +466,15 @@ class context_impl final : public context {
       peer_desc peer;
       EAAS_CHECK(decode_connection(handle, peer));
       const bool same_host = peer.host_id == core_->host;
-      if (!(core_->options.enable_shm && peer.offers_shm && same_host)) {
-        return EAAS_FAIL(status::peer_unreachable,
-                         "connect: no transport reaches context {:016x}: shm needs both sides to enable it ({} here, "
-                         "{} there) and one host (peer host {:016x}, this host {:016x}); no network transport is built",
-                         peer.context_id, core_->options.enable_shm ? "on" : "off", peer.offers_shm ? "on" : "off",
-                         peer.host_id, core_->host);
-      }
+      transport_kind t = transport_kind::none;
+      EAAS_CHECK(choose_transport(peer, same_host, t));
       const auto pid = static_cast<pid_t>(peer.pid);
       const bool self = pid == core_->pid;
       if (self && peer.start_time != core_->start_time)
         return EAAS_FAIL(status::peer_unreachable, "connect: the handle is from an earlier process with this pid");
-      auto ep = std::make_unique<endpoint_impl>(core_, peer, core_->words.take(0));
+      std::uint32_t* state = core_->words.take(0);
+      if (state == nullptr) return EAAS_FAIL(status::no_resource, "connect: no memory for the endpoint state");
+      auto ep = std::make_unique<endpoint_impl>(core_, peer, t, state);
       if (!self) {
         if (core_->monitor) {
           if (!core_->monitor->watch(pid, peer.start_time, const_cast<std::uint32_t*>(ep->view().state)))
@@ -334,8 +484,8 @@ class context_impl final : public context {
           return EAAS_FAIL(status::peer_unreachable, "connect: peer process {} is gone", pid);
         }
       }
-      log(log_level::debug, "{}: connected to context {:016x} (pid {}) over shm", core_->options.name,
-          peer.context_id, pid);
+      log(log_level::debug, "{}: connected to context {:016x} (pid {}) over {}", core_->options.name,
+          peer.context_id, pid, transport_name(t));
       out = std::move(ep);
       return status::ok;
     } catch (const std::bad_alloc&) {
@@ -345,6 +495,30 @@ class context_impl final : public context {
     }
   }
 
+  // nvlink when both sides drive GPUs of this host that reach each other; else shm on one host.
+  status choose_transport(const peer_desc& peer, bool same_host, transport_kind& out) {
+    if (same_host && core_->options.cuda_device >= 0 && peer.offers_nvlink) {
+#if EAAS_WITH_CUDA
+      int theirs = -1;
+      EAAS_CHECK(nvlink::find_device(peer.gpu, theirs));
+      EAAS_CHECK(nvlink::enable_peer_access(core_->options.cuda_device, theirs));
+      out = transport_kind::nvlink;
+      return status::ok;
+#endif
+    }
+    if (same_host && core_->options.enable_shm && peer.offers_shm) {
+      out = transport_kind::shm;
+      return status::ok;
+    }
+    return EAAS_FAIL(status::peer_unreachable,
+                     "connect: no transport reaches context {:016x}: shm needs both sides to enable it ({} here, {} "
+                     "there) and one host (peer host {:016x}, this host {:016x}); nvlink needs GPUs on both sides; "
+                     "no network transport is built",
+                     peer.context_id, core_->options.enable_shm ? "on" : "off", peer.offers_shm ? "on" : "off",
+                     peer.host_id, core_->host);
+  }
+
+  int cuda_device() const noexcept override { return core_->options.cuda_device; }
   device_context view() const noexcept override { return device_context{core_->abort_flag}; }
   void abort() noexcept override { store_release(core_->abort_flag, 1u); }
   void clear_abort() noexcept override { store_release(core_->abort_flag, 0u); }
@@ -360,10 +534,24 @@ class context_impl final : public context {
 
 status context::create(const context_options& options, std::unique_ptr<context>& out) {
   try {
-    auto core = std::make_shared<detail::context_core>();
-    core->options = options;
+    if (options.cuda_device >= 0) {
+#if EAAS_WITH_CUDA
+      std::array<std::uint8_t, 16> uuid{};
+      EAAS_CHECK(detail::nvlink::use_device(options.cuda_device));
+      EAAS_CHECK(detail::nvlink::device_uuid(options.cuda_device, uuid));
+#else
+      return EAAS_FAIL(status::unsupported, "context: cuda_device {} asked for, but this build has no CUDA",
+                       options.cuda_device);
+#endif
+    }
+    auto core = std::make_shared<detail::context_core>(options);
+#if EAAS_WITH_CUDA
+    if (options.cuda_device >= 0) EAAS_CHECK(detail::nvlink::device_uuid(options.cuda_device, core->gpu));
+#endif
     if (core->start_time == 0)
       return EAAS_FAIL(status::internal_error, "context: cannot read /proc/self/stat (is /proc mounted?)");
+    core->abort_flag = core->words.take(0);
+    if (core->abort_flag == nullptr) return EAAS_FAIL(status::no_resource, "context: no memory for the abort flag");
     if (options.monitor_peers) core->monitor = std::make_unique<detail::peer_monitor>();
     out = std::make_unique<detail::context_impl>(std::move(core));
     return status::ok;

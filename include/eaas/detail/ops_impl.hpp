@@ -7,6 +7,7 @@
 #include "eaas/common/views.hpp"
 #include "eaas/detail/atomic.hpp"
 #include "eaas/detail/clock.hpp"
+#include "eaas/detail/ldst_device.cuh"
 #include "eaas/detail/ldst_impl.hpp"
 
 namespace eaas {
@@ -31,7 +32,7 @@ EAAS_HOST_DEVICE status check_remote(const device_endpoint& ep, const remote_vie
 
 EAAS_HOST_DEVICE bool aligned8(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 7u) == 0; }
 
-// A host build has only the shm bodies; a device build has none yet (nvlink / ibgda bring theirs).
+// Host code runs the shm bodies (one thread); device code runs the nvlink bodies (any scope).
 template <class Coop>
 EAAS_HOST_DEVICE constexpr bool shm_callable() {
   return !EAAS_DEVICE_CODE && std::is_same_v<Coop, coop_thread>;
@@ -56,6 +57,9 @@ EAAS_HOST_DEVICE status put(Coop, const device_endpoint& ep, const remote_view& 
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::put(dst, dst_offset, src, bytes);
   }
+#if EAAS_DEVICE_CODE
+  if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::put<Coop>(dst, dst_offset, src, bytes);
+#endif
   return status::unsupported;
 }
 
@@ -69,6 +73,9 @@ EAAS_HOST_DEVICE status signal(Coop, const device_endpoint& ep, const remote_vie
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::signal(sig, sig_offset, value, op);
   }
+#if EAAS_DEVICE_CODE
+  if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::signal<Coop>(sig, sig_offset, value, op);
+#endif
   return status::unsupported;
 }
 
@@ -89,6 +96,12 @@ EAAS_HOST_DEVICE status put_signal(Coop, const device_endpoint& ep, const remote
       return detail::ldst::signal(sig, sig_offset, value, op);
     }
   }
+#if EAAS_DEVICE_CODE
+  if (ep.transport == transport_kind::nvlink) {
+    (void)detail::ldst_dev::put<Coop>(dst, dst_offset, src, bytes);
+    return detail::ldst_dev::signal<Coop>(sig, sig_offset, value, op);
+  }
+#endif
   return status::unsupported;
 }
 
@@ -102,6 +115,9 @@ EAAS_HOST_DEVICE status get(Coop, const device_endpoint& ep, const remote_view& 
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::get(src, src_offset, dst, bytes);
   }
+#if EAAS_DEVICE_CODE
+  if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::get<Coop>(src, src_offset, dst, bytes);
+#endif
   return status::unsupported;
 }
 
@@ -115,6 +131,9 @@ EAAS_HOST_DEVICE status fetch_add(Coop, const device_endpoint& ep, const remote_
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::fetch_add(target, offset, value, fetched);
   }
+#if EAAS_DEVICE_CODE
+  if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::fetch_add<Coop>(target, offset, value, fetched);
+#endif
   return status::unsupported;
 }
 
@@ -130,6 +149,9 @@ EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remo
     if constexpr (detail::shm_callable<Coop>())
       return detail::ldst::compare_swap(target, offset, expected, desired, fetched);
   }
+#if EAAS_DEVICE_CODE
+  if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::compare_swap<Coop>(target, offset, expected, desired, fetched);
+#endif
   return status::unsupported;
 }
 
@@ -143,6 +165,12 @@ EAAS_HOST_DEVICE status fence(Coop, const device_endpoint& ep) {
       return status::ok;
     }
   }
+#if EAAS_DEVICE_CODE
+  if (ep.transport == transport_kind::nvlink) {
+    detail::ldst_dev::fence<Coop>();
+    return status::ok;
+  }
+#endif
   return status::unsupported;
 }
 
@@ -156,6 +184,12 @@ EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep) {
       return detail::check_endpoint(ep);
     }
   }
+#if EAAS_DEVICE_CODE
+  if (ep.transport == transport_kind::nvlink) {
+    detail::ldst_dev::quiet<Coop>();
+    return detail::check_endpoint(ep);
+  }
+#endif
   if (status s = detail::check_endpoint(ep); s != status::ok) return s;
   return status::unsupported;
 }

@@ -22,6 +22,16 @@ struct context_options {
   bool enable_shm = true;
   /// Watch connected peer processes and mark their endpoints peer_dead when they exit.
   bool monitor_peers = true;
+  /// The CUDA device this context drives (-1: none, host memory only). With a device, the context
+  /// allocates GPU memory, offers the nvlink transport, and keeps the words kernels read (endpoint
+  /// states, the abort flag) in pinned memory mapped into the GPU.
+  int cuda_device = -1;
+};
+
+/// Where allocate() places memory.
+enum class memory_kind : std::uint8_t {
+  host = 0,    ///< host memory that peers on this host map (shm)
+  device = 1,  ///< memory of the context's GPU that peer GPUs map (nvlink)
 };
 
 /// One per process (and per device once GPUs are used). Owns transports, the abort flag and the
@@ -41,7 +51,13 @@ class context {
 
   /// Allocates `bytes` of host memory that peers on this host can map (shm), zero-filled, 4 KiB
   /// aligned, registered.
-  virtual status allocate(std::size_t bytes, std::unique_ptr<memory_region>& out) = 0;
+  status allocate(std::size_t bytes, std::unique_ptr<memory_region>& out) {
+    return allocate(bytes, memory_kind::host, out);
+  }
+
+  /// Allocates `bytes` of `kind` memory, zero-filled and registered. `device` needs a context made
+  /// with `cuda_device` >= 0 (else unsupported).
+  virtual status allocate(std::size_t bytes, memory_kind kind, std::unique_ptr<memory_region>& out) = 0;
 
   /// Registers [ptr, ptr+bytes) for remote access. The shm transport can share only memory that
   /// lies inside a region from allocate(); anything else returns unsupported with the reason.
@@ -51,9 +67,12 @@ class context {
   virtual status connection_handle(handle_bytes& out) const = 0;
 
   /// Connects to the peer that exported `handle` (a context may connect to itself). Picks the
-  /// transport (same host → shm); returns peer_unreachable with the reason when no transport fits
-  /// or the peer is gone.
+  /// transport: both sides drive GPUs of this host with a peer path between them → nvlink; same
+  /// host → shm. Returns peer_unreachable with the reason when no transport fits or the peer is gone.
   virtual status connect(std::span<const std::byte> handle, std::unique_ptr<endpoint>& out) = 0;
+
+  /// The CUDA device of this context, or -1.
+  virtual int cuda_device() const noexcept = 0;
 
   /// The view kernels and host threads pass to wait_signal.
   virtual device_context view() const noexcept = 0;

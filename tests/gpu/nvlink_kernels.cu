@@ -1,0 +1,263 @@
+#include <cuda_runtime.h>
+
+#include <cstdio>
+
+#include "eaas/device/ops.hpp"
+#include "nvlink_kernels.hpp"
+
+namespace eaas::gputest {
+
+namespace {
+
+status cuda_fail(cudaError_t e, const char* what) {
+  std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(e));
+  return status::internal_error;
+}
+#define CU(x)                                                              \
+  do {                                                                     \
+    if (cudaError_t e_ = (x); e_ != cudaSuccess) return cuda_fail(e_, #x); \
+  } while (0)
+
+template <class Coop>
+__global__ void put_kernel(device_endpoint ep, remote_view dst, std::uint64_t off, const void* src, std::size_t n,
+                           status* out) {
+  const status s = put(Coop{}, ep, dst, off, src, n);
+  if (threadIdx.x == 0) *out = s;
+}
+template <class Coop>
+__global__ void get_kernel(device_endpoint ep, remote_view src, std::uint64_t off, void* dst, std::size_t n,
+                           status* out) {
+  const status s = get(Coop{}, ep, src, off, dst, n);
+  const status q = quiet(Coop{}, ep);
+  if (threadIdx.x == 0) *out = s != status::ok ? s : q;
+}
+template <class Coop>
+__global__ void put_signal_kernel(device_endpoint ep, remote_view dst, std::uint64_t off, const void* src,
+                                  std::size_t n, remote_view sig, std::uint64_t sig_off, std::uint64_t value,
+                                  signal_op op, status* out) {
+  const status s = put_signal(Coop{}, ep, dst, off, src, n, sig, sig_off, value, op);
+  const status q = quiet(Coop{}, ep);
+  if (threadIdx.x == 0) *out = s != status::ok ? s : q;
+}
+
+__global__ void fetch_add_kernel(device_endpoint ep, remote_view t, std::uint64_t off, std::uint64_t* fetched,
+                                 status* out) {
+  const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+  const status s = fetch_add(coop_thread{}, ep, t, off, 1, &fetched[i]);
+  const status q = quiet(coop_thread{}, ep);
+  if (s != status::ok || q != status::ok) *out = s != status::ok ? s : q;
+}
+
+__global__ void order_send(device_endpoint ep, remote_view payload, remote_view sig, std::uint64_t iters,
+                           status* out) {
+  std::uint64_t words[32];
+  status s = status::ok;
+  for (std::uint64_t i = 1; i <= iters && s == status::ok; ++i) {
+    for (auto& w : words) w = i;
+    s = put_signal(coop_thread{}, ep, payload, 0, words, sizeof(words), sig, 0, i, signal_op::set);
+  }
+  *out = s;
+}
+
+__global__ void order_receive(const std::uint64_t* payload, const std::uint64_t* sig, std::uint64_t iters,
+                              order_result* out) {
+  std::uint64_t checks = 0, in_flight = 0, violations = 0, seen = 0;
+  const std::uint64_t until = now_ns() + 20'000'000'000ull;
+  status s = status::ok;
+  while (seen < iters) {
+    seen = detail::load_acquire(sig);
+    for (int w = 0; w < 32; ++w) violations += detail::load_relaxed(payload + w) < seen;
+    ++checks;
+    in_flight += seen > 0 && seen < iters;
+    if ((checks & 1023) == 0 && now_ns() > until) {
+      s = status::timeout;
+      break;
+    }
+  }
+  out->checks = checks;
+  out->in_flight = in_flight;
+  out->violations = violations;
+  out->last = seen;
+  out->receiver = s;
+}
+
+// Graph ping-pong: the client's sequence lives in device memory, so every replay sends the next one.
+__global__ void graph_client(device_endpoint ep, remote_view server, std::uint64_t* my_sig, std::uint64_t* counter,
+                             graph_result* out) {
+  const std::uint64_t seq = ++*counter;
+  status s = put_signal(coop_thread{}, ep, server, 8, &seq, 8, server, 0, seq, signal_op::set);
+  if (s == status::ok) s = wait_signal(ep, my_sig, cmp_op::ge, seq, timeout{5'000'000'000ull});
+  if (s != status::ok && out->client == status::ok) out->client = s;
+  out->replays_done = seq;
+  out->echo = detail::load_acquire(my_sig);
+}
+
+__global__ void graph_server(device_endpoint ep, remote_view client, std::uint64_t* my_sig, int replays,
+                             graph_result* out) {
+  status s = status::ok;
+  for (std::uint64_t i = 1; i <= static_cast<std::uint64_t>(replays) && s == status::ok; ++i) {
+    s = wait_signal(ep, my_sig, cmp_op::ge, i, timeout{10'000'000'000ull});
+    if (s == status::ok) s = signal(coop_thread{}, ep, client, 0, i, signal_op::set);
+  }
+  out->server = s;
+}
+
+__global__ void wait_kernel(device_endpoint ep, const std::uint64_t* sig, std::uint64_t value, std::uint64_t ns,
+                            status* out) {
+  *out = wait_signal(ep, sig, cmp_op::ge, value, timeout{ns});
+}
+
+template <class T>
+status fetch(T* dev, T& host) {
+  CU(cudaMemcpy(&host, dev, sizeof(T), cudaMemcpyDeviceToHost));
+  CU(cudaFree(dev));
+  return status::ok;
+}
+
+template <class T>
+status make(T*& dev, const T& init) {
+  CU(cudaMalloc(&dev, sizeof(T)));
+  CU(cudaMemcpy(dev, &init, sizeof(T), cudaMemcpyHostToDevice));
+  return status::ok;
+}
+
+}  // namespace
+
+const char* scope_name(scope s) { return s == scope::thread ? "thread" : s == scope::warp ? "warp" : "block"; }
+
+status launch_put(int device, scope sc, const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
+                  const void* src, std::size_t n, status& result) {
+  CU(cudaSetDevice(device));
+  status* r = nullptr;
+  if (status s = make(r, status::internal_error); s != status::ok) return s;
+  if (sc == scope::thread) put_kernel<coop_thread><<<1, 1>>>(ep, dst, off, src, n, r);
+  if (sc == scope::warp) put_kernel<coop_warp><<<1, 32>>>(ep, dst, off, src, n, r);
+  if (sc == scope::block) put_kernel<coop_block><<<1, 256>>>(ep, dst, off, src, n, r);
+  CU(cudaGetLastError());
+  CU(cudaDeviceSynchronize());
+  return fetch(r, result);
+}
+
+status launch_get(int device, scope sc, const device_endpoint& ep, const remote_view& src, std::uint64_t off,
+                  void* dst, std::size_t n, status& result) {
+  CU(cudaSetDevice(device));
+  status* r = nullptr;
+  if (status s = make(r, status::internal_error); s != status::ok) return s;
+  if (sc == scope::thread) get_kernel<coop_thread><<<1, 1>>>(ep, src, off, dst, n, r);
+  if (sc == scope::warp) get_kernel<coop_warp><<<1, 32>>>(ep, src, off, dst, n, r);
+  if (sc == scope::block) get_kernel<coop_block><<<1, 256>>>(ep, src, off, dst, n, r);
+  CU(cudaGetLastError());
+  CU(cudaDeviceSynchronize());
+  return fetch(r, result);
+}
+
+status launch_put_signal(int device, scope sc, const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
+                         const void* src, std::size_t n, const remote_view& sig, std::uint64_t sig_off,
+                         std::uint64_t value, signal_op op, status& result) {
+  CU(cudaSetDevice(device));
+  status* r = nullptr;
+  if (status s = make(r, status::internal_error); s != status::ok) return s;
+  if (sc == scope::thread) put_signal_kernel<coop_thread><<<1, 1>>>(ep, dst, off, src, n, sig, sig_off, value, op, r);
+  if (sc == scope::warp) put_signal_kernel<coop_warp><<<1, 32>>>(ep, dst, off, src, n, sig, sig_off, value, op, r);
+  if (sc == scope::block) put_signal_kernel<coop_block><<<1, 256>>>(ep, dst, off, src, n, sig, sig_off, value, op, r);
+  CU(cudaGetLastError());
+  CU(cudaDeviceSynchronize());
+  return fetch(r, result);
+}
+
+status launch_fetch_add(int device, const device_endpoint& ep, const remote_view& t, std::uint64_t off, int blocks,
+                        int threads, std::uint64_t* fetched_dev, status& result) {
+  CU(cudaSetDevice(device));
+  status* r = nullptr;
+  if (status s = make(r, status::ok); s != status::ok) return s;
+  fetch_add_kernel<<<blocks, threads>>>(ep, t, off, fetched_dev, r);
+  CU(cudaGetLastError());
+  CU(cudaDeviceSynchronize());
+  return fetch(r, result);
+}
+
+status run_ordering(int sender_device, const device_endpoint& ep, const remote_view& payload, const remote_view& sig,
+                    int receiver_device, const std::uint64_t* local_payload, const std::uint64_t* local_sig,
+                    std::uint64_t iters, order_result& out) {
+  CU(cudaSetDevice(receiver_device));
+  order_result* rr = nullptr;
+  if (status s = make(rr, order_result{}); s != status::ok) return s;
+  cudaStream_t rs, ss;
+  CU(cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking));
+  order_receive<<<1, 1, 0, rs>>>(local_payload, local_sig, iters, rr);
+  CU(cudaGetLastError());
+  CU(cudaSetDevice(sender_device));
+  status* sr = nullptr;
+  if (status s = make(sr, status::internal_error); s != status::ok) return s;
+  CU(cudaStreamCreateWithFlags(&ss, cudaStreamNonBlocking));
+  order_send<<<1, 1, 0, ss>>>(ep, payload, sig, iters, sr);
+  CU(cudaGetLastError());
+  CU(cudaStreamSynchronize(ss));
+  CU(cudaSetDevice(receiver_device));
+  CU(cudaStreamSynchronize(rs));
+  if (status s = fetch(rr, out); s != status::ok) return s;
+  CU(cudaSetDevice(sender_device));
+  if (status s = fetch(sr, out.sender); s != status::ok) return s;
+  CU(cudaStreamDestroy(ss));
+  CU(cudaSetDevice(receiver_device));
+  CU(cudaStreamDestroy(rs));
+  return status::ok;
+}
+
+status run_graph_pingpong(int client_device, const device_endpoint& to_server, const remote_view& server_region,
+                          std::uint64_t* client_sig_local, int server_device, const device_endpoint& to_client,
+                          const remote_view& client_region, std::uint64_t* server_sig_local, int replays,
+                          graph_result& out) {
+  graph_result init{};
+  init.client = status::ok;
+  CU(cudaSetDevice(server_device));
+  graph_result* sres = nullptr;
+  if (status s = make(sres, init); s != status::ok) return s;
+  cudaStream_t server_stream;
+  CU(cudaStreamCreateWithFlags(&server_stream, cudaStreamNonBlocking));
+  graph_server<<<1, 1, 0, server_stream>>>(to_client, client_region, server_sig_local, replays, sres);
+  CU(cudaGetLastError());
+
+  CU(cudaSetDevice(client_device));
+  graph_result* cres = nullptr;
+  std::uint64_t* counter = nullptr;
+  if (status s = make(cres, init); s != status::ok) return s;
+  if (status s = make(counter, std::uint64_t{0}); s != status::ok) return s;
+  cudaStream_t cs;
+  CU(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CU(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+  graph_client<<<1, 1, 0, cs>>>(to_server, server_region, client_sig_local, counter, cres);
+  CU(cudaStreamEndCapture(cs, &graph));
+  CU(cudaGraphInstantiate(&exec, graph, 0));
+  for (int i = 0; i < replays; ++i) CU(cudaGraphLaunch(exec, cs));
+  CU(cudaStreamSynchronize(cs));
+  CU(cudaGraphExecDestroy(exec));
+  CU(cudaGraphDestroy(graph));
+  CU(cudaStreamDestroy(cs));
+  graph_result c{};
+  if (status s = fetch(cres, c); s != status::ok) return s;
+  CU(cudaFree(counter));
+  CU(cudaSetDevice(server_device));
+  CU(cudaStreamSynchronize(server_stream));
+  CU(cudaStreamDestroy(server_stream));
+  graph_result sv{};
+  if (status s = fetch(sres, sv); s != status::ok) return s;
+  out = c;
+  out.server = sv.server;
+  return status::ok;
+}
+
+status launch_wait(int device, const device_endpoint& ep, const std::uint64_t* sig, std::uint64_t value,
+                   std::uint64_t ns, status& result) {
+  CU(cudaSetDevice(device));
+  status* r = nullptr;
+  if (status s = make(r, status::internal_error); s != status::ok) return s;
+  wait_kernel<<<1, 1>>>(ep, sig, value, ns, r);
+  CU(cudaGetLastError());
+  CU(cudaDeviceSynchronize());
+  return fetch(r, result);
+}
+
+}  // namespace eaas::gputest

@@ -1,0 +1,55 @@
+#pragma once
+
+// Host launchers of the nvlink test kernels (nvlink_kernels.cu). Every launcher returns the CUDA
+// outcome as a status; what the ops returned on the device comes back in `result`.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "eaas/common/status.hpp"
+#include "eaas/common/views.hpp"
+
+namespace eaas::gputest {
+
+enum class scope { thread, warp, block };
+const char* scope_name(scope s);
+
+/// One group (1 thread / 1 warp / 1 block of 256) of device `device` runs the op once.
+status launch_put(int device, scope s, const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
+                  const void* src, std::size_t n, status& result);
+status launch_get(int device, scope s, const device_endpoint& ep, const remote_view& src, std::uint64_t off,
+                  void* dst, std::size_t n, status& result);
+status launch_put_signal(int device, scope s, const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
+                         const void* src, std::size_t n, const remote_view& sig, std::uint64_t sig_off,
+                         std::uint64_t value, signal_op op, status& result);
+
+/// `blocks` x `threads` threads each fetch_add 1 on the remote word; fetched[i] = the value thread i saw.
+status launch_fetch_add(int device, const device_endpoint& ep, const remote_view& t, std::uint64_t off, int blocks,
+                        int threads, std::uint64_t* fetched_dev, status& result);
+
+struct order_result {
+  std::uint64_t checks = 0, in_flight = 0, violations = 0, last = 0;
+  status sender = status::internal_error, receiver = status::internal_error;
+};
+/// A sender kernel on `sender_device` streams `iters` put_signals (32 words = i, then signal = i) into
+/// the receiver's region while a receiver kernel on `receiver_device` reads signal then payload.
+status run_ordering(int sender_device, const device_endpoint& ep, const remote_view& payload, const remote_view& sig,
+                    int receiver_device, const std::uint64_t* local_payload, const std::uint64_t* local_sig,
+                    std::uint64_t iters, order_result& out);
+
+struct graph_result {
+  std::uint64_t replays_done = 0, echo = 0;
+  status client = status::internal_error, server = status::internal_error;
+};
+/// A client kernel (put_signal, then wait for the echo) captured once in a CUDA graph on
+/// `client_device` and replayed `replays` times against a server kernel on `server_device`.
+status run_graph_pingpong(int client_device, const device_endpoint& to_server, const remote_view& server_region,
+                          std::uint64_t* client_sig_local, int server_device, const device_endpoint& to_client,
+                          const remote_view& client_region, std::uint64_t* server_sig_local, int replays,
+                          graph_result& out);
+
+/// A kernel waits on `sig` through `ep` for `value` (timeout `ns`): what it returned.
+status launch_wait(int device, const device_endpoint& ep, const std::uint64_t* sig, std::uint64_t value,
+                   std::uint64_t ns, status& result);
+
+}  // namespace eaas::gputest
