@@ -84,9 +84,10 @@ __global__ void order_receive(const std::uint64_t* payload, const std::uint64_t*
 // Graph ping-pong: the client's sequence lives in device memory, so every replay sends the next one.
 __global__ void graph_client(device_endpoint ep, remote_view server, std::uint64_t* my_sig, std::uint64_t* counter,
                              graph_result* out) {
+  if (out->client != status::ok) return;  // an earlier replay failed: do not wait again
   const std::uint64_t seq = ++*counter;
   status s = put_signal(coop_thread{}, ep, server, 8, &seq, 8, server, 0, seq, signal_op::set);
-  if (s == status::ok) s = wait_signal(ep, my_sig, cmp_op::ge, seq, timeout{5'000'000'000ull});
+  if (s == status::ok) s = wait_signal(ep, my_sig, cmp_op::ge, seq, timeout{2'000'000'000ull});
   if (s != status::ok && out->client == status::ok) out->client = s;
   out->replays_done = seq;
   out->echo = detail::load_acquire(my_sig);
@@ -179,17 +180,21 @@ status launch_fetch_add(int device, const device_endpoint& ep, const remote_view
 status run_ordering(int sender_device, const device_endpoint& ep, const remote_view& payload, const remote_view& sig,
                     int receiver_device, const std::uint64_t* local_payload, const std::uint64_t* local_sig,
                     std::uint64_t iters, order_result& out) {
+  // Everything is allocated before the first launch: cudaMalloc may wait for running kernels, and
+  // these two kernels wait for each other.
   CU(cudaSetDevice(receiver_device));
   order_result* rr = nullptr;
   if (status s = make(rr, order_result{}); s != status::ok) return s;
   cudaStream_t rs, ss;
   CU(cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking));
-  order_receive<<<1, 1, 0, rs>>>(local_payload, local_sig, iters, rr);
-  CU(cudaGetLastError());
   CU(cudaSetDevice(sender_device));
   status* sr = nullptr;
   if (status s = make(sr, status::internal_error); s != status::ok) return s;
   CU(cudaStreamCreateWithFlags(&ss, cudaStreamNonBlocking));
+  CU(cudaSetDevice(receiver_device));
+  order_receive<<<1, 1, 0, rs>>>(local_payload, local_sig, iters, rr);
+  CU(cudaGetLastError());
+  CU(cudaSetDevice(sender_device));
   order_send<<<1, 1, 0, ss>>>(ep, payload, sig, iters, sr);
   CU(cudaGetLastError());
   CU(cudaStreamSynchronize(ss));
@@ -210,14 +215,12 @@ status run_graph_pingpong(int client_device, const device_endpoint& to_server, c
                           graph_result& out) {
   graph_result init{};
   init.client = status::ok;
+  // Allocate and capture first: the server kernel must not be running while cudaMalloc may wait.
   CU(cudaSetDevice(server_device));
   graph_result* sres = nullptr;
   if (status s = make(sres, init); s != status::ok) return s;
   cudaStream_t server_stream;
   CU(cudaStreamCreateWithFlags(&server_stream, cudaStreamNonBlocking));
-  graph_server<<<1, 1, 0, server_stream>>>(to_client, client_region, server_sig_local, replays, sres);
-  CU(cudaGetLastError());
-
   CU(cudaSetDevice(client_device));
   graph_result* cres = nullptr;
   std::uint64_t* counter = nullptr;
@@ -231,6 +234,11 @@ status run_graph_pingpong(int client_device, const device_endpoint& to_server, c
   graph_client<<<1, 1, 0, cs>>>(to_server, server_region, client_sig_local, counter, cres);
   CU(cudaStreamEndCapture(cs, &graph));
   CU(cudaGraphInstantiate(&exec, graph, 0));
+
+  CU(cudaSetDevice(server_device));
+  graph_server<<<1, 1, 0, server_stream>>>(to_client, client_region, server_sig_local, replays, sres);
+  CU(cudaGetLastError());
+  CU(cudaSetDevice(client_device));
   for (int i = 0; i < replays; ++i) CU(cudaGraphLaunch(exec, cs));
   CU(cudaStreamSynchronize(cs));
   CU(cudaGraphExecDestroy(exec));

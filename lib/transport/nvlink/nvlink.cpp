@@ -5,6 +5,8 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
+#include <utility>
 
 #include "log.hpp"
 #include "process.hpp"
@@ -76,13 +78,19 @@ status enable_peer_access(int mine, int theirs) {
   if (!can)
     return EAAS_FAIL(status::peer_unreachable,
                      "nvlink: GPU {} cannot access GPU {} (no peer-to-peer path between them)", mine, theirs);
+  // Enabled once per pair and process: a second enable is an error the runtime would record.
+  static std::mutex mu;
+  static std::set<std::pair<int, int>> enabled;
+  std::lock_guard lock(mu);
+  if (enabled.contains({mine, theirs})) return status::ok;
   EAAS_CHECK(use_device(mine));
   const cudaError_t e = cudaDeviceEnablePeerAccess(theirs, 0);
   if (e == cudaErrorPeerAccessAlreadyEnabled) {
-    (void)cudaGetLastError();  // clear the sticky-free error state of the runtime
-    return status::ok;
+    (void)cudaGetLastError();  // enabled by the application before us: fine
+  } else {
+    EAAS_CUDA_TRY(e, fmt::format("cudaDeviceEnablePeerAccess({} -> {})", mine, theirs));
   }
-  EAAS_CUDA_TRY(e, fmt::format("cudaDeviceEnablePeerAccess({} -> {})", mine, theirs));
+  enabled.insert({mine, theirs});
   return status::ok;
 }
 

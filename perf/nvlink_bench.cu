@@ -1,0 +1,340 @@
+// eaas-nvlink-bench: the nvlink transport measured next to its floors, in one process driving two
+// contexts (one per GPU; both on GPU 0 with --same-gpu or on a one-GPU machine).
+//   latency:   8-byte put_signal ping-pong between kernels (RTT/2) vs a raw flag ping-pong kernel
+//              (st.release.sys / ld.acquire.sys on the same mapped memory), alternating rounds
+//   bandwidth: put from 1/4/16/132 blocks vs cudaMemcpyPeerAsync (copy engines), 4 KiB .. 1 GiB
+
+#include <cuda_runtime.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <vector>
+
+#include "driver.hpp"
+#include "eaas/device/ops.hpp"
+
+using namespace eaas;
+using namespace eaas::perf;
+
+namespace {
+
+#define CU(x)                                                                               \
+  do {                                                                                      \
+    if (cudaError_t e_ = (x); e_ != cudaSuccess) {                                          \
+      std::fprintf(stderr, "CUDA error: %s at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                         \
+    }                                                                                       \
+  } while (0)
+
+__device__ __forceinline__ std::uint64_t splitmix(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// ---- latency ----------------------------------------------------------------------------------
+
+struct lat_args {
+  device_endpoint ep;
+  remote_view peer;        // the other side's region: signal at 0, payload at 64
+  std::uint64_t* my_sig;   // this side's signal word (local)
+  std::uint64_t* peer_raw; // the other side's region, as a raw pointer (raw mode)
+  const std::uint64_t* src;
+  std::uint64_t first_seq, count, warm;
+  long long* cycles;       // client: per-iteration round trip in SM cycles
+  unsigned long long* ns;  // client: [0] = start, [1] = end (%globaltimer)
+  status* result;
+};
+
+template <bool Raw>
+__device__ __forceinline__ status send(const lat_args& a, std::uint64_t seq) {
+  if constexpr (Raw) {
+    a.peer_raw[8] = *a.src;  // payload at +64
+    detail::store_release(a.peer_raw, seq);
+    return status::ok;
+  } else {
+    return put_signal(coop_thread{}, a.ep, a.peer, 64, a.src, 8, a.peer, 0, seq, signal_op::set);
+  }
+}
+
+template <bool Raw>
+__device__ __forceinline__ status await(const lat_args& a, std::uint64_t seq) {
+  if constexpr (Raw) {
+    while (detail::load_acquire(a.my_sig) < seq) {
+    }
+    return status::ok;
+  } else {
+    return wait_signal(a.ep, a.my_sig, cmp_op::ge, seq, timeout{2'000'000'000ull});
+  }
+}
+
+template <bool Raw>
+__global__ void lat_client(lat_args a) {
+  status s = status::ok;
+  for (std::uint64_t i = 0; i < a.warm + a.count && s == status::ok; ++i) {
+    if (i == a.warm) a.ns[0] = now_ns();
+    const long long t0 = clock64();
+    const std::uint64_t seq = a.first_seq + i;
+    s = send<Raw>(a, seq);
+    if (s == status::ok) s = await<Raw>(a, seq);
+    const long long t1 = clock64();
+    if (i >= a.warm) a.cycles[i - a.warm] = t1 - t0;
+  }
+  a.ns[1] = now_ns();
+  *a.result = s;
+}
+
+template <bool Raw>
+__global__ void lat_server(lat_args a) {
+  status s = status::ok;
+  for (std::uint64_t i = 0; i < a.warm + a.count && s == status::ok; ++i) {
+    const std::uint64_t seq = a.first_seq + i;
+    s = await<Raw>(a, seq);
+    if (s == status::ok) s = send<Raw>(a, seq);
+  }
+  *a.result = s;
+}
+
+// ---- bandwidth --------------------------------------------------------------------------------
+
+__global__ void fill(std::uint64_t* p, std::size_t words, std::uint64_t seed) {
+  for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x)
+    p[i] = splitmix(seed + i);
+}
+__global__ void count_wrong(const std::uint64_t* p, std::size_t words, std::uint64_t seed,
+                            unsigned long long* wrong) {
+  unsigned long long bad = 0;
+  for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x)
+    bad += p[i] != splitmix(seed + i);
+  if (bad) atomicAdd(wrong, bad);
+}
+
+__global__ void put_blocks(device_endpoint ep, remote_view dst, const unsigned char* src, std::size_t n,
+                           status* result) {
+  // Block b puts its 16-byte-aligned chunk; one put per block, all blocks in parallel.
+  const std::size_t chunk = ((n + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
+  const std::size_t begin = chunk * blockIdx.x < n ? chunk * blockIdx.x : n;
+  const std::size_t end = begin + chunk < n ? begin + chunk : n;
+  status s = put(coop_block{}, ep, dst, begin, src + begin, end - begin);
+  if (s == status::ok) s = quiet(coop_block{}, ep);
+  if (threadIdx.x == 0 && s != status::ok) *result = s;
+}
+
+struct setup {
+  int ga, gb;
+  std::unique_ptr<context> a, b;
+  std::unique_ptr<memory_region> ra, rb;
+  std::unique_ptr<endpoint> ab, ba;
+  std::unique_ptr<remote_region> rb_from_a, ra_from_b;
+};
+
+void connect_pair(setup& s, std::size_t bytes) {
+  EAAS_PERF_CHECK(context::create({.name = "A", .cuda_device = s.ga}, s.a));
+  EAAS_PERF_CHECK(context::create({.name = "B", .cuda_device = s.gb}, s.b));
+  EAAS_PERF_CHECK(s.a->allocate(bytes, memory_kind::device, s.ra));
+  EAAS_PERF_CHECK(s.b->allocate(bytes, memory_kind::device, s.rb));
+  handle_bytes ca, cb, ha, hb;
+  EAAS_PERF_CHECK(s.a->connection_handle(ca));
+  EAAS_PERF_CHECK(s.b->connection_handle(cb));
+  EAAS_PERF_CHECK(s.a->connect(cb, s.ab));
+  EAAS_PERF_CHECK(s.b->connect(ca, s.ba));
+  EAAS_PERF_CHECK(s.ra->export_handle(ha));
+  EAAS_PERF_CHECK(s.rb->export_handle(hb));
+  EAAS_PERF_CHECK(s.ab->import_region(hb, s.rb_from_a));
+  EAAS_PERF_CHECK(s.ba->import_region(ha, s.ra_from_b));
+}
+
+// One latency phase; returns half round trips in µs (SM cycles scaled by the phase's own
+// %globaltimer span, so the clock rate needs no assumption).
+template <bool Raw>
+std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iters, std::size_t warm,
+                                  std::uint64_t* src_a, std::uint64_t* src_b) {
+  long long* cycles = nullptr;
+  unsigned long long* ns = nullptr;
+  status *ra = nullptr, *rb = nullptr;
+  CU(cudaSetDevice(s.ga));
+  CU(cudaMalloc(&cycles, iters * sizeof(long long)));
+  CU(cudaMalloc(&ns, 2 * sizeof(unsigned long long)));
+  CU(cudaMalloc(&ra, sizeof(status)));
+  CU(cudaSetDevice(s.gb));
+  CU(cudaMalloc(&rb, sizeof(status)));
+  cudaStream_t sa, sb;
+  CU(cudaStreamCreateWithFlags(&sb, cudaStreamNonBlocking));
+  CU(cudaSetDevice(s.ga));
+  CU(cudaStreamCreateWithFlags(&sa, cudaStreamNonBlocking));
+  lat_args client{s.ab->view(), s.rb_from_a->view(), static_cast<std::uint64_t*>(s.ra->data()),
+                  static_cast<std::uint64_t*>(s.rb->data()), src_a, seq, iters, warm, cycles, ns, ra};
+  lat_args server{s.ba->view(), s.ra_from_b->view(), static_cast<std::uint64_t*>(s.rb->data()),
+                  static_cast<std::uint64_t*>(s.ra->data()), src_b, seq, iters, warm, nullptr, nullptr, rb};
+  CU(cudaSetDevice(s.gb));
+  lat_server<Raw><<<1, 1, 0, sb>>>(server);
+  CU(cudaGetLastError());
+  CU(cudaSetDevice(s.ga));
+  lat_client<Raw><<<1, 1, 0, sa>>>(client);
+  CU(cudaGetLastError());
+  CU(cudaStreamSynchronize(sa));
+  CU(cudaSetDevice(s.gb));
+  CU(cudaStreamSynchronize(sb));
+  status r1 = status::internal_error, r2 = status::internal_error;
+  CU(cudaMemcpy(&r2, rb, sizeof(status), cudaMemcpyDeviceToHost));
+  CU(cudaSetDevice(s.ga));
+  CU(cudaMemcpy(&r1, ra, sizeof(status), cudaMemcpyDeviceToHost));
+  if (r1 != status::ok || r2 != status::ok) die(Raw ? "raw ping-pong" : "put_signal ping-pong", r1 != status::ok ? r1 : r2);
+  std::vector<long long> cyc(iters);
+  unsigned long long span[2];
+  CU(cudaMemcpy(cyc.data(), cycles, iters * sizeof(long long), cudaMemcpyDeviceToHost));
+  CU(cudaMemcpy(span, ns, sizeof(span), cudaMemcpyDeviceToHost));
+  double total_cycles = 0;
+  for (long long c : cyc) total_cycles += static_cast<double>(c);
+  const double ns_per_cycle = static_cast<double>(span[1] - span[0]) / total_cycles;
+  std::vector<double> us(iters);
+  for (std::size_t i = 0; i < iters; ++i) us[i] = static_cast<double>(cyc[i]) * ns_per_cycle / 2.0 / 1e3;
+  CU(cudaFree(cycles));
+  CU(cudaFree(ns));
+  CU(cudaFree(ra));
+  CU(cudaStreamDestroy(sa));
+  CU(cudaSetDevice(s.gb));
+  CU(cudaFree(rb));
+  CU(cudaStreamDestroy(sb));
+  seq += warm + iters;
+  return us;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool same_gpu = false;
+  std::size_t iters = 20000, max_bytes = std::size_t{1} << 30;
+  int reps = 20;
+  std::string json;
+  CLI::App app{"eaas-nvlink-bench: nvlink put_signal latency and put bandwidth next to their floors"};
+  app.add_flag("--same-gpu", same_gpu, "both contexts on GPU 0 (two processes' worth of contexts on one GPU)");
+  app.add_option("-n,--iters", iters, "latency iterations (split over 10 alternating rounds)");
+  app.add_option("--max-size", max_bytes, "largest bandwidth message");
+  app.add_option("--reps", reps, "bandwidth repetitions per point");
+  app.add_option("--json", json, "write results as JSON to this file");
+  CLI11_PARSE(app, argc, argv);
+
+  int count = 0;
+  CU(cudaGetDeviceCount(&count));
+  if (count == 0) die("no CUDA device", status::unsupported);
+  setup s;
+  s.ga = 0;
+  s.gb = (!same_gpu && count > 1) ? 1 : 0;
+  connect_pair(s, max_bytes + 4096);
+  cudaDeviceProp pa{}, pb{};
+  CU(cudaGetDeviceProperties(&pa, s.ga));
+  CU(cudaGetDeviceProperties(&pb, s.gb));
+  std::printf("# eaas-nvlink-bench: context A on GPU %d (%s), context B on GPU %d (%s), transport %s\n", s.ga,
+              pa.name, s.gb, pb.name, transport_name(s.ab->transport()));
+  nlohmann::json out = {{"tool", "eaas-nvlink-bench"}, {"date", today_utc()}, {"gpu_a", pa.name},
+                        {"gpu_b", pb.name}, {"same_gpu", s.ga == s.gb}};
+
+  // Latency: 8-byte payload, alternating rounds of eaas and raw.
+  std::uint64_t *src_a = nullptr, *src_b = nullptr;
+  CU(cudaSetDevice(s.ga));
+  CU(cudaMalloc(&src_a, 8));
+  CU(cudaMemset(src_a, 1, 8));
+  CU(cudaSetDevice(s.gb));
+  CU(cudaMalloc(&src_b, 8));
+  CU(cudaMemset(src_b, 2, 8));
+  std::uint64_t seq = 1;
+  std::vector<double> ops, raw;
+  constexpr int kRounds = 10;
+  for (int r = 0; r < kRounds; ++r) {
+    auto x = latency_phase<false>(s, seq, iters / kRounds, 100, src_a, src_b);
+    auto y = latency_phase<true>(s, seq, iters / kRounds, 100, src_a, src_b);
+    ops.insert(ops.end(), x.begin(), x.end());
+    raw.insert(raw.end(), y.begin(), y.end());
+  }
+  const latency_stats lo = summarize(ops), lr = summarize(raw);
+  std::printf("# 8-byte ping-pong, RTT/2, kernel-timed (launch excluded), %d alternating rounds\n", kRounds);
+  print_latency_header({"ratio"});
+  print_latency_row(8, lo, {lo.t_typical / lr.t_typical});
+  print_latency_row(8, lr, {1.0});
+  std::printf("# rows: eaas put_signal + wait_signal; raw flag (st.release.sys / ld.acquire.sys)\n");
+  out["latency"] = {{"eaas", to_json(8, lo)}, {"raw_flag", to_json(8, lr)}, {"ratio", lo.t_typical / lr.t_typical}};
+
+  // Bandwidth.
+  CU(cudaSetDevice(s.ga));
+  unsigned char* src = nullptr;
+  CU(cudaMalloc(&src, max_bytes));
+  fill<<<528, 512>>>(reinterpret_cast<std::uint64_t*>(src), max_bytes / 8, 77);
+  CU(cudaDeviceSynchronize());
+  status* bres = nullptr;
+  CU(cudaMalloc(&bres, sizeof(status)));
+  CU(cudaMemset(bres, 0, sizeof(status)));
+  unsigned long long* wrong = nullptr;
+  CU(cudaSetDevice(s.gb));
+  CU(cudaMalloc(&wrong, sizeof(unsigned long long)));
+  CU(cudaSetDevice(s.ga));
+  cudaStream_t st;
+  CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  CU(cudaEventCreate(&e0));
+  CU(cudaEventCreate(&e1));
+  auto dst = static_cast<unsigned char*>(s.rb->data());
+  auto timed = [&](auto&& body) {
+    body();  // warm-up
+    CU(cudaEventRecord(e0, st));
+    for (int i = 0; i < reps; ++i) body();
+    CU(cudaEventRecord(e1, st));
+    CU(cudaEventSynchronize(e1));
+    float ms = 0;
+    CU(cudaEventElapsedTime(&ms, e0, e1));
+    return static_cast<double>(ms) / reps;
+  };
+  auto check = [&](std::size_t n) {
+    CU(cudaSetDevice(s.gb));
+    CU(cudaMemset(wrong, 0, sizeof(unsigned long long)));
+    count_wrong<<<264, 512>>>(reinterpret_cast<const std::uint64_t*>(dst), n / 8, 77, wrong);
+    unsigned long long w = 0;
+    CU(cudaMemcpy(&w, wrong, sizeof(w), cudaMemcpyDeviceToHost));
+    CU(cudaSetDevice(s.ga));
+    return w;
+  };
+  const std::vector<int> block_counts = {1, 4, 16, 132};
+  std::printf("# put bandwidth GPU %d -> GPU %d, GB/s (bytes / time, cudaEvent-timed, mean of %d)\n", s.ga, s.gb, reps);
+  std::printf("%12s %10s %10s %10s %10s %12s %10s %8s\n", "#bytes", "1 blk", "4 blk", "16 blk", "132 blk",
+              "copy engine", "132/CE", "#wrong");
+  nlohmann::json rows = nlohmann::json::array();
+  for (std::size_t n = 4096; n <= max_bytes; n *= 4) {
+    std::vector<double> gbps;
+    unsigned long long w = 0;
+    for (int blocks : block_counts) {
+      CU(cudaSetDevice(s.gb));
+      CU(cudaMemset(dst, 0, n));
+      CU(cudaDeviceSynchronize());
+      CU(cudaSetDevice(s.ga));
+      const double ms = timed([&] {
+        put_blocks<<<blocks, 1024, 0, st>>>(s.ab->view(), s.rb_from_a->view(), src, n, bres);
+      });
+      status r = status::internal_error;
+      CU(cudaMemcpy(&r, bres, sizeof(r), cudaMemcpyDeviceToHost));
+      if (r != status::ok) die("put_blocks", r);
+      w += check(n);
+      gbps.push_back(static_cast<double>(n) / ms / 1e6);
+    }
+    CU(cudaSetDevice(s.gb));
+    CU(cudaMemset(dst, 0, n));
+    CU(cudaDeviceSynchronize());
+    CU(cudaSetDevice(s.ga));
+    const double ce_ms = timed([&] { CU(cudaMemcpyPeerAsync(dst, s.gb, src, s.ga, n, st)); });
+    w += check(n);
+    const double ce = static_cast<double>(n) / ce_ms / 1e6;
+    std::printf("%12zu %10.1f %10.1f %10.1f %10.1f %12.1f %9.0f%% %8llu\n", n, gbps[0], gbps[1], gbps[2], gbps[3], ce,
+                100.0 * gbps[3] / ce, w);
+    rows.push_back({{"bytes", n}, {"blocks", block_counts}, {"put_gbps", gbps}, {"copy_engine_gbps", ce},
+                    {"wrong", w}});
+    if (w != 0) die("bandwidth check found wrong bytes", status::internal_error);
+  }
+  out["bandwidth"] = rows;
+  if (!json.empty()) {
+    std::ofstream f(json);
+    f << out.dump(2) << "\n";
+  }
+  return 0;
+}
