@@ -165,6 +165,13 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
   CU(cudaStreamCreateWithFlags(&sb, cudaStreamNonBlocking));
   CU(cudaSetDevice(s.ga));
   CU(cudaStreamCreateWithFlags(&sa, cudaStreamNonBlocking));
+  // Both kernels are loaded before either runs: lazy loading of one while the other spins on
+  // the same GPU would wait for it forever.
+  cudaFuncAttributes attr{};
+  CU(cudaFuncGetAttributes(&attr, lat_client<Raw>));
+  CU(cudaSetDevice(s.gb));
+  CU(cudaFuncGetAttributes(&attr, lat_server<Raw>));
+  CU(cudaSetDevice(s.ga));
   lat_args client{s.ab->view(), s.rb_from_a->view(), static_cast<std::uint64_t*>(s.ra->data()),
                   static_cast<std::uint64_t*>(s.rb->data()), src_a, seq, iters, warm, cycles, ns, ra};
   lat_args server{s.ba->view(), s.ra_from_b->view(), static_cast<std::uint64_t*>(s.rb->data()),

@@ -180,8 +180,13 @@ status launch_fetch_add(int device, const device_endpoint& ep, const remote_view
 status run_ordering(int sender_device, const device_endpoint& ep, const remote_view& payload, const remote_view& sig,
                     int receiver_device, const std::uint64_t* local_payload, const std::uint64_t* local_sig,
                     std::uint64_t iters, order_result& out) {
-  // Everything is allocated before the first launch: cudaMalloc may wait for running kernels, and
-  // these two kernels wait for each other.
+  // Everything is allocated and both kernels are loaded before the first launch: cudaMalloc and
+  // lazy module loading may wait for running kernels, and these two kernels wait for each other.
+  cudaFuncAttributes attr{};
+  CU(cudaSetDevice(receiver_device));
+  CU(cudaFuncGetAttributes(&attr, order_receive));
+  CU(cudaSetDevice(sender_device));
+  CU(cudaFuncGetAttributes(&attr, order_send));
   CU(cudaSetDevice(receiver_device));
   order_result* rr = nullptr;
   if (status s = make(rr, order_result{}); s != status::ok) return s;
@@ -215,8 +220,11 @@ status run_graph_pingpong(int client_device, const device_endpoint& to_server, c
                           graph_result& out) {
   graph_result init{};
   init.client = status::ok;
-  // Allocate and capture first: the server kernel must not be running while cudaMalloc may wait.
+  // Allocate, load and capture first: the server kernel must not be running while cudaMalloc or
+  // lazy module loading may wait for it.
+  cudaFuncAttributes attr{};
   CU(cudaSetDevice(server_device));
+  CU(cudaFuncGetAttributes(&attr, graph_server));
   graph_result* sres = nullptr;
   if (status s = make(sres, init); s != status::ok) return s;
   cudaStream_t server_stream;

@@ -32,7 +32,7 @@ EAAS_HOST_DEVICE std::uint64_t now_ns() {
 /// waiters than cores still make progress.
 EAAS_HOST_DEVICE void spin_pause(std::uint32_t spins) {
 #if EAAS_DEVICE_CODE
-  if (spins > 64) __nanosleep(64);
+  if (spins > 4096) __nanosleep(32);  // long waits leave issue slots to the SM's other warps
 #else
   if (spins < 4096) {
 #if defined(__x86_64__) || defined(__i386__)

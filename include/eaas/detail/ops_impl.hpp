@@ -21,6 +21,22 @@ EAAS_HOST_DEVICE status check_endpoint(const device_endpoint& ep) {
   return st == endpoint_state::closed ? status::not_connected : status::peer_unreachable;
 }
 
+// What non-blocking ops check. On the host the state word is in this process's cache; on the device
+// it lives in mapped host memory, a PCIe round trip (~1 µs) away, so device ops check only the view
+// and leave the state to quiet and wait_signal.
+EAAS_HOST_DEVICE status check_endpoint_fast(const device_endpoint& ep) {
+#if EAAS_DEVICE_CODE
+  if (EAAS_UNLIKELY(ep.magic != kEndpointViewMagic || ep.state == nullptr)) return status::invalid_argument;
+  return status::ok;
+#else
+  return check_endpoint(ep);
+#endif
+}
+
+// How often a wait reads the abort flag and endpoint state: every check on the host (cached
+// words), every 20 µs on the device (words in host memory).
+inline constexpr std::uint64_t kFlagPeriodNs = EAAS_DEVICE_CODE ? 20'000 : 0;
+
 EAAS_HOST_DEVICE status check_remote(const device_endpoint& ep, const remote_view& r, std::uint64_t offset,
                                      std::uint64_t bytes, std::uint64_t align) {
   if (EAAS_UNLIKELY(r.magic != kRemoteViewMagic || r.transport != ep.transport || r.owner_id != ep.peer_id))
@@ -51,7 +67,7 @@ template <class Coop>
 EAAS_HOST_DEVICE status put(Coop, const device_endpoint& ep, const remote_view& dst, std::uint64_t dst_offset,
                             const void* src, std::size_t bytes) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
-  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, dst, dst_offset, bytes, 1); s != status::ok) return s;
   if (EAAS_UNLIKELY(src == nullptr && bytes != 0)) return status::invalid_argument;
   if (ep.transport == transport_kind::shm) {
@@ -67,7 +83,7 @@ template <class Coop>
 EAAS_HOST_DEVICE status signal(Coop, const device_endpoint& ep, const remote_view& sig, std::uint64_t sig_offset,
                                std::uint64_t value, signal_op op) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
-  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, sig, sig_offset, 8, kSignalAlign); s != status::ok) return s;
   if (EAAS_UNLIKELY(op != signal_op::set && op != signal_op::add)) return status::invalid_argument;
   if (ep.transport == transport_kind::shm) {
@@ -84,7 +100,7 @@ EAAS_HOST_DEVICE status put_signal(Coop, const device_endpoint& ep, const remote
                                    const void* src, std::size_t bytes, const remote_view& sig,
                                    std::uint64_t sig_offset, std::uint64_t value, signal_op op) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
-  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, dst, dst_offset, bytes, 1); s != status::ok) return s;
   if (status s = detail::check_remote(ep, sig, sig_offset, 8, kSignalAlign); s != status::ok) return s;
   if (EAAS_UNLIKELY((src == nullptr && bytes != 0) || (op != signal_op::set && op != signal_op::add)))
@@ -109,7 +125,7 @@ template <class Coop>
 EAAS_HOST_DEVICE status get(Coop, const device_endpoint& ep, const remote_view& src, std::uint64_t src_offset,
                             void* dst, std::size_t bytes) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
-  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, src, src_offset, bytes, 1); s != status::ok) return s;
   if (EAAS_UNLIKELY(dst == nullptr && bytes != 0)) return status::invalid_argument;
   if (ep.transport == transport_kind::shm) {
@@ -125,7 +141,7 @@ template <class Coop>
 EAAS_HOST_DEVICE status fetch_add(Coop, const device_endpoint& ep, const remote_view& target, std::uint64_t offset,
                                   std::uint64_t value, std::uint64_t* fetched) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
-  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, target, offset, 8, kSignalAlign); s != status::ok) return s;
   if (EAAS_UNLIKELY(fetched == nullptr || !detail::aligned8(fetched))) return status::invalid_argument;
   if (ep.transport == transport_kind::shm) {
@@ -142,7 +158,7 @@ EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remo
                                      std::uint64_t offset, std::uint64_t expected, std::uint64_t desired,
                                      std::uint64_t* fetched) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
-  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, target, offset, 8, kSignalAlign); s != status::ok) return s;
   if (EAAS_UNLIKELY(fetched == nullptr || !detail::aligned8(fetched))) return status::invalid_argument;
   if (ep.transport == transport_kind::shm) {
@@ -158,7 +174,7 @@ EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remo
 template <class Coop>
 EAAS_HOST_DEVICE status fence(Coop, const device_endpoint& ep) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
-  if (status s = detail::check_endpoint(ep); s != status::ok) return s;
+  if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) {
       detail::fence_release();
@@ -204,22 +220,26 @@ EAAS_HOST_DEVICE status wait_signal_impl(const device_endpoint* ep, const std::u
   if (EAAS_UNLIKELY(sig == nullptr || !aligned8(sig))) return status::invalid_argument;
   std::uint64_t word = load_acquire(sig);
   std::uint32_t spins = 0;
+  std::uint64_t next_flags = 0;
   status result = status::ok;
   while (!compare(word, cmp, value)) {
-    // The clock and flags are read every few polls only: the poll itself is the fast path.
+    // The clock is read every few polls, the flags every kFlagPeriodNs: the poll is the fast path.
     if ((++spins & 15u) == 0) {
-      if (abort != nullptr && load_relaxed(abort) != 0) {
-        result = status::aborted;
-        break;
-      }
-      if (ep != nullptr) {
-        if (status s = check_endpoint(*ep); s != status::ok) {
-          result = s;
-          break;
-        }
-      }
       const std::uint64_t now = now_ns();
       if (until_ns == 0) until_ns = now + relative_ns < now ? ~std::uint64_t{0} : now + relative_ns;
+      if (now >= next_flags) {
+        next_flags = now + kFlagPeriodNs;
+        if (abort != nullptr && load_relaxed(abort) != 0) {
+          result = status::aborted;
+          break;
+        }
+        if (ep != nullptr) {
+          if (status s = check_endpoint(*ep); s != status::ok) {
+            result = s;
+            break;
+          }
+        }
+      }
       if (now >= until_ns) {
         result = status::timeout;
         break;

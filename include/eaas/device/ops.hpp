@@ -16,11 +16,12 @@
 /// earlier op of this caller on `ep` before every later one. Nothing else is ordered.
 ///
 /// Checks made by every op before it touches memory (all cheap, all on the calling side):
-/// the endpoint view is genuine (magic) and connected (`not_connected` after close,
-/// `peer_unreachable` once the peer is known dead); the remote view is genuine, of the same
-/// transport and registered by this endpoint's peer; `offset + bytes` lies inside the region;
-/// signal and atomic words are 8-byte aligned. A failed check returns `invalid_argument` and does
-/// nothing.
+/// the endpoint view is genuine (magic); the remote view is genuine, of the same transport and
+/// registered by this endpoint's peer; `offset + bytes` lies inside the region; signal and atomic
+/// words are 8-byte aligned. A failed check returns `invalid_argument` and does nothing.
+/// The endpoint's state (`not_connected` after close, `peer_unreachable` once the peer is known
+/// dead) is checked by every op on the host; on the device it lives in host memory a PCIe round
+/// trip away, so device ops leave it to `quiet` and `wait_signal` (which read it every 20 µs).
 ///
 /// Waiting: `wait_signal` is the only op that blocks on the peer, and it always ends: with `ok`
 /// when the comparison holds, `timeout` at the deadline, `aborted` when the context's abort flag is
