@@ -8,11 +8,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "eaas/common/status.hpp"
 #include "eaas/common/types.hpp"
 #include "eaas/common/views.hpp"
 #include "eaas/detail/atomic.hpp"
+#include "eaas/detail/checks.hpp"
 
 namespace eaas::detail::ldst_dev {
 
@@ -47,39 +49,55 @@ struct group<coop_block> {
   __device__ __forceinline__ static void sync() { __syncthreads(); }
 };
 
-/// Copies `n` bytes with the whole group: 16-byte vectors when source and destination share their
-/// alignment modulo 16 (4 loads in flight per thread before the stores), else 8-byte words, else
-/// bytes. Head and tail bytes are split across the group as well.
+/// Copies `n` bytes with the whole group: the widest words (16, 8, 4 bytes) that source and
+/// destination alignment allow, 4 vector loads in flight per thread before the stores; the bytes
+/// before the first aligned word and the few after the last are copied by the group as well.
 template <class Coop>
 __device__ __forceinline__ void copy(unsigned char* dst, const unsigned char* src, std::size_t n) {
   using G = group<Coop>;
   const std::size_t r = G::rank(), sz = G::size();
   const auto d0 = reinterpret_cast<std::uintptr_t>(dst), s0 = reinterpret_cast<std::uintptr_t>(src);
-  std::size_t vec = ((d0 ^ s0) & 15u) == 0 ? 16 : ((d0 ^ s0) & 7u) == 0 ? 8 : 1;
-  if (n < 64) vec = 1;
-  std::size_t head = vec == 1 ? n : ((vec - (d0 & (vec - 1))) & (vec - 1));
+  const std::uintptr_t common = (d0 ^ s0) | 16u;  // lowest set bit = widest shared alignment
+  const std::size_t w = common & 1u ? 1 : common & 2u ? 2 : common & 4u ? 4 : common & 8u ? 8 : 16;
+  std::size_t head = (w - (d0 & (w - 1))) & (w - 1);
   if (head > n) head = n;
   for (std::size_t i = r; i < head; i += sz) dst[i] = src[i];
-  if (vec == 1) return;
-  const std::size_t body = (n - head) / vec;
-  if (vec == 16) {
-    const int4* s = reinterpret_cast<const int4*>(src + head);
-    int4* d = reinterpret_cast<int4*>(dst + head);
+  const std::size_t body = (n - head) / w;
+  unsigned char* d = dst + head;
+  const unsigned char* s = src + head;
+  if (w == 16) {
+    const int4* sv = reinterpret_cast<const int4*>(s);
+    int4* dv = reinterpret_cast<int4*>(d);
     std::size_t i = r;
     for (; i + 3 * sz < body; i += 4 * sz) {
-      const int4 a = s[i], b = s[i + sz], c = s[i + 2 * sz], e = s[i + 3 * sz];
-      d[i] = a;
-      d[i + sz] = b;
-      d[i + 2 * sz] = c;
-      d[i + 3 * sz] = e;
+      const int4 a = sv[i], b = sv[i + sz], c = sv[i + 2 * sz], e = sv[i + 3 * sz];
+      dv[i] = a;
+      dv[i + sz] = b;
+      dv[i + 2 * sz] = c;
+      dv[i + 3 * sz] = e;
     }
-    for (; i < body; i += sz) d[i] = s[i];
+    for (; i < body; i += sz) dv[i] = sv[i];
+  } else if (w == 8) {
+    for (std::size_t i = r; i < body; i += sz)
+      reinterpret_cast<std::uint64_t*>(d)[i] = reinterpret_cast<const std::uint64_t*>(s)[i];
+  } else if (w == 4) {
+    for (std::size_t i = r; i < body; i += sz)
+      reinterpret_cast<std::uint32_t*>(d)[i] = reinterpret_cast<const std::uint32_t*>(s)[i];
   } else {
-    const std::uint64_t* s = reinterpret_cast<const std::uint64_t*>(src + head);
-    std::uint64_t* d = reinterpret_cast<std::uint64_t*>(dst + head);
     for (std::size_t i = r; i < body; i += sz) d[i] = s[i];
   }
-  for (std::size_t i = head + body * vec + r; i < n; i += sz) dst[i] = src[i];
+  // Fewer than w bytes remain, aligned to w: one thread copies them in halving words.
+  if (r == 0) {
+    std::size_t at = head + body * w;
+    for (std::size_t k = w / 2; k >= 1 && at < n; k /= 2) {
+      if (n - at < k) continue;
+      if (k == 8) *reinterpret_cast<std::uint64_t*>(dst + at) = *reinterpret_cast<const std::uint64_t*>(src + at);
+      if (k == 4) *reinterpret_cast<std::uint32_t*>(dst + at) = *reinterpret_cast<const std::uint32_t*>(src + at);
+      if (k == 2) *reinterpret_cast<std::uint16_t*>(dst + at) = *reinterpret_cast<const std::uint16_t*>(src + at);
+      if (k == 1) dst[at] = src[at];
+      at += k;
+    }
+  }
 }
 
 __device__ __forceinline__ unsigned char* at(const remote_view& v, std::uint64_t offset) {
@@ -98,15 +116,16 @@ __device__ __forceinline__ status get(const remote_view& src, std::uint64_t off,
   return status::ok;
 }
 
-/// One thread of the group performs the atomic after the group's earlier stores: barrier, a
-/// system-scope fence, then the release operation (payload before signal, across NVLink).
+/// One thread of the group performs the atomic after the group's earlier stores: for a single
+/// thread its release store orders them (st.release.sys); a warp or block meets at its barrier first
+/// and the releasing thread fences at system scope, so every member's payload precedes the signal.
 template <class Coop>
 __device__ __forceinline__ status signal(const remote_view& sig, std::uint64_t off, std::uint64_t value,
                                          signal_op op) {
   using G = group<Coop>;
-  G::sync();
+  if constexpr (!std::is_same_v<Coop, coop_thread>) G::sync();
   if (G::rank() == 0) {
-    fence_seq_cst();
+    if constexpr (!std::is_same_v<Coop, coop_thread>) fence_release();
     auto* w = reinterpret_cast<std::uint64_t*>(at(sig, off));
     if (op == signal_op::set)
       store_release(w, value);
@@ -133,11 +152,27 @@ __device__ __forceinline__ status compare_swap(const remote_view& t, std::uint64
   return status::ok;
 }
 
-/// Every thread's earlier stores and atomics are performed at system scope, then the group meets.
+/// Every thread's earlier stores and atomics are ordered at system scope, then the group meets and
+/// one thread reads the endpoint state (a PCIe round trip: once per group, not once per thread).
 template <class Coop>
-__device__ __forceinline__ void quiet() {
-  fence_seq_cst();
-  group<Coop>::sync();
+__device__ __forceinline__ status quiet(const device_endpoint& ep) {
+  fence_release();
+  if constexpr (std::is_same_v<Coop, coop_thread>) {
+    return check_endpoint(ep);
+  } else if constexpr (std::is_same_v<Coop, coop_warp>) {
+    __syncwarp();
+    unsigned s = 0;
+    if (group<Coop>::rank() == 0) s = static_cast<unsigned>(check_endpoint(ep));
+    return static_cast<status>(__shfl_sync(0xffffffffu, s, 0));
+  } else {
+    __shared__ unsigned shared_status;
+    __syncthreads();
+    if (group<Coop>::rank() == 0) shared_status = static_cast<unsigned>(check_endpoint(ep));
+    __syncthreads();
+    const auto s = static_cast<status>(shared_status);
+    __syncthreads();  // the word may be reused by the group's next quiet
+    return s;
+  }
 }
 
 template <class Coop>

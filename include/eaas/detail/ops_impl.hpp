@@ -6,6 +6,7 @@
 #include "eaas/common/status.hpp"
 #include "eaas/common/views.hpp"
 #include "eaas/detail/atomic.hpp"
+#include "eaas/detail/checks.hpp"
 #include "eaas/detail/clock.hpp"
 #include "eaas/detail/ldst_device.cuh"
 #include "eaas/detail/ldst_impl.hpp"
@@ -13,29 +14,6 @@
 namespace eaas {
 
 namespace detail {
-
-EAAS_HOST_DEVICE status check_endpoint(const device_endpoint& ep) {
-  if (EAAS_UNLIKELY(ep.magic != kEndpointViewMagic || ep.state == nullptr)) return status::invalid_argument;
-  const auto st = static_cast<endpoint_state>(load_relaxed(ep.state));
-  if (EAAS_LIKELY(st == endpoint_state::connected)) return status::ok;
-  return st == endpoint_state::closed ? status::not_connected : status::peer_unreachable;
-}
-
-// What non-blocking ops check. On the host the state word is in this process's cache; on the device
-// it lives in mapped host memory, a PCIe round trip (~1 µs) away, so device ops check only the view
-// and leave the state to quiet and wait_signal.
-EAAS_HOST_DEVICE status check_endpoint_fast(const device_endpoint& ep) {
-#if EAAS_DEVICE_CODE
-  if (EAAS_UNLIKELY(ep.magic != kEndpointViewMagic || ep.state == nullptr)) return status::invalid_argument;
-  return status::ok;
-#else
-  return check_endpoint(ep);
-#endif
-}
-
-// How often a wait reads the abort flag and endpoint state: every check on the host (cached
-// words), every 20 µs on the device (words in host memory).
-inline constexpr std::uint64_t kFlagPeriodNs = EAAS_DEVICE_CODE ? 20'000 : 0;
 
 EAAS_HOST_DEVICE status check_remote(const device_endpoint& ep, const remote_view& r, std::uint64_t offset,
                                      std::uint64_t bytes, std::uint64_t align) {
@@ -201,10 +179,7 @@ EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep) {
     }
   }
 #if EAAS_DEVICE_CODE
-  if (ep.transport == transport_kind::nvlink) {
-    detail::ldst_dev::quiet<Coop>();
-    return detail::check_endpoint(ep);
-  }
+  if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::quiet<Coop>(ep);
 #endif
   if (status s = detail::check_endpoint(ep); s != status::ok) return s;
   return status::unsupported;
@@ -227,6 +202,7 @@ EAAS_HOST_DEVICE status wait_signal_impl(const device_endpoint* ep, const std::u
     if ((++spins & 15u) == 0) {
       const std::uint64_t now = now_ns();
       if (until_ns == 0) until_ns = now + relative_ns < now ? ~std::uint64_t{0} : now + relative_ns;
+      if (next_flags == 0) next_flags = now + kFlagPeriodNs;  // a short wait never pays for the flags
       if (now >= next_flags) {
         next_flags = now + kFlagPeriodNs;
         if (abort != nullptr && load_relaxed(abort) != 0) {
