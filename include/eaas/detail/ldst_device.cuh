@@ -83,6 +83,9 @@ __device__ __forceinline__ void copy(unsigned char* dst, const unsigned char* sr
   } else if (w == 4) {
     for (std::size_t i = r; i < body; i += sz)
       reinterpret_cast<std::uint32_t*>(d)[i] = reinterpret_cast<const std::uint32_t*>(s)[i];
+  } else if (w == 2) {
+    for (std::size_t i = r; i < body; i += sz)
+      reinterpret_cast<std::uint16_t*>(d)[i] = reinterpret_cast<const std::uint16_t*>(s)[i];
   } else {
     for (std::size_t i = r; i < body; i += sz) d[i] = s[i];
   }
