@@ -38,6 +38,8 @@ class handle_writer {
   void raw(std::span<const std::byte> b) { bytes_.insert(bytes_.end(), b.begin(), b.end()); }
   /// Wraps the payload in a header and returns the whole handle.
   handle_bytes finish(handle_kind kind, transport_kind transport) const;
+  /// The bytes written so far (for other framings than handles).
+  const std::vector<std::byte>& bytes() const noexcept { return bytes_; }
 
  private:
   void put(std::uint64_t v, int n) {

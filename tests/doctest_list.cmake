@@ -9,7 +9,7 @@ string(REPLACE ";" "?" out "${out}")
 string(REPLACE "\n" ";" lines "${out}")
 # Multi-process tests spin processes on every core: run them one at a time.
 set(EXTRA "")
-if(LABEL STREQUAL "mp")
+if(LABEL STREQUAL "mp" OR LABEL STREQUAL "registry")
   set(EXTRA "RUN_SERIAL TRUE")
 elseif(LABEL STREQUAL "gpu")
   set(EXTRA "SKIP_RETURN_CODE 77 RUN_SERIAL TRUE TIMEOUT 120")

@@ -13,4 +13,5 @@
 #include "eaas/host/error.hpp"
 #include "eaas/host/handle.hpp"
 #include "eaas/host/memory.hpp"
+#include "eaas/host/registry.hpp"
 #include "eaas/host/topology.hpp"

@@ -7,7 +7,7 @@
 
 TEST_CASE("status names are distinct and fmt prints them") {
   std::set<std::string> names;
-  for (std::uint32_t i = 0; i <= static_cast<std::uint32_t>(eaas::status::internal_error); ++i) {
+  for (std::uint32_t i = 0; i <= static_cast<std::uint32_t>(eaas::kLastStatus); ++i) {
     const auto s = static_cast<eaas::status>(i);
     const std::string name = eaas::status_name(s);
     CHECK(name != "unknown_status");

@@ -23,7 +23,12 @@ enum class [[nodiscard]] status : std::uint32_t {
   unsupported,         ///< the transport or build cannot do this (e.g. a warp op on the host)
   not_connected,       ///< the endpoint was closed
   internal_error,      ///< an operating-system or driver call failed unexpectedly
+  not_found,           ///< no such key, lease or record
+  permission_denied,   ///< a token or credential was missing or wrong
 };
+
+/// The last status value (for iteration in tests and tables).
+inline constexpr status kLastStatus = status::permission_denied;
 
 /// Readable lower-case name of a status ("peer_unreachable"). Never null.
 EAAS_HOST_DEVICE constexpr const char* status_name(status s) {
@@ -40,6 +45,8 @@ EAAS_HOST_DEVICE constexpr const char* status_name(status s) {
     case status::unsupported: return "unsupported";
     case status::not_connected: return "not_connected";
     case status::internal_error: return "internal_error";
+    case status::not_found: return "not_found";
+    case status::permission_denied: return "permission_denied";
   }
   return "unknown_status";
 }
