@@ -17,3 +17,9 @@ foreach(t IN ITEMS eaas-registry-peer eaas-registry-tests)
   endif()
 endforeach()
 eaas_add_doctest(eaas-registry-tests registry)
+
+if(TARGET eaas-registry)
+  add_test(NAME "registry: eaas-registry command line" COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/cli_test.sh
+                                                               $<TARGET_FILE:eaas-registry>)
+  set_tests_properties("registry: eaas-registry command line" PROPERTIES LABELS registry TIMEOUT 60 RUN_SERIAL TRUE)
+endif()
