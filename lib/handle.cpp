@@ -35,6 +35,7 @@ const char* kind_name(handle_kind k) {
   switch (k) {
     case handle_kind::connection: return "connection";
     case handle_kind::region: return "region";
+    case handle_kind::record: return "record";
   }
   return "unknown";
 }
@@ -84,7 +85,7 @@ std::uint64_t handle_reader::get(int n) {
 }
 
 status decode_handle(std::span<const std::byte> bytes, handle_kind kind, transport_kind transport,
-                     handle_info& info, std::span<const std::byte>& payload) {
+                     handle_info& info, std::span<const std::byte>& payload, std::size_t max_size) {
   if (bytes.size() < kHandleHeaderSize)
     return EAAS_FAIL(status::invalid_handle, "handle: {} bytes is shorter than the {}-byte header", bytes.size(),
                      kHandleHeaderSize);
@@ -95,7 +96,7 @@ status decode_handle(std::span<const std::byte> bytes, handle_kind kind, transpo
     return EAAS_FAIL(status::invalid_handle, "handle: version {} is not supported (this build reads version {})",
                      version, kHandleVersion);
   const std::uint32_t size = load_le(bytes, 8, 4);
-  if (size != bytes.size() || size > kHandleMaxSize)
+  if (size != bytes.size() || size > max_size)
     return EAAS_FAIL(status::invalid_handle, "handle: header says {} bytes, got {} (truncated or padded)", size,
                      bytes.size());
   const std::uint32_t want = load_le(bytes, 12, 4);

@@ -9,6 +9,7 @@
 #include "eaas/common/views.hpp"
 #include "eaas/device/ops.hpp"
 #include "eaas/host/context.hpp"
+#include "eaas/host/directory.hpp"
 #include "eaas/host/endpoint.hpp"
 #include "eaas/host/error.hpp"
 #include "eaas/host/handle.hpp"

@@ -5,6 +5,7 @@ target_link_libraries(eaas-registry-peer PRIVATE eaas::eaas)
 
 add_executable(eaas-registry-tests
   ${CMAKE_CURRENT_LIST_DIR}/test_registry.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/test_directory.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_embedded.cpp
   ${CMAKE_CURRENT_LIST_DIR}/backend_embedded.cpp)
 target_include_directories(eaas-registry-tests PRIVATE ${PROJECT_SOURCE_DIR}/lib)

@@ -42,6 +42,15 @@ regtest::backend& be() {
   return *g_backend;
 }
 
+}  // namespace
+
+namespace eaas::regtest {
+/// One backend per test binary, shared by every test file in it.
+backend& shared_backend() { return be(); }
+}  // namespace eaas::regtest
+
+namespace {
+
 std::unique_ptr<registry> open_client() {
   std::unique_ptr<registry> r;
   REQUIRE_OK(registry::open(be().options(), r));

@@ -16,6 +16,7 @@ namespace eaas {
 enum class handle_kind : std::uint8_t {
   connection = 1,  ///< a context's connection handle: who it is and how to reach it
   region = 2,      ///< a registered memory region
+  record = 3,      ///< a peer record published in a registry (see directory.hpp)
 };
 
 /// Handles are opaque, self-describing bytes: a header (magic, version, kind, transport, total size,
