@@ -1,0 +1,163 @@
+// nvlink between separately started processes: a driver (this test) and eaas-gpu-peer, on two GPUs
+// and on one shared GPU; then the peer is SIGKILLed while the driver's kernel waits on it.
+
+#include <cuda_runtime_api.h>
+#include <doctest/doctest.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <string>
+#include <vector>
+
+#include "../../perf/pattern.hpp"
+#include "eaas/eaas.hpp"
+#include "kernels.hpp"
+#include "nvlink_kernels.hpp"
+
+extern char** environ;
+
+using namespace eaas;
+using namespace eaas::gputest;
+
+namespace {
+
+#define REQUIRE_OK(expr)                                                                  \
+  do {                                                                                    \
+    const ::eaas::status s_ = (expr);                                                     \
+    INFO("status: ", ::eaas::status_name(s_), " - ", std::string(::eaas::last_error())); \
+    REQUIRE(s_ == ::eaas::status::ok);                                                    \
+  } while (0)
+
+constexpr std::size_t kPayload = 256 * 1024;
+
+struct gpu_peer {
+  pid_t pid = -1;
+  std::unique_ptr<endpoint> ep;
+  std::unique_ptr<remote_region> rr;
+
+  gpu_peer(context& ctx, const handle_bytes& my_conn, const handle_bytes& my_region, int device,
+           std::uint64_t messages) {
+    int to_child[2], from_child[2];
+    REQUIRE(::pipe(to_child) == 0);
+    REQUIRE(::pipe(from_child) == 0);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, to_child[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, from_child[1], 1);
+    posix_spawn_file_actions_addclose(&fa, to_child[1]);
+    posix_spawn_file_actions_addclose(&fa, from_child[0]);
+    const std::string d = std::to_string(device), n = std::to_string(kPayload), m = std::to_string(messages);
+    char* argv[] = {const_cast<char*>(EAAS_GPU_PEER), d.data(), const_cast<char*>(n.c_str()), m.data(), nullptr};
+    REQUIRE(::posix_spawn(&pid, EAAS_GPU_PEER, &fa, nullptr, argv, environ) == 0);
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(to_child[0]);
+    ::close(from_child[1]);
+    FILE* in = ::fdopen(from_child[0], "r");
+    FILE* out = ::fdopen(to_child[1], "w");
+    std::vector<char> line(16384);
+    handle_bytes ch, rh;
+    REQUIRE(std::fgets(line.data(), static_cast<int>(line.size()), in) != nullptr);
+    REQUIRE_OK(handle_from_text(line.data() + 2, ch));
+    REQUIRE(std::fgets(line.data(), static_cast<int>(line.size()), in) != nullptr);
+    REQUIRE_OK(handle_from_text(line.data() + 2, rh));
+    REQUIRE_OK(ctx.connect(ch, ep));
+    CHECK(ep->transport() == transport_kind::nvlink);
+    REQUIRE_OK(ep->import_region(rh, rr));
+    std::fprintf(out, "C %s\nR %s\n", handle_to_text(my_conn).c_str(), handle_to_text(my_region).c_str());
+    std::fclose(out);
+    std::fclose(in);
+  }
+  ~gpu_peer() {
+    if (pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  }
+  int wait_exit() {
+    int st = 0;
+    ::waitpid(pid, &st, 0);
+    pid = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("nvlink across processes: echoes are exact on two GPUs and on one shared GPU; a killed peer ends waits") {
+  const int gpus = device_count();
+  std::vector<std::pair<int, int>> pairs{{0, 0}};
+  if (gpus > 1) pairs.emplace_back(0, 1);
+  for (auto [mine, theirs] : pairs) {
+    CAPTURE(mine);
+    CAPTURE(theirs);
+    std::unique_ptr<context> ctx;
+    REQUIRE_OK(context::create({.name = "driver", .cuda_device = mine}, ctx));
+    std::unique_ptr<memory_region> region;
+    REQUIRE_OK(ctx->allocate(4096 + kPayload, memory_kind::device, region));
+    handle_bytes conn, rh;
+    REQUIRE_OK(ctx->connection_handle(conn));
+    REQUIRE_OK(region->export_handle(rh));
+    auto* base = static_cast<unsigned char*>(region->data());
+    unsigned char* src = nullptr;
+    REQUIRE(cudaSetDevice(mine) == cudaSuccess);
+    REQUIRE(cudaMalloc(reinterpret_cast<void**>(&src), kPayload) == cudaSuccess);
+    std::vector<unsigned char> pattern(kPayload), back(kPayload);
+
+    constexpr std::uint64_t kMessages = 20;
+    {
+      gpu_peer peer(*ctx, conn, rh, theirs, kMessages);
+      for (std::uint64_t i = 1; i <= kMessages; ++i) {
+        perf::fill_pattern(1000 * i + theirs, pattern.data(), kPayload);
+        REQUIRE(cudaMemcpy(src, pattern.data(), kPayload, cudaMemcpyHostToDevice) == cudaSuccess);
+        REQUIRE(cudaMemset(base + 4096, 0, kPayload) == cudaSuccess);
+        status r = status::internal_error;
+        REQUIRE_OK(launch_put_signal(mine, scope::block, peer.ep->view(), peer.rr->view(), 4096, src, kPayload,
+                                     peer.rr->view(), 0, i, signal_op::set, r));
+        REQUIRE(r == status::ok);
+        REQUIRE_OK(launch_wait(mine, peer.ep->view(), reinterpret_cast<std::uint64_t*>(base), i, 10'000'000'000ull, r));
+        REQUIRE(r == status::ok);
+        REQUIRE(cudaMemcpy(back.data(), base + 4096, kPayload, cudaMemcpyDeviceToHost) == cudaSuccess);
+        CHECK(std::memcmp(back.data(), pattern.data(), kPayload) == 0);
+      }
+      CHECK(peer.wait_exit() == 0);
+    }
+    {
+      // The peer waits for a message that never comes; we kill it while our kernel waits for it.
+      gpu_peer peer(*ctx, conn, rh, theirs, 1);
+      const pid_t victim = peer.pid;
+      status r = status::internal_error;
+      std::thread killer([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        ::kill(victim, SIGKILL);
+      });
+      const auto t0 = std::chrono::steady_clock::now();
+      REQUIRE_OK(launch_wait(mine, peer.ep->view(), reinterpret_cast<std::uint64_t*>(base), ~0ull, 20'000'000'000ull, r));
+      const auto waited = std::chrono::steady_clock::now() - t0;
+      killer.join();
+      CHECK(r == status::peer_unreachable);
+      CHECK(waited < std::chrono::seconds(5));
+      CHECK(peer.ep->state() == endpoint_state::peer_dead);
+      // The survivor works on: a new peer on the same GPU answers.
+      peer.wait_exit();
+      gpu_peer next(*ctx, conn, rh, theirs, 1);
+      perf::fill_pattern(77, pattern.data(), kPayload);
+      REQUIRE(cudaMemcpy(src, pattern.data(), kPayload, cudaMemcpyHostToDevice) == cudaSuccess);
+      REQUIRE(cudaMemset(base, 0, 8) == cudaSuccess);
+      REQUIRE_OK(launch_put_signal(mine, scope::warp, next.ep->view(), next.rr->view(), 4096, src, kPayload,
+                                   next.rr->view(), 0, 1, signal_op::set, r));
+      REQUIRE_OK(launch_wait(mine, next.ep->view(), reinterpret_cast<std::uint64_t*>(base), 1, 10'000'000'000ull, r));
+      CHECK(r == status::ok);
+      REQUIRE(cudaMemcpy(back.data(), base + 4096, kPayload, cudaMemcpyDeviceToHost) == cudaSuccess);
+      CHECK(std::memcmp(back.data(), pattern.data(), kPayload) == 0);
+      CHECK(next.wait_exit() == 0);
+    }
+    REQUIRE(cudaFree(src) == cudaSuccess);
+  }
+}
