@@ -53,8 +53,8 @@ struct gpu_peer {
     posix_spawn_file_actions_adddup2(&fa, from_child[1], 1);
     posix_spawn_file_actions_addclose(&fa, to_child[1]);
     posix_spawn_file_actions_addclose(&fa, from_child[0]);
-    const std::string d = std::to_string(device), n = std::to_string(kPayload), m = std::to_string(messages);
-    char* argv[] = {const_cast<char*>(EAAS_GPU_PEER), d.data(), const_cast<char*>(n.c_str()), m.data(), nullptr};
+    std::string d = std::to_string(device), n = std::to_string(kPayload), m = std::to_string(messages);
+    char* argv[] = {const_cast<char*>(EAAS_GPU_PEER), d.data(), n.data(), m.data(), nullptr};
     REQUIRE(::posix_spawn(&pid, EAAS_GPU_PEER, &fa, nullptr, argv, environ) == 0);
     posix_spawn_file_actions_destroy(&fa);
     ::close(to_child[0]);
