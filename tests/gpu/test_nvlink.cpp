@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/require_ok.hpp"
 #include "../../perf/pattern.hpp"
 #include "eaas/eaas.hpp"
 #include "kernels.hpp"
@@ -22,12 +23,6 @@ using namespace eaas::gputest;
 
 namespace {
 
-#define REQUIRE_OK(expr)                                                             \
-  do {                                                                               \
-    const ::eaas::status s_ = (expr);                                                \
-    INFO("status: ", ::eaas::status_name(s_), " - ", std::string(::eaas::last_error())); \
-    REQUIRE(s_ == ::eaas::status::ok);                                               \
-  } while (0)
 #define REQUIRE_CUDA(expr) REQUIRE((expr) == cudaSuccess)
 
 constexpr std::size_t kRegion = 8u << 20;

@@ -4,7 +4,6 @@
 #include <cuda_runtime_api.h>
 #include <doctest/doctest.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,24 +15,18 @@
 #include <string>
 #include <vector>
 
+#include "../common/require_ok.hpp"
 #include "../../perf/pattern.hpp"
 #include "eaas/eaas.hpp"
+#include "../common/spawn.hpp"
 #include "kernels.hpp"
 #include "nvlink_kernels.hpp"
-
-extern char** environ;
 
 using namespace eaas;
 using namespace eaas::gputest;
 
 namespace {
 
-#define REQUIRE_OK(expr)                                                                  \
-  do {                                                                                    \
-    const ::eaas::status s_ = (expr);                                                     \
-    INFO("status: ", ::eaas::status_name(s_), " - ", std::string(::eaas::last_error())); \
-    REQUIRE(s_ == ::eaas::status::ok);                                                    \
-  } while (0)
 
 constexpr std::size_t kPayload = 256 * 1024;
 
@@ -44,35 +37,19 @@ struct gpu_peer {
 
   gpu_peer(context& ctx, const handle_bytes& my_conn, const handle_bytes& my_region, int device,
            std::uint64_t messages) {
-    int to_child[2], from_child[2];
-    REQUIRE(::pipe(to_child) == 0);
-    REQUIRE(::pipe(from_child) == 0);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, to_child[0], 0);
-    posix_spawn_file_actions_adddup2(&fa, from_child[1], 1);
-    posix_spawn_file_actions_addclose(&fa, to_child[1]);
-    posix_spawn_file_actions_addclose(&fa, from_child[0]);
-    std::string d = std::to_string(device), n = std::to_string(kPayload), m = std::to_string(messages);
-    char* argv[] = {const_cast<char*>(EAAS_GPU_PEER), d.data(), n.data(), m.data(), nullptr};
-    REQUIRE(::posix_spawn(&pid, EAAS_GPU_PEER, &fa, nullptr, argv, environ) == 0);
-    posix_spawn_file_actions_destroy(&fa);
-    ::close(to_child[0]);
-    ::close(from_child[1]);
-    FILE* in = ::fdopen(from_child[0], "r");
-    FILE* out = ::fdopen(to_child[1], "w");
-    std::vector<char> line(16384);
+    test::spawned child;
+    REQUIRE(test::spawn_with_pipes(EAAS_GPU_PEER,
+                                   {std::to_string(device), std::to_string(kPayload), std::to_string(messages)}, child));
+    pid = child.pid;
     handle_bytes ch, rh;
-    REQUIRE(std::fgets(line.data(), static_cast<int>(line.size()), in) != nullptr);
-    REQUIRE_OK(handle_from_text(line.data() + 2, ch));
-    REQUIRE(std::fgets(line.data(), static_cast<int>(line.size()), in) != nullptr);
-    REQUIRE_OK(handle_from_text(line.data() + 2, rh));
+    REQUIRE(test::read_handle_line(child.from, 'C', ch));
+    REQUIRE(test::read_handle_line(child.from, 'R', rh));
     REQUIRE_OK(ctx.connect(ch, ep));
     CHECK(ep->transport() == transport_kind::nvlink);
     REQUIRE_OK(ep->import_region(rh, rr));
-    std::fprintf(out, "C %s\nR %s\n", handle_to_text(my_conn).c_str(), handle_to_text(my_region).c_str());
-    std::fclose(out);
-    std::fclose(in);
+    std::fprintf(child.to, "C %s\nR %s\n", handle_to_text(my_conn).c_str(), handle_to_text(my_region).c_str());
+    std::fclose(child.to);
+    std::fclose(child.from);
   }
   ~gpu_peer() {
     if (pid > 0) {

@@ -2,7 +2,6 @@
 
 #include <dirent.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,9 +15,8 @@
 #include <vector>
 
 #include "../unit/fixture.hpp"
+#include "../common/spawn.hpp"
 #include "common.hpp"
-
-extern char** environ;
 
 using namespace eaas;
 using namespace eaas::mptest;
@@ -62,47 +60,23 @@ struct peer_process {
   const driver* drv = nullptr;
 
   peer_process(const driver& d, std::size_t idx, std::size_t bytes) : index(idx), drv(&d) {
-    int to_child[2], from_child[2];
-    REQUIRE(::pipe(to_child) == 0);
-    REQUIRE(::pipe(from_child) == 0);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, to_child[0], 0);
-    posix_spawn_file_actions_adddup2(&fa, from_child[1], 1);
-    posix_spawn_file_actions_addclose(&fa, to_child[1]);
-    posix_spawn_file_actions_addclose(&fa, from_child[0]);
-    const std::string a1 = std::to_string(idx), a2 = std::to_string(bytes);
-    char* argv[] = {const_cast<char*>(EAAS_TEST_PEER), const_cast<char*>(a1.c_str()), const_cast<char*>(a2.c_str()),
-                    nullptr};
-    REQUIRE(::posix_spawn(&pid, EAAS_TEST_PEER, &fa, nullptr, argv, environ) == 0);
-    posix_spawn_file_actions_destroy(&fa);
-    ::close(to_child[0]);
-    ::close(from_child[1]);
-    FILE* in = ::fdopen(from_child[0], "r");
-    FILE* out = ::fdopen(to_child[1], "w");
-    REQUIRE(in != nullptr);
-    REQUIRE(out != nullptr);
+    test::spawned child;
+    REQUIRE(test::spawn_with_pipes(EAAS_TEST_PEER, {std::to_string(idx), std::to_string(bytes)}, child));
+    pid = child.pid;
     handle_bytes ch, rh;
-    REQUIRE(read_line(in, 'C', ch));
-    REQUIRE(read_line(in, 'R', rh));
+    REQUIRE(test::read_handle_line(child.from, 'C', ch));
+    REQUIRE(test::read_handle_line(child.from, 'R', rh));
     REQUIRE_OK(d.ctx->connect(ch, ep));
     REQUIRE_OK(ep->import_region(rh, rr));
-    std::fprintf(out, "C %s\nR %s\n", handle_to_text(d.conn).c_str(), handle_to_text(d.rh).c_str());
-    std::fflush(out);
-    std::fclose(out);
-    std::fclose(in);
+    std::fprintf(child.to, "C %s\nR %s\n", handle_to_text(d.conn).c_str(), handle_to_text(d.rh).c_str());
+    std::fclose(child.to);
+    std::fclose(child.from);
   }
   ~peer_process() {
     if (pid > 0) {
       ::kill(pid, SIGKILL);
       ::waitpid(pid, nullptr, 0);
     }
-  }
-
-  static bool read_line(FILE* in, char tag, handle_bytes& out) {
-    char buf[8192];
-    if (std::fgets(buf, sizeof(buf), in) == nullptr || buf[0] != tag) return false;
-    return handle_from_text(buf + 2, out) == status::ok;
   }
 
   /// Sends a command (args + signal in one put_signal); answer with await().

@@ -10,6 +10,7 @@
 #include <random>
 #include <thread>
 
+#include "../common/require_ok.hpp"
 #include "backend.hpp"
 #include "eaas/eaas.hpp"
 
@@ -22,12 +23,6 @@ regtest::backend& shared_backend();
 
 namespace {
 
-#define REQUIRE_OK(expr)                                                                  \
-  do {                                                                                    \
-    const ::eaas::status s_ = (expr);                                                     \
-    INFO("status: ", ::eaas::status_name(s_), " - ", std::string(::eaas::last_error())); \
-    REQUIRE(s_ == ::eaas::status::ok);                                                    \
-  } while (0)
 
 std::string fresh_ns() {
   static std::atomic<int> n{0};

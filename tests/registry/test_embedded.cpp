@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "../common/require_ok.hpp"
 #include "eaas/eaas.hpp"
 #include "registry/net.hpp"
 #include "registry/protocol.hpp"
@@ -20,12 +21,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-#define REQUIRE_OK(expr)                                                                  \
-  do {                                                                                    \
-    const ::eaas::status s_ = (expr);                                                     \
-    INFO("status: ", ::eaas::status_name(s_), " - ", std::string(::eaas::last_error())); \
-    REQUIRE(s_ == ::eaas::status::ok);                                                    \
-  } while (0)
 
 registry_options at(std::uint16_t port, std::string token = {}) {
   registry_options o;

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "../common/require_ok.hpp"
 #include "backend.hpp"
 #include "eaas/eaas.hpp"
 
@@ -28,12 +29,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-#define REQUIRE_OK(expr)                                                                  \
-  do {                                                                                    \
-    const ::eaas::status s_ = (expr);                                                     \
-    INFO("status: ", ::eaas::status_name(s_), " - ", std::string(::eaas::last_error())); \
-    REQUIRE(s_ == ::eaas::status::ok);                                                    \
-  } while (0)
 
 std::unique_ptr<regtest::backend> g_backend;
 

@@ -4,16 +4,11 @@
 
 #include <memory>
 
+#include "../common/require_ok.hpp"
 #include "eaas/eaas.hpp"
 
 namespace eaas::test {
 
-#define REQUIRE_OK(expr)                                                                    \
-  do {                                                                                      \
-    const ::eaas::status s_ = (expr);                                                       \
-    INFO("status: ", ::eaas::status_name(s_), " — ", std::string(::eaas::last_error())); \
-    REQUIRE(s_ == ::eaas::status::ok);                                                      \
-  } while (0)
 
 /// One context connected to itself, with a registered region imported through the endpoint.
 struct loopback {
