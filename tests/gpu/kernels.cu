@@ -4,21 +4,13 @@
 #include <cstdio>
 #include <thread>
 
+#include "cuda_check.hpp"
 #include "eaas/device/ops.hpp"
 #include "kernels.hpp"
 
 namespace eaas::gputest {
 
 namespace {
-
-status cuda_fail(cudaError_t e, const char* what) {
-  std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-  return status::internal_error;
-}
-#define CU(x)                                        \
-  do {                                               \
-    if (cudaError_t e_ = (x); e_ != cudaSuccess) return cuda_fail(e_, #x); \
-  } while (0)
 
 __global__ void wait_kernel(device_context ctx, const std::uint64_t* sig, std::uint64_t target,
                             std::uint64_t timeout_ns, wait_result* out) {

@@ -2,21 +2,13 @@
 
 #include <cstdio>
 
+#include "cuda_check.hpp"
 #include "eaas/device/ops.hpp"
 #include "nvlink_kernels.hpp"
 
 namespace eaas::gputest {
 
 namespace {
-
-status cuda_fail(cudaError_t e, const char* what) {
-  std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-  return status::internal_error;
-}
-#define CU(x)                                                              \
-  do {                                                                     \
-    if (cudaError_t e_ = (x); e_ != cudaSuccess) return cuda_fail(e_, #x); \
-  } while (0)
 
 template <class Coop>
 __global__ void put_kernel(device_endpoint ep, remote_view dst, std::uint64_t off, const void* src, std::size_t n,
