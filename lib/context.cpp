@@ -2,8 +2,6 @@
 
 #include "eaas/host/context.hpp"
 
-#include "eaas/config.hpp"
-
 #include <unistd.h>
 
 #include <array>
@@ -11,6 +9,7 @@
 #include <map>
 #include <mutex>
 
+#include "eaas/config.hpp"
 #include "eaas/detail/atomic.hpp"
 #include "handle.hpp"
 #include "log.hpp"
@@ -123,8 +122,7 @@ status decode_connection(std::span<const std::byte> bytes, peer_desc& out) {
   d.start_time = r.u64();
   const std::uint8_t n = r.u8();
   if (!r.ok() || zero != 0 || n > kMaxTransportSections || d.pid == 0 || d.pid > 0x7fffffffu)
-    return EAAS_FAIL(status::invalid_handle, "connection handle: malformed identity (pid {}, {} transports)", d.pid,
-                     n);
+    return EAAS_FAIL(status::invalid_handle, "connection handle: malformed identity (pid {}, {} transports)", d.pid, n);
   for (std::uint8_t i = 0; i < n; ++i) {
     const auto kind = static_cast<transport_kind>(r.u8());
     const std::uint16_t len = r.u16();
@@ -297,8 +295,8 @@ class endpoint_impl final : public endpoint {
   status check_owner(std::uint64_t owner, std::uint64_t host, std::uint32_t pid, std::uint64_t start) const {
     if (owner != peer_.context_id)
       return EAAS_FAIL(status::invalid_argument,
-                       "import_region: the region belongs to context {:016x}, this endpoint connects to {:016x}",
-                       owner, peer_.context_id);
+                       "import_region: the region belongs to context {:016x}, this endpoint connects to {:016x}", owner,
+                       peer_.context_id);
     if (host != peer_.host_id || pid != peer_.pid || start != peer_.start_time)
       return EAAS_FAIL(status::invalid_handle,
                        "import_region: the handle names process {} on host {:016x}, the peer is process {} on host "
@@ -332,10 +330,11 @@ class endpoint_impl final : public endpoint {
     EAAS_CHECK(shm::decode(payload, d));
     EAAS_CHECK(check_owner(d.owner_id, d.host_id, d.pid, d.start_time));
     std::shared_ptr<shm::mapping> map;
-    EAAS_CHECK(cached_mapping<shm::mapping>(d.token ^ d.map_size, [&](auto& m) { return shm::map_peer(d, m); }, map));
+    EAAS_CHECK(cached_mapping<shm::mapping>(
+        d.token ^ d.map_size, [&](auto& m) { return shm::map_peer(d, m); }, map));
     void* base = map->base;
-    out = std::make_unique<mapped_remote_region>(std::move(map), transport_kind::shm, base, d.offset, d.size,
-                                                 d.owner_id);
+    out =
+        std::make_unique<mapped_remote_region>(std::move(map), transport_kind::shm, base, d.offset, d.size, d.owner_id);
     return status::ok;
   }
 
@@ -484,8 +483,8 @@ class context_impl final : public context {
           return EAAS_FAIL(status::peer_unreachable, "connect: peer process {} is gone", pid);
         }
       }
-      log(log_level::debug, "{}: connected to context {:016x} (pid {}) over {}", core_->options.name,
-          peer.context_id, pid, transport_name(t));
+      log(log_level::debug, "{}: connected to context {:016x} (pid {}) over {}", core_->options.name, peer.context_id,
+          pid, transport_name(t));
       out = std::move(ep);
       return status::ok;
     } catch (const std::bad_alloc&) {

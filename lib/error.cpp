@@ -32,8 +32,7 @@ log_level current_log_level() noexcept {
 
 void log_line(log_level level, std::string_view msg) noexcept {
   static constexpr const char* kNames[] = {"error", "warn", "info", "debug"};
-  std::fprintf(stderr, "[eaas %s] %.*s\n", kNames[static_cast<int>(level)], static_cast<int>(msg.size()),
-               msg.data());
+  std::fprintf(stderr, "[eaas %s] %.*s\n", kNames[static_cast<int>(level)], static_cast<int>(msg.size()), msg.data());
 }
 
 status record_failure(status s, const char* file, int line, std::string_view what) noexcept {

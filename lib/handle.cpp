@@ -33,9 +33,12 @@ std::uint32_t header_crc(std::span<const std::byte> whole) {
 
 const char* kind_name(handle_kind k) {
   switch (k) {
-    case handle_kind::connection: return "connection";
-    case handle_kind::region: return "region";
-    case handle_kind::record: return "record";
+    case handle_kind::connection:
+      return "connection";
+    case handle_kind::region:
+      return "region";
+    case handle_kind::record:
+      return "record";
   }
   return "unknown";
 }
@@ -84,8 +87,8 @@ std::uint64_t handle_reader::get(int n) {
   return v;
 }
 
-status decode_handle(std::span<const std::byte> bytes, handle_kind kind, transport_kind transport,
-                     handle_info& info, std::span<const std::byte>& payload, std::size_t max_size) {
+status decode_handle(std::span<const std::byte> bytes, handle_kind kind, transport_kind transport, handle_info& info,
+                     std::span<const std::byte>& payload, std::size_t max_size) {
   if (bytes.size() < kHandleHeaderSize)
     return EAAS_FAIL(status::invalid_handle, "handle: {} bytes is shorter than the {}-byte header", bytes.size(),
                      kHandleHeaderSize);
@@ -101,13 +104,12 @@ status decode_handle(std::span<const std::byte> bytes, handle_kind kind, transpo
                      bytes.size());
   const std::uint32_t want = load_le(bytes, 12, 4);
   if (const std::uint32_t got = header_crc(bytes); got != want)
-    return EAAS_FAIL(status::invalid_handle, "handle: checksum mismatch ({:#010x} != {:#010x}): corrupted", got,
-                     want);
+    return EAAS_FAIL(status::invalid_handle, "handle: checksum mismatch ({:#010x} != {:#010x}): corrupted", got, want);
   const auto k = static_cast<handle_kind>(static_cast<std::uint8_t>(bytes[6]));
   const auto t = static_cast<transport_kind>(static_cast<std::uint8_t>(bytes[7]));
   if (k != kind)
-    return EAAS_FAIL(status::invalid_handle, "handle: a {} handle was given where a {} handle is needed",
-                     kind_name(k), kind_name(kind));
+    return EAAS_FAIL(status::invalid_handle, "handle: a {} handle was given where a {} handle is needed", kind_name(k),
+                     kind_name(kind));
   if (transport != transport_kind::none && t != transport)
     return EAAS_FAIL(status::invalid_handle, "handle: made for transport {}, expected {}", transport_name(t),
                      transport_name(transport));

@@ -71,7 +71,7 @@ class handle_reader {
 
 /// Validates magic, version, size and checksum, and that the kind and transport are the expected
 /// ones (`transport_kind::none` accepts any). On ok, `payload` is the bytes after the header.
-status decode_handle(std::span<const std::byte> bytes, handle_kind kind, transport_kind transport,
-                     handle_info& info, std::span<const std::byte>& payload, std::size_t max_size = kHandleMaxSize);
+status decode_handle(std::span<const std::byte> bytes, handle_kind kind, transport_kind transport, handle_info& info,
+                     std::span<const std::byte>& payload, std::size_t max_size = kHandleMaxSize);
 
 }  // namespace eaas::detail

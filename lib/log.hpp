@@ -4,11 +4,10 @@
 
 #include <fmt/format.h>
 
-#include "eaas/host/format.hpp"
-
 #include <string_view>
 
 #include "eaas/host/error.hpp"
+#include "eaas/host/format.hpp"
 
 namespace eaas::detail {
 

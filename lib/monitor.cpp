@@ -29,8 +29,7 @@ int open_pidfd(pid_t pid) {
 void mark(std::uint32_t* state) {
   std::atomic_ref<std::uint32_t> w(*state);
   auto expected = static_cast<std::uint32_t>(endpoint_state::connected);
-  w.compare_exchange_strong(expected, static_cast<std::uint32_t>(endpoint_state::peer_dead),
-                            std::memory_order_acq_rel);
+  w.compare_exchange_strong(expected, static_cast<std::uint32_t>(endpoint_state::peer_dead), std::memory_order_acq_rel);
 }
 
 constexpr int kPollFallbackMs = 50;

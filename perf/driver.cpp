@@ -35,9 +35,8 @@ latency_stats summarize(std::vector<double> v) {
 }
 
 void print_latency_header(const std::vector<std::string>& extra) {
-  std::printf("%10s %12s %14s %14s %17s %14s %15s %25s %27s", "#bytes", "#iterations", "t_min[usec]",
-              "t_max[usec]", "t_typical[usec]", "t_avg[usec]", "t_stdev[usec]", "99% percentile[usec]",
-              "99.9% percentile[usec]");
+  std::printf("%10s %12s %14s %14s %17s %14s %15s %25s %27s", "#bytes", "#iterations", "t_min[usec]", "t_max[usec]",
+              "t_typical[usec]", "t_avg[usec]", "t_stdev[usec]", "99% percentile[usec]", "99.9% percentile[usec]");
   for (const auto& e : extra) std::printf(" %14s", e.c_str());
   std::printf("\n");
 }
@@ -51,9 +50,15 @@ void print_latency_row(std::size_t bytes, const latency_stats& s, const std::vec
 }
 
 nlohmann::json to_json(std::size_t bytes, const latency_stats& s) {
-  return {{"bytes", bytes},         {"iterations", s.iterations}, {"t_min_us", s.t_min},
-          {"t_max_us", s.t_max},    {"t_typical_us", s.t_typical}, {"t_avg_us", s.t_avg},
-          {"t_stdev_us", s.t_stdev}, {"p99_us", s.p99},           {"p999_us", s.p999}};
+  return {{"bytes", bytes},
+          {"iterations", s.iterations},
+          {"t_min_us", s.t_min},
+          {"t_max_us", s.t_max},
+          {"t_typical_us", s.t_typical},
+          {"t_avg_us", s.t_avg},
+          {"t_stdev_us", s.t_stdev},
+          {"p99_us", s.p99},
+          {"p999_us", s.p999}};
 }
 
 std::vector<std::size_t> size_sweep(std::size_t min, std::size_t max) {

@@ -5,10 +5,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "eaas/eaas.hpp"
 
@@ -42,10 +41,9 @@ status await_peer(const std::string& dir, const std::string& role, std::size_t c
 [[noreturn]] void die(const std::string& what, status s);
 
 /// Exits through die() when `expr` is not ok.
-#define EAAS_PERF_CHECK(expr)                                                         \
-  do {                                                                                \
-    if (const ::eaas::status perf_s_ = (expr); perf_s_ != ::eaas::status::ok)         \
-      ::eaas::perf::die(#expr, perf_s_);                                              \
+#define EAAS_PERF_CHECK(expr)                                                                                    \
+  do {                                                                                                           \
+    if (const ::eaas::status perf_s_ = (expr); perf_s_ != ::eaas::status::ok) ::eaas::perf::die(#expr, perf_s_); \
   } while (0)
 
 /// Current UTC date as YYYY-MM-DD, for result files.

@@ -20,12 +20,12 @@ using namespace eaas::perf;
 
 namespace {
 
-#define CU(x)                                                                               \
-  do {                                                                                      \
-    if (cudaError_t e_ = (x); e_ != cudaSuccess) {                                          \
+#define CU(x)                                                                                                \
+  do {                                                                                                       \
+    if (cudaError_t e_ = (x); e_ != cudaSuccess) {                                                           \
       std::fprintf(stderr, "CUDA error: %s at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                         \
-    }                                                                                       \
+      std::exit(2);                                                                                          \
+    }                                                                                                        \
   } while (0)
 
 __device__ __forceinline__ std::uint64_t splitmix(std::uint64_t x) {
@@ -39,9 +39,9 @@ __device__ __forceinline__ std::uint64_t splitmix(std::uint64_t x) {
 
 struct lat_args {
   device_endpoint ep;
-  remote_view peer;        // the other side's region: signal at 0, payload at 64
-  std::uint64_t* my_sig;   // this side's signal word (local)
-  std::uint64_t* peer_raw; // the other side's region, as a raw pointer (raw mode)
+  remote_view peer;         // the other side's region: signal at 0, payload at 64
+  std::uint64_t* my_sig;    // this side's signal word (local)
+  std::uint64_t* peer_raw;  // the other side's region, as a raw pointer (raw mode)
   const std::uint64_t* src;
   std::uint64_t first_seq, count, warm;
   long long* cycles;       // client: per-iteration round trip in SM cycles
@@ -104,8 +104,7 @@ __global__ void fill(std::uint64_t* p, std::size_t words, std::uint64_t seed) {
   for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x)
     p[i] = splitmix(seed + i);
 }
-__global__ void count_wrong(const std::uint64_t* p, std::size_t words, std::uint64_t seed,
-                            unsigned long long* wrong) {
+__global__ void count_wrong(const std::uint64_t* p, std::size_t words, std::uint64_t seed, unsigned long long* wrong) {
   unsigned long long bad = 0;
   for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x)
     bad += p[i] != splitmix(seed + i);
@@ -172,10 +171,28 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
   CU(cudaSetDevice(s.gb));
   CU(cudaFuncGetAttributes(&attr, lat_server<Raw>));
   CU(cudaSetDevice(s.ga));
-  lat_args client{s.ab->view(), s.rb_from_a->view(), static_cast<std::uint64_t*>(s.ra->data()),
-                  static_cast<std::uint64_t*>(s.rb->data()), src_a, seq, iters, warm, cycles, ns, ra};
-  lat_args server{s.ba->view(), s.ra_from_b->view(), static_cast<std::uint64_t*>(s.rb->data()),
-                  static_cast<std::uint64_t*>(s.ra->data()), src_b, seq, iters, warm, nullptr, nullptr, rb};
+  lat_args client{s.ab->view(),
+                  s.rb_from_a->view(),
+                  static_cast<std::uint64_t*>(s.ra->data()),
+                  static_cast<std::uint64_t*>(s.rb->data()),
+                  src_a,
+                  seq,
+                  iters,
+                  warm,
+                  cycles,
+                  ns,
+                  ra};
+  lat_args server{s.ba->view(),
+                  s.ra_from_b->view(),
+                  static_cast<std::uint64_t*>(s.rb->data()),
+                  static_cast<std::uint64_t*>(s.ra->data()),
+                  src_b,
+                  seq,
+                  iters,
+                  warm,
+                  nullptr,
+                  nullptr,
+                  rb};
   CU(cudaSetDevice(s.gb));
   lat_server<Raw><<<1, 1, 0, sb>>>(server);
   CU(cudaGetLastError());
@@ -189,7 +206,8 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
   CU(cudaMemcpy(&r2, rb, sizeof(status), cudaMemcpyDeviceToHost));
   CU(cudaSetDevice(s.ga));
   CU(cudaMemcpy(&r1, ra, sizeof(status), cudaMemcpyDeviceToHost));
-  if (r1 != status::ok || r2 != status::ok) die(Raw ? "raw ping-pong" : "put_signal ping-pong", r1 != status::ok ? r1 : r2);
+  if (r1 != status::ok || r2 != status::ok)
+    die(Raw ? "raw ping-pong" : "put_signal ping-pong", r1 != status::ok ? r1 : r2);
   std::vector<long long> cyc(iters);
   unsigned long long span[2];
   CU(cudaMemcpy(cyc.data(), cycles, iters * sizeof(long long), cudaMemcpyDeviceToHost));
@@ -235,10 +253,13 @@ int main(int argc, char** argv) {
   cudaDeviceProp pa{}, pb{};
   CU(cudaGetDeviceProperties(&pa, s.ga));
   CU(cudaGetDeviceProperties(&pb, s.gb));
-  std::printf("# eaas-nvlink-bench: context A on GPU %d (%s), context B on GPU %d (%s), transport %s\n", s.ga,
-              pa.name, s.gb, pb.name, transport_name(s.ab->transport()));
-  nlohmann::json out = {{"tool", "eaas-nvlink-bench"}, {"date", today_utc()}, {"gpu_a", pa.name},
-                        {"gpu_b", pb.name}, {"same_gpu", s.ga == s.gb}};
+  std::printf("# eaas-nvlink-bench: context A on GPU %d (%s), context B on GPU %d (%s), transport %s\n", s.ga, pa.name,
+              s.gb, pb.name, transport_name(s.ab->transport()));
+  nlohmann::json out = {{"tool", "eaas-nvlink-bench"},
+                        {"date", today_utc()},
+                        {"gpu_a", pa.name},
+                        {"gpu_b", pb.name},
+                        {"same_gpu", s.ga == s.gb}};
 
   // Latency: 8-byte payload, alternating rounds of eaas and raw.
   std::uint64_t *src_a = nullptr, *src_b = nullptr;
@@ -305,9 +326,11 @@ int main(int argc, char** argv) {
   };
   constexpr int kThreads = 512;
   const std::vector<int> block_counts = {1, 4, 16, 32, 64, 132};
-  std::printf("# put bandwidth GPU %d -> GPU %d, GB/s (bytes / time, cudaEvent-timed, mean of %d), %d threads per block\n", s.ga, s.gb, reps, kThreads);
-  std::printf("%12s %9s %9s %9s %9s %9s %9s %12s %9s %8s\n", "#bytes", "1 blk", "4 blk", "16 blk", "32 blk",
-              "64 blk", "132 blk", "copy engine", "best/CE", "#wrong");
+  std::printf(
+      "# put bandwidth GPU %d -> GPU %d, GB/s (bytes / time, cudaEvent-timed, mean of %d), %d threads per block\n",
+      s.ga, s.gb, reps, kThreads);
+  std::printf("%12s %9s %9s %9s %9s %9s %9s %12s %9s %8s\n", "#bytes", "1 blk", "4 blk", "16 blk", "32 blk", "64 blk",
+              "132 blk", "copy engine", "best/CE", "#wrong");
   nlohmann::json rows = nlohmann::json::array();
   for (std::size_t n = 4096; n <= max_bytes; n *= 4) {
     std::vector<double> gbps;
@@ -317,9 +340,8 @@ int main(int argc, char** argv) {
       CU(cudaMemset(dst, 0, n));
       CU(cudaDeviceSynchronize());
       CU(cudaSetDevice(s.ga));
-      const double ms = timed([&] {
-        put_blocks<<<blocks, kThreads, 0, st>>>(s.ab->view(), s.rb_from_a->view(), src, n, bres);
-      });
+      const double ms =
+          timed([&] { put_blocks<<<blocks, kThreads, 0, st>>>(s.ab->view(), s.rb_from_a->view(), src, n, bres); });
       status r = status::internal_error;
       CU(cudaMemcpy(&r, bres, sizeof(r), cudaMemcpyDeviceToHost));
       if (r != status::ok) die("put_blocks", r);
@@ -336,8 +358,8 @@ int main(int argc, char** argv) {
     const double best = *std::max_element(gbps.begin(), gbps.end());
     std::printf("%12zu %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %12.1f %8.0f%% %8llu\n", n, gbps[0], gbps[1], gbps[2],
                 gbps[3], gbps[4], gbps[5], ce, 100.0 * best / ce, w);
-    rows.push_back({{"bytes", n}, {"blocks", block_counts}, {"put_gbps", gbps}, {"copy_engine_gbps", ce},
-                    {"wrong", w}});
+    rows.push_back(
+        {{"bytes", n}, {"blocks", block_counts}, {"put_gbps", gbps}, {"copy_engine_gbps", ce}, {"wrong", w}});
     if (w != 0) die("bandwidth check found wrong bytes", status::internal_error);
   }
   out["bandwidth"] = rows;

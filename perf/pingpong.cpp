@@ -29,10 +29,10 @@ using namespace eaas::perf;
 namespace {
 
 // Region layout, both sides.
-constexpr std::size_t kSig = 0;        // message signal
-constexpr std::size_t kCtrlSig = 64;   // phase signal (server)
-constexpr std::size_t kCtrl = 128;     // phase: mode, bytes, count, first sequence (server)
-constexpr std::size_t kRecv = 4096;    // receive area
+constexpr std::size_t kSig = 0;       // message signal
+constexpr std::size_t kCtrlSig = 64;  // phase signal (server)
+constexpr std::size_t kCtrl = 128;    // phase: mode, bytes, count, first sequence (server)
+constexpr std::size_t kRecv = 4096;   // receive area
 constexpr std::uint64_t kSecond = 1'000'000'000ull;
 constexpr std::uint64_t kMessageTimeout = 10 * kSecond;
 
@@ -111,8 +111,7 @@ int run_server(const options& o) {
     while ((st = wait_signal(ep, s.word(kCtrlSig), cmp_op::ge, phase, deadline_after(kSecond))) == status::timeout) {
     }
     if (st != status::ok) die("server: waiting for the client", st);
-    const std::uint64_t m = s.word(kCtrl)[0], n = s.word(kCtrl)[1], count = s.word(kCtrl)[2],
-                        first = s.word(kCtrl)[3];
+    const std::uint64_t m = s.word(kCtrl)[0], n = s.word(kCtrl)[1], count = s.word(kCtrl)[2], first = s.word(kCtrl)[3];
     if (m == mode_done) return 0;
     if (n > o.max_size) die("server: client asked for more than --max-size", status::invalid_argument);
     for (std::uint64_t seq = first; seq < first + count; ++seq) {
@@ -121,8 +120,8 @@ int run_server(const options& o) {
         raw_send(peer, s.base() + kRecv, n, seq);
       } else {
         EAAS_PERF_CHECK(wait_signal(ep, s.word(kSig), cmp_op::ge, seq, timeout{kMessageTimeout}));
-        EAAS_PERF_CHECK(put_signal(coop_thread{}, ep, peer, kRecv, s.base() + kRecv, n, peer, kSig, seq,
-                                   signal_op::set));
+        EAAS_PERF_CHECK(
+            put_signal(coop_thread{}, ep, peer, kRecv, s.base() + kRecv, n, peer, kSig, seq, signal_op::set));
       }
     }
   }
@@ -140,8 +139,8 @@ struct client {
 
   void start_phase(std::uint64_t m, std::size_t n, std::size_t count) {
     const std::uint64_t ctrl[4] = {m, n, count, seq + 1};
-    EAAS_PERF_CHECK(put_signal(coop_thread{}, s.ep->view(), s.peer->view(), kCtrl, ctrl, sizeof(ctrl),
-                               s.peer->view(), kCtrlSig, ++phase, signal_op::set));
+    EAAS_PERF_CHECK(put_signal(coop_thread{}, s.ep->view(), s.peer->view(), kCtrl, ctrl, sizeof(ctrl), s.peer->view(),
+                               kCtrlSig, ++phase, signal_op::set));
   }
 
   double one_message(std::size_t n) {
@@ -275,8 +274,10 @@ int run_client(const options& o) {
   if (o.baseline) {
     const std::size_t n0 = sizes.front();
     const auto [ops, raw] = c.measure_against_floor(n0);
-    std::printf("# floor, same run, alternating rounds at %zu B: eaas put_signal, then raw flag ping-pong "
-                "(memcpy + release store / acquire spin on the same mapped memory)\n", n0);
+    std::printf(
+        "# floor, same run, alternating rounds at %zu B: eaas put_signal, then raw flag ping-pong "
+        "(memcpy + release store / acquire spin on the same mapped memory)\n",
+        n0);
     print_latency_row(n0, ops, {});
     print_latency_row(n0, raw, {});
     const double ratio = ops.t_typical / raw.t_typical;
@@ -287,8 +288,10 @@ int run_client(const options& o) {
                        {"raw_flag_interleaved", to_json(n0, raw)},
                        {"ratio_to_raw_typical", ratio}};
     if (sizes.size() > 1)
-      out["baseline"]["largest"] = {
-          {"bytes", sizes.back()}, {"bw_gbps", last_bw}, {"memcpy_gbps", last_memcpy}, {"ratio", last_bw / last_memcpy}};
+      out["baseline"]["largest"] = {{"bytes", sizes.back()},
+                                    {"bw_gbps", last_bw},
+                                    {"memcpy_gbps", last_memcpy},
+                                    {"ratio", last_bw / last_memcpy}};
   }
   c.finish();
   if (!o.json.empty()) {
@@ -314,7 +317,8 @@ int main(int argc, char** argv) {
   app.add_flag("-a,--all", o.all, "sweep sizes 8 B .. --max-size in powers of two");
   app.add_option("-s,--size", o.size, "message size in bytes (without -a)")->check(CLI::Range(1ull, 1ull << 30));
   app.add_option("--max-size", o.max_size, "largest size of the sweep")->check(CLI::Range(8ull, 1ull << 30));
-  app.add_option("-n,--iters", o.iters, "timed iterations per size (fewer for large sizes)")->check(CLI::PositiveNumber);
+  app.add_option("-n,--iters", o.iters, "timed iterations per size (fewer for large sizes)")
+      ->check(CLI::PositiveNumber);
   app.add_option("-w,--warmup", o.warmup, "untimed iterations per size");
   app.add_option("--cpu", o.cpu, "pin to this physical core (default: client 0, server 1)");
   app.add_option("--json", o.json, "write results as JSON to this file");
@@ -340,8 +344,8 @@ int main(int argc, char** argv) {
     }
     const std::string max = std::to_string(o.max_size);
     const std::string server_cpu = std::to_string(o.cpu >= 0 ? o.cpu + 1 : 1);
-    std::vector<std::string> args = {"/proc/self/exe", "--role", "server", "--rendezvous", dir, "--max-size", max,
-                                     "--cpu", server_cpu};
+    std::vector<std::string> args = {"/proc/self/exe", "--role", "server", "--rendezvous", dir,
+                                     "--max-size",     max,      "--cpu",  server_cpu};
     std::vector<char*> argp;
     for (auto& a : args) argp.push_back(a.data());
     argp.push_back(nullptr);

@@ -113,13 +113,16 @@ int main(int argc, char** argv) {
     EAAS_PERF_CHECK(sreg->put(key, "x", lease));
     kv_record r;
     EAAS_PERF_CHECK(sreg->get(key, r));
-    EAAS_PERF_CHECK(sreg->watch_prefix(key, r.mod_revision, [&](const watch_event& e) {
-      if (e.type == watch_event_type::expire) {
-        std::lock_guard lock(mu);
-        gone = true;
-        cv.notify_all();
-      }
-    }, w));
+    EAAS_PERF_CHECK(sreg->watch_prefix(
+        key, r.mod_revision,
+        [&](const watch_event& e) {
+          if (e.type == watch_event_type::expire) {
+            std::lock_guard lock(mu);
+            gone = true;
+            cv.notify_all();
+          }
+        },
+        w));
     EAAS_PERF_CHECK(sreg->keep_alive(lease));
     const auto t0 = std::chrono::steady_clock::now();
     std::unique_lock lock(mu);
@@ -140,9 +143,13 @@ int main(int argc, char** argv) {
               o.t_min, o.t_typical, o.t_max);
   if (!json.empty()) {
     std::ofstream f(json);
-    f << nlohmann::json{{"tool", "eaas-registry-bench"}, {"endpoint", endpoint}, {"date", today_utc()},
-                        {"round_trip_us", to_json(0, r)}, {"handshake_us", to_json(0, s)},
-                        {"offline_ms", to_json(0, o)}, {"ttl_s", ttl}}
+    f << nlohmann::json{{"tool", "eaas-registry-bench"},
+                        {"endpoint", endpoint},
+                        {"date", today_utc()},
+                        {"round_trip_us", to_json(0, r)},
+                        {"handshake_us", to_json(0, s)},
+                        {"offline_ms", to_json(0, o)},
+                        {"ttl_s", ttl}}
              .dump(2)
       << "\n";
   }

@@ -19,7 +19,8 @@ std::atomic<bool> g_stop{false};
 void on_signal(int) { g_stop = true; }
 
 int fail(const char* what, eaas::status s) {
-  std::fprintf(stderr, "eaas-registry: %s: %s (%s)\n", what, eaas::status_name(s), std::string(eaas::last_error()).c_str());
+  std::fprintf(stderr, "eaas-registry: %s: %s (%s)\n", what, eaas::status_name(s),
+               std::string(eaas::last_error()).c_str());
   return 1;
 }
 
@@ -67,7 +68,8 @@ int main(int argc, char** argv) {
     std::unique_ptr<eaas::registry_server> srv;
     if (auto s = eaas::registry_server::start({.bind = bind, .port = port, .token = token}, srv); s != eaas::status::ok)
       return fail("serve", s);
-    std::printf("eaas-registry: serving on %s:%u%s\n", bind.c_str(), srv->port(), token.empty() ? "" : " (token required)");
+    std::printf("eaas-registry: serving on %s:%u%s\n", bind.c_str(), srv->port(),
+                token.empty() ? "" : " (token required)");
     std::fflush(stdout);
     while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     return 0;
@@ -106,11 +108,14 @@ int main(int argc, char** argv) {
   if (auto s = reg->list(key, recs, rev); s != eaas::status::ok) return fail("list", s);
   for (const auto& r : recs) print(r);
   std::unique_ptr<eaas::watch> w;
-  auto s = reg->watch_prefix(key, rev, [](const eaas::watch_event& e) {
-    std::printf("%s\t", eaas::format_as(e.type));
-    print(e.record);
-    std::fflush(stdout);
-  }, w);
+  auto s = reg->watch_prefix(
+      key, rev,
+      [](const eaas::watch_event& e) {
+        std::printf("%s\t", eaas::format_as(e.type));
+        print(e.record);
+        std::fflush(stdout);
+      },
+      w);
   if (s != eaas::status::ok) return fail("watch", s);
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   return 0;

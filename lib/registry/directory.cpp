@@ -29,7 +29,9 @@ void put_bytes(detail::handle_writer& w, std::span<const std::byte> b) {
   w.u32(static_cast<std::uint32_t>(b.size()));
   w.raw(b);
 }
-void put_text(detail::handle_writer& w, std::string_view s) { put_bytes(w, std::as_bytes(std::span(s.data(), s.size()))); }
+void put_text(detail::handle_writer& w, std::string_view s) {
+  put_bytes(w, std::as_bytes(std::span(s.data(), s.size())));
+}
 
 bool get_bytes(detail::handle_reader& r, std::size_t max, handle_bytes& out) {
   const std::uint32_t n = r.u32();
@@ -160,9 +162,12 @@ class directory_impl final : public directory {
     std::int64_t rev = 0;
     const std::string prefix = base() + "links/" + self_.id + "/";
     EAAS_CHECK(reg_.list(prefix, pending, rev));
-    EAAS_CHECK(reg_.watch_prefix(prefix, rev, [this](const watch_event& e) {
-      if (e.type == watch_event_type::put) serve_link(e.record);
-    }, links_watch_));
+    EAAS_CHECK(reg_.watch_prefix(
+        prefix, rev,
+        [this](const watch_event& e) {
+          if (e.type == watch_event_type::put) serve_link(e.record);
+        },
+        links_watch_));
     for (const auto& rec : pending) serve_link(rec);
     return status::ok;
   }
@@ -264,11 +269,13 @@ class directory_impl final : public directory {
     peer_record req;
     status s = decode_peer_record(kv.value, req);
     const std::string from = kv.key.substr(kv.key.rfind('/') + 1);
-    if (s == status::ok && req.id != from) s = EAAS_FAIL(status::invalid_handle, "link request under {} names {}", from, req.id);
+    if (s == status::ok && req.id != from)
+      s = EAAS_FAIL(status::invalid_handle, "link request under {} names {}", from, req.id);
     if (s != status::ok) {
       log(log_level::warn, "directory: refusing malformed link request {}: {}", kv.key, last_error());
-      if (valid_id(from)) (void)keeper_->set(base() + "acks/" + from + "/" + self_.id,
-                                              fmt::format("error {} {}", status_name(s), kv.mod_revision));
+      if (valid_id(from))
+        (void)keeper_->set(base() + "acks/" + from + "/" + self_.id,
+                           fmt::format("error {} {}", status_name(s), kv.mod_revision));
       return;
     }
     peer_link link;
@@ -280,7 +287,7 @@ class directory_impl final : public directory {
       log(log_level::warn, "directory: link from '{}' failed: {}", req.id, last_error());
       return;
     }
-    std::function<void(peer_link&&)> fn;
+    std::function<void(peer_link &&)> fn;
     {
       std::lock_guard lock(mu_);
       fn = on_link_;

@@ -28,11 +28,11 @@ struct watch_state {
   std::uint64_t id = 0;
   std::string prefix;
   std::function<void(const watch_event&)> cb;
-  std::int64_t last_revision = 0;              // highest revision delivered
-  std::map<std::string, std::int64_t> known;   // key -> mod_revision, as delivered
+  std::int64_t last_revision = 0;             // highest revision delivered
+  std::map<std::string, std::int64_t> known;  // key -> mod_revision, as delivered
   bool cancelled = false;
-  bool registered = false;                     // the server has it (since the last (re)connect)
-  std::thread::id running_in{};                // the dispatcher thread while a callback runs
+  bool registered = false;       // the server has it (since the last (re)connect)
+  std::thread::id running_in{};  // the dispatcher thread while a callback runs
 };
 
 struct queued {
@@ -195,9 +195,8 @@ class client_impl final : public registry, public std::enable_shared_from_this<c
       w->cancelled = true;
       watches_.erase(w->id);
       // Wait until its callback is not running, unless we are that callback.
-      wcv_.wait(lock, [&] {
-        return w->running_in == std::thread::id{} || w->running_in == std::this_thread::get_id();
-      });
+      wcv_.wait(lock,
+                [&] { return w->running_in == std::thread::id{} || w->running_in == std::this_thread::get_id(); });
     }
     try {
       handle_writer body;
@@ -489,7 +488,8 @@ class client_impl final : public registry, public std::enable_shared_from_this<c
       }
     for (const auto& rec : now) {
       auto it = before.find(rec.key);
-      if (it == before.end() || it->second != rec.mod_revision) deliver(w, watch_event{watch_event_type::put, rec}, true);
+      if (it == before.end() || it->second != rec.mod_revision)
+        deliver(w, watch_event{watch_event_type::put, rec}, true);
     }
     {
       std::lock_guard lock(wmu_);

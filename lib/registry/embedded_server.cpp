@@ -29,7 +29,7 @@ namespace {
 
 using namespace regproto;
 
-constexpr std::size_t kHistory = 65536;             // events kept for watches that resume
+constexpr std::size_t kHistory = 65536;               // events kept for watches that resume
 constexpr std::size_t kMaxClientBacklog = 64u << 20;  // a client that reads nothing is dropped
 constexpr std::size_t kMaxClients = 1024;
 
@@ -147,9 +147,8 @@ class server_impl final : public registry_server {
     c.dead = true;
     log(log_level::warn, "registry server: dropping client fd {}: {}", c.fd, why);
     // One best-effort send, so the client learns why (e.g. permission_denied) before the close.
-    if (c.out.size() > c.out_pos)
-      [[maybe_unused]] ssize_t n = ::send(c.fd, c.out.data() + c.out_pos, c.out.size() - c.out_pos,
-                                          MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (c.out.size() > c.out_pos) [[maybe_unused]]
+      ssize_t n = ::send(c.fd, c.out.data() + c.out_pos, c.out.size() - c.out_pos, MSG_NOSIGNAL | MSG_DONTWAIT);
   }
 
   void flush(client_conn& c) {

@@ -139,12 +139,13 @@ status registry::open(const registry_options& options, std::unique_ptr<registry>
   constexpr std::string_view kEmbedded = "embedded://", kEtcd = "etcd://";
   if (ep.starts_with(kEmbedded)) return detail::open_embedded(options, ep.substr(kEmbedded.size()), out);
   if (ep.starts_with(kEtcd)) return detail::open_etcd(options, ep.substr(kEtcd.size()), out);
-  return EAAS_FAIL(status::invalid_argument, "registry: endpoint '{}' is neither embedded://HOST:PORT nor etcd://HOST:PORT",
-                   ep);
+  return EAAS_FAIL(status::invalid_argument,
+                   "registry: endpoint '{}' is neither embedded://HOST:PORT nor etcd://HOST:PORT", ep);
 }
 
 status lease_keeper::start(registry& reg, std::uint32_t ttl_seconds,
-                           std::vector<std::pair<std::string, std::string>> records, std::unique_ptr<lease_keeper>& out) {
+                           std::vector<std::pair<std::string, std::string>> records,
+                           std::unique_ptr<lease_keeper>& out) {
   try {
     if (ttl_seconds == 0 || ttl_seconds > 3600)
       return EAAS_FAIL(status::invalid_argument, "lease_keeper: TTL {} s is outside 1..3600", ttl_seconds);

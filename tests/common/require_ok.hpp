@@ -10,9 +10,9 @@
 #include "eaas/common/status.hpp"
 #include "eaas/host/error.hpp"
 
-#define REQUIRE_OK(expr)                                                                  \
-  do {                                                                                    \
-    const ::eaas::status s_ = (expr);                                                     \
+#define REQUIRE_OK(expr)                                                                 \
+  do {                                                                                   \
+    const ::eaas::status s_ = (expr);                                                    \
     INFO("status: ", ::eaas::status_name(s_), " - ", std::string(::eaas::last_error())); \
-    REQUIRE(s_ == ::eaas::status::ok);                                                    \
+    REQUIRE(s_ == ::eaas::status::ok);                                                   \
   } while (0)

@@ -16,7 +16,7 @@ inline status cuda_fail(cudaError_t e, const char* what) {
 }
 }  // namespace eaas::gputest
 
-#define CU(x)                                                                                     \
-  do {                                                                                            \
-    if (cudaError_t e_ = (x); e_ != cudaSuccess) return ::eaas::gputest::cuda_fail(e_, #x);      \
+#define CU(x)                                                                               \
+  do {                                                                                      \
+    if (cudaError_t e_ = (x); e_ != cudaSuccess) return ::eaas::gputest::cuda_fail(e_, #x); \
   } while (0)

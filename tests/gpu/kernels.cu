@@ -26,7 +26,7 @@ __global__ void dispatch_kernel(device_endpoint ep, remote_view rv, std::uint64_
   out[0] = static_cast<std::uint32_t>(put(coop_thread{}, ep, rv, 0, src, 8));
   out[1] = static_cast<std::uint32_t>(signal(coop_warp{}, ep, rv, 8, 1, signal_op::add));
   out[2] = static_cast<std::uint32_t>(quiet(coop_block{}, ep));
-  out[3] = static_cast<std::uint32_t>(put(coop_thread{}, ep, rv, rv.size, src, 8));        // out of bounds
+  out[3] = static_cast<std::uint32_t>(put(coop_thread{}, ep, rv, rv.size, src, 8));          // out of bounds
   out[4] = static_cast<std::uint32_t>(signal(coop_thread{}, ep, rv, 3, 1, signal_op::set));  // misaligned
   out[5] = static_cast<std::uint32_t>(get(coop_thread{}, ep, rv, 0, src, 8));
 }

@@ -13,9 +13,9 @@ namespace eaas::gputest {
 int device_count();
 
 struct wait_result {
-  status result;           ///< what wait_signal returned on the device
-  std::uint64_t elapsed_ns; ///< measured with %globaltimer inside the kernel
-  std::uint64_t observed;   ///< the value it saw last
+  status result;             ///< what wait_signal returned on the device
+  std::uint64_t elapsed_ns;  ///< measured with %globaltimer inside the kernel
+  std::uint64_t observed;    ///< the value it saw last
 };
 
 /// A kernel waits on a device word holding `initial` for `>= target`, bounded by `timeout_ns`.

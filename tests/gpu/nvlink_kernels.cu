@@ -40,8 +40,7 @@ __global__ void fetch_add_kernel(device_endpoint ep, remote_view t, std::uint64_
   if (s != status::ok || q != status::ok) *out = s != status::ok ? s : q;
 }
 
-__global__ void order_send(device_endpoint ep, remote_view payload, remote_view sig, std::uint64_t iters,
-                           status* out) {
+__global__ void order_send(device_endpoint ep, remote_view payload, remote_view sig, std::uint64_t iters, status* out) {
   std::uint64_t words[32];
   status s = status::ok;
   for (std::uint64_t i = 1; i <= iters && s == status::ok; ++i) {
@@ -131,8 +130,8 @@ status launch_put(int device, scope sc, const device_endpoint& ep, const remote_
   return fetch(r, result);
 }
 
-status launch_get(int device, scope sc, const device_endpoint& ep, const remote_view& src, std::uint64_t off,
-                  void* dst, std::size_t n, status& result) {
+status launch_get(int device, scope sc, const device_endpoint& ep, const remote_view& src, std::uint64_t off, void* dst,
+                  std::size_t n, status& result) {
   CU(cudaSetDevice(device));
   status* r = nullptr;
   if (status s = make(r, status::internal_error); s != status::ok) return s;

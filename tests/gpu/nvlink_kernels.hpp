@@ -17,8 +17,8 @@ const char* scope_name(scope s);
 /// One group (1 thread / 1 warp / 1 block of 256) of device `device` runs the op once.
 status launch_put(int device, scope s, const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
                   const void* src, std::size_t n, status& result);
-status launch_get(int device, scope s, const device_endpoint& ep, const remote_view& src, std::uint64_t off,
-                  void* dst, std::size_t n, status& result);
+status launch_get(int device, scope s, const device_endpoint& ep, const remote_view& src, std::uint64_t off, void* dst,
+                  std::size_t n, status& result);
 status launch_put_signal(int device, scope s, const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
                          const void* src, std::size_t n, const remote_view& sig, std::uint64_t sig_off,
                          std::uint64_t value, signal_op op, status& result);

@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "../common/require_ok.hpp"
 #include "../../perf/pattern.hpp"
+#include "../common/require_ok.hpp"
 #include "eaas/eaas.hpp"
 #include "kernels.hpp"
 #include "nvlink_kernels.hpp"
@@ -58,8 +58,10 @@ struct gpu_pair {
 
 std::vector<std::pair<int, int>> configs() {
   std::vector<std::pair<int, int>> v{{0, 0}};  // two contexts sharing one GPU
-  if (device_count() > 1) v.emplace_back(0, 1);
-  else MESSAGE("one GPU: the two-GPU configuration is not run here");
+  if (device_count() > 1)
+    v.emplace_back(0, 1);
+  else
+    MESSAGE("one GPU: the two-GPU configuration is not run here");
   return v;
 }
 

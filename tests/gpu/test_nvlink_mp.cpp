@@ -11,14 +11,14 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
-#include "../common/require_ok.hpp"
 #include "../../perf/pattern.hpp"
-#include "eaas/eaas.hpp"
+#include "../common/require_ok.hpp"
 #include "../common/spawn.hpp"
+#include "eaas/eaas.hpp"
 #include "kernels.hpp"
 #include "nvlink_kernels.hpp"
 
@@ -26,7 +26,6 @@ using namespace eaas;
 using namespace eaas::gputest;
 
 namespace {
-
 
 constexpr std::size_t kPayload = 256 * 1024;
 
@@ -38,8 +37,8 @@ struct gpu_peer {
   gpu_peer(context& ctx, const handle_bytes& my_conn, const handle_bytes& my_region, int device,
            std::uint64_t messages) {
     test::spawned child;
-    REQUIRE(test::spawn_with_pipes(EAAS_GPU_PEER,
-                                   {std::to_string(device), std::to_string(kPayload), std::to_string(messages)}, child));
+    REQUIRE(test::spawn_with_pipes(
+        EAAS_GPU_PEER, {std::to_string(device), std::to_string(kPayload), std::to_string(messages)}, child));
     pid = child.pid;
     handle_bytes ch, rh;
     REQUIRE(test::read_handle_line(child.from, 'C', ch));
@@ -115,7 +114,8 @@ TEST_CASE("nvlink across processes: echoes are exact on two GPUs and on one shar
         ::kill(victim, SIGKILL);
       });
       const auto t0 = std::chrono::steady_clock::now();
-      REQUIRE_OK(launch_wait(mine, peer.ep->view(), reinterpret_cast<std::uint64_t*>(base), ~0ull, 20'000'000'000ull, r));
+      REQUIRE_OK(
+          launch_wait(mine, peer.ep->view(), reinterpret_cast<std::uint64_t*>(base), ~0ull, 20'000'000'000ull, r));
       const auto waited = std::chrono::steady_clock::now() - t0;
       killer.join();
       CHECK(r == status::peer_unreachable);

@@ -107,8 +107,8 @@ int main(int argc, char** argv) {
         result = ~0ull;
     }
     (void)quiet(coop_thread{}, e);
-    if (status r = put_signal(coop_thread{}, e, dv, resp + kRespValue, &result, 8, dv, resp + kRespSeq, seq,
-                              signal_op::set);
+    if (status r =
+            put_signal(coop_thread{}, e, dv, resp + kRespValue, &result, 8, dv, resp + kRespSeq, seq, signal_op::set);
         r != status::ok)
       return die("answer", r);
   }

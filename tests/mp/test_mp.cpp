@@ -14,8 +14,8 @@
 #include <thread>
 #include <vector>
 
-#include "../unit/fixture.hpp"
 #include "../common/spawn.hpp"
+#include "../unit/fixture.hpp"
 #include "common.hpp"
 
 using namespace eaas;

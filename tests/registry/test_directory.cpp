@@ -23,7 +23,6 @@ regtest::backend& shared_backend();
 
 namespace {
 
-
 std::string fresh_ns() {
   static std::atomic<int> n{0};
   return "t" + std::to_string(::getpid()) + "-" + std::to_string(n++);
@@ -84,7 +83,8 @@ TEST_CASE("directory: peer records round-trip and every corruption is refused") 
     bad[bit / 8] = static_cast<char>(bad[bit / 8] ^ (1 << (bit % 8)));
     CHECK(decode_peer_record(bad, back) == status::invalid_handle);
   }
-  for (std::size_t n = 0; n < enc.size(); ++n) CHECK(decode_peer_record(enc.substr(0, n), back) == status::invalid_handle);
+  for (std::size_t n = 0; n < enc.size(); ++n)
+    CHECK(decode_peer_record(enc.substr(0, n), back) == status::invalid_handle);
   std::mt19937_64 rng(5);
   for (int i = 0; i < 5000; ++i) {
     std::string junk(rng() % 400, '\0');
@@ -160,11 +160,13 @@ TEST_CASE("directory: peers join and leave without restarts; watchers see both")
   std::condition_variable cv;
   std::vector<std::pair<peer_change, std::string>> changes;
   std::unique_ptr<watch> w;
-  REQUIRE_OK(client.dir->watch_peers([&](peer_change c, const peer_record& r) {
-    std::lock_guard lock(mu);
-    changes.emplace_back(c, r.id);
-    cv.notify_all();
-  }, w));
+  REQUIRE_OK(client.dir->watch_peers(
+      [&](peer_change c, const peer_record& r) {
+        std::lock_guard lock(mu);
+        changes.emplace_back(c, r.id);
+        cv.notify_all();
+      },
+      w));
   auto saw = [&](peer_change c, const std::string& id) {
     std::unique_lock lock(mu);
     return cv.wait_for(lock, 6s, [&] {

@@ -21,7 +21,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-
 registry_options at(std::uint16_t port, std::string token = {}) {
   registry_options o;
   o.endpoint = "embedded://127.0.0.1:" + std::to_string(port);
@@ -75,8 +74,8 @@ TEST_CASE("embedded registry: random and oversized frames drop only the sender")
       auto f = detail::regproto::frame(w);
       junk.insert(junk.begin(), f.begin(), f.end());
       const std::uint32_t n = static_cast<std::uint32_t>(junk.size() - f.size());
-      junk.insert(junk.begin() + static_cast<std::ptrdiff_t>(f.size()), {std::byte(n & 255), std::byte(n >> 8 & 255),
-                                                                        std::byte(0), std::byte(0)});
+      junk.insert(junk.begin() + static_cast<std::ptrdiff_t>(f.size()),
+                  {std::byte(n & 255), std::byte(n >> 8 & 255), std::byte(0), std::byte(0)});
       junk[f.size() + 4] = static_cast<std::byte>(1 + rng() % 11);
     } else if (round % 3 == 1) {
       junk[0] = std::byte{0xff};  // a length of ~4 GiB
@@ -136,8 +135,8 @@ TEST_CASE("embedded registry: a server that answers garbage cannot crash the cli
     kv_record rec;
     const status s = r->get("/k", rec);
     // Whatever the junk said, the outcome is a status from the documented set.
-    CHECK((s == status::ok || s == status::peer_unreachable || s == status::invalid_handle ||
-           s == status::not_found || is_error(s)));
+    CHECK((s == status::ok || s == status::peer_unreachable || s == status::invalid_handle || s == status::not_found ||
+           is_error(s)));
     answered += s == status::ok;
   }
   stop = true;

@@ -29,7 +29,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-
 std::unique_ptr<regtest::backend> g_backend;
 
 regtest::backend& be() {
@@ -277,8 +276,8 @@ TEST_CASE("registry: a SIGKILLed process's record goes offline within TTL + 1 s"
   posix_spawn_file_actions_adddup2(&fa, out[1], 1);
   posix_spawn_file_actions_addclose(&fa, out[0]);
   const std::string ep = be().options().endpoint, key = p + "server-7";
-  char* argv[] = {const_cast<char*>(EAAS_REGISTRY_PEER), const_cast<char*>(ep.c_str()),
-                  const_cast<char*>(key.c_str()), const_cast<char*>("2"), nullptr};
+  char* argv[] = {const_cast<char*>(EAAS_REGISTRY_PEER), const_cast<char*>(ep.c_str()), const_cast<char*>(key.c_str()),
+                  const_cast<char*>("2"), nullptr};
   pid_t pid = -1;
   REQUIRE(::posix_spawn(&pid, EAAS_REGISTRY_PEER, &fa, nullptr, argv, environ) == 0);
   posix_spawn_file_actions_destroy(&fa);
@@ -296,8 +295,9 @@ TEST_CASE("registry: a SIGKILLed process's record goes offline within TTL + 1 s"
   REQUIRE(::waitpid(pid, nullptr, 0) == pid);
   REQUIRE(c.wait([&](auto& ev) { return has(ev, watch_event_type::expire, key); }, 8s));
   const auto waited = std::chrono::steady_clock::now() - t0;
-  MESSAGE(be().name(), ": SIGKILL to offline event: ",
-          std::chrono::duration_cast<std::chrono::milliseconds>(waited).count(), " ms (TTL 2 s)");
+  MESSAGE(be().name(),
+          ": SIGKILL to offline event: ", std::chrono::duration_cast<std::chrono::milliseconds>(waited).count(),
+          " ms (TTL 2 s)");
   CHECK(waited <= 3s);
 }
 
@@ -329,9 +329,12 @@ TEST_CASE("registry: clients survive a registry restart and re-register on their
   if (!be().persistent()) {
     CHECK(keeper->reregistrations() >= 1);
     // The watcher saw the record vanish with the old registry and come back.
-    REQUIRE(c.wait([&](auto& ev) {
-      return ev.size() > before && ev.back().type == watch_event_type::put && ev.back().record.key == p + "server-1";
-    }, 10s));
+    REQUIRE(c.wait(
+        [&](auto& ev) {
+          return ev.size() > before && ev.back().type == watch_event_type::put &&
+                 ev.back().record.key == p + "server-1";
+        },
+        10s));
   }
   // And the registry works normally again for both clients.
   REQUIRE_OK(watcher->put(p + "after", "x", 0));
@@ -344,10 +347,13 @@ TEST_CASE("registry: a callback may call the registry, and cancel stops delivery
   std::atomic<int> seen{0};
   std::unique_ptr<watch> w;
   std::unique_ptr<registry>* rp = &r;
-  REQUIRE_OK(r->watch_prefix(p, 0, [&](const watch_event& e) {
-    kv_record rec;
-    if (e.type == watch_event_type::put && (*rp)->get(e.record.key, rec) == status::ok) ++seen;
-  }, w));
+  REQUIRE_OK(r->watch_prefix(
+      p, 0,
+      [&](const watch_event& e) {
+        kv_record rec;
+        if (e.type == watch_event_type::put && (*rp)->get(e.record.key, rec) == status::ok) ++seen;
+      },
+      w));
   REQUIRE_OK(r->put(p + "a", "1", 0));
   for (int i = 0; i < 100 && seen.load() < 1; ++i) std::this_thread::sleep_for(20ms);
   CHECK(seen.load() == 1);

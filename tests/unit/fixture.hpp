@@ -9,7 +9,6 @@
 
 namespace eaas::test {
 
-
 /// One context connected to itself, with a registered region imported through the endpoint.
 struct loopback {
   std::unique_ptr<context> ctx;

@@ -1,8 +1,7 @@
-#include "eaas/host/format.hpp"
-
 #include <set>
 #include <string>
 
+#include "eaas/host/format.hpp"
 #include "fixture.hpp"
 
 TEST_CASE("status names are distinct and fmt prints them") {
@@ -22,7 +21,9 @@ TEST_CASE("status names are distinct and fmt prints them") {
 }
 
 namespace {
-eaas::status inner() { return eaas::detail::record_failure(eaas::status::no_resource, __FILE__, __LINE__, "the reason"); }
+eaas::status inner() {
+  return eaas::detail::record_failure(eaas::status::no_resource, __FILE__, __LINE__, "the reason");
+}
 eaas::status outer() {
   EAAS_CHECK(inner());
   return eaas::status::ok;

@@ -18,10 +18,14 @@ enum class transport_kind : std::uint8_t {
 
 EAAS_HOST_DEVICE constexpr const char* transport_name(transport_kind t) {
   switch (t) {
-    case transport_kind::none: return "none";
-    case transport_kind::shm: return "shm";
-    case transport_kind::nvlink: return "nvlink";
-    case transport_kind::ibgda: return "ibgda";
+    case transport_kind::none:
+      return "none";
+    case transport_kind::shm:
+      return "shm";
+    case transport_kind::nvlink:
+      return "nvlink";
+    case transport_kind::ibgda:
+      return "ibgda";
   }
   return "unknown";
 }
@@ -38,12 +42,18 @@ enum class cmp_op : std::uint8_t { eq = 0, ne, gt, ge, lt, le };
 
 EAAS_HOST_DEVICE constexpr bool compare(std::uint64_t word, cmp_op op, std::uint64_t value) {
   switch (op) {
-    case cmp_op::eq: return word == value;
-    case cmp_op::ne: return word != value;
-    case cmp_op::gt: return word > value;
-    case cmp_op::ge: return word >= value;
-    case cmp_op::lt: return word < value;
-    case cmp_op::le: return word <= value;
+    case cmp_op::eq:
+      return word == value;
+    case cmp_op::ne:
+      return word != value;
+    case cmp_op::gt:
+      return word > value;
+    case cmp_op::ge:
+      return word >= value;
+    case cmp_op::lt:
+      return word < value;
+    case cmp_op::le:
+      return word <= value;
   }
   return false;
 }

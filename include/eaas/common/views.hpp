@@ -30,24 +30,24 @@ struct device_context {
 /// host-only objects, so it is passed by value into kernels and captured by CUDA graphs. Valid while
 /// the `endpoint` it came from lives.
 struct device_endpoint {
-  std::uint32_t magic;          ///< kEndpointViewMagic; anything else is a garbage view
-  transport_kind transport;     ///< which op bodies run
+  std::uint32_t magic;       ///< kEndpointViewMagic; anything else is a garbage view
+  transport_kind transport;  ///< which op bodies run
   std::uint8_t reserved0[3];
-  const std::uint32_t* state;   ///< endpoint_state word
-  const std::uint32_t* abort;   ///< the context's abort flag
-  void* transport_state;        ///< per-transport state (null for shm)
-  std::uint64_t peer_id;        ///< the peer context's id; remote views must belong to it
+  const std::uint32_t* state;  ///< endpoint_state word
+  const std::uint32_t* abort;  ///< the context's abort flag
+  void* transport_state;       ///< per-transport state (null for shm)
+  std::uint64_t peer_id;       ///< the peer context's id; remote views must belong to it
 };
 
 /// A peer's registered region as seen by the code that issues ops. Trivially copyable.
 struct remote_view {
-  std::uint32_t magic;        ///< kRemoteViewMagic
+  std::uint32_t magic;  ///< kRemoteViewMagic
   transport_kind transport;
   std::uint8_t reserved0[3];
-  std::uint64_t addr;         ///< shm / nvlink: the region mapped in this process; ibgda: remote VA
-  std::uint64_t size;         ///< bytes
-  std::uint64_t owner_id;     ///< the context id of the peer that registered it
-  std::uint32_t rkey;         ///< ibgda remote key (0 elsewhere)
+  std::uint64_t addr;      ///< shm / nvlink: the region mapped in this process; ibgda: remote VA
+  std::uint64_t size;      ///< bytes
+  std::uint64_t owner_id;  ///< the context id of the peer that registered it
+  std::uint32_t rkey;      ///< ibgda remote key (0 elsewhere)
   std::uint32_t reserved1;
 };
 

@@ -47,8 +47,7 @@ EAAS_HOST_DEVICE T fetch_add_acq_rel(T* p, T v) {
 /// Returns the value seen before the exchange (== expected on success).
 template <class T>
 EAAS_HOST_DEVICE T compare_swap_acq_rel(T* p, T expected, T desired) {
-  atomic_ref_t<T>(*p).compare_exchange_strong(expected, desired, mo::memory_order_acq_rel,
-                                              mo::memory_order_acquire);
+  atomic_ref_t<T>(*p).compare_exchange_strong(expected, desired, mo::memory_order_acq_rel, mo::memory_order_acquire);
   return expected;
 }
 

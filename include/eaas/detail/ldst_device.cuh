@@ -123,8 +123,7 @@ __device__ __forceinline__ status get(const remote_view& src, std::uint64_t off,
 /// thread its release store orders them (st.release.sys); a warp or block meets at its barrier first
 /// and the releasing thread fences at system scope, so every member's payload precedes the signal.
 template <class Coop>
-__device__ __forceinline__ status signal(const remote_view& sig, std::uint64_t off, std::uint64_t value,
-                                         signal_op op) {
+__device__ __forceinline__ status signal(const remote_view& sig, std::uint64_t off, std::uint64_t value, signal_op op) {
   using G = group<Coop>;
   if constexpr (!std::is_same_v<Coop, coop_thread>) G::sync();
   if (G::rank() == 0) {
@@ -150,8 +149,7 @@ template <class Coop>
 __device__ __forceinline__ status compare_swap(const remote_view& t, std::uint64_t off, std::uint64_t expected,
                                                std::uint64_t desired, std::uint64_t* fetched) {
   using G = group<Coop>;
-  if (G::rank() == 0)
-    *fetched = compare_swap_acq_rel(reinterpret_cast<std::uint64_t*>(at(t, off)), expected, desired);
+  if (G::rank() == 0) *fetched = compare_swap_acq_rel(reinterpret_cast<std::uint64_t*>(at(t, off)), expected, desired);
   return status::ok;
 }
 

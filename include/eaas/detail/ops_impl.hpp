@@ -75,8 +75,8 @@ EAAS_HOST_DEVICE status signal(Coop, const device_endpoint& ep, const remote_vie
 
 template <class Coop>
 EAAS_HOST_DEVICE status put_signal(Coop, const device_endpoint& ep, const remote_view& dst, std::uint64_t dst_offset,
-                                   const void* src, std::size_t bytes, const remote_view& sig,
-                                   std::uint64_t sig_offset, std::uint64_t value, signal_op op) {
+                                   const void* src, std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset,
+                                   std::uint64_t value, signal_op op) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
   if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, dst, dst_offset, bytes, 1); s != status::ok) return s;
@@ -132,9 +132,8 @@ EAAS_HOST_DEVICE status fetch_add(Coop, const device_endpoint& ep, const remote_
 }
 
 template <class Coop>
-EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remote_view& target,
-                                     std::uint64_t offset, std::uint64_t expected, std::uint64_t desired,
-                                     std::uint64_t* fetched) {
+EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remote_view& target, std::uint64_t offset,
+                                     std::uint64_t expected, std::uint64_t desired, std::uint64_t* fetched) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
   if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, target, offset, 8, kSignalAlign); s != status::ok) return s;
@@ -144,7 +143,8 @@ EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remo
       return detail::ldst::compare_swap(target, offset, expected, desired, fetched);
   }
 #if EAAS_DEVICE_CODE
-  if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::compare_swap<Coop>(target, offset, expected, desired, fetched);
+  if (ep.transport == transport_kind::nvlink)
+    return detail::ldst_dev::compare_swap<Coop>(target, offset, expected, desired, fetched);
 #endif
   return status::unsupported;
 }

@@ -51,8 +51,8 @@ EAAS_HOST_DEVICE status put(Coop, const device_endpoint& ep, const remote_view& 
 /// visible only after the whole payload is. `bytes` may be 0 (a pure ordered signal).
 template <class Coop>
 EAAS_HOST_DEVICE status put_signal(Coop, const device_endpoint& ep, const remote_view& dst, std::uint64_t dst_offset,
-                                   const void* src, std::size_t bytes, const remote_view& sig,
-                                   std::uint64_t sig_offset, std::uint64_t value, signal_op op);
+                                   const void* src, std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset,
+                                   std::uint64_t value, signal_op op);
 
 /// Remote atomic `set` / `add` on a 64-bit word (8-byte aligned) of the peer's region.
 template <class Coop>
@@ -73,9 +73,8 @@ EAAS_HOST_DEVICE status fetch_add(Coop, const device_endpoint& ep, const remote_
 /// Remote atomic compare-and-swap on a 64-bit word: if it equals `expected` it becomes `desired`.
 /// The previous value lands in `*fetched` by the time `quiet` returns ok (== expected on success).
 template <class Coop>
-EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remote_view& target,
-                                     std::uint64_t offset, std::uint64_t expected, std::uint64_t desired,
-                                     std::uint64_t* fetched);
+EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remote_view& target, std::uint64_t offset,
+                                     std::uint64_t expected, std::uint64_t desired, std::uint64_t* fetched);
 
 /// Later ops of this caller on `ep` are ordered after earlier ones.
 template <class Coop>

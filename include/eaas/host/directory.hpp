@@ -34,11 +34,11 @@ namespace eaas {
 /// What a peer publishes about itself. Encoded with a schema version, sizes and a checksum; a
 /// record that fails any check is refused (and skipped by watchers), never trusted.
 struct peer_record {
-  std::string id;                   ///< unique in the namespace; 1..128 of [A-Za-z0-9._-]
-  std::string role;                 ///< e.g. "server", "client"; up to 32 bytes
-  std::vector<std::uint32_t> experts;  ///< experts hosted (servers); up to 65536
-  std::uint32_t capacity = 0;       ///< tokens per step it takes (servers)
-  handle_bytes connection;          ///< context::connection_handle
+  std::string id;                                             ///< unique in the namespace; 1..128 of [A-Za-z0-9._-]
+  std::string role;                                           ///< e.g. "server", "client"; up to 32 bytes
+  std::vector<std::uint32_t> experts;                         ///< experts hosted (servers); up to 65536
+  std::uint32_t capacity = 0;                                 ///< tokens per step it takes (servers)
+  handle_bytes connection;                                    ///< context::connection_handle
   std::vector<std::pair<std::string, handle_bytes>> regions;  ///< named region handles; up to 64
 };
 
@@ -49,8 +49,8 @@ status decode_peer_record(std::string_view bytes, peer_record& out);
 
 /// A ready connection to a peer.
 struct peer_link {
-  peer_record record;                 ///< the peer's record (and, for incoming links, its extra regions)
-  std::unique_ptr<endpoint> ep;       ///< connected
+  peer_record record;            ///< the peer's record (and, for incoming links, its extra regions)
+  std::unique_ptr<endpoint> ep;  ///< connected
   std::vector<std::pair<std::string, std::unique_ptr<remote_region>>> regions;  ///< the peer's regions, imported
 
   /// The imported region of this name, or null.
@@ -74,8 +74,9 @@ class directory {
   /// Links to `peer_id`, giving it `extra_regions` (e.g. a result area meant for that peer only).
   /// Bounded by `timeout_ns`: `not_found` if the peer is not published, `timeout` if it does not
   /// acknowledge in time, or what connecting/importing returned.
-  virtual status link(const std::string& peer_id, const std::vector<std::pair<std::string, handle_bytes>>& extra_regions,
-                      std::uint64_t timeout_ns, peer_link& out) = 0;
+  virtual status link(const std::string& peer_id,
+                      const std::vector<std::pair<std::string, handle_bytes>>& extra_regions, std::uint64_t timeout_ns,
+                      peer_link& out) = 0;
 
   /// The valid peer records published now (malformed ones are skipped).
   virtual status peers(std::vector<peer_record>& out) = 0;

@@ -25,8 +25,8 @@ status propagate_failure(status s, const char* file, int line, const char* expr)
 
 /// Evaluates `expr` (a status); on anything but ok records where it failed and returns it from the
 /// enclosing function (which must return eaas::status).
-#define EAAS_CHECK(expr)                                                               \
-  do {                                                                                 \
+#define EAAS_CHECK(expr)                                                                  \
+  do {                                                                                    \
     if (const ::eaas::status eaas_check_s_ = (expr); eaas_check_s_ != ::eaas::status::ok) \
       return ::eaas::detail::propagate_failure(eaas_check_s_, __FILE__, __LINE__, #expr); \
   } while (0)

@@ -8,12 +8,12 @@ namespace eaas {
 
 /// What hwloc sees of this host.
 struct topology_info {
-  int packages = 0;    ///< CPU sockets
+  int packages = 0;  ///< CPU sockets
   int numa_nodes = 0;
-  int cores = 0;       ///< physical cores
-  int pus = 0;         ///< hardware threads
-  int pci_devices = 0; ///< PCI devices hwloc lists (GPUs and NICs among them)
-  std::string summary; ///< one line for logs
+  int cores = 0;        ///< physical cores
+  int pus = 0;          ///< hardware threads
+  int pci_devices = 0;  ///< PCI devices hwloc lists (GPUs and NICs among them)
+  std::string summary;  ///< one line for logs
 };
 
 /// Reads the host topology.

@@ -15,11 +15,11 @@ namespace eaas::detail::nvlink {
 
 namespace {
 
-#define EAAS_CUDA_TRY(call, what)                                                                           \
-  do {                                                                                                      \
-    if (const cudaError_t e_ = (call); e_ != cudaSuccess)                                                   \
-      return EAAS_FAIL(e_ == cudaErrorMemoryAllocation ? status::no_resource : status::internal_error,     \
-                       "nvlink: {} failed: {} ({})", what, cudaGetErrorName(e_), cudaGetErrorString(e_));  \
+#define EAAS_CUDA_TRY(call, what)                                                                         \
+  do {                                                                                                    \
+    if (const cudaError_t e_ = (call); e_ != cudaSuccess)                                                 \
+      return EAAS_FAIL(e_ == cudaErrorMemoryAllocation ? status::no_resource : status::internal_error,    \
+                       "nvlink: {} failed: {} ({})", what, cudaGetErrorName(e_), cudaGetErrorString(e_)); \
   } while (0)
 
 // Live allocations of this process by token: an import from a context of this same process uses
