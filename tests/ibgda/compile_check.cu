@@ -1,0 +1,73 @@
+// Compile check only: the ibgda posting and polling code instantiated in __global__ kernels, for both
+// poster modes, so that nvcc (-std=c++20, sm_90) sees every device path. Nothing here is launched;
+// the GPU tests that run this code against the software NIC live with the other GPU tests.
+
+#include <cstdint>
+
+#include "eaas/common/mlx5.hpp"
+#include "eaas/detail/clock.hpp"
+#include "eaas/detail/ibgda/cq.hpp"
+#include "eaas/detail/ibgda/qp.hpp"
+#include "eaas/detail/ibgda/wqe.hpp"
+
+namespace ib = eaas::detail::ibgda;
+
+template <ib::poster P>
+__device__ unsigned exercise(ib::qp_state* q, std::uint64_t raddr, std::uint32_t rkey, std::uint64_t laddr,
+                             std::uint64_t* fetched, std::uint64_t timeout_ns) {
+  const eaas::deadline dl{eaas::detail::now_ns() + timeout_ns};
+  unsigned bad = 0;
+  const std::uint64_t inl = 0x0123456789abcdefull;
+  bad += ib::put<P>(q, raddr, rkey, laddr, 4096, dl) != eaas::status::ok;
+  bad += ib::put_inline<P>(q, raddr, rkey, &inl, sizeof inl, dl) != eaas::status::ok;
+  bad +=
+      ib::get<P>(q, raddr, rkey, laddr, 256, dl, ib::post_opts{ib::fence_mode::full, false, true}) != eaas::status::ok;
+  bad += ib::fetch_add<P>(q, raddr, rkey, 1, fetched, dl) != eaas::status::ok;
+  bad += ib::compare_swap<P>(q, raddr, rkey, 1, 2, fetched, dl) != eaas::status::ok;
+  bad += ib::signal<P>(q, raddr, rkey, 7, eaas::signal_op::set, dl) != eaas::status::ok;
+  bad +=
+      ib::put_signal<P>(q, raddr, rkey, laddr, 64, raddr + 64, rkey, 1, eaas::signal_op::add, dl) != eaas::status::ok;
+  ib::wqe_desc nop;
+  bad += ib::post<P>(q, &nop, 1, true, dl) != eaas::status::ok;
+  bad += ib::poll_cq<P>(&q->cq, &q->head) != eaas::status::ok;
+  bad += ib::quiet<P>(q, dl) != eaas::status::ok;
+  return bad;
+}
+
+__global__ void ibgda_shared_posters(ib::qp_state* q, std::uint64_t raddr, std::uint32_t rkey, std::uint64_t laddr,
+                                     std::uint64_t* fetched, unsigned* failures) {
+  const unsigned bad = exercise<ib::poster::shared>(q, raddr, rkey, laddr, fetched + threadIdx.x, 1'000'000'000ull);
+  if (bad != 0) atomicAdd(failures, bad);
+}
+
+__global__ void ibgda_exclusive_poster(ib::qp_state* q, std::uint64_t raddr, std::uint32_t rkey, std::uint64_t laddr,
+                                       std::uint64_t* fetched, unsigned* failures) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  *failures = exercise<ib::poster::exclusive>(q, raddr, rkey, laddr, fetched, 1'000'000'000ull);
+}
+
+__global__ void ibgda_builders(eaas::mlx5::send_wqebb* ring, std::uint64_t* doorbells) {
+  const auto i = static_cast<std::uint16_t>(threadIdx.x);
+  eaas::mlx5::send_wqebb* s = ring + threadIdx.x;
+  switch (threadIdx.x % 6) {
+    case 0:
+      ib::build_rdma_write(s, i, 7, ib::ctrl_flags(true), 0x1000, 1, 0x2000, 2, 64);
+      break;
+    case 1:
+      ib::build_rdma_read(s, i, 7, ib::ctrl_flags(false, ib::fence_mode::full), 0x1000, 1, 0x2000, 2, 64);
+      break;
+    case 2:
+      ib::build_rdma_write_inline(s, i, 7, ib::ctrl_flags(true), 0x1000, 1, doorbells, 20);
+      break;
+    case 3:
+      ib::build_atomic_fetch_add(s, i, 7, ib::ctrl_flags(true), 0x1000, 1, 5, 0x2000, 2);
+      break;
+    case 4:
+      ib::build_atomic_compare_swap(s, i, 7, ib::ctrl_flags(true), 0x1000, 1, 5, 6, 0x2000, 2);
+      break;
+    default:
+      ib::build_nop(s, i, 7, ib::ctrl_flags(true));
+      break;
+  }
+  doorbells[threadIdx.x] = ib::doorbell_word(s) ^ eaas::mlx5::to_be64(threadIdx.x);
+}
