@@ -2,7 +2,7 @@
 // there is no CUDA device.
 
 #define DOCTEST_CONFIG_IMPLEMENT
-#include <doctest/doctest.h>
+#include "../common/doctest_main.hpp"
 
 #include <cstdio>
 
@@ -41,10 +41,5 @@ TEST_CASE("device ops check arguments, then report transports without a device b
 }
 
 int main(int argc, char** argv) {
-  doctest::Context ctx(argc, argv);
-  if (!ctx.shouldExit() && device_count() == 0) {
-    std::printf("no CUDA device: skipping the GPU tests\n");
-    return 77;
-  }
-  return ctx.run();
+  return eaas::test::run_tests(argc, argv, [] { return device_count() == 0 ? "no CUDA device: skipping the GPU tests" : nullptr; });
 }

@@ -5,7 +5,7 @@
 
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <arpa/inet.h>
-#include <doctest/doctest.h>
+#include "../common/doctest_main.hpp"
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -23,10 +23,13 @@
 
 #include "../common/require_ok.hpp"
 #include "backend.hpp"
+#include "collector.hpp"
 #include "eaas/eaas.hpp"
 #include "etcd_process.hpp"
 
 using namespace eaas;
+using eaas::regtest::collector;
+using eaas::regtest::describe;
 using namespace std::chrono_literals;
 using eaas::test::etcd_process;
 
@@ -83,33 +86,7 @@ std::unique_ptr<registry> open_at(const std::string& endpoint, ms timeout = 2000
   return r;
 }
 
-struct collector {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<watch_event> events;
-  std::function<void(const watch_event&)> fn() {
-    return [this](const watch_event& e) {
-      std::lock_guard lock(mu);
-      events.push_back(e);
-      cv.notify_all();
-    };
-  }
-  bool wait_size(std::size_t n, ms limit = 10s) {
-    std::unique_lock lock(mu);
-    return cv.wait_for(lock, limit, [&] { return events.size() >= n; });
-  }
-  std::vector<watch_event> snapshot() {
-    std::lock_guard lock(mu);
-    return events;
-  }
-};
 
-std::string describe(const std::vector<watch_event>& ev) {
-  std::string s;
-  for (const auto& e : ev)
-    s += std::string(format_as(e.type)) + " " + e.record.key + "@" + std::to_string(e.record.mod_revision) + "; ";
-  return s;
-}
 
 const watch_event* find(const std::vector<watch_event>& ev, watch_event_type t, const std::string& key) {
   for (const auto& e : ev)
@@ -402,42 +379,10 @@ TEST_CASE("real etcd: with auth on, the token goes in the Authorization header; 
 
 // ---- main: skip (77) without etcd; fail when a filter matched no case --------------------------
 
-namespace {
-
-int g_cases_run = 0;
-
-struct run_counter : doctest::IReporter {
-  explicit run_counter(const doctest::ContextOptions&) {}
-  void report_query(const doctest::QueryData&) override {}
-  void test_run_start() override {}
-  void test_run_end(const doctest::TestRunStats&) override {}
-  void test_case_start(const doctest::TestCaseData&) override { ++g_cases_run; }
-  void test_case_reenter(const doctest::TestCaseData&) override {}
-  void test_case_end(const doctest::CurrentTestCaseStats&) override {}
-  void test_case_exception(const doctest::TestCaseException&) override {}
-  void subcase_start(const doctest::SubcaseSignature&) override {}
-  void subcase_end() override {}
-  void log_assert(const doctest::AssertData&) override {}
-  void log_message(const doctest::MessageData&) override {}
-  void test_case_skipped(const doctest::TestCaseData&) override {}
-};
-
-}  // namespace
-
-DOCTEST_REGISTER_LISTENER("eaas_etcd_run_counter", 1, run_counter);
-
 int main(int argc, char** argv) {
-  doctest::Context ctx(argc, argv);
-  if (!ctx.shouldExit() && !etcd_process::available()) {
-    std::printf(
-        "etcd is not installed (Debian: apt-get install etcd-server; or set EAAS_ETCD): skipping the etcd tests\n");
-    return 77;
-  }
-  const int rc = ctx.run();
-  if (ctx.shouldExit()) return rc;
-  if (rc == 0 && g_cases_run == 0) {
-    std::fprintf(stderr, "error: no test case matched the filters\n");
-    return 1;
-  }
-  return rc;
+  return eaas::test::run_tests(argc, argv, [] {
+    return etcd_process::available()
+               ? nullptr
+               : "etcd is not installed (Debian: apt-get install etcd-server; or set EAAS_ETCD): skipping the etcd tests";
+  });
 }

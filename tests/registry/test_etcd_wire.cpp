@@ -21,9 +21,12 @@
 #include <vector>
 
 #include "../common/require_ok.hpp"
+#include "collector.hpp"
 #include "eaas/eaas.hpp"
 
 using namespace eaas;
+using eaas::regtest::collector;
+using eaas::regtest::describe;
 using namespace std::chrono_literals;
 
 namespace {
@@ -255,33 +258,7 @@ status open_at(const std::string& endpoint, std::unique_ptr<registry>& r, ms tim
 
 bool contains(std::string_view hay, std::string_view needle) { return hay.find(needle) != std::string_view::npos; }
 
-/// Collects watch events.
-struct collector {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<watch_event> events;
-  std::function<void(const watch_event&)> fn() {
-    return [this](const watch_event& e) {
-      std::lock_guard lock(mu);
-      events.push_back(e);
-      cv.notify_all();
-    };
-  }
-  bool wait_size(std::size_t n, ms limit = 5s) {
-    std::unique_lock lock(mu);
-    return cv.wait_for(lock, limit, [&] { return events.size() >= n; });
-  }
-  std::vector<watch_event> snapshot() {
-    std::lock_guard lock(mu);
-    return events;
-  }
-};
 
-std::string describe(const std::vector<watch_event>& ev) {
-  std::string s;
-  for (const auto& e : ev) s += fmt::format("{} {}@{}; ", format_as(e.type), e.record.key, e.record.mod_revision);
-  return s;
-}
 
 }  // namespace
 

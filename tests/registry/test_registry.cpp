@@ -20,11 +20,13 @@
 
 #include "../common/require_ok.hpp"
 #include "backend.hpp"
+#include "collector.hpp"
 #include "eaas/eaas.hpp"
 
 extern char** environ;
 
 using namespace eaas;
+using eaas::regtest::collector;
 using namespace std::chrono_literals;
 
 namespace {
@@ -57,28 +59,6 @@ std::string fresh_prefix(const char* what) {
   return "/eaas-test/" + std::to_string(::getpid()) + "/" + what + "/" + std::to_string(n++) + "/";
 }
 
-/// Collects watch events; waits for conditions on them.
-struct collector {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<watch_event> events;
-  std::function<void(const watch_event&)> fn() {
-    return [this](const watch_event& e) {
-      std::lock_guard lock(mu);
-      events.push_back(e);
-      cv.notify_all();
-    };
-  }
-  template <class Pred>
-  bool wait(Pred p, std::chrono::milliseconds limit = 10s) {
-    std::unique_lock lock(mu);
-    return cv.wait_for(lock, limit, [&] { return p(events); });
-  }
-  std::vector<watch_event> snapshot() {
-    std::lock_guard lock(mu);
-    return events;
-  }
-};
 
 bool has(const std::vector<watch_event>& ev, watch_event_type t, const std::string& key) {
   for (const auto& e : ev)

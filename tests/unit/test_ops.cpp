@@ -164,7 +164,7 @@ TEST_CASE("wait_signal ends: ok, timeout within 2x the deadline, aborted") {
   CHECK(eaas::wait_signal(dctx, sig, eaas::cmp_op::ge, 5, eaas::deadline_after(kSecond), &seen) == status::ok);
   CHECK(seen == 5);
 
-  for (const std::uint64_t ms : {20ull, 100ull, 250ull}) {
+  for (const std::uint64_t ms : {100ull, 250ull}) {
     const auto t0 = std::chrono::steady_clock::now();
     CHECK(eaas::wait_signal(dctx, sig, eaas::cmp_op::ge, 6, eaas::deadline_after(ms * 1'000'000), &seen) ==
           status::timeout);
@@ -179,12 +179,12 @@ TEST_CASE("wait_signal ends: ok, timeout within 2x the deadline, aborted") {
   {
     CHECK(eaas::wait_signal(dctx, sig, eaas::cmp_op::eq, 5, eaas::timeout{0}, &seen) == status::ok);
     const auto t0 = std::chrono::steady_clock::now();
-    CHECK(eaas::wait_signal(lb.ep->view(), sig, eaas::cmp_op::eq, 6, eaas::timeout{50'000'000}, &seen) ==
+    CHECK(eaas::wait_signal(lb.ep->view(), sig, eaas::cmp_op::eq, 6, eaas::timeout{100'000'000}, &seen) ==
           status::timeout);
     const auto waited =
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
-    CHECK(waited >= 50);
-    CHECK(waited < 100);
+    CHECK(waited >= 100);
+    CHECK(waited < 200);
     // A deadline already in the past still polls once.
     CHECK(eaas::wait_signal(dctx, sig, eaas::cmp_op::eq, 5, eaas::deadline{0}) == status::ok);
     CHECK(eaas::wait_signal(dctx, sig, eaas::cmp_op::eq, 6, eaas::deadline{0}) == status::timeout);
