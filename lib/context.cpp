@@ -11,6 +11,7 @@
 
 #include "eaas/config.hpp"
 #include "eaas/detail/atomic.hpp"
+#include "eaas/host/ibgda.hpp"
 #include "handle.hpp"
 #include "log.hpp"
 #include "monitor.hpp"
@@ -331,7 +332,7 @@ class endpoint_impl final : public endpoint {
     EAAS_CHECK(check_owner(d.owner_id, d.host_id, d.pid, d.start_time));
     std::shared_ptr<shm::mapping> map;
     EAAS_CHECK(cached_mapping<shm::mapping>(
-        d.token ^ d.map_size, [&](auto& m) { return shm::map_peer(d, m); }, map));
+        d.token, [&](auto& m) { return shm::map_peer(d, m); }, map));
     void* base = map->base;
     out =
         std::make_unique<mapped_remote_region>(std::move(map), transport_kind::shm, base, d.offset, d.size, d.owner_id);
@@ -508,6 +509,17 @@ class context_impl final : public context {
     if (same_host && core_->options.enable_shm && peer.offers_shm) {
       out = transport_kind::shm;
       return status::ok;
+    }
+    if (!same_host) {
+      // Another host: only a network transport reaches it. Say exactly what is missing.
+      ibgda_support ib;
+      if (probe_ibgda(ib) != status::ok)
+        return EAAS_FAIL(status::peer_unreachable, "connect: context {:016x} is on another host; ibgda: {}",
+                         peer.context_id, ib.missing);
+      return EAAS_FAIL(status::unsupported,
+                       "connect: context {:016x} is on another host; this host has what ibgda needs, but the ibgda "
+                       "transport's host side is not built yet",
+                       peer.context_id);
     }
     return EAAS_FAIL(status::peer_unreachable,
                      "connect: no transport reaches context {:016x}: shm needs both sides to enable it ({} here, {} "

@@ -13,6 +13,7 @@
 #include "eaas/host/endpoint.hpp"
 #include "eaas/host/error.hpp"
 #include "eaas/host/handle.hpp"
+#include "eaas/host/ibgda.hpp"
 #include "eaas/host/memory.hpp"
 #include "eaas/host/registry.hpp"
 #include "eaas/host/topology.hpp"
