@@ -241,27 +241,34 @@ class client_impl final : public registry, public std::enable_shared_from_this<c
   // One request, its reply's status and body (after the status).
   status call(std::uint8_t op, const handle_writer& fields, std::vector<std::byte>& reply_body) {
     try {
-      std::unique_lock lock(mu_);
-      if (fd_ < 0)
-        return EAAS_FAIL(status::peer_unreachable, "registry: not connected to {}:{} (reconnecting)", host_, port_);
-      const std::uint64_t id = next_request_++;
-      handle_writer w;
-      w.u8(op);
-      w.u64(id);
-      w.raw(fields.bytes());
-      const auto f = frame(w);
-      auto& p = pending_[id];
-      const int fd = fd_;
+      // Lock order: write_mu_, then mu_. The socket cannot be closed while we write to it, since
+      // closing takes write_mu_ as well.
+      std::uint64_t id = 0;
       {
         std::lock_guard wl(write_mu_);
-        lock.unlock();
+        int fd = -1;
+        {
+          std::lock_guard l(mu_);
+          if (fd_ < 0)
+            return EAAS_FAIL(status::peer_unreachable, "registry: not connected to {}:{} (reconnecting)", host_,
+                             port_);
+          id = next_request_++;
+          pending_[id];
+          fd = fd_;
+        }
+        handle_writer w;
+        w.u8(op);
+        w.u64(id);
+        w.raw(fields.bytes());
+        const auto f = frame(w);
         if (status s = net::write_all(fd, f.data(), f.size(), o_.request_timeout_ns); s != status::ok) {
-          lock.lock();
+          std::lock_guard l(mu_);
           pending_.erase(id);
           return s;
         }
-        lock.lock();
       }
+      std::unique_lock lock(mu_);
+      auto& p = pending_[id];
       const bool done = cv_.wait_for(lock, std::chrono::nanoseconds(o_.request_timeout_ns),
                                      [&] { return p.done || stopping_.load(); });
       const pending_call got = std::move(p);
@@ -376,6 +383,7 @@ class client_impl final : public registry, public std::enable_shared_from_this<c
       if (n <= 0 || got < 0) {
         if (!stopping_.load())
           log(log_level::info, "registry: connection to {}:{} lost{}", host_, port_, got < 0 ? " (bad frame)" : "");
+        std::lock_guard wl(write_mu_);  // no writer is using the socket we close
         std::lock_guard lock(mu_);
         net::close_fd(fd_);
         fail_pending_locked();
