@@ -1,0 +1,178 @@
+#pragma once
+
+/// The slot protocol between an attention client and an expert server (DESIGN.md §5).
+///
+/// Each client×server pair has a request slot in the server's memory. The client writes the payload,
+/// then the header, then signals the slot's sequence word with the header's `seq` (put_signal orders
+/// all three). A peer wrote every byte of it, so the server calls `validate_request` — and, for the
+/// routing arrays, `validate_routing` — before it reads anything else, and answers anything invalid
+/// with an error response instead of touching memory out of bounds.
+///
+/// Payload layout (all offsets from the end of the header, 16-byte aligned):
+///   activations  tokens × hidden × element size (fp32 or bf16)
+///   expert ids   tokens × topk × u16   (the server's local expert index; kNoExpert = unused)
+///   weights      tokens × topk × f32   (router weights)
+///
+/// Written once for the host and the device: the checks are EAAS_HOST_DEVICE and use no library.
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "eaas/common/macros.hpp"
+
+namespace eaas::runtime {
+
+inline constexpr std::uint32_t kSlotMagic = 0x4C534145u;  // "EASL"
+inline constexpr std::uint16_t kSlotVersion = 1;
+inline constexpr std::uint16_t kNoExpert = 0xFFFF;
+
+enum class dtype : std::uint16_t { f32 = 0, bf16 = 1 };
+
+EAAS_HOST_DEVICE constexpr std::uint64_t element_size(dtype t) { return t == dtype::bf16 ? 2 : 4; }
+
+/// The request header, at the start of a slot. 64 bytes.
+struct slot_header {
+  std::uint32_t magic;          ///< kSlotMagic
+  std::uint16_t version;        ///< kSlotVersion
+  std::uint16_t type;           ///< dtype of the activations
+  std::uint64_t seq;            ///< request sequence; also the value signalled
+  std::uint32_t layer;          ///< MoE layer index
+  std::uint32_t tokens;         ///< tokens in this request
+  std::uint32_t hidden;         ///< hidden size (must match the server's)
+  std::uint32_t topk;           ///< routing entries per token in this request
+  std::uint64_t payload_bytes;  ///< bytes after the header (must equal what the shape implies)
+  std::uint64_t client;         ///< the client's id (for logs; not trusted for anything)
+  std::uint8_t reserved[16];
+};
+static_assert(std::is_trivially_copyable_v<slot_header>);
+static_assert(sizeof(slot_header) == 64 && alignof(slot_header) == 8);
+static_assert(offsetof(slot_header, seq) == 8 && offsetof(slot_header, payload_bytes) == 32);
+
+/// What the server knows before it reads a request.
+struct slot_limits {
+  std::uint64_t slot_bytes;     ///< the slot's size, header included
+  std::uint32_t hidden;         ///< the model's hidden size
+  std::uint32_t layers;         ///< number of MoE layers
+  std::uint32_t max_tokens;     ///< most tokens one request may carry
+  std::uint32_t max_topk;       ///< most routing entries per token
+  std::uint32_t local_experts;  ///< experts this server hosts per layer (local ids 0 .. local_experts-1)
+  std::uint64_t expected_seq;   ///< the sequence the server expects next from this client
+};
+
+/// Why a request was refused (0 = valid). Travels back in the response header.
+enum class slot_error : std::uint32_t {
+  none = 0,
+  bad_magic,
+  bad_version,
+  bad_dtype,
+  stale_seq,  ///< not the sequence the server expects (a replay, or a skipped request)
+  unknown_layer,
+  hidden_mismatch,
+  too_many_tokens,
+  bad_topk,
+  size_mismatch,      ///< payload_bytes is not what the shape implies
+  exceeds_slot,       ///< header + payload do not fit the slot
+  expert_not_hosted,  ///< a routing entry names an expert this server does not host
+  bad_weight,         ///< a router weight is not a finite number
+};
+
+EAAS_HOST_DEVICE constexpr const char* slot_error_name(slot_error e) {
+  switch (e) {
+    case slot_error::none:
+      return "none";
+    case slot_error::bad_magic:
+      return "bad_magic";
+    case slot_error::bad_version:
+      return "bad_version";
+    case slot_error::bad_dtype:
+      return "bad_dtype";
+    case slot_error::stale_seq:
+      return "stale_seq";
+    case slot_error::unknown_layer:
+      return "unknown_layer";
+    case slot_error::hidden_mismatch:
+      return "hidden_mismatch";
+    case slot_error::too_many_tokens:
+      return "too_many_tokens";
+    case slot_error::bad_topk:
+      return "bad_topk";
+    case slot_error::size_mismatch:
+      return "size_mismatch";
+    case slot_error::exceeds_slot:
+      return "exceeds_slot";
+    case slot_error::expert_not_hosted:
+      return "expert_not_hosted";
+    case slot_error::bad_weight:
+      return "bad_weight";
+  }
+  return "unknown";
+}
+
+/// Byte offsets of the payload arrays (from the start of the slot) for a shape.
+struct slot_layout {
+  std::uint64_t activations, expert_ids, weights, end;
+};
+
+EAAS_HOST_DEVICE constexpr std::uint64_t align16(std::uint64_t n) { return (n + 15) & ~std::uint64_t{15}; }
+
+/// The layout a shape implies. The caller bounds tokens/topk/hidden first (validate_request does), so
+/// that nothing here can overflow: every factor is < 2^32 and at most three are multiplied.
+EAAS_HOST_DEVICE constexpr slot_layout layout_for(std::uint32_t tokens, std::uint32_t hidden, std::uint32_t topk,
+                                                  dtype t) {
+  slot_layout l{};
+  l.activations = sizeof(slot_header);
+  l.expert_ids = l.activations + align16(std::uint64_t{tokens} * hidden * element_size(t));
+  l.weights = l.expert_ids + align16(std::uint64_t{tokens} * topk * 2);
+  l.end = l.weights + align16(std::uint64_t{tokens} * topk * 4);
+  return l;
+}
+
+/// Checks every header field against the server's limits, in an order where each check only relies
+/// on fields already checked.
+EAAS_HOST_DEVICE constexpr slot_error validate_request(const slot_header& h, const slot_limits& lim) {
+  if (h.magic != kSlotMagic) return slot_error::bad_magic;
+  if (h.version != kSlotVersion) return slot_error::bad_version;
+  if (h.type != static_cast<std::uint16_t>(dtype::f32) && h.type != static_cast<std::uint16_t>(dtype::bf16))
+    return slot_error::bad_dtype;
+  if (h.seq != lim.expected_seq) return slot_error::stale_seq;
+  if (h.layer >= lim.layers) return slot_error::unknown_layer;
+  if (h.hidden != lim.hidden) return slot_error::hidden_mismatch;
+  if (h.tokens == 0 || h.tokens > lim.max_tokens) return slot_error::too_many_tokens;
+  if (h.topk == 0 || h.topk > lim.max_topk) return slot_error::bad_topk;
+  const slot_layout l = layout_for(h.tokens, h.hidden, h.topk, static_cast<dtype>(h.type));
+  if (h.payload_bytes != l.end - sizeof(slot_header)) return slot_error::size_mismatch;
+  if (l.end > lim.slot_bytes) return slot_error::exceeds_slot;
+  return slot_error::none;
+}
+
+/// Checks the routing arrays of a request that passed validate_request: every expert id is hosted
+/// (or kNoExpert) and every weight of a used entry is finite. `ids` and `weights` point into the
+/// slot at the layout's offsets.
+EAAS_HOST_DEVICE slot_error validate_routing(const slot_header& h, const slot_limits& lim, const std::uint16_t* ids,
+                                             const float* weights) {
+  const std::uint64_t n = std::uint64_t{h.tokens} * h.topk;
+  for (std::uint64_t i = 0; i < n; ++i) {
+    if (ids[i] == kNoExpert) continue;
+    if (ids[i] >= lim.local_experts) return slot_error::expert_not_hosted;
+    const float w = weights[i];
+    if (!(w == w) || w > 3.0e38f || w < -3.0e38f) return slot_error::bad_weight;  // NaN or ±inf
+  }
+  return slot_error::none;
+}
+
+/// The response header the server writes into the client's per-server result area (outputs of
+/// tokens × hidden follow at +64).
+struct response_header {
+  std::uint32_t magic;    ///< kSlotMagic
+  std::uint16_t version;  ///< kSlotVersion
+  std::uint16_t type;     ///< dtype of the outputs
+  std::uint64_t seq;      ///< the request's seq
+  std::uint32_t error;    ///< slot_error
+  std::uint32_t tokens;   ///< tokens answered (0 on error)
+  std::uint8_t reserved[40];
+};
+static_assert(std::is_trivially_copyable_v<response_header>);
+static_assert(sizeof(response_header) == 64);
+
+}  // namespace eaas::runtime
