@@ -5,7 +5,6 @@
 
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <arpa/inet.h>
-#include "../common/doctest_main.hpp"
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -21,11 +20,13 @@
 #include <thread>
 #include <vector>
 
+#include "../common/doctest_main.hpp"
 #include "../common/require_ok.hpp"
 #include "backend.hpp"
 #include "collector.hpp"
 #include "eaas/eaas.hpp"
 #include "etcd_process.hpp"
+#include "registry/net.hpp"
 
 using namespace eaas;
 using eaas::regtest::collector;
@@ -86,8 +87,6 @@ std::unique_ptr<registry> open_at(const std::string& endpoint, ms timeout = 2000
   return r;
 }
 
-
-
 const watch_event* find(const std::vector<watch_event>& ev, watch_event_type t, const std::string& key) {
   for (const auto& e : ev)
     if (e.type == t && e.record.key == key) return &e;
@@ -111,16 +110,7 @@ bool nondecreasing(const std::vector<watch_event>& ev) {
 class tcp_proxy {
  public:
   explicit tcp_proxy(std::uint16_t target) : target_(target) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd_ >= 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(a);
-    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
-    REQUIRE(::listen(fd_, 64) == 0);
-    REQUIRE(::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-    port_ = ntohs(a.sin_port);
+    REQUIRE(eaas::detail::net::listen_on("127.0.0.1", 0, fd_, port_) == eaas::status::ok);
     acceptor_ = std::thread([this] { accept_loop(); });
   }
   ~tcp_proxy() {
@@ -148,13 +138,8 @@ class tcp_proxy {
         ::close(c);
         continue;
       }
-      const int u = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_port = htons(target_);
-      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-      if (::connect(u, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-        ::close(u);
+      int u = -1;
+      if (eaas::detail::net::connect_to("127.0.0.1", target_, 1'000'000'000ull, u) != eaas::status::ok) {
         ::close(c);
         continue;
       }
@@ -381,8 +366,8 @@ TEST_CASE("real etcd: with auth on, the token goes in the Authorization header; 
 
 int main(int argc, char** argv) {
   return eaas::test::run_tests(argc, argv, [] {
-    return etcd_process::available()
-               ? nullptr
-               : "etcd is not installed (Debian: apt-get install etcd-server; or set EAAS_ETCD): skipping the etcd tests";
+    return etcd_process::available() ? nullptr
+                                     : "etcd is not installed (Debian: apt-get install etcd-server; or set EAAS_ETCD): "
+                                       "skipping the etcd tests";
   });
 }

@@ -23,6 +23,7 @@
 #include "../common/require_ok.hpp"
 #include "collector.hpp"
 #include "eaas/eaas.hpp"
+#include "registry/net.hpp"
 
 using namespace eaas;
 using eaas::regtest::collector;
@@ -117,16 +118,7 @@ class fake_etcd {
   using handler = std::function<fake_reply(const request&)>;
 
   explicit fake_etcd(handler h) : handler_(std::move(h)) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd_ >= 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(a);
-    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
-    REQUIRE(::listen(fd_, 64) == 0);
-    REQUIRE(::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) == 0);
-    port_ = ntohs(a.sin_port);
+    REQUIRE(eaas::detail::net::listen_on("127.0.0.1", 0, fd_, port_) == eaas::status::ok);
     acceptor_ = std::thread([this] { accept_loop(); });
   }
   ~fake_etcd() {
@@ -257,8 +249,6 @@ status open_at(const std::string& endpoint, std::unique_ptr<registry>& r, ms tim
 }
 
 bool contains(std::string_view hay, std::string_view needle) { return hay.find(needle) != std::string_view::npos; }
-
-
 
 }  // namespace
 

@@ -59,6 +59,15 @@ std::string fresh_prefix(const char* what) {
   return "/eaas-test/" + std::to_string(::getpid()) + "/" + what + "/" + std::to_string(n++) + "/";
 }
 
+/// Lists `prefix` and watches every change after that list: the events from now on.
+std::unique_ptr<watch> watch_from_now(registry& r, const std::string& prefix, collector& c) {
+  std::vector<kv_record> cur;
+  std::int64_t rev = 0;
+  REQUIRE_OK(r.list(prefix, cur, rev));
+  std::unique_ptr<watch> w;
+  REQUIRE_OK(r.watch_prefix(prefix, rev, c.fn(), w));
+  return w;
+}
 
 bool has(const std::vector<watch_event>& ev, watch_event_type t, const std::string& key) {
   for (const auto& e : ev)
@@ -144,11 +153,7 @@ TEST_CASE("registry: an unrefreshed lease expires within TTL + 1 s and watchers 
   auto r = open_client();
   const std::string p = fresh_prefix("lease");
   collector c;
-  std::unique_ptr<watch> w;
-  std::vector<kv_record> cur;
-  std::int64_t rev = 0;
-  REQUIRE_OK(r->list(p, cur, rev));
-  REQUIRE_OK(r->watch_prefix(p, rev, c.fn(), w));
+  std::unique_ptr<watch> w = watch_from_now(*r, p, c);
   std::int64_t lease = 0;
   REQUIRE_OK(r->grant_lease(2, lease));
   REQUIRE_OK(r->put(p + "server-1", "record", lease));
@@ -244,11 +249,7 @@ TEST_CASE("registry: a SIGKILLed process's record goes offline within TTL + 1 s"
   auto r = open_client();
   const std::string p = fresh_prefix("kill");
   collector c;
-  std::unique_ptr<watch> w;
-  std::vector<kv_record> cur;
-  std::int64_t rev = 0;
-  REQUIRE_OK(r->list(p, cur, rev));
-  REQUIRE_OK(r->watch_prefix(p, rev, c.fn(), w));
+  std::unique_ptr<watch> w = watch_from_now(*r, p, c);
   int out[2];
   REQUIRE(::pipe(out) == 0);
   posix_spawn_file_actions_t fa;

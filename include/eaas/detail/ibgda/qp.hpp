@@ -299,13 +299,13 @@ struct post_opts {
   bool completion = false;              ///< request a CQE for the op's (last) WQE
 };
 
-/// RDMA WRITE of `bytes` from local `laddr` (QP's lkey) to remote [raddr, rkey].
+/// One WRITE or READ of `bytes` between local `laddr` (QP's lkey) and remote [raddr, rkey].
 template <poster P>
-EAAS_HOST_DEVICE status put(qp_state* q, std::uint64_t raddr, std::uint32_t rkey, std::uint64_t laddr,
-                            std::uint64_t bytes, deadline until, post_opts o = {}) {
+EAAS_HOST_DEVICE status post_data(qp_state* q, wqe_kind kind, std::uint64_t raddr, std::uint32_t rkey,
+                                  std::uint64_t laddr, std::uint64_t bytes, deadline until, post_opts o) {
   if (EAAS_UNLIKELY(bytes > mlx5::kMaxSegBytes)) return status::invalid_argument;
   wqe_desc d;
-  d.kind = wqe_kind::write;
+  d.kind = kind;
   d.fence = o.fence;
   d.completion = o.completion;
   d.bytes = static_cast<std::uint32_t>(bytes);
@@ -314,6 +314,13 @@ EAAS_HOST_DEVICE status put(qp_state* q, std::uint64_t raddr, std::uint32_t rkey
   d.raddr = raddr;
   d.laddr = laddr;
   return post<P>(q, &d, 1, o.ring, until);
+}
+
+/// RDMA WRITE of `bytes` from local `laddr` (QP's lkey) to remote [raddr, rkey].
+template <poster P>
+EAAS_HOST_DEVICE status put(qp_state* q, std::uint64_t raddr, std::uint32_t rkey, std::uint64_t laddr,
+                            std::uint64_t bytes, deadline until, post_opts o = {}) {
+  return post_data<P>(q, wqe_kind::write, raddr, rkey, laddr, bytes, until, o);
 }
 
 /// RDMA WRITE of up to kMaxInlineBytes carried in the WQE: `src` may be reused on return.
@@ -335,17 +342,7 @@ EAAS_HOST_DEVICE status put_inline(qp_state* q, std::uint64_t raddr, std::uint32
 template <poster P>
 EAAS_HOST_DEVICE status get(qp_state* q, std::uint64_t raddr, std::uint32_t rkey, std::uint64_t laddr,
                             std::uint64_t bytes, deadline until, post_opts o = {}) {
-  if (EAAS_UNLIKELY(bytes > mlx5::kMaxSegBytes)) return status::invalid_argument;
-  wqe_desc d;
-  d.kind = wqe_kind::read;
-  d.fence = o.fence;
-  d.completion = o.completion;
-  d.bytes = static_cast<std::uint32_t>(bytes);
-  d.rkey = rkey;
-  d.lkey = q->lkey;
-  d.raddr = raddr;
-  d.laddr = laddr;
-  return post<P>(q, &d, 1, o.ring, until);
+  return post_data<P>(q, wqe_kind::read, raddr, rkey, laddr, bytes, until, o);
 }
 
 /// Remote 64-bit fetch-and-add; the previous value lands in `*fetched` (QP's lkey region) after quiet.
