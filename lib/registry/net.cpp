@@ -51,7 +51,7 @@ status listen_on(const std::string& host, std::uint16_t port, int& fd, std::uint
   if (fd < 0) return EAAS_FAIL(status::no_resource, "registry: socket(): {}", std::strerror(errno));
   const int one = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0 || ::listen(fd, 128) != 0) {
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0 || ::listen(fd, SOMAXCONN) != 0) {
     const int e = errno;
     close_fd(fd);
     return EAAS_FAIL(e == EADDRINUSE ? status::no_resource : status::internal_error,
