@@ -175,4 +175,62 @@ struct response_header {
 static_assert(std::is_trivially_copyable_v<response_header>);
 static_assert(sizeof(response_header) == 64);
 
+/// The regions a client×server pair uses.
+///
+/// The server's "slots" region (one per server, published in its record): `max_clients` request
+/// signal words, 64 bytes apart, then `max_clients` slots of `slot_stride` bytes from `slots_base`.
+/// A client writes its request into its slot and signals its word with the request's seq.
+///
+/// The client's "result" region (one per server it talks to, handed to that server at link time):
+///   kResultSig   the server signals the answered seq here, after the response below
+///   kWelcomeSig  the server signals (slot index + 1) here once it assigned the client a slot
+///   kWelcome     a server_welcome: where the slot is and what the server accepts
+///   kResponse    a response_header, then the outputs (tokens × hidden, fp32) at kOutputs
+inline constexpr std::uint64_t kResultSig = 0;
+inline constexpr std::uint64_t kWelcomeSig = 64;
+inline constexpr std::uint64_t kWelcome = 128;
+inline constexpr std::uint64_t kResponse = 192;
+inline constexpr std::uint64_t kOutputs = 256;
+
+/// Bytes of a client's result region for requests of up to `max_tokens` tokens.
+EAAS_HOST_DEVICE constexpr std::uint64_t result_region_bytes(std::uint32_t max_tokens, std::uint32_t hidden) {
+  return kOutputs + std::uint64_t{max_tokens} * hidden * 4;
+}
+
+struct slots_geometry {
+  std::uint64_t slots_base;   ///< offset of slot 0
+  std::uint64_t slot_stride;  ///< bytes per slot (a multiple of 4096)
+  std::uint64_t bytes;        ///< the whole region
+};
+
+/// The "slots" region of a server with these limits (requests in fp32, the larger element size).
+EAAS_HOST_DEVICE constexpr slots_geometry slots_geometry_for(std::uint32_t max_clients, std::uint32_t max_tokens,
+                                                             std::uint32_t hidden, std::uint32_t max_topk) {
+  slots_geometry g{};
+  g.slots_base = (std::uint64_t{max_clients} * 64 + 4095) & ~std::uint64_t{4095};
+  g.slot_stride = (layout_for(max_tokens, hidden, max_topk, dtype::f32).end + 4095) & ~std::uint64_t{4095};
+  g.bytes = g.slots_base + g.slot_stride * max_clients;
+  return g;
+}
+
+/// What a server tells a client when it assigns it a slot (written at kWelcome). The client checks it
+/// against the server's slots region before it writes anything there.
+struct server_welcome {
+  std::uint32_t magic;    ///< kSlotMagic
+  std::uint16_t version;  ///< kSlotVersion
+  std::uint16_t reserved0;
+  std::uint32_t slot;           ///< the slot index
+  std::uint32_t max_tokens;     ///< most tokens per request
+  std::uint64_t sig_offset;     ///< the slot's request signal word in the slots region
+  std::uint64_t slot_offset;    ///< the slot (header) in the slots region
+  std::uint64_t slot_bytes;     ///< the slot's size
+  std::uint32_t hidden;         ///< the server's hidden size
+  std::uint32_t layers;         ///< MoE layers it serves
+  std::uint32_t max_topk;       ///< most routing entries per token
+  std::uint32_t local_experts;  ///< experts it hosts (local ids 0 .. local_experts-1)
+  std::uint8_t reserved1[8];
+};
+static_assert(std::is_trivially_copyable_v<server_welcome>);
+static_assert(sizeof(server_welcome) == 64);
+
 }  // namespace eaas::runtime

@@ -1,0 +1,349 @@
+#include "client.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "eaas/eaas.hpp"
+#include "eaas/runtime/slot.hpp"
+#include "fail.hpp"
+
+namespace eaas::runtime {
+namespace {
+
+std::uint64_t mono_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
+/// A server this client talks to.
+struct server_conn {
+  peer_record rec;
+  peer_link link;
+  std::unique_ptr<memory_region> result;
+  server_welcome w{};
+  remote_view slots{};
+  std::map<std::uint32_t, std::uint16_t> local;  // global expert id → local id
+  std::uint64_t seq = 0;
+  // This round's request.
+  std::vector<std::uint32_t> tokens;   // tokens sent (indices into the batch)
+  std::vector<std::uint16_t> ids;      // tokens × topk local ids
+  std::vector<float> weights;          // tokens × topk
+  std::vector<std::uint32_t> entries;  // the (t * topk + k) entries it holds this round
+  std::vector<unsigned char> staging;
+  bool sent = false;
+};
+
+class client_impl final : public attention_client {
+ public:
+  explicit client_impl(client_options o) : o_(std::move(o)), dense_(o_.shape, o_.seed, o_.dense) {}
+  ~client_impl() override {
+    watch_.reset();
+    servers_.clear();
+    dir_.reset();
+  }
+
+  status init() {
+    EAAS_CHECK(check_shape(o_.shape));
+    if (o_.max_tokens == 0) return EAAS_RT_FAIL(status::invalid_argument, "client {}: max_tokens is 0", o_.id);
+    EAAS_CHECK(context::create({.name = o_.id}, ctx_));
+    EAAS_CHECK(registry::open(o_.registry, reg_));
+    peer_record self;
+    self.id = o_.id;
+    self.role = "client";
+    EAAS_CHECK(ctx_->connection_handle(self.connection));
+    EAAS_CHECK(directory::start(*reg_, *ctx_, o_.ns, std::move(self), o_.ttl_seconds, dir_));
+    EAAS_CHECK(dir_->watch_peers(
+        [this](peer_change c, const peer_record& r) {
+          if (r.role != "server") return;
+          std::lock_guard g(mu_);
+          if (c == peer_change::online) {
+            online_[r.id] = r;
+          } else {
+            online_.erase(r.id);
+            gone_.push_back(r.id);
+          }
+        },
+        watch_));
+    return status::ok;
+  }
+
+  status wait_for_experts(std::uint32_t replicas, std::uint64_t timeout_ns) override {
+    const std::uint64_t until = mono_ns() + timeout_ns;
+    for (;;) {
+      std::uint32_t short_expert = ~0u, have = 0;
+      {
+        std::lock_guard g(mu_);
+        std::vector<std::uint32_t> count(o_.shape.experts, 0);
+        for (const auto& [id, r] : online_)
+          for (std::uint32_t e : r.experts)
+            if (e < count.size()) count[e]++;
+        for (std::uint32_t e = 0; e < count.size(); ++e)
+          if (count[e] < replicas) {
+            short_expert = e;
+            have = count[e];
+            break;
+          }
+      }
+      if (short_expert == ~0u) return status::ok;
+      if (mono_ns() > until)
+        return EAAS_RT_FAIL(status::timeout, "client {}: expert {} has {} of {} servers online after {} ms", o_.id,
+                            short_expert, have, replicas, timeout_ns / 1'000'000);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
+  status forward(std::span<const std::uint32_t> tokens, std::vector<float>& out) override {
+    if (tokens.empty() || tokens.size() > o_.max_tokens)
+      return EAAS_RT_FAIL(status::invalid_argument, "client {}: {} tokens (1..{})", o_.id, tokens.size(),
+                          o_.max_tokens);
+    layer_ns_.assign(o_.shape.layers, 0);
+    dense_.embed(tokens, out);
+    for (std::uint32_t l = 0; l < o_.shape.layers; ++l) {
+      dense_.attention(l, out, normed_);
+      dense_.route(l, normed_, routing_);
+      const std::uint64_t t0 = mono_ns();
+      EAAS_CHECK(moe(l, tokens.size()));
+      layer_ns_[l] = mono_ns() - t0;
+      for (std::size_t i = 0; i < out.size(); ++i) out[i] += moe_[i];
+    }
+    std::lock_guard g(stats_mu_);
+    stats_.forwards++;
+    return status::ok;
+  }
+
+  const std::vector<std::uint64_t>& last_moe_ns() const override { return layer_ns_; }
+  client_stats stats() const override {
+    std::lock_guard g(stats_mu_);
+    return stats_;
+  }
+  const dense_model& dense() const override { return dense_; }
+
+ private:
+  void drop(const std::string& id, const char* why) {
+    auto it = servers_.find(id);
+    if (it == servers_.end()) return;
+    detail::note("[{}] dropping server {}: {}", o_.id, id, why);
+    it->second->link.ep->close();
+    servers_.erase(it);
+    dead_.insert(id);
+    std::lock_guard g(stats_mu_);
+    stats_.dropped_servers++;
+  }
+
+  // Links to a server: hands it a result region, waits for its welcome, checks it.
+  status connect(const peer_record& rec) {
+    auto c = std::make_unique<server_conn>();
+    c->rec = rec;
+    EAAS_CHECK(ctx_->allocate(result_region_bytes(o_.max_tokens, o_.shape.hidden), c->result));
+    handle_bytes h;
+    EAAS_CHECK(c->result->export_handle(h));
+    EAAS_CHECK(dir_->link(rec.id, {{"result", h}}, o_.link_timeout_ns, c->link));
+    auto* base = static_cast<unsigned char*>(c->result->data());
+    std::uint64_t slot1 = 0;
+    const status st = wait_signal(c->link.ep->view(), reinterpret_cast<const std::uint64_t*>(base + kWelcomeSig),
+                                  cmp_op::ne, 0, timeout{o_.link_timeout_ns}, &slot1);
+    if (st != status::ok)
+      return EAAS_RT_FAIL(st, "client {}: server {} gave no slot within {} ms ({})", o_.id, rec.id,
+                          o_.link_timeout_ns / 1'000'000, st);
+    std::memcpy(&c->w, base + kWelcome, sizeof(c->w));
+    const remote_region* slots = c->link.region("slots");
+    const server_welcome& w = c->w;
+    if (slots == nullptr) return EAAS_RT_FAIL(status::invalid_handle, "server {}: no slots region", rec.id);
+    const std::uint64_t size = slots->size();
+    if (w.magic != kSlotMagic || w.version != kSlotVersion || w.slot + 1 != slot1 || w.sig_offset % 8 != 0 ||
+        w.sig_offset + 8 > size || w.slot_offset > size || w.slot_bytes > size - w.slot_offset ||
+        w.hidden != o_.shape.hidden || w.layers < o_.shape.layers || w.max_topk < o_.shape.topk ||
+        w.local_experts != rec.experts.size() || w.max_tokens == 0)
+      return EAAS_RT_FAIL(status::invalid_handle,
+                          "server {}: its welcome does not fit (slot {}, hidden {}, layers {}, topk {}, experts {})",
+                          rec.id, w.slot, w.hidden, w.layers, w.max_topk, w.local_experts);
+    c->slots = slots->view();
+    for (std::size_t i = 0; i < rec.experts.size(); ++i) c->local[rec.experts[i]] = static_cast<std::uint16_t>(i);
+    servers_[rec.id] = std::move(c);
+    return status::ok;
+  }
+
+  // Links to every online server not linked yet; forgets servers that went offline.
+  void refresh() {
+    std::vector<peer_record> want;
+    std::vector<std::string> gone;
+    {
+      std::lock_guard g(mu_);
+      gone.swap(gone_);
+      for (const auto& [id, r] : online_)
+        if (!servers_.count(id) && !dead_.count(id)) want.push_back(r);
+    }
+    for (const auto& id : gone) {
+      if (servers_.count(id)) drop(id, "its lease ended");
+      dead_.erase(id);  // a server that comes back under this id is a new server
+    }
+    for (const auto& r : want)
+      if (connect(r) != status::ok) detail::note("[{}] cannot link to server {}: {}", o_.id, r.id, last_error());
+  }
+
+  // The MoE part of one layer: routing_ and normed_ in, moe_ out.
+  status moe(std::uint32_t layer, std::size_t rows) {
+    const std::uint32_t topk = o_.shape.topk, h = o_.shape.hidden;
+    moe_.assign(rows * h, 0.0f);
+    std::vector<std::uint32_t> pending(rows * topk);
+    for (std::uint32_t i = 0; i < pending.size(); ++i) pending[i] = i;
+    for (std::uint32_t round = 0;; ++round) {
+      refresh();
+      if (round > 0) {
+        std::lock_guard g(stats_mu_);
+        stats_.resent_entries += pending.size();
+      }
+      // Assign each pending entry to a server hosting its expert, spreading over replicas.
+      std::map<std::uint32_t, std::vector<server_conn*>> hosts;
+      for (auto& [id, c] : servers_)
+        for (const auto& [e, local] : c->local) hosts[e].push_back(c.get());
+      for (auto& [id, c] : servers_) {
+        c->entries.clear();
+        c->sent = false;
+      }
+      for (std::uint32_t ent : pending) {
+        const std::uint32_t t = ent / topk, e = routing_.ids[ent];
+        auto it = hosts.find(e);
+        if (it == hosts.end())
+          return EAAS_RT_FAIL(status::peer_unreachable, "client {}: no live server hosts expert {} (layer {})", o_.id,
+                              e, layer);
+        it->second[(t + e) % it->second.size()]->entries.push_back(ent);
+      }
+      pending.clear();
+      for (auto& [id, c] : servers_)
+        if (!c->entries.empty()) send(layer, *c);
+      std::vector<std::pair<std::string, std::string>> failed;  // id, why
+      for (auto& [id, c] : servers_) {
+        if (c->entries.empty()) continue;
+        if (!c->sent || collect(*c) != status::ok) {
+          pending.insert(pending.end(), c->entries.begin(), c->entries.end());
+          failed.emplace_back(id, last_error());
+        }
+      }
+      for (const auto& [id, why] : failed) drop(id, why.c_str());
+      if (pending.empty()) return status::ok;
+      if (round > 64) return EAAS_RT_FAIL(status::peer_unreachable, "client {}: layer {} failed 64 rounds", o_.id, layer);
+    }
+  }
+
+  // Builds and writes one request; `sent` says whether it went out.
+  void send(std::uint32_t layer, server_conn& c) {
+    const std::uint32_t topk = o_.shape.topk, h = o_.shape.hidden;
+    c.tokens.clear();
+    std::vector<std::int32_t> row_of(normed_.size() / h, -1);
+    for (std::uint32_t ent : c.entries) {
+      const std::uint32_t t = ent / topk;
+      if (row_of[t] < 0) {
+        row_of[t] = static_cast<std::int32_t>(c.tokens.size());
+        c.tokens.push_back(t);
+      }
+    }
+    if (c.tokens.size() > c.w.max_tokens) {
+      (void)EAAS_RT_FAIL(status::invalid_argument, "server {} takes {} tokens per request; this layer needs {}",
+                         c.rec.id, c.w.max_tokens, c.tokens.size());
+      return;
+    }
+    const auto n = static_cast<std::uint32_t>(c.tokens.size());
+    c.ids.assign(std::size_t{n} * topk, kNoExpert);
+    c.weights.assign(std::size_t{n} * topk, 0.0f);
+    for (std::uint32_t ent : c.entries) {
+      const std::size_t r = static_cast<std::size_t>(row_of[ent / topk]), k = ent % topk;
+      c.ids[r * topk + k] = c.local.at(routing_.ids[ent]);
+      c.weights[r * topk + k] = routing_.weights[ent];
+    }
+    const slot_layout l = layout_for(n, h, topk, dtype::f32);
+    if (l.end > c.w.slot_bytes) {
+      (void)EAAS_RT_FAIL(status::invalid_argument, "server {}: a request of {} tokens does not fit its slot",
+                         c.rec.id, n);
+      return;
+    }
+    c.staging.assign(l.end, 0);
+    slot_header hd{};
+    hd.magic = kSlotMagic;
+    hd.version = kSlotVersion;
+    hd.type = static_cast<std::uint16_t>(dtype::f32);
+    hd.seq = ++c.seq;
+    hd.layer = layer;
+    hd.tokens = n;
+    hd.hidden = h;
+    hd.topk = topk;
+    hd.payload_bytes = l.end - sizeof(slot_header);
+    hd.client = ctx_->id();
+    std::memcpy(c.staging.data(), &hd, sizeof(hd));
+    for (std::uint32_t r = 0; r < n; ++r)
+      std::memcpy(c.staging.data() + l.activations + std::size_t{r} * h * 4,
+                  normed_.data() + std::size_t{c.tokens[r]} * h, std::size_t{h} * 4);
+    std::memcpy(c.staging.data() + l.expert_ids, c.ids.data(), c.ids.size() * 2);
+    std::memcpy(c.staging.data() + l.weights, c.weights.data(), c.weights.size() * 4);
+    const auto ep = c.link.ep->view();
+    status st = put_signal(coop_thread{}, ep, c.slots, c.w.slot_offset, c.staging.data(), c.staging.size(), c.slots,
+                           c.w.sig_offset, hd.seq, signal_op::set);
+    if (st == status::ok) st = quiet(coop_thread{}, ep);
+    c.sent = st == status::ok;
+    std::lock_guard g(stats_mu_);
+    stats_.requests++;
+  }
+
+  // Waits for one server's answer, checks it, adds its partial sums.
+  status collect(server_conn& c) {
+    const auto* base = static_cast<const unsigned char*>(c.result->data());
+    const status st = wait_signal(c.link.ep->view(), reinterpret_cast<const std::uint64_t*>(base + kResultSig),
+                                  cmp_op::ge, c.seq, timeout{o_.request_timeout_ns});
+    if (st != status::ok)
+      return EAAS_RT_FAIL(st, "server {} did not answer request {} ({})", c.rec.id, c.seq, st);
+    response_header rh;
+    std::memcpy(&rh, base + kResponse, sizeof(rh));
+    if (rh.magic != kSlotMagic || rh.version != kSlotVersion || rh.seq != c.seq)
+      return EAAS_RT_FAIL(status::invalid_handle, "server {}: malformed answer to request {}", c.rec.id, c.seq);
+    if (rh.error != 0)
+      return EAAS_RT_FAIL(status::invalid_argument, "server {} refused request {}: {}", c.rec.id, c.seq,
+                          slot_error_name(static_cast<slot_error>(rh.error)));
+    if (rh.tokens != c.tokens.size() || rh.type != static_cast<std::uint16_t>(dtype::f32))
+      return EAAS_RT_FAIL(status::invalid_handle, "server {}: answered {} tokens of {}", c.rec.id, rh.tokens,
+                          c.tokens.size());
+    const std::size_t h = o_.shape.hidden;
+    const float* outs = reinterpret_cast<const float*>(base + kOutputs);
+    for (std::size_t r = 0; r < c.tokens.size(); ++r) {
+      float* dst = moe_.data() + std::size_t{c.tokens[r]} * h;
+      for (std::size_t j = 0; j < h; ++j) dst[j] += outs[r * h + j];
+    }
+    return status::ok;
+  }
+
+  client_options o_;
+  dense_model dense_;
+  std::unique_ptr<context> ctx_;
+  std::unique_ptr<registry> reg_;
+  std::unique_ptr<directory> dir_;
+  std::unique_ptr<watch> watch_;
+  std::map<std::string, std::unique_ptr<server_conn>> servers_;
+  std::set<std::string> dead_;
+
+  std::mutex mu_;
+  std::map<std::string, peer_record> online_;
+  std::vector<std::string> gone_;
+
+  mutable std::mutex stats_mu_;
+  client_stats stats_;
+
+  std::vector<float> normed_, moe_;
+  routing routing_;
+  std::vector<std::uint64_t> layer_ns_;
+};
+
+}  // namespace
+
+status attention_client::start(const client_options& opts, std::unique_ptr<attention_client>& out) {
+  auto c = std::make_unique<client_impl>(opts);
+  EAAS_CHECK(c->init());
+  out = std::move(c);
+  return status::ok;
+}
+
+}  // namespace eaas::runtime

@@ -1,0 +1,67 @@
+#pragma once
+
+// The attention client: runs the dense part of the model itself and sends every MoE layer's tokens
+// to the servers that host their experts, then sums the servers' partial results.
+//
+// Servers are found through the registry (peers with role "server"); the client links to each on
+// first use. An expert hosted by several servers (replicas) has its tokens spread over them. A server
+// that does not answer in time, dies or leaves is dropped, and what it had is sent again to a replica:
+// the result equals the no-failure result. A late answer from a dropped server lands in that server's
+// own result area, which is never read again.
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "eaas/host/registry.hpp"
+#include "eaas/runtime/model.hpp"
+#include "reference.hpp"
+
+namespace eaas::runtime {
+
+struct client_options {
+  std::string id;
+  registry_options registry;
+  std::string ns = "moe";
+  std::uint32_t ttl_seconds = 2;
+  model_shape shape;
+  std::uint64_t seed = 1;
+  dense_options dense;
+  std::uint32_t max_tokens = 512;                      ///< most tokens per forward
+  std::uint64_t request_timeout_ns = 2'000'000'000ull;  ///< a server silent this long is dropped
+  std::uint64_t link_timeout_ns = 2'000'000'000ull;
+};
+
+struct client_stats {
+  std::uint64_t forwards = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t dropped_servers = 0;  ///< servers dropped for silence, death or leaving
+  std::uint64_t resent_entries = 0;   ///< (token, expert) entries sent again to a replica
+};
+
+class attention_client {
+ public:
+  static status start(const client_options& opts, std::unique_ptr<attention_client>& out);
+  virtual ~attention_client() = default;
+
+  /// Waits until every expert is hosted by at least `replicas` online servers; `timeout` otherwise
+  /// (the message names an expert without enough servers).
+  virtual status wait_for_experts(std::uint32_t replicas, std::uint64_t timeout_ns) = 0;
+
+  /// One forward pass: embedding, then per layer attention, routing and the remote MoE. `out` gets the
+  /// final hidden states (tokens × hidden).
+  virtual status forward(std::span<const std::uint32_t> tokens, std::vector<float>& out) = 0;
+
+  /// The MoE round trip of each layer in the last forward (dispatch to combine), in ns.
+  virtual const std::vector<std::uint64_t>& last_moe_ns() const = 0;
+
+  virtual client_stats stats() const = 0;
+  virtual const dense_model& dense() const = 0;
+
+ protected:
+  attention_client() = default;
+};
+
+}  // namespace eaas::runtime

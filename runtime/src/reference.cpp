@@ -1,0 +1,104 @@
+#include "reference.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "synth.hpp"
+
+namespace eaas::runtime {
+
+dense_model::dense_model(const model_shape& shape, std::uint64_t seed, const dense_options& opts)
+    : shape_(shape), opts_(opts) {
+  if (opts_.vocab == 0) opts_.vocab = 1;
+  if (opts_.attention_cost == 0) opts_.attention_cost = 1;
+  embed_.resize(std::size_t{opts_.vocab} * shape.hidden);
+  detail::fill_uniform(embed_.data(), embed_.size(), detail::mix(seed, 0xE3BEDull), 1.0f);
+  attn_.resize(shape.layers);
+  routers_.reserve(shape.layers);
+  for (std::uint32_t l = 0; l < shape.layers; ++l) {
+    attn_[l].resize(std::size_t{shape.hidden} * shape.hidden);
+    detail::fill_uniform(attn_[l].data(), attn_[l].size(), detail::mix(seed, 0xA77Eull, l),
+                         1.0f / std::sqrt(float(shape.hidden)));
+    routers_.push_back(synthetic_router(shape, seed, l));
+  }
+}
+
+void dense_model::embed(std::span<const std::uint32_t> tokens, std::vector<float>& x) const {
+  const std::size_t h = shape_.hidden;
+  x.resize(tokens.size() * h);
+  for (std::size_t t = 0; t < tokens.size(); ++t) {
+    const float* row = embed_.data() + std::size_t{tokens[t] % opts_.vocab} * h;
+    std::copy(row, row + h, x.data() + t * h);
+  }
+}
+
+void dense_model::attention(std::uint32_t layer, std::vector<float>& x, std::vector<float>& normed) const {
+  const std::size_t h = shape_.hidden, rows = x.size() / h;
+  normed.resize(x.size());
+  cpu::rmsnorm(x.data(), normed.data(), rows, h);
+  // The first product feeds the residual; the others stand in for the rest of attention's cost.
+  std::vector<float> a(x.size());
+  for (std::uint32_t c = 0; c < opts_.attention_cost; ++c) cpu::gemm_nt(normed.data(), attn_[layer].data(), a.data(), rows, h, h);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] += 0.5f * a[i];
+  cpu::rmsnorm(x.data(), normed.data(), rows, h);
+}
+
+void dense_model::route(std::uint32_t layer, const std::vector<float>& normed, routing& out) const {
+  const std::size_t rows = normed.size() / shape_.hidden;
+  out.ids.resize(rows * shape_.topk);
+  out.weights.resize(rows * shape_.topk);
+  cpu::route_topk(routers_[layer], normed.data(), rows, shape_.hidden, shape_.experts, shape_.topk, out.ids.data(),
+                  out.weights.data());
+}
+
+reference_model::reference_model(const model_shape& shape, std::uint64_t seed, const dense_options& opts)
+    : dense_(shape, seed, opts) {
+  experts_.resize(shape.layers);
+  for (std::uint32_t l = 0; l < shape.layers; ++l) {
+    experts_[l].reserve(shape.experts);
+    for (std::uint32_t e = 0; e < shape.experts; ++e) experts_[l].push_back(synthetic_expert(shape, seed, l, e));
+  }
+}
+
+void reference_model::moe(std::uint32_t layer, const std::vector<float>& normed, const routing& r,
+                          std::vector<float>& out) const {
+  const model_shape& s = dense_.shape();
+  const std::size_t h = s.hidden, rows = normed.size() / h;
+  out.assign(normed.size(), 0.0f);
+  std::vector<float> xs, ys;
+  std::vector<std::size_t> which;
+  std::vector<float> wts;
+  cpu::swiglu_scratch scratch;
+  for (std::uint32_t e = 0; e < s.experts; ++e) {
+    which.clear();
+    wts.clear();
+    for (std::size_t t = 0; t < rows; ++t)
+      for (std::uint32_t k = 0; k < s.topk; ++k)
+        if (r.ids[t * s.topk + k] == e) {
+          which.push_back(t);
+          wts.push_back(r.weights[t * s.topk + k]);
+        }
+    if (which.empty()) continue;
+    xs.resize(which.size() * h);
+    ys.resize(which.size() * h);
+    for (std::size_t i = 0; i < which.size(); ++i)
+      std::copy_n(normed.data() + which[i] * h, h, xs.data() + i * h);
+    cpu::swiglu_rows(experts_[layer][e], xs.data(), which.size(), s.hidden, s.inter, ys.data(), scratch);
+    for (std::size_t i = 0; i < which.size(); ++i)
+      for (std::size_t j = 0; j < h; ++j) out[which[i] * h + j] += wts[i] * ys[i * h + j];
+  }
+}
+
+void reference_model::forward(std::span<const std::uint32_t> tokens, std::vector<float>& out) const {
+  std::vector<float> normed, m;
+  routing r;
+  dense_.embed(tokens, out);
+  for (std::uint32_t l = 0; l < dense_.shape().layers; ++l) {
+    dense_.attention(l, out, normed);
+    dense_.route(l, normed, r);
+    moe(l, normed, r, m);
+    for (std::size_t i = 0; i < out.size(); ++i) out[i] += m[i];
+  }
+}
+
+}  // namespace eaas::runtime

@@ -1,0 +1,385 @@
+#include "server.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "cpu_math.hpp"
+#include "eaas/eaas.hpp"
+#include "eaas/runtime/slot.hpp"
+#include "fail.hpp"
+
+namespace eaas::runtime {
+namespace {
+
+constexpr std::uint64_t kLinkTimeoutNs = 2'000'000'000ull;
+
+float bf16_to_f32(std::uint16_t b) {
+  const std::uint32_t u = std::uint32_t{b} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+std::uint64_t load_acquire(const void* p) {
+  return std::atomic_ref<const std::uint64_t>(*static_cast<const std::uint64_t*>(p)).load(std::memory_order_acquire);
+}
+
+/// One client's slot.
+struct client_slot {
+  bool used = false;
+  std::string client;
+  std::unique_ptr<endpoint> ep;
+  std::unique_ptr<remote_region> result;
+  std::uint64_t last_sig = 0;  // the signal value last handled
+  std::uint64_t expected = 1;  // the seq the next request must carry
+  std::uint32_t max_tokens = 0;  // most tokens per request (what its result region holds)
+};
+
+/// A request read out of a slot, checked.
+struct request {
+  std::uint32_t slot;
+  slot_header h;
+  slot_error err = slot_error::none;
+  std::vector<std::uint16_t> ids;
+  std::vector<float> weights;
+  std::vector<float> out;  // tokens × hidden
+};
+
+class server_impl final : public expert_server {
+ public:
+  explicit server_impl(server_options o) : o_(std::move(o)) {}
+  ~server_impl() override {
+    watch_.reset();  // no callback runs after these return
+    dir_.reset();
+  }
+
+  status init() {
+    EAAS_CHECK(check_shape(o_.shape));
+    std::sort(o_.experts.begin(), o_.experts.end());
+    o_.experts.erase(std::unique(o_.experts.begin(), o_.experts.end()), o_.experts.end());
+    if (o_.experts.empty()) return EAAS_RT_FAIL(status::invalid_argument, "server {}: hosts no experts", o_.id);
+    if (o_.experts.back() >= o_.shape.experts)
+      return EAAS_RT_FAIL(status::invalid_argument, "server {}: expert {} out of range (the model has {})", o_.id,
+                          o_.experts.back(), o_.shape.experts);
+    if (o_.max_clients == 0 || o_.max_clients > 4096 || o_.max_tokens == 0 || o_.max_tokens > (1u << 20))
+      return EAAS_RT_FAIL(status::invalid_argument, "server {}: max_clients {} (1..4096), max_tokens {} (1..2^20)",
+                          o_.id, o_.max_clients, o_.max_tokens);
+    weights_.resize(o_.shape.layers);
+    for (std::uint32_t l = 0; l < o_.shape.layers; ++l)
+      for (std::uint32_t e : o_.experts) {
+        expert_weights w;
+        if (o_.load) {
+          EAAS_CHECK(o_.load(l, e, w));
+          const std::size_t n = std::size_t{o_.shape.hidden} * o_.shape.inter;
+          if (w.gate.size() != n || w.up.size() != n || w.down.size() != n)
+            return EAAS_RT_FAIL(status::invalid_argument, "server {}: loaded expert {} of layer {} has the wrong size",
+                                o_.id, e, l);
+        } else {
+          w = synthetic_expert(o_.shape, o_.seed, l, e);
+        }
+        weights_[l].push_back(std::move(w));
+      }
+    geo_ = slots_geometry_for(o_.max_clients, o_.max_tokens, o_.shape.hidden, o_.shape.topk);
+    slots_.resize(o_.max_clients);
+
+    EAAS_CHECK(context::create({.name = o_.id}, ctx_));
+    EAAS_CHECK(ctx_->allocate(geo_.bytes, slots_mem_));
+    EAAS_CHECK(registry::open(o_.registry, reg_));
+    peer_record self;
+    self.id = o_.id;
+    self.role = "server";
+    self.experts = o_.experts;
+    self.capacity = o_.max_tokens * o_.max_clients;
+    EAAS_CHECK(ctx_->connection_handle(self.connection));
+    handle_bytes h;
+    EAAS_CHECK(slots_mem_->export_handle(h));
+    self.regions.emplace_back("slots", std::move(h));
+    EAAS_CHECK(directory::start(*reg_, *ctx_, o_.ns, std::move(self), o_.ttl_seconds, dir_));
+    dir_->on_link([this](peer_link&& l) {
+      std::lock_guard g(mu_);
+      incoming_.push_back(std::move(l));
+    });
+    EAAS_CHECK(dir_->watch_peers(
+        [this](peer_change c, const peer_record& r) {
+          if (c != peer_change::offline || r.role != "client") return;
+          std::lock_guard g(mu_);
+          gone_.push_back(r.id);
+        },
+        watch_));
+    return status::ok;
+  }
+
+  status serve(const std::atomic<bool>& stop) override {
+    std::uint32_t idle = 0;
+    while (!stop.load(std::memory_order_relaxed)) {
+      admit();
+      if (poll_once()) {
+        idle = 0;
+      } else if (++idle > 2000) {
+        std::this_thread::sleep_for(std::chrono::microseconds(idle > 20000 ? 200 : 20));
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    return status::ok;
+  }
+
+  server_stats stats() const override {
+    std::lock_guard g(stats_mu_);
+    return stats_;
+  }
+
+ private:
+  unsigned char* slot_base(std::uint32_t i) const {
+    return static_cast<unsigned char*>(slots_mem_->data()) + geo_.slots_base + std::uint64_t{i} * geo_.slot_stride;
+  }
+  std::uint64_t* sig_word(std::uint32_t i) const {
+    return reinterpret_cast<std::uint64_t*>(static_cast<unsigned char*>(slots_mem_->data()) + std::uint64_t{i} * 64);
+  }
+
+  void release(std::uint32_t i, const char* why) {
+    client_slot& s = slots_[i];
+    if (!s.used) return;
+    detail::note("[{}] client {} left slot {} ({})", o_.id, s.client, i, why);
+    s = client_slot{};
+    set_clients();
+  }
+
+  void set_clients() {
+    std::uint32_t n = 0;
+    for (const auto& s : slots_) n += s.used ? 1 : 0;
+    std::lock_guard g(stats_mu_);
+    stats_.clients = n;
+  }
+
+  // New links get a slot and a welcome; clients gone offline give theirs back.
+  void admit() {
+    std::vector<peer_link> links;
+    std::vector<std::string> gone;
+    {
+      std::lock_guard g(mu_);
+      links.swap(incoming_);
+      gone.swap(gone_);
+    }
+    for (const auto& id : gone)
+      for (std::uint32_t i = 0; i < slots_.size(); ++i)
+        if (slots_[i].used && slots_[i].client == id) release(i, "lease ended");
+    for (auto& l : links) welcome(std::move(l));
+  }
+
+  void welcome(peer_link&& l) {
+    // A client that links again (it restarted its connection) gets a fresh slot.
+    for (std::uint32_t i = 0; i < slots_.size(); ++i)
+      if (slots_[i].used && slots_[i].client == l.record.id) release(i, "linked again");
+    auto it = std::find_if(l.regions.begin(), l.regions.end(), [](const auto& r) { return r.first == "result"; });
+    if (it == l.regions.end() || !it->second || it->second->size() < result_region_bytes(1, o_.shape.hidden)) {
+      detail::note("[{}] refusing client {}: no result region of at least {} bytes", o_.id, l.record.id,
+                   result_region_bytes(1, o_.shape.hidden));
+      return;
+    }
+    // Requests from this client may carry as many tokens as its result region can answer.
+    const std::uint64_t fits = (it->second->size() - kOutputs) / (std::uint64_t{o_.shape.hidden} * 4);
+    std::uint32_t i = 0;
+    while (i < slots_.size() && slots_[i].used) ++i;
+    if (i == slots_.size()) {
+      detail::note("[{}] refusing client {}: all {} slots are in use", o_.id, l.record.id, slots_.size());
+      return;
+    }
+    client_slot& s = slots_[i];
+    s.used = true;
+    s.client = l.record.id;
+    s.ep = std::move(l.ep);
+    s.result = std::move(it->second);
+    // The slot's signal word may still hold an earlier client's last seq.
+    std::atomic_ref<std::uint64_t>(*sig_word(i)).store(0, std::memory_order_release);
+    s.last_sig = 0;
+    s.expected = 1;
+    s.max_tokens = static_cast<std::uint32_t>(std::min<std::uint64_t>(o_.max_tokens, fits));
+    server_welcome w{};
+    w.magic = kSlotMagic;
+    w.version = kSlotVersion;
+    w.slot = i;
+    w.max_tokens = s.max_tokens;
+    w.sig_offset = std::uint64_t{i} * 64;
+    w.slot_offset = geo_.slots_base + std::uint64_t{i} * geo_.slot_stride;
+    w.slot_bytes = geo_.slot_stride;
+    w.hidden = o_.shape.hidden;
+    w.layers = o_.shape.layers;
+    w.max_topk = o_.shape.topk;
+    w.local_experts = static_cast<std::uint32_t>(o_.experts.size());
+    const auto rv = s.result->view();
+    status st = put_signal(coop_thread{}, s.ep->view(), rv, kWelcome, &w, sizeof(w), rv, kWelcomeSig, i + 1,
+                           signal_op::set);
+    if (st == status::ok) st = quiet(coop_thread{}, s.ep->view());
+    if (st != status::ok) {
+      release(i, "welcome failed");
+      return;
+    }
+    detail::note("[{}] client {} linked, slot {}", o_.id, s.client, i);
+    set_clients();
+  }
+
+  // Reads every slot whose signal moved, computes them as one batch, answers each. True if any.
+  bool poll_once() {
+    std::vector<request>& reqs = reqs_;
+    reqs.clear();
+    for (std::uint32_t i = 0; i < slots_.size(); ++i) {
+      client_slot& s = slots_[i];
+      if (!s.used) continue;
+      if (s.ep->state() != endpoint_state::connected) {
+        release(i, "peer gone");
+        continue;
+      }
+      const std::uint64_t v = load_acquire(sig_word(i));
+      if (v == s.last_sig) continue;
+      s.last_sig = v;
+      reqs.push_back(read_request(i));
+    }
+    if (reqs.empty()) return false;
+    compute(reqs);
+    for (auto& r : reqs) respond(r);
+    std::lock_guard g(stats_mu_);
+    stats_.batches++;
+    return true;
+  }
+
+  request read_request(std::uint32_t i) {
+    client_slot& s = slots_[i];
+    request r;
+    r.slot = i;
+    const unsigned char* base = slot_base(i);
+    std::memcpy(&r.h, base, sizeof(r.h));  // a private copy: the client cannot change what was checked
+    const slot_limits lim{.slot_bytes = geo_.slot_stride,
+                          .hidden = o_.shape.hidden,
+                          .layers = o_.shape.layers,
+                          .max_tokens = s.max_tokens,
+                          .max_topk = o_.shape.topk,
+                          .local_experts = static_cast<std::uint32_t>(o_.experts.size()),
+                          .expected_seq = s.expected};
+    r.err = validate_request(r.h, lim);
+    if (r.h.seq == s.expected) s.expected++;  // consumed, answered or refused
+    if (r.err != slot_error::none) return r;
+    const slot_layout l = layout_for(r.h.tokens, r.h.hidden, r.h.topk, static_cast<dtype>(r.h.type));
+    const std::size_t n = std::size_t{r.h.tokens} * r.h.topk;
+    r.ids.resize(n);
+    r.weights.resize(n);
+    std::memcpy(r.ids.data(), base + l.expert_ids, n * 2);
+    std::memcpy(r.weights.data(), base + l.weights, n * 4);
+    r.err = validate_routing(r.h, lim, r.ids.data(), r.weights.data());
+    return r;
+  }
+
+  // Regroups every valid request's tokens by (layer, local expert), runs each group, scatters back.
+  void compute(std::vector<request>& reqs) {
+    const std::size_t h = o_.shape.hidden;
+    struct row {
+      std::uint32_t req, token;
+      float w;
+    };
+    std::map<std::pair<std::uint32_t, std::uint16_t>, std::vector<row>> groups;
+    std::uint64_t tokens = 0;
+    for (std::uint32_t q = 0; q < reqs.size(); ++q) {
+      request& r = reqs[q];
+      if (r.err != slot_error::none) continue;
+      r.out.assign(std::size_t{r.h.tokens} * h, 0.0f);
+      tokens += r.h.tokens;
+      for (std::uint32_t t = 0; t < r.h.tokens; ++t)
+        for (std::uint32_t k = 0; k < r.h.topk; ++k) {
+          const std::uint16_t e = r.ids[std::size_t{t} * r.h.topk + k];
+          if (e != kNoExpert) groups[{r.h.layer, e}].push_back({q, t, r.weights[std::size_t{t} * r.h.topk + k]});
+        }
+    }
+    for (const auto& [key, rows] : groups) {
+      xs_.resize(rows.size() * h);
+      ys_.resize(rows.size() * h);
+      for (std::size_t i = 0; i < rows.size(); ++i) {
+        const request& r = reqs[rows[i].req];
+        const unsigned char* act = slot_base(r.slot) + sizeof(slot_header);
+        float* dst = xs_.data() + i * h;
+        if (r.h.type == static_cast<std::uint16_t>(dtype::bf16)) {
+          for (std::size_t j = 0; j < h; ++j) {
+            std::uint16_t b;
+            std::memcpy(&b, act + (std::size_t{rows[i].token} * h + j) * 2, 2);
+            dst[j] = bf16_to_f32(b);
+          }
+        } else {
+          std::memcpy(dst, act + std::size_t{rows[i].token} * h * 4, h * 4);
+        }
+      }
+      cpu::swiglu_rows(weights_[key.first][key.second], xs_.data(), rows.size(), o_.shape.hidden, o_.shape.inter,
+                       ys_.data(), scratch_);
+      for (std::size_t i = 0; i < rows.size(); ++i) {
+        float* o = reqs[rows[i].req].out.data() + std::size_t{rows[i].token} * h;
+        const float w = rows[i].w;
+        const float* y = ys_.data() + i * h;
+        for (std::size_t j = 0; j < h; ++j) o[j] += w * y[j];
+      }
+    }
+    std::lock_guard g(stats_mu_);
+    stats_.tokens += tokens;
+  }
+
+  void respond(const request& r) {
+    client_slot& s = slots_[r.slot];
+    response_header rh{};
+    rh.magic = kSlotMagic;
+    rh.version = kSlotVersion;
+    rh.type = static_cast<std::uint16_t>(dtype::f32);
+    rh.seq = r.h.seq;
+    rh.error = static_cast<std::uint32_t>(r.err);
+    rh.tokens = r.err == slot_error::none ? r.h.tokens : 0;
+    const std::size_t out_bytes = r.out.size() * 4;
+    out_.resize(sizeof(rh) + out_bytes);
+    std::memcpy(out_.data(), &rh, sizeof(rh));
+    if (out_bytes) std::memcpy(out_.data() + sizeof(rh), r.out.data(), out_bytes);
+    const auto rv = s.result->view();
+    status st = put_signal(coop_thread{}, s.ep->view(), rv, kResponse, out_.data(), out_.size(), rv, kResultSig,
+                           r.h.seq, signal_op::set);
+    if (st == status::ok) st = quiet(coop_thread{}, s.ep->view());
+    {
+      std::lock_guard g(stats_mu_);
+      stats_.requests++;
+      if (r.err != slot_error::none) stats_.refused++;
+    }
+    if (r.err != slot_error::none)
+      detail::note("[{}] refused a request of client {}: {}", o_.id, s.client, slot_error_name(r.err));
+    if (st != status::ok) release(r.slot, "answer not delivered");
+  }
+
+  server_options o_;
+  std::vector<std::vector<expert_weights>> weights_;  // [layer][local expert]
+  slots_geometry geo_{};
+  std::vector<client_slot> slots_;
+  std::unique_ptr<context> ctx_;
+  std::unique_ptr<memory_region> slots_mem_;
+  std::unique_ptr<registry> reg_;
+  std::unique_ptr<directory> dir_;
+  std::unique_ptr<watch> watch_;
+
+  std::mutex mu_;
+  std::vector<peer_link> incoming_;
+  std::vector<std::string> gone_;
+
+  mutable std::mutex stats_mu_;
+  server_stats stats_;
+
+  std::vector<request> reqs_;
+  std::vector<float> xs_, ys_;
+  std::vector<unsigned char> out_;
+  cpu::swiglu_scratch scratch_;
+};
+
+}  // namespace
+
+status expert_server::start(const server_options& opts, std::unique_ptr<expert_server>& out) {
+  auto s = std::make_unique<server_impl>(opts);
+  EAAS_CHECK(s->init());
+  out = std::move(s);
+  return status::ok;
+}
+
+}  // namespace eaas::runtime

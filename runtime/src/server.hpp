@@ -1,0 +1,57 @@
+#pragma once
+
+// The expert server: hosts a subset of the experts (the same subset in every MoE layer), gives every
+// client that links to it a request slot in its "slots" region, and serves what arrives there.
+// Stateless between requests: a request carries everything needed to answer it.
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "eaas/host/registry.hpp"
+#include "eaas/runtime/model.hpp"
+
+namespace eaas::runtime {
+
+struct server_options {
+  std::string id;                 ///< unique in the namespace
+  registry_options registry;      ///< where the registry is
+  std::string ns = "moe";         ///< registry namespace
+  std::uint32_t ttl_seconds = 2;  ///< lease TTL
+  model_shape shape;
+  std::uint64_t seed = 1;               ///< synthetic weights' seed
+  std::vector<std::uint32_t> experts;   ///< global expert ids hosted (every layer); sorted and unique after start
+  std::uint32_t max_clients = 16;       ///< slots
+  std::uint32_t max_tokens = 512;       ///< most tokens per request
+  /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
+  std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
+};
+
+struct server_stats {
+  std::uint64_t requests = 0;  ///< answered (including refused ones)
+  std::uint64_t refused = 0;   ///< answered with an error
+  std::uint64_t tokens = 0;    ///< tokens computed
+  std::uint64_t batches = 0;   ///< poll rounds that computed something
+  std::uint32_t clients = 0;   ///< slots in use now
+};
+
+class expert_server {
+ public:
+  /// Loads (or generates) the weights, allocates the slots, publishes the record.
+  static status start(const server_options& opts, std::unique_ptr<expert_server>& out);
+  virtual ~expert_server() = default;
+
+  /// Serves until `stop` is set (then returns ok), or a fatal error.
+  virtual status serve(const std::atomic<bool>& stop) = 0;
+
+  /// Counters so far (thread-safe).
+  virtual server_stats stats() const = 0;
+
+ protected:
+  expert_server() = default;
+};
+
+}  // namespace eaas::runtime

@@ -1,0 +1,135 @@
+// eaas-client: an attention client. Runs forward passes of random tokens through the model, sending
+// every MoE layer to the expert servers it finds in the registry; with --verify it checks each output
+// against the monolithic in-process reference. Prints JSON lines: progress, then a result.
+//
+//   eaas-client --id c0 --registry embedded://127.0.0.1:23790 --model tiny --tokens 32 --steps 50 --verify
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "client.hpp"
+#include "tool_common.hpp"
+
+using namespace eaas;
+using namespace eaas::runtime;
+using json = nlohmann::json;
+
+namespace {
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(p / 100.0 * double(v.size())))];
+}
+
+/// max over tokens of ||a - b||_inf / ||b||_inf.
+double rel_error(const std::vector<float>& a, const std::vector<float>& b, std::size_t hidden) {
+  double worst = 0;
+  for (std::size_t t = 0; t < b.size() / hidden; ++t) {
+    double num = 0, den = 0;
+    for (std::size_t j = 0; j < hidden; ++j) {
+      num = std::max(num, double(std::fabs(a[t * hidden + j] - b[t * hidden + j])));
+      den = std::max(den, double(std::fabs(b[t * hidden + j])));
+    }
+    worst = std::max(worst, den > 0 ? num / den : num);
+  }
+  return worst;
+}
+
+void emit(const json& j) {
+  const std::string s = j.dump() + "\n";
+  std::fwrite(s.data(), 1, s.size(), stdout);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"eaas-client: an attention client of the eaas MoE reference runtime"};
+  client_options o;
+  tool::model_args model;
+  std::string endpoint = "embedded://127.0.0.1:23790";
+  std::uint32_t tokens = 32, steps = 20, replicas = 1, attention_cost = 1;
+  std::uint64_t input_seed = 0;
+  double wait_s = 30, timeout_ms = 2000;
+  bool verify = false;
+  app.add_option("--id", o.id, "client id, unique in the namespace")->required();
+  app.add_option("--registry", endpoint, "registry: embedded://HOST:PORT or etcd://HOST:PORT")->capture_default_str();
+  app.add_option("--token", o.registry.token, "registry token");
+  app.add_option("--ns", o.ns, "registry namespace")->capture_default_str();
+  app.add_option("--ttl", o.ttl_seconds, "lease TTL, seconds")->capture_default_str();
+  model.add(app);
+  app.add_option("--tokens", tokens, "tokens per forward pass")->capture_default_str();
+  app.add_option("--steps", steps, "forward passes")->capture_default_str();
+  app.add_option("--attention-cost", attention_cost, "dense hidden×hidden GEMMs per layer (attention stand-in)")
+      ->capture_default_str();
+  app.add_option("--replicas", replicas, "wait until every expert has this many servers")->capture_default_str();
+  app.add_option("--wait", wait_s, "seconds to wait for the servers")->capture_default_str();
+  app.add_option("--request-timeout-ms", timeout_ms, "a server silent this long is dropped")->capture_default_str();
+  app.add_option("--input-seed", input_seed, "seed of the random tokens (default: from --id)");
+  app.add_flag("--verify", verify, "check every output against the monolithic reference");
+  CLI11_PARSE(app, argc, argv);
+
+  o.registry.endpoint = endpoint;
+  if (status s = model.resolve(o.shape); s != status::ok) return tool::fail("eaas-client", "model", s);
+  o.seed = model.seed;
+  o.dense.attention_cost = attention_cost;
+  o.max_tokens = tokens;
+  o.request_timeout_ns = static_cast<std::uint64_t>(timeout_ms * 1e6);
+  if (input_seed == 0) input_seed = std::hash<std::string>{}(o.id);
+
+  std::unique_ptr<attention_client> cl;
+  if (status s = attention_client::start(o, cl); s != status::ok) return tool::fail("eaas-client", "start", s);
+  if (status s = cl->wait_for_experts(replicas, static_cast<std::uint64_t>(wait_s * 1e9)); s != status::ok)
+    return tool::fail("eaas-client", "waiting for servers", s);
+  std::unique_ptr<reference_model> ref;
+  if (verify) ref = std::make_unique<reference_model>(o.shape, o.seed, o.dense);
+
+  std::mt19937_64 rng(input_seed);
+  std::vector<std::uint32_t> ids(tokens);
+  std::vector<float> out, want;
+  std::vector<double> layer_us, step_us;
+  double worst = 0, busy_s = 0;
+  std::uint32_t verified = 0;
+  auto last_progress = std::chrono::steady_clock::now();
+  for (std::uint32_t step = 0; step < steps; ++step) {
+    for (auto& t : ids) t = static_cast<std::uint32_t>(rng());
+    const auto t0 = std::chrono::steady_clock::now();
+    if (status s = cl->forward(ids, out); s != status::ok) return tool::fail("eaas-client", "forward", s);
+    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    step_us.push_back(us);
+    busy_s += us * 1e-6;
+    for (auto ns : cl->last_moe_ns()) layer_us.push_back(double(ns) * 1e-3);
+    if (ref) {
+      ref->forward(ids, want);
+      worst = std::max(worst, rel_error(out, want, o.shape.hidden));
+      verified++;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_progress > std::chrono::milliseconds(250) || step + 1 == steps) {
+      last_progress = now;
+      emit({{"type", "progress"}, {"id", o.id}, {"step", step + 1}, {"steps", steps},
+            {"tokens_per_s", double(tokens) * (step + 1) / busy_s}, {"max_rel_err", worst}});
+    }
+  }
+  const client_stats st = cl->stats();
+  emit({{"type", "result"},
+        {"id", o.id},
+        {"tokens", tokens},
+        {"steps", steps},
+        {"layers", o.shape.layers},
+        {"tokens_per_s", double(tokens) * steps / busy_s},
+        {"step_us", {{"p50", percentile(step_us, 50)}, {"p90", percentile(step_us, 90)}, {"p99", percentile(step_us, 99)}}},
+        {"moe_layer_us",
+         {{"p50", percentile(layer_us, 50)}, {"p90", percentile(layer_us, 90)}, {"p99", percentile(layer_us, 99)}}},
+        {"layer_us_samples", layer_us},
+        {"verified_steps", verified},
+        {"max_rel_err", worst},
+        {"dropped_servers", st.dropped_servers},
+        {"resent_entries", st.resent_entries}});
+  return 0;
+}

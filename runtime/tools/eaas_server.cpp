@@ -1,0 +1,72 @@
+// eaas-server: an expert server. Hosts a set of experts (synthetic weights from a seed, or a
+// safetensors checkpoint), registers in the registry and serves every client that links to it, until
+// SIGTERM / SIGINT. Prints one JSON line when it is ready and one with its counters when it stops.
+//
+//   eaas-server --id s0 --registry embedded://127.0.0.1:23790 --model tiny --experts 0-7
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <unistd.h>
+
+#include "server.hpp"
+#include "tool_common.hpp"
+
+using namespace eaas;
+using namespace eaas::runtime;
+
+namespace {
+std::atomic<bool> g_stop{false};
+void on_signal(int) { g_stop = true; }
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"eaas-server: an expert server of the eaas MoE reference runtime"};
+  server_options o;
+  tool::model_args model;
+  std::string endpoint = "embedded://127.0.0.1:23790", experts, placement;
+  app.add_option("--id", o.id, "server id, unique in the namespace")->required();
+  app.add_option("--registry", endpoint, "registry: embedded://HOST:PORT or etcd://HOST:PORT")->capture_default_str();
+  app.add_option("--token", o.registry.token, "registry token");
+  app.add_option("--ns", o.ns, "registry namespace")->capture_default_str();
+  app.add_option("--ttl", o.ttl_seconds, "lease TTL, seconds")->capture_default_str();
+  model.add(app);
+  auto* ex = app.add_option("--host-experts", experts, "experts hosted, e.g. 0-7,12");
+  app.add_option("--placement", placement, "S/N/R: server S of N with R replicas per expert")->excludes(ex);
+  app.add_option("--max-clients", o.max_clients, "client slots")->capture_default_str();
+  app.add_option("--max-tokens", o.max_tokens, "most tokens per request")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  o.registry.endpoint = endpoint;
+  if (status s = model.resolve(o.shape); s != status::ok) return tool::fail("eaas-server", "model", s);
+  o.seed = model.seed;
+  if (!placement.empty()) {
+    unsigned s = 0, n = 0, r = 0;
+    if (std::sscanf(placement.c_str(), "%u/%u/%u", &s, &n, &r) != 3 || n == 0 || s >= n || r == 0 || r > n) {
+      std::fprintf(stderr, "eaas-server: --placement wants S/N/R with S < N and 1 <= R <= N\n");
+      return 2;
+    }
+    o.experts = experts_of_server(s, n, o.shape.experts, r);
+  } else if (!experts.empty()) {
+    if (status s = parse_id_list(experts, o.shape.experts, o.experts); s != status::ok)
+      return tool::fail("eaas-server", "--host-experts", s);
+  } else {
+    for (std::uint32_t e = 0; e < o.shape.experts; ++e) o.experts.push_back(e);
+  }
+
+  std::signal(SIGTERM, on_signal);
+  std::signal(SIGINT, on_signal);
+  std::unique_ptr<expert_server> srv;
+  if (status s = expert_server::start(o, srv); s != status::ok) return tool::fail("eaas-server", "start", s);
+  std::printf("{\"type\":\"ready\",\"id\":\"%s\",\"experts\":%zu,\"pid\":%d}\n", o.id.c_str(), o.experts.size(),
+              static_cast<int>(::getpid()));
+  std::fflush(stdout);
+  const status s = srv->serve(g_stop);
+  const server_stats st = srv->stats();
+  std::printf("{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu}\n",
+              o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
+              static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches));
+  std::fflush(stdout);
+  if (s != status::ok) return tool::fail("eaas-server", "serve", s);
+  return 0;
+}
