@@ -1,0 +1,285 @@
+// A deliberately malicious client: links to an expert server like a real client, then writes
+// malformed requests into its slot — too many tokens, unknown layers, experts the server does not
+// host, NaN weights, wrong sizes, skipped sequence numbers, random header fields — and checks that
+// every one gets the right error response. A last, valid request must still be answered correctly.
+// Exit 0 when all checks held; prints "evil: N cases" on stdout.
+//
+//   evil_client REGISTRY NS SERVER_ID HIDDEN INTER EXPERTS TOPK LAYERS SEED
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+
+#include "cpu_math.hpp"
+#include "eaas/eaas.hpp"
+#include "eaas/runtime/slot.hpp"
+
+using namespace eaas;
+using namespace eaas::runtime;
+
+namespace {
+
+int failures = 0;
+#define EXPECT(cond, ...)                                    \
+  do {                                                       \
+    if (!(cond)) {                                           \
+      std::fprintf(stderr, "evil: FAILED %s: ", #cond);      \
+      std::fprintf(stderr, __VA_ARGS__);                     \
+      std::fprintf(stderr, "\n");                            \
+      ++failures;                                            \
+    }                                                        \
+  } while (0)
+
+struct conn {
+  std::unique_ptr<context> ctx;
+  std::unique_ptr<registry> reg;
+  std::unique_ptr<directory> dir;
+  std::unique_ptr<memory_region> result;
+  peer_link link;
+  server_welcome w{};
+  remote_view slots{};
+  std::uint64_t seq = 0;  // last seq the server consumed
+};
+
+struct request {
+  slot_header h{};
+  std::vector<float> act;
+  std::vector<std::uint16_t> ids;
+  std::vector<float> weights;
+};
+
+// Writes a request as given (no checks) and waits for the answer with seq `answer_seq`.
+bool exchange(conn& c, const request& r, std::uint64_t answer_seq, response_header& rh, std::vector<float>* out) {
+  const slot_layout l = layout_for(r.h.tokens > c.w.max_tokens ? 1 : r.h.tokens, r.h.hidden, r.h.topk ? r.h.topk : 1,
+                                   dtype::f32);
+  std::vector<unsigned char> buf(std::min<std::uint64_t>(c.w.slot_bytes, std::max<std::uint64_t>(l.end, 64)), 0);
+  std::memcpy(buf.data(), &r.h, sizeof(r.h));
+  auto copy_in = [&](std::uint64_t off, const void* src, std::size_t n) {
+    if (off < buf.size()) std::memcpy(buf.data() + off, src, std::min<std::size_t>(n, buf.size() - off));
+  };
+  copy_in(l.activations, r.act.data(), r.act.size() * 4);
+  copy_in(l.expert_ids, r.ids.data(), r.ids.size() * 2);
+  copy_in(l.weights, r.weights.data(), r.weights.size() * 4);
+  const auto ep = c.link.ep->view();
+  if (put_signal(coop_thread{}, ep, c.slots, c.w.slot_offset, buf.data(), buf.size(), c.slots, c.w.sig_offset, r.h.seq,
+                 signal_op::set) != status::ok ||
+      quiet(coop_thread{}, ep) != status::ok)
+    return false;
+  const auto* base = static_cast<const unsigned char*>(c.result->data());
+  if (wait_signal(ep, reinterpret_cast<const std::uint64_t*>(base + kResultSig), cmp_op::eq, answer_seq,
+                  timeout{5'000'000'000ull}) != status::ok)
+    return false;
+  std::memcpy(&rh, base + kResponse, sizeof(rh));
+  if (out) {
+    out->resize(std::size_t{rh.tokens} * r.h.hidden);
+    std::memcpy(out->data(), base + kOutputs, out->size() * 4);
+  }
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 10) {
+    std::fprintf(stderr, "usage: evil_client REGISTRY NS SERVER_ID HIDDEN INTER EXPERTS TOPK LAYERS SEED\n");
+    return 2;
+  }
+  const model_shape shape{.hidden = std::uint32_t(std::stoul(argv[4])),
+                          .inter = std::uint32_t(std::stoul(argv[5])),
+                          .experts = std::uint32_t(std::stoul(argv[6])),
+                          .topk = std::uint32_t(std::stoul(argv[7])),
+                          .layers = std::uint32_t(std::stoul(argv[8]))};
+  const std::uint64_t seed = std::stoull(argv[9]);
+  conn c;
+  registry_options ro;
+  ro.endpoint = argv[1];
+  if (context::create({.name = "evil"}, c.ctx) != status::ok || registry::open(ro, c.reg) != status::ok) return 3;
+  peer_record self;
+  self.id = "evil";
+  self.role = "client";
+  (void)c.ctx->connection_handle(self.connection);
+  if (directory::start(*c.reg, *c.ctx, argv[2], self, 2, c.dir) != status::ok) return 3;
+  const std::uint32_t max_tokens = 16;
+  if (c.ctx->allocate(result_region_bytes(max_tokens, shape.hidden), c.result) != status::ok) return 3;
+  handle_bytes h;
+  (void)c.result->export_handle(h);
+  if (c.dir->link(argv[3], {{"result", h}}, 5'000'000'000ull, c.link) != status::ok) {
+    std::fprintf(stderr, "evil: link failed: %s\n", std::string(last_error()).c_str());
+    return 3;
+  }
+  auto* base = static_cast<unsigned char*>(c.result->data());
+  if (wait_signal(c.link.ep->view(), reinterpret_cast<const std::uint64_t*>(base + kWelcomeSig), cmp_op::ne, 0,
+                  timeout{5'000'000'000ull}) != status::ok)
+    return 3;
+  std::memcpy(&c.w, base + kWelcome, sizeof(c.w));
+  c.slots = c.link.region("slots")->view();
+  const std::uint32_t local = c.w.local_experts;
+  EXPECT(c.w.max_tokens == max_tokens, "welcome max_tokens %u", c.w.max_tokens);
+
+  std::mt19937_64 rng(seed);
+  auto valid = [&](std::uint32_t tokens) {
+    request r;
+    r.h.magic = kSlotMagic;
+    r.h.version = kSlotVersion;
+    r.h.type = static_cast<std::uint16_t>(dtype::f32);
+    r.h.seq = c.seq + 1;
+    r.h.layer = static_cast<std::uint32_t>(rng() % shape.layers);
+    r.h.tokens = tokens;
+    r.h.hidden = shape.hidden;
+    r.h.topk = shape.topk;
+    r.h.payload_bytes = layout_for(tokens, shape.hidden, shape.topk, dtype::f32).end - sizeof(slot_header);
+    std::normal_distribution<float> nd;
+    r.act.resize(std::size_t{tokens} * shape.hidden);
+    for (auto& v : r.act) v = nd(rng);
+    r.ids.resize(std::size_t{tokens} * shape.topk);
+    r.weights.resize(r.ids.size());
+    for (std::size_t i = 0; i < r.ids.size(); ++i) {
+      r.ids[i] = i % 3 == 2 ? kNoExpert : static_cast<std::uint16_t>(rng() % local);
+      r.weights[i] = 0.25f + float(rng() % 100) / 100.0f;
+    }
+    return r;
+  };
+
+  int cases = 0;
+  // Each malformed request and the error it must get. The server consumes every request that carries
+  // the expected seq, so each case uses the next one.
+  auto expect_error = [&](const char* name, request r, slot_error want, bool consumes = true) {
+    ++cases;
+    response_header rh{};
+    const bool ok = exchange(c, r, r.h.seq, rh, nullptr);
+    EXPECT(ok, "%s: no answer", name);
+    if (!ok) return;
+    EXPECT(rh.error == static_cast<std::uint32_t>(want), "%s: error %s, want %s", name,
+           slot_error_name(static_cast<slot_error>(rh.error)), slot_error_name(want));
+    EXPECT(rh.tokens == 0, "%s: %u tokens answered", name, rh.tokens);
+    if (consumes) c.seq = r.h.seq;
+  };
+  {
+    auto r = valid(4);
+    r.h.tokens = max_tokens + 1;
+    expect_error("tokens beyond the slot", r, slot_error::too_many_tokens);
+  }
+  {
+    auto r = valid(4);
+    r.h.tokens = 0xFFFFFFFFu;
+    expect_error("4G tokens", r, slot_error::too_many_tokens);
+  }
+  {
+    auto r = valid(4);
+    r.h.layer = shape.layers;
+    expect_error("unknown layer", r, slot_error::unknown_layer);
+  }
+  {
+    auto r = valid(4);
+    r.ids[1] = static_cast<std::uint16_t>(local);
+    expect_error("expert not hosted", r, slot_error::expert_not_hosted);
+  }
+  {
+    auto r = valid(4);
+    r.ids[0] = 0xFFFE;
+    expect_error("expert 0xFFFE", r, slot_error::expert_not_hosted);
+  }
+  {
+    auto r = valid(4);
+    r.weights[3] = std::nanf("");
+    r.ids[3] = 0;
+    expect_error("NaN weight", r, slot_error::bad_weight);
+  }
+  {
+    auto r = valid(4);
+    r.h.magic ^= 1;
+    expect_error("bad magic", r, slot_error::bad_magic);
+  }
+  {
+    auto r = valid(4);
+    r.h.version = 99;
+    expect_error("bad version", r, slot_error::bad_version);
+  }
+  {
+    auto r = valid(4);
+    r.h.type = 7;
+    expect_error("bad dtype", r, slot_error::bad_dtype);
+  }
+  {
+    auto r = valid(4);
+    r.h.payload_bytes += 16;
+    expect_error("payload size", r, slot_error::size_mismatch);
+  }
+  {
+    auto r = valid(4);
+    r.h.hidden = shape.hidden + 8;
+    expect_error("hidden", r, slot_error::hidden_mismatch);
+  }
+  {
+    auto r = valid(4);
+    r.h.topk = shape.topk + 1;
+    expect_error("topk", r, slot_error::bad_topk);
+  }
+  {
+    auto r = valid(4);
+    r.h.seq = c.seq + 7;  // skips ahead: refused, and not consumed
+    expect_error("skipped seq", r, slot_error::stale_seq, false);
+  }
+  // Random header fields (seq kept right, so the server reads the rest): the answer is the verdict
+  // the header deserves, and the server keeps answering.
+  for (int i = 0; i < 300; ++i) {
+    auto r = valid(1 + static_cast<std::uint32_t>(rng() % max_tokens));
+    auto* words = reinterpret_cast<std::uint32_t*>(&r.h);
+    const int field = static_cast<int>(rng() % 16);
+    if (field != 2 && field != 3) words[field] = static_cast<std::uint32_t>(rng() >> (rng() % 32));
+    if (rng() % 4 == 0) r.ids[rng() % r.ids.size()] = static_cast<std::uint16_t>(rng());
+    const slot_limits lim{.slot_bytes = c.w.slot_bytes, .hidden = shape.hidden, .layers = shape.layers,
+                          .max_tokens = max_tokens, .max_topk = shape.topk, .local_experts = local,
+                          .expected_seq = c.seq + 1};
+    slot_error want = validate_request(r.h, lim);
+    if (want == slot_error::none) {
+      // The routing arrays sit where this (possibly changed) shape puts them; rebuild them there.
+      r.ids.resize(std::size_t{r.h.tokens} * r.h.topk, 0);
+      r.weights.resize(r.ids.size(), 0.5f);
+      r.act.resize(std::size_t{r.h.tokens} * r.h.hidden, 0.0f);
+      want = validate_routing(r.h, lim, r.ids.data(), r.weights.data());
+    }
+    ++cases;
+    response_header rh{};
+    const bool ok = exchange(c, r, r.h.seq, rh, nullptr);
+    EXPECT(ok, "random case %d: no answer", i);
+    if (!ok) break;
+    EXPECT(rh.error == static_cast<std::uint32_t>(want), "random case %d (field %d): error %s, want %s", i, field,
+           slot_error_name(static_cast<slot_error>(rh.error)), slot_error_name(want));
+    c.seq = r.h.seq;
+  }
+  // And a valid request is still answered, correctly.
+  {
+    ++cases;
+    auto r = valid(5);
+    response_header rh{};
+    std::vector<float> got;
+    const bool ok = exchange(c, r, r.h.seq, rh, &got);
+    EXPECT(ok && rh.error == 0 && rh.tokens == 5, "valid request after the attack: error %u tokens %u", rh.error,
+           rh.tokens);
+    if (ok && rh.error == 0) {
+      // Expected: Σ_k w_k · expert_{global(id_k)}(x), experts synthetic from the seed.
+      const auto& hosted = c.link.record.experts;
+      std::vector<float> want(got.size(), 0.0f), y(shape.hidden);
+      cpu::swiglu_scratch s;
+      for (std::uint32_t t = 0; t < 5; ++t)
+        for (std::uint32_t k = 0; k < shape.topk; ++k) {
+          const std::uint16_t id = r.ids[t * shape.topk + k];
+          if (id == kNoExpert) continue;
+          const auto w = synthetic_expert(shape, seed, r.h.layer, hosted[id]);
+          cpu::swiglu_rows(w, r.act.data() + std::size_t{t} * shape.hidden, 1, shape.hidden, shape.inter, y.data(), s);
+          for (std::uint32_t j = 0; j < shape.hidden; ++j) want[t * shape.hidden + j] += r.weights[t * shape.topk + k] * y[j];
+        }
+      double err = 0, mx = 0;
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        err = std::max(err, double(std::fabs(got[i] - want[i])));
+        mx = std::max(mx, double(std::fabs(want[i])));
+      }
+      EXPECT(mx > 0 && err / mx <= 1e-5, "valid answer off by %g relative", err / mx);
+    }
+  }
+  std::printf("evil: %d cases, %d failures\n", cases, failures);
+  return failures == 0 ? 0 : 1;
+}

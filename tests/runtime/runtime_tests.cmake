@@ -1,0 +1,19 @@
+# The MoE runtime's tests: math, reference, in-process and multi-process runs, a malicious client.
+if(NOT TARGET eaas_moe)
+  return()
+endif()
+add_executable(eaas-evil-client ${CMAKE_CURRENT_LIST_DIR}/evil_client.cpp)
+target_link_libraries(eaas-evil-client PRIVATE eaas_moe)
+
+add_executable(eaas-runtime-tests ${CMAKE_CURRENT_LIST_DIR}/test_runtime.cpp)
+target_link_libraries(eaas-runtime-tests PRIVATE eaas_test_main eaas_moe nlohmann_json::nlohmann_json)
+target_compile_definitions(eaas-runtime-tests PRIVATE
+  EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_CLIENT_BIN="$<TARGET_FILE:eaas-client>"
+  EAAS_EVIL_BIN="$<TARGET_FILE:eaas-evil-client>")
+add_dependencies(eaas-runtime-tests eaas-server eaas-client eaas-evil-client)
+foreach(t IN ITEMS eaas-evil-client eaas-runtime-tests)
+  if(COMMAND eaas_target_defaults)
+    eaas_target_defaults(${t})
+  endif()
+endforeach()
+eaas_add_doctest(eaas-runtime-tests runtime)

@@ -1,0 +1,385 @@
+// The MoE runtime: its CPU math against plain loops, placement and presets, and the disaggregated
+// forward pass against the monolithic reference — in one process (servers on threads) and as real
+// processes (eaas-server, eaas-client, a malicious client).
+
+#include <doctest/doctest.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+
+#include "../common/require_ok.hpp"
+#include "../common/spawn.hpp"
+#include "client.hpp"
+#include "cpu_math.hpp"
+#include "eaas/eaas.hpp"
+#include "reference.hpp"
+#include "server.hpp"
+#include "service.hpp"
+
+using namespace eaas;
+using namespace eaas::runtime;
+
+namespace {
+
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    num = std::max(num, double(std::fabs(a[i] - b[i])));
+    den = std::max(den, double(std::fabs(b[i])));
+  }
+  return num / den;
+}
+
+const model_shape kShape{.hidden = 64, .inter = 96, .experts = 12, .topk = 3, .layers = 3};
+
+std::vector<std::uint32_t> random_tokens(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::uint32_t> t(n);
+  for (auto& v : t) v = static_cast<std::uint32_t>(rng());
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("runtime math: SwiGLU, router and norm against plain loops") {
+  const model_shape s{.hidden = 48, .inter = 80, .experts = 10, .topk = 3, .layers = 1};
+  const auto w = synthetic_expert(s, 7, 0, 3);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd;
+  const std::size_t rows = 5;
+  std::vector<float> x(rows * s.hidden), y(rows * s.hidden);
+  for (auto& v : x) v = nd(rng);
+  cpu::swiglu_scratch sc;
+  cpu::swiglu_rows(w, x.data(), rows, s.hidden, s.inter, y.data(), sc);
+  for (std::size_t r = 0; r < rows; ++r) {
+    std::vector<double> hmid(s.inter);
+    for (std::uint32_t i = 0; i < s.inter; ++i) {
+      double g = 0, u = 0;
+      for (std::uint32_t j = 0; j < s.hidden; ++j) {
+        g += double(w.gate[i * s.hidden + j]) * x[r * s.hidden + j];
+        u += double(w.up[i * s.hidden + j]) * x[r * s.hidden + j];
+      }
+      hmid[i] = g / (1 + std::exp(-g)) * u;
+    }
+    for (std::uint32_t j = 0; j < s.hidden; ++j) {
+      double acc = 0;
+      for (std::uint32_t i = 0; i < s.inter; ++i) acc += double(w.down[j * s.inter + i]) * hmid[i];
+      CHECK(y[r * s.hidden + j] == doctest::Approx(acc).epsilon(1e-4).scale(1.0));
+    }
+  }
+  // Router: the chosen experts are the largest logits, their weights are their renormalised softmax.
+  const auto rw = synthetic_router(s, 7, 0);
+  std::vector<std::uint32_t> ids(rows * s.topk);
+  std::vector<float> wts(rows * s.topk);
+  cpu::route_topk(rw, x.data(), rows, s.hidden, s.experts, s.topk, ids.data(), wts.data());
+  for (std::size_t r = 0; r < rows; ++r) {
+    std::vector<double> logit(s.experts);
+    for (std::uint32_t e = 0; e < s.experts; ++e)
+      for (std::uint32_t j = 0; j < s.hidden; ++j) logit[e] += double(rw.gate[e * s.hidden + j]) * x[r * s.hidden + j];
+    std::vector<std::uint32_t> order(s.experts);
+    std::iota(order.begin(), order.end(), 0u);
+    std::sort(order.begin(), order.end(), [&](auto a, auto b) { return logit[a] > logit[b]; });
+    double z = 0;
+    for (std::uint32_t k = 0; k < s.topk; ++k) z += std::exp(logit[order[k]]);
+    float sum = 0;
+    for (std::uint32_t k = 0; k < s.topk; ++k) {
+      CHECK(ids[r * s.topk + k] == order[k]);
+      CHECK(wts[r * s.topk + k] == doctest::Approx(std::exp(logit[order[k]]) / z).epsilon(1e-5));
+      sum += wts[r * s.topk + k];
+    }
+    CHECK(sum == doctest::Approx(1.0f).epsilon(1e-6));
+  }
+  std::vector<float> n(x.size());
+  cpu::rmsnorm(x.data(), n.data(), rows, s.hidden);
+  for (std::size_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (std::uint32_t j = 0; j < s.hidden; ++j) ss += double(n[r * s.hidden + j]) * n[r * s.hidden + j];
+    CHECK(ss / s.hidden == doctest::Approx(1.0).epsilon(1e-4));
+  }
+}
+
+TEST_CASE("runtime: synthetic weights depend on exactly (seed, layer, expert)") {
+  const auto a = synthetic_expert(kShape, 5, 1, 2), b = synthetic_expert(kShape, 5, 1, 2);
+  CHECK(a.gate == b.gate);
+  CHECK(a.down == b.down);
+  CHECK(synthetic_expert(kShape, 5, 1, 3).gate != a.gate);
+  CHECK(synthetic_expert(kShape, 5, 2, 2).gate != a.gate);
+  CHECK(synthetic_expert(kShape, 6, 1, 2).gate != a.gate);
+  CHECK(a.gate != a.up);
+  float mx = 0;
+  for (float v : a.gate) mx = std::max(mx, std::fabs(v));
+  CHECK(mx <= 1.0f / std::sqrt(float(kShape.hidden)));
+  CHECK(mx > 0.9f / std::sqrt(float(kShape.hidden)));
+}
+
+TEST_CASE("runtime: placement, id lists, presets and shape checks") {
+  for (std::uint32_t n : {1u, 2u, 3u, 5u})
+    for (std::uint32_t r = 1; r <= n; ++r) {
+      std::vector<int> hosts(16, 0);
+      for (std::uint32_t s = 0; s < n; ++s)
+        for (auto e : experts_of_server(s, n, 16, r)) hosts[e]++;
+      for (int h : hosts) CHECK(h == static_cast<int>(r));
+    }
+  std::vector<std::uint32_t> ids;
+  REQUIRE_OK(parse_id_list("0-3,7,9-10", 16, ids));
+  CHECK(ids == std::vector<std::uint32_t>{0, 1, 2, 3, 7, 9, 10});
+  for (const char* bad : {"", "3-1", "16", "1,,2", "a", "1-", "-1", "0-16"})
+    CHECK(parse_id_list(bad, 16, ids) == status::invalid_argument);
+  model_shape s;
+  REQUIRE_OK(shape_preset("deepseek-v3", s));
+  CHECK(s.hidden == 7168);
+  CHECK(s.inter == 2048);
+  CHECK(s.experts == 256);
+  CHECK(s.topk == 8);
+  CHECK(shape_preset("gpt-5", s) == status::not_found);
+  CHECK(check_shape({.hidden = 8, .inter = 8, .experts = 4, .topk = 5, .layers = 1}) == status::invalid_argument);
+  CHECK(check_shape({.hidden = 8, .inter = 8, .experts = 70000, .topk = 5, .layers = 1}) == status::invalid_argument);
+  CHECK(check_shape({.hidden = 0, .inter = 8, .experts = 4, .topk = 1, .layers = 1}) == status::invalid_argument);
+}
+
+TEST_CASE("runtime: the reference MoE equals a per-token sum over its experts") {
+  const reference_model ref(kShape, 3, {});
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd;
+  const std::size_t rows = 7;
+  std::vector<float> x(rows * kShape.hidden), m;
+  for (auto& v : x) v = nd(rng);
+  routing r;
+  ref.dense().route(1, x, r);
+  ref.moe(1, x, r, m);
+  cpu::swiglu_scratch sc;
+  std::vector<float> y(kShape.hidden);
+  for (std::size_t t = 0; t < rows; ++t) {
+    std::vector<float> want(kShape.hidden, 0.0f);
+    for (std::uint32_t k = 0; k < kShape.topk; ++k) {
+      const auto w = synthetic_expert(kShape, 3, 1, r.ids[t * kShape.topk + k]);
+      cpu::swiglu_rows(w, x.data() + t * kShape.hidden, 1, kShape.hidden, kShape.inter, y.data(), sc);
+      for (std::uint32_t j = 0; j < kShape.hidden; ++j) want[j] += r.weights[t * kShape.topk + k] * y[j];
+    }
+    const std::vector<float> got(m.begin() + t * kShape.hidden, m.begin() + (t + 1) * kShape.hidden);
+    CHECK(rel_err(got, want) < 1e-5);
+  }
+}
+
+namespace {
+
+/// Servers on threads of this process, around one embedded registry.
+struct cluster {
+  std::unique_ptr<registry_server> reg;
+  std::string endpoint, ns;
+  std::vector<std::unique_ptr<expert_server>> servers;
+  std::vector<std::unique_ptr<std::atomic<bool>>> stops;
+  std::vector<std::thread> threads;
+
+  explicit cluster(const std::string& name) {
+    REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+    endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+    ns = name + std::to_string(::getpid());
+  }
+  void add_server(const std::string& id, std::vector<std::uint32_t> experts) {
+    server_options o;
+    o.id = id;
+    o.registry.endpoint = endpoint;
+    o.ns = ns;
+    o.shape = kShape;
+    o.seed = 11;
+    o.experts = std::move(experts);
+    o.max_tokens = 64;
+    std::unique_ptr<expert_server> s;
+    REQUIRE_OK(expert_server::start(o, s));
+    stops.push_back(std::make_unique<std::atomic<bool>>(false));
+    auto* srv = s.get();
+    auto* stop = stops.back().get();
+    threads.emplace_back([srv, stop] { (void)srv->serve(*stop); });
+    servers.push_back(std::move(s));
+  }
+  /// Stops server i and destroys it (its lease is revoked: clients see it go offline).
+  void kill(std::size_t i) {
+    *stops[i] = true;
+    threads[i].join();
+    servers[i].reset();
+  }
+  std::unique_ptr<attention_client> client(const std::string& id) {
+    client_options o;
+    o.id = id;
+    o.registry.endpoint = endpoint;
+    o.ns = ns;
+    o.shape = kShape;
+    o.seed = 11;
+    o.max_tokens = 64;
+    o.request_timeout_ns = 1'000'000'000ull;
+    std::unique_ptr<attention_client> c;
+    REQUIRE_OK(attention_client::start(o, c));
+    return c;
+  }
+  ~cluster() {
+    for (std::size_t i = 0; i < servers.size(); ++i)
+      if (servers[i]) kill(i);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("runtime: a disaggregated forward pass equals the monolithic reference (servers on threads)") {
+  cluster cl("rt-eq");
+  cl.add_server("a", experts_of_server(0, 3, kShape.experts, 1));
+  cl.add_server("b", experts_of_server(1, 3, kShape.experts, 1));
+  cl.add_server("c", experts_of_server(2, 3, kShape.experts, 1));
+  auto c = cl.client("client");
+  REQUIRE_OK(c->wait_for_experts(1, 5'000'000'000ull));
+  const reference_model ref(kShape, 11, {});
+  std::vector<float> got, want;
+  for (std::uint64_t step = 0; step < 5; ++step) {
+    const auto toks = random_tokens(1 + step * 13, step);
+    REQUIRE_OK(c->forward(toks, got));
+    ref.forward(toks, want);
+    REQUIRE(got.size() == want.size());
+    CHECK(rel_err(got, want) < 1e-5);
+    CHECK(c->last_moe_ns().size() == kShape.layers);
+  }
+  CHECK(c->stats().dropped_servers == 0);
+  std::uint64_t tokens = 0;
+  for (auto& s : cl.servers) tokens += s->stats().tokens;
+  CHECK(tokens > 0);
+  // A wrong-sized batch is refused on the client, before anything is sent.
+  std::vector<std::uint32_t> none;
+  CHECK(c->forward(none, got) == status::invalid_argument);
+  CHECK(c->forward(random_tokens(65, 1), got) == status::invalid_argument);
+}
+
+TEST_CASE("runtime: a server that leaves mid-run is replaced by its replica; outputs stay exact") {
+  cluster cl("rt-fo");
+  for (std::uint32_t i = 0; i < 3; ++i) cl.add_server("s" + std::to_string(i), experts_of_server(i, 3, kShape.experts, 2));
+  auto c = cl.client("client");
+  REQUIRE_OK(c->wait_for_experts(2, 5'000'000'000ull));
+  const reference_model ref(kShape, 11, {});
+  std::vector<float> got, want;
+  const auto toks = random_tokens(40, 9);
+  ref.forward(toks, want);
+  REQUIRE_OK(c->forward(toks, got));
+  CHECK(rel_err(got, want) < 1e-5);
+  cl.kill(1);  // experts of s1 remain on one replica each
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE_OK(c->forward(toks, got));
+    CHECK(rel_err(got, want) < 1e-5);
+  }
+  CHECK(c->stats().dropped_servers >= 1);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Real processes.
+
+namespace {
+
+struct proc {
+  test::spawned sp;
+  ~proc() {
+    if (sp.pid > 0) {
+      ::kill(sp.pid, SIGKILL);
+      ::waitpid(sp.pid, nullptr, 0);
+    }
+  }
+  bool start(const char* bin, std::vector<std::string> args) {
+    ::setenv("OPENBLAS_NUM_THREADS", "1", 0);  // the processes share few cores
+    return test::spawn_with_pipes(bin, std::move(args), sp);
+  }
+  /// The next stdout line that parses as a JSON object with this "type" (others are skipped).
+  nlohmann::json next(const std::string& type) {
+    char line[1 << 16];
+    while (std::fgets(line, sizeof(line), sp.from)) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.is_object() && j.value("type", "") == type) return j;
+    }
+    return {};
+  }
+  int wait() {
+    int st = 0;
+    ::waitpid(sp.pid, &st, 0);
+    sp.pid = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  }
+};
+
+std::vector<std::string> shape_args(const std::string& endpoint, const std::string& ns) {
+  return {"--registry", endpoint, "--ns", ns, "--seed", "11", "--hidden", std::to_string(kShape.hidden), "--inter",
+          std::to_string(kShape.inter), "--experts", std::to_string(kShape.experts), "--topk",
+          std::to_string(kShape.topk), "--layers", std::to_string(kShape.layers)};
+}
+
+}  // namespace
+
+TEST_CASE("runtime processes: clients and servers in separate processes match the reference") {
+  std::unique_ptr<registry_server> reg;
+  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+  const std::string ns = "rtmp" + std::to_string(::getpid());
+  proc servers[3], clients[2];
+  for (int i = 0; i < 3; ++i) {
+    auto a = shape_args(endpoint, ns);
+    a.insert(a.end(), {"--id", "s" + std::to_string(i), "--placement", std::to_string(i) + "/3/2"});
+    REQUIRE(servers[i].start(EAAS_SERVER_BIN, a));
+    REQUIRE(servers[i].next("ready").value("id", "") == "s" + std::to_string(i));
+  }
+  for (int i = 0; i < 2; ++i) {
+    auto a = shape_args(endpoint, ns);
+    a.insert(a.end(), {"--id", "c" + std::to_string(i), "--tokens", "24", "--steps", "6", "--replicas", "2", "--verify"});
+    REQUIRE(clients[i].start(EAAS_CLIENT_BIN, a));
+  }
+  for (auto& c : clients) {
+    const auto r = c.next("result");
+    REQUIRE(r.is_object());
+    CHECK(r.value("verified_steps", 0) == 6);
+    CHECK(r.value("max_rel_err", 1.0) <= 1e-5);
+    CHECK(r.value("tokens_per_s", 0.0) > 0);
+    CHECK(c.wait() == 0);
+  }
+  for (auto& s : servers) {
+    ::kill(s.sp.pid, SIGTERM);
+    const auto st = s.next("stats");
+    CHECK(st.value("tokens", 0) > 0);
+    CHECK(st.value("refused", 1) == 0);
+    CHECK(s.wait() == 0);
+  }
+}
+
+TEST_CASE("runtime processes: a malicious client gets error answers, never an out-of-bounds access") {
+  std::unique_ptr<registry_server> reg;
+  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+  const std::string ns = "rtevil" + std::to_string(::getpid());
+  proc server, evil, good;
+  auto a = shape_args(endpoint, ns);
+  a.insert(a.end(), {"--id", "victim", "--host-experts", "0-5"});
+  REQUIRE(server.start(EAAS_SERVER_BIN, a));
+  REQUIRE(server.next("ready").is_object());
+  REQUIRE(evil.start(EAAS_EVIL_BIN, {endpoint, ns, "victim", std::to_string(kShape.hidden), std::to_string(kShape.inter),
+                                     std::to_string(kShape.experts), std::to_string(kShape.topk),
+                                     std::to_string(kShape.layers), "11"}));
+  char line[256] = {};
+  REQUIRE(std::fgets(line, sizeof(line), evil.sp.from) != nullptr);
+  int cases = 0, failures = -1;
+  REQUIRE(std::sscanf(line, "evil: %d cases, %d failures", &cases, &failures) == 2);
+  CHECK(cases > 300);
+  CHECK(failures == 0);
+  CHECK(evil.wait() == 0);
+  // The server survived and still serves an honest client (experts 6.. live on a second server).
+  proc other;
+  auto b = shape_args(endpoint, ns);
+  b.insert(b.end(), {"--id", "other", "--host-experts", "6-11"});
+  REQUIRE(other.start(EAAS_SERVER_BIN, b));
+  REQUIRE(other.next("ready").is_object());
+  auto c = shape_args(endpoint, ns);
+  c.insert(c.end(), {"--id", "honest", "--tokens", "16", "--steps", "3", "--verify"});
+  REQUIRE(good.start(EAAS_CLIENT_BIN, c));
+  const auto r = good.next("result");
+  CHECK(r.value("max_rel_err", 1.0) <= 1e-5);
+  CHECK(good.wait() == 0);
+  ::kill(server.sp.pid, SIGTERM);
+  const auto st = server.next("stats");
+  CHECK(st.value("refused", 0) >= 13);
+  CHECK(server.wait() == 0);
+}
