@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -240,7 +241,13 @@ class server_impl final : public expert_server {
       reqs.push_back(read_request(i));
     }
     if (reqs.empty()) return false;
+    const auto t0 = std::chrono::steady_clock::now();
     compute(reqs);
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    {
+      std::lock_guard g(stats_mu_);
+      stats_.compute_ns += static_cast<std::uint64_t>(ns);
+    }
     for (auto& r : reqs) respond(r);
     std::lock_guard g(stats_mu_);
     stats_.batches++;

@@ -35,6 +35,7 @@ struct server_stats {
   std::uint64_t refused = 0;   ///< answered with an error
   std::uint64_t tokens = 0;    ///< tokens computed
   std::uint64_t batches = 0;   ///< poll rounds that computed something
+  std::uint64_t compute_ns = 0;  ///< time spent in the expert math
   std::uint32_t clients = 0;   ///< slots in use now
 };
 

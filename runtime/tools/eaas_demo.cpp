@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -120,7 +121,7 @@ int main(int argc, char** argv) {
   CLI::App app{"eaas-demo: registry, expert servers and attention clients as processes on this machine"};
   tool::model_args model;
   std::uint32_t servers = 2, clients = 2, replicas = 1, tokens = 32, steps = 30, attention_cost = 1;
-  bool gpu = false, no_verify = false;
+  bool gpu = false, no_verify = false, verbose = false;
   double tolerance = 1e-5;
   model.add(app);
   app.add_option("--servers", servers, "expert servers")->capture_default_str();
@@ -134,6 +135,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--no-verify", no_verify, "skip the check against the monolithic reference");
   app.add_flag("--gpu", gpu, "run the experts on GPUs");
+  app.add_flag("--verbose", verbose, "show the servers' and clients' event lines (links, departures)");
   CLI11_PARSE(app, argc, argv);
 
   model_shape shape;
@@ -151,6 +153,7 @@ int main(int argc, char** argv) {
   // One BLAS thread per process: the processes already share the cores, and OpenBLAS's spinning
   // worker threads would fight them (the caller's setting wins).
   ::setenv("OPENBLAS_NUM_THREADS", "1", 0);
+  if (!verbose) ::setenv("EAAS_QUIET", "1", 0);
   std::error_code ec;
   const auto dir = std::filesystem::read_symlink("/proc/self/exe", ec).parent_path();
   const std::string server_bin = (dir / "eaas-server").string(), client_bin = (dir / "eaas-client").string();
@@ -267,6 +270,13 @@ int main(int argc, char** argv) {
   std::printf("\n");
   stop_all(SIGTERM);
   for (auto& c : srv) reap(c, true);
+  std::map<std::string, json> server_stats;
+  std::vector<child*> srv_ptrs;
+  for (auto& c : srv) srv_ptrs.push_back(&c);
+  for (int i = 0; i < 20 && std::any_of(srv.begin(), srv.end(), [](const child& c) { return c.out >= 0; }); ++i)
+    pump(srv_ptrs, 50, [&](child& c, const json& j) {
+      if (j.value("type", "") == "stats") server_stats[c.name] = j;
+    });
   for (auto& c : cli) {
     if (!reap(c, false)) ::kill(c.pid, SIGKILL);
     reap(c, true);
@@ -295,6 +305,17 @@ int main(int argc, char** argv) {
   }
   std::printf("\ntokens/s (sum of clients): %.0f   MoE round trip per layer: p50 %.1f us, p90 %.1f us, p99 %.1f us\n",
               total_tps, pct(layer_all, 50), pct(layer_all, 90), pct(layer_all, 99));
+  for (const auto& c : srv) {
+    const auto it = server_stats.find(c.name);
+    if (it == server_stats.end()) {
+      std::printf("server %-4s no counters (%s)\n", c.name.c_str(), describe_exit(c).c_str());
+      continue;
+    }
+    const json& st = it->second;
+    std::printf("server %-4s %8llu requests, %8llu tokens computed, %6llu refused, expert math %.0f ms\n",
+                c.name.c_str(), st.value("requests", 0ull), st.value("tokens", 0ull), st.value("refused", 0ull),
+                st.value("compute_ms", 0.0));
+  }
   if (no_verify) {
     std::printf("correctness: not checked (--no-verify)\n");
   } else {

@@ -63,9 +63,9 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   const status s = srv->serve(g_stop);
   const server_stats st = srv->stats();
-  std::printf("{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu}\n",
+  std::printf("{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_ms\":%.1f}\n",
               o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
-              static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches));
+              static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches), double(st.compute_ns) * 1e-6);
   std::fflush(stdout);
   if (s != status::ok) return tool::fail("eaas-server", "serve", s);
   return 0;
