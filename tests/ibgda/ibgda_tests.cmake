@@ -2,16 +2,21 @@
 # (only where rdma-core's headers were found), and the production posting / polling code driven from
 # host threads against the software NIC model (always). With CUDA, the same code must also compile in
 # a __global__ kernel (an object library that is built, never linked or launched here).
+# The host side (lib/transport/ibgda) is tested through its private headers, against fakes of
+# rdma-core and CUDA (fake_verbs.hpp).
 add_executable(eaas-ibgda-tests
   ${CMAKE_CURRENT_LIST_DIR}/soft_nic.cpp
-  ${CMAKE_CURRENT_LIST_DIR}/test_soft_nic.cpp)
+  ${CMAKE_CURRENT_LIST_DIR}/test_soft_nic.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/test_host.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/test_wire.cpp)
 if(EAAS_HAVE_IBGDA)
   # mlx5dv.h's helpers are static inline: the header is enough, no libmlx5 / libibverbs to link.
-  target_sources(eaas-ibgda-tests PRIVATE ${CMAKE_CURRENT_LIST_DIR}/test_wqe.cpp)
+  target_sources(eaas-ibgda-tests PRIVATE ${CMAKE_CURRENT_LIST_DIR}/test_wqe.cpp ${CMAKE_CURRENT_LIST_DIR}/test_prm.cpp)
   target_include_directories(eaas-ibgda-tests PRIVATE ${mlx5dv_INCLUDE_DIRS})
 endif()
-target_include_directories(eaas-ibgda-tests PRIVATE ${PROJECT_SOURCE_DIR}/include ${CMAKE_CURRENT_LIST_DIR})
-target_link_libraries(eaas-ibgda-tests PRIVATE eaas_test_main Threads::Threads)
+target_include_directories(eaas-ibgda-tests PRIVATE ${PROJECT_SOURCE_DIR}/include ${PROJECT_SOURCE_DIR}/lib
+                                                   ${CMAKE_CURRENT_LIST_DIR})
+target_link_libraries(eaas-ibgda-tests PRIVATE eaas_test_main fmt::fmt Threads::Threads)
 if(COMMAND eaas_target_defaults)
   eaas_target_defaults(eaas-ibgda-tests)
 endif()
