@@ -71,3 +71,31 @@ __global__ void ibgda_builders(eaas::mlx5::send_wqebb* ring, std::uint64_t* door
   }
   doorbells[threadIdx.x] = ib::doorbell_word(s) ^ eaas::mlx5::to_be64(threadIdx.x);
 }
+
+// The op vocabulary on an ibgda endpoint (ops_impl.hpp → ibgda/ops.hpp), at every cooperation
+// scope: one thread of the group posts, the group gets the status.
+#include "eaas/device/ops.hpp"
+
+template <class Coop>
+__device__ unsigned ops_at_scope(const eaas::device_endpoint& ep, const eaas::remote_view& r, void* local,
+                                 std::uint64_t* fetched) {
+  const Coop c{};
+  unsigned bad = 0;
+  bad += eaas::put(c, ep, r, 0, local, 256) != eaas::status::ok;
+  bad += eaas::get(c, ep, r, 256, local, 256) != eaas::status::ok;
+  bad += eaas::signal(c, ep, r, 512, 1, eaas::signal_op::add) != eaas::status::ok;
+  bad += eaas::put_signal(c, ep, r, 0, local, 64, r, 520, 3, eaas::signal_op::set) != eaas::status::ok;
+  bad += eaas::fetch_add(c, ep, r, 528, 1, fetched) != eaas::status::ok;
+  bad += eaas::compare_swap(c, ep, r, 536, 0, 1, fetched) != eaas::status::ok;
+  bad += eaas::fence(c, ep) != eaas::status::ok;
+  bad += eaas::quiet(c, ep) != eaas::status::ok;
+  return bad;
+}
+
+__global__ void ibgda_endpoint_ops(eaas::device_endpoint ep, eaas::remote_view r, void* local, std::uint64_t* fetched,
+                                   unsigned* failures) {
+  unsigned bad = ops_at_scope<eaas::coop_block>(ep, r, local, fetched);
+  bad += ops_at_scope<eaas::coop_warp>(ep, r, local, fetched + 1 + threadIdx.x / 32);
+  if ((threadIdx.x & 31) == 0) bad += ops_at_scope<eaas::coop_thread>(ep, r, local, fetched + 64 + threadIdx.x / 32);
+  if (bad != 0) atomicAdd(failures, bad);
+}

@@ -7,6 +7,7 @@
 add_executable(eaas-ibgda-tests
   ${CMAKE_CURRENT_LIST_DIR}/soft_nic.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_soft_nic.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/test_endpoint_ops.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_host.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_wire.cpp)
 if(EAAS_HAVE_IBGDA)

@@ -8,6 +8,7 @@
 #include "eaas/detail/atomic.hpp"
 #include "eaas/detail/checks.hpp"
 #include "eaas/detail/clock.hpp"
+#include "eaas/detail/ibgda/ops.hpp"
 #include "eaas/detail/ldst_device.cuh"
 #include "eaas/detail/ldst_impl.hpp"
 
@@ -51,6 +52,7 @@ EAAS_HOST_DEVICE status put(Coop, const device_endpoint& ep, const remote_view& 
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::put(dst, dst_offset, src, bytes);
   }
+  if (ep.transport == transport_kind::ibgda) return detail::ibgda::op_put<Coop>(ep, dst, dst_offset, src, bytes);
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::put<Coop>(dst, dst_offset, src, bytes);
 #endif
@@ -67,6 +69,7 @@ EAAS_HOST_DEVICE status signal(Coop, const device_endpoint& ep, const remote_vie
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::signal(sig, sig_offset, value, op);
   }
+  if (ep.transport == transport_kind::ibgda) return detail::ibgda::op_signal<Coop>(ep, sig, sig_offset, value, op);
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::signal<Coop>(sig, sig_offset, value, op);
 #endif
@@ -90,6 +93,9 @@ EAAS_HOST_DEVICE status put_signal(Coop, const device_endpoint& ep, const remote
       return detail::ldst::signal(sig, sig_offset, value, op);
     }
   }
+  // One RC QP executes the payload WRITE before the signal: no fence needed.
+  if (ep.transport == transport_kind::ibgda)
+    return detail::ibgda::op_put_signal<Coop>(ep, dst, dst_offset, src, bytes, sig, sig_offset, value, op);
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink) {
     (void)detail::ldst_dev::put<Coop>(dst, dst_offset, src, bytes);
@@ -109,6 +115,7 @@ EAAS_HOST_DEVICE status get(Coop, const device_endpoint& ep, const remote_view& 
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::get(src, src_offset, dst, bytes);
   }
+  if (ep.transport == transport_kind::ibgda) return detail::ibgda::op_get<Coop>(ep, src, src_offset, dst, bytes);
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::get<Coop>(src, src_offset, dst, bytes);
 #endif
@@ -125,6 +132,7 @@ EAAS_HOST_DEVICE status fetch_add(Coop, const device_endpoint& ep, const remote_
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::fetch_add(target, offset, value, fetched);
   }
+  if (ep.transport == transport_kind::ibgda) return detail::ibgda::op_fetch_add<Coop>(ep, target, offset, value, fetched);
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::fetch_add<Coop>(target, offset, value, fetched);
 #endif
@@ -142,6 +150,8 @@ EAAS_HOST_DEVICE status compare_swap(Coop, const device_endpoint& ep, const remo
     if constexpr (detail::shm_callable<Coop>())
       return detail::ldst::compare_swap(target, offset, expected, desired, fetched);
   }
+  if (ep.transport == transport_kind::ibgda)
+    return detail::ibgda::op_compare_swap<Coop>(ep, target, offset, expected, desired, fetched);
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink)
     return detail::ldst_dev::compare_swap<Coop>(target, offset, expected, desired, fetched);
@@ -159,6 +169,7 @@ EAAS_HOST_DEVICE status fence(Coop, const device_endpoint& ep) {
       return status::ok;
     }
   }
+  if (ep.transport == transport_kind::ibgda) return detail::ibgda::op_fence<Coop>(ep);
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink) {
     detail::ldst_dev::fence<Coop>();
@@ -177,6 +188,10 @@ EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep) {
       // Checked after the fence: a peer that died before this point may not have seen the writes.
       return detail::check_endpoint(ep);
     }
+  }
+  if (ep.transport == transport_kind::ibgda) {
+    if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
+    return detail::ibgda::op_quiet<Coop>(ep);
   }
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::quiet<Coop>(ep);
