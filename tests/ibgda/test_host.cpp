@@ -8,6 +8,7 @@
 #include <bit>
 #include <cerrno>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -117,10 +118,10 @@ TEST_CASE("ibgda host: QP bring-up on InfiniBand sends exactly these PRM command
   CHECK(prm::get(cq, prm::at(c, prm::cqc::log_page_size)) == 0);
   CHECK(popcount(cq) == bits({0x400, umem, 1, lay.cq_off, 1, umem, lay.dbr_off + 64, 1, 1, 8, page, 9}));
   // Hand-decoded bytes (PRM bit 0 = MSB of byte 0): opcode 0x0400 in bytes 0-1; cqc.cc is bit
-  // 0x80 + 0x0b = 139 → byte 17, mask 0x10; cqc.oi bit 143 → byte 17, mask 0x01.
+  // 0x80 + 0x0b = 139 → byte 17, mask 0x10; cqc.oi bit 0x80 + 0x0e = 142 → byte 17, mask 0x02.
   CHECK(cq[0] == std::byte{0x04});
   CHECK(cq[1] == std::byte{0x00});
-  CHECK((cq[17] & std::byte{0x11}) == std::byte{0x11});
+  CHECK(cq[17] == std::byte{0x12});
 
   const auto& qp = creates[1].in;
   const std::uint32_t cqn = 0x2001, q0 = prm::create_qp_in::kQpc;
@@ -651,4 +652,121 @@ TEST_CASE("ibgda host: on this machine the real rdma-core path fails with the pr
   CHECK(eaas::probe_ibgda(s) == status::unsupported);
   CHECK(s.missing.find("no mlx5 device") != std::string::npos);
   CHECK(why().find("no mlx5 device") != std::string::npos);
+}
+
+TEST_CASE("ibgda prm: the named offsets equal the running sums of the layouts' field widths") {
+  // Each layout restated as its sequence of (field, width in bits), reserved gaps included, in PRM
+  // order; the offsets prm.hpp states as numbers must equal the running sums.
+  struct f {
+    const char* name;
+    std::uint32_t width;
+  };
+  auto offsets = [](std::initializer_list<f> seq, std::uint32_t& total) {
+    std::map<std::string, std::uint32_t> at;
+    std::uint32_t bit = 0;
+    for (const auto& x : seq) {
+      if (x.name[0] != '-') at[x.name] = bit;
+      bit += x.width;
+    }
+    total = bit;
+    return at;
+  };
+  std::uint32_t ads_bits = 0, qpc_bits = 0, cqc_bits = 0;
+  const auto ads = offsets({{"fl", 1},        {"free_ar", 1},   {"-", 14},        {"pkey_index", 16}, {"-", 8},
+                            {"grh", 1},       {"mlid", 7},      {"rlid", 16},     {"ack_timeout", 5}, {"-", 3},
+                            {"src_addr_index", 8}, {"-", 4},    {"stat_rate", 4}, {"hop_limit", 8},   {"-", 4},
+                            {"tclass", 8},    {"flow_label", 20}, {"rgid", 128},  {"-", 4},           {"f_dscp", 1},
+                            {"f_ecn", 1},     {"-", 1},         {"f_eth_prio", 1}, {"ecn", 2},        {"dscp", 6},
+                            {"udp_sport", 16}, {"dei_cfi", 1},  {"eth_prio", 3},  {"sl", 4},          {"vhca_port_num", 8},
+                            {"rmac", 48}},
+                           ads_bits);
+  CHECK(ads_bits == prm::ads::kBits);
+  CHECK(ads.at("pkey_index") == prm::ads::pkey_index.bit);
+  CHECK(ads.at("grh") == prm::ads::grh.bit);
+  CHECK(ads.at("mlid") == prm::ads::mlid.bit);
+  CHECK(ads.at("rlid") == prm::ads::rlid.bit);
+  CHECK(ads.at("ack_timeout") == prm::ads::ack_timeout.bit);
+  CHECK(ads.at("src_addr_index") == prm::ads::src_addr_index.bit);
+  CHECK(ads.at("stat_rate") == prm::ads::stat_rate.bit);
+  CHECK(ads.at("hop_limit") == prm::ads::hop_limit.bit);
+  CHECK(ads.at("tclass") == prm::ads::tclass.bit);
+  CHECK(ads.at("flow_label") == prm::ads::flow_label.bit);
+  CHECK(ads.at("rgid") == prm::ads::kRgidBit);
+  CHECK(ads.at("dscp") == prm::ads::dscp.bit);
+  CHECK(ads.at("udp_sport") == prm::ads::udp_sport.bit);
+  CHECK(ads.at("eth_prio") == prm::ads::eth_prio.bit);
+  CHECK(ads.at("sl") == prm::ads::sl.bit);
+  CHECK(ads.at("vhca_port_num") == prm::ads::vhca_port_num.bit);
+  CHECK(ads.at("rmac") == prm::ads::kRmacBit);
+
+  const auto qpc = offsets(
+      {{"state", 4},          {"lag_tx_port_affinity", 4}, {"st", 8},          {"-", 3},          {"pm_state", 2},
+       {"-", 1},              {"req_e2e_credit_mode", 2}, {"offload_type", 4}, {"end_padding_mode", 2}, {"-", 2},
+       {"wq_signature", 1},   {"block_lb_mc", 1},  {"atomic_like_write_en", 1}, {"latency_sensitive", 1}, {"-", 1},
+       {"drain_sigerr", 1},   {"-", 2},            {"pd", 24},          {"mtu", 3},        {"log_msg_max", 5},
+       {"-", 1},              {"log_rq_size", 4},  {"log_rq_stride", 3}, {"no_sq", 1},     {"log_sq_size", 4},
+       {"-", 6},              {"rlky", 1},         {"ulp_stateless_offload_mode", 4}, {"counter_set_id", 8},
+       {"uar_page", 24},      {"-", 8},            {"user_index", 24},  {"-", 3},          {"log_page_size", 5},
+       {"remote_qpn", 24},    {"primary_address_path", 0x160}, {"secondary_address_path", 0x160},
+       {"log_ack_req_freq", 4}, {"-", 4},          {"log_sra_max", 3},  {"-", 2},          {"retry_count", 3},
+       {"rnr_retry", 3},      {"-", 1},            {"fre", 1},          {"cur_rnr_retry", 3}, {"cur_retry_count", 3},
+       {"-", 5},              {"-", 32},           {"-", 8},            {"next_send_psn", 24}, {"-", 8},
+       {"cqn_snd", 24},       {"-", 8},            {"deth_sqpn", 24},   {"-", 32},         {"-", 8},
+       {"last_acked_psn", 24}, {"-", 8},           {"ssn", 24},         {"-", 8},          {"log_rra_max", 3},
+       {"-", 1},              {"atomic_mode", 4},  {"rre", 1},          {"rwe", 1},        {"rae", 1},
+       {"-", 1},              {"page_offset", 6},  {"-", 3},            {"cd_slave_receive", 1}, {"cd_slave_send", 1},
+       {"cd_master", 1},      {"-", 3},            {"min_rnr_nak", 5},  {"next_rcv_psn", 24}, {"-", 8},
+       {"xrcd", 24},          {"-", 8},            {"cqn_rcv", 24},     {"dbr_addr", 64},  {"q_key", 32},
+       {"-", 5},              {"rq_type", 3},      {"srqn_rmpn_xrqn", 24}, {"-", 8},       {"rmsn", 24},
+       {"hw_sq_wqebb_counter", 16}, {"sw_sq_wqebb_counter", 16}, {"hw_rq_counter", 32}, {"sw_rq_counter", 32},
+       {"-", 32},             {"-", 15},           {"cgs", 1},          {"cs_req", 8},     {"cs_res", 8},
+       {"dc_access_key", 64}, {"-", 3},            {"dbr_umem_valid", 1}, {"-", 0x9c},     {"dbr_umem_id", 32}},
+      qpc_bits);
+  CHECK(qpc_bits == prm::qpc::kBits);
+  for (auto [name, fld] : std::initializer_list<std::pair<const char*, prm::field>>{
+           {"state", prm::qpc::state},           {"st", prm::qpc::st},
+           {"pm_state", prm::qpc::pm_state},     {"pd", prm::qpc::pd},
+           {"mtu", prm::qpc::mtu},               {"log_msg_max", prm::qpc::log_msg_max},
+           {"log_rq_size", prm::qpc::log_rq_size}, {"log_rq_stride", prm::qpc::log_rq_stride},
+           {"no_sq", prm::qpc::no_sq},           {"log_sq_size", prm::qpc::log_sq_size},
+           {"counter_set_id", prm::qpc::counter_set_id}, {"uar_page", prm::qpc::uar_page},
+           {"user_index", prm::qpc::user_index}, {"log_page_size", prm::qpc::log_page_size},
+           {"remote_qpn", prm::qpc::remote_qpn}, {"log_ack_req_freq", prm::qpc::log_ack_req_freq},
+           {"log_sra_max", prm::qpc::log_sra_max}, {"retry_count", prm::qpc::retry_count},
+           {"rnr_retry", prm::qpc::rnr_retry},   {"next_send_psn", prm::qpc::next_send_psn},
+           {"cqn_snd", prm::qpc::cqn_snd},       {"log_rra_max", prm::qpc::log_rra_max},
+           {"atomic_mode", prm::qpc::atomic_mode}, {"rre", prm::qpc::rre},
+           {"rwe", prm::qpc::rwe},               {"rae", prm::qpc::rae},
+           {"page_offset", prm::qpc::page_offset}, {"min_rnr_nak", prm::qpc::min_rnr_nak},
+           {"next_rcv_psn", prm::qpc::next_rcv_psn}, {"cqn_rcv", prm::qpc::cqn_rcv},
+           {"dbr_addr", prm::qpc::dbr_addr},     {"rq_type", prm::qpc::rq_type},
+           {"srqn_rmpn_xrqn", prm::qpc::srqn_rmpn_xrqn}, {"dbr_umem_valid", prm::qpc::dbr_umem_valid},
+           {"dbr_umem_id", prm::qpc::dbr_umem_id}}) {
+    CAPTURE(name);
+    CHECK(qpc.at(name) == fld.bit);
+  }
+  CHECK(qpc.at("primary_address_path") == prm::qpc::kPrimaryPath);
+  CHECK(qpc.at("secondary_address_path") == prm::qpc::kSecondaryPath);
+
+  const auto cqc = offsets({{"status", 4},     {"as_notify", 1},   {"initiator_src_dct", 1}, {"dbr_umem_valid", 1},
+                            {"-", 1},          {"cqe_sz", 3},      {"cc", 1},          {"-", 1},
+                            {"scqe_break_moderation_en", 1}, {"oi", 1}, {"cq_period_mode", 2}, {"cqe_comp_en", 1},
+                            {"mini_cqe_res_format", 2}, {"st", 4}, {"-", 1},         {"cqe_comp_layout", 7},
+                            {"dbr_umem_id", 32}, {"-", 20},        {"page_offset", 6}, {"-", 6},
+                            {"-", 3},          {"log_cq_size", 5}, {"uar_page", 24},   {"-", 4},
+                            {"cq_period", 12}, {"cq_max_count", 16}, {"-", 24},        {"c_eqn", 8},
+                            {"-", 3},          {"log_page_size", 5}, {"-", 24},        {"-", 32},
+                            {"-", 8},          {"last_notified_index", 24}, {"-", 8},  {"last_solicit_index", 24},
+                            {"-", 8},          {"consumer_counter", 24}, {"-", 8},     {"producer_counter", 24},
+                            {"local_partition_id", 12}, {"process_id", 20}, {"-", 32}, {"dbr_addr", 64}},
+                           cqc_bits);
+  CHECK(cqc_bits == prm::cqc::kBits);
+  for (auto [name, fld] : std::initializer_list<std::pair<const char*, prm::field>>{
+           {"dbr_umem_valid", prm::cqc::dbr_umem_valid}, {"cqe_sz", prm::cqc::cqe_sz}, {"cc", prm::cqc::cc},
+           {"oi", prm::cqc::oi}, {"dbr_umem_id", prm::cqc::dbr_umem_id}, {"page_offset", prm::cqc::page_offset},
+           {"log_cq_size", prm::cqc::log_cq_size}, {"uar_page", prm::cqc::uar_page}, {"c_eqn", prm::cqc::c_eqn},
+           {"log_page_size", prm::cqc::log_page_size}, {"dbr_addr", prm::cqc::dbr_addr}}) {
+    CAPTURE(name);
+    CHECK(cqc.at(name) == fld.bit);
+  }
 }

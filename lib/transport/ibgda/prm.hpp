@@ -190,7 +190,7 @@ inline constexpr std::uint32_t kBits = 0x200;
 inline constexpr field dbr_umem_valid{0x06, 1};
 inline constexpr field cqe_sz{0x08, 3};
 inline constexpr field cc{0x0b, 1};  ///< collapsed: the NIC writes every CQE into entry 0
-inline constexpr field oi{0x0f, 1};  ///< overrun ignore
+inline constexpr field oi{0x0e, 1};  ///< overrun ignore
 inline constexpr field dbr_umem_id{0x20, 32};
 inline constexpr field page_offset{0x54, 6};
 inline constexpr field log_cq_size{0x63, 5};
