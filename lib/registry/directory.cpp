@@ -173,8 +173,15 @@ class directory_impl final : public directory {
   }
 
   void on_link(std::function<void(peer_link&&)> fn) override {
-    std::lock_guard lock(mu_);
-    on_link_ = std::move(fn);
+    std::vector<peer_link> early;
+    {
+      std::lock_guard lock(mu_);
+      on_link_ = fn;
+      early.swap(early_links_);
+    }
+    // Links acknowledged before a callback was installed were held for it.
+    if (fn)
+      for (auto& l : early) fn(std::move(l));
   }
 
   status link(const std::string& peer_id, const std::vector<std::pair<std::string, handle_bytes>>& extra,
@@ -291,8 +298,14 @@ class directory_impl final : public directory {
     {
       std::lock_guard lock(mu_);
       fn = on_link_;
+      // The record is public before start() returns, so a peer can link before on_link() is called:
+      // hold its link for the callback instead of dropping a link the peer was told is accepted.
+      if (!fn) {
+        early_links_.push_back(std::move(link));
+        return;
+      }
     }
-    if (fn) fn(std::move(link));
+    fn(std::move(link));
   }
 
   registry& reg_;
@@ -303,6 +316,7 @@ class directory_impl final : public directory {
   std::unique_ptr<watch> links_watch_;
   std::mutex mu_;
   std::function<void(peer_link&&)> on_link_;
+  std::vector<peer_link> early_links_;  // acknowledged before on_link() was called (guarded by mu_)
 };
 
 }  // namespace

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
+#include <utility>
 
 #include "eaas/eaas.hpp"
 #include "eaas/runtime/slot.hpp"
@@ -43,8 +45,15 @@ class client_impl final : public attention_client {
  public:
   explicit client_impl(client_options o) : o_(std::move(o)), dense_(o_.shape, o_.seed, o_.dense) {}
   ~client_impl() override {
+    {
+      std::lock_guard g(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    if (connector_.joinable()) connector_.join();
     watch_.reset();
     servers_.clear();
+    ready_.clear();
     dir_.reset();
   }
 
@@ -61,15 +70,19 @@ class client_impl final : public attention_client {
     EAAS_CHECK(dir_->watch_peers(
         [this](peer_change c, const peer_record& r) {
           if (r.role != "server") return;
-          std::lock_guard g(mu_);
-          if (c == peer_change::online) {
-            online_[r.id] = r;
-          } else {
-            online_.erase(r.id);
-            gone_.push_back(r.id);
+          {
+            std::lock_guard g(mu_);
+            if (c == peer_change::online) {
+              online_[r.id] = r;
+            } else {
+              online_.erase(r.id);
+              gone_.push_back(r.id);
+            }
           }
+          cv_.notify_all();
         },
         watch_));
+    connector_ = std::thread([this] { connect_loop(); });
     return status::ok;
   }
 
@@ -80,8 +93,8 @@ class client_impl final : public attention_client {
       {
         std::lock_guard g(mu_);
         std::vector<std::uint32_t> count(o_.shape.experts, 0);
-        for (const auto& [id, r] : online_)
-          for (std::uint32_t e : r.experts)
+        for (const auto& [id, experts] : linked_)
+          for (std::uint32_t e : experts)
             if (e < count.size()) count[e]++;
         for (std::uint32_t e = 0; e < count.size(); ++e)
           if (count[e] < replicas) {
@@ -92,7 +105,7 @@ class client_impl final : public attention_client {
       }
       if (short_expert == ~0u) return status::ok;
       if (mono_ns() > until)
-        return EAAS_RT_FAIL(status::timeout, "client {}: expert {} has {} of {} servers online after {} ms", o_.id,
+        return EAAS_RT_FAIL(status::timeout, "client {}: expert {} has {} of {} servers linked after {} ms", o_.id,
                             short_expert, have, replicas, timeout_ns / 1'000'000);
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
@@ -103,10 +116,12 @@ class client_impl final : public attention_client {
       return EAAS_RT_FAIL(status::invalid_argument, "client {}: {} tokens (1..{})", o_.id, tokens.size(),
                           o_.max_tokens);
     layer_ns_.assign(o_.shape.layers, 0);
+    layer_routing_.resize(o_.shape.layers);
     dense_.embed(tokens, out);
     for (std::uint32_t l = 0; l < o_.shape.layers; ++l) {
       dense_.attention(l, out, normed_);
       dense_.route(l, normed_, routing_);
+      layer_routing_[l] = routing_;
       const std::uint64_t t0 = mono_ns();
       EAAS_CHECK(moe(l, tokens.size()));
       layer_ns_[l] = mono_ns() - t0;
@@ -118,11 +133,16 @@ class client_impl final : public attention_client {
   }
 
   const std::vector<std::uint64_t>& last_moe_ns() const override { return layer_ns_; }
+  const std::vector<routing>& last_routing() const override { return layer_routing_; }
   client_stats stats() const override {
     std::lock_guard g(stats_mu_);
     return stats_;
   }
   const dense_model& dense() const override { return dense_; }
+  std::vector<failover_event> take_failovers() override {
+    std::lock_guard g(stats_mu_);
+    return std::exchange(failovers_, {});
+  }
 
  private:
   void drop(const std::string& id, const char* why) {
@@ -131,13 +151,55 @@ class client_impl final : public attention_client {
     detail::note("[{}] dropping server {}: {}", o_.id, id, why);
     it->second->link.ep->close();
     servers_.erase(it);
-    dead_.insert(id);
+    {
+      std::lock_guard g(mu_);
+      dead_.insert(id);  // not linked again while it stays online under this id
+      linked_.erase(id);
+    }
     std::lock_guard g(stats_mu_);
     stats_.dropped_servers++;
   }
 
+  // The connector thread: links to servers as they come online, off the data path, so that a joining
+  // (or just-killed) server never stalls a forward pass. Failed links are retried while the server
+  // stays online.
+  void connect_loop() {
+    std::unique_lock lk(mu_);
+    while (!stopping_) {
+      cv_.wait_for(lk, std::chrono::milliseconds(20));
+      if (stopping_) break;
+      const std::uint64_t now = mono_ns();
+      std::vector<peer_record> want;
+      for (const auto& [id, r] : online_) {
+        const auto retry = retry_at_.find(id);
+        if (!claimed_.count(id) && !dead_.count(id) && (retry == retry_at_.end() || retry->second <= now))
+          want.push_back(r);
+      }
+      for (const auto& r : want) {
+        claimed_.insert(r.id);
+        lk.unlock();
+        std::unique_ptr<server_conn> c;
+        const std::uint64_t t0 = mono_ns();
+        const status st = connect(r, c);
+        if (mono_ns() - t0 > 100'000'000ull)
+          detail::note("[{}] slow link to {}: {} ms ({})", o_.id, r.id, (mono_ns() - t0) / 1000000, st);
+        const std::string why = st == status::ok ? "" : std::string(last_error());
+        lk.lock();
+        if (st == status::ok && online_.count(r.id)) {
+          linked_[r.id] = r.experts;
+          ready_.push_back(std::move(c));
+        } else {
+          if (st != status::ok) detail::note("[{}] cannot link to server {}: {}", o_.id, r.id, why);
+          claimed_.erase(r.id);
+          retry_at_[r.id] = mono_ns() + 250'000'000ull;
+        }
+        if (stopping_) break;
+      }
+    }
+  }
+
   // Links to a server: hands it a result region, waits for its welcome, checks it.
-  status connect(const peer_record& rec) {
+  status connect(const peer_record& rec, std::unique_ptr<server_conn>& out) {
     auto c = std::make_unique<server_conn>();
     c->rec = rec;
     EAAS_CHECK(ctx_->allocate(result_region_bytes(o_.max_tokens, o_.shape.hidden), c->result));
@@ -165,26 +227,31 @@ class client_impl final : public attention_client {
                           rec.id, w.slot, w.hidden, w.layers, w.max_topk, w.local_experts);
     c->slots = slots->view();
     for (std::size_t i = 0; i < rec.experts.size(); ++i) c->local[rec.experts[i]] = static_cast<std::uint16_t>(i);
-    servers_[rec.id] = std::move(c);
+    out = std::move(c);
     return status::ok;
   }
 
-  // Links to every online server not linked yet; forgets servers that went offline.
+  // Takes the connector's new links; forgets servers that went offline.
   void refresh() {
-    std::vector<peer_record> want;
+    std::vector<std::unique_ptr<server_conn>> ready;
     std::vector<std::string> gone;
     {
       std::lock_guard g(mu_);
+      ready.swap(ready_);
       gone.swap(gone_);
-      for (const auto& [id, r] : online_)
-        if (!servers_.count(id) && !dead_.count(id)) want.push_back(r);
+    }
+    for (auto& c : ready) {
+      const std::string id = c->rec.id;
+      servers_[id] = std::move(c);
     }
     for (const auto& id : gone) {
       if (servers_.count(id)) drop(id, "its lease ended");
+      std::lock_guard g(mu_);
       dead_.erase(id);  // a server that comes back under this id is a new server
+      claimed_.erase(id);
+      linked_.erase(id);
+      retry_at_.erase(id);
     }
-    for (const auto& r : want)
-      if (connect(r) != status::ok) detail::note("[{}] cannot link to server {}: {}", o_.id, r.id, last_error());
   }
 
   // The MoE part of one layer: routing_ and normed_ in, moe_ out.
@@ -193,8 +260,10 @@ class client_impl final : public attention_client {
     moe_.assign(rows * h, 0.0f);
     std::vector<std::uint32_t> pending(rows * topk);
     for (std::uint32_t i = 0; i < pending.size(); ++i) pending[i] = i;
+    std::vector<failover_event> events;
     for (std::uint32_t round = 0;; ++round) {
       refresh();
+      const std::uint64_t round_start = mono_ns();
       if (round > 0) {
         std::lock_guard g(stats_mu_);
         stats_.resent_entries += pending.size();
@@ -203,17 +272,27 @@ class client_impl final : public attention_client {
       std::map<std::uint32_t, std::vector<server_conn*>> hosts;
       for (auto& [id, c] : servers_)
         for (const auto& [e, local] : c->local) hosts[e].push_back(c.get());
+      // An expert with no linked server: wait (bounded) for one to come.
+      const std::uint64_t wait_until = mono_ns() + o_.request_timeout_ns;
+      for (std::uint32_t ent : pending)
+        while (!hosts.count(routing_.ids[ent])) {
+          if (mono_ns() > wait_until)
+            return EAAS_RT_FAIL(status::peer_unreachable, "client {}: no live server hosts expert {} (layer {})",
+                                o_.id, routing_.ids[ent], layer);
+          std::this_thread::sleep_for(std::chrono::microseconds(500));
+          refresh();
+          hosts.clear();
+          for (auto& [id, c] : servers_)
+            for (const auto& [e, local] : c->local) hosts[e].push_back(c.get());
+        }
       for (auto& [id, c] : servers_) {
         c->entries.clear();
         c->sent = false;
       }
       for (std::uint32_t ent : pending) {
         const std::uint32_t t = ent / topk, e = routing_.ids[ent];
-        auto it = hosts.find(e);
-        if (it == hosts.end())
-          return EAAS_RT_FAIL(status::peer_unreachable, "client {}: no live server hosts expert {} (layer {})", o_.id,
-                              e, layer);
-        it->second[(t + e) % it->second.size()]->entries.push_back(ent);
+        const auto& h = hosts.at(e);
+        h[(t + e) % h.size()]->entries.push_back(ent);
       }
       pending.clear();
       for (auto& [id, c] : servers_)
@@ -221,13 +300,32 @@ class client_impl final : public attention_client {
       std::vector<std::pair<std::string, std::string>> failed;  // id, why
       for (auto& [id, c] : servers_) {
         if (c->entries.empty()) continue;
+        const std::uint64_t t0 = mono_ns();
         if (!c->sent || collect(*c) != status::ok) {
           pending.insert(pending.end(), c->entries.begin(), c->entries.end());
           failed.emplace_back(id, last_error());
         }
+        if (mono_ns() - t0 > 200'000'000ull)
+          detail::note("[{}] slow answer from {}: {} ms (round {}, layer {}, {} ms since the round began)", o_.id, id,
+                       (mono_ns() - t0) / 1000000, round, layer, (mono_ns() - round_start) / 1000000);
       }
-      for (const auto& [id, why] : failed) drop(id, why.c_str());
-      if (pending.empty()) return status::ok;
+      if (mono_ns() - round_start > 200'000'000ull)
+        detail::note("[{}] slow round {} of layer {}: {} ms", o_.id, round, layer, (mono_ns() - round_start) / 1000000);
+      for (const auto& [id, why] : failed) {
+        drop(id, why.c_str());
+        events.push_back({.server = id, .why = why, .layer = layer, .sent_ns = round_start, .detected_ns = mono_ns()});
+      }
+      if (pending.empty()) {
+        if (!events.empty()) {
+          const std::uint64_t now = mono_ns();
+          std::lock_guard g(stats_mu_);
+          for (auto& e : events) {
+            e.done_ns = now;
+            failovers_.push_back(std::move(e));
+          }
+        }
+        return status::ok;
+      }
       if (round > 64) return EAAS_RT_FAIL(status::peer_unreachable, "client {}: layer {} failed 64 rounds", o_.id, layer);
     }
   }
@@ -286,6 +384,7 @@ class client_impl final : public attention_client {
                            c.w.sig_offset, hd.seq, signal_op::set);
     if (st == status::ok) st = quiet(coop_thread{}, ep);
     c.sent = st == status::ok;
+    if (!c.sent) (void)EAAS_RT_FAIL(st, "request {} to server {} not delivered ({})", hd.seq, c.rec.id, st);
     std::lock_guard g(stats_mu_);
     stats_.requests++;
   }
@@ -323,18 +422,28 @@ class client_impl final : public attention_client {
   std::unique_ptr<directory> dir_;
   std::unique_ptr<watch> watch_;
   std::map<std::string, std::unique_ptr<server_conn>> servers_;
-  std::set<std::string> dead_;
 
+  // Shared with the registry's watch thread and the connector thread.
   std::mutex mu_;
-  std::map<std::string, peer_record> online_;
-  std::vector<std::string> gone_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  std::map<std::string, peer_record> online_;                 // servers whose record is published
+  std::vector<std::string> gone_;                             // went offline since the last refresh
+  std::set<std::string> dead_;                                // dropped, still published
+  std::set<std::string> claimed_;                             // being linked, or linked
+  std::map<std::string, std::uint64_t> retry_at_;             // failed links: not before
+  std::map<std::string, std::vector<std::uint32_t>> linked_;  // linked: their experts
+  std::vector<std::unique_ptr<server_conn>> ready_;           // linked, not yet taken by refresh
+  std::thread connector_;
 
   mutable std::mutex stats_mu_;
   client_stats stats_;
+  std::vector<failover_event> failovers_;
 
   std::vector<float> normed_, moe_;
   routing routing_;
   std::vector<std::uint64_t> layer_ns_;
+  std::vector<routing> layer_routing_;
 };
 
 }  // namespace

@@ -41,6 +41,16 @@ struct client_stats {
   std::uint64_t resent_entries = 0;   ///< (token, expert) entries sent again to a replica
 };
 
+/// A server dropped while it held work, and that work answered by replicas.
+struct failover_event {
+  std::string server;
+  std::string why;
+  std::uint32_t layer = 0;
+  std::uint64_t sent_ns = 0;      ///< steady_clock: the request that was lost was sent
+  std::uint64_t detected_ns = 0;  ///< the loss was detected (wait ended without an answer)
+  std::uint64_t done_ns = 0;      ///< the replicas' answers were all in
+};
+
 class attention_client {
  public:
   static status start(const client_options& opts, std::unique_ptr<attention_client>& out);
@@ -57,7 +67,13 @@ class attention_client {
   /// The MoE round trip of each layer in the last forward (dispatch to combine), in ns.
   virtual const std::vector<std::uint64_t>& last_moe_ns() const = 0;
 
+  /// The routing each layer of the last forward used (what a reference must use to compare).
+  virtual const std::vector<routing>& last_routing() const = 0;
+
   virtual client_stats stats() const = 0;
+
+  /// Failovers since the last call (oldest first).
+  virtual std::vector<failover_event> take_failovers() = 0;
   virtual const dense_model& dense() const = 0;
 
  protected:

@@ -89,13 +89,27 @@ void reference_model::moe(std::uint32_t layer, const std::vector<float>& normed,
   }
 }
 
-void reference_model::forward(std::span<const std::uint32_t> tokens, std::vector<float>& out) const {
+void reference_model::forward(std::span<const std::uint32_t> tokens, std::vector<float>& out,
+                              const std::vector<routing>* use_routing, std::uint64_t* disagreements) const {
   std::vector<float> normed, m;
   routing r;
+  const std::uint32_t topk = dense_.shape().topk;
   dense_.embed(tokens, out);
   for (std::uint32_t l = 0; l < dense_.shape().layers; ++l) {
     dense_.attention(l, out, normed);
     dense_.route(l, normed, r);
+    if (use_routing != nullptr && l < use_routing->size() && (*use_routing)[l].ids.size() == r.ids.size()) {
+      const routing& u = (*use_routing)[l];
+      if (disagreements != nullptr)
+        for (std::size_t t = 0; t < tokens.size(); ++t) {
+          std::vector<std::uint32_t> a(r.ids.begin() + t * topk, r.ids.begin() + (t + 1) * topk);
+          std::vector<std::uint32_t> b(u.ids.begin() + t * topk, u.ids.begin() + (t + 1) * topk);
+          std::sort(a.begin(), a.end());
+          std::sort(b.begin(), b.end());
+          *disagreements += a != b;
+        }
+      r = u;
+    }
     moe(l, normed, r, m);
     for (std::size_t i = 0; i < out.size(); ++i) out[i] += m[i];
   }

@@ -53,8 +53,13 @@ class reference_model {
   const dense_model& dense() const { return dense_; }
   /// The MoE output for normed activations and their routing: Σ_k w_k · expert_{id_k}(x).
   void moe(std::uint32_t layer, const std::vector<float>& normed, const routing& r, std::vector<float>& out) const;
-  /// The whole forward pass: the final hidden states, T × hidden.
-  void forward(std::span<const std::uint32_t> tokens, std::vector<float>& out) const;
+  /// The whole forward pass: the final hidden states, T × hidden. With `use_routing` (one per layer),
+  /// its experts and weights replace this model's own router decisions ("same routing"): a token
+  /// whose top-k has a near-tie could otherwise pick another expert because of a rounding
+  /// difference. `disagreements` then counts the (token, layer) pairs where its own router would have
+  /// chosen a different set of experts.
+  void forward(std::span<const std::uint32_t> tokens, std::vector<float>& out,
+               const std::vector<routing>* use_routing = nullptr, std::uint64_t* disagreements = nullptr) const;
 
  private:
   dense_model dense_;

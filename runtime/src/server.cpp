@@ -16,7 +16,11 @@
 namespace eaas::runtime {
 namespace {
 
-constexpr std::uint64_t kLinkTimeoutNs = 2'000'000'000ull;
+std::uint64_t mono_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
 
 float bf16_to_f32(std::uint16_t b) {
   const std::uint32_t u = std::uint32_t{b} << 16;
@@ -111,21 +115,38 @@ class server_impl final : public expert_server {
           gone_.push_back(r.id);
         },
         watch_));
+    stats_.ready_ns = mono_ns();
     return status::ok;
   }
 
   status serve(const std::atomic<bool>& stop) override {
     std::uint32_t idle = 0;
-    while (!stop.load(std::memory_order_relaxed)) {
-      admit();
+    bool leaving = false;
+    std::uint64_t left_at = 0, last_work = 0;
+    for (;;) {
+      if (!leaving && stop.load(std::memory_order_relaxed)) {
+        // Withdraw the record (the lease is revoked: every watcher sees us go), keep serving.
+        watch_.reset();
+        dir_.reset();
+        leaving = true;
+        left_at = last_work = mono_ns();
+        detail::note("[{}] leaving: record withdrawn, draining", o_.id);
+      }
+      if (!leaving) admit();
       if (poll_once()) {
         idle = 0;
+        last_work = mono_ns();
       } else if (++idle > 2000) {
         std::this_thread::sleep_for(std::chrono::microseconds(idle > 20000 ? 200 : 20));
       } else {
         std::this_thread::yield();
       }
+      if (leaving) {
+        const std::uint64_t now = mono_ns();
+        if (now - last_work >= o_.drain_quiet_ns || now - left_at >= o_.drain_max_ns) break;
+      }
     }
+    for (std::uint32_t i = 0; i < slots_.size(); ++i) release(i, "server left");
     return status::ok;
   }
 
@@ -146,6 +167,7 @@ class server_impl final : public expert_server {
     client_slot& s = slots_[i];
     if (!s.used) return;
     detail::note("[{}] client {} left slot {} ({})", o_.id, s.client, i, why);
+    if (o_.on_client) o_.on_client("left", s.client, why);
     s = client_slot{};
     set_clients();
   }
@@ -221,6 +243,7 @@ class server_impl final : public expert_server {
       return;
     }
     detail::note("[{}] client {} linked, slot {}", o_.id, s.client, i);
+    if (o_.on_client) o_.on_client("linked", s.client, "");
     set_clients();
   }
 
@@ -351,6 +374,10 @@ class server_impl final : public expert_server {
       std::lock_guard g(stats_mu_);
       stats_.requests++;
       if (r.err != slot_error::none) stats_.refused++;
+      if (stats_.first_served_ns == 0 && st == status::ok) {
+        stats_.first_served_ns = mono_ns();
+        if (o_.on_first_answer) o_.on_first_answer(stats_.first_served_ns);
+      }
     }
     if (r.err != slot_error::none)
       detail::note("[{}] refused a request of client {}: {}", o_.id, s.client, slot_error_name(r.err));

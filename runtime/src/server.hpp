@@ -28,6 +28,13 @@ struct server_options {
   std::uint32_t max_tokens = 512;       ///< most tokens per request
   /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
+  /// Called on the serving thread when a client gets a slot ("linked") or loses it ("left", with why).
+  std::function<void(const std::string& event, const std::string& client, const std::string& why)> on_client;
+  /// Called on the serving thread once, when the first answer went out (join-time measurements).
+  std::function<void(std::uint64_t steady_ns)> on_first_answer;
+  /// Leaving: after `stop`, answer requests until none came for this long (bounded by drain_max_ns).
+  std::uint64_t drain_quiet_ns = 150'000'000ull;
+  std::uint64_t drain_max_ns = 10'000'000'000ull;
 };
 
 struct server_stats {
@@ -37,6 +44,8 @@ struct server_stats {
   std::uint64_t batches = 0;   ///< poll rounds that computed something
   std::uint64_t compute_ns = 0;  ///< time spent in the expert math
   std::uint32_t clients = 0;   ///< slots in use now
+  std::uint64_t ready_ns = 0;         ///< steady_clock time when it was registered, weights resident
+  std::uint64_t first_served_ns = 0;  ///< steady_clock time of its first answer (0: none yet)
 };
 
 class expert_server {
@@ -45,7 +54,9 @@ class expert_server {
   static status start(const server_options& opts, std::unique_ptr<expert_server>& out);
   virtual ~expert_server() = default;
 
-  /// Serves until `stop` is set (then returns ok), or a fatal error.
+  /// Serves until `stop` is set, then leaves gracefully: withdraws its record (clients stop sending
+  /// new work to it as they see it go), keeps answering until no request came for drain_quiet_ns,
+  /// and returns ok. Nothing in flight is lost.
   virtual status serve(const std::atomic<bool>& stop) = 0;
 
   /// Counters so far (thread-safe).

@@ -95,6 +95,7 @@ int main(int argc, char** argv) {
   std::vector<double> layer_us, step_us;
   double worst = 0, busy_s = 0;
   std::uint32_t verified = 0;
+  std::uint64_t disagreements = 0;  // (token, layer) pairs where the reference's own router chose otherwise
   auto last_progress = std::chrono::steady_clock::now();
   for (std::uint32_t step = 0; step < steps; ++step) {
     for (auto& t : ids) t = static_cast<std::uint32_t>(rng());
@@ -104,9 +105,16 @@ int main(int argc, char** argv) {
     step_us.push_back(us);
     busy_s += us * 1e-6;
     for (auto ns : cl->last_moe_ns()) layer_us.push_back(double(ns) * 1e-3);
+    for (const auto& f : cl->take_failovers())
+      emit({{"type", "failover"}, {"id", o.id}, {"server", f.server}, {"why", f.why}, {"layer", f.layer},
+            {"sent_ns", f.sent_ns}, {"detected_ns", f.detected_ns}, {"done_ns", f.done_ns}});
     if (ref) {
-      ref->forward(ids, want);
-      worst = std::max(worst, rel_error(out, want, o.shape.hidden));
+      ref->forward(ids, want, &cl->last_routing(), &disagreements);
+      const double err = rel_error(out, want, o.shape.hidden);
+      if (err > 1e-5)
+        std::fprintf(stderr, "eaas-client %s: step %u differs from the reference by %.3g (relative)\n", o.id.c_str(),
+                     step, err);
+      worst = std::max(worst, err);
       verified++;
     }
     const auto now = std::chrono::steady_clock::now();
@@ -123,12 +131,17 @@ int main(int argc, char** argv) {
         {"steps", steps},
         {"layers", o.shape.layers},
         {"tokens_per_s", double(tokens) * steps / busy_s},
-        {"step_us", {{"p50", percentile(step_us, 50)}, {"p90", percentile(step_us, 90)}, {"p99", percentile(step_us, 99)}}},
+        {"step_us",
+         {{"p50", percentile(step_us, 50)},
+          {"p90", percentile(step_us, 90)},
+          {"p99", percentile(step_us, 99)},
+          {"max", step_us.empty() ? 0.0 : *std::max_element(step_us.begin(), step_us.end())}}},
         {"moe_layer_us",
          {{"p50", percentile(layer_us, 50)}, {"p90", percentile(layer_us, 90)}, {"p99", percentile(layer_us, 99)}}},
         {"layer_us_samples", layer_us},
         {"verified_steps", verified},
         {"max_rel_err", worst},
+        {"routing_disagreements", disagreements},
         {"dropped_servers", st.dropped_servers},
         {"resent_entries", st.resent_entries}});
   return 0;

@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <nlohmann/json.hpp>
 
 #include "tool_common.hpp"
@@ -115,14 +116,33 @@ double pct(std::vector<double> v, double p) {
   return v[std::min(v.size() - 1, static_cast<std::size_t>(p / 100.0 * double(v.size())))];
 }
 
+std::uint64_t mono_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
+/// A server position (its placement S/N/R); replacements take the same position under a new id.
+struct position {
+  std::uint32_t index = 0, generation = 0;
+  std::unique_ptr<child> proc;
+};
+
+struct kill_record {
+  std::string server;
+  std::uint64_t at_ns = 0;
+  std::string replacement;
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"eaas-demo: registry, expert servers and attention clients as processes on this machine"};
   tool::model_args model;
   std::uint32_t servers = 2, clients = 2, replicas = 1, tokens = 32, steps = 30, attention_cost = 1;
-  bool gpu = false, no_verify = false, verbose = false;
-  double tolerance = 1e-5;
+  bool gpu = false, no_verify = false, verbose = false, no_replace = false;
+  double tolerance = 1e-5, kill_every = 0, request_timeout_ms = 2000;
+  std::string kill_signal = "KILL", json_path;
   model.add(app);
   app.add_option("--servers", servers, "expert servers")->capture_default_str();
   app.add_option("--clients", clients, "attention clients")->capture_default_str();
@@ -133,6 +153,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--tolerance", tolerance, "largest relative error accepted against the reference")
       ->capture_default_str();
+  app.add_option("--kill-every", kill_every,
+                 "fault injection: every this many seconds, kill a random server (and start a replacement)");
+  app.add_option("--kill-signal", kill_signal, "KILL (a crash) or TERM (a graceful leave)")->capture_default_str();
+  app.add_flag("--no-replace", no_replace, "do not start a replacement for a killed server");
+  app.add_option("--request-timeout-ms", request_timeout_ms, "clients drop a server silent this long")
+      ->capture_default_str();
+  app.add_option("--json", json_path, "also write a summary (clients' results, kills, stalls, joins) to this file");
   app.add_flag("--no-verify", no_verify, "skip the check against the monolithic reference");
   app.add_flag("--gpu", gpu, "run the experts on GPUs");
   app.add_flag("--verbose", verbose, "show the servers' and clients' event lines (links, departures)");
@@ -142,6 +169,14 @@ int main(int argc, char** argv) {
   if (status s = model.resolve(shape); s != status::ok) return tool::fail("eaas-demo", "model", s);
   if (servers == 0 || clients == 0 || replicas == 0 || replicas > servers) {
     std::fprintf(stderr, "eaas-demo: need servers >= 1, clients >= 1, 1 <= replicas <= servers\n");
+    return 2;
+  }
+  if (kill_signal != "KILL" && kill_signal != "TERM") {
+    std::fprintf(stderr, "eaas-demo: --kill-signal is KILL or TERM\n");
+    return 2;
+  }
+  if (kill_every > 0 && replicas < 2 && kill_signal == "KILL") {
+    std::fprintf(stderr, "eaas-demo: killing servers needs --replicas >= 2 (the killed server's experts need a replica)\n");
     return 2;
   }
   if (gpu) {
@@ -173,34 +208,72 @@ int main(int argc, char** argv) {
               endpoint.c_str());
   std::printf("eaas-demo: %u servers (%u replica%s per expert), %u clients × %u steps × %u tokens, CPU\n", servers,
               replicas, replicas > 1 ? "s" : "", clients, steps, tokens);
+  if (kill_every > 0)
+    std::printf("eaas-demo: fault injection: SIG%s to a random server every %.1f s%s\n", kill_signal.c_str(),
+                kill_every, no_replace ? "" : ", each replaced by a new server");
 
-  std::vector<child> srv(servers), cli(clients);
-  auto stop_all = [&](int sig) {
-    for (auto* v : {&srv, &cli})
-      for (auto& c : *v)
-        if (c.pid > 0 && !reap(c, false)) ::kill(c.pid, sig);
-  };
-  for (std::uint32_t i = 0; i < servers; ++i) {
-    srv[i].name = "s" + std::to_string(i);
+  std::vector<position> pos(servers);
+  std::vector<std::unique_ptr<child>> retired;  // killed or left servers, still to be reaped
+  std::vector<child> cli(clients);
+  std::map<std::string, std::uint64_t> ready_ns, first_ns;
+  std::map<std::string, json> server_stats, progress, results;
+  std::vector<json> failovers;
+  std::vector<kill_record> kills;
+  auto start_server = [&](position& p) {
+    auto c = std::make_unique<child>();
+    c->name = "s" + std::to_string(p.index) + (p.generation ? "." + std::to_string(p.generation) : "");
     auto args = common;
-    args.insert(args.end(), {"--id", srv[i].name, "--placement",
-                             std::to_string(i) + "/" + std::to_string(servers) + "/" + std::to_string(replicas)});
-    if (!spawn(server_bin, args, srv[i])) {
+    args.insert(args.end(), {"--id", c->name, "--placement",
+                             std::to_string(p.index) + "/" + std::to_string(servers) + "/" + std::to_string(replicas)});
+    if (!spawn(server_bin, args, *c)) return false;
+    p.proc = std::move(c);
+    return true;
+  };
+  auto everyone = [&] {
+    std::vector<child*> v;
+    for (auto& p : pos)
+      if (p.proc) v.push_back(p.proc.get());
+    for (auto& r : retired) v.push_back(r.get());
+    for (auto& c : cli) v.push_back(&c);
+    return v;
+  };
+  auto stop_all = [&](int sig) {
+    for (auto* c : everyone())
+      if (c->pid > 0 && !reap(*c, false)) ::kill(c->pid, sig);
+  };
+  auto on_line = [&](child& c, const json& j) {
+    const std::string type = j.value("type", "");
+    if (type == "ready") ready_ns[c.name] = j.value("ready_ns", 0ull);
+    if (type == "first_answer") first_ns[c.name] = j.value("ns", 0ull);
+    if (type == "stats") server_stats[c.name] = j;
+    if (type == "progress") progress[c.name] = j;
+    if (type == "result") results[c.name] = j;
+    if (type == "failover") {
+      if (verbose)
+        std::fprintf(stderr, "[demo] failover at %s: server %s, layer %d, detected after %.1f ms, answered after %.1f ms: %s\n",
+                     c.name.c_str(), j.value("server", "").c_str(), j.value("layer", 0),
+                     double(j.value("detected_ns", 0ull) - j.value("sent_ns", 0ull)) * 1e-6,
+                     double(j.value("done_ns", 0ull) - j.value("sent_ns", 0ull)) * 1e-6, j.value("why", "").c_str());
+      failovers.push_back(j);
+    }
+  };
+  for (auto& p : pos) {
+    p.index = static_cast<std::uint32_t>(&p - pos.data());
+    if (!start_server(p)) {
       std::fprintf(stderr, "eaas-demo: cannot start %s\n", server_bin.c_str());
       stop_all(SIGKILL);
       return 1;
     }
   }
   // Servers first (they print "ready" once registered), then the clients.
-  std::vector<child*> all;
-  for (auto& c : srv) all.push_back(&c);
-  std::uint32_t ready = 0;
   const auto t_start = std::chrono::steady_clock::now();
-  while (ready < servers) {
-    pump(all, 100, [&](child&, const json& j) { ready += j.value("type", "") == "ready"; });
-    for (auto& c : srv)
-      if (reap(c, false)) {
-        std::fprintf(stderr, "eaas-demo: server %s ended early (%s)\n", c.name.c_str(), describe_exit(c).c_str());
+  while (ready_ns.size() < servers) {
+    auto all = everyone();
+    pump(all, 100, on_line);
+    for (auto& p : pos)
+      if (reap(*p.proc, false)) {
+        std::fprintf(stderr, "eaas-demo: server %s ended early (%s)\n", p.proc->name.c_str(),
+                     describe_exit(*p.proc).c_str());
         stop_all(SIGKILL);
         return 1;
       }
@@ -216,16 +289,15 @@ int main(int argc, char** argv) {
     cli[i].name = "c" + std::to_string(i);
     auto args = common;
     args.insert(args.end(), {"--id", cli[i].name, "--tokens", std::to_string(tokens), "--steps", std::to_string(steps),
-                             "--replicas", std::to_string(replicas), "--attention-cost", std::to_string(attention_cost)});
+                             "--replicas", std::to_string(replicas), "--attention-cost", std::to_string(attention_cost),
+                             "--request-timeout-ms", std::to_string(request_timeout_ms)});
     if (!no_verify) args.push_back("--verify");
     if (!spawn(client_bin, args, cli[i])) {
       std::fprintf(stderr, "eaas-demo: cannot start %s\n", client_bin.c_str());
       stop_all(SIGKILL);
       return 1;
     }
-    all.push_back(&cli[i]);
   }
-  std::map<std::string, json> progress, results;
   const bool tty = ::isatty(1);
   auto show = [&] {
     std::string line = "  progress:";
@@ -234,57 +306,82 @@ int main(int argc, char** argv) {
       const int step = it == progress.end() ? 0 : it->second.value("step", 0);
       line += " " + c.name + " " + std::to_string(step) + "/" + std::to_string(steps);
     }
+    if (!kills.empty()) line += "   servers killed: " + std::to_string(kills.size());
     std::printf(tty ? "\r%s   " : "%s\n", line.c_str());
     std::fflush(stdout);
   };
   std::uint32_t done = 0;
   auto last_show = std::chrono::steady_clock::now();
+  std::uint64_t next_kill = 0;
+  std::mt19937 rng(static_cast<unsigned>(model.seed));
   bool failed = false;
   while (done < clients) {
-    pump(all, 100, [&](child& c, const json& j) {
-      const std::string type = j.value("type", "");
-      if (type == "progress") progress[c.name] = j;
-      if (type == "result") results[c.name] = j;
-    });
+    auto all = everyone();
+    pump(all, 50, on_line);
     done = 0;
     for (auto& c : cli)
       if (reap(c, false)) {
         done++;
         if (!WIFEXITED(c.status) || WEXITSTATUS(c.status) != 0) failed = true;
       }
-    for (auto& c : srv)
-      if (reap(c, false) && !failed) {
-        std::fprintf(stderr, "\neaas-demo: server %s ended early (%s)\n", c.name.c_str(), describe_exit(c).c_str());
+    for (auto& p : pos)
+      if (p.proc && reap(*p.proc, false) && !failed) {
+        std::fprintf(stderr, "\neaas-demo: server %s ended early (%s)\n", p.proc->name.c_str(),
+                     describe_exit(*p.proc).c_str());
         failed = true;
       }
+    for (auto& r : retired) reap(*r, false);
     if (failed) break;
+    // Fault injection, once the clients are running.
+    if (kill_every > 0 && !progress.empty()) {
+      const std::uint64_t now = mono_ns();
+      if (next_kill == 0) next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
+      if (now >= next_kill && done == 0) {
+        next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
+        position& p = pos[rng() % pos.size()];
+        kills.push_back({p.proc->name, mono_ns()});
+        ::kill(p.proc->pid, kill_signal == "KILL" ? SIGKILL : SIGTERM);
+        retired.push_back(std::move(p.proc));
+        if (!no_replace) {
+          p.generation++;
+          if (!start_server(p)) {
+            std::fprintf(stderr, "\neaas-demo: cannot start a replacement server\n");
+            failed = true;
+            break;
+          }
+          kills.back().replacement = p.proc->name;
+        }
+      }
+    }
     if (std::chrono::steady_clock::now() - last_show > std::chrono::milliseconds(tty ? 200 : 2000)) {
       last_show = std::chrono::steady_clock::now();
       show();
     }
   }
-  for (int i = 0; i < 5; ++i) pump(all, 20, [&](child& c, const json& j) {
-      if (j.value("type", "") == "result") results[c.name] = j;
-    });
+  {
+    auto all = everyone();
+    for (int i = 0; i < 5; ++i) pump(all, 20, on_line);
+  }
   show();
   std::printf("\n");
   stop_all(SIGTERM);
-  for (auto& c : srv) reap(c, true);
-  std::map<std::string, json> server_stats;
-  std::vector<child*> srv_ptrs;
-  for (auto& c : srv) srv_ptrs.push_back(&c);
-  for (int i = 0; i < 20 && std::any_of(srv.begin(), srv.end(), [](const child& c) { return c.out >= 0; }); ++i)
-    pump(srv_ptrs, 50, [&](child& c, const json& j) {
-      if (j.value("type", "") == "stats") server_stats[c.name] = j;
-    });
+  for (auto& p : pos)
+    if (p.proc) reap(*p.proc, true);
+  for (auto& r : retired) reap(*r, true);
   for (auto& c : cli) {
     if (!reap(c, false)) ::kill(c.pid, SIGKILL);
     reap(c, true);
   }
+  for (int i = 0; i < 20; ++i) {
+    auto all = everyone();
+    if (std::none_of(all.begin(), all.end(), [](const child* c) { return c->out >= 0; })) break;
+    pump(all, 50, on_line);
+  }
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
 
-  std::printf("\n%-8s %12s %14s %14s %14s %14s %12s\n", "client", "tokens/s", "step p50 ms", "moe p50 us",
-              "moe p90 us", "moe p99 us", "max rel err");
+  json summary = {{"kills", json::array()}, {"clients", json::object()}};
+  std::printf("\n%-8s %12s %14s %14s %14s %14s %14s %12s\n", "client", "tokens/s", "step p50 ms", "step max ms",
+              "moe p50 us", "moe p90 us", "moe p99 us", "max rel err");
   double total_tps = 0, worst = 0;
   std::vector<double> layer_all;
   bool ok = !failed;
@@ -299,22 +396,68 @@ int main(int argc, char** argv) {
     total_tps += r.value("tokens_per_s", 0.0);
     worst = std::max(worst, r.value("max_rel_err", 0.0));
     for (const auto& v : r["layer_us_samples"]) layer_all.push_back(v.get<double>());
-    std::printf("%-8s %12.0f %14.2f %14.1f %14.1f %14.1f %12.2e\n", c.name.c_str(), r.value("tokens_per_s", 0.0),
-                r["step_us"].value("p50", 0.0) / 1000, r["moe_layer_us"].value("p50", 0.0),
+    std::printf("%-8s %12.0f %14.2f %14.2f %14.1f %14.1f %14.1f %12.2e\n", c.name.c_str(),
+                r.value("tokens_per_s", 0.0), r["step_us"].value("p50", 0.0) / 1000,
+                r["step_us"].value("max", 0.0) / 1000, r["moe_layer_us"].value("p50", 0.0),
                 r["moe_layer_us"].value("p90", 0.0), r["moe_layer_us"].value("p99", 0.0), r.value("max_rel_err", 0.0));
   }
   std::printf("\ntokens/s (sum of clients): %.0f   MoE round trip per layer: p50 %.1f us, p90 %.1f us, p99 %.1f us\n",
               total_tps, pct(layer_all, 50), pct(layer_all, 90), pct(layer_all, 99));
-  for (const auto& c : srv) {
-    const auto it = server_stats.find(c.name);
+  std::vector<child*> shown;
+  for (auto& p : pos)
+    if (p.proc) shown.push_back(p.proc.get());
+  for (auto& r : retired) shown.push_back(r.get());
+  for (const auto* c : shown) {
+    const auto it = server_stats.find(c->name);
     if (it == server_stats.end()) {
-      std::printf("server %-4s no counters (%s)\n", c.name.c_str(), describe_exit(c).c_str());
+      std::printf("server %-6s no counters (%s)\n", c->name.c_str(), describe_exit(*c).c_str());
       continue;
     }
     const json& st = it->second;
-    std::printf("server %-4s %8llu requests, %8llu tokens computed, %6llu refused, expert math %.0f ms\n",
-                c.name.c_str(), st.value("requests", 0ull), st.value("tokens", 0ull), st.value("refused", 0ull),
+    std::printf("server %-6s %8llu requests, %8llu tokens computed, %6llu refused, expert math %.0f ms\n",
+                c->name.c_str(), st.value("requests", 0ull), st.value("tokens", 0ull), st.value("refused", 0ull),
                 st.value("compute_ms", 0.0));
+  }
+  if (!kills.empty()) {
+    std::printf("\nfault injection: %zu servers got SIG%s\n", kills.size(), kill_signal.c_str());
+    for (std::size_t k = 0; k < kills.size(); ++k) {
+      const auto& kr = kills[k];
+      double stall_ms = -1;
+      int events = 0;
+      for (const auto& f : failovers)
+        if (f.value("server", "") == kr.server) {
+          events++;
+          const std::uint64_t done_at = f.value("done_ns", std::uint64_t{0});
+          stall_ms = std::max(stall_ms, double(done_at - std::min(done_at, kr.at_ns)) * 1e-6);
+        }
+      // Its replacement's join: from weights resident (registered) to its first answer.
+      std::string joined = "no replacement";
+      if (!kr.replacement.empty()) {
+        const auto r = ready_ns.find(kr.replacement);
+        const auto f = first_ns.find(kr.replacement);
+        char b[96];
+        if (r != ready_ns.end() && f != first_ns.end())
+          std::snprintf(b, sizeof(b), "replacement %s served %.1f ms after registering", kr.replacement.c_str(),
+                        double(f->second - r->second) * 1e-6);
+        else
+          std::snprintf(b, sizeof(b), "replacement %s served nothing", kr.replacement.c_str());
+        joined = b;
+      }
+      summary["kills"].push_back({{"server", kr.server},
+                                  {"client_failovers", events},
+                                  {"stall_ms", stall_ms},
+                                  {"replacement", kr.replacement},
+                                  {"join_ms", !kr.replacement.empty() && ready_ns.count(kr.replacement) &&
+                                                      first_ns.count(kr.replacement)
+                                                  ? double(first_ns[kr.replacement] - ready_ns[kr.replacement]) * 1e-6
+                                                  : -1.0}});
+      if (events)
+        std::printf("  %-6s %d client failover%s, kill → replicas' answers in %.1f ms; %s\n", kr.server.c_str(), events,
+                    events > 1 ? "s" : "", stall_ms, joined.c_str());
+      else
+        std::printf("  %-6s no request was lost (clients saw it go before sending); %s\n", kr.server.c_str(),
+                    joined.c_str());
+    }
   }
   if (no_verify) {
     std::printf("correctness: not checked (--no-verify)\n");
@@ -326,5 +469,23 @@ int main(int argc, char** argv) {
     ok = good;
   }
   std::printf("wall time %.1f s\n", wall);
+  if (!json_path.empty()) {
+    summary["ok"] = ok;
+    summary["max_rel_err"] = worst;
+    summary["tokens_per_s"] = total_tps;
+    summary["wall_s"] = wall;
+    summary["moe_layer_us"] = {{"p50", pct(layer_all, 50)}, {"p90", pct(layer_all, 90)}, {"p99", pct(layer_all, 99)}};
+    for (const auto& [name, r] : results) {
+      json c = r;
+      c.erase("layer_us_samples");
+      summary["clients"][name] = c;
+    }
+    std::FILE* f = std::fopen(json_path.c_str(), "w");
+    if (f != nullptr) {
+      const std::string text = summary.dump(2) + "\n";
+      std::fwrite(text.data(), 1, text.size(), f);
+      std::fclose(f);
+    }
+  }
   return ok ? 0 : 1;
 }

@@ -1,6 +1,7 @@
 // eaas-server: an expert server. Hosts a set of experts (synthetic weights from a seed, or a
 // safetensors checkpoint), registers in the registry and serves every client that links to it, until
-// SIGTERM / SIGINT. Prints one JSON line when it is ready and one with its counters when it stops.
+// SIGTERM / SIGINT, then leaves gracefully (withdraws its record, answers what is in flight). Prints
+// JSON lines: "ready" once registered, "client" when a client gets or loses a slot, "stats" at the end.
 //
 //   eaas-server --id s0 --registry embedded://127.0.0.1:23790 --model tiny --experts 0-7
 
@@ -35,7 +36,20 @@ int main(int argc, char** argv) {
   app.add_option("--placement", placement, "S/N/R: server S of N with R replicas per expert")->excludes(ex);
   app.add_option("--max-clients", o.max_clients, "client slots")->capture_default_str();
   app.add_option("--max-tokens", o.max_tokens, "most tokens per request")->capture_default_str();
+  double drain_ms = 150;
+  app.add_option("--drain-ms", drain_ms, "when leaving, answer requests until none came for this long")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  o.drain_quiet_ns = static_cast<std::uint64_t>(drain_ms * 1e6);
+  o.on_first_answer = [](std::uint64_t ns) {
+    std::printf("{\"type\":\"first_answer\",\"ns\":%llu}\n", static_cast<unsigned long long>(ns));
+    std::fflush(stdout);
+  };
+  o.on_client = [](const std::string& event, const std::string& client, const std::string& why) {
+    std::printf("{\"type\":\"client\",\"event\":\"%s\",\"client\":\"%s\",\"why\":\"%s\"}\n", event.c_str(),
+                client.c_str(), why.c_str());
+    std::fflush(stdout);
+  };
 
   o.registry.endpoint = endpoint;
   if (status s = model.resolve(o.shape); s != status::ok) return tool::fail("eaas-server", "model", s);
@@ -58,14 +72,16 @@ int main(int argc, char** argv) {
   std::signal(SIGINT, on_signal);
   std::unique_ptr<expert_server> srv;
   if (status s = expert_server::start(o, srv); s != status::ok) return tool::fail("eaas-server", "start", s);
-  std::printf("{\"type\":\"ready\",\"id\":\"%s\",\"experts\":%zu,\"pid\":%d}\n", o.id.c_str(), o.experts.size(),
-              static_cast<int>(::getpid()));
+  std::printf("{\"type\":\"ready\",\"id\":\"%s\",\"experts\":%zu,\"pid\":%d,\"ready_ns\":%llu}\n", o.id.c_str(),
+              o.experts.size(), static_cast<int>(::getpid()), static_cast<unsigned long long>(srv->stats().ready_ns));
   std::fflush(stdout);
   const status s = srv->serve(g_stop);
   const server_stats st = srv->stats();
-  std::printf("{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_ms\":%.1f}\n",
+  std::printf("{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_ms\":%.1f,"
+              "\"ready_ns\":%llu,\"first_served_ns\":%llu}\n",
               o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
-              static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches), double(st.compute_ns) * 1e-6);
+              static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches), double(st.compute_ns) * 1e-6,
+              static_cast<unsigned long long>(st.ready_ns), static_cast<unsigned long long>(st.first_served_ns));
   std::fflush(stdout);
   if (s != status::ok) return tool::fail("eaas-server", "serve", s);
   return 0;

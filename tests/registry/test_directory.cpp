@@ -99,6 +99,20 @@ TEST_CASE("directory: peer records round-trip and every corruption is refused") 
   CHECK(encode_peer_record(huge, enc) == status::invalid_argument);
 }
 
+TEST_CASE("directory: links made before on_link is installed are held for it, not dropped") {
+  // A record is public as soon as start() returns, so a client may link before the server installs
+  // its callback; the client is told "accepted", so the server must still get the link.
+  const std::string ns = fresh_ns();
+  node server(ns, "early-server", "server");
+  node client(ns, "early-client", "client");
+  peer_link to_server;
+  REQUIRE_OK(client.dir->link("early-server", {}, 5'000'000'000ull, to_server));
+  std::vector<std::string> got;
+  server.dir->on_link([&](peer_link&& l) { got.push_back(l.record.id); });
+  REQUIRE(got.size() == 1);
+  CHECK(got[0] == "early-client");
+}
+
 TEST_CASE("directory: a client links to a server on demand; both ends hold a working endpoint") {
   const std::string ns = fresh_ns();
   node server(ns, "server-1", "server");

@@ -68,7 +68,8 @@ class directory {
                       std::unique_ptr<directory>& out);
   virtual ~directory() = default;
 
-  /// Called (on a registry thread) with every link a peer made to us, once it is ready.
+  /// Called (on a registry thread) with every link a peer made to us, once it is ready. Links that
+  /// arrive before a callback is installed are held and handed to the first one installed.
   virtual void on_link(std::function<void(peer_link&&)> fn) = 0;
 
   /// Links to `peer_id`, giving it `extra_regions` (e.g. a result area meant for that peer only).
