@@ -513,12 +513,14 @@ class context_impl final : public context {
     if (!same_host) {
       // Another host: only a network transport reaches it. Say exactly what is missing.
       ibgda_support ib;
-      if (probe_ibgda(ib) != status::ok)
+      if (probe_ibgda(ib, core_->options.cuda_device) != status::ok)
         return EAAS_FAIL(status::peer_unreachable, "connect: context {:016x} is on another host; ibgda: {}",
                          peer.context_id, ib.missing);
+      // The QP bring-up exists (lib/transport/ibgda) but needs a per-peer exchange of QP numbers,
+      // which this one-handle connect does not carry yet (docs/IBGDA.md, "What remains").
       return EAAS_FAIL(status::unsupported,
-                       "connect: context {:016x} is on another host; this host has what ibgda needs, but the ibgda "
-                       "transport's host side is not built yet",
+                       "connect: context {:016x} is on another host; this host has what ibgda needs, but "
+                       "context::connect does not run the ibgda QP handshake yet",
                        peer.context_id);
     }
     return EAAS_FAIL(status::peer_unreachable,
