@@ -33,7 +33,7 @@ struct server_options {
   /// Called on the serving thread once, when the first answer went out (join-time measurements).
   std::function<void(std::uint64_t steady_ns)> on_first_answer;
   /// Leaving: after `stop`, answer requests until none came for this long (bounded by drain_max_ns).
-  std::uint64_t drain_quiet_ns = 150'000'000ull;
+  std::uint64_t drain_quiet_ns = 500'000'000ull;
   std::uint64_t drain_max_ns = 10'000'000'000ull;
 };
 

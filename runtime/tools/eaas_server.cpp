@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
   app.add_option("--placement", placement, "S/N/R: server S of N with R replicas per expert")->excludes(ex);
   app.add_option("--max-clients", o.max_clients, "client slots")->capture_default_str();
   app.add_option("--max-tokens", o.max_tokens, "most tokens per request")->capture_default_str();
-  double drain_ms = 150;
+  double drain_ms = 500;
   app.add_option("--drain-ms", drain_ms, "when leaving, answer requests until none came for this long")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);

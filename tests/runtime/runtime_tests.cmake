@@ -5,12 +5,12 @@ endif()
 add_executable(eaas-evil-client ${CMAKE_CURRENT_LIST_DIR}/evil_client.cpp)
 target_link_libraries(eaas-evil-client PRIVATE eaas_moe)
 
-add_executable(eaas-runtime-tests ${CMAKE_CURRENT_LIST_DIR}/test_runtime.cpp)
+add_executable(eaas-runtime-tests ${CMAKE_CURRENT_LIST_DIR}/test_runtime.cpp ${CMAKE_CURRENT_LIST_DIR}/test_faults.cpp)
 target_link_libraries(eaas-runtime-tests PRIVATE eaas_test_main eaas_moe nlohmann_json::nlohmann_json)
 target_compile_definitions(eaas-runtime-tests PRIVATE
   EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_CLIENT_BIN="$<TARGET_FILE:eaas-client>"
-  EAAS_EVIL_BIN="$<TARGET_FILE:eaas-evil-client>")
-add_dependencies(eaas-runtime-tests eaas-server eaas-client eaas-evil-client)
+  EAAS_EVIL_BIN="$<TARGET_FILE:eaas-evil-client>" EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>")
+add_dependencies(eaas-runtime-tests eaas-server eaas-client eaas-evil-client eaas-demo)
 foreach(t IN ITEMS eaas-evil-client eaas-runtime-tests)
   if(COMMAND eaas_target_defaults)
     eaas_target_defaults(${t})

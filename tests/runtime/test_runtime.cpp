@@ -12,7 +12,7 @@
 #include <thread>
 
 #include "../common/require_ok.hpp"
-#include "../common/spawn.hpp"
+#include "procs.hpp"
 #include "client.hpp"
 #include "cpu_math.hpp"
 #include "eaas/eaas.hpp"
@@ -273,44 +273,8 @@ TEST_CASE("runtime: a server that leaves mid-run is replaced by its replica; out
 // ---------------------------------------------------------------------------------------------------
 // Real processes.
 
-namespace {
-
-struct proc {
-  test::spawned sp;
-  ~proc() {
-    if (sp.pid > 0) {
-      ::kill(sp.pid, SIGKILL);
-      ::waitpid(sp.pid, nullptr, 0);
-    }
-  }
-  bool start(const char* bin, std::vector<std::string> args) {
-    ::setenv("OPENBLAS_NUM_THREADS", "1", 0);  // the processes share few cores
-    return test::spawn_with_pipes(bin, std::move(args), sp);
-  }
-  /// The next stdout line that parses as a JSON object with this "type" (others are skipped).
-  nlohmann::json next(const std::string& type) {
-    char line[1 << 16];
-    while (std::fgets(line, sizeof(line), sp.from)) {
-      auto j = nlohmann::json::parse(line, nullptr, false);
-      if (!j.is_discarded() && j.is_object() && j.value("type", "") == type) return j;
-    }
-    return {};
-  }
-  int wait() {
-    int st = 0;
-    ::waitpid(sp.pid, &st, 0);
-    sp.pid = -1;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  }
-};
-
-std::vector<std::string> shape_args(const std::string& endpoint, const std::string& ns) {
-  return {"--registry", endpoint, "--ns", ns, "--seed", "11", "--hidden", std::to_string(kShape.hidden), "--inter",
-          std::to_string(kShape.inter), "--experts", std::to_string(kShape.experts), "--topk",
-          std::to_string(kShape.topk), "--layers", std::to_string(kShape.layers)};
-}
-
-}  // namespace
+using eaas::test::proc;
+using eaas::test::shape_args;
 
 TEST_CASE("runtime processes: clients and servers in separate processes match the reference") {
   std::unique_ptr<registry_server> reg;
@@ -319,13 +283,13 @@ TEST_CASE("runtime processes: clients and servers in separate processes match th
   const std::string ns = "rtmp" + std::to_string(::getpid());
   proc servers[3], clients[2];
   for (int i = 0; i < 3; ++i) {
-    auto a = shape_args(endpoint, ns);
+    auto a = shape_args(endpoint, ns, kShape);
     a.insert(a.end(), {"--id", "s" + std::to_string(i), "--placement", std::to_string(i) + "/3/2"});
     REQUIRE(servers[i].start(EAAS_SERVER_BIN, a));
     REQUIRE(servers[i].next("ready").value("id", "") == "s" + std::to_string(i));
   }
   for (int i = 0; i < 2; ++i) {
-    auto a = shape_args(endpoint, ns);
+    auto a = shape_args(endpoint, ns, kShape);
     a.insert(a.end(), {"--id", "c" + std::to_string(i), "--tokens", "24", "--steps", "6", "--replicas", "2", "--verify"});
     REQUIRE(clients[i].start(EAAS_CLIENT_BIN, a));
   }
@@ -352,7 +316,7 @@ TEST_CASE("runtime processes: a malicious client gets error answers, never an ou
   const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
   const std::string ns = "rtevil" + std::to_string(::getpid());
   proc server, evil, good;
-  auto a = shape_args(endpoint, ns);
+  auto a = shape_args(endpoint, ns, kShape);
   a.insert(a.end(), {"--id", "victim", "--host-experts", "0-5"});
   REQUIRE(server.start(EAAS_SERVER_BIN, a));
   REQUIRE(server.next("ready").is_object());
@@ -368,11 +332,11 @@ TEST_CASE("runtime processes: a malicious client gets error answers, never an ou
   CHECK(evil.wait() == 0);
   // The server survived and still serves an honest client (experts 6.. live on a second server).
   proc other;
-  auto b = shape_args(endpoint, ns);
+  auto b = shape_args(endpoint, ns, kShape);
   b.insert(b.end(), {"--id", "other", "--host-experts", "6-11"});
   REQUIRE(other.start(EAAS_SERVER_BIN, b));
   REQUIRE(other.next("ready").is_object());
-  auto c = shape_args(endpoint, ns);
+  auto c = shape_args(endpoint, ns, kShape);
   c.insert(c.end(), {"--id", "honest", "--tokens", "16", "--steps", "3", "--verify"});
   REQUIRE(good.start(EAAS_CLIENT_BIN, c));
   const auto r = good.next("result");

@@ -1,0 +1,76 @@
+#pragma once
+
+// Runtime processes for tests: eaas-server / eaas-client / eaas-demo started with pipes, their JSON
+// lines read back.
+
+#include <signal.h>
+#include <poll.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+
+#include <cstdio>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "../common/spawn.hpp"
+#include "eaas/runtime/model.hpp"
+
+namespace eaas::test {
+
+struct proc {
+  test::spawned sp;
+  ~proc() {
+    if (sp.pid > 0) {
+      ::kill(sp.pid, SIGKILL);
+      ::waitpid(sp.pid, nullptr, 0);
+    }
+  }
+  bool start(const char* bin, std::vector<std::string> args) {
+    ::setenv("OPENBLAS_NUM_THREADS", "1", 0);  // the processes share few cores
+    return test::spawn_with_pipes(bin, std::move(args), sp);
+  }
+  /// The next stdout line that parses as a JSON object with this "type" (others are skipped), within
+  /// `timeout_ms`; an empty json on timeout or end of output.
+  nlohmann::json next(const std::string& type, int timeout_ms = 60000) {
+    const int fd = ::fileno(sp.from);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (;;) {
+      std::size_t nl;
+      while ((nl = buf.find('\n')) != std::string::npos) {
+        const std::string line = buf.substr(0, nl);
+        buf.erase(0, nl + 1);
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (!j.is_discarded() && j.is_object() && j.value("type", "") == type) return j;
+      }
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return {};
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+      char b[4096];
+      const ssize_t n = ::read(fd, b, sizeof(b));
+      if (n <= 0) return {};
+      buf.append(b, static_cast<std::size_t>(n));
+    }
+  }
+  std::string buf;
+  int wait() {
+    int st = 0;
+    ::waitpid(sp.pid, &st, 0);
+    sp.pid = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  }
+};
+
+inline std::vector<std::string> shape_args(const std::string& endpoint, const std::string& ns,
+                                           const runtime::model_shape& kShape) {
+  return {"--registry", endpoint, "--ns", ns, "--seed", "11", "--hidden", std::to_string(kShape.hidden), "--inter",
+          std::to_string(kShape.inter), "--experts", std::to_string(kShape.experts), "--topk",
+          std::to_string(kShape.topk), "--layers", std::to_string(kShape.layers)};
+}
+
+
+}  // namespace eaas::test
