@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 
 #include <atomic>
+#include <filesystem>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -13,6 +14,7 @@
 
 #include "../common/require_ok.hpp"
 #include "procs.hpp"
+#include "eaas/runtime/safetensors.hpp"
 #include "client.hpp"
 #include "cpu_math.hpp"
 #include "eaas/eaas.hpp"
@@ -346,4 +348,51 @@ TEST_CASE("runtime processes: a malicious client gets error answers, never an ou
   const auto st = server.next("stats");
   CHECK(st.value("refused", 0) >= 13);
   CHECK(server.wait() == 0);
+}
+
+TEST_CASE("runtime processes: a server loading a DeepSeek-V3-layout safetensors checkpoint serves exact results") {
+  // The checkpoint holds the same numbers as the synthetic weights (fp32), under Hugging Face names,
+  // MoE layers starting at decoder layer 3; the client's reference uses the synthetic ones.
+  const std::string dir = "/tmp/eaas-ckpt-" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  std::vector<tensor_to_write> ts;
+  const std::vector<std::uint64_t> gu{kShape.inter, kShape.hidden}, dn{kShape.hidden, kShape.inter};
+  for (std::uint32_t l = 0; l < kShape.layers; ++l)
+    for (std::uint32_t e = 0; e < 6; ++e) {
+      const auto w = synthetic_expert(kShape, 11, l, e);
+      const std::string p = "model.layers." + std::to_string(l + 3) + ".mlp.experts." + std::to_string(e) + ".";
+      ts.push_back({p + "gate_proj.weight", st_dtype::f32, gu, w.gate});
+      ts.push_back({p + "up_proj.weight", st_dtype::f32, gu, w.up});
+      ts.push_back({p + "down_proj.weight", st_dtype::f32, dn, w.down});
+    }
+  REQUIRE_OK(write_safetensors(dir + "/model.safetensors", ts));
+
+  std::unique_ptr<registry_server> reg;
+  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+  const std::string ns = "rtck" + std::to_string(::getpid());
+  proc from_ckpt, synthetic, client, missing;
+  auto a = shape_args(endpoint, ns, kShape);
+  a.insert(a.end(), {"--id", "ckpt", "--host-experts", "0-5", "--checkpoint", dir, "--layout", "deepseek-v3"});
+  REQUIRE(from_ckpt.start(EAAS_SERVER_BIN, a));
+  REQUIRE(from_ckpt.next("ready").is_object());
+  // A server asked for an expert the checkpoint lacks refuses to start, naming the tensor.
+  auto m = shape_args(endpoint, ns, kShape);
+  m.insert(m.end(), {"--id", "missing", "--host-experts", "5-6", "--checkpoint", dir, "--layout", "deepseek-v3"});
+  REQUIRE(missing.start(EAAS_SERVER_BIN, m));
+  CHECK(missing.wait() == 1);
+  auto b = shape_args(endpoint, ns, kShape);
+  b.insert(b.end(), {"--id", "synth", "--host-experts", "6-11"});
+  REQUIRE(synthetic.start(EAAS_SERVER_BIN, b));
+  REQUIRE(synthetic.next("ready").is_object());
+  auto c = shape_args(endpoint, ns, kShape);
+  c.insert(c.end(), {"--id", "c", "--tokens", "16", "--steps", "4", "--verify"});
+  REQUIRE(client.start(EAAS_CLIENT_BIN, c));
+  const auto r = client.next("result");
+  CHECK(r.value("verified_steps", 0) == 4);
+  CHECK(r.value("max_rel_err", 1.0) <= 1e-5);
+  CHECK(client.wait() == 0);
+  ::kill(from_ckpt.sp.pid, SIGTERM);
+  CHECK(from_ckpt.next("stats").value("tokens", 0) > 0);
+  std::filesystem::remove_all(dir);
 }
