@@ -1,0 +1,120 @@
+#pragma once
+
+/// The expert server's GPU grouped GEMM for SwiGLU experts (DESIGN.md §5), Hopper (sm_90) and later.
+///
+/// Tokens arrive regrouped by local expert: rows offsets[e] .. offsets[e+1] of `x` belong to expert e.
+/// For every such row r, with the weights in nn.Linear layout (model.hpp):
+///
+///   h = silu(gate_e · x_r) ⊙ (up_e · x_r)      gate_e, up_e  [inter, hidden]
+///   y_r = w_r · (down_e · h)                   down_e        [hidden, inter]
+///
+/// bf16 weights and activations, fp32 accumulation, fp32 output. `h` is rounded to bf16 between the
+/// two products (it is the second product's tensor-core operand, as in common MoE kernels).
+///
+/// The per-expert row counts are read ON THE DEVICE, from `offsets`: the host passes only the shape and
+/// the capacity `max_rows`. One call is three kernel launches with fixed arguments, so it can be
+/// captured in a CUDA graph once and replayed with different counts. Experts with no rows cost nothing
+/// beyond one pass over `offsets`: a first kernel compacts the active experts into a list in the
+/// workspace, and the GEMM kernels walk (active expert, output tile, 32-row chunk) work items with a
+/// grid sized to the device, so each weight byte of an active expert is read once per 32 of its rows
+/// (once, at decode sizes).
+///
+/// Expert weights are given as device arrays of E device pointers (one array each for gate, up and
+/// down), so that experts may live in separate allocations; a contiguous [E, ...] tensor is the special
+/// case `base + e * stride` (grouped_swiglu_expert_pointers fills such an array).
+///
+/// Speed (eaas-grouped-gemm-bench --sweep on one H200; copy bandwidth 4.24 TB/s counting read + written
+/// bytes; bytes moved = the active experts' weights + x + y + h; defaults, i.e. registers, 3 blocks/SM):
+///   Qwen3-30B-A3B (2048/768, 128 experts, top-8):  64 tokens 3.91 TB/s (92% of copy, 7.3x cuBLAS per
+///     expert), 128: 3.84 (91%, 7.0x), 256: 3.03 (72%, 5.3x), 512: 2.03 (48%, 3.2x; ~32 rows/expert)
+///   DeepSeek-V3 (7168/2048, 256 experts, top-8):   32 tokens 4.24 TB/s (100%, 1.6x), 128: 3.07 (72%, 1.2x)
+/// At a few rows per expert the op runs at the copy bandwidth; from ~16 rows per expert it falls behind
+/// (likely the register path's compute phase leaving the memory pipe idle). The cp.async ring
+/// (grouped_swiglu_tuning::stages) is meant for that range; it is tested but was not yet measured.
+///
+/// Available where eaas was built with CUDA (EAAS_WITH_CUDA in eaas/config.hpp).
+///
+/// Plain C++: no CUDA header is needed to include this. Implemented in runtime/src/gpu/grouped_gemm.cu
+/// (part of eaas_moe where CUDA is present).
+
+#include <cstddef>
+#include <cstdint>
+
+#include "eaas/common/status.hpp"
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*
+
+namespace eaas::runtime::gpu {
+
+/// hidden and inter must be multiples of this (the GEMMs step through K 32 elements at a time).
+inline constexpr std::uint32_t kGroupedSwigluAlign = 32;
+/// Largest number of local experts one call accepts.
+inline constexpr std::uint32_t kGroupedSwigluMaxExperts = 1u << 20;
+
+/// What the host knows: the shape and the capacity, never the per-expert counts.
+struct grouped_swiglu_shape {
+  std::uint32_t experts = 0;   ///< E, local experts (groups); 1 .. kGroupedSwigluMaxExperts
+  std::uint32_t hidden = 0;    ///< model size; a nonzero multiple of kGroupedSwigluAlign
+  std::uint32_t inter = 0;     ///< expert intermediate size; a nonzero multiple of kGroupedSwigluAlign
+  std::uint32_t max_rows = 0;  ///< rows of x, y and row_weight; offsets[E] must not exceed it; >= 1
+};
+
+/// Bits of `grouped_swiglu_args::error` (set on the device with atomicOr; the host reads them).
+enum grouped_swiglu_error : std::uint32_t {
+  kGroupedSwigluBadOffsets = 1u,  ///< offsets not non-decreasing, offsets[0] < 0, or offsets[E] > max_rows
+  kGroupedSwigluBadWeights = 2u,  ///< an expert with rows has a null or non-16-byte-aligned weight pointer
+};
+
+/// Device pointers of one call. All must stay valid until the work queued on the stream has run.
+struct grouped_swiglu_args {
+  const void* x = nullptr;                ///< bf16 [max_rows, hidden], row-major, 16-byte aligned
+  const std::int32_t* offsets = nullptr;  ///< E+1 entries, non-decreasing, 0 <= offsets[0], offsets[E] <= max_rows
+  const float* row_weight = nullptr;      ///< fp32 [max_rows] (router weights), or null for 1
+  const void* const* gate = nullptr;      ///< E pointers, each bf16 [inter, hidden], 16-byte aligned
+  const void* const* up = nullptr;        ///< E pointers, each bf16 [inter, hidden], 16-byte aligned
+  const void* const* down = nullptr;      ///< E pointers, each bf16 [hidden, inter], 16-byte aligned
+  float* y = nullptr;                     ///< fp32 [max_rows, hidden]; rows outside every group are not written
+  void* workspace = nullptr;              ///< grouped_swiglu_workspace_bytes(shape) bytes, 16-byte aligned
+  std::uint32_t* error = nullptr;         ///< device word or null: grouped_swiglu_error bits are OR-ed in
+};
+
+/// Optional knobs for benchmarks and tuning; the defaults (zeros) are what the server uses.
+struct grouped_swiglu_tuning {
+  /// Resident blocks per SM for the GEMM kernels (at most what fits); 0 = the default: 3 for the register
+  /// path, all that fit for the cp.async ring.
+  std::uint32_t ctas_per_sm = 0;
+  /// How weights reach the tensor cores: 0 = the default; 1 = straight into registers, k_unroll 32-wide
+  /// K steps per batch of loads; 3, 4 or 6 = through a per-warp cp.async ring of that many K steps.
+  std::uint32_t stages = 0;
+  std::uint32_t k_unroll = 0;  ///< for stages 1 (and 0): 2 or 4; 0 = 2
+};
+
+/// Workspace bytes for `s`: a small header, the compacted active-expert list (48 bytes per expert) and
+/// the intermediate h, bf16 [max_rows, inter]. Fixed for a shape, so it can be allocated once.
+std::size_t grouped_swiglu_workspace_bytes(const grouped_swiglu_shape& s) noexcept;
+
+/// Checks what the host can check: the shape's limits, non-null and aligned pointers, the workspace
+/// size. `invalid_argument` (with a sentence for last_error()) otherwise. Called by grouped_swiglu.
+status grouped_swiglu_check(const grouped_swiglu_shape& s, const grouped_swiglu_args& a,
+                            std::size_t workspace_bytes) noexcept;
+
+/// Queues y = the grouped SwiGLU of x on `stream` (null: the legacy default stream) of the current
+/// CUDA device; returns without waiting. Legal inside stream capture (it makes no synchronous CUDA
+/// call and allocates nothing).
+///
+/// What the device checks, as a remote-written header would be: if `offsets` is invalid, or an expert
+/// with rows has a bad weight pointer, nothing is computed, y is left untouched and the error bit is
+/// set in `*a.error` (when given). Rows of y outside offsets[0] .. offsets[E] are never written.
+///
+/// Returns `invalid_argument` for what grouped_swiglu_check rejects, `internal_error` when a launch
+/// fails (with CUDA's message in last_error()).
+status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& a, std::size_t workspace_bytes,
+                      CUstream_st* stream, const grouped_swiglu_tuning& tuning = {}) noexcept;
+
+/// Queues out[e] = base + e * stride_bytes for e < experts (device array `out`): the per-expert
+/// pointer array of a contiguous [E, rows, cols] weight tensor. `invalid_argument` for a null pointer
+/// or zero experts, `internal_error` when the launch fails.
+status grouped_swiglu_expert_pointers(const void* base, std::size_t stride_bytes, std::uint32_t experts,
+                                      const void** out, CUstream_st* stream) noexcept;
+
+}  // namespace eaas::runtime::gpu

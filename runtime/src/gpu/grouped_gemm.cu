@@ -1,0 +1,701 @@
+// The grouped SwiGLU GEMM of the expert server (contract: eaas/runtime/grouped_gemm.hpp).
+//
+// Three launches, all with host-fixed arguments:
+//   prep     one block: validates offsets and the active experts' weight pointers, compacts the
+//            active experts into a list (with their rows and a prefix sum of their 32-row chunks)
+//   gate_up  h[r, j] = silu(gate_e[j] · x_r) * (up_e[j] · x_r), bf16, for work items
+//            (active expert, 64 features, 32-row chunk)
+//   down     y[r, i] = w_r * (down_e[i] · h_r), fp32, for work items (active expert, 128 features, chunk)
+// The GEMM grids are sized to the device (every block resident) and walk the work items with a
+// stride, so nothing depends on the host knowing the counts, and inactive experts never get a block.
+//
+// The products use mma.sync m16n8k16 (bf16 in, fp32 accumulate) "swapped": the weight rows (output
+// features) are the 16-row A operand and the tokens are the 8-column B operand, so 1..8 rows of an
+// expert cost one tensor-core op per 16x16 weight tile and the kernel stays bound by weight bandwidth.
+// Weights go global -> registers with one 16-byte load per thread and row: a sum over k may take its
+// terms in any order, so within each 32-wide K step thread t of a quad holds k = 8t .. 8t+7 of its row
+// for both operands and feeds them to two mmas as if they were the fragment's k = {2t, 2t+1, 2t+8,
+// 2t+9} (first mma: elements 0-3, second: 4-7). No shared memory or ldmatrix is needed, and every
+// weight byte is loaded exactly once per chunk.
+//
+// Two ways to keep enough weight bytes in flight (grouped_swiglu_tuning::stages):
+//   registers (default)  each warp loads 2 or 4 K steps straight into registers, then computes; 3 blocks
+//                        of 4 warps per SM. Measured on an H200 (see the report in grouped_gemm.hpp).
+//   cp.async ring        each warp keeps a ring of 3, 4 or 6 K steps in flight in shared memory and
+//                        refills a step as soon as it is consumed; meant for 16+ rows per expert, where
+//                        the register path's compute phase leaves the memory pipe idle.
+//
+// Raw PTX (the mma and the streaming load) stays in this file: it is private to this kernel, and the
+// library's detail/ptx.cuh is the device vocabulary's, not the runtime's.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "grouped_gemm.cu needs sm_80 or later (bf16 mma.sync); set CMAKE_CUDA_ARCHITECTURES (default 90)"
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "eaas/host/error.hpp"
+#include "eaas/runtime/grouped_gemm.hpp"
+
+namespace eaas::runtime::gpu {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kChunkRows = 32;                // rows of one expert per work item
+constexpr int kNTiles = kChunkRows / 8;       // mma n-tiles per chunk
+constexpr int kGateUpFeatures = 16 * kWarps;  // per item; each warp: 16 gate rows and the same 16 up rows
+constexpr int kDownFeatures = 32 * kWarps;    // per item; each warp: two 16-row tiles of down
+constexpr int kSmemExperts = 1024;            // active lists up to this long are searched in shared memory
+constexpr int kPrepThreads = 1024;
+constexpr int kBlocksPerSm = 4;  // what __launch_bounds__ asks registers for
+// Blocks per SM the register path runs with by default. Measured on an H200 (eaas-grouped-gemm-bench
+// --sweep): 3 beat 4 by 8-12% where several experts' rows need 2-4 n-tiles (Qwen3 128/256 tokens,
+// DeepSeek-V3 128 tokens) and lost at most 3.5% elsewhere.
+constexpr int kDefaultRegisterBlocksPerSm = 3;
+
+struct ws_header {
+  std::int32_t n_active;
+  std::int32_t total_chunks;
+  std::uint32_t error;
+  std::int32_t reserved;
+};
+
+// One active expert, as the GEMM kernels see it (written by prep: they never re-read offsets).
+struct alignas(16) active_entry {
+  const __nv_bfloat16* gate;
+  const __nv_bfloat16* up;
+  const __nv_bfloat16* down;
+  std::int32_t begin, end;  // rows
+  std::int32_t expert;
+  std::int32_t reserved;
+};
+static_assert(sizeof(active_entry) == 48);
+
+struct ws_layout {
+  std::size_t entries, prefix, h, total;
+};
+
+constexpr std::size_t round256(std::size_t v) { return (v + 255) / 256 * 256; }
+
+ws_layout layout(const grouped_swiglu_shape& s) {
+  ws_layout l{};
+  l.entries = 256;  // after the header
+  l.prefix = l.entries + round256(std::size_t{s.experts} * sizeof(active_entry));
+  l.h = l.prefix + round256((std::size_t{s.experts} + 1) * sizeof(std::int32_t));
+  l.total = l.h + round256(std::size_t{s.max_rows} * s.inter * sizeof(__nv_bfloat16));
+  return l;
+}
+
+struct kparams {
+  const __nv_bfloat16* x;
+  const std::int32_t* offsets;
+  const float* row_weight;
+  const void* const* gate;
+  const void* const* up;
+  const void* const* down;
+  float* y;
+  ws_header* hdr;
+  active_entry* entries;
+  std::int32_t* prefix;  // chunk prefix over the active list, n_active + 1 entries
+  __nv_bfloat16* h;
+  std::uint32_t* error;
+  int experts, hidden, inter, max_rows;
+};
+
+// ---- device helpers -------------------------------------------------------------------------------
+
+// Weights are read once: keep them out of L1 (which holds the activations every warp of a block
+// re-reads) and let L2 fetch 256 bytes per miss (the warp walks its rows sequentially).
+__device__ __forceinline__ uint4 ld_weight(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint4 ld_act(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                         std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// S consecutive 32-wide K steps starting at element k: all loads first (S * (2 MT + ntiles) 16-byte
+// loads in flight per thread), then the mmas. a_lo/a_hi: this thread's rows g and g+8 of each A tile;
+// b: its token row of each n-tile; all already offset by 8t elements.
+template <int MT, int S>
+__device__ __forceinline__ void k_steps(const char* const (&a_lo)[MT], std::size_t a_hi_off,
+                                        const char* const (&b)[kNTiles], int ntiles, int k,
+                                        float (&acc)[MT][kNTiles][4]) {
+  uint4 lo[S][MT], hi[S][MT], bv[S][kNTiles];
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const std::size_t off = static_cast<std::size_t>(k + 32 * s) * 2;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      lo[s][mt] = ld_weight(a_lo[mt] + off);
+      hi[s][mt] = ld_weight(a_lo[mt] + a_hi_off + off);
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) bv[s][nt] = nt < ntiles ? ld_act(b[nt] + off) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      if (nt >= ntiles) continue;  // warp-uniform
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_bf16(acc[mt][nt], lo[s][mt].x, hi[s][mt].x, lo[s][mt].y, hi[s][mt].y, bv[s][nt].x, bv[s][nt].y);
+        mma_bf16(acc[mt][nt], lo[s][mt].z, hi[s][mt].z, lo[s][mt].w, hi[s][mt].w, bv[s][nt].z, bv[s][nt].w);
+      }
+    }
+  }
+}
+
+// acc[mt][nt] += A_mt[16 rows, K] · B[rows of n-tile nt, K]^T for one warp. A rows and B rows are
+// bf16 with row stride `ld` elements; B rows past `rows` are clamped to the last one (their results
+// are never stored). A and B must be 16-byte aligned, K a multiple of 32.
+template <int MT, int U>
+__device__ __forceinline__ void warp_gemm(const __nv_bfloat16* const (&a)[MT], const __nv_bfloat16* b, int ld, int K,
+                                          int rows, float (&acc)[MT][kNTiles][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const char* a_lo[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    a_lo[mt] = reinterpret_cast<const char*>(a[mt] + static_cast<std::size_t>(g) * ld + 8 * t);
+  const std::size_t a_hi_off = static_cast<std::size_t>(8) * ld * 2;
+  const char* bp[kNTiles];
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+    const int r = min(nt * 8 + g, rows - 1);
+    bp[nt] = reinterpret_cast<const char*>(b + static_cast<std::size_t>(r) * ld + 8 * t);
+  }
+  const int ntiles = (rows + 7) / 8;
+  int k = 0;
+  for (; k + 32 * U <= K; k += 32 * U) k_steps<MT, U>(a_lo, a_hi_off, bp, ntiles, k, acc);
+  for (; k < K; k += 32) k_steps<MT, 1>(a_lo, a_hi_off, bp, ntiles, k, acc);
+}
+
+// The cp.async pipeline: a ring of S 32-wide K steps per warp in shared memory, refilled one step as
+// soon as one is consumed, so S steps of weights stay in flight without holding registers. Each
+// thread copies and later reads back only its own 16-byte pieces (slot-major, lane-minor: conflict-free
+// and no barrier is needed, only the thread's own cp.async.wait_group).
+constexpr int kSlots = 2 * 2 + kNTiles;  // per step and lane: rows g and g+8 of 2 A tiles, one row per n-tile
+
+__device__ __forceinline__ void cp_async_cg(uint4* smem, const void* gmem) {  // weights: L2 only
+  asm volatile(
+      "cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+      "l"(gmem)
+      : "memory");
+}
+__device__ __forceinline__ void cp_async_ca(uint4* smem, const void* gmem) {  // activations: via L1
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+               "l"(gmem)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+template <int S>
+__device__ __forceinline__ void warp_gemm_async(const __nv_bfloat16* const (&a)[2], const __nv_bfloat16* b, int ld,
+                                                int K, int rows, uint4* ring, float (&acc)[2][kNTiles][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const char* a_lo[2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+    a_lo[mt] = reinterpret_cast<const char*>(a[mt] + static_cast<std::size_t>(g) * ld + 8 * t);
+  const std::size_t a_hi_off = static_cast<std::size_t>(8) * ld * 2;
+  const char* bp[kNTiles];
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+    const int r = min(nt * 8 + g, rows - 1);
+    bp[nt] = reinterpret_cast<const char*>(b + static_cast<std::size_t>(r) * ld + 8 * t);
+  }
+  const int ntiles = (rows + 7) / 8, nk = K / 32;
+  ring += lane;
+  auto issue = [&](int step, int slot) {
+    if (step < nk) {
+      uint4* st = ring + slot * (kSlots * 32);
+      const std::size_t off = static_cast<std::size_t>(step) * 64;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        cp_async_cg(st + (2 * mt) * 32, a_lo[mt] + off);
+        cp_async_cg(st + (2 * mt + 1) * 32, a_lo[mt] + a_hi_off + off);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+        if (nt < ntiles) cp_async_ca(st + (4 + nt) * 32, bp[nt] + off);
+    }
+    cp_async_commit();  // always, so that "S-1 groups pending" means "this step has landed"
+  };
+#pragma unroll
+  for (int s = 0; s < S; ++s) issue(s, s);
+  int slot = 0;
+  for (int i = 0; i < nk; ++i) {
+    cp_async_wait<S - 1>();
+    const uint4* st = ring + slot * (kSlots * 32);
+    uint4 lo[2], hi[2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      lo[mt] = st[(2 * mt) * 32];
+      hi[mt] = st[(2 * mt + 1) * 32];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      if (nt >= ntiles) continue;  // warp-uniform
+      const uint4 bv = st[(4 + nt) * 32];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        mma_bf16(acc[mt][nt], lo[mt].x, hi[mt].x, lo[mt].y, hi[mt].y, bv.x, bv.y);
+        mma_bf16(acc[mt][nt], lo[mt].z, hi[mt].z, lo[mt].w, hi[mt].w, bv.z, bv.w);
+      }
+    }
+    // The slot's values are in registers and consumed (the mmas depend on them): refill it.
+    issue(i + S, slot);
+    slot = slot + 1 == S ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();  // the ring is free for the next work item
+}
+
+// One warp's products for a work item: the register path (S == 0, U steps per load batch) or the
+// cp.async ring of S steps.
+template <int U, int S>
+__device__ __forceinline__ void warp_product(const __nv_bfloat16* const (&a)[2], const __nv_bfloat16* b, int ld, int K,
+                                             int rows, uint4* ring, float (&acc)[2][kNTiles][4]) {
+  if constexpr (S == 0)
+    warp_gemm<2, U>(a, b, ld, K, rows, acc);
+  else
+    warp_gemm_async<S>(a, b, ld, K, rows, ring, acc);
+}
+
+template <int S>
+constexpr int ring_bytes() {
+  return S * kWarps * kSlots * 32 * 16;
+}
+
+struct work_item {
+  active_entry e;
+  int row0, rows, tile;
+};
+
+// Item w of (active expert, tile, chunk), in that order: neighbouring blocks share an expert (its
+// activations stay in L2) and, for long groups, the same weight tile (its re-reads hit L2).
+__device__ __forceinline__ work_item find_item(long long w, int tiles, const std::int32_t* prefix, int n_active,
+                                               const active_entry* entries) {
+  int lo = 0, hi = n_active - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (static_cast<long long>(prefix[mid]) * tiles <= w)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const int chunks = prefix[lo + 1] - prefix[lo];
+  const int rem = static_cast<int>(w - static_cast<long long>(prefix[lo]) * tiles);
+  work_item it;
+  it.e = entries[lo];
+  it.tile = rem / chunks;
+  it.row0 = it.e.begin + (rem % chunks) * kChunkRows;
+  it.rows = min(kChunkRows, it.e.end - it.row0);
+  return it;
+}
+
+// Loads the header and (when it fits) the chunk prefix into shared memory. False: no work here.
+__device__ __forceinline__ bool setup_items(const kparams& p, int tiles, std::int32_t* s_prefix, int& n_active,
+                                            long long& total, const std::int32_t*& prefix) {
+  n_active = p.hdr->n_active;
+  total = static_cast<long long>(p.hdr->total_chunks) * tiles;
+  if (blockIdx.x >= total) return false;  // whole block: uniform
+  prefix = p.prefix;
+  if (n_active <= kSmemExperts) {
+    for (int i = threadIdx.x; i <= n_active; i += blockDim.x) s_prefix[i] = p.prefix[i];
+    prefix = s_prefix;
+  }
+  __syncthreads();
+  return true;
+}
+
+// ---- kernels --------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
+  __shared__ std::int32_t s_scan[2][32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+
+  bool bad_offsets = false, bad_weights = false;
+  if (tid == 0) bad_offsets = p.offsets[0] < 0 || p.offsets[p.experts] > p.max_rows;
+  for (int e = tid; e < p.experts; e += blockDim.x) {
+    const int b = p.offsets[e], en = p.offsets[e + 1];
+    if (en < b) {
+      bad_offsets = true;
+    } else if (en > b) {
+      const void* w[3] = {p.gate[e], p.up[e], p.down[e]};
+      for (const void* q : w)
+        if (q == nullptr || (reinterpret_cast<std::uintptr_t>(q) & 15) != 0) bad_weights = true;
+    }
+  }
+  const bool any_bad_offsets = __syncthreads_or(bad_offsets) != 0;
+  const bool any_bad_weights = __syncthreads_or(bad_weights) != 0;
+  if (any_bad_offsets || any_bad_weights) {
+    if (tid == 0) {
+      const std::uint32_t bits =
+          (any_bad_offsets ? kGroupedSwigluBadOffsets : 0u) | (any_bad_weights ? kGroupedSwigluBadWeights : 0u);
+      *p.hdr = ws_header{0, 0, bits, 0};
+      if (p.error != nullptr) atomicOr(p.error, bits);
+    }
+    return;
+  }
+
+  // Exclusive scans of (active, chunks) over the experts, one block-wide pass per blockDim experts.
+  int carry_active = 0, carry_chunks = 0;
+  for (int base = 0; base < p.experts; base += blockDim.x) {
+    const int e = base + tid;
+    int b = 0, m = 0;
+    if (e < p.experts) {
+      b = p.offsets[e];
+      m = p.offsets[e + 1] - b;
+    }
+    const int act = m > 0 ? 1 : 0, ch = (m + kChunkRows - 1) / kChunkRows;
+    int ia = act, ic = ch;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int va = __shfl_up_sync(0xffffffffu, ia, o), vc = __shfl_up_sync(0xffffffffu, ic, o);
+      if (lane >= o) {
+        ia += va;
+        ic += vc;
+      }
+    }
+    if (lane == 31) {
+      s_scan[0][warp] = ia;
+      s_scan[1][warp] = ic;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      int wa = lane < nwarps ? s_scan[0][lane] : 0, wc = lane < nwarps ? s_scan[1][lane] : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int va = __shfl_up_sync(0xffffffffu, wa, o), vc = __shfl_up_sync(0xffffffffu, wc, o);
+        if (lane >= o) {
+          wa += va;
+          wc += vc;
+        }
+      }
+      if (lane < nwarps) {
+        s_scan[0][lane] = wa;
+        s_scan[1][lane] = wc;
+      }
+    }
+    __syncthreads();
+    const int before_a = warp > 0 ? s_scan[0][warp - 1] : 0, before_c = warp > 0 ? s_scan[1][warp - 1] : 0;
+    if (act) {
+      const int pos = carry_active + before_a + ia - act;
+      p.entries[pos] = active_entry{static_cast<const __nv_bfloat16*>(p.gate[e]),
+                                    static_cast<const __nv_bfloat16*>(p.up[e]),
+                                    static_cast<const __nv_bfloat16*>(p.down[e]),
+                                    b,
+                                    b + m,
+                                    e,
+                                    0};
+      p.prefix[pos] = carry_chunks + before_c + ic - ch;
+    }
+    carry_active += s_scan[0][nwarps - 1];
+    carry_chunks += s_scan[1][nwarps - 1];
+    __syncthreads();  // s_scan is rewritten by the next pass
+  }
+  if (tid == 0) {
+    p.prefix[carry_active] = carry_chunks;
+    *p.hdr = ws_header{carry_active, carry_chunks, 0, 0};
+  }
+}
+
+template <int U, int S>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) gate_up_kernel(kparams p) {
+  __shared__ std::int32_t s_prefix[kSmemExperts + 1];
+  extern __shared__ uint4 s_ring[];
+  const int tiles = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
+  int n_active;
+  long long total;
+  const std::int32_t* prefix;
+  if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+  for (long long w = blockIdx.x; w < total; w += gridDim.x) {
+    const work_item it = find_item(w, tiles, prefix, n_active, p.entries);
+    const int f0 = it.tile * kGateUpFeatures + warp * 16;
+    if (f0 >= p.inter) continue;
+    const std::size_t woff = static_cast<std::size_t>(f0) * p.hidden;
+    const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
+    float acc[2][kNTiles][4] = {};
+    warp_product<U, S>(a, p.x + static_cast<std::size_t>(it.row0) * p.hidden, p.hidden, p.hidden, it.rows,
+                       s_ring + warp * (S * kSlots * 32), acc);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = nt * 8 + 2 * t + (i & 1);
+        if (tok >= it.rows) continue;
+        const float gv = acc[0][nt][i], uv = acc[1][nt][i];
+        const float hv = gv / (1.0f + __expf(-gv)) * uv;
+        p.h[static_cast<std::size_t>(it.row0 + tok) * p.inter + f0 + g + 8 * (i >> 1)] = __float2bfloat16_rn(hv);
+      }
+    }
+  }
+}
+
+template <int U, int S>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) down_kernel(kparams p) {
+  __shared__ std::int32_t s_prefix[kSmemExperts + 1];
+  extern __shared__ uint4 s_ring[];
+  const int tiles = (p.hidden + kDownFeatures - 1) / kDownFeatures;
+  int n_active;
+  long long total;
+  const std::int32_t* prefix;
+  if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+  for (long long w = blockIdx.x; w < total; w += gridDim.x) {
+    const work_item it = find_item(w, tiles, prefix, n_active, p.entries);
+    const int f0 = it.tile * kDownFeatures + warp * 32;
+    if (f0 >= p.hidden) continue;
+    const __nv_bfloat16* a[2] = {it.e.down + static_cast<std::size_t>(f0) * p.inter,
+                                 it.e.down + static_cast<std::size_t>(f0 + 16) * p.inter};
+    float acc[2][kNTiles][4] = {};
+    warp_product<U, S>(a, p.h + static_cast<std::size_t>(it.row0) * p.inter, p.inter, p.inter, it.rows,
+                       s_ring + warp * (S * kSlots * 32), acc);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int tok = nt * 8 + 2 * t + j;
+        if (tok >= it.rows) continue;
+        const int row = it.row0 + tok;
+        const float scale = p.row_weight != nullptr ? p.row_weight[row] : 1.0f;
+        float* yr = p.y + static_cast<std::size_t>(row) * p.hidden + f0 + g;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          yr[mt * 16] = acc[mt][nt][j] * scale;
+          yr[mt * 16 + 8] = acc[mt][nt][2 + j] * scale;
+        }
+      }
+    }
+  }
+}
+
+__global__ void pointers_kernel(const char* base, std::size_t stride, std::uint32_t n, const void** out) {
+  for (std::uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x)
+    out[e] = base + e * stride;
+}
+
+// ---- host side ------------------------------------------------------------------------------------
+
+status fail(status s, int line, const std::string& what) noexcept {
+  return ::eaas::detail::record_failure(s, __FILE__, line, what);
+}
+
+status cuda_fail(cudaError_t e, int line, const char* what) noexcept {
+  try {
+    return fail(status::internal_error, line, std::string("grouped_swiglu: ") + what + ": " + cudaGetErrorString(e));
+  } catch (...) {
+    return status::internal_error;
+  }
+}
+
+#define GG_CUDA(x)                                                                         \
+  do {                                                                                     \
+    if (const cudaError_t e_ = (x); e_ != cudaSuccess) return cuda_fail(e_, __LINE__, #x); \
+  } while (0)
+
+#define GG_INVALID(cond, msg)                                                          \
+  do {                                                                                 \
+    if (cond) return fail(status::invalid_argument, __LINE__, "grouped_swiglu: " msg); \
+  } while (0)
+
+// The kernel variants (grouped_swiglu_tuning::stages / k_unroll pick one).
+struct variant {
+  void (*gate_up)(kparams);
+  void (*down)(kparams);
+  int smem;  // dynamic shared memory (the cp.async ring)
+};
+constexpr int kVariants = 5;
+const variant kVariantTable[kVariants] = {
+    {gate_up_kernel<2, 0>, down_kernel<2, 0>, 0},                // registers, 2 steps per batch
+    {gate_up_kernel<4, 0>, down_kernel<4, 0>, 0},                // registers, 4 steps per batch
+    {gate_up_kernel<0, 3>, down_kernel<0, 3>, ring_bytes<3>()},  // cp.async ring of 3 steps
+    {gate_up_kernel<0, 4>, down_kernel<0, 4>, ring_bytes<4>()},  // 4 steps
+    {gate_up_kernel<0, 6>, down_kernel<0, 6>, ring_bytes<6>()},  // 6 steps
+};
+constexpr int kDefaultVariant = 0;
+
+int variant_index(const grouped_swiglu_tuning& t) {
+  switch (t.stages) {
+    case 0:
+      return t.k_unroll == 0 ? kDefaultVariant : t.k_unroll == 2 ? 0 : t.k_unroll == 4 ? 1 : -1;
+    case 1:
+      return t.k_unroll == 0 || t.k_unroll == 2 ? 0 : t.k_unroll == 4 ? 1 : -1;
+    case 3:
+      return 2;
+    case 4:
+      return 3;
+    case 6:
+      return 4;
+    default:
+      return -1;
+  }
+}
+
+// Resident blocks per SM of each GEMM kernel, per device (asked once: the shared-memory attribute must
+// be set before the first launch, and occupancy queries need not be repeated; both are legal during
+// stream capture).
+struct device_limits {
+  int sms = 0;
+  int gate_up[kVariants] = {};
+  int down[kVariants] = {};
+};
+
+status limits_for(int dev, device_limits& out) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> ready[kMaxDevices] = {};
+  static device_limits cache[kMaxDevices];
+  if (dev >= 0 && dev < kMaxDevices && ready[dev].load(std::memory_order_acquire) == 2) {
+    out = cache[dev];
+    return status::ok;
+  }
+  device_limits l;
+  GG_CUDA(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev));
+  for (int v = 0; v < kVariants; ++v) {
+    const variant& k = kVariantTable[v];
+    if (k.smem > 0) {
+      GG_CUDA(cudaFuncSetAttribute(k.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
+      GG_CUDA(cudaFuncSetAttribute(k.down, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
+    }
+    GG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&l.gate_up[v], k.gate_up, kThreads, k.smem));
+    GG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&l.down[v], k.down, kThreads, k.smem));
+  }
+  if (dev >= 0 && dev < kMaxDevices) {
+    int expected = 0;
+    if (ready[dev].compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      cache[dev] = l;
+      ready[dev].store(2, std::memory_order_release);
+    }
+  }
+  out = l;
+  return status::ok;
+}
+
+}  // namespace
+
+std::size_t grouped_swiglu_workspace_bytes(const grouped_swiglu_shape& s) noexcept { return layout(s).total; }
+
+status grouped_swiglu_check(const grouped_swiglu_shape& s, const grouped_swiglu_args& a,
+                            std::size_t workspace_bytes) noexcept {
+  GG_INVALID(s.experts == 0 || s.experts > kGroupedSwigluMaxExperts, "experts must be 1 .. 2^20");
+  GG_INVALID(s.hidden == 0 || s.hidden % kGroupedSwigluAlign != 0, "hidden must be a nonzero multiple of 32");
+  GG_INVALID(s.inter == 0 || s.inter % kGroupedSwigluAlign != 0, "inter must be a nonzero multiple of 32");
+  GG_INVALID(s.max_rows == 0 || s.max_rows > (1u << 30), "max_rows must be 1 .. 2^30");
+  // Every element index must fit in 63 bits (it does) and every work-item count in an int32.
+  const std::uint64_t chunks = std::uint64_t{s.max_rows} / kChunkRows + std::min(s.experts, s.max_rows) + 1;
+  const std::uint64_t tiles = std::max<std::uint64_t>((s.inter + kGateUpFeatures - 1) / kGateUpFeatures,
+                                                      (s.hidden + kDownFeatures - 1) / kDownFeatures);
+  GG_INVALID(chunks * tiles >= (1ull << 31), "shape too large (work items exceed 2^31)");
+  GG_INVALID(s.hidden > (1u << 20) || s.inter > (1u << 20), "hidden and inter must be at most 2^20");
+  GG_INVALID(a.x == nullptr || a.offsets == nullptr || a.gate == nullptr || a.up == nullptr || a.down == nullptr ||
+                 a.y == nullptr || a.workspace == nullptr,
+             "x, offsets, gate, up, down, y and workspace must not be null");
+  GG_INVALID((reinterpret_cast<std::uintptr_t>(a.x) & 15) != 0, "x must be 16-byte aligned");
+  GG_INVALID((reinterpret_cast<std::uintptr_t>(a.workspace) & 15) != 0, "workspace must be 16-byte aligned");
+  GG_INVALID((reinterpret_cast<std::uintptr_t>(a.y) & 3) != 0 ||
+                 (reinterpret_cast<std::uintptr_t>(a.offsets) & 3) != 0 ||
+                 (reinterpret_cast<std::uintptr_t>(a.row_weight) & 3) != 0,
+             "y, offsets and row_weight must be 4-byte aligned");
+  if (workspace_bytes < layout(s).total) {
+    try {
+      return fail(status::invalid_argument, __LINE__,
+                  "grouped_swiglu: workspace of " + std::to_string(workspace_bytes) + " bytes, the shape needs " +
+                      std::to_string(layout(s).total) + " (grouped_swiglu_workspace_bytes)");
+    } catch (...) {
+      return status::invalid_argument;
+    }
+  }
+  return status::ok;
+}
+
+status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& a, std::size_t workspace_bytes,
+                      CUstream_st* stream, const grouped_swiglu_tuning& tuning) noexcept {
+  if (const status st = grouped_swiglu_check(s, a, workspace_bytes); st != status::ok) return st;
+  const int vi = variant_index(tuning);
+  GG_INVALID(vi < 0, "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4");
+  const variant& kern = kVariantTable[vi];
+
+  int dev = 0;
+  GG_CUDA(cudaGetDevice(&dev));
+  device_limits lim;
+  if (const status st = limits_for(dev, lim); st != status::ok) return st;
+
+  const ws_layout l = layout(s);
+  auto* ws = static_cast<char*>(a.workspace);
+  kparams p{};
+  p.x = static_cast<const __nv_bfloat16*>(a.x);
+  p.offsets = a.offsets;
+  p.row_weight = a.row_weight;
+  p.gate = a.gate;
+  p.up = a.up;
+  p.down = a.down;
+  p.y = a.y;
+  p.hdr = reinterpret_cast<ws_header*>(ws);
+  p.entries = reinterpret_cast<active_entry*>(ws + l.entries);
+  p.prefix = reinterpret_cast<std::int32_t*>(ws + l.prefix);
+  p.h = reinterpret_cast<__nv_bfloat16*>(ws + l.h);
+  p.error = a.error;
+  p.experts = static_cast<int>(s.experts);
+  p.hidden = static_cast<int>(s.hidden);
+  p.inter = static_cast<int>(s.inter);
+  p.max_rows = static_cast<int>(s.max_rows);
+
+  // Grids: every block resident, never more blocks than the most work items the capacity allows.
+  const long long max_chunks = static_cast<long long>(s.max_rows) / kChunkRows + std::min(s.experts, s.max_rows);
+  auto grid = [&](int occupancy, int tiles) {
+    int per_sm = std::max(occupancy, 1);
+    if (tuning.ctas_per_sm != 0)
+      per_sm = std::min(per_sm, static_cast<int>(tuning.ctas_per_sm));
+    else if (kern.smem == 0)
+      per_sm = std::min(per_sm, kDefaultRegisterBlocksPerSm);
+    return static_cast<unsigned>(std::max(1LL, std::min(static_cast<long long>(lim.sms) * per_sm, max_chunks * tiles)));
+  };
+  const unsigned grid_gu = grid(lim.gate_up[vi], (p.inter + kGateUpFeatures - 1) / kGateUpFeatures);
+  const unsigned grid_dn = grid(lim.down[vi], (p.hidden + kDownFeatures - 1) / kDownFeatures);
+
+  prep_kernel<<<1, kPrepThreads, 0, stream>>>(p);
+  GG_CUDA(cudaGetLastError());
+  kern.gate_up<<<grid_gu, kThreads, kern.smem, stream>>>(p);
+  GG_CUDA(cudaGetLastError());
+  kern.down<<<grid_dn, kThreads, kern.smem, stream>>>(p);
+  GG_CUDA(cudaGetLastError());
+  return status::ok;
+}
+
+status grouped_swiglu_expert_pointers(const void* base, std::size_t stride_bytes, std::uint32_t experts,
+                                      const void** out, CUstream_st* stream) noexcept {
+  GG_INVALID(base == nullptr || out == nullptr || experts == 0, "expert_pointers: null pointer or zero experts");
+  const unsigned blocks = std::min<std::uint32_t>((experts + 255) / 256, 1024);
+  pointers_kernel<<<blocks, 256, 0, stream>>>(static_cast<const char*>(base), stride_bytes, experts, out);
+  GG_CUDA(cudaGetLastError());
+  return status::ok;
+}
+
+}  // namespace eaas::runtime::gpu
