@@ -24,10 +24,10 @@ namespace eaas::test {
 namespace ib = eaas::detail::ibgda;
 
 struct fake_call {
-  std::string name;            ///< "list_devices", "devx_create", ...
-  std::uintptr_t obj = 0;      ///< the object it acted on / created
-  std::uint16_t opcode = 0;    ///< devx_create / devx_modify: the PRM opcode
-  std::vector<std::byte> in;   ///< devx_create / devx_modify: the command bytes
+  std::string name;           ///< "list_devices", "devx_create", ...
+  std::uintptr_t obj = 0;     ///< the object it acted on / created
+  std::uint16_t opcode = 0;   ///< devx_create / devx_modify: the PRM opcode
+  std::vector<std::byte> in;  ///< devx_create / devx_modify: the command bytes
 };
 
 class fake_verbs final : public ib::verbs_api {
@@ -37,7 +37,8 @@ class fake_verbs final : public ib::verbs_api {
   std::set<std::string> no_devx;  ///< devices that refuse DEVX
   ib::device_attr dev{1, 16, true};
   std::map<int, ib::port_attr> ports{{1, ib::port_attr{true, ib::link_layer::infiniband, 5, 0x12, 1}}};
-  std::vector<ib::gid_entry> gids{ib::gid_entry{0, ib::gid_type::ib, {0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8}}};
+  std::vector<ib::gid_entry> gids{
+      ib::gid_entry{0, ib::gid_type::ib, {0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8}}};
   std::uint32_t pdn = 0x77, eqn = 9;
   std::set<ib::uar_kind> uar_unsupported{ib::uar_kind::nc_dedicated};
   ib::roce_path roce{{0x02, 0x11, 0x22, 0x33, 0x44, 0x55}, 0xc123};
@@ -194,7 +195,10 @@ class fake_verbs final : public ib::verbs_api {
     auto st = qp_state.find(id(obj));
     if (st == qp_state.end() || live.count(id(obj)) == 0) return EINVAL;
     if (ib::prm::get(in, ib::prm::modify_qp_in::qpn) != qpn_of[id(obj)]) return bad(0xbad0);
-    const int want = op == ib::prm::kRst2InitQp ? 0 : op == ib::prm::kInit2RtrQp ? 1 : op == ib::prm::kRtr2RtsQp ? 2 : -1;
+    const int want = op == ib::prm::kRst2InitQp   ? 0
+                     : op == ib::prm::kInit2RtrQp ? 1
+                     : op == ib::prm::kRtr2RtsQp  ? 2
+                                                  : -1;
     if (want < 0 || st->second != want) return bad(0xbad1);
     st->second = want + 1;
     return 0;

@@ -127,8 +127,8 @@ TEST_CASE("ibgda endpoint: every op of the vocabulary through a host-side-built 
   CHECK(rword(4096) == 7);
 
   // put_signal: payload and signal in one go; fence then a write of what a get fetched.
-  REQUIRE(eaas::put_signal(th, t.ep, t.rv, 8192, t.local.data() + 2048, 512, t.rv, 4104, 99,
-                           eaas::signal_op::set) == status::ok);
+  REQUIRE(eaas::put_signal(th, t.ep, t.rv, 8192, t.local.data() + 2048, 512, t.rv, 4104, 99, eaas::signal_op::set) ==
+          status::ok);
   REQUIRE(eaas::quiet(th, t.ep) == status::ok);
   CHECK(std::memcmp(t.remote.data() + 8192, t.local.data() + 2048, 512) == 0);
   CHECK(rword(4104) == 99);
@@ -174,8 +174,8 @@ TEST_CASE("ibgda endpoint: endpoint state and random ops against a shadow, with 
         if (rng() % 4 == 0) {
           const std::size_t w = 40000 + 8 * (rng() % 64);
           const std::uint64_t val = rng();
-          REQUIRE(eaas::put_signal(th, t.ep, t.rv, dst, t.local.data() + src, n, t.rv, w, val,
-                                   eaas::signal_op::set) == status::ok);
+          REQUIRE(eaas::put_signal(th, t.ep, t.rv, dst, t.local.data() + src, n, t.rv, w, val, eaas::signal_op::set) ==
+                  status::ok);
           std::memcpy(shadow.data() + w, &val, 8);
         } else {
           REQUIRE(eaas::put(th, t.ep, t.rv, dst, t.local.data() + src, n) == status::ok);

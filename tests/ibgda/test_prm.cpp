@@ -36,19 +36,23 @@ TEST_CASE("ibgda prm: set/get agree with rdma-core's _devx_set/_devx_get/_devx_s
     CAPTURE(f.bit);
     CAPTURE(f.width);
     REQUIRE(std::memcmp(ours.data(), theirs.data(), ours.size()) == 0);
-    const std::uint64_t want = f.width == 64 ? _devx_get64(theirs.data(), f.bit)
-                                             : _devx_get(theirs.data(), f.bit, f.width);
+    const std::uint64_t want =
+        f.width == 64 ? _devx_get64(theirs.data(), f.bit) : _devx_get(theirs.data(), f.bit, f.width);
     REQUIRE(prm::get(ours, f) == want);
   }
 }
 
 TEST_CASE("ibgda prm: the command fields written by rdma-core's helper read back through ours") {
-  const prm::field fields[] = {
-      prm::cmd::opcode, prm::modify_qp_in::qpn, prm::create_qp_in::wq_umem_id, prm::create_qp_in::wq_umem_valid,
-      prm::at(prm::create_qp_in::kQpc, prm::qpc::cqn_snd), prm::at(prm::create_qp_in::kQpc, prm::qpc::log_sq_size),
-      prm::at(prm::create_qp_in::kQpc, prm::qpc::dbr_umem_id),
-      prm::at(prm::create_qp_in::kQpc + prm::qpc::kPrimaryPath, prm::ads::ack_timeout),
-      prm::at(prm::create_cq_in::kCqc, prm::cqc::c_eqn), prm::at(prm::create_cq_in::kCqc, prm::cqc::uar_page)};
+  const prm::field fields[] = {prm::cmd::opcode,
+                               prm::modify_qp_in::qpn,
+                               prm::create_qp_in::wq_umem_id,
+                               prm::create_qp_in::wq_umem_valid,
+                               prm::at(prm::create_qp_in::kQpc, prm::qpc::cqn_snd),
+                               prm::at(prm::create_qp_in::kQpc, prm::qpc::log_sq_size),
+                               prm::at(prm::create_qp_in::kQpc, prm::qpc::dbr_umem_id),
+                               prm::at(prm::create_qp_in::kQpc + prm::qpc::kPrimaryPath, prm::ads::ack_timeout),
+                               prm::at(prm::create_cq_in::kCqc, prm::cqc::c_eqn),
+                               prm::at(prm::create_cq_in::kCqc, prm::cqc::uar_page)};
   std::mt19937 rng(3);
   for (const auto f : fields) {
     std::array<std::byte, 272> b{};

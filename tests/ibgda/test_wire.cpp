@@ -28,7 +28,8 @@ ib::conn_desc sample(ib::link_layer l = ib::link_layer::ethernet, std::size_t n 
   d.mtu = 5;
   d.lid = l == ib::link_layer::infiniband ? 0x0042 : 0;
   d.gid = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3};
-  for (std::size_t i = 0; i < n; ++i) d.qps.push_back({static_cast<std::uint32_t>(0x100 + i), static_cast<std::uint32_t>(0xfff000 + i)});
+  for (std::size_t i = 0; i < n; ++i)
+    d.qps.push_back({static_cast<std::uint32_t>(0x100 + i), static_cast<std::uint32_t>(0xfff000 + i)});
   return d;
 }
 
@@ -59,7 +60,8 @@ TEST_CASE("ibgda wire: connection descriptions round-trip") {
   std::mt19937_64 rng(7);
   for (int i = 0; i < 2000; ++i) {
     const bool roce = rng() & 1;
-    ib::conn_desc d = sample(roce ? ib::link_layer::ethernet : ib::link_layer::infiniband, 1 + rng() % ib::kMaxQpsPerPeer);
+    ib::conn_desc d =
+        sample(roce ? ib::link_layer::ethernet : ib::link_layer::infiniband, 1 + rng() % ib::kMaxQpsPerPeer);
     d.context_id = rng() | 1;
     d.host_id = rng();
     d.target_id = rng();

@@ -132,7 +132,8 @@ EAAS_HOST_DEVICE status fetch_add(Coop, const device_endpoint& ep, const remote_
   if (ep.transport == transport_kind::shm) {
     if constexpr (detail::shm_callable<Coop>()) return detail::ldst::fetch_add(target, offset, value, fetched);
   }
-  if (ep.transport == transport_kind::ibgda) return detail::ibgda::op_fetch_add<Coop>(ep, target, offset, value, fetched);
+  if (ep.transport == transport_kind::ibgda)
+    return detail::ibgda::op_fetch_add<Coop>(ep, target, offset, value, fetched);
 #if EAAS_DEVICE_CODE
   if (ep.transport == transport_kind::nvlink) return detail::ldst_dev::fetch_add<Coop>(target, offset, value, fetched);
 #endif

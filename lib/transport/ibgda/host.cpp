@@ -108,8 +108,8 @@ status select_gid(const std::vector<gid_entry>& table, int want, gid_entry& out)
   auto score = [](const gid_entry& e) {
     const auto& g = e.gid;
     int s = e.type == gid_type::roce_v2 ? 300 : e.type == gid_type::roce_v1 ? 200 : 100;
-    const bool v4 = std::all_of(g.begin(), g.begin() + 10, [](std::uint8_t b) { return b == 0; }) && g[10] == 0xff &&
-                    g[11] == 0xff;
+    const bool v4 =
+        std::all_of(g.begin(), g.begin() + 10, [](std::uint8_t b) { return b == 0; }) && g[10] == 0xff && g[11] == 0xff;
     const bool link_local = g[0] == 0xfe && (g[1] & 0xc0) == 0x80;
     s += v4 ? 20 : link_local ? 0 : 10;
     return s;
@@ -165,8 +165,7 @@ status nic::open(verbs_api& v, gpu_api& g, const nic_choice& c, std::unique_ptr<
     return EAAS_FAIL(status::unsupported, "ibgda: no mlx5 device among the {} RDMA device(s) ({})", all.size(), others);
   if (!c.name.empty()) {
     auto it = std::find_if(mlx5.begin(), mlx5.end(), [&](const nic_info& d) { return d.name == c.name; });
-    if (it == mlx5.end())
-      return EAAS_FAIL(status::not_found, "ibgda: no mlx5 device named {} on this host", c.name);
+    if (it == mlx5.end()) return EAAS_FAIL(status::not_found, "ibgda: no mlx5 device named {} on this host", c.name);
     mlx5 = {*it};
   } else if (!c.gpu_bus_id.empty()) {
     // Nearest first; every one is tried in that order.
@@ -197,8 +196,7 @@ status nic::open(verbs_api& v, gpu_api& g, const nic_choice& c, std::unique_ptr<
     for (int p = first; p <= last && n->port_ == 0; ++p) {
       port_attr pa;
       if (const int e = v.query_port(n->ctx_, p, pa); e != 0)
-        return EAAS_FAIL(status_from_errno(e), "ibgda: ibv_query_port({}, port {}) failed: {}", d.name, p,
-                         err_text(e));
+        return EAAS_FAIL(status_from_errno(e), "ibgda: ibv_query_port({}, port {}) failed: {}", d.name, p, err_text(e));
       if (pa.active) {
         n->port_ = p;
         n->port_info_ = pa;
@@ -279,8 +277,8 @@ status rc_qp::create(nic& n, const qp_options& o, std::unique_ptr<rc_qp>& out) {
     // Every CQE starts as "never written" (opcode INVALID); the doorbell records start at 0.
     std::vector<mlx5::cqe64> cq(o.sq_size);
     reset_cq(cq.data(), o.sq_size);
-    if (const int e = g.copy_to_device(static_cast<char*>(q->mem_) + q->lay_.cq_off, cq.data(),
-                                       cq.size() * sizeof(mlx5::cqe64));
+    if (const int e =
+            g.copy_to_device(static_cast<char*>(q->mem_) + q->lay_.cq_off, cq.data(), cq.size() * sizeof(mlx5::cqe64));
         e != 0)
       return EAAS_FAIL(status::internal_error, "ibgda: initialising the CQ in GPU memory failed: {}", g.error_name(e));
   }
@@ -295,11 +293,10 @@ status rc_qp::create(nic& n, const qp_options& o, std::unique_ptr<rc_qp>& out) {
   if (fd >= 0) g.close_fd(fd);
   if (ue != 0 || q->umem_ == nullptr) {
     q->umem_ = nullptr;
-    return EAAS_FAIL(status_from_errno(ue != 0 ? ue : EINVAL),
-                     "ibgda: registering the queue memory with {} ({}) failed: {}{}", dev,
-                     fd >= 0 ? "mlx5dv_devx_umem_reg_ex, dma-buf" : "mlx5dv_devx_umem_reg, peer memory",
-                     err_text(ue != 0 ? ue : EINVAL),
-                     fd >= 0 ? "" : " (GPU memory needs nvidia_peermem loaded for this path)");
+    return EAAS_FAIL(
+        status_from_errno(ue != 0 ? ue : EINVAL), "ibgda: registering the queue memory with {} ({}) failed: {}{}", dev,
+        fd >= 0 ? "mlx5dv_devx_umem_reg_ex, dma-buf" : "mlx5dv_devx_umem_reg, peer memory",
+        err_text(ue != 0 ? ue : EINVAL), fd >= 0 ? "" : " (GPU memory needs nvidia_peermem loaded for this path)");
   }
 
   int last = 0;
@@ -309,8 +306,8 @@ status rc_qp::create(nic& n, const qp_options& o, std::unique_ptr<rc_qp>& out) {
     q->uar_ = nullptr;
   }
   if (q->uar_ == nullptr)
-    return EAAS_FAIL(status_from_errno(last != 0 ? last : ENOMEM), "ibgda: mlx5dv_devx_alloc_uar on {} failed: {}",
-                     dev, err_text(last != 0 ? last : ENOMEM));
+    return EAAS_FAIL(status_from_errno(last != 0 ? last : ENOMEM), "ibgda: mlx5dv_devx_alloc_uar on {} failed: {}", dev,
+                     err_text(last != 0 ? last : ENOMEM));
   if (q->uar_info_.base_addr == nullptr || q->uar_info_.reg_addr < q->uar_info_.base_addr ||
       static_cast<char*>(q->uar_info_.reg_addr) - static_cast<char*>(q->uar_info_.base_addr) + 8 >
           static_cast<std::ptrdiff_t>(kPage))
@@ -324,8 +321,8 @@ status rc_qp::create(nic& n, const qp_options& o, std::unique_ptr<rc_qp>& out) {
                        "returned {}; run as root or load the NVIDIA driver with "
                        "NVreg_RegistryDwords=\"PeerMappingOverride=1;\"",
                        g.error_name(e));
-    return EAAS_FAIL(status::internal_error, "ibgda: mapping the UAR into the GPU (cudaHostRegister IoMemory) failed: {}",
-                     g.error_name(e));
+    return EAAS_FAIL(status::internal_error,
+                     "ibgda: mapping the UAR into the GPU (cudaHostRegister IoMemory) failed: {}", g.error_name(e));
   }
 
   {
@@ -354,8 +351,9 @@ status rc_qp::create(nic& n, const qp_options& o, std::unique_ptr<rc_qp>& out) {
         (void)v.devx_destroy(q->cq_obj_);
       }
       q->cq_obj_ = nullptr;
-      return EAAS_FAIL(status_from_errno(e != 0 ? e : EIO), "ibgda: CREATE_CQ on {} (mlx5dv_devx_obj_create) failed: {}{}",
-                       dev, err_text(e != 0 ? e : EIO), prm_answer(ans.bytes));
+      return EAAS_FAIL(status_from_errno(e != 0 ? e : EIO),
+                       "ibgda: CREATE_CQ on {} (mlx5dv_devx_obj_create) failed: {}{}", dev, err_text(e != 0 ? e : EIO),
+                       prm_answer(ans.bytes));
     }
     q->cqn_ = static_cast<std::uint32_t>(prm::get(ans.bytes, prm::create_cq_out::cqn));
   }
@@ -388,8 +386,9 @@ status rc_qp::create(nic& n, const qp_options& o, std::unique_ptr<rc_qp>& out) {
     if (e != 0 || q->qp_obj_ == nullptr || prm::get(ans.bytes, prm::cmd::out_status) != 0) {
       if (q->qp_obj_ != nullptr && e == 0) (void)v.devx_destroy(q->qp_obj_);
       q->qp_obj_ = nullptr;
-      return EAAS_FAIL(status_from_errno(e != 0 ? e : EIO), "ibgda: CREATE_QP on {} (mlx5dv_devx_obj_create) failed: {}{}",
-                       dev, err_text(e != 0 ? e : EIO), prm_answer(ans.bytes));
+      return EAAS_FAIL(status_from_errno(e != 0 ? e : EIO),
+                       "ibgda: CREATE_QP on {} (mlx5dv_devx_obj_create) failed: {}{}", dev, err_text(e != 0 ? e : EIO),
+                       prm_answer(ans.bytes));
     }
     q->qpn_ = static_cast<std::uint32_t>(prm::get(ans.bytes, prm::create_qp_out::qpn));
   }
@@ -402,8 +401,10 @@ rc_qp::~rc_qp() {
   verbs_api& v = n_.verbs();
   gpu_api& g = n_.gpu();
   // The NIC stops using the memory first: QP, then the CQ it completes into, then the rest.
-  if (qp_obj_ != nullptr && v.devx_destroy(qp_obj_) != 0) log(log_level::warn, "ibgda: destroying QP {:#x} failed", qpn_);
-  if (cq_obj_ != nullptr && v.devx_destroy(cq_obj_) != 0) log(log_level::warn, "ibgda: destroying CQ {:#x} failed", cqn_);
+  if (qp_obj_ != nullptr && v.devx_destroy(qp_obj_) != 0)
+    log(log_level::warn, "ibgda: destroying QP {:#x} failed", qpn_);
+  if (cq_obj_ != nullptr && v.devx_destroy(cq_obj_) != 0)
+    log(log_level::warn, "ibgda: destroying CQ {:#x} failed", cqn_);
   if (uar_dev_ != nullptr) g.unmap_io(uar_info_.base_addr);
   if (uar_ != nullptr) v.free_uar(uar_);
   if (umem_ != nullptr && v.umem_dereg(umem_) != 0) log(log_level::warn, "ibgda: deregistering the queue umem failed");
@@ -414,8 +415,8 @@ status rc_qp::modify(const char* step, std::uint16_t opcode, std::span<const std
   prm::modify_qp_out ans;
   const int e = n_.verbs().devx_modify(qp_obj_, in, ans.bytes);
   if (e != 0 || prm::get(ans.bytes, prm::cmd::out_status) != 0)
-    return EAAS_FAIL(status_from_errno(e != 0 ? e : EIO), "ibgda: {} (opcode {:#x}) of QP {:#x} on {} failed: {}{}", step,
-                     opcode, qpn_, n_.name(), err_text(e != 0 ? e : EIO), prm_answer(ans.bytes));
+    return EAAS_FAIL(status_from_errno(e != 0 ? e : EIO), "ibgda: {} (opcode {:#x}) of QP {:#x} on {} failed: {}{}",
+                     step, opcode, qpn_, n_.name(), err_text(e != 0 ? e : EIO), prm_answer(ans.bytes));
   return status::ok;
 }
 
@@ -426,11 +427,11 @@ status rc_qp::connect(const peer_qp& peer) {
                      qpn_);
   const port_attr& port = n_.port_info();
   if (peer.layer != port.layer)
-    return EAAS_FAIL(status::peer_unreachable, "ibgda: our port {} of {} is {}, the peer's is {}", n_.port(),
-                     n_.name(), layer_name(port.layer), layer_name(peer.layer));
+    return EAAS_FAIL(status::peer_unreachable, "ibgda: our port {} of {} is {}, the peer's is {}", n_.port(), n_.name(),
+                     layer_name(port.layer), layer_name(peer.layer));
   const std::uint8_t mtu = std::min({port.active_mtu, peer.mtu, o_.max_mtu});
-  std::uint32_t rd_atomic = std::min<std::uint32_t>(o_.max_rd_atomic, static_cast<std::uint32_t>(
-                                                                          std::max(1, n_.device().max_qp_rd_atom)));
+  std::uint32_t rd_atomic =
+      std::min<std::uint32_t>(o_.max_rd_atomic, static_cast<std::uint32_t>(std::max(1, n_.device().max_qp_rd_atom)));
   const std::uint32_t log_rd = log2_floor(rd_atomic);
   const std::uint32_t path = prm::qpc::kPrimaryPath;
 
@@ -513,9 +514,8 @@ qp_config rc_qp::device_config() const {
   c.sq = reinterpret_cast<mlx5::send_wqebb*>(base);
   c.sq_size = o_.sq_size;
   c.sq_dbrec = reinterpret_cast<std::uint32_t*>(base + lay_.dbr_off) + mlx5::kSendDbr;
-  c.uar_db = reinterpret_cast<std::uint64_t*>(static_cast<char*>(uar_dev_) +
-                                              (static_cast<char*>(uar_info_.reg_addr) -
-                                               static_cast<char*>(uar_info_.base_addr)));
+  c.uar_db = reinterpret_cast<std::uint64_t*>(static_cast<char*>(uar_dev_) + (static_cast<char*>(uar_info_.reg_addr) -
+                                                                              static_cast<char*>(uar_info_.base_addr)));
   c.cq = reinterpret_cast<mlx5::cqe64*>(base + lay_.cq_off);
   c.cq_size = o_.sq_size;
   c.qpn = qpn_;
@@ -550,8 +550,7 @@ status data_region::create(nic& n, void* addr, std::size_t bytes, bool relaxed, 
   if (e != 0 || r->mr_ == nullptr) {
     r->mr_ = nullptr;
     return EAAS_FAIL(status_from_errno(e != 0 ? e : EINVAL), "ibgda: {} of [{}, +{}) on {} failed: {}{}",
-                     fd >= 0 ? "ibv_reg_dmabuf_mr" : "ibv_reg_mr", addr, bytes, n.name(),
-                     err_text(e != 0 ? e : EINVAL),
+                     fd >= 0 ? "ibv_reg_dmabuf_mr" : "ibv_reg_mr", addr, bytes, n.name(), err_text(e != 0 ? e : EINVAL),
                      fd >= 0 ? "" : " (GPU memory needs nvidia_peermem loaded for this path)");
   }
   out = std::move(r);
@@ -597,8 +596,9 @@ status peer_set::connect(std::uint64_t peer_id, const conn_desc& theirs) {
     return EAAS_FAIL(status::invalid_handle, "ibgda: the description comes from context {:016x}, expected {:016x}",
                      theirs.context_id, peer_id);
   if (theirs.target_id != self_id_)
-    return EAAS_FAIL(status::invalid_handle, "ibgda: the description is addressed to context {:016x}, not to us ({:016x})",
-                     theirs.target_id, self_id_);
+    return EAAS_FAIL(status::invalid_handle,
+                     "ibgda: the description is addressed to context {:016x}, not to us ({:016x})", theirs.target_id,
+                     self_id_);
   return it->second->connect(theirs.qp(0));
 }
 

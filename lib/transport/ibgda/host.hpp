@@ -68,8 +68,8 @@ std::vector<std::uint64_t> pci_path(const std::string& bus_id);
 
 /// Where and how a NIC is used.
 struct nic_choice {
-  std::string name;  ///< empty: the nearest mlx5 device to `gpu_bus_id` (or the first when unknown)
-  int port = 0;      ///< 0: the first active port
+  std::string name;    ///< empty: the nearest mlx5 device to `gpu_bus_id` (or the first when unknown)
+  int port = 0;        ///< 0: the first active port
   int gid_index = -1;  ///< RoCE: -1 = select_gid's choice
   std::string gpu_bus_id;
 };

@@ -95,12 +95,12 @@ inline constexpr std::uint16_t kRtr2RtsQp = 0x504;
 inline constexpr std::uint16_t k2ErrQp = 0x507;
 inline constexpr std::uint16_t k2RstQp = 0x50a;
 
-inline constexpr std::uint32_t kQpcStRc = 0x0;            ///< qpc.st: reliable connected
-inline constexpr std::uint32_t kQpcPmStateMigrated = 0x3;  ///< qpc.pm_state: no path migration
-inline constexpr std::uint32_t kQpcRqTypeZeroSize = 0x3;   ///< qpc.rq_type: no receive queue
+inline constexpr std::uint32_t kQpcStRc = 0x0;              ///< qpc.st: reliable connected
+inline constexpr std::uint32_t kQpcPmStateMigrated = 0x3;   ///< qpc.pm_state: no path migration
+inline constexpr std::uint32_t kQpcRqTypeZeroSize = 0x3;    ///< qpc.rq_type: no receive queue
 inline constexpr std::uint32_t kQpcAtomicModeUpTo64 = 0x3;  ///< qpc.atomic_mode: 8-byte atomics
-inline constexpr std::uint32_t kCqeSize64 = 0x0;           ///< cqc.cqe_sz: 64-byte CQEs
-inline constexpr std::uint32_t kLogMsgMax = 30;            ///< qpc.log_msg_max: 1 GiB, the RC limit
+inline constexpr std::uint32_t kCqeSize64 = 0x0;            ///< cqc.cqe_sz: 64-byte CQEs
+inline constexpr std::uint32_t kLogMsgMax = 30;             ///< qpc.log_msg_max: 1 GiB, the RC limit
 
 // ---------------------------------------------------------------------------------------------
 // Every command: a 16-bit opcode first; every answer: an 8-bit status and a 32-bit syndrome.
@@ -158,7 +158,7 @@ inline constexpr field uar_page{0x68, 24};
 inline constexpr field user_index{0x88, 24};
 inline constexpr field log_page_size{0xa3, 5};
 inline constexpr field remote_qpn{0xa8, 24};
-inline constexpr std::uint32_t kPrimaryPath = 0xc0;    ///< primary_address_path (ads)
+inline constexpr std::uint32_t kPrimaryPath = 0xc0;     ///< primary_address_path (ads)
 inline constexpr std::uint32_t kSecondaryPath = 0x220;  ///< secondary_address_path (ads), unused
 inline constexpr field log_ack_req_freq{0x380, 4};
 inline constexpr field log_sra_max{0x388, 3};
@@ -276,30 +276,54 @@ constexpr bool all_valid(std::uint32_t bits, std::initializer_list<field> fs) {
     if (!valid(f, bits / 8)) return false;
   return true;
 }
-static_assert(all_valid(cqc::kBits, {cqc::dbr_umem_valid, cqc::cqe_sz, cqc::cc, cqc::oi, cqc::dbr_umem_id,
-                                     cqc::page_offset, cqc::log_cq_size, cqc::uar_page, cqc::c_eqn,
-                                     cqc::log_page_size, cqc::dbr_addr}));
-static_assert(all_valid(qpc::kBits,
-                        {qpc::state,          qpc::st,          qpc::pm_state,      qpc::pd,
-                         qpc::mtu,            qpc::log_msg_max, qpc::log_rq_size,   qpc::log_rq_stride,
-                         qpc::no_sq,          qpc::log_sq_size, qpc::counter_set_id, qpc::uar_page,
-                         qpc::user_index,     qpc::log_page_size, qpc::remote_qpn,  qpc::log_ack_req_freq,
-                         qpc::log_sra_max,    qpc::retry_count, qpc::rnr_retry,     qpc::next_send_psn,
-                         qpc::cqn_snd,        qpc::log_rra_max, qpc::atomic_mode,   qpc::rre,
-                         qpc::rwe,            qpc::rae,         qpc::page_offset,   qpc::min_rnr_nak,
-                         qpc::next_rcv_psn,   qpc::cqn_rcv,     qpc::dbr_addr,      qpc::rq_type,
-                         qpc::srqn_rmpn_xrqn, qpc::dbr_umem_valid, qpc::dbr_umem_id}));
+static_assert(all_valid(cqc::kBits,
+                        {cqc::dbr_umem_valid, cqc::cqe_sz, cqc::cc, cqc::oi, cqc::dbr_umem_id, cqc::page_offset,
+                         cqc::log_cq_size, cqc::uar_page, cqc::c_eqn, cqc::log_page_size, cqc::dbr_addr}));
+static_assert(all_valid(qpc::kBits, {qpc::state,
+                                     qpc::st,
+                                     qpc::pm_state,
+                                     qpc::pd,
+                                     qpc::mtu,
+                                     qpc::log_msg_max,
+                                     qpc::log_rq_size,
+                                     qpc::log_rq_stride,
+                                     qpc::no_sq,
+                                     qpc::log_sq_size,
+                                     qpc::counter_set_id,
+                                     qpc::uar_page,
+                                     qpc::user_index,
+                                     qpc::log_page_size,
+                                     qpc::remote_qpn,
+                                     qpc::log_ack_req_freq,
+                                     qpc::log_sra_max,
+                                     qpc::retry_count,
+                                     qpc::rnr_retry,
+                                     qpc::next_send_psn,
+                                     qpc::cqn_snd,
+                                     qpc::log_rra_max,
+                                     qpc::atomic_mode,
+                                     qpc::rre,
+                                     qpc::rwe,
+                                     qpc::rae,
+                                     qpc::page_offset,
+                                     qpc::min_rnr_nak,
+                                     qpc::next_rcv_psn,
+                                     qpc::cqn_rcv,
+                                     qpc::dbr_addr,
+                                     qpc::rq_type,
+                                     qpc::srqn_rmpn_xrqn,
+                                     qpc::dbr_umem_valid,
+                                     qpc::dbr_umem_id}));
 static_assert(all_valid(ads::kBits, {ads::fl, ads::pkey_index, ads::grh, ads::mlid, ads::rlid, ads::ack_timeout,
-                                     ads::src_addr_index, ads::stat_rate, ads::hop_limit, ads::tclass,
-                                     ads::flow_label, ads::dscp, ads::udp_sport, ads::eth_prio, ads::sl,
-                                     ads::vhca_port_num}));
+                                     ads::src_addr_index, ads::stat_rate, ads::hop_limit, ads::tclass, ads::flow_label,
+                                     ads::dscp, ads::udp_sport, ads::eth_prio, ads::sl, ads::vhca_port_num}));
 
 // The fields each command sets never overlap (a typo in an offset would make two of them share bits).
 static_assert(disjoint({cqc::dbr_umem_valid, cqc::cqe_sz, cqc::cc, cqc::oi, cqc::dbr_umem_id, cqc::page_offset,
                         cqc::log_cq_size, cqc::uar_page, cqc::c_eqn, cqc::log_page_size, cqc::dbr_addr}));
-static_assert(disjoint({qpc::st, qpc::pm_state, qpc::pd, qpc::log_rq_size, qpc::no_sq, qpc::log_sq_size,
-                        qpc::uar_page, qpc::user_index, qpc::log_page_size, qpc::cqn_snd, qpc::cqn_rcv,
-                        qpc::page_offset, qpc::dbr_addr, qpc::rq_type, qpc::dbr_umem_valid, qpc::dbr_umem_id}));
+static_assert(disjoint({qpc::st, qpc::pm_state, qpc::pd, qpc::log_rq_size, qpc::no_sq, qpc::log_sq_size, qpc::uar_page,
+                        qpc::user_index, qpc::log_page_size, qpc::cqn_snd, qpc::cqn_rcv, qpc::page_offset,
+                        qpc::dbr_addr, qpc::rq_type, qpc::dbr_umem_valid, qpc::dbr_umem_id}));
 static_assert(disjoint({qpc::rre, qpc::rwe, qpc::rae, qpc::atomic_mode, qpc::pm_state, qpc::counter_set_id,
                         at(qpc::kPrimaryPath, ads::vhca_port_num), at(qpc::kPrimaryPath, ads::pkey_index)}));
 static_assert(disjoint({qpc::mtu, qpc::log_msg_max, qpc::remote_qpn, qpc::next_rcv_psn, qpc::min_rnr_nak,
@@ -309,7 +333,7 @@ static_assert(disjoint({qpc::mtu, qpc::log_msg_max, qpc::remote_qpn, qpc::next_r
                         at(qpc::kPrimaryPath, ads::dscp), at(qpc::kPrimaryPath, ads::eth_prio),
                         at(qpc::kPrimaryPath, ads::udp_sport), field{qpc::kPrimaryPath + ads::kRgidBit, 128},
                         field{qpc::kPrimaryPath + ads::kRmacBit, 48}}));
-static_assert(disjoint({qpc::log_ack_req_freq, qpc::log_sra_max, qpc::retry_count, qpc::rnr_retry,
-                        qpc::next_send_psn, at(qpc::kPrimaryPath, ads::ack_timeout)}));
+static_assert(disjoint({qpc::log_ack_req_freq, qpc::log_sra_max, qpc::retry_count, qpc::rnr_retry, qpc::next_send_psn,
+                        at(qpc::kPrimaryPath, ads::ack_timeout)}));
 
 }  // namespace eaas::detail::ibgda::prm

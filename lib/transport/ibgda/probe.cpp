@@ -92,11 +92,11 @@ ibgda_support evaluate(const host_facts& f) {
     if (!not_mlx5.empty()) why = fmt::format("not mlx5: {}", not_mlx5);
     for (const auto& d : f.devx_failed)
       why += fmt::format("{}mlx5dv_open_device(DEVX) failed on {}", why.empty() ? "" : "; ", d);
-    s.missing = fmt::format("no mlx5 device with DEVX among the {} RDMA device(s) ({}): {}", f.devices.size(), names,
-                            why);
+    s.missing =
+        fmt::format("no mlx5 device with DEVX among the {} RDMA device(s) ({}): {}", f.devices.size(), names, why);
   } else if (!s.gpudirect) {
-    std::string dmabuf_why = !f.kernel_dmabuf    ? "Linux is older than 5.12"
-                             : !f.nvidia_driver  ? "no NVIDIA driver is loaded"
+    std::string dmabuf_why = !f.kernel_dmabuf     ? "Linux is older than 5.12"
+                             : !f.nvidia_driver   ? "no NVIDIA driver is loaded"
                              : f.gpu_dma_buf == 0 ? "the GPU reports CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED = 0 (the "
                                                     "open kernel modules are needed)"
                                                   : "unknown";

@@ -35,8 +35,8 @@ struct nic_info {
 };
 
 struct device_attr {
-  int ports = 0;                ///< phys_port_cnt
-  int max_qp_rd_atom = 0;       ///< outstanding RDMA READ / atomic responses per QP
+  int ports = 0;                    ///< phys_port_cnt
+  int max_qp_rd_atom = 0;           ///< outstanding RDMA READ / atomic responses per QP
   bool atomic_host_endian = false;  ///< atomic_cap == IBV_ATOMIC_HCA (atomics in host endianness)
 };
 

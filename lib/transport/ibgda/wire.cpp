@@ -16,8 +16,7 @@ bool all_zero(const gid_bytes& g) {
 }
 
 status check_desc(const conn_desc& d) {
-  if (d.context_id == 0)
-    return EAAS_FAIL(status::invalid_handle, "ibgda connection: context id 0");
+  if (d.context_id == 0) return EAAS_FAIL(status::invalid_handle, "ibgda connection: context id 0");
   if (d.qps.empty() || d.qps.size() > kMaxQpsPerPeer)
     return EAAS_FAIL(status::invalid_handle, "ibgda connection: {} QPs (1 .. {} allowed)", d.qps.size(),
                      kMaxQpsPerPeer);
@@ -39,8 +38,7 @@ status check_peer(const peer_qp& p) {
   if (p.mtu < 1 || p.mtu > 5)
     return EAAS_FAIL(status::invalid_handle, "ibgda connection: MTU enum {} (1 = 256 .. 5 = 4096)", p.mtu);
   if (p.layer == link_layer::infiniband && (p.lid == 0 || p.lid > 0xbfff))
-    return EAAS_FAIL(status::invalid_handle, "ibgda connection: LID {:#x} is not a unicast LID (0x1 .. 0xbfff)",
-                     p.lid);
+    return EAAS_FAIL(status::invalid_handle, "ibgda connection: LID {:#x} is not a unicast LID (0x1 .. 0xbfff)", p.lid);
   if (p.layer == link_layer::ethernet) {
     if (all_zero(p.gid)) return EAAS_FAIL(status::invalid_handle, "ibgda connection: RoCE peer with a zero GID");
     if (p.gid[0] == 0xff)

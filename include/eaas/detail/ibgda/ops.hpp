@@ -107,8 +107,8 @@ EAAS_HOST_DEVICE status op_signal(const device_endpoint& ep, const remote_view& 
 
 template <class Coop>
 EAAS_HOST_DEVICE status op_put_signal(const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
-                                      const void* src, std::size_t bytes, const remote_view& sig,
-                                      std::uint64_t sig_off, std::uint64_t value, signal_op op) {
+                                      const void* src, std::size_t bytes, const remote_view& sig, std::uint64_t sig_off,
+                                      std::uint64_t value, signal_op op) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
     endpoint_state* s = ops_detail::state_of(ep);
@@ -133,8 +133,7 @@ EAAS_HOST_DEVICE status op_compare_swap(const device_endpoint& ep, const remote_
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
     endpoint_state* s = ops_detail::state_of(ep);
-    return compare_swap<poster::shared>(&s->qp, t.addr + off, t.rkey, expected, desired, fetched,
-                                        ops_detail::bound(s));
+    return compare_swap<poster::shared>(&s->qp, t.addr + off, t.rkey, expected, desired, fetched, ops_detail::bound(s));
   });
 }
 
