@@ -192,6 +192,8 @@ class data_region {
 };
 
 /// The QPs of one context, one per peer, each made, connected, torn down and re-made on its own.
+/// Not thread-safe: the owner serialises calls. A QP whose connect failed part-way is left in an
+/// intermediate state: drop it and prepare a new one (the peer needs the new description).
 class peer_set {
  public:
   /// QPs of the context `self_id` on NIC `n`.
