@@ -132,9 +132,13 @@ TEST_CASE("ibgda endpoint: every op of the vocabulary through a host-side-built 
   REQUIRE(eaas::quiet(th, t.ep) == status::ok);
   CHECK(std::memcmp(t.remote.data() + 8192, t.local.data() + 2048, 512) == 0);
   CHECK(rword(4104) == 99);
+  // The model lands outstanding responses when it runs idle, so it is paused while the three are
+  // posted: it then sees them together, and only the fence keeps the WRITE from sending stale bytes.
+  t.model.pause(true);
   REQUIRE(eaas::get(th, t.ep, t.rv, 8192, t.local.data() + 20000, 512) == status::ok);
   REQUIRE(eaas::fence(th, t.ep) == status::ok);
   REQUIRE(eaas::put(th, t.ep, t.rv, 30000, t.local.data() + 20000, 512) == status::ok);
+  t.model.pause(false);
   REQUIRE(eaas::quiet(th, t.ep) == status::ok);
   CHECK(std::memcmp(t.remote.data() + 30000, t.local.data() + 2048, 512) == 0);
   CHECK(t.model.fenced_waits(0) >= 1);  // the fenced NOP made the NIC wait for the READ's response
