@@ -339,7 +339,7 @@ int main(int argc, char** argv) {
       if (now >= next_kill && done == 0) {
         next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
         position& p = pos[rng() % pos.size()];
-        kills.push_back({p.proc->name, mono_ns()});
+        kills.push_back({p.proc->name, mono_ns(), ""});
         ::kill(p.proc->pid, kill_signal == "KILL" ? SIGKILL : SIGTERM);
         retired.push_back(std::move(p.proc));
         if (!no_replace) {
