@@ -10,8 +10,9 @@ add_executable(eaas-runtime-tests ${CMAKE_CURRENT_LIST_DIR}/test_runtime.cpp ${C
 target_link_libraries(eaas-runtime-tests PRIVATE eaas_test_main eaas_moe nlohmann_json::nlohmann_json)
 target_compile_definitions(eaas-runtime-tests PRIVATE
   EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_CLIENT_BIN="$<TARGET_FILE:eaas-client>"
-  EAAS_EVIL_BIN="$<TARGET_FILE:eaas-evil-client>" EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>")
-add_dependencies(eaas-runtime-tests eaas-server eaas-client eaas-evil-client eaas-demo)
+  EAAS_EVIL_BIN="$<TARGET_FILE:eaas-evil-client>" EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>"
+  EAAS_AUTOSCALE_BIN="$<TARGET_FILE:eaas-autoscale>")
+add_dependencies(eaas-runtime-tests eaas-server eaas-client eaas-evil-client eaas-demo eaas-autoscale)
 foreach(t IN ITEMS eaas-evil-client eaas-runtime-tests)
   if(COMMAND eaas_target_defaults)
     eaas_target_defaults(${t})

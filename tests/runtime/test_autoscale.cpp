@@ -7,6 +7,10 @@
 #include <cmath>
 #include <random>
 
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
 #include "autoscale.hpp"
 
 using namespace eaas::runtime;
@@ -152,4 +156,40 @@ TEST_CASE("autoscale: the minimum is restored and the maximum respected") {
   for (int t = 0; t < 50; ++t) f.apply(a.tick(f.servers, uniform(100000)), t);
   CHECK(f.servers.size() == 5);
   for (auto r : f.replicas()) CHECK(r >= 1);  // the first servers took the unhosted experts
+}
+
+namespace {
+
+nlohmann::json replay(std::vector<std::string> args) {
+  const std::string out = "/tmp/eaas-replay-" + std::to_string(::getpid()) + ".json";
+  std::string cmd = std::string(EAAS_AUTOSCALE_BIN) + " replay --json " + out;
+  for (const auto& a : args) cmd += " " + a;
+  cmd += " > /dev/null";
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  std::ifstream f(out);
+  auto j = nlohmann::json::parse(f, nullptr, false);
+  std::remove(out.c_str());
+  REQUIRE(j.is_object());
+  return j;
+}
+
+}  // namespace
+
+TEST_CASE("autoscale replay: a diurnal day saves server-hours at the same SLO; a flat load saves nothing") {
+  const auto day = replay({"--trace", "diurnal", "--peak", "20000", "--capacity", "1000", "--trough", "0.25"});
+  CHECK(day.value("static_servers", 0) == 28);  // ceil(peak with noise / (1000 × 0.8))
+  CHECK(day.value("static_slo_misses", 1) == 0);
+  CHECK(day.value("auto_slo_misses", 1) == 0);
+  CHECK(day.value("saved_fraction", 0.0) > 0.2);
+  CHECK(day.value("saved_fraction", 1.0) < 0.375);  // cannot beat 1 - mean/peak of this trace
+  const std::string flat = "/tmp/eaas-flat-" + std::to_string(::getpid()) + ".csv";
+  {
+    std::ofstream f(flat);
+    for (int t = 0; t < 3600; t += 60) f << t << ",8000\n";
+  }
+  const auto j = replay({"--trace", flat, "--capacity", "1000"});
+  std::remove(flat.c_str());
+  CHECK(j.value("auto_slo_misses", 1) == 0);
+  CHECK(j.value("saved_fraction", 1.0) <= 0.0);  // static runs at 0.8; the autoscaler keeps headroom
+  CHECK(j.value("removes", 1) == 0);
 }
