@@ -1,5 +1,7 @@
 #include "server.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -60,6 +62,7 @@ class server_impl final : public expert_server {
   ~server_impl() override {
     watch_.reset();  // no callback runs after these return
     dir_.reset();
+    load_keeper_.reset();
   }
 
   status init() {
@@ -128,11 +131,15 @@ class server_impl final : public expert_server {
         // Withdraw the record (the lease is revoked: every watcher sees us go), keep serving.
         watch_.reset();
         dir_.reset();
+        load_keeper_.reset();  // its load record goes with it
         leaving = true;
         left_at = last_work = mono_ns();
         detail::note("[{}] leaving: record withdrawn, draining", o_.id);
       }
-      if (!leaving) admit();
+      if (!leaving) {
+        admit();
+        publish_load();
+      }
       if (poll_once()) {
         idle = 0;
         last_work = mono_ns();
@@ -247,6 +254,39 @@ class server_impl final : public expert_server {
     set_clients();
   }
 
+  // Every 500 ms: /eaas/NS/load/ID = what it computed per expert since the last report (token-expert
+  // pairs per second), and the mean number of requests found per poll (its queue). The autoscaler
+  // reads these. Kept under its own lease, revoked when the server leaves.
+  void publish_load() {
+    const std::uint64_t now = mono_ns();
+    if (window_start_ == 0) {
+      window_start_ = now;
+      window_pairs_.assign(o_.experts.size(), 0);
+      return;
+    }
+    if (now - window_start_ < 500'000'000ull) return;
+    const double secs = double(now - window_start_) * 1e-9;
+    std::string v = fmt::format("{{\"v\":1,\"pid\":{},\"experts\":[", static_cast<long>(::getpid()));
+    for (std::size_t i = 0; i < o_.experts.size(); ++i) v += fmt::format("{}{}", i ? "," : "", o_.experts[i]);
+    v += "],\"expert_tps\":[";
+    for (std::size_t i = 0; i < o_.experts.size(); ++i)
+      v += fmt::format("{}{:.1f}", i ? "," : "", double(window_pairs_[i]) / secs);
+    std::uint32_t clients = 0;
+    for (const auto& sl : slots_) clients += sl.used ? 1 : 0;
+    v += fmt::format("],\"queue\":{:.3f},\"clients\":{}}}",
+                     window_polls_ ? double(window_requests_) / double(window_polls_) : 0.0, clients);
+    const std::string key = "/eaas/" + o_.ns + "/load/" + o_.id;
+    if (!load_keeper_) {
+      if (lease_keeper::start(*reg_, o_.ttl_seconds, {{key, v}}, load_keeper_) != status::ok)
+        detail::note("[{}] cannot publish its load: {}", o_.id, last_error());
+    } else if (load_keeper_->set(key, v) != status::ok) {
+      detail::note("[{}] cannot publish its load: {}", o_.id, last_error());
+    }
+    window_start_ = now;
+    window_pairs_.assign(o_.experts.size(), 0);
+    window_polls_ = window_requests_ = 0;
+  }
+
   // Reads every slot whose signal moved, computes them as one batch, answers each. True if any.
   bool poll_once() {
     std::vector<request>& reqs = reqs_;
@@ -263,6 +303,8 @@ class server_impl final : public expert_server {
       s.last_sig = v;
       reqs.push_back(read_request(i));
     }
+    window_polls_++;
+    window_requests_ += reqs.size();
     if (reqs.empty()) return false;
     const auto t0 = std::chrono::steady_clock::now();
     compute(reqs);
@@ -324,6 +366,7 @@ class server_impl final : public expert_server {
         }
     }
     for (const auto& [key, rows] : groups) {
+      window_pairs_[key.second] += rows.size();
       xs_.resize(rows.size() * h);
       ys_.resize(rows.size() * h);
       for (std::size_t i = 0; i < rows.size(); ++i) {
@@ -393,6 +436,9 @@ class server_impl final : public expert_server {
   std::unique_ptr<registry> reg_;
   std::unique_ptr<directory> dir_;
   std::unique_ptr<watch> watch_;
+  std::unique_ptr<lease_keeper> load_keeper_;
+  std::uint64_t window_start_ = 0, window_polls_ = 0, window_requests_ = 0;
+  std::vector<std::uint64_t> window_pairs_;  // per local expert
 
   std::mutex mu_;
   std::vector<peer_link> incoming_;

@@ -1,6 +1,12 @@
-// eaas-autoscale: the autoscaler (runtime/src/autoscale.hpp) against a traffic trace.
+// eaas-autoscale: the autoscaler (runtime/src/autoscale.hpp), live or against a traffic trace.
 //
+//   eaas-autoscale run --registry embedded://127.0.0.1:23790 --ns moe --capacity TPS [--min-servers N] ...
 //   eaas-autoscale replay [--trace diurnal|FILE.csv] [--capacity TPS] [--slo-util U] ...
+//
+// run: every tick, reads the load records the servers publish (/eaas/NS/load/ID: token-expert pairs
+// per second per expert, queue depth, pid), asks the policy, and carries out its decision on this
+// machine: starts an eaas-server hosting the experts it names, or asks a server to leave (SIGTERM:
+// it withdraws its record and drains). One JSON line per decision on stdout.
 //
 // replay: a trace of offered tokens/s (built-in diurnal day, or a CSV of "seconds,tokens_per_s") is
 // replayed tick by tick against (a) static provisioning for the trace's peak and (b) the autoscaler,
@@ -10,8 +16,21 @@
 // of both, the saving, and the ticks where the SLO was missed. The capacity and join time are inputs;
 // measure them with eaas-demo on the target machine.
 
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <filesystem>
+#include <map>
+#include <thread>
 #include <cmath>
+#include <numeric>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -19,7 +38,12 @@
 #include <sstream>
 
 #include "autoscale.hpp"
+#include "eaas/eaas.hpp"
+#include "tool_common.hpp"
 
+extern char** environ;
+
+using namespace eaas;
 using namespace eaas::runtime;
 using json = nlohmann::json;
 
@@ -57,6 +81,105 @@ bool load_csv(const std::string& path, std::vector<sample>& out) {
   return !out.empty();
 }
 
+std::atomic<bool> g_stop{false};
+void on_signal(int) { g_stop = true; }
+
+struct run_options {
+  std::string endpoint = "embedded://127.0.0.1:23790", token, ns = "moe", server_bin;
+  tool::model_args model;
+  double tick_ms = 1000, duration_s = 0;
+  std::vector<std::string> server_args;
+};
+
+void emit(const json& j) {
+  const std::string s = j.dump() + "\n";
+  std::fwrite(s.data(), 1, s.size(), stdout);
+  std::fflush(stdout);
+}
+
+int run_live(const run_options& ro, autoscale_policy p) {
+  model_shape shape;
+  if (status s = ro.model.resolve(shape); s != status::ok) return tool::fail("eaas-autoscale", "model", s);
+  registry_options reg_opts;
+  reg_opts.endpoint = ro.endpoint;
+  reg_opts.token = ro.token;
+  std::unique_ptr<registry> reg;
+  if (status s = registry::open(reg_opts, reg); s != status::ok) return tool::fail("eaas-autoscale", "registry", s);
+  std::signal(SIGTERM, on_signal);
+  std::signal(SIGINT, on_signal);
+  autoscaler a(p);
+  std::map<pid_t, std::string> children;  // servers this process started
+  int next = 0;
+  const std::string prefix = "/eaas/" + ro.ns + "/load/";
+  const auto t_end = std::chrono::steady_clock::now() +
+                     std::chrono::milliseconds(static_cast<long>(ro.duration_s > 0 ? ro.duration_s * 1000 : 1e12));
+  while (!g_stop && std::chrono::steady_clock::now() < t_end) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<long>(ro.tick_ms)));
+    for (auto it = children.begin(); it != children.end();)  // reap servers that left
+      it = ::waitpid(it->first, nullptr, WNOHANG) == it->first ? children.erase(it) : std::next(it);
+    std::vector<kv_record> recs;
+    std::int64_t rev = 0;
+    if (reg->list(prefix, recs, rev) != status::ok) continue;  // registry away: try next tick
+    std::vector<fleet_server> fleet;
+    std::map<std::string, pid_t> pids;
+    fleet_load load{std::vector<double>(shape.experts, 0.0), 0};
+    for (const auto& r : recs) {
+      // A peer wrote it: parse defensively, skip what does not fit.
+      const json j = json::parse(r.value, nullptr, false);
+      if (!j.is_object() || j.value("v", 0) != 1 || !j.contains("experts") || !j.contains("expert_tps")) continue;
+      const auto& ex = j["experts"];
+      const auto& tps = j["expert_tps"];
+      if (!ex.is_array() || !tps.is_array() || ex.size() != tps.size()) continue;
+      fleet_server f{r.key.substr(prefix.size()), {}};
+      bool ok = true;
+      for (std::size_t i = 0; i < ex.size() && ok; ++i) {
+        if (!ex[i].is_number_unsigned() || ex[i].get<std::uint64_t>() >= shape.experts || !tps[i].is_number()) {
+          ok = false;
+          break;
+        }
+        f.experts.push_back(ex[i].get<std::uint32_t>());
+        load.expert_tps[f.experts.back()] += std::max(0.0, tps[i].get<double>());
+      }
+      if (!ok) continue;
+      load.queue_depth += j.value("queue", 0.0);
+      pids[f.id] = static_cast<pid_t>(j.value("pid", 0));
+      fleet.push_back(std::move(f));
+    }
+    if (!fleet.empty()) load.queue_depth /= double(fleet.size());
+    const double offered = std::accumulate(load.expert_tps.begin(), load.expert_tps.end(), 0.0);
+    const autoscale_decision d = a.tick(fleet, load);
+    if (d.kind == autoscale_decision::add_server) {
+      const std::string id = "as" + std::to_string(::getpid()) + "-" + std::to_string(next++);
+      std::string list;
+      for (auto e : d.experts) list += (list.empty() ? "" : ",") + std::to_string(e);
+      std::vector<std::string> args = {ro.server_bin, "--id", id, "--registry", ro.endpoint, "--ns", ro.ns,
+                                       "--host-experts", list};
+      if (!ro.token.empty()) args.insert(args.end(), {"--token", ro.token});
+      args.insert(args.end(), ro.server_args.begin(), ro.server_args.end());
+      std::vector<char*> argv;
+      for (auto& x : args) argv.push_back(x.data());
+      argv.push_back(nullptr);
+      pid_t pid = -1;
+      posix_spawn_file_actions_t fa;
+      posix_spawn_file_actions_init(&fa);
+      posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);  // its JSON lines are not ours
+      const int rc = posix_spawn(&pid, ro.server_bin.c_str(), &fa, nullptr, argv.data(), environ);
+      posix_spawn_file_actions_destroy(&fa);
+      if (rc == 0) children[pid] = id;
+      emit({{"type", "scale"}, {"action", "add"}, {"server", id}, {"experts", d.experts}, {"servers", fleet.size()},
+            {"offered_tps", offered}, {"ok", rc == 0}, {"why", d.why}});
+    } else if (d.kind == autoscale_decision::remove_server) {
+      const pid_t pid = pids.count(d.server) ? pids[d.server] : 0;
+      const bool ok = pid > 0 && ::kill(pid, SIGTERM) == 0;  // a graceful leave: it drains first
+      emit({{"type", "scale"}, {"action", "remove"}, {"server", d.server}, {"servers", fleet.size()},
+            {"offered_tps", offered}, {"ok", ok}, {"why", d.why}});
+    }
+  }
+  for (const auto& [pid, id] : children) ::kill(pid, SIGTERM);
+  for (const auto& [pid, id] : children) ::waitpid(pid, nullptr, 0);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -83,7 +206,52 @@ int main(int argc, char** argv) {
   replay->add_option("--low", p.low, "scale down only below this utilisation")->capture_default_str();
   replay->add_option("--seed", seed, "noise seed")->capture_default_str();
   replay->add_option("--json", json_path, "write the result as JSON");
+  auto* run = app.add_subcommand("run", "scale the servers of a registry namespace on this machine");
+  run_options ro;
+  autoscale_policy rp;
+  rp.up_ticks = 2;
+  rp.down_ticks = 5;
+  rp.cooldown_ticks = 3;
+  run->add_option("--registry", ro.endpoint, "registry")->capture_default_str();
+  run->add_option("--token", ro.token, "registry token");
+  run->add_option("--ns", ro.ns, "registry namespace")->capture_default_str();
+  run->add_option("--server-bin", ro.server_bin, "eaas-server to start (default: next to this tool)");
+  run->add_option("--capacity", rp.capacity_tps, "token-expert pairs per second one server computes within the SLO")
+      ->required();
+  run->add_option("--min-servers", rp.min_servers, "")->capture_default_str();
+  run->add_option("--max-servers", rp.max_servers, "")->capture_default_str();
+  run->add_option("--experts-per-server", rp.experts_per_server, "experts a new server hosts (0: all / min)")
+      ->capture_default_str();
+  run->add_option("--high", rp.high, "scale up above this utilisation")->capture_default_str();
+  run->add_option("--low", rp.low, "scale down only below this utilisation")->capture_default_str();
+  run->add_option("--up-ticks", rp.up_ticks, "")->capture_default_str();
+  run->add_option("--down-ticks", rp.down_ticks, "")->capture_default_str();
+  run->add_option("--cooldown-ticks", rp.cooldown_ticks, "")->capture_default_str();
+  run->add_option("--tick-ms", ro.tick_ms, "")->capture_default_str();
+  run->add_option("--duration", ro.duration_s, "seconds to run (0: until SIGTERM)")->capture_default_str();
+  ro.model.add(*run);
+  run->add_option("--server-arg", ro.server_args, "extra argument for every server started (repeatable)");
   CLI11_PARSE(app, argc, argv);
+
+  if (run->parsed()) {
+    if (ro.server_bin.empty()) {
+      std::error_code ec;
+      ro.server_bin = (std::filesystem::read_symlink("/proc/self/exe", ec).parent_path() / "eaas-server").string();
+    }
+    // The servers get the model the autoscaler reasons about.
+    model_shape shape;
+    if (status s = ro.model.resolve(shape); s != status::ok) return tool::fail("eaas-autoscale", "model", s);
+    for (std::string x : {"--model", ro.model.preset.c_str()}) ro.server_args.push_back(x);
+    ro.server_args.insert(ro.server_args.end(),
+                          {"--seed", std::to_string(ro.model.seed), "--hidden", std::to_string(shape.hidden), "--inter",
+                           std::to_string(shape.inter), "--experts", std::to_string(shape.experts), "--topk",
+                           std::to_string(shape.topk), "--layers", std::to_string(shape.layers)});
+    if (rp.low >= rp.high) {
+      std::fprintf(stderr, "eaas-autoscale: need --low < --high\n");
+      return 2;
+    }
+    return run_live(ro, rp);
+  }
 
   std::vector<sample> tr;
   if (trace == "diurnal") {

@@ -156,3 +156,50 @@ TEST_CASE("faults: a registry restart stops nobody; servers re-register and a ne
   const json st = servers[2].next("stats", 10000);
   CHECK(st.value("tokens", 0) > 0);  // the newcomer served
 }
+
+TEST_CASE("elasticity: eaas-autoscale run adds servers under load and removes them when it ends") {
+  std::unique_ptr<registry_server> reg;
+  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+  const std::string ns = "as" + std::to_string(::getpid());
+  proc scaler, client;
+  // Capacity far below what one client offers: it must grow to the maximum, one server at a time.
+  REQUIRE(scaler.start(EAAS_AUTOSCALE_BIN,
+                       {"run", "--registry", endpoint, "--ns", ns, "--capacity", "300", "--min-servers", "1",
+                        "--max-servers", "3", "--experts-per-server", "12", "--tick-ms", "250", "--up-ticks", "2",
+                        "--down-ticks", "4", "--cooldown-ticks", "2", "--seed", "11", "--hidden",
+                        std::to_string(kShape.hidden), "--inter", std::to_string(kShape.inter), "--experts",
+                        std::to_string(kShape.experts), "--topk", std::to_string(kShape.topk), "--layers",
+                        std::to_string(kShape.layers)}));
+  const json first = scaler.next("scale", 10000);
+  REQUIRE(first.value("action", "") == "add");
+  CHECK(first.value("why", "").find("minimum") != std::string::npos);
+  auto c = test::shape_args(endpoint, ns, kShape);
+  c.insert(c.end(), {"--id", "c", "--tokens", "16", "--steps", "100000", "--verify"});
+  REQUIRE(client.start(EAAS_CLIENT_BIN, c));
+  for (int i = 0; i < 2; ++i) {
+    const json up = scaler.next("scale", 15000);
+    REQUIRE(up.value("action", "") == "add");
+    CHECK(up.value("ok", false));
+    CHECK(up.value("servers", 0) == i + 1);  // one at a time
+    CHECK(up.value("offered_tps", 0.0) > 300.0);
+  }
+  // The client stays exact while servers join.
+  std::this_thread::sleep_for(1s);
+  for (int i = 0; i < 3; ++i) {
+    const json p = client.next("progress", 5000);
+    REQUIRE(p.is_object());
+    CHECK(p.value("max_rel_err", 1.0) <= 1e-5);
+  }
+  ::kill(client.sp.pid, SIGKILL);
+  client.wait();
+  // No load: back down to the minimum, one graceful leave at a time.
+  for (int i = 0; i < 2; ++i) {
+    const json down = scaler.next("scale", 20000);
+    REQUIRE(down.value("action", "") == "remove");
+    CHECK(down.value("ok", false));
+    CHECK(down.value("servers", 0) == 3 - i);
+  }
+  ::kill(scaler.sp.pid, SIGTERM);
+  CHECK(scaler.wait() == 0);
+}
