@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
   std::vector<std::uint32_t> ids(tokens);
   std::vector<float> out, want;
   std::vector<double> layer_us, step_us;
-  double worst = 0, busy_s = 0;
+  double worst = 0, busy_s = 0, ref_s = 0;
   std::uint32_t verified = 0;
   std::uint64_t disagreements = 0;  // (token, layer) pairs where the reference's own router chose otherwise
   auto last_progress = std::chrono::steady_clock::now();
@@ -109,7 +109,9 @@ int main(int argc, char** argv) {
       emit({{"type", "failover"}, {"id", o.id}, {"server", f.server}, {"why", f.why}, {"layer", f.layer},
             {"sent_ns", f.sent_ns}, {"detected_ns", f.detected_ns}, {"done_ns", f.done_ns}});
     if (ref) {
+      const auto r0 = std::chrono::steady_clock::now();
       ref->forward(ids, want, &cl->last_routing(), &disagreements);
+      ref_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
       const double err = rel_error(out, want, o.shape.hidden);
       if (err > 1e-5)
         std::fprintf(stderr, "eaas-client %s: step %u differs from the reference by %.3g (relative)\n", o.id.c_str(),
@@ -140,6 +142,8 @@ int main(int argc, char** argv) {
          {{"p50", percentile(layer_us, 50)}, {"p90", percentile(layer_us, 90)}, {"p99", percentile(layer_us, 99)}}},
         {"layer_us_samples", layer_us},
         {"verified_steps", verified},
+        // The monolithic reference's own speed in this process (same machine, same run): the baseline.
+        {"reference_tokens_per_s", ref_s > 0 ? double(tokens) * verified / ref_s : 0.0},
         {"max_rel_err", worst},
         {"routing_disagreements", disagreements},
         {"dropped_servers", st.dropped_servers},

@@ -403,6 +403,12 @@ int main(int argc, char** argv) {
   }
   std::printf("\ntokens/s (sum of clients): %.0f   MoE round trip per layer: p50 %.1f us, p90 %.1f us, p99 %.1f us\n",
               total_tps, pct(layer_all, 50), pct(layer_all, 90), pct(layer_all, 99));
+  double ref_tps = 0;
+  for (const auto& [name, r] : results) ref_tps = std::max(ref_tps, r.value("reference_tokens_per_s", 0.0));
+  if (ref_tps > 0)
+    std::printf("baseline: the monolithic reference (all experts in one process, one core) ran at %.0f tokens/s in the "
+                "clients during this run\n",
+                ref_tps);
   std::vector<child*> shown;
   for (auto& p : pos)
     if (p.proc) shown.push_back(p.proc.get());
@@ -473,6 +479,7 @@ int main(int argc, char** argv) {
     summary["ok"] = ok;
     summary["max_rel_err"] = worst;
     summary["tokens_per_s"] = total_tps;
+    summary["reference_tokens_per_s"] = ref_tps;
     summary["wall_s"] = wall;
     summary["moe_layer_us"] = {{"p50", pct(layer_all, 50)}, {"p90", pct(layer_all, 90)}, {"p99", pct(layer_all, 99)}};
     for (const auto& [name, r] : results) {
