@@ -1,0 +1,426 @@
+// eaas-alltoall: the MoE dispatch/combine pattern between M senders and N receivers, each a process.
+//
+// Every sender holds `--tokens` tokens of `--hidden` elements; each token picks `--topk` distinct experts
+// of `--experts` (seeded), experts live on receivers round robin (expert e on receiver e mod N), and a
+// token travels once to every receiver hosting one of its experts (dispatch, with its token index). The
+// receiver answers every token it got with one row of results (combine), which the sender gathers. Rows
+// are deterministic patterns of (sender, token, receiver): before timing, one round is checked byte for
+// byte on both sides (#wrong counts bad rows), and the last timed round is checked again.
+//
+// Output: nccl-tests columns (size = dispatched bytes per sender, time = the average dispatch + combine
+// round, algbw = bytes a sender moves both ways / time) plus per-phase µs (min/avg/max over ranks), and
+// the floor measured in the same run: memcpy of the same bytes in one process (shm moves bytes through
+// memory, so this is what the copies alone cost).
+//
+//   eaas-alltoall --senders 2 --receivers 2 --tokens 128 --hidden 7168 --topk 8 --experts 256
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <vector>
+
+#include "driver.hpp"
+
+extern char** environ;
+
+using namespace eaas;
+using namespace eaas::perf;
+
+namespace {
+
+constexpr std::uint64_t kSecond = 1'000'000'000ull;
+
+struct options {
+  std::string role = "launch", rendezvous, dtype = "bf16", json;
+  int rank = -1;
+  std::uint32_t senders = 1, receivers = 1, tokens = 128, hidden = 7168, topk = 8, experts = 256;
+  std::uint32_t iters = 50, warmup = 5;
+  std::uint64_t seed = 1;
+  bool inject_error = false;  // tests: receiver 0 flips one byte of its first answer in the checked rounds
+};
+
+std::uint64_t mix(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+std::uint64_t now_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
+/// The shape of the exchange, identical in every rank.
+struct plan {
+  options o;
+  std::size_t row = 0;  // bytes per token row
+  // route[s][t]: the receivers token t of sender s goes to (distinct, ascending).
+  std::vector<std::vector<std::vector<std::uint32_t>>> route;
+  // Region layout. Receiver: per sender a block [signal 64][count 64][indices T×4, 64-aligned][rows T×row].
+  // Sender: per receiver a block [signal 64][rows T×row].
+  std::size_t recv_block = 0, send_block = 0, idx_bytes = 0;
+
+  explicit plan(const options& opt) : o(opt) {
+    row = std::size_t{o.hidden} * (o.dtype == "bf16" ? 2 : 4);
+    idx_bytes = (std::size_t{o.tokens} * 4 + 63) / 64 * 64;
+    recv_block = 128 + idx_bytes + std::size_t{o.tokens} * row;
+    send_block = 64 + std::size_t{o.tokens} * row;
+    route.resize(o.senders);
+    for (std::uint32_t s = 0; s < o.senders; ++s) {
+      route[s].resize(o.tokens);
+      for (std::uint32_t t = 0; t < o.tokens; ++t) {
+        std::vector<std::uint32_t> picked;
+        for (std::uint64_t k = 0; picked.size() < o.topk; ++k) {
+          const auto e = static_cast<std::uint32_t>(mix(o.seed ^ (std::uint64_t{s} << 48) ^ (std::uint64_t{t} << 24) ^ k) %
+                                                    o.experts);
+          if (std::find(picked.begin(), picked.end(), e) == picked.end()) picked.push_back(e);
+        }
+        auto& rs = route[s][t];
+        for (auto e : picked) rs.push_back(e % o.receivers);
+        std::sort(rs.begin(), rs.end());
+        rs.erase(std::unique(rs.begin(), rs.end()), rs.end());
+      }
+    }
+  }
+  /// Tokens of sender s that go to receiver r, in order.
+  std::vector<std::uint32_t> tokens_for(std::uint32_t s, std::uint32_t r) const {
+    std::vector<std::uint32_t> v;
+    for (std::uint32_t t = 0; t < o.tokens; ++t)
+      if (std::binary_search(route[s][t].begin(), route[s][t].end(), r)) v.push_back(t);
+    return v;
+  }
+  std::size_t dispatch_bytes(std::uint32_t s) const {
+    std::size_t n = 0;
+    for (const auto& rs : route[s]) n += rs.size();
+    return n * row;
+  }
+};
+
+/// Row patterns: dispatch rows depend on (sender, token), combine rows on (sender, token, receiver).
+void fill(unsigned char* p, std::size_t n, std::uint64_t key) {
+  for (std::size_t i = 0; i < n; i += 8) {
+    const std::uint64_t w = mix(key + i);
+    std::memcpy(p + i, &w, std::min<std::size_t>(8, n - i));
+  }
+}
+bool same(const unsigned char* p, std::size_t n, std::uint64_t key) {
+  for (std::size_t i = 0; i < n; i += 8) {
+    const std::uint64_t w = mix(key + i);
+    if (std::memcmp(p + i, &w, std::min<std::size_t>(8, n - i)) != 0) return false;
+  }
+  return true;
+}
+std::uint64_t dkey(std::uint32_t s, std::uint32_t t) { return mix(0xD15Aull ^ (std::uint64_t{s} << 32) ^ t); }
+std::uint64_t ckey(std::uint32_t s, std::uint32_t t, std::uint32_t r) {
+  return mix(0xC0Bull ^ (std::uint64_t{s} << 40) ^ (std::uint64_t{r} << 20) ^ t);
+}
+
+struct rank_state {
+  std::unique_ptr<context> ctx;
+  std::unique_ptr<memory_region> mine;
+  std::vector<std::unique_ptr<endpoint>> eps;         // per peer (receivers for a sender, senders for a receiver)
+  std::vector<std::unique_ptr<remote_region>> peers;  // their regions
+  unsigned char* base() const { return static_cast<unsigned char*>(mine->data()); }
+};
+
+std::string name_of(const options& o, int rank) {
+  return rank < static_cast<int>(o.senders) ? "s" + std::to_string(rank) : "r" + std::to_string(rank - o.senders);
+}
+
+void connect_all(const options& o, const plan& p, rank_state& st) {
+  const bool sender = o.rank < static_cast<int>(o.senders);
+  EAAS_PERF_CHECK(context::create({.name = name_of(o, o.rank)}, st.ctx));
+  EAAS_PERF_CHECK(st.ctx->allocate(sender ? p.send_block * o.receivers : p.recv_block * o.senders, st.mine));
+  handle_bytes ch, rh;
+  EAAS_PERF_CHECK(st.ctx->connection_handle(ch));
+  EAAS_PERF_CHECK(st.mine->export_handle(rh));
+  EAAS_PERF_CHECK(publish(o.rendezvous, name_of(o, o.rank), {ch, rh}));
+  const std::uint32_t n = sender ? o.receivers : o.senders;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    const int peer = sender ? static_cast<int>(o.senders + i) : static_cast<int>(i);
+    std::vector<handle_bytes> theirs;
+    EAAS_PERF_CHECK(await_peer(o.rendezvous, name_of(o, peer), 2, 60 * kSecond, theirs));
+    std::unique_ptr<endpoint> ep;
+    std::unique_ptr<remote_region> rr;
+    EAAS_PERF_CHECK(st.ctx->connect(theirs[0], ep));
+    EAAS_PERF_CHECK(ep->import_region(theirs[1], rr));
+    st.eps.push_back(std::move(ep));
+    st.peers.push_back(std::move(rr));
+  }
+}
+
+struct rank_result {
+  double dispatch_us = 0, combine_us = 0, round_us = 0;  // per round, averaged
+  std::uint64_t wrong = 0;
+};
+
+rank_result run_sender(const options& o, const plan& p, rank_state& st) {
+  const auto s = static_cast<std::uint32_t>(o.rank);
+  std::vector<std::vector<std::uint32_t>> toks(o.receivers);
+  std::vector<std::vector<unsigned char>> staging(o.receivers);
+  std::vector<unsigned char> rows(std::size_t{o.tokens} * p.row);
+  for (std::uint32_t t = 0; t < o.tokens; ++t) fill(rows.data() + t * p.row, p.row, dkey(s, t));
+  for (std::uint32_t r = 0; r < o.receivers; ++r) {
+    toks[r] = p.tokens_for(s, r);
+    staging[r].assign(64 + p.idx_bytes + toks[r].size() * p.row, 0);
+  }
+  rank_result res;
+  const std::uint32_t total = o.warmup + o.iters + 1;  // round 0 is checked, then warm-up, timed rounds
+  for (std::uint32_t it = 0; it < total; ++it) {
+    const std::uint64_t seq = it + 1;
+    const bool check = it == 0 || it + 1 == total;
+    const std::uint64_t t0 = now_ns();
+    for (std::uint32_t r = 0; r < o.receivers; ++r) {
+      auto& sg = staging[r];
+      const auto count = static_cast<std::uint32_t>(toks[r].size());
+      std::memcpy(sg.data(), &count, 4);
+      std::memcpy(sg.data() + 64, toks[r].data(), count * 4);
+      for (std::uint32_t i = 0; i < count; ++i)  // gather: the packing a dispatch kernel does
+        std::memcpy(sg.data() + 64 + p.idx_bytes + i * p.row, rows.data() + toks[r][i] * p.row, p.row);
+      const auto ep = st.eps[r]->view();
+      const auto dst = st.peers[r]->view();
+      EAAS_PERF_CHECK(put_signal(coop_thread{}, ep, dst, s * p.recv_block + 64, sg.data(), sg.size(), dst,
+                                 s * p.recv_block, seq, signal_op::set));
+    }
+    for (std::uint32_t r = 0; r < o.receivers; ++r) EAAS_PERF_CHECK(quiet(coop_thread{}, st.eps[r]->view()));
+    const std::uint64_t t1 = now_ns();
+    for (std::uint32_t r = 0; r < o.receivers; ++r) {
+      const auto* sig = reinterpret_cast<const std::uint64_t*>(st.base() + r * p.send_block);
+      EAAS_PERF_CHECK(wait_signal(st.eps[r]->view(), sig, cmp_op::ge, seq, timeout{30 * kSecond}));
+    }
+    const std::uint64_t t2 = now_ns();
+    if (check)
+      for (std::uint32_t r = 0; r < o.receivers; ++r)
+        for (std::size_t i = 0; i < toks[r].size(); ++i)
+          res.wrong += !same(st.base() + r * p.send_block + 64 + i * p.row, p.row, ckey(s, toks[r][i], r));
+    if (it >= o.warmup + 1) {
+      res.dispatch_us += double(t1 - t0) * 1e-3;
+      res.combine_us += double(t2 - t1) * 1e-3;
+      res.round_us += double(t2 - t0) * 1e-3;
+    }
+  }
+  res.dispatch_us /= o.iters;
+  res.combine_us /= o.iters;
+  res.round_us /= o.iters;
+  return res;
+}
+
+rank_result run_receiver(const options& o, const plan& p, rank_state& st) {
+  const auto r = static_cast<std::uint32_t>(o.rank - o.senders);
+  // The "experts' answers", made once: the timed rounds measure moving them, not generating them.
+  std::vector<std::vector<std::uint32_t>> want(o.senders);
+  std::vector<std::vector<unsigned char>> reply(o.senders);
+  for (std::uint32_t s = 0; s < o.senders; ++s) {
+    want[s] = p.tokens_for(s, r);
+    reply[s].resize(want[s].size() * p.row);
+    for (std::size_t i = 0; i < want[s].size(); ++i) fill(reply[s].data() + i * p.row, p.row, ckey(s, want[s][i], r));
+  }
+  rank_result res;
+  const std::uint32_t total = o.warmup + o.iters + 1;
+  for (std::uint32_t it = 0; it < total; ++it) {
+    const std::uint64_t seq = it + 1;
+    const bool check = it == 0 || it + 1 == total;
+    const std::uint64_t t0 = now_ns();
+    for (std::uint32_t s = 0; s < o.senders; ++s) {
+      const auto* sig = reinterpret_cast<const std::uint64_t*>(st.base() + s * p.recv_block);
+      EAAS_PERF_CHECK(wait_signal(st.eps[s]->view(), sig, cmp_op::ge, seq, timeout{30 * kSecond}));
+    }
+    const std::uint64_t t1 = now_ns();
+    for (std::uint32_t s = 0; s < o.senders; ++s) {
+      const unsigned char* blk = st.base() + s * p.recv_block + 64;
+      if (check) {
+        std::uint32_t count;
+        std::memcpy(&count, blk, 4);
+        if (count != want[s].size()) res.wrong += std::max<std::size_t>(count, want[s].size());
+        for (std::uint32_t i = 0; i < std::min<std::size_t>(count, want[s].size()); ++i) {
+          std::uint32_t t;
+          std::memcpy(&t, blk + 64 + i * 4, 4);
+          res.wrong += t != want[s][i] || !same(blk + 64 + p.idx_bytes + i * p.row, p.row, dkey(s, want[s][i]));
+        }
+      }
+      if (o.inject_error && r == 0 && s == 0 && !reply[s].empty()) reply[s][reply[s].size() / 2] ^= check ? 1 : 0;
+      const auto ep = st.eps[s]->view();
+      const auto dst = st.peers[s]->view();
+      EAAS_PERF_CHECK(put_signal(coop_thread{}, ep, dst, r * p.send_block + 64, reply[s].data(), reply[s].size(), dst,
+                                 r * p.send_block, seq, signal_op::set));
+      if (o.inject_error && r == 0 && s == 0 && !reply[s].empty()) reply[s][reply[s].size() / 2] ^= check ? 1 : 0;
+    }
+    for (std::uint32_t s = 0; s < o.senders; ++s) EAAS_PERF_CHECK(quiet(coop_thread{}, st.eps[s]->view()));
+    if (it >= o.warmup + 1) {
+      res.dispatch_us += double(t1 - t0) * 1e-3;  // waiting for every sender's dispatch
+      res.combine_us += double(now_ns() - t1) * 1e-3;
+    }
+  }
+  res.dispatch_us /= o.iters;
+  res.combine_us /= o.iters;
+  return res;
+}
+
+/// memcpy of the bytes one sender moves (dispatch out, combine back), in this process: the floor.
+double memcpy_floor_us(const plan& p, std::uint32_t iters) {
+  const std::size_t bytes = p.dispatch_bytes(0) * 2;
+  std::vector<unsigned char> a(bytes, 1), b(bytes, 2);
+  std::vector<double> us;
+  for (std::uint32_t i = 0; i < iters + 3; ++i) {
+    const std::uint64_t t0 = now_ns();
+    std::memcpy(b.data(), a.data(), bytes);
+    if (i >= 3) us.push_back(double(now_ns() - t0) * 1e-3);
+    a[i % bytes] ^= b[(i * 7) % bytes];  // keep the copies live
+  }
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
+}
+
+int run_rank(const options& o) {
+  const plan p(o);
+  rank_state st;
+  connect_all(o, p, st);
+  const rank_result r = o.rank < static_cast<int>(o.senders) ? run_sender(o, p, st) : run_receiver(o, p, st);
+  std::printf("{\"rank\":%d,\"dispatch_us\":%.3f,\"combine_us\":%.3f,\"round_us\":%.3f,\"wrong\":%llu}\n", o.rank,
+              r.dispatch_us, r.combine_us, r.round_us, static_cast<unsigned long long>(r.wrong));
+  std::fflush(stdout);
+  // Stay until every rank is done (the launcher closes our stdin): a peer's last quiet must not find
+  // this process gone.
+  char b[64];
+  while (::read(0, b, sizeof(b)) > 0) {
+  }
+  return 0;
+}
+
+int launch(options o) {
+  const plan p(o);
+  const std::string dir = (std::filesystem::temp_directory_path() / ("eaas-a2a-" + std::to_string(::getpid()))).string();
+  std::filesystem::create_directories(dir);
+  const int ranks = static_cast<int>(o.senders + o.receivers);
+  std::vector<pid_t> pids(ranks);
+  std::vector<FILE*> outs(ranks);
+  std::vector<int> ins(ranks);
+  for (int i = 0; i < ranks; ++i) {
+    int fd[2], in[2];
+    if (::pipe2(fd, O_CLOEXEC) != 0 || ::pipe2(in, O_CLOEXEC) != 0) die("pipe", status::internal_error);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, fd[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    std::vector<std::string> args = {"/proc/self/exe", "--role", "rank", "--rank", std::to_string(i),
+                                     "--rendezvous", dir, "--senders", std::to_string(o.senders),
+                                     "--receivers", std::to_string(o.receivers), "--tokens", std::to_string(o.tokens),
+                                     "--hidden", std::to_string(o.hidden), "--topk", std::to_string(o.topk),
+                                     "--experts", std::to_string(o.experts), "--dtype", o.dtype,
+                                     "--iters", std::to_string(o.iters), "--warmup", std::to_string(o.warmup),
+                                     "--seed", std::to_string(o.seed)};
+    if (o.inject_error) args.push_back("--inject-error");
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (::posix_spawn(&pids[i], "/proc/self/exe", &fa, nullptr, argv.data(), environ) != 0)
+      die("posix_spawn", status::internal_error);
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(fd[1]);
+    ::close(in[0]);
+    ins[i] = in[1];
+    outs[i] = ::fdopen(fd[0], "r");
+  }
+  std::vector<nlohmann::json> res(ranks);
+  bool ok = true;
+  for (int i = 0; i < ranks; ++i) {
+    char line[512] = {};
+    if (std::fgets(line, sizeof(line), outs[i]) != nullptr) res[i] = nlohmann::json::parse(line, nullptr, false);
+    std::fclose(outs[i]);
+  }
+  for (int i = 0; i < ranks; ++i) ::close(ins[i]);  // everyone is done: let them go
+  for (int i = 0; i < ranks; ++i) {
+    int stt = 0;
+    ::waitpid(pids[i], &stt, 0);
+    if (!WIFEXITED(stt) || WEXITSTATUS(stt) != 0 || !res[i].is_object()) ok = false;
+  }
+  std::filesystem::remove_all(dir);
+  if (!ok) die("a rank failed", status::internal_error);
+
+  auto stat = [&](const char* key, int from, int to) {
+    double mn = 1e300, mx = 0, sum = 0;
+    for (int i = from; i < to; ++i) {
+      const double v = res[i].value(key, 0.0);
+      mn = std::min(mn, v);
+      mx = std::max(mx, v);
+      sum += v;
+    }
+    return std::array<double, 3>{mn, sum / (to - from), mx};
+  };
+  std::uint64_t wrong = 0;
+  for (const auto& r : res) wrong += r.value("wrong", 0ull);
+  const int S = static_cast<int>(o.senders);
+  const auto round = stat("round_us", 0, S), sd = stat("dispatch_us", 0, S), sc = stat("combine_us", 0, S);
+  const auto rd = stat("dispatch_us", S, ranks), rc = stat("combine_us", S, ranks);
+  const std::size_t size = p.dispatch_bytes(0);
+  const double elt = o.dtype == "bf16" ? 2 : 4;
+  const double algbw = double(size) * 2 / (round[1] * 1e-6) / 1e9;
+  const double floor_us = memcpy_floor_us(p, 20);
+  std::printf("# eaas-alltoall: %u senders x %u receivers, %u tokens x %u hidden (%s), top-%u of %u experts, shm\n",
+              o.senders, o.receivers, o.tokens, o.hidden, o.dtype.c_str(), o.topk, o.experts);
+  std::printf("%12s %12s %6s %10s %10s %10s %8s %12s %8s\n", "size", "count", "type", "time(us)", "algbw", "busbw",
+              "#wrong", "floor(us)", "ratio");
+  std::printf("%12zu %12.0f %6s %10.2f %10.2f %10.2f %8llu %12.2f %7.2fx\n", size, double(size) / elt, o.dtype.c_str(),
+              round[1], algbw, algbw, static_cast<unsigned long long>(wrong), floor_us, round[1] / floor_us);
+  std::printf("# per phase, us (min/avg/max over ranks): sender dispatch %.1f/%.1f/%.1f, sender wait for combine "
+              "%.1f/%.1f/%.1f, receiver wait for dispatch %.1f/%.1f/%.1f, receiver combine %.1f/%.1f/%.1f\n",
+              sd[0], sd[1], sd[2], sc[0], sc[1], sc[2], rd[0], rd[1], rd[2], rc[0], rc[1], rc[2]);
+  std::printf("# floor: memcpy of the %zu bytes one sender moves (dispatch + combine) in one process, median\n",
+              size * 2);
+  if (!o.json.empty())
+    std::ofstream(o.json) << nlohmann::json{{"senders", o.senders}, {"receivers", o.receivers}, {"tokens", o.tokens},
+                                            {"hidden", o.hidden},   {"topk", o.topk},           {"experts", o.experts},
+                                            {"dtype", o.dtype},     {"size", size},             {"time_us", round[1]},
+                                            {"algbw_gbs", algbw},   {"wrong", wrong},           {"floor_us", floor_us},
+                                            {"dispatch_us", sd},    {"combine_wait_us", sc},
+                                            {"recv_dispatch_wait_us", rd}, {"recv_combine_us", rc},
+                                            {"date", today_utc()}}
+                                 .dump(2)
+                          << "\n";
+  return wrong == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"eaas-alltoall: MoE dispatch + combine between M sender and N receiver processes"};
+  options o;
+  app.add_option("--role", o.role, "launch (default) or rank (internal)");
+  app.add_option("--rank", o.rank, "internal");
+  app.add_option("--rendezvous", o.rendezvous, "internal");
+  app.add_option("--senders", o.senders, "sender processes (M)")->capture_default_str();
+  app.add_option("--receivers", o.receivers, "receiver processes (N)")->capture_default_str();
+  app.add_option("--tokens", o.tokens, "tokens per sender")->capture_default_str();
+  app.add_option("--hidden", o.hidden, "hidden size")->capture_default_str();
+  app.add_option("--topk", o.topk, "experts per token")->capture_default_str();
+  app.add_option("--experts", o.experts, "experts (on receivers round robin)")->capture_default_str();
+  app.add_option("--dtype", o.dtype, "bf16 or f32")->check(CLI::IsMember({"bf16", "f32"}))->capture_default_str();
+  app.add_option("--iters", o.iters, "timed rounds")->capture_default_str();
+  app.add_option("--warmup", o.warmup, "untimed rounds")->capture_default_str();
+  app.add_option("--seed", o.seed, "routing seed")->capture_default_str();
+  app.add_option("--json", o.json, "write the result as JSON");
+  app.add_flag("--inject-error", o.inject_error, "tests: corrupt one answer byte, which the check must count");
+  CLI11_PARSE(app, argc, argv);
+  if (o.senders == 0 || o.receivers == 0 || o.tokens == 0 || o.hidden == 0 || o.topk == 0 || o.topk > o.experts ||
+      o.iters == 0)
+    die("need senders, receivers, tokens, hidden, iters >= 1 and 1 <= topk <= experts", status::invalid_argument);
+  if (o.role == "rank") {
+    if (o.rank < 0 || o.rank >= static_cast<int>(o.senders + o.receivers) || o.rendezvous.empty())
+      die("--role rank needs --rank and --rendezvous", status::invalid_argument);
+    return run_rank(o);
+  }
+  return launch(o);
+}
