@@ -6,6 +6,7 @@ function(eaas_add_doctest target label)
   set(wrapper "${CMAKE_CURRENT_BINARY_DIR}/${target}_include.cmake")
   add_custom_command(TARGET ${target} POST_BUILD
     COMMAND ${CMAKE_COMMAND} -DEXE=$<TARGET_FILE:${target}> -DOUT=${list_file} -DLABEL=${label}
+            -DSUPP=${PROJECT_SOURCE_DIR}/tests/lsan.supp
             -P ${CMAKE_CURRENT_FUNCTION_LIST_DIR}/doctest_list.cmake
     VERBATIM)
   file(WRITE "${wrapper}"
