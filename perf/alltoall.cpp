@@ -84,8 +84,8 @@ struct plan {
       for (std::uint32_t t = 0; t < o.tokens; ++t) {
         std::vector<std::uint32_t> picked;
         for (std::uint64_t k = 0; picked.size() < o.topk; ++k) {
-          const auto e = static_cast<std::uint32_t>(mix(o.seed ^ (std::uint64_t{s} << 48) ^ (std::uint64_t{t} << 24) ^ k) %
-                                                    o.experts);
+          const auto e = static_cast<std::uint32_t>(
+              mix(o.seed ^ (std::uint64_t{s} << 48) ^ (std::uint64_t{t} << 24) ^ k) % o.experts);
           if (std::find(picked.begin(), picked.end(), e) == picked.end()) picked.push_back(e);
         }
         auto& rs = route[s][t];
@@ -302,7 +302,8 @@ int run_rank(const options& o) {
 
 int launch(options o) {
   const plan p(o);
-  const std::string dir = (std::filesystem::temp_directory_path() / ("eaas-a2a-" + std::to_string(::getpid()))).string();
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("eaas-a2a-" + std::to_string(::getpid()))).string();
   std::filesystem::create_directories(dir);
   const int ranks = static_cast<int>(o.senders + o.receivers);
   std::vector<pid_t> pids(ranks);
@@ -315,13 +316,33 @@ int launch(options o) {
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, fd[1], 1);
     posix_spawn_file_actions_adddup2(&fa, in[0], 0);
-    std::vector<std::string> args = {"/proc/self/exe", "--role", "rank", "--rank", std::to_string(i),
-                                     "--rendezvous", dir, "--senders", std::to_string(o.senders),
-                                     "--receivers", std::to_string(o.receivers), "--tokens", std::to_string(o.tokens),
-                                     "--hidden", std::to_string(o.hidden), "--topk", std::to_string(o.topk),
-                                     "--experts", std::to_string(o.experts), "--dtype", o.dtype,
-                                     "--iters", std::to_string(o.iters), "--warmup", std::to_string(o.warmup),
-                                     "--seed", std::to_string(o.seed)};
+    std::vector<std::string> args = {"/proc/self/exe",
+                                     "--role",
+                                     "rank",
+                                     "--rank",
+                                     std::to_string(i),
+                                     "--rendezvous",
+                                     dir,
+                                     "--senders",
+                                     std::to_string(o.senders),
+                                     "--receivers",
+                                     std::to_string(o.receivers),
+                                     "--tokens",
+                                     std::to_string(o.tokens),
+                                     "--hidden",
+                                     std::to_string(o.hidden),
+                                     "--topk",
+                                     std::to_string(o.topk),
+                                     "--experts",
+                                     std::to_string(o.experts),
+                                     "--dtype",
+                                     o.dtype,
+                                     "--iters",
+                                     std::to_string(o.iters),
+                                     "--warmup",
+                                     std::to_string(o.warmup),
+                                     "--seed",
+                                     std::to_string(o.seed)};
     if (o.inject_error) args.push_back("--inject-error");
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -375,18 +396,29 @@ int launch(options o) {
               "#wrong", "floor(us)", "ratio");
   std::printf("%12zu %12.0f %6s %10.2f %10.2f %10.2f %8llu %12.2f %7.2fx\n", size, double(size) / elt, o.dtype.c_str(),
               round[1], algbw, algbw, static_cast<unsigned long long>(wrong), floor_us, round[1] / floor_us);
-  std::printf("# per phase, us (min/avg/max over ranks): sender dispatch %.1f/%.1f/%.1f, sender wait for combine "
-              "%.1f/%.1f/%.1f, receiver wait for dispatch %.1f/%.1f/%.1f, receiver combine %.1f/%.1f/%.1f\n",
-              sd[0], sd[1], sd[2], sc[0], sc[1], sc[2], rd[0], rd[1], rd[2], rc[0], rc[1], rc[2]);
+  std::printf(
+      "# per phase, us (min/avg/max over ranks): sender dispatch %.1f/%.1f/%.1f, sender wait for combine "
+      "%.1f/%.1f/%.1f, receiver wait for dispatch %.1f/%.1f/%.1f, receiver combine %.1f/%.1f/%.1f\n",
+      sd[0], sd[1], sd[2], sc[0], sc[1], sc[2], rd[0], rd[1], rd[2], rc[0], rc[1], rc[2]);
   std::printf("# floor: memcpy of the %zu bytes one sender moves (dispatch + combine) in one process, median\n",
               size * 2);
   if (!o.json.empty())
-    std::ofstream(o.json) << nlohmann::json{{"senders", o.senders}, {"receivers", o.receivers}, {"tokens", o.tokens},
-                                            {"hidden", o.hidden},   {"topk", o.topk},           {"experts", o.experts},
-                                            {"dtype", o.dtype},     {"size", size},             {"time_us", round[1]},
-                                            {"algbw_gbs", algbw},   {"wrong", wrong},           {"floor_us", floor_us},
-                                            {"dispatch_us", sd},    {"combine_wait_us", sc},
-                                            {"recv_dispatch_wait_us", rd}, {"recv_combine_us", rc},
+    std::ofstream(o.json) << nlohmann::json{{"senders", o.senders},
+                                            {"receivers", o.receivers},
+                                            {"tokens", o.tokens},
+                                            {"hidden", o.hidden},
+                                            {"topk", o.topk},
+                                            {"experts", o.experts},
+                                            {"dtype", o.dtype},
+                                            {"size", size},
+                                            {"time_us", round[1]},
+                                            {"algbw_gbs", algbw},
+                                            {"wrong", wrong},
+                                            {"floor_us", floor_us},
+                                            {"dispatch_us", sd},
+                                            {"combine_wait_us", sc},
+                                            {"recv_dispatch_wait_us", rd},
+                                            {"recv_combine_us", rc},
                                             {"date", today_utc()}}
                                  .dump(2)
                           << "\n";

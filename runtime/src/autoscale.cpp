@@ -1,10 +1,10 @@
 #include "autoscale.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
-
-#include <fmt/format.h>
 
 namespace eaas::runtime {
 
@@ -35,7 +35,8 @@ autoscale_decision autoscaler::tick(const std::vector<fleet_server>& fleet, cons
   if ((above_ >= p_.up_ticks || n < p_.min_servers) && n < p_.max_servers) {
     // The new server takes the experts with the most offered load per replica.
     std::uint32_t k = p_.experts_per_server;
-    if (k == 0) k = static_cast<std::uint32_t>(std::ceil(double(experts) * p_.min_replicas / std::max(1u, p_.min_servers)));
+    if (k == 0)
+      k = static_cast<std::uint32_t>(std::ceil(double(experts) * p_.min_replicas / std::max(1u, p_.min_servers)));
     k = std::min<std::uint32_t>(std::max(k, 1u), static_cast<std::uint32_t>(experts));
     std::vector<std::uint32_t> order(experts);
     std::iota(order.begin(), order.end(), 0u);

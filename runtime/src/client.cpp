@@ -17,12 +17,6 @@
 namespace eaas::runtime {
 namespace {
 
-std::uint64_t mono_ns() {
-  return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-          .count());
-}
-
 /// A server this client talks to.
 struct server_conn {
   peer_record rec;
@@ -87,7 +81,7 @@ class client_impl final : public attention_client {
   }
 
   status wait_for_experts(std::uint32_t replicas, std::uint64_t timeout_ns) override {
-    const std::uint64_t until = mono_ns() + timeout_ns;
+    const std::uint64_t until = eaas::now_ns() + timeout_ns;
     for (;;) {
       std::uint32_t short_expert = ~0u, have = 0;
       {
@@ -104,7 +98,7 @@ class client_impl final : public attention_client {
           }
       }
       if (short_expert == ~0u) return status::ok;
-      if (mono_ns() > until)
+      if (eaas::now_ns() > until)
         return EAAS_RT_FAIL(status::timeout, "client {}: expert {} has {} of {} servers linked after {} ms", o_.id,
                             short_expert, have, replicas, timeout_ns / 1'000'000);
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -122,9 +116,9 @@ class client_impl final : public attention_client {
       dense_.attention(l, out, normed_);
       dense_.route(l, normed_, routing_);
       layer_routing_[l] = routing_;
-      const std::uint64_t t0 = mono_ns();
+      const std::uint64_t t0 = eaas::now_ns();
       EAAS_CHECK(moe(l, tokens.size()));
-      layer_ns_[l] = mono_ns() - t0;
+      layer_ns_[l] = eaas::now_ns() - t0;
       for (std::size_t i = 0; i < out.size(); ++i) out[i] += moe_[i];
     }
     std::lock_guard g(stats_mu_);
@@ -168,7 +162,7 @@ class client_impl final : public attention_client {
     while (!stopping_) {
       cv_.wait_for(lk, std::chrono::milliseconds(20));
       if (stopping_) break;
-      const std::uint64_t now = mono_ns();
+      const std::uint64_t now = eaas::now_ns();
       std::vector<peer_record> want;
       for (const auto& [id, r] : online_) {
         const auto retry = retry_at_.find(id);
@@ -179,10 +173,10 @@ class client_impl final : public attention_client {
         claimed_.insert(r.id);
         lk.unlock();
         std::unique_ptr<server_conn> c;
-        const std::uint64_t t0 = mono_ns();
+        const std::uint64_t t0 = eaas::now_ns();
         const status st = connect(r, c);
-        if (mono_ns() - t0 > 100'000'000ull)
-          detail::note("[{}] slow link to {}: {} ms ({})", o_.id, r.id, (mono_ns() - t0) / 1000000, st);
+        if (eaas::now_ns() - t0 > 100'000'000ull)
+          detail::note("[{}] slow link to {}: {} ms ({})", o_.id, r.id, (eaas::now_ns() - t0) / 1000000, st);
         const std::string why = st == status::ok ? "" : std::string(last_error());
         lk.lock();
         if (st == status::ok && online_.count(r.id)) {
@@ -191,7 +185,7 @@ class client_impl final : public attention_client {
         } else {
           if (st != status::ok) detail::note("[{}] cannot link to server {}: {}", o_.id, r.id, why);
           claimed_.erase(r.id);
-          retry_at_[r.id] = mono_ns() + 250'000'000ull;
+          retry_at_[r.id] = eaas::now_ns() + 250'000'000ull;
         }
         if (stopping_) break;
       }
@@ -263,7 +257,7 @@ class client_impl final : public attention_client {
     std::vector<failover_event> events;
     for (std::uint32_t round = 0;; ++round) {
       refresh();
-      const std::uint64_t round_start = mono_ns();
+      const std::uint64_t round_start = eaas::now_ns();
       if (round > 0) {
         std::lock_guard g(stats_mu_);
         stats_.resent_entries += pending.size();
@@ -273,12 +267,12 @@ class client_impl final : public attention_client {
       for (auto& [id, c] : servers_)
         for (const auto& [e, local] : c->local) hosts[e].push_back(c.get());
       // An expert with no linked server: wait (bounded) for one to come.
-      const std::uint64_t wait_until = mono_ns() + o_.request_timeout_ns;
+      const std::uint64_t wait_until = eaas::now_ns() + o_.request_timeout_ns;
       for (std::uint32_t ent : pending)
         while (!hosts.count(routing_.ids[ent])) {
-          if (mono_ns() > wait_until)
-            return EAAS_RT_FAIL(status::peer_unreachable, "client {}: no live server hosts expert {} (layer {})",
-                                o_.id, routing_.ids[ent], layer);
+          if (eaas::now_ns() > wait_until)
+            return EAAS_RT_FAIL(status::peer_unreachable, "client {}: no live server hosts expert {} (layer {})", o_.id,
+                                routing_.ids[ent], layer);
           std::this_thread::sleep_for(std::chrono::microseconds(500));
           refresh();
           hosts.clear();
@@ -300,24 +294,26 @@ class client_impl final : public attention_client {
       std::vector<std::pair<std::string, std::string>> failed;  // id, why
       for (auto& [id, c] : servers_) {
         if (c->entries.empty()) continue;
-        const std::uint64_t t0 = mono_ns();
+        const std::uint64_t t0 = eaas::now_ns();
         if (!c->sent || collect(*c) != status::ok) {
           pending.insert(pending.end(), c->entries.begin(), c->entries.end());
           failed.emplace_back(id, last_error());
         }
-        if (mono_ns() - t0 > 200'000'000ull)
+        if (eaas::now_ns() - t0 > 200'000'000ull)
           detail::note("[{}] slow answer from {}: {} ms (round {}, layer {}, {} ms since the round began)", o_.id, id,
-                       (mono_ns() - t0) / 1000000, round, layer, (mono_ns() - round_start) / 1000000);
+                       (eaas::now_ns() - t0) / 1000000, round, layer, (eaas::now_ns() - round_start) / 1000000);
       }
-      if (mono_ns() - round_start > 200'000'000ull)
-        detail::note("[{}] slow round {} of layer {}: {} ms", o_.id, round, layer, (mono_ns() - round_start) / 1000000);
+      if (eaas::now_ns() - round_start > 200'000'000ull)
+        detail::note("[{}] slow round {} of layer {}: {} ms", o_.id, round, layer,
+                     (eaas::now_ns() - round_start) / 1000000);
       for (const auto& [id, why] : failed) {
         drop(id, why.c_str());
-        events.push_back({.server = id, .why = why, .layer = layer, .sent_ns = round_start, .detected_ns = mono_ns()});
+        events.push_back(
+            {.server = id, .why = why, .layer = layer, .sent_ns = round_start, .detected_ns = eaas::now_ns()});
       }
       if (pending.empty()) {
         if (!events.empty()) {
-          const std::uint64_t now = mono_ns();
+          const std::uint64_t now = eaas::now_ns();
           std::lock_guard g(stats_mu_);
           for (auto& e : events) {
             e.done_ns = now;
@@ -326,7 +322,8 @@ class client_impl final : public attention_client {
         }
         return status::ok;
       }
-      if (round > 64) return EAAS_RT_FAIL(status::peer_unreachable, "client {}: layer {} failed 64 rounds", o_.id, layer);
+      if (round > 64)
+        return EAAS_RT_FAIL(status::peer_unreachable, "client {}: layer {} failed 64 rounds", o_.id, layer);
     }
   }
 
@@ -357,8 +354,8 @@ class client_impl final : public attention_client {
     }
     const slot_layout l = layout_for(n, h, topk, dtype::f32);
     if (l.end > c.w.slot_bytes) {
-      (void)EAAS_RT_FAIL(status::invalid_argument, "server {}: a request of {} tokens does not fit its slot",
-                         c.rec.id, n);
+      (void)EAAS_RT_FAIL(status::invalid_argument, "server {}: a request of {} tokens does not fit its slot", c.rec.id,
+                         n);
       return;
     }
     c.staging.assign(l.end, 0);
@@ -394,8 +391,7 @@ class client_impl final : public attention_client {
     const auto* base = static_cast<const unsigned char*>(c.result->data());
     const status st = wait_signal(c.link.ep->view(), reinterpret_cast<const std::uint64_t*>(base + kResultSig),
                                   cmp_op::ge, c.seq, timeout{o_.request_timeout_ns});
-    if (st != status::ok)
-      return EAAS_RT_FAIL(st, "server {} did not answer request {} ({})", c.rec.id, c.seq, st);
+    if (st != status::ok) return EAAS_RT_FAIL(st, "server {} did not answer request {} ({})", c.rec.id, c.seq, st);
     response_header rh;
     std::memcpy(&rh, base + kResponse, sizeof(rh));
     if (rh.magic != kSlotMagic || rh.version != kSlotVersion || rh.seq != c.seq)

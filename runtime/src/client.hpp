@@ -29,7 +29,7 @@ struct client_options {
   model_shape shape;
   std::uint64_t seed = 1;
   dense_options dense;
-  std::uint32_t max_tokens = 512;                      ///< most tokens per forward
+  std::uint32_t max_tokens = 512;                       ///< most tokens per forward
   std::uint64_t request_timeout_ns = 2'000'000'000ull;  ///< a server silent this long is dropped
   std::uint64_t link_timeout_ns = 2'000'000'000ull;
 };

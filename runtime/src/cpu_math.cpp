@@ -26,8 +26,8 @@ void rmsnorm(const float* x, float* y, std::size_t rows, std::size_t hidden) {
   }
 }
 
-void swiglu_rows(const expert_weights& w, const float* x, std::size_t rows, std::uint32_t hidden,
-                 std::uint32_t inter, float* y, swiglu_scratch& s) {
+void swiglu_rows(const expert_weights& w, const float* x, std::size_t rows, std::uint32_t hidden, std::uint32_t inter,
+                 float* y, swiglu_scratch& s) {
   if (rows == 0) return;
   s.g.resize(rows * inter);
   s.u.resize(rows * inter);
@@ -40,17 +40,16 @@ void swiglu_rows(const expert_weights& w, const float* x, std::size_t rows, std:
   gemm_nt(s.g.data(), w.down.data(), y, rows, hidden, inter);
 }
 
-void route_topk(const router_weights& r, const float* x, std::size_t rows, std::uint32_t hidden,
-                std::uint32_t experts, std::uint32_t topk, std::uint32_t* ids, float* weights) {
+void route_topk(const router_weights& r, const float* x, std::size_t rows, std::uint32_t hidden, std::uint32_t experts,
+                std::uint32_t topk, std::uint32_t* ids, float* weights) {
   std::vector<float> logits(rows * experts);
   gemm_nt(x, r.gate.data(), logits.data(), rows, experts, hidden);
   std::vector<std::uint32_t> order(experts);
   for (std::size_t t = 0; t < rows; ++t) {
     const float* l = logits.data() + t * experts;
     std::iota(order.begin(), order.end(), 0u);
-    std::partial_sort(order.begin(), order.begin() + topk, order.end(), [l](std::uint32_t a, std::uint32_t b) {
-      return l[a] > l[b] || (l[a] == l[b] && a < b);
-    });
+    std::partial_sort(order.begin(), order.begin() + topk, order.end(),
+                      [l](std::uint32_t a, std::uint32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
     // softmax over all experts, then renormalised over the chosen: the max cancels, so only the top-k
     // exponentials matter.
     const float mx = l[order[0]];

@@ -23,12 +23,12 @@ struct swiglu_scratch {
 };
 
 /// y[rows × hidden] = down · (silu(gate · x) ⊙ (up · x)) for `rows` contiguous rows of x.
-void swiglu_rows(const expert_weights& w, const float* x, std::size_t rows, std::uint32_t hidden,
-                 std::uint32_t inter, float* y, swiglu_scratch& scratch);
+void swiglu_rows(const expert_weights& w, const float* x, std::size_t rows, std::uint32_t hidden, std::uint32_t inter,
+                 float* y, swiglu_scratch& scratch);
 
 /// Router: logits = x · gate^T, softmax over experts, the top `topk` (ties to the lower id), their
 /// probabilities renormalised to sum to 1. ids/weights: rows × topk.
-void route_topk(const router_weights& r, const float* x, std::size_t rows, std::uint32_t hidden,
-                std::uint32_t experts, std::uint32_t topk, std::uint32_t* ids, float* weights);
+void route_topk(const router_weights& r, const float* x, std::size_t rows, std::uint32_t hidden, std::uint32_t experts,
+                std::uint32_t topk, std::uint32_t* ids, float* weights);
 
 }  // namespace eaas::runtime::cpu

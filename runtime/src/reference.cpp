@@ -38,7 +38,8 @@ void dense_model::attention(std::uint32_t layer, std::vector<float>& x, std::vec
   cpu::rmsnorm(x.data(), normed.data(), rows, h);
   // The first product feeds the residual; the others stand in for the rest of attention's cost.
   std::vector<float> a(x.size());
-  for (std::uint32_t c = 0; c < opts_.attention_cost; ++c) cpu::gemm_nt(normed.data(), attn_[layer].data(), a.data(), rows, h, h);
+  for (std::uint32_t c = 0; c < opts_.attention_cost; ++c)
+    cpu::gemm_nt(normed.data(), attn_[layer].data(), a.data(), rows, h, h);
   for (std::size_t i = 0; i < x.size(); ++i) x[i] += 0.5f * a[i];
   cpu::rmsnorm(x.data(), normed.data(), rows, h);
 }
@@ -81,8 +82,7 @@ void reference_model::moe(std::uint32_t layer, const std::vector<float>& normed,
     if (which.empty()) continue;
     xs.resize(which.size() * h);
     ys.resize(which.size() * h);
-    for (std::size_t i = 0; i < which.size(); ++i)
-      std::copy_n(normed.data() + which[i] * h, h, xs.data() + i * h);
+    for (std::size_t i = 0; i < which.size(); ++i) std::copy_n(normed.data() + which[i] * h, h, xs.data() + i * h);
     cpu::swiglu_rows(experts_[layer][e], xs.data(), which.size(), s.hidden, s.inter, ys.data(), scratch);
     for (std::size_t i = 0; i < which.size(); ++i)
       for (std::size_t j = 0; j < h; ++j) out[which[i] * h + j] += wts[i] * ys[i * h + j];

@@ -18,12 +18,6 @@
 namespace eaas::runtime {
 namespace {
 
-std::uint64_t mono_ns() {
-  return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-          .count());
-}
-
 float bf16_to_f32(std::uint16_t b) {
   const std::uint32_t u = std::uint32_t{b} << 16;
   float f;
@@ -41,8 +35,8 @@ struct client_slot {
   std::string client;
   std::unique_ptr<endpoint> ep;
   std::unique_ptr<remote_region> result;
-  std::uint64_t last_sig = 0;  // the signal value last handled
-  std::uint64_t expected = 1;  // the seq the next request must carry
+  std::uint64_t last_sig = 0;    // the signal value last handled
+  std::uint64_t expected = 1;    // the seq the next request must carry
   std::uint32_t max_tokens = 0;  // most tokens per request (what its result region holds)
 };
 
@@ -118,7 +112,7 @@ class server_impl final : public expert_server {
           gone_.push_back(r.id);
         },
         watch_));
-    stats_.ready_ns = mono_ns();
+    stats_.ready_ns = eaas::now_ns();
     return status::ok;
   }
 
@@ -133,7 +127,7 @@ class server_impl final : public expert_server {
         dir_.reset();
         load_keeper_.reset();  // its load record goes with it
         leaving = true;
-        left_at = last_work = mono_ns();
+        left_at = last_work = eaas::now_ns();
         detail::note("[{}] leaving: record withdrawn, draining", o_.id);
       }
       if (!leaving) {
@@ -142,14 +136,14 @@ class server_impl final : public expert_server {
       }
       if (poll_once()) {
         idle = 0;
-        last_work = mono_ns();
+        last_work = eaas::now_ns();
       } else if (++idle > 2000) {
         std::this_thread::sleep_for(std::chrono::microseconds(idle > 20000 ? 200 : 20));
       } else {
         std::this_thread::yield();
       }
       if (leaving) {
-        const std::uint64_t now = mono_ns();
+        const std::uint64_t now = eaas::now_ns();
         if (now - last_work >= o_.drain_quiet_ns || now - left_at >= o_.drain_max_ns) break;
       }
     }
@@ -242,8 +236,8 @@ class server_impl final : public expert_server {
     w.max_topk = o_.shape.topk;
     w.local_experts = static_cast<std::uint32_t>(o_.experts.size());
     const auto rv = s.result->view();
-    status st = put_signal(coop_thread{}, s.ep->view(), rv, kWelcome, &w, sizeof(w), rv, kWelcomeSig, i + 1,
-                           signal_op::set);
+    status st =
+        put_signal(coop_thread{}, s.ep->view(), rv, kWelcome, &w, sizeof(w), rv, kWelcomeSig, i + 1, signal_op::set);
     if (st == status::ok) st = quiet(coop_thread{}, s.ep->view());
     if (st != status::ok) {
       release(i, "welcome failed");
@@ -258,7 +252,7 @@ class server_impl final : public expert_server {
   // pairs per second), and the mean number of requests found per poll (its queue). The autoscaler
   // reads these. Kept under its own lease, revoked when the server leaves.
   void publish_load() {
-    const std::uint64_t now = mono_ns();
+    const std::uint64_t now = eaas::now_ns();
     if (window_start_ == 0) {
       window_start_ = now;
       window_pairs_.assign(o_.experts.size(), 0);
@@ -418,7 +412,7 @@ class server_impl final : public expert_server {
       stats_.requests++;
       if (r.err != slot_error::none) stats_.refused++;
       if (stats_.first_served_ns == 0 && st == status::ok) {
-        stats_.first_served_ns = mono_ns();
+        stats_.first_served_ns = eaas::now_ns();
         if (o_.on_first_answer) o_.on_first_answer(stats_.first_served_ns);
       }
     }

@@ -22,10 +22,10 @@ struct server_options {
   std::string ns = "moe";         ///< registry namespace
   std::uint32_t ttl_seconds = 2;  ///< lease TTL
   model_shape shape;
-  std::uint64_t seed = 1;               ///< synthetic weights' seed
-  std::vector<std::uint32_t> experts;   ///< global expert ids hosted (every layer); sorted and unique after start
-  std::uint32_t max_clients = 16;       ///< slots
-  std::uint32_t max_tokens = 512;       ///< most tokens per request
+  std::uint64_t seed = 1;              ///< synthetic weights' seed
+  std::vector<std::uint32_t> experts;  ///< global expert ids hosted (every layer); sorted and unique after start
+  std::uint32_t max_clients = 16;      ///< slots
+  std::uint32_t max_tokens = 512;      ///< most tokens per request
   /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
   /// Called on the serving thread when a client gets a slot ("linked") or loses it ("left", with why).
@@ -38,12 +38,12 @@ struct server_options {
 };
 
 struct server_stats {
-  std::uint64_t requests = 0;  ///< answered (including refused ones)
-  std::uint64_t refused = 0;   ///< answered with an error
-  std::uint64_t tokens = 0;    ///< tokens computed
-  std::uint64_t batches = 0;   ///< poll rounds that computed something
-  std::uint64_t compute_ns = 0;  ///< time spent in the expert math
-  std::uint32_t clients = 0;   ///< slots in use now
+  std::uint64_t requests = 0;         ///< answered (including refused ones)
+  std::uint64_t refused = 0;          ///< answered with an error
+  std::uint64_t tokens = 0;           ///< tokens computed
+  std::uint64_t batches = 0;          ///< poll rounds that computed something
+  std::uint64_t compute_ns = 0;       ///< time spent in the expert math
+  std::uint32_t clients = 0;          ///< slots in use now
   std::uint64_t ready_ns = 0;         ///< steady_clock time when it was registered, weights resident
   std::uint64_t first_served_ns = 0;  ///< steady_clock time of its first answer (0: none yet)
 };

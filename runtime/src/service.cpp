@@ -48,8 +48,9 @@ status parse_id_list(std::string_view text, std::uint32_t limit, std::vector<std
     text = comma == std::string_view::npos ? std::string_view{} : text.substr(comma + 1);
     const std::size_t dash = item.find('-');
     std::uint32_t a = 0, b = 0;
-    const bool ok = dash == std::string_view::npos ? number(item, a) && (b = a, true)
-                                                   : number(item.substr(0, dash), a) && number(item.substr(dash + 1), b);
+    const bool ok = dash == std::string_view::npos
+                        ? number(item, a) && (b = a, true)
+                        : number(item.substr(0, dash), a) && number(item.substr(dash + 1), b);
     if (!ok || a > b || b >= limit)
       return EAAS_RT_FAIL(status::invalid_argument, "id list: '{}' is not N or N-M with N <= M < {}", item, limit);
     for (std::uint32_t v = a; v <= b; ++v) out.push_back(v);

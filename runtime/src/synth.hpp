@@ -14,7 +14,9 @@ constexpr std::uint64_t splitmix(std::uint64_t x) {
   return x ^ (x >> 31);
 }
 
-constexpr std::uint64_t mix(std::uint64_t a, std::uint64_t b) { return splitmix(a ^ splitmix(b + 0x632BE59BD9B4E019ull)); }
+constexpr std::uint64_t mix(std::uint64_t a, std::uint64_t b) {
+  return splitmix(a ^ splitmix(b + 0x632BE59BD9B4E019ull));
+}
 template <class... R>
 constexpr std::uint64_t mix(std::uint64_t a, std::uint64_t b, R... rest) {
   return mix(mix(a, b), rest...);

@@ -16,26 +16,26 @@
 // of both, the saving, and the ticks where the SLO was missed. The capacity and join time are inputs;
 // measure them with eaas-demo on the target machine.
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <chrono>
-#include <csignal>
-#include <filesystem>
-#include <map>
-#include <thread>
 #include <cmath>
-#include <numeric>
+#include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <random>
 #include <sstream>
+#include <thread>
 
 #include "autoscale.hpp"
 #include "eaas/eaas.hpp"
@@ -152,8 +152,8 @@ int run_live(const run_options& ro, autoscale_policy p) {
       const std::string id = "as" + std::to_string(::getpid()) + "-" + std::to_string(next++);
       std::string list;
       for (auto e : d.experts) list += (list.empty() ? "" : ",") + std::to_string(e);
-      std::vector<std::string> args = {ro.server_bin, "--id", id, "--registry", ro.endpoint, "--ns", ro.ns,
-                                       "--host-experts", list};
+      std::vector<std::string> args = {ro.server_bin, "--id",           id,  "--registry", ro.endpoint, "--ns",
+                                       ro.ns,         "--host-experts", list};
       if (!ro.token.empty()) args.insert(args.end(), {"--token", ro.token});
       args.insert(args.end(), ro.server_args.begin(), ro.server_args.end());
       std::vector<char*> argv;
@@ -166,13 +166,24 @@ int run_live(const run_options& ro, autoscale_policy p) {
       const int rc = posix_spawn(&pid, ro.server_bin.c_str(), &fa, nullptr, argv.data(), environ);
       posix_spawn_file_actions_destroy(&fa);
       if (rc == 0) children[pid] = id;
-      emit({{"type", "scale"}, {"action", "add"}, {"server", id}, {"experts", d.experts}, {"servers", fleet.size()},
-            {"offered_tps", offered}, {"ok", rc == 0}, {"why", d.why}});
+      emit({{"type", "scale"},
+            {"action", "add"},
+            {"server", id},
+            {"experts", d.experts},
+            {"servers", fleet.size()},
+            {"offered_tps", offered},
+            {"ok", rc == 0},
+            {"why", d.why}});
     } else if (d.kind == autoscale_decision::remove_server) {
       const pid_t pid = pids.count(d.server) ? pids[d.server] : 0;
       const bool ok = pid > 0 && ::kill(pid, SIGTERM) == 0;  // a graceful leave: it drains first
-      emit({{"type", "scale"}, {"action", "remove"}, {"server", d.server}, {"servers", fleet.size()},
-            {"offered_tps", offered}, {"ok", ok}, {"why", d.why}});
+      emit({{"type", "scale"},
+            {"action", "remove"},
+            {"server", d.server},
+            {"servers", fleet.size()},
+            {"offered_tps", offered},
+            {"ok", ok},
+            {"why", d.why}});
     }
   }
   for (const auto& [pid, id] : children) ::kill(pid, SIGTERM);
@@ -185,7 +196,8 @@ int run_live(const run_options& ro, autoscale_policy p) {
 int main(int argc, char** argv) {
   CLI::App app{"eaas-autoscale: the eaas autoscaler"};
   app.require_subcommand(1);
-  auto* replay = app.add_subcommand("replay", "replay a traffic trace against static peak provisioning and the autoscaler");
+  auto* replay =
+      app.add_subcommand("replay", "replay a traffic trace against static peak provisioning and the autoscaler");
   std::string trace = "diurnal", json_path;
   double capacity = 1000, slo_util = 0.8, peak = 20000, trough = 0.25, tick_s = 60, join_s = 30;
   std::uint32_t experts = 128, min_servers = 2, max_servers = 256;
@@ -196,7 +208,8 @@ int main(int argc, char** argv) {
   replay->add_option("--trough", trough, "diurnal: trough as a fraction of the peak")->capture_default_str();
   replay->add_option("--tick-s", tick_s, "seconds per tick")->capture_default_str();
   replay->add_option("--capacity", capacity, "tokens/s one server computes")->capture_default_str();
-  replay->add_option("--slo-util", slo_util, "utilisation at which latency meets the SLO exactly")->capture_default_str();
+  replay->add_option("--slo-util", slo_util, "utilisation at which latency meets the SLO exactly")
+      ->capture_default_str();
   replay->add_option("--join-s", join_s, "seconds from a scale-up decision to the new server taking traffic")
       ->capture_default_str();
   replay->add_option("--experts", experts, "experts in the model")->capture_default_str();
@@ -280,8 +293,7 @@ int main(int argc, char** argv) {
   std::vector<double> joining;  // times at which pending servers start taking traffic
   // Start sized for the first sample (the replay measures tracking, not a cold start).
   const auto initial = static_cast<std::uint32_t>(std::ceil(tr.front().tps / (capacity * (p.low + p.high) / 2)));
-  for (std::uint32_t s = 0; s < std::max(min_servers, initial); ++s)
-    fleet.push_back({"s" + std::to_string(s), {}});
+  for (std::uint32_t s = 0; s < std::max(min_servers, initial); ++s) fleet.push_back({"s" + std::to_string(s), {}});
   int next = static_cast<int>(fleet.size());
   double hours_static = 0, hours_auto = 0;
   std::uint32_t miss_static = 0, miss_auto = 0, adds = 0, removes = 0, most = 0;
@@ -320,21 +332,29 @@ int main(int argc, char** argv) {
     }
   }
   const double saved = 1 - hours_auto / hours_static;
-  std::printf("trace: %zu ticks of %.0f s, peak %.0f tokens/s; server capacity %.0f tokens/s, SLO at utilisation %.2f\n",
-              tr.size(), tick_s, trace_peak, capacity, slo_util);
+  std::printf(
+      "trace: %zu ticks of %.0f s, peak %.0f tokens/s; server capacity %.0f tokens/s, SLO at utilisation %.2f\n",
+      tr.size(), tick_s, trace_peak, capacity, slo_util);
   std::printf("%-22s %10s %14s %12s\n", "provisioning", "servers", "server-hours", "SLO misses");
   std::printf("%-22s %10u %14.1f %12u\n", "static (peak)", static_servers, hours_static, miss_static);
   std::printf("%-22s %7s%3u %14.1f %12u   (%u added, %u removed)\n", "autoscaler", "max ", most, hours_auto, miss_auto,
               adds, removes);
   std::printf("server-hours saved by the autoscaler: %.1f %%\n", 100 * saved);
   if (!json_path.empty()) {
-    std::ofstream(json_path) << json{{"ticks", tr.size()},          {"tick_s", tick_s},
-                                     {"peak_tps", trace_peak},      {"capacity_tps", capacity},
-                                     {"slo_util", slo_util},        {"join_s", join_s},
-                                     {"static_servers", static_servers}, {"static_server_hours", hours_static},
-                                     {"static_slo_misses", miss_static}, {"auto_server_hours", hours_auto},
-                                     {"auto_slo_misses", miss_auto},    {"auto_max_servers", most},
-                                     {"adds", adds},                    {"removes", removes},
+    std::ofstream(json_path) << json{{"ticks", tr.size()},
+                                     {"tick_s", tick_s},
+                                     {"peak_tps", trace_peak},
+                                     {"capacity_tps", capacity},
+                                     {"slo_util", slo_util},
+                                     {"join_s", join_s},
+                                     {"static_servers", static_servers},
+                                     {"static_server_hours", hours_static},
+                                     {"static_slo_misses", miss_static},
+                                     {"auto_server_hours", hours_auto},
+                                     {"auto_slo_misses", miss_auto},
+                                     {"auto_max_servers", most},
+                                     {"adds", adds},
+                                     {"removes", removes},
                                      {"saved_fraction", saved}}
                                     .dump(2)
                              << "\n";

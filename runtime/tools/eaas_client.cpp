@@ -20,12 +20,6 @@ using json = nlohmann::json;
 
 namespace {
 
-double percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<std::size_t>(p / 100.0 * double(v.size())))];
-}
-
 /// max over tokens of ||a - b||_inf / ||b||_inf.
 double rel_error(const std::vector<float>& a, const std::vector<float>& b, std::size_t hidden) {
   double worst = 0;
@@ -106,8 +100,14 @@ int main(int argc, char** argv) {
     busy_s += us * 1e-6;
     for (auto ns : cl->last_moe_ns()) layer_us.push_back(double(ns) * 1e-3);
     for (const auto& f : cl->take_failovers())
-      emit({{"type", "failover"}, {"id", o.id}, {"server", f.server}, {"why", f.why}, {"layer", f.layer},
-            {"sent_ns", f.sent_ns}, {"detected_ns", f.detected_ns}, {"done_ns", f.done_ns}});
+      emit({{"type", "failover"},
+            {"id", o.id},
+            {"server", f.server},
+            {"why", f.why},
+            {"layer", f.layer},
+            {"sent_ns", f.sent_ns},
+            {"detected_ns", f.detected_ns},
+            {"done_ns", f.done_ns}});
     if (ref) {
       const auto r0 = std::chrono::steady_clock::now();
       ref->forward(ids, want, &cl->last_routing(), &disagreements);
@@ -122,8 +122,12 @@ int main(int argc, char** argv) {
     const auto now = std::chrono::steady_clock::now();
     if (now - last_progress > std::chrono::milliseconds(250) || step + 1 == steps) {
       last_progress = now;
-      emit({{"type", "progress"}, {"id", o.id}, {"step", step + 1}, {"steps", steps},
-            {"tokens_per_s", double(tokens) * (step + 1) / busy_s}, {"max_rel_err", worst}});
+      emit({{"type", "progress"},
+            {"id", o.id},
+            {"step", step + 1},
+            {"steps", steps},
+            {"tokens_per_s", double(tokens) * (step + 1) / busy_s},
+            {"max_rel_err", worst}});
     }
   }
   const client_stats st = cl->stats();
@@ -134,12 +138,14 @@ int main(int argc, char** argv) {
         {"layers", o.shape.layers},
         {"tokens_per_s", double(tokens) * steps / busy_s},
         {"step_us",
-         {{"p50", percentile(step_us, 50)},
-          {"p90", percentile(step_us, 90)},
-          {"p99", percentile(step_us, 99)},
+         {{"p50", tool::percentile(step_us, 50)},
+          {"p90", tool::percentile(step_us, 90)},
+          {"p99", tool::percentile(step_us, 99)},
           {"max", step_us.empty() ? 0.0 : *std::max_element(step_us.begin(), step_us.end())}}},
         {"moe_layer_us",
-         {{"p50", percentile(layer_us, 50)}, {"p90", percentile(layer_us, 90)}, {"p99", percentile(layer_us, 99)}}},
+         {{"p50", tool::percentile(layer_us, 50)},
+          {"p90", tool::percentile(layer_us, 90)},
+          {"p99", tool::percentile(layer_us, 99)}}},
         {"layer_us_samples", layer_us},
         {"verified_steps", verified},
         // The monolithic reference's own speed in this process (same machine, same run): the baseline.

@@ -17,8 +17,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
-#include <random>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "tool_common.hpp"
 
@@ -110,18 +110,6 @@ std::string describe_exit(const child& c) {
   return "?";
 }
 
-double pct(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<std::size_t>(p / 100.0 * double(v.size())))];
-}
-
-std::uint64_t mono_ns() {
-  return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-          .count());
-}
-
 /// A server position (its placement S/N/R); replacements take the same position under a new id.
 struct position {
   std::uint32_t index = 0, generation = 0;
@@ -176,7 +164,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (kill_every > 0 && replicas < 2 && kill_signal == "KILL") {
-    std::fprintf(stderr, "eaas-demo: killing servers needs --replicas >= 2 (the killed server's experts need a replica)\n");
+    std::fprintf(stderr,
+                 "eaas-demo: killing servers needs --replicas >= 2 (the killed server's experts need a replica)\n");
     return 2;
   }
   if (gpu) {
@@ -198,10 +187,14 @@ int main(int argc, char** argv) {
     return tool::fail("eaas-demo", "registry", s);
   const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
   const std::string ns = "demo" + std::to_string(::getpid());
-  std::vector<std::string> common = {"--registry", endpoint,  "--ns",     ns,
-                                     "--model",    model.preset, "--seed", std::to_string(model.seed),
-                                     "--hidden",   std::to_string(shape.hidden), "--inter", std::to_string(shape.inter),
-                                     "--experts",  std::to_string(shape.experts), "--topk", std::to_string(shape.topk),
+  std::vector<std::string> common = {"--registry", endpoint,
+                                     "--ns",       ns,
+                                     "--model",    model.preset,
+                                     "--seed",     std::to_string(model.seed),
+                                     "--hidden",   std::to_string(shape.hidden),
+                                     "--inter",    std::to_string(shape.inter),
+                                     "--experts",  std::to_string(shape.experts),
+                                     "--topk",     std::to_string(shape.topk),
                                      "--layers",   std::to_string(shape.layers)};
   std::printf("eaas-demo: model %s (hidden %u, inter %u, %u experts, top-%u, %u MoE layers), registry %s\n",
               model.preset.c_str(), shape.hidden, shape.inter, shape.experts, shape.topk, shape.layers,
@@ -250,7 +243,8 @@ int main(int argc, char** argv) {
     if (type == "result") results[c.name] = j;
     if (type == "failover") {
       if (verbose)
-        std::fprintf(stderr, "[demo] failover at %s: server %s, layer %d, detected after %.1f ms, answered after %.1f ms: %s\n",
+        std::fprintf(stderr,
+                     "[demo] failover at %s: server %s, layer %d, detected after %.1f ms, answered after %.1f ms: %s\n",
                      c.name.c_str(), j.value("server", "").c_str(), j.value("layer", 0),
                      double(j.value("detected_ns", 0ull) - j.value("sent_ns", 0ull)) * 1e-6,
                      double(j.value("done_ns", 0ull) - j.value("sent_ns", 0ull)) * 1e-6, j.value("why", "").c_str());
@@ -334,12 +328,12 @@ int main(int argc, char** argv) {
     if (failed) break;
     // Fault injection, once the clients are running.
     if (kill_every > 0 && !progress.empty()) {
-      const std::uint64_t now = mono_ns();
+      const std::uint64_t now = eaas::now_ns();
       if (next_kill == 0) next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
       if (now >= next_kill && done == 0) {
         next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
         position& p = pos[rng() % pos.size()];
-        kills.push_back({p.proc->name, mono_ns(), ""});
+        kills.push_back({p.proc->name, eaas::now_ns(), ""});
         ::kill(p.proc->pid, kill_signal == "KILL" ? SIGKILL : SIGTERM);
         retired.push_back(std::move(p.proc));
         if (!no_replace) {
@@ -396,19 +390,21 @@ int main(int argc, char** argv) {
     total_tps += r.value("tokens_per_s", 0.0);
     worst = std::max(worst, r.value("max_rel_err", 0.0));
     for (const auto& v : r["layer_us_samples"]) layer_all.push_back(v.get<double>());
-    std::printf("%-8s %12.0f %14.2f %14.2f %14.1f %14.1f %14.1f %12.2e\n", c.name.c_str(),
-                r.value("tokens_per_s", 0.0), r["step_us"].value("p50", 0.0) / 1000,
-                r["step_us"].value("max", 0.0) / 1000, r["moe_layer_us"].value("p50", 0.0),
-                r["moe_layer_us"].value("p90", 0.0), r["moe_layer_us"].value("p99", 0.0), r.value("max_rel_err", 0.0));
+    std::printf("%-8s %12.0f %14.2f %14.2f %14.1f %14.1f %14.1f %12.2e\n", c.name.c_str(), r.value("tokens_per_s", 0.0),
+                r["step_us"].value("p50", 0.0) / 1000, r["step_us"].value("max", 0.0) / 1000,
+                r["moe_layer_us"].value("p50", 0.0), r["moe_layer_us"].value("p90", 0.0),
+                r["moe_layer_us"].value("p99", 0.0), r.value("max_rel_err", 0.0));
   }
   std::printf("\ntokens/s (sum of clients): %.0f   MoE round trip per layer: p50 %.1f us, p90 %.1f us, p99 %.1f us\n",
-              total_tps, pct(layer_all, 50), pct(layer_all, 90), pct(layer_all, 99));
+              total_tps, tool::percentile(layer_all, 50), tool::percentile(layer_all, 90),
+              tool::percentile(layer_all, 99));
   double ref_tps = 0;
   for (const auto& [name, r] : results) ref_tps = std::max(ref_tps, r.value("reference_tokens_per_s", 0.0));
   if (ref_tps > 0)
-    std::printf("baseline: the monolithic reference (all experts in one process, one core) ran at %.0f tokens/s in the "
-                "clients during this run\n",
-                ref_tps);
+    std::printf(
+        "baseline: the monolithic reference (all experts in one process, one core) ran at %.0f tokens/s in the "
+        "clients during this run\n",
+        ref_tps);
   std::vector<child*> shown;
   for (auto& p : pos)
     if (p.proc) shown.push_back(p.proc.get());
@@ -449,14 +445,14 @@ int main(int argc, char** argv) {
           std::snprintf(b, sizeof(b), "replacement %s served nothing", kr.replacement.c_str());
         joined = b;
       }
-      summary["kills"].push_back({{"server", kr.server},
-                                  {"client_failovers", events},
-                                  {"stall_ms", stall_ms},
-                                  {"replacement", kr.replacement},
-                                  {"join_ms", !kr.replacement.empty() && ready_ns.count(kr.replacement) &&
-                                                      first_ns.count(kr.replacement)
-                                                  ? double(first_ns[kr.replacement] - ready_ns[kr.replacement]) * 1e-6
-                                                  : -1.0}});
+      summary["kills"].push_back(
+          {{"server", kr.server},
+           {"client_failovers", events},
+           {"stall_ms", stall_ms},
+           {"replacement", kr.replacement},
+           {"join_ms", !kr.replacement.empty() && ready_ns.count(kr.replacement) && first_ns.count(kr.replacement)
+                           ? double(first_ns[kr.replacement] - ready_ns[kr.replacement]) * 1e-6
+                           : -1.0}});
       if (events)
         std::printf("  %-6s %d client failover%s, kill → replicas' answers in %.1f ms; %s\n", kr.server.c_str(), events,
                     events > 1 ? "s" : "", stall_ms, joined.c_str());
@@ -469,9 +465,10 @@ int main(int argc, char** argv) {
     std::printf("correctness: not checked (--no-verify)\n");
   } else {
     const bool good = ok && worst <= tolerance;
-    std::printf("correctness: %s — every output of %u steps × %u clients against the monolithic reference, max "
-                "relative error %.2e (tolerance %.0e)\n",
-                good ? "PASS" : "FAIL", steps, clients, worst, tolerance);
+    std::printf(
+        "correctness: %s — every output of %u steps × %u clients against the monolithic reference, max "
+        "relative error %.2e (tolerance %.0e)\n",
+        good ? "PASS" : "FAIL", steps, clients, worst, tolerance);
     ok = good;
   }
   std::printf("wall time %.1f s\n", wall);
@@ -481,7 +478,9 @@ int main(int argc, char** argv) {
     summary["tokens_per_s"] = total_tps;
     summary["reference_tokens_per_s"] = ref_tps;
     summary["wall_s"] = wall;
-    summary["moe_layer_us"] = {{"p50", pct(layer_all, 50)}, {"p90", pct(layer_all, 90)}, {"p99", pct(layer_all, 99)}};
+    summary["moe_layer_us"] = {{"p50", tool::percentile(layer_all, 50)},
+                               {"p90", tool::percentile(layer_all, 90)},
+                               {"p99", tool::percentile(layer_all, 99)}};
     for (const auto& [name, r] : results) {
       json c = r;
       c.erase("layer_us_samples");

@@ -5,10 +5,11 @@
 //
 //   eaas-server --id s0 --registry embedded://127.0.0.1:23790 --model tiny --experts 0-7
 
+#include <unistd.h>
+
 #include <atomic>
 #include <csignal>
 #include <cstdio>
-#include <unistd.h>
 
 #include "eaas/runtime/safetensors.hpp"
 #include "server.hpp"
@@ -103,11 +104,14 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   const status s = srv->serve(g_stop);
   const server_stats st = srv->stats();
-  std::printf("{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_ms\":%.1f,"
-              "\"ready_ns\":%llu,\"first_served_ns\":%llu}\n",
-              o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
-              static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches), double(st.compute_ns) * 1e-6,
-              static_cast<unsigned long long>(st.ready_ns), static_cast<unsigned long long>(st.first_served_ns));
+  std::printf(
+      "{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_"
+      "ms\":%.1f,"
+      "\"ready_ns\":%llu,\"first_served_ns\":%llu}\n",
+      o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
+      static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches),
+      double(st.compute_ns) * 1e-6, static_cast<unsigned long long>(st.ready_ns),
+      static_cast<unsigned long long>(st.first_served_ns));
   std::fflush(stdout);
   if (s != status::ok) return tool::fail("eaas-server", "serve", s);
   return 0;

@@ -3,8 +3,10 @@
 // Command-line pieces the runtime's tools share.
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "eaas/eaas.hpp"
 #include "service.hpp"
@@ -36,6 +38,13 @@ struct model_args {
     return check_shape(s);
   }
 };
+
+/// The p-th percentile (0..100) of `v`, nearest rank; 0 for none.
+inline double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<std::size_t>(p / 100.0 * double(v.size())))];
+}
 
 inline int fail(const char* tool, const char* what, status s) {
   std::fprintf(stderr, "%s: %s: %s (%s)\n", tool, what, status_name(s), std::string(last_error()).c_str());

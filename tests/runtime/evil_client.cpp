@@ -22,14 +22,14 @@ using namespace eaas::runtime;
 namespace {
 
 int failures = 0;
-#define EXPECT(cond, ...)                                    \
-  do {                                                       \
-    if (!(cond)) {                                           \
-      std::fprintf(stderr, "evil: FAILED %s: ", #cond);      \
-      std::fprintf(stderr, __VA_ARGS__);                     \
-      std::fprintf(stderr, "\n");                            \
-      ++failures;                                            \
-    }                                                        \
+#define EXPECT(cond, ...)                               \
+  do {                                                  \
+    if (!(cond)) {                                      \
+      std::fprintf(stderr, "evil: FAILED %s: ", #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                \
+      std::fprintf(stderr, "\n");                       \
+      ++failures;                                       \
+    }                                                   \
   } while (0)
 
 struct conn {
@@ -52,8 +52,8 @@ struct request {
 
 // Writes a request as given (no checks) and waits for the answer with seq `answer_seq`.
 bool exchange(conn& c, const request& r, std::uint64_t answer_seq, response_header& rh, std::vector<float>* out) {
-  const slot_layout l = layout_for(r.h.tokens > c.w.max_tokens ? 1 : r.h.tokens, r.h.hidden, r.h.topk ? r.h.topk : 1,
-                                   dtype::f32);
+  const slot_layout l =
+      layout_for(r.h.tokens > c.w.max_tokens ? 1 : r.h.tokens, r.h.hidden, r.h.topk ? r.h.topk : 1, dtype::f32);
   std::vector<unsigned char> buf(std::min<std::uint64_t>(c.w.slot_bytes, std::max<std::uint64_t>(l.end, 64)), 0);
   std::memcpy(buf.data(), &r.h, sizeof(r.h));
   auto copy_in = [&](std::uint64_t off, const void* src, std::size_t n) {
@@ -230,8 +230,12 @@ int main(int argc, char** argv) {
     const int field = static_cast<int>(rng() % 16);
     if (field != 2 && field != 3) words[field] = static_cast<std::uint32_t>(rng() >> (rng() % 32));
     if (rng() % 4 == 0) r.ids[rng() % r.ids.size()] = static_cast<std::uint16_t>(rng());
-    const slot_limits lim{.slot_bytes = c.w.slot_bytes, .hidden = shape.hidden, .layers = shape.layers,
-                          .max_tokens = max_tokens, .max_topk = shape.topk, .local_experts = local,
+    const slot_limits lim{.slot_bytes = c.w.slot_bytes,
+                          .hidden = shape.hidden,
+                          .layers = shape.layers,
+                          .max_tokens = max_tokens,
+                          .max_topk = shape.topk,
+                          .local_experts = local,
                           .expected_seq = c.seq + 1};
     slot_error want = validate_request(r.h, lim);
     if (want == slot_error::none) {
@@ -270,7 +274,8 @@ int main(int argc, char** argv) {
           if (id == kNoExpert) continue;
           const auto w = synthetic_expert(shape, seed, r.h.layer, hosted[id]);
           cpu::swiglu_rows(w, r.act.data() + std::size_t{t} * shape.hidden, 1, shape.hidden, shape.inter, y.data(), s);
-          for (std::uint32_t j = 0; j < shape.hidden; ++j) want[t * shape.hidden + j] += r.weights[t * shape.topk + k] * y[j];
+          for (std::uint32_t j = 0; j < shape.hidden; ++j)
+            want[t * shape.hidden + j] += r.weights[t * shape.topk + k] * y[j];
         }
       double err = 0, mx = 0;
       for (std::size_t i = 0; i < want.size(); ++i) {

@@ -3,13 +3,12 @@
 // Runtime processes for tests: eaas-server / eaas-client / eaas-demo started with pipes, their JSON
 // lines read back.
 
-#include <signal.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
-
 #include <cstdio>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
@@ -67,10 +66,14 @@ struct proc {
 
 inline std::vector<std::string> shape_args(const std::string& endpoint, const std::string& ns,
                                            const runtime::model_shape& kShape) {
-  return {"--registry", endpoint, "--ns", ns, "--seed", "11", "--hidden", std::to_string(kShape.hidden), "--inter",
-          std::to_string(kShape.inter), "--experts", std::to_string(kShape.experts), "--topk",
-          std::to_string(kShape.topk), "--layers", std::to_string(kShape.layers)};
+  return {"--registry", endpoint,
+          "--ns",       ns,
+          "--seed",     "11",
+          "--hidden",   std::to_string(kShape.hidden),
+          "--inter",    std::to_string(kShape.inter),
+          "--experts",  std::to_string(kShape.experts),
+          "--topk",     std::to_string(kShape.topk),
+          "--layers",   std::to_string(kShape.layers)};
 }
-
 
 }  // namespace eaas::test

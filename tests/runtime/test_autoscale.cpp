@@ -5,11 +5,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <random>
-
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "autoscale.hpp"
 

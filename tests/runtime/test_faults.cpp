@@ -117,8 +117,8 @@ TEST_CASE("faults: a registry restart stops nobody; servers re-register and a ne
   }
   for (int i = 0; i < 2; ++i) {
     auto c = test::shape_args(endpoint, ns, kShape);
-    c.insert(c.end(), {"--id", "c" + std::to_string(i), "--tokens", "16", "--steps", "100000", "--replicas", "2",
-                       "--verify"});
+    c.insert(c.end(),
+             {"--id", "c" + std::to_string(i), "--tokens", "16", "--steps", "100000", "--replicas", "2", "--verify"});
     REQUIRE(clients[i].start(EAAS_CLIENT_BIN, c));
     REQUIRE(clients[i].next("progress").is_object());
   }
@@ -164,13 +164,39 @@ TEST_CASE("elasticity: eaas-autoscale run adds servers under load and removes th
   const std::string ns = "as" + std::to_string(::getpid());
   proc scaler, client;
   // Capacity far below what one client offers: it must grow to the maximum, one server at a time.
-  REQUIRE(scaler.start(EAAS_AUTOSCALE_BIN,
-                       {"run", "--registry", endpoint, "--ns", ns, "--capacity", "300", "--min-servers", "1",
-                        "--max-servers", "3", "--experts-per-server", "12", "--tick-ms", "250", "--up-ticks", "2",
-                        "--down-ticks", "4", "--cooldown-ticks", "2", "--seed", "11", "--hidden",
-                        std::to_string(kShape.hidden), "--inter", std::to_string(kShape.inter), "--experts",
-                        std::to_string(kShape.experts), "--topk", std::to_string(kShape.topk), "--layers",
-                        std::to_string(kShape.layers)}));
+  REQUIRE(scaler.start(EAAS_AUTOSCALE_BIN, {"run",
+                                            "--registry",
+                                            endpoint,
+                                            "--ns",
+                                            ns,
+                                            "--capacity",
+                                            "300",
+                                            "--min-servers",
+                                            "1",
+                                            "--max-servers",
+                                            "3",
+                                            "--experts-per-server",
+                                            "12",
+                                            "--tick-ms",
+                                            "250",
+                                            "--up-ticks",
+                                            "2",
+                                            "--down-ticks",
+                                            "4",
+                                            "--cooldown-ticks",
+                                            "2",
+                                            "--seed",
+                                            "11",
+                                            "--hidden",
+                                            std::to_string(kShape.hidden),
+                                            "--inter",
+                                            std::to_string(kShape.inter),
+                                            "--experts",
+                                            std::to_string(kShape.experts),
+                                            "--topk",
+                                            std::to_string(kShape.topk),
+                                            "--layers",
+                                            std::to_string(kShape.layers)}));
   const json first = scaler.next("scale", 10000);
   REQUIRE(first.value("action", "") == "add");
   CHECK(first.value("why", "").find("minimum") != std::string::npos);

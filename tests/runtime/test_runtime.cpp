@@ -6,18 +6,18 @@
 #include <sys/wait.h>
 
 #include <atomic>
-#include <filesystem>
 #include <cmath>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 
 #include "../common/require_ok.hpp"
-#include "procs.hpp"
-#include "eaas/runtime/safetensors.hpp"
 #include "client.hpp"
 #include "cpu_math.hpp"
 #include "eaas/eaas.hpp"
+#include "eaas/runtime/safetensors.hpp"
+#include "procs.hpp"
 #include "reference.hpp"
 #include "server.hpp"
 #include "service.hpp"
@@ -255,7 +255,8 @@ TEST_CASE("runtime: a disaggregated forward pass equals the monolithic reference
 
 TEST_CASE("runtime: a server that leaves mid-run is replaced by its replica; outputs stay exact") {
   cluster cl("rt-fo");
-  for (std::uint32_t i = 0; i < 3; ++i) cl.add_server("s" + std::to_string(i), experts_of_server(i, 3, kShape.experts, 2));
+  for (std::uint32_t i = 0; i < 3; ++i)
+    cl.add_server("s" + std::to_string(i), experts_of_server(i, 3, kShape.experts, 2));
   auto c = cl.client("client");
   REQUIRE_OK(c->wait_for_experts(2, 5'000'000'000ull));
   const reference_model ref(kShape, 11, {});
@@ -292,7 +293,8 @@ TEST_CASE("runtime processes: clients and servers in separate processes match th
   }
   for (int i = 0; i < 2; ++i) {
     auto a = shape_args(endpoint, ns, kShape);
-    a.insert(a.end(), {"--id", "c" + std::to_string(i), "--tokens", "24", "--steps", "6", "--replicas", "2", "--verify"});
+    a.insert(a.end(),
+             {"--id", "c" + std::to_string(i), "--tokens", "24", "--steps", "6", "--replicas", "2", "--verify"});
     REQUIRE(clients[i].start(EAAS_CLIENT_BIN, a));
   }
   for (auto& c : clients) {
@@ -322,9 +324,9 @@ TEST_CASE("runtime processes: a malicious client gets error answers, never an ou
   a.insert(a.end(), {"--id", "victim", "--host-experts", "0-5"});
   REQUIRE(server.start(EAAS_SERVER_BIN, a));
   REQUIRE(server.next("ready").is_object());
-  REQUIRE(evil.start(EAAS_EVIL_BIN, {endpoint, ns, "victim", std::to_string(kShape.hidden), std::to_string(kShape.inter),
-                                     std::to_string(kShape.experts), std::to_string(kShape.topk),
-                                     std::to_string(kShape.layers), "11"}));
+  REQUIRE(evil.start(EAAS_EVIL_BIN, {endpoint, ns, "victim", std::to_string(kShape.hidden),
+                                     std::to_string(kShape.inter), std::to_string(kShape.experts),
+                                     std::to_string(kShape.topk), std::to_string(kShape.layers), "11"}));
   char line[256] = {};
   REQUIRE(std::fgets(line, sizeof(line), evil.sp.from) != nullptr);
   int cases = 0, failures = -1;
