@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "driver.hpp"
+#include "pattern.hpp"
 
 extern char** environ;
 
@@ -50,12 +51,7 @@ struct options {
   bool inject_error = false;  // tests: receiver 0 flips one byte of its first answer in the checked rounds
 };
 
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
+std::uint64_t mix(std::uint64_t x) { return splitmix64(x); }
 
 std::uint64_t now_ns() {
   return static_cast<std::uint64_t>(
