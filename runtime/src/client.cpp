@@ -54,6 +54,7 @@ class client_impl final : public attention_client {
   status init() {
     EAAS_CHECK(check_shape(o_.shape));
     if (o_.max_tokens == 0) return EAAS_RT_FAIL(status::invalid_argument, "client {}: max_tokens is 0", o_.id);
+    if (o_.load_router) EAAS_CHECK(dense_.load_routers(o_.load_router));
     EAAS_CHECK(context::create({.name = o_.id}, ctx_));
     EAAS_CHECK(registry::open(o_.registry, reg_));
     peer_record self;

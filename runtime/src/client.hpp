@@ -10,6 +10,7 @@
 // own result area, which is never read again.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -32,6 +33,8 @@ struct client_options {
   std::uint32_t max_tokens = 512;                       ///< most tokens per forward
   std::uint64_t request_timeout_ns = 2'000'000'000ull;  ///< a server silent this long is dropped
   std::uint64_t link_timeout_ns = 2'000'000'000ull;
+  /// Loads the routers (e.g. from a checkpoint); null: synthetic from `seed`.
+  std::function<status(std::uint32_t layer, router_weights&)> load_router;
 };
 
 struct client_stats {

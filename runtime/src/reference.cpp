@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "fail.hpp"
 #include "synth.hpp"
 
 namespace eaas::runtime {
@@ -50,6 +51,36 @@ void dense_model::route(std::uint32_t layer, const std::vector<float>& normed, r
   out.weights.resize(rows * shape_.topk);
   cpu::route_topk(routers_[layer], normed.data(), rows, shape_.hidden, shape_.experts, shape_.topk, out.ids.data(),
                   out.weights.data());
+}
+
+status dense_model::load_routers(const std::function<status(std::uint32_t layer, router_weights&)>& load) {
+  for (std::uint32_t l = 0; l < shape_.layers; ++l) {
+    router_weights r;
+    EAAS_CHECK(load(l, r));
+    if (r.gate.size() != std::size_t{shape_.experts} * shape_.hidden)
+      return EAAS_RT_FAIL(status::invalid_argument, "router of layer {}: {} values, expected {} x {}", l, r.gate.size(),
+                          shape_.experts, shape_.hidden);
+    routers_[l] = std::move(r);
+  }
+  return status::ok;
+}
+
+status reference_model::load(
+    const std::function<status(std::uint32_t layer, router_weights&)>& router,
+    const std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)>& expert) {
+  const model_shape& s = dense_.shape();
+  if (router) EAAS_CHECK(dense_.load_routers(router));
+  if (!expert) return status::ok;
+  const std::size_t n = std::size_t{s.hidden} * s.inter;
+  for (std::uint32_t l = 0; l < s.layers; ++l)
+    for (std::uint32_t e = 0; e < s.experts; ++e) {
+      expert_weights w;
+      EAAS_CHECK(expert(l, e, w));
+      if (w.gate.size() != n || w.up.size() != n || w.down.size() != n)
+        return EAAS_RT_FAIL(status::invalid_argument, "expert {} of layer {} has the wrong size", e, l);
+      experts_[l][e] = std::move(w);
+    }
+  return status::ok;
 }
 
 reference_model::reference_model(const model_shape& shape, std::uint64_t seed, const dense_options& opts)

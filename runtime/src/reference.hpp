@@ -4,6 +4,7 @@
 // runs, and the monolithic in-process reference: the same dense part plus every expert, local.
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -37,6 +38,9 @@ class dense_model {
   /// The router of `layer` on normed activations.
   void route(std::uint32_t layer, const std::vector<float>& normed, routing& out) const;
 
+  /// Replaces the synthetic routers with loaded ones (e.g. from a checkpoint); sizes are checked.
+  status load_routers(const std::function<status(std::uint32_t layer, router_weights&)>& load);
+
  private:
   model_shape shape_;
   dense_options opts_;
@@ -51,6 +55,11 @@ class reference_model {
   reference_model(const model_shape& shape, std::uint64_t seed, const dense_options& opts);
 
   const dense_model& dense() const { return dense_; }
+  dense_model& dense() { return dense_; }
+  /// Replaces the synthetic routers and experts with loaded ones (e.g. from a checkpoint).
+  status load(const std::function<status(std::uint32_t layer, router_weights&)>& router,
+              const std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)>& expert);
+
   /// The MoE output for normed activations and their routing: Σ_k w_k · expert_{id_k}(x).
   void moe(std::uint32_t layer, const std::vector<float>& normed, const routing& r, std::vector<float>& out) const;
   /// The whole forward pass: the final hidden states, T × hidden. With `use_routing` (one per layer),

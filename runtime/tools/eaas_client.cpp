@@ -12,6 +12,7 @@
 #include <random>
 
 #include "client.hpp"
+#include "eaas/runtime/safetensors.hpp"
 #include "tool_common.hpp"
 
 using namespace eaas;
@@ -66,6 +67,13 @@ int main(int argc, char** argv) {
   app.add_option("--request-timeout-ms", timeout_ms, "a server silent this long is dropped")->capture_default_str();
   app.add_option("--input-seed", input_seed, "seed of the random tokens (default: from --id)");
   app.add_flag("--verify", verify, "check every output against the monolithic reference");
+  std::string checkpoint_path, layout = "auto";
+  std::uint32_t first_moe_layer = ~0u;
+  app.add_option("--checkpoint", checkpoint_path,
+                 "routers (and, with --verify, the reference's experts) from safetensors: a file or a directory");
+  app.add_option("--layout", layout, "checkpoint tensor names: auto, deepseek-v3, qwen3-moe, mixtral")
+      ->capture_default_str();
+  app.add_option("--first-moe-layer", first_moe_layer, "decoder layer of MoE layer 0 (default: the layout's)");
   CLI11_PARSE(app, argc, argv);
 
   o.registry.endpoint = endpoint;
@@ -76,12 +84,39 @@ int main(int argc, char** argv) {
   o.request_timeout_ns = static_cast<std::uint64_t>(timeout_ms * 1e6);
   if (input_seed == 0) input_seed = std::hash<std::string>{}(o.id);
 
+  checkpoint ck;
+  std::unique_ptr<hf_naming> naming;
+  if (!checkpoint_path.empty()) {
+    if (status s = ck.open(checkpoint_path); s != status::ok) return tool::fail("eaas-client", "--checkpoint", s);
+    hf_naming n(hf_layout::qwen3_moe);
+    if (layout == "auto") {
+      if (status s = detect_hf_layout(ck, n); s != status::ok) return tool::fail("eaas-client", "--layout auto", s);
+    } else {
+      hf_layout l;
+      if (status s = parse_hf_layout(layout, l); s != status::ok) return tool::fail("eaas-client", "--layout", s);
+      n = hf_naming(l);
+    }
+    if (first_moe_layer != ~0u) n = hf_naming(n.layout, first_moe_layer);
+    naming = std::make_unique<hf_naming>(n);
+    o.load_router = [&ck, &naming, shape = o.shape](std::uint32_t layer, router_weights& r) {
+      return load_router(ck, *naming, shape, layer, r);
+    };
+  }
   std::unique_ptr<attention_client> cl;
   if (status s = attention_client::start(o, cl); s != status::ok) return tool::fail("eaas-client", "start", s);
   if (status s = cl->wait_for_experts(replicas, static_cast<std::uint64_t>(wait_s * 1e9)); s != status::ok)
     return tool::fail("eaas-client", "waiting for servers", s);
   std::unique_ptr<reference_model> ref;
-  if (verify) ref = std::make_unique<reference_model>(o.shape, o.seed, o.dense);
+  if (verify) {
+    ref = std::make_unique<reference_model>(o.shape, o.seed, o.dense);
+    if (naming) {
+      const model_shape shape = o.shape;
+      const status s = ref->load(o.load_router, [&](std::uint32_t layer, std::uint32_t e, expert_weights& w) {
+        return load_expert(ck, *naming, shape, layer, e, w);
+      });
+      if (s != status::ok) return tool::fail("eaas-client", "loading the reference's weights", s);
+    }
+  }
 
   std::mt19937_64 rng(input_seed);
   std::vector<std::uint32_t> ids(tokens);
