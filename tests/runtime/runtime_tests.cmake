@@ -19,3 +19,21 @@ foreach(t IN ITEMS eaas-evil-client eaas-runtime-tests)
   endif()
 endforeach()
 eaas_add_doctest(eaas-runtime-tests runtime)
+
+# The runtime over a real etcd (label etcd: skipped with exit 77 where no etcd binary exists).
+get_property(_eaas_have_etcd GLOBAL PROPERTY EAAS_HAVE_ETCD)
+if(_eaas_have_etcd)
+  add_executable(eaas-runtime-etcd-tests ${CMAKE_CURRENT_LIST_DIR}/test_runtime_etcd.cpp
+                                         ${CMAKE_CURRENT_LIST_DIR}/../registry/etcd_process.cpp)
+  target_include_directories(eaas-runtime-etcd-tests PRIVATE ${PROJECT_SOURCE_DIR}/lib
+                                                             ${CMAKE_CURRENT_LIST_DIR}/../registry)
+  target_link_libraries(eaas-runtime-etcd-tests PRIVATE eaas::runtime doctest::doctest fmt::fmt
+                                                        nlohmann_json::nlohmann_json)
+  target_compile_definitions(eaas-runtime-etcd-tests PRIVATE
+    EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_CLIENT_BIN="$<TARGET_FILE:eaas-client>")
+  add_dependencies(eaas-runtime-etcd-tests eaas-server eaas-client)
+  if(COMMAND eaas_target_defaults)
+    eaas_target_defaults(eaas-runtime-etcd-tests)
+  endif()
+  eaas_add_doctest(eaas-runtime-etcd-tests etcd)
+endif()
