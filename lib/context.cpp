@@ -16,6 +16,8 @@
 #include "log.hpp"
 #include "monitor.hpp"
 #include "process.hpp"
+#include "transport/ibgda/station.hpp"
+#include "transport/ibgda/wire.hpp"
 #include "transport/shm/shm.hpp"
 #if EAAS_WITH_CUDA
 #include "transport/nvlink/nvlink.hpp"
@@ -92,12 +94,16 @@ struct context_core {
   std::uint32_t* abort_flag = nullptr;
   std::unique_ptr<peer_monitor> monitor;  // null when options.monitor_peers is off
   std::array<std::uint8_t, 16> gpu{};     // UUID of options.cuda_device
+  std::shared_ptr<ibgda::station> ib;     // null when the context has no ibgda transport
+  std::string ib_why;                     // why not, when it was asked for
 };
 
 // Connection handle payload:
 //   u64 context id, u64 host id, u32 pid, u32 0, u64 process start time,
 //   u8 transport count, then per transport: u8 kind, u16 section length, section bytes
-//   (shm: empty; nvlink: the 16-byte UUID of the context's GPU).
+//   (shm: empty; nvlink: the 16-byte UUID of the context's GPU; ibgda: an ibgda connection
+//   description handle addressed to no one — the port and the QPs waiting in the pool, see
+//   transport/ibgda/station.hpp — whose context and host must be the handle's own).
 struct peer_desc {
   std::uint64_t context_id = 0;
   std::uint64_t host_id = 0;
@@ -106,6 +112,8 @@ struct peer_desc {
   bool offers_shm = false;
   bool offers_nvlink = false;
   std::array<std::uint8_t, 16> gpu{};
+  bool offers_ibgda = false;
+  ibgda::conn_desc ib;  // the advertisement, validated
 };
 
 constexpr std::size_t kMaxTransportSections = 8;
@@ -137,6 +145,19 @@ status decode_connection(std::span<const std::byte> bytes, peer_desc& out) {
         return EAAS_FAIL(status::invalid_handle, "connection handle: nvlink section of {} bytes (want 16)", len);
       std::memcpy(d.gpu.data(), section.data(), d.gpu.size());
       d.offers_nvlink = true;
+    } else if (kind == transport_kind::ibgda) {
+      ibgda::conn_desc ad;
+      EAAS_CHECK(ibgda::decode(section, ad));
+      if (ad.target_id != 0)
+        return EAAS_FAIL(status::invalid_handle, "connection handle: the ibgda section is addressed to context {:016x}",
+                         ad.target_id);
+      if (ad.context_id != d.context_id || ad.host_id != d.host_id)
+        return EAAS_FAIL(status::invalid_handle,
+                         "connection handle: the ibgda section describes context {:016x} on host {:016x}, the handle "
+                         "is context {:016x} on host {:016x}",
+                         ad.context_id, ad.host_id, d.context_id, d.host_id);
+      d.ib = std::move(ad);
+      d.offers_ibgda = true;
     }
     // Sections of transports this build does not know are skipped: a newer peer may offer more.
   }
@@ -239,13 +260,56 @@ class nvlink_memory_region final : public memory_region {
 };
 #endif
 
+// memory_kind::network: a block of the context's NIC-registered heap, with its own rkey.
+class ibgda_memory_region final : public memory_region {
+ public:
+  ibgda_memory_region(std::shared_ptr<context_core> core, std::unique_ptr<ibgda::heap_block> b)
+      : core_(std::move(core)), b_(std::move(b)) {}
+  void* data() const noexcept override { return b_->data(); }
+  std::size_t size() const noexcept override { return b_->size(); }
+  transport_kind transport() const noexcept override { return transport_kind::ibgda; }
+  status export_handle(handle_bytes& out) const override {
+    ibgda::region_wire r;
+    r.owner_id = core_->id;
+    r.host_id = core_->host;
+    r.addr = reinterpret_cast<std::uint64_t>(b_->data());
+    r.size = b_->size();
+    r.rkey = b_->rkey();
+    return ibgda::encode(r, out);
+  }
+
+ private:
+  std::shared_ptr<context_core> core_;
+  std::unique_ptr<ibgda::heap_block> b_;
+};
+
+// A peer's ibgda region: its address and rkey; nothing is mapped here.
+class ibgda_remote_region final : public remote_region {
+ public:
+  explicit ibgda_remote_region(const ibgda::region_wire& r) {
+    view_ = remote_view{};
+    view_.magic = kRemoteViewMagic;
+    view_.transport = transport_kind::ibgda;
+    view_.addr = r.addr;
+    view_.size = r.size;
+    view_.owner_id = r.owner_id;
+    view_.rkey = r.rkey;
+  }
+  remote_view view() const noexcept override { return view_; }
+
+ private:
+  remote_view view_;
+};
+
 class endpoint_impl final : public endpoint {
  public:
-  endpoint_impl(std::shared_ptr<context_core> core, const peer_desc& peer, transport_kind t, std::uint32_t* state)
-      : core_(std::move(core)), peer_(peer), transport_(t), state_(state) {}
+  endpoint_impl(std::shared_ptr<context_core> core, const peer_desc& peer, transport_kind t, std::uint32_t* state,
+                std::unique_ptr<ibgda::link> link = nullptr)
+      : core_(std::move(core)), peer_(peer), transport_(t), state_(state), link_(std::move(link)) {}
 
   ~endpoint_impl() override {
     close();
+    link_.reset();  // the QP goes with the endpoint, not at close(): kernels may still hold the view
     core_->words.give(state_);
   }
 
@@ -255,7 +319,7 @@ class endpoint_impl final : public endpoint {
     v.transport = transport_;
     v.state = state_;
     v.abort = core_->abort_flag;
-    v.transport_state = nullptr;
+    v.transport_state = link_ ? static_cast<void*>(link_->state()) : nullptr;
     v.peer_id = peer_.context_id;
     return v;
   }
@@ -267,6 +331,7 @@ class endpoint_impl final : public endpoint {
     try {
       if (state() == endpoint_state::closed)
         return EAAS_FAIL(status::not_connected, "import_region: the endpoint is closed");
+      if (transport_ == transport_kind::ibgda) return import_ibgda(handle, out);
       handle_info info{};
       std::span<const std::byte> payload;
       EAAS_CHECK(decode_handle(handle, handle_kind::region, transport_, info, payload));
@@ -326,6 +391,23 @@ class endpoint_impl final : public endpoint {
     return status::ok;
   }
 
+  status import_ibgda(std::span<const std::byte> handle, std::unique_ptr<remote_region>& out) {
+    ibgda::region_wire r;
+    EAAS_CHECK(ibgda::decode(handle, r));
+    if (r.owner_id != peer_.context_id)
+      return EAAS_FAIL(status::invalid_argument,
+                       "import_region: the region belongs to context {:016x}, this endpoint connects to {:016x}",
+                       r.owner_id, peer_.context_id);
+    if (r.host_id != peer_.host_id)
+      return EAAS_FAIL(status::invalid_handle,
+                       "import_region: the handle names host {:016x}, the peer is on host {:016x}", r.host_id,
+                       peer_.host_id);
+    if (state() == endpoint_state::peer_dead)
+      return EAAS_FAIL(status::peer_unreachable, "import_region: the peer is dead");
+    out = std::make_unique<ibgda_remote_region>(r);
+    return status::ok;
+  }
+
   status import_shm(std::span<const std::byte> payload, std::unique_ptr<remote_region>& out) {
     shm::region_desc d;
     EAAS_CHECK(shm::decode(payload, d));
@@ -366,6 +448,7 @@ class endpoint_impl final : public endpoint {
   bool closed_ = false;
   bool watched_ = false;
   std::map<std::uint64_t, std::weak_ptr<void>> mappings_;
+  std::unique_ptr<ibgda::link> link_;
 };
 
 class context_impl final : public context {
@@ -377,6 +460,7 @@ class context_impl final : public context {
   status allocate(std::size_t bytes, memory_kind kind, std::unique_ptr<memory_region>& out) override {
     try {
       if (kind == memory_kind::device) return allocate_device(bytes, out);
+      if (kind == memory_kind::network) return allocate_network(bytes, out);
       if (kind != memory_kind::host) return EAAS_FAIL(status::invalid_argument, "allocate: unknown memory kind");
       if (!core_->options.enable_shm)
         return EAAS_FAIL(status::unsupported, "allocate: no host-memory transport is enabled (enable_shm is off)");
@@ -408,6 +492,17 @@ class context_impl final : public context {
     (void)out;
     return EAAS_FAIL(status::unsupported, "allocate: this build has no CUDA");
 #endif
+  }
+
+  status allocate_network(std::size_t bytes, std::unique_ptr<memory_region>& out) {
+    if (!core_->ib)
+      return EAAS_FAIL(status::unsupported,
+                       "allocate: network memory needs the ibgda transport; this context has none{}{}",
+                       core_->ib_why.empty() ? "" : ": ", core_->ib_why);
+    std::unique_ptr<ibgda::heap_block> b;
+    EAAS_CHECK(core_->ib->allocate(bytes, b));
+    out = std::make_unique<ibgda_memory_region>(core_, std::move(b));
+    return status::ok;
   }
 
   status register_memory(void* ptr, std::size_t bytes, std::unique_ptr<memory_region>& out) override {
@@ -444,7 +539,13 @@ class context_impl final : public context {
       w.u64(core_->start_time);
       const bool shm = core_->options.enable_shm;
       const bool gpu = core_->options.cuda_device >= 0;
-      w.u8(static_cast<std::uint8_t>((shm ? 1 : 0) + (gpu ? 1 : 0)));
+      handle_bytes ib;
+      if (core_->ib) {
+        ibgda::conn_desc ad;
+        EAAS_CHECK(core_->ib->advertise(ad));
+        EAAS_CHECK(ibgda::encode(ad, ib));
+      }
+      w.u8(static_cast<std::uint8_t>((shm ? 1 : 0) + (gpu ? 1 : 0) + (core_->ib ? 1 : 0)));
       if (shm) {
         w.u8(static_cast<std::uint8_t>(transport_kind::shm));
         w.u16(0);
@@ -454,6 +555,11 @@ class context_impl final : public context {
         w.u16(static_cast<std::uint16_t>(core_->gpu.size()));
         w.raw(std::as_bytes(std::span(core_->gpu)));
       }
+      if (core_->ib) {
+        w.u8(static_cast<std::uint8_t>(transport_kind::ibgda));
+        w.u16(static_cast<std::uint16_t>(ib.size()));
+        w.raw(ib);
+      }
       out = w.finish(handle_kind::connection, transport_kind::none);
       return status::ok;
     } catch (const std::bad_alloc&) {
@@ -462,12 +568,72 @@ class context_impl final : public context {
   }
 
   status connect(std::span<const std::byte> handle, std::unique_ptr<endpoint>& out) override {
+    return connect_impl(handle, out, nullptr);
+  }
+
+  status connect(std::span<const std::byte> handle, std::unique_ptr<endpoint>& out, handle_bytes& reply) override {
+    reply.clear();
+    return connect_impl(handle, out, &reply);
+  }
+
+  // The second half of an ibgda connection: a peer on another host dialed one of our pool's QPs.
+  status accept_ibgda(std::span<const std::byte> handle, std::unique_ptr<endpoint>& out) {
+    if (!core_->ib)
+      return EAAS_FAIL(status::unsupported, "connect: the handle is an ibgda reply, and this context has no ibgda{}{}",
+                       core_->ib_why.empty() ? "" : ": ", core_->ib_why);
+    ibgda::conn_desc r;
+    EAAS_CHECK(ibgda::decode(handle, r));
+    if (r.host_id == core_->host)
+      return EAAS_FAIL(status::invalid_handle,
+                       "connect: an ibgda reply from context {:016x} on this host ({:016x}); contexts of one host "
+                       "connect over shm or nvlink, never ibgda",
+                       r.context_id, r.host_id);
+    std::unique_ptr<ibgda::link> l;
+    EAAS_CHECK(core_->ib->accept(r, l));
+    std::uint32_t* state = core_->words.take(0);
+    if (state == nullptr) return EAAS_FAIL(status::no_resource, "connect: no memory for the endpoint state");
+    peer_desc peer;
+    peer.context_id = r.context_id;
+    peer.host_id = r.host_id;
+    out = std::make_unique<endpoint_impl>(core_, peer, transport_kind::ibgda, state, std::move(l));
+    log(log_level::debug, "{}: accepted context {:016x} on host {:016x} over ibgda", core_->options.name, r.context_id,
+        r.host_id);
+    return status::ok;
+  }
+
+  // The first half: pair a new QP with one the peer advertised; the reply goes back to the peer.
+  status dial_ibgda(const peer_desc& peer, std::unique_ptr<endpoint>& out, handle_bytes* reply) {
+    if (reply == nullptr)
+      return EAAS_FAIL(status::invalid_argument,
+                       "connect: context {:016x} is on another host, and an ibgda connection needs a message back: "
+                       "use connect(handle, endpoint, reply) and pass the reply to the peer's connect",
+                       peer.context_id);
+    std::unique_ptr<ibgda::link> l;
+    ibgda::conn_desc r;
+    EAAS_CHECK(core_->ib->dial(peer.ib, l, r));
+    handle_bytes bytes;
+    EAAS_CHECK(ibgda::encode(r, bytes));
+    std::uint32_t* state = core_->words.take(0);
+    if (state == nullptr) return EAAS_FAIL(status::no_resource, "connect: no memory for the endpoint state");
+    out = std::make_unique<endpoint_impl>(core_, peer, transport_kind::ibgda, state, std::move(l));
+    *reply = std::move(bytes);
+    log(log_level::debug, "{}: dialed context {:016x} on host {:016x} over ibgda", core_->options.name, peer.context_id,
+        peer.host_id);
+    return status::ok;
+  }
+
+  status connect_impl(std::span<const std::byte> handle, std::unique_ptr<endpoint>& out, handle_bytes* reply) {
     try {
+      handle_info info{};
+      EAAS_CHECK(inspect_handle(handle, info));
+      if (info.kind == handle_kind::connection && info.transport == transport_kind::ibgda)
+        return accept_ibgda(handle, out);
       peer_desc peer;
       EAAS_CHECK(decode_connection(handle, peer));
       const bool same_host = peer.host_id == core_->host;
       transport_kind t = transport_kind::none;
       EAAS_CHECK(choose_transport(peer, same_host, t));
+      if (t == transport_kind::ibgda) return dial_ibgda(peer, out, reply);
       const auto pid = static_cast<pid_t>(peer.pid);
       const bool self = pid == core_->pid;
       if (self && peer.start_time != core_->start_time)
@@ -510,18 +676,26 @@ class context_impl final : public context {
       out = transport_kind::shm;
       return status::ok;
     }
+    if (!same_host && core_->ib) {
+      if (!peer.offers_ibgda)
+        return EAAS_FAIL(status::peer_unreachable,
+                         "connect: context {:016x} is on another host and offers no ibgda transport (made without a "
+                         "GPU, with enable_ibgda off, or its ibgda bring-up failed)",
+                         peer.context_id);
+      out = transport_kind::ibgda;
+      return status::ok;
+    }
     if (!same_host) {
       // Another host: only a network transport reaches it. Say exactly what is missing.
       ibgda_support ib;
       if (probe_ibgda(ib, core_->options.cuda_device) != status::ok)
         return EAAS_FAIL(status::peer_unreachable, "connect: context {:016x} is on another host; ibgda: {}",
                          peer.context_id, ib.missing);
-      // The QP bring-up exists (lib/transport/ibgda) but needs a per-peer exchange of QP numbers,
-      // which this one-handle connect does not carry yet (docs/IBGDA.md, "What remains").
       return EAAS_FAIL(status::unsupported,
-                       "connect: context {:016x} is on another host; this host has what ibgda needs, but "
-                       "context::connect does not run the ibgda QP handshake yet",
-                       peer.context_id);
+                       "connect: context {:016x} is on another host; this host has what ibgda needs, but this context "
+                       "did not bring it up{}{}",
+                       peer.context_id, core_->ib_why.empty() ? " (enable_ibgda off, or no cuda_device)" : ": ",
+                       core_->ib_why);
     }
     return EAAS_FAIL(status::peer_unreachable,
                      "connect: no transport reaches context {:016x}: shm needs both sides to enable it ({} here, {} "
@@ -542,10 +716,7 @@ class context_impl final : public context {
   std::vector<std::weak_ptr<shm::segment>> segments_;
 };
 
-}  // namespace
-}  // namespace detail
-
-status context::create(const context_options& options, std::unique_ptr<context>& out) {
+status create_impl(const context_options& options, const ibgda::context_setup* setup, std::unique_ptr<context>& out) {
   try {
     if (options.cuda_device >= 0) {
 #if EAAS_WITH_CUDA
@@ -557,7 +728,7 @@ status context::create(const context_options& options, std::unique_ptr<context>&
                        options.cuda_device);
 #endif
     }
-    auto core = std::make_shared<detail::context_core>(options);
+    auto core = std::make_shared<context_core>(options);
 #if EAAS_WITH_CUDA
     if (options.cuda_device >= 0) EAAS_CHECK(detail::nvlink::device_uuid(options.cuda_device, core->gpu));
 #endif
@@ -565,14 +736,53 @@ status context::create(const context_options& options, std::unique_ptr<context>&
       return EAAS_FAIL(status::internal_error, "context: cannot read /proc/self/stat (is /proc mounted?)");
     core->abort_flag = core->words.take(0);
     if (core->abort_flag == nullptr) return EAAS_FAIL(status::no_resource, "context: no memory for the abort flag");
-    if (options.monitor_peers) core->monitor = std::make_unique<detail::peer_monitor>();
-    out = std::make_unique<detail::context_impl>(std::move(core));
+    if (options.monitor_peers) core->monitor = std::make_unique<peer_monitor>();
+    ibgda::station_options so = setup != nullptr ? setup->station : ibgda::station_options{};
+    so.heap_bytes = options.ibgda_heap_bytes;
+    so.pool = options.ibgda_qp_pool;
+    so.max_peers = options.ibgda_max_peers;
+    if (setup != nullptr) {
+      if (setup->host_id != 0) core->host = setup->host_id;
+      if (setup->verbs == nullptr || setup->gpu == nullptr)
+        return EAAS_FAIL(status::invalid_argument, "context: a context setup needs both tables");
+      EAAS_CHECK(
+          ibgda::station::open(nullptr, nullptr, *setup->verbs, *setup->gpu, so, core->id, core->host, core->ib));
+    } else if (options.enable_ibgda && options.cuda_device >= 0) {
+      auto v = ibgda::make_real_verbs();
+      auto g = ibgda::make_real_gpu(options.cuda_device);
+      if (v && g) {
+        ibgda::verbs_api& vr = *v;
+        ibgda::gpu_api& gr = *g;
+        if (ibgda::station::open(std::move(v), std::move(g), vr, gr, so, core->id, core->host, core->ib) !=
+            status::ok) {
+          core->ib_why = std::string(last_error());
+          core->ib.reset();
+          log(log_level::debug, "{}: no ibgda transport: {}", options.name, core->ib_why);
+        }
+      } else {
+        core->ib_why = "this build lacks rdma-core or CUDA";
+      }
+    }
+    out = std::make_unique<context_impl>(std::move(core));
     return status::ok;
   } catch (const std::bad_alloc&) {
     return EAAS_FAIL(status::no_resource, "context: out of memory");
   } catch (const std::system_error& e) {
     return EAAS_FAIL(status::internal_error, "context: {}", e.what());
   }
+}
+
+}  // namespace
+
+status ibgda::create_context(const context_options& options, const context_setup& setup,
+                             std::unique_ptr<context>& out) {
+  return create_impl(options, &setup, out);
+}
+
+}  // namespace detail
+
+status context::create(const context_options& options, std::unique_ptr<context>& out) {
+  return detail::create_impl(options, nullptr, out);
 }
 
 }  // namespace eaas

@@ -8,6 +8,7 @@ add_executable(eaas-ibgda-tests
   ${CMAKE_CURRENT_LIST_DIR}/soft_nic.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_soft_nic.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_endpoint_ops.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/test_context.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_host.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_wire.cpp)
 if(EAAS_HAVE_IBGDA)

@@ -64,6 +64,11 @@ int soft_nic::attach(const detail::ibgda::qp_state& q) {
   return static_cast<int>(qps_.size() - 1);
 }
 
+void soft_nic::detach(int qp) {
+  if (thread_.joinable()) throw std::logic_error("soft_nic: detach while running");
+  qps_[qp]->detached = true;
+}
+
 void soft_nic::start() {
   stop_.store(false);
   thread_ = std::thread([this] { run(); });
@@ -125,6 +130,7 @@ void soft_nic::run() {
 
 // One pass over a QP: read the doorbell and its record, execute what both allow, land and retire.
 bool soft_nic::step(qp_model& m) {
+  if (m.detached) return false;
   bool busy = false;
   const std::uint64_t uar = std::atomic_ref<std::uint64_t>(*m.uar).load(std::memory_order_acquire);
   if (uar != m.last_uar) {

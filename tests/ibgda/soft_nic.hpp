@@ -63,6 +63,8 @@ class soft_nic {
   keys register_memory(const void* addr, std::size_t len);
   /// Serves the QP described by `q` (its ring, doorbell record, UAR word, CQ). Before start().
   int attach(const detail::ibgda::qp_state& q);
+  /// Stops serving QP `qp` (its memory may then be freed). Before start(), or after stop().
+  void detach(int qp);
 
   void start();
   void stop();
@@ -114,6 +116,7 @@ class soft_nic {
     std::uint64_t announced = 0;  // WQEs below this were announced by a doorbell
     std::uint64_t last_uar = 0;
     bool in_error = false;
+    bool detached = false;
     std::uint64_t cqe_count = 0;
     std::deque<inflight> flight;
     // Injection and statistics (any thread).

@@ -34,8 +34,9 @@ ib::conn_desc sample(ib::link_layer l = ib::link_layer::ethernet, std::size_t n 
 }
 
 bool same(const ib::conn_desc& a, const ib::conn_desc& b) {
-  if (a.context_id != b.context_id || a.host_id != b.host_id || a.target_id != b.target_id || a.layer != b.layer ||
-      a.mtu != b.mtu || a.lid != b.lid || a.gid != b.gid || a.qps.size() != b.qps.size())
+  if (a.context_id != b.context_id || a.host_id != b.host_id || a.target_id != b.target_id ||
+      a.target_qpn != b.target_qpn || a.layer != b.layer || a.mtu != b.mtu || a.lid != b.lid || a.gid != b.gid ||
+      a.qps.size() != b.qps.size())
     return false;
   for (std::size_t i = 0; i < a.qps.size(); ++i)
     if (a.qps[i].qpn != b.qps[i].qpn || a.qps[i].psn != b.qps[i].psn) return false;
@@ -51,8 +52,8 @@ void reseal(eaas::handle_bytes& h) {
 }
 
 // Payload offsets (after the 16-byte header) of the connection description's fields.
-constexpr std::size_t kLayer = 16 + 24, kMtu = kLayer + 1, kLid = kMtu + 1, kGid = kLid + 2, kCount = kGid + 16,
-                      kQps = kCount + 1;
+constexpr std::size_t kTargetQpn = 16 + 24, kLayer = kTargetQpn + 4, kMtu = kLayer + 1, kLid = kMtu + 1,
+                      kGid = kLid + 2, kCount = kGid + 16, kQps = kCount + 1;
 
 }  // namespace
 
@@ -64,7 +65,8 @@ TEST_CASE("ibgda wire: connection descriptions round-trip") {
         sample(roce ? ib::link_layer::ethernet : ib::link_layer::infiniband, 1 + rng() % ib::kMaxQpsPerPeer);
     d.context_id = rng() | 1;
     d.host_id = rng();
-    d.target_id = rng();
+    d.target_id = rng() | 1;
+    d.target_qpn = static_cast<std::uint32_t>(rng() % 0x1000000);
     d.mtu = static_cast<std::uint8_t>(1 + rng() % 5);
     if (!roce) d.lid = static_cast<std::uint16_t>(1 + rng() % 0xbfff);
     for (auto& b : d.gid) b = static_cast<std::uint8_t>(rng());
@@ -159,6 +161,13 @@ TEST_CASE("ibgda wire: each out-of-range field is refused by name even with a va
        "LID 0xc000"},
       {"no QPs", [](auto& h) { h[kCount] = std::byte{0}; }, "0 QPs"},
       {"65 QPs", [](auto& h) { h[kCount] = std::byte{65}; }, "65 QPs"},
+      {"target QPN of 25 bits", [&](auto& h) { put32(h, kTargetQpn, 0x1000000); }, "target QPN 0x1000000"},
+      {"target QPN addressed to no one",
+       [&](auto& h) {
+         for (int i = 0; i < 8; ++i) h[16 + 16 + i] = std::byte{0};
+         put32(h, kTargetQpn, 5);
+       },
+       "addressed to no one"},
       {"count past the end", [](auto& h) { h[kCount] = std::byte{4}; }, "truncated QP list"},
       {"count short", [](auto& h) { h[kCount] = std::byte{2}; }, "trailing bytes"},
       {"QPN 0", [&](auto& h) { put32(h, kQps, 0); }, "QPN 0"},
@@ -187,6 +196,24 @@ TEST_CASE("ibgda wire: each out-of-range field is refused by name even with a va
   d = sample();
   d.qps.clear();
   CHECK(ib::encode(d, h) == status::invalid_argument);
+}
+
+TEST_CASE("ibgda wire: an advertisement may list no QP (an exhausted pool); an addressed description may not") {
+  auto d = sample(ib::link_layer::infiniband, 0);
+  d.target_id = 0;
+  eaas::handle_bytes h;
+  REQUIRE(ib::encode(d, h) == status::ok);
+  ib::conn_desc back;
+  REQUIRE(ib::decode(h, back) == status::ok);
+  CHECK(same(d, back));
+  CHECK(back.qps.empty());
+  d.lid = 0;  // the port must still be described correctly
+  CHECK(ib::encode(d, h) == status::invalid_argument);
+  d = sample(ib::link_layer::infiniband, 0);
+  CHECK(ib::encode(d, h) == status::invalid_argument);  // addressed, no QP
+  d.target_id = 0;
+  d.target_qpn = 9;
+  CHECK(ib::encode(d, h) == status::invalid_argument);  // a target QPN needs an addressee
 }
 
 TEST_CASE("ibgda wire: region descriptions round-trip and refuse every corruption") {

@@ -26,12 +26,30 @@ struct context_options {
   /// allocates GPU memory, offers the nvlink transport, and keeps the words kernels read (endpoint
   /// states, the abort flag) in pinned memory mapped into the GPU.
   int cuda_device = -1;
+  /// Bring up the ibgda transport (GPU-initiated RDMA to contexts on other hosts) when this build has
+  /// rdma-core and CUDA, `cuda_device` >= 0, and the host has what probe_ibgda checks. When the
+  /// bring-up fails the context works without it (the reason is logged at debug level; connect to
+  /// another host then says what is missing).
+  bool enable_ibgda = true;
+  /// ibgda: bytes of GPU memory registered with the NIC once, from which memory_kind::network is
+  /// allocated (a multiple of 256).
+  std::size_t ibgda_heap_bytes = std::size_t{64} << 20;
+  /// ibgda: QPs kept ready for peers that connect to this context (advertised in its connection
+  /// handle; each accepted peer takes one, and a new one is made), 1 .. 64.
+  std::uint32_t ibgda_qp_pool = 4;
+  /// ibgda: peers accepted at once; beyond it the pool is not refilled and the handle advertises no
+  /// QP (a peer's connect then returns no_resource).
+  std::uint32_t ibgda_max_peers = 256;
 };
 
 /// Where allocate() places memory.
 enum class memory_kind : std::uint8_t {
   host = 0,    ///< host memory that peers on this host map (shm)
   device = 1,  ///< memory of the context's GPU that peer GPUs map (nvlink)
+  /// memory of the context's GPU in its NIC-registered heap, which peers on other hosts reach
+  /// (ibgda). The local buffers of ibgda ops (put's source, get's destination, fetched words) must lie
+  /// in such memory.
+  network = 2,
 };
 
 /// One per process (and per device once GPUs are used). Owns transports, the abort flag and the
@@ -70,6 +88,17 @@ class context {
   /// transport: both sides drive GPUs of this host with a peer path between them → nvlink; same
   /// host → shm. Returns peer_unreachable with the reason when no transport fits or the peer is gone.
   virtual status connect(std::span<const std::byte> handle, std::unique_ptr<endpoint>& out) = 0;
+
+  /// connect() for transports whose connection needs a message back. ibgda (another host): RC QPs
+  /// are per pair, so the endpoint made here is paired with one QP the peer advertised, and `reply`
+  /// is a handle the peer must pass to its own connect() before ops through this endpoint can reach
+  /// it (its connect then returns its endpoint to us, and no reply). `reply` is emptied for the other
+  /// transports and when `handle` is itself a reply. The plain connect() refuses a handle that needs
+  /// a reply (invalid_argument), so no half-made connection goes unnoticed.
+  virtual status connect(std::span<const std::byte> handle, std::unique_ptr<endpoint>& out, handle_bytes& reply) {
+    reply.clear();
+    return connect(handle, out);
+  }
 
   /// The CUDA device of this context, or -1.
   virtual int cuda_device() const noexcept = 0;

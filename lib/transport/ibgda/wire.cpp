@@ -17,9 +17,17 @@ bool all_zero(const gid_bytes& g) {
 
 status check_desc(const conn_desc& d) {
   if (d.context_id == 0) return EAAS_FAIL(status::invalid_handle, "ibgda connection: context id 0");
-  if (d.qps.empty() || d.qps.size() > kMaxQpsPerPeer)
+  if ((d.qps.empty() && d.target_id != 0) || d.qps.size() > kMaxQpsPerPeer)
     return EAAS_FAIL(status::invalid_handle, "ibgda connection: {} QPs (1 .. {} allowed)", d.qps.size(),
                      kMaxQpsPerPeer);
+  if (d.target_qpn > 0xffffffu || (d.target_qpn != 0 && d.target_id == 0))
+    return EAAS_FAIL(status::invalid_handle, "ibgda connection: target QPN {:#x} {}", d.target_qpn,
+                     d.target_qpn > 0xffffffu ? "(1 .. 0xffffff)" : "in a description addressed to no one");
+  if (d.qps.empty()) {
+    // An advertisement of an exhausted pool still describes the port.
+    peer_qp p{d.layer, d.mtu, d.lid, d.gid, 1, 0};
+    EAAS_CHECK(check_peer(p));
+  }
   for (std::size_t i = 0; i < d.qps.size(); ++i) {
     EAAS_CHECK(check_peer(d.qp(i)));
     for (std::size_t k = 0; k < i; ++k)
@@ -58,6 +66,7 @@ status encode(const conn_desc& d, handle_bytes& out) {
     w.u64(d.context_id);
     w.u64(d.host_id);
     w.u64(d.target_id);
+    w.u32(d.target_qpn);
     w.u8(static_cast<std::uint8_t>(d.layer));
     w.u8(d.mtu);
     w.u16(d.lid);
@@ -83,6 +92,7 @@ status decode(std::span<const std::byte> bytes, conn_desc& out) {
   d.context_id = r.u64();
   d.host_id = r.u64();
   d.target_id = r.u64();
+  d.target_qpn = r.u32();
   d.layer = static_cast<link_layer>(r.u8());
   d.mtu = r.u8();
   d.lid = r.u16();
@@ -90,7 +100,7 @@ status decode(std::span<const std::byte> bytes, conn_desc& out) {
   const std::uint8_t n = r.u8();
   if (!r.ok()) return EAAS_FAIL(status::invalid_handle, "ibgda connection: truncated header");
   std::copy_n(reinterpret_cast<const std::uint8_t*>(gid.data()), d.gid.size(), d.gid.begin());
-  if (n == 0 || n > kMaxQpsPerPeer)
+  if ((n == 0 && d.target_id != 0) || n > kMaxQpsPerPeer)
     return EAAS_FAIL(status::invalid_handle, "ibgda connection: {} QPs (1 .. {} allowed)", n, kMaxQpsPerPeer);
   try {
     d.qps.resize(n);

@@ -7,12 +7,15 @@
 // Connection description (handle_kind::connection), payload, little-endian:
 //   u64 context id      the context that made the QPs
 //   u64 host id         its host
-//   u64 target id       the context the QPs are for (0: not addressed yet)
+//   u64 target id       the context the QPs are for (0: an advertisement, addressed to no one)
+//   u32 target qpn      the addressee's QP that QP 0 pairs with (1 .. 2^24-1), or 0 when not
+//                       chosen yet (peer_set's exchange) and always 0 in an advertisement
 //   u8  link layer      1 InfiniBand, 2 Ethernet (RoCE)
 //   u8  mtu             ibv_mtu of the port, 1 (256) .. 5 (4096)
 //   u16 lid             InfiniBand: 0x0001 .. 0xbfff (unicast); RoCE: 0
 //   u8[16] gid          the port GID (RoCE: the selected entry; never zero or multicast)
-//   u8  qp count        1 .. kMaxQpsPerPeer
+//   u8  qp count        1 .. kMaxQpsPerPeer; 0 only in an advertisement (a context whose pool of
+//                       waiting QPs is empty)
 //   per QP: u32 qpn (1 .. 2^24-1, distinct), u32 psn (< 2^24)
 //
 // Region description (handle_kind::region), payload:
@@ -50,6 +53,7 @@ struct conn_desc {
   std::uint64_t context_id = 0;
   std::uint64_t host_id = 0;
   std::uint64_t target_id = 0;
+  std::uint32_t target_qpn = 0;
   link_layer layer = link_layer::infiniband;
   std::uint8_t mtu = 0;
   std::uint16_t lid = 0;

@@ -1,0 +1,395 @@
+// context::connect over ibgda, through the public API: contexts in one process pose as contexts on
+// different hosts (their host ids are set through ibgda::create_context), each with its own fake
+// rdma-core / CUDA tables; every data registration lands in one software NIC model, which then
+// serves the QPs the contexts paired. Ops go through eaas::put / get / ... on the endpoints' views.
+
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "eaas/device/ops.hpp"
+#include "eaas/host/context.hpp"
+#include "eaas/host/error.hpp"
+#include "fake_verbs.hpp"
+#include "handle.hpp"
+#include "soft_nic.hpp"
+#include "transport/ibgda/prm.hpp"
+#include "transport/ibgda/station.hpp"
+#include "transport/ibgda/wire.hpp"
+
+using eaas::status;
+namespace ib = eaas::detail::ibgda;
+namespace prm = eaas::detail::ibgda::prm;
+
+namespace {
+
+std::string why() { return std::string(eaas::last_error()); }
+
+// One "host": its fakes and its context.
+struct host {
+  host(eaas::test::soft_nic& model, std::uint64_t host_id, std::uint32_t pool = 2, std::uint32_t max_peers = 8) {
+    v.on_reg_mr = [&model](void* a, std::size_t n) {
+      const auto k = model.register_memory(a, n);
+      return ib::mr_keys{k.lkey, k.rkey};
+    };
+    eaas::context_options o;
+    o.name = "host" + std::to_string(host_id);
+    o.enable_shm = false;
+    o.ibgda_heap_bytes = 1 << 20;
+    o.ibgda_qp_pool = pool;
+    o.ibgda_max_peers = max_peers;
+    ib::context_setup s;
+    s.verbs = &v;
+    s.gpu = &g;
+    s.host_id = host_id;
+    s.station.qp.sq_size = 64;
+    s.station.op_timeout_ns = 2'000'000'000;
+    REQUIRE(ib::create_context(o, s, ctx) == status::ok);
+  }
+  eaas::handle_bytes handle() const {
+    eaas::handle_bytes h;
+    REQUIRE(ctx->connection_handle(h) == status::ok);
+    return h;
+  }
+  std::unique_ptr<eaas::memory_region> alloc(std::size_t n) {
+    std::unique_ptr<eaas::memory_region> r;
+    REQUIRE(ctx->allocate(n, eaas::memory_kind::network, r) == status::ok);
+    return r;
+  }
+  eaas::test::fake_verbs v;
+  eaas::test::fake_gpu g;
+  std::unique_ptr<eaas::context> ctx;
+};
+
+const eaas::detail::ibgda::qp_state& qp_of(const eaas::endpoint& ep) {
+  return static_cast<const ib::endpoint_state*>(ep.view().transport_state)->qp;
+}
+
+std::unique_ptr<eaas::remote_region> import(eaas::endpoint& ep, const eaas::memory_region& r) {
+  eaas::handle_bytes h;
+  REQUIRE(r.export_handle(h) == status::ok);
+  std::unique_ptr<eaas::remote_region> out;
+  REQUIRE(ep.import_region(h, out) == status::ok);
+  return out;
+}
+
+// B dials A's handle, A accepts B's reply: both endpoints.
+void pair(host& a, host& b, std::unique_ptr<eaas::endpoint>& at_a, std::unique_ptr<eaas::endpoint>& at_b) {
+  eaas::handle_bytes reply;
+  REQUIRE(b.ctx->connect(a.handle(), at_b, reply) == status::ok);
+  REQUIRE(!reply.empty());
+  REQUIRE(a.ctx->connect(reply, at_a) == status::ok);
+}
+
+// INIT2RTR of the QP `qpn` on host `h`: (remote QPN, next receive PSN); RTR2RTS: next send PSN.
+struct qp_wiring {
+  std::uint64_t remote_qpn = 0, rcv_psn = 0, snd_psn = 0;
+};
+qp_wiring wiring(const host& h, std::uint32_t qpn) {
+  qp_wiring w;
+  for (const auto& c : h.v.calls_named("devx_modify")) {
+    if (prm::get(c.in, prm::modify_qp_in::qpn) != qpn) continue;
+    if (c.opcode == prm::kInit2RtrQp) {
+      w.remote_qpn = prm::get(c.in, prm::at(prm::modify_qp_in::kQpc, prm::qpc::remote_qpn));
+      w.rcv_psn = prm::get(c.in, prm::at(prm::modify_qp_in::kQpc, prm::qpc::next_rcv_psn));
+    } else if (c.opcode == prm::kRtr2RtsQp) {
+      w.snd_psn = prm::get(c.in, prm::at(prm::modify_qp_in::kQpc, prm::qpc::next_send_psn));
+    }
+  }
+  return w;
+}
+
+std::uint64_t word(const eaas::memory_region& r, std::size_t off) {
+  std::uint64_t w;
+  std::memcpy(&w, static_cast<const char*>(r.data()) + off, 8);
+  return w;
+}
+
+// Random puts / put_signals from `src` (local, network memory) into `dst` through `ep`, checked
+// against a shadow after every quiet.
+void traffic(eaas::endpoint& ep, eaas::memory_region& src, const eaas::remote_region& dst,
+             const eaas::memory_region& dst_mem, std::uint64_t seed) {
+  const eaas::coop_thread th{};
+  std::mt19937_64 rng(seed);
+  auto* s = static_cast<std::uint8_t*>(src.data());
+  for (std::size_t i = 0; i < src.size(); ++i) s[i] = static_cast<std::uint8_t>(rng());
+  std::vector<std::uint8_t> shadow(static_cast<const std::uint8_t*>(dst_mem.data()),
+                                   static_cast<const std::uint8_t*>(dst_mem.data()) + dst_mem.size());
+  const auto v = ep.view();
+  const auto rv = dst.view();
+  for (int round = 0; round < 8; ++round) {
+    for (int k = 0; k < 30; ++k) {
+      const std::size_t from = rng() % (src.size() / 2), to = rng() % (dst_mem.size() / 2),
+                        n = 1 + rng() % (src.size() / 4);
+      if (rng() % 3 == 0) {
+        const std::size_t w = dst_mem.size() - 8 * (1 + rng() % 64);
+        const std::uint64_t val = rng();
+        REQUIRE(eaas::put_signal(th, v, rv, to, s + from, n, rv, w, val, eaas::signal_op::set) == status::ok);
+        std::memcpy(shadow.data() + to, s + from, n);
+        std::memcpy(shadow.data() + w, &val, 8);
+      } else {
+        REQUIRE(eaas::put(th, v, rv, to, s + from, n) == status::ok);
+        std::memcpy(shadow.data() + to, s + from, n);
+      }
+    }
+    REQUIRE(eaas::quiet(th, v) == status::ok);
+    REQUIRE(std::memcmp(dst_mem.data(), shadow.data(), shadow.size()) == 0);
+  }
+}
+
+constexpr std::uint64_t kHostA = 0xa0a0, kHostB = 0xb0b0, kHostC = 0xc0c0;
+
+}  // namespace
+
+TEST_CASE("ibgda context: connect, import and every op end to end through the public API") {
+  eaas::test::soft_nic_options mo;
+  mo.response_lag = 2;
+  eaas::test::soft_nic model(mo);
+  host a(model, kHostA), b(model, kHostB);
+  auto ra = a.alloc(64 << 10), la = a.alloc(32 << 10);
+  auto rb = b.alloc(64 << 10), lb = b.alloc(32 << 10);
+  CHECK(ra->transport() == eaas::transport_kind::ibgda);
+  CHECK(word(*ra, 0) == 0);
+
+  std::unique_ptr<eaas::endpoint> at_a, at_b;
+  pair(a, b, at_a, at_b);
+  CHECK(at_b->transport() == eaas::transport_kind::ibgda);
+  CHECK(at_a->transport() == eaas::transport_kind::ibgda);
+  CHECK(at_b->peer_id() == a.ctx->id());
+  CHECK(at_a->peer_id() == b.ctx->id());
+  CHECK(at_a->state() == eaas::endpoint_state::connected);
+  // The two QPs are paired with each other: each one's INIT2RTR names the other's QPN and expects
+  // the PSN the other sends from.
+  const std::uint32_t qa = qp_of(*at_a).qpn, qb = qp_of(*at_b).qpn;
+  const auto wa = wiring(a, qa), wb = wiring(b, qb);
+  CHECK(wa.remote_qpn == qb);
+  CHECK(wb.remote_qpn == qa);
+  CHECK(wa.rcv_psn == wb.snd_psn);
+  CHECK(wb.rcv_psn == wa.snd_psn);
+  CHECK(wa.snd_psn != 0);
+
+  model.attach(qp_of(*at_a));
+  model.attach(qp_of(*at_b));
+  model.start();
+  auto ra_at_b = import(*at_b, *ra);
+  auto rb_at_a = import(*at_a, *rb);
+  CHECK(ra_at_b->view().rkey != 0);
+  CHECK(ra_at_b->size() == ra->size());
+
+  const eaas::coop_thread th{};
+  const auto vb = at_b->view();
+  const auto rva = ra_at_b->view();
+  auto* src = static_cast<std::uint8_t*>(lb->data());
+  std::mt19937_64 rng(11);
+  for (std::size_t i = 0; i < lb->size(); ++i) src[i] = static_cast<std::uint8_t>(rng());
+
+  // B → A: put, get back, signals, fetch_add, compare_swap, put_signal.
+  REQUIRE(eaas::put(th, vb, rva, 96, src + 5, 5000) == status::ok);
+  REQUIRE(eaas::quiet(th, vb) == status::ok);
+  CHECK(std::memcmp(static_cast<char*>(ra->data()) + 96, src + 5, 5000) == 0);
+  REQUIRE(eaas::get(th, vb, rva, 96, src + 16384, 5000) == status::ok);
+  REQUIRE(eaas::quiet(th, vb) == status::ok);
+  CHECK(std::memcmp(src + 16384, src + 5, 5000) == 0);
+  REQUIRE(eaas::signal(th, vb, rva, 8192, 40, eaas::signal_op::set) == status::ok);
+  REQUIRE(eaas::signal(th, vb, rva, 8192, 2, eaas::signal_op::add) == status::ok);
+  auto* fetched = reinterpret_cast<std::uint64_t*>(src + 30000);
+  REQUIRE(eaas::fetch_add(th, vb, rva, 8192, 100, fetched) == status::ok);
+  REQUIRE(eaas::quiet(th, vb) == status::ok);
+  CHECK(*fetched == 42);
+  CHECK(word(*ra, 8192) == 142);
+  REQUIRE(eaas::compare_swap(th, vb, rva, 8192, 141, 5, fetched) == status::ok);  // no swap
+  REQUIRE(eaas::quiet(th, vb) == status::ok);
+  CHECK(*fetched == 142);
+  CHECK(word(*ra, 8192) == 142);
+  REQUIRE(eaas::compare_swap(th, vb, rva, 8192, 142, 5, fetched) == status::ok);
+  REQUIRE(eaas::quiet(th, vb) == status::ok);
+  CHECK(word(*ra, 8192) == 5);
+  REQUIRE(eaas::put_signal(th, vb, rva, 20000, src + 100, 777, rva, 8200, 9, eaas::signal_op::set) == status::ok);
+  REQUIRE(eaas::quiet(th, vb) == status::ok);
+  CHECK(std::memcmp(static_cast<char*>(ra->data()) + 20000, src + 100, 777) == 0);
+  CHECK(word(*ra, 8200) == 9);
+
+  // Random traffic both ways, every byte of the destination checked.
+  traffic(*at_b, *lb, *ra_at_b, *ra, 1);
+  traffic(*at_a, *la, *rb_at_a, *rb, 2);
+
+  // A source outside the context's network memory is refused by the NIC (the heap's lkey).
+  std::vector<std::uint8_t> stray(64, 1);
+  REQUIRE(eaas::put(th, vb, rva, 0, stray.data(), 64) == status::ok);
+  CHECK(eaas::quiet(th, vb) == status::invalid_argument);
+  CHECK(model.violations() == 0);
+  model.stop();
+}
+
+TEST_CASE("ibgda context: refusals — plain connect, exhausted pool, stale and misaddressed replies, other hosts") {
+  eaas::test::soft_nic model;
+  host a(model, kHostA, 1, 1), b(model, kHostB), c(model, kHostC);
+  const auto ha = a.handle();
+
+  // The plain connect cannot hand back the reply: refused, nothing made.
+  std::unique_ptr<eaas::endpoint> ep;
+  const auto live_b = b.v.live.size();
+  CHECK(b.ctx->connect(ha, ep) == status::invalid_argument);
+  CHECK(why().find("reply") != std::string::npos);
+  CHECK(ep == nullptr);
+  CHECK(b.v.live.size() == live_b);
+
+  // B dials; C dials the same (only) advertised QP; A accepts B, so C's reply names a QP that is gone.
+  std::unique_ptr<eaas::endpoint> at_b, at_c, at_a, at_a2;
+  eaas::handle_bytes reply_b, reply_c;
+  REQUIRE(b.ctx->connect(ha, at_b, reply_b) == status::ok);
+  REQUIRE(c.ctx->connect(ha, at_c, reply_c) == status::ok);
+  // A reply handed to the wrong context.
+  CHECK(c.ctx->connect(reply_b, at_a) == status::invalid_handle);
+  CHECK(why().find("addressed to") != std::string::npos);
+  REQUIRE(a.ctx->connect(reply_b, at_a) == status::ok);
+  CHECK(a.ctx->connect(reply_c, at_a2) == status::not_found);
+  CHECK(why().find("not waiting in this context's pool") != std::string::npos);
+  CHECK(at_a2 == nullptr);
+
+  // A accepts one peer at most: its handle now advertises no QP, and a dial is refused.
+  const auto ha_full = a.handle();
+  std::unique_ptr<eaas::endpoint> at_c2;
+  eaas::handle_bytes reply;
+  CHECK(c.ctx->connect(ha_full, at_c2, reply) == status::no_resource);
+  CHECK(why().find("pool is exhausted") != std::string::npos);
+  CHECK(reply.empty());
+
+  // Every single-bit flip of a connection handle and of a reply is refused before anything is made.
+  const auto live_a = a.v.live.size();
+  for (const eaas::handle_bytes* h : {&ha, static_cast<const eaas::handle_bytes*>(&reply_b)}) {
+    for (std::size_t i = 0; i < h->size() * 8; ++i) {
+      auto bad = *h;
+      bad[i / 8] ^= std::byte{static_cast<unsigned char>(1u << (i % 8))};
+      std::unique_ptr<eaas::endpoint> e;
+      eaas::handle_bytes r;
+      const status s = h == &ha ? c.ctx->connect(bad, e, r) : a.ctx->connect(bad, e);
+      REQUIRE(s == status::invalid_handle);
+      REQUIRE(e == nullptr);
+    }
+    for (std::size_t n = 0; n < h->size(); ++n) {
+      std::unique_ptr<eaas::endpoint> e;
+      eaas::handle_bytes r;
+      REQUIRE(c.ctx->connect(std::span(*h).first(n), e, r) == status::invalid_handle);
+    }
+  }
+  CHECK(a.v.live.size() == live_a);
+
+  // A connection handle whose ibgda section describes another context or host.
+  {
+    ib::conn_desc fake;
+    REQUIRE(ib::decode(reply_b, fake) == status::ok);  // a well-formed port description of B
+    fake.target_id = 0;
+    fake.target_qpn = 0;
+    fake.host_id = kHostC;  // the section says host C, the identity says host B
+    eaas::handle_bytes sec;
+    REQUIRE(ib::encode(fake, sec) == status::ok);
+    eaas::detail::handle_writer w;
+    w.u64(b.ctx->id());
+    w.u64(kHostB);
+    w.u32(1234);
+    w.u32(0);
+    w.u64(1);
+    w.u8(1);
+    w.u8(static_cast<std::uint8_t>(eaas::transport_kind::ibgda));
+    w.u16(static_cast<std::uint16_t>(sec.size()));
+    w.raw(sec);
+    const auto h = w.finish(eaas::handle_kind::connection, eaas::transport_kind::none);
+    std::unique_ptr<eaas::endpoint> e;
+    eaas::handle_bytes r;
+    CHECK(c.ctx->connect(h, e, r) == status::invalid_handle);
+    CHECK(why().find("describes context") != std::string::npos);
+  }
+  // A reply that claims to come from A's own host.
+  {
+    ib::conn_desc r;
+    REQUIRE(ib::decode(reply_c, r) == status::ok);
+    r.host_id = kHostA;
+    eaas::handle_bytes h;
+    REQUIRE(ib::encode(r, h) == status::ok);
+    std::unique_ptr<eaas::endpoint> e;
+    CHECK(a.ctx->connect(h, e) == status::invalid_handle);
+    CHECK(why().find("on this host") != std::string::npos);
+  }
+  // Region handles: another peer's region, and A's region claiming another host.
+  {
+    auto ra = a.alloc(4096);
+    auto rc = c.alloc(4096);
+    eaas::handle_bytes h;
+    REQUIRE(rc->export_handle(h) == status::ok);
+    std::unique_ptr<eaas::remote_region> out;
+    CHECK(at_b->import_region(h, out) == status::invalid_argument);
+    ib::region_wire rw;
+    REQUIRE(ra->export_handle(h) == status::ok);
+    REQUIRE(ib::decode(h, rw) == status::ok);
+    REQUIRE(at_b->import_region(h, out) == status::ok);
+    CHECK(out->view().addr == reinterpret_cast<std::uint64_t>(ra->data()));
+    rw.host_id = kHostC;
+    REQUIRE(ib::encode(rw, h) == status::ok);
+    CHECK(at_b->import_region(h, out) == status::invalid_handle);
+    CHECK(why().find("host") != std::string::npos);
+    h[h.size() - 1] ^= std::byte{1};
+    CHECK(at_b->import_region(h, out) == status::invalid_handle);
+    // Other memory kinds: network memory needs ibgda; a context without it says so.
+    eaas::context_options o;
+    o.enable_shm = false;
+    std::unique_ptr<eaas::context> plain;
+    REQUIRE(eaas::context::create(o, plain) == status::ok);
+    std::unique_ptr<eaas::memory_region> m;
+    CHECK(plain->allocate(4096, eaas::memory_kind::network, m) == status::unsupported);
+  }
+}
+
+TEST_CASE("ibgda context: closing one endpoint leaves another working; reconnect after close") {
+  eaas::test::soft_nic model;
+  host a(model, kHostA, 2, 2), b(model, kHostB), c(model, kHostC);
+  auto ra = a.alloc(64 << 10);
+  auto lb = b.alloc(32 << 10), lc = c.alloc(32 << 10);
+  std::unique_ptr<eaas::endpoint> a_b, b_a, a_c, c_a;
+  pair(a, b, a_b, b_a);
+  pair(a, c, a_c, c_a);
+  const int qb = model.attach(qp_of(*b_a));
+  model.attach(qp_of(*c_a));
+  model.start();
+  auto ra_b = import(*b_a, *ra);
+  auto ra_c = import(*c_a, *ra);
+  traffic(*b_a, *lb, *ra_b, *ra, 3);
+  traffic(*c_a, *lc, *ra_c, *ra, 4);
+
+  // B closes: its view refuses ops; C's traffic goes on.
+  const eaas::coop_thread th{};
+  const auto old_view = b_a->view();
+  b_a->close();
+  CHECK(b_a->state() == eaas::endpoint_state::closed);
+  CHECK(eaas::put(th, old_view, ra_b->view(), 0, lb->data(), 8) == status::not_connected);
+  CHECK(eaas::quiet(th, old_view) == status::not_connected);
+  std::unique_ptr<eaas::remote_region> again;
+  eaas::handle_bytes h;
+  REQUIRE(ra->export_handle(h) == status::ok);
+  CHECK(b_a->import_region(h, again) == status::not_connected);
+  traffic(*c_a, *lc, *ra_c, *ra, 5);
+
+  // A is full (2 peers), until it lets B go.
+  eaas::handle_bytes reply;
+  std::unique_ptr<eaas::endpoint> tmp;
+  CHECK(b.ctx->connect(a.handle(), tmp, reply) == status::no_resource);
+  model.stop();
+  model.detach(qb);
+  ra_b.reset();
+  b_a.reset();
+  a_b->close();
+  a_b.reset();
+
+  // Reconnect: a fresh handle of A, a new pair of QPs.
+  pair(a, b, a_b, b_a);
+  CHECK(qp_of(*b_a).qpn != 0);
+  model.attach(qp_of(*b_a));
+  model.start();
+  ra_b = import(*b_a, *ra);
+  traffic(*b_a, *lb, *ra_b, *ra, 6);
+  traffic(*c_a, *lc, *ra_c, *ra, 7);
+  CHECK(model.violations() == 0);
+  model.stop();
+}
