@@ -1,8 +1,10 @@
 #include "client.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstddef>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -16,6 +18,9 @@
 
 namespace eaas::runtime {
 namespace {
+
+/// A server dropped for silence or a failed delivery is linked again after this, while it stays published.
+constexpr std::uint64_t kRelinkBackoffNs = 1'000'000'000ull;
 
 /// A server this client talks to.
 struct server_conn {
@@ -33,6 +38,7 @@ struct server_conn {
   std::vector<std::uint32_t> entries;  // the (t * topk + k) entries it holds this round
   std::vector<unsigned char> staging;
   bool sent = false;
+  std::string why;  // why this round failed, when it was not a recorded failure
 };
 
 class client_impl final : public attention_client {
@@ -140,7 +146,9 @@ class client_impl final : public attention_client {
   }
 
  private:
-  void drop(const std::string& id, const char* why) {
+  /// Forgets a server. While its record stays published it is linked again after `retry_after_ns`
+  /// (0: at once, e.g. it revoked our slot; a silent or dead one waits, and goes for good with its lease).
+  void drop(const std::string& id, const char* why, std::uint64_t retry_after_ns) {
     auto it = servers_.find(id);
     if (it == servers_.end()) return;
     detail::note("[{}] dropping server {}: {}", o_.id, id, why);
@@ -148,7 +156,8 @@ class client_impl final : public attention_client {
     servers_.erase(it);
     {
       std::lock_guard g(mu_);
-      dead_.insert(id);  // not linked again while it stays online under this id
+      claimed_.erase(id);
+      retry_at_[id] = eaas::now_ns() + retry_after_ns;
       linked_.erase(id);
     }
     std::lock_guard g(stats_mu_);
@@ -167,8 +176,7 @@ class client_impl final : public attention_client {
       std::vector<peer_record> want;
       for (const auto& [id, r] : online_) {
         const auto retry = retry_at_.find(id);
-        if (!claimed_.count(id) && !dead_.count(id) && (retry == retry_at_.end() || retry->second <= now))
-          want.push_back(r);
+        if (!claimed_.count(id) && (retry == retry_at_.end() || retry->second <= now)) want.push_back(r);
       }
       for (const auto& r : want) {
         claimed_.insert(r.id);
@@ -213,8 +221,13 @@ class client_impl final : public attention_client {
     const server_welcome& w = c->w;
     if (slots == nullptr) return EAAS_RT_FAIL(status::invalid_handle, "server {}: no slots region", rec.id);
     const std::uint64_t size = slots->size();
+    if (c->link.record.experts != rec.experts || rec.experts.size() >= kNoExpert ||
+        !std::is_sorted(rec.experts.begin(), rec.experts.end()) ||
+        std::adjacent_find(rec.experts.begin(), rec.experts.end()) != rec.experts.end())
+      return EAAS_RT_FAIL(status::invalid_handle,
+                          "server {}: its experts changed while linking, or are not a sorted set of < 65535", rec.id);
     if (w.magic != kSlotMagic || w.version != kSlotVersion || w.slot + 1 != slot1 || w.sig_offset % 8 != 0 ||
-        w.sig_offset + 8 > size || w.slot_offset > size || w.slot_bytes > size - w.slot_offset ||
+        size < 8 || w.sig_offset > size - 8 || w.slot_offset > size || w.slot_bytes > size - w.slot_offset ||
         w.hidden != o_.shape.hidden || w.layers < o_.shape.layers || w.max_topk < o_.shape.topk ||
         w.local_experts != rec.experts.size() || w.max_tokens == 0)
       return EAAS_RT_FAIL(status::invalid_handle,
@@ -240,10 +253,9 @@ class client_impl final : public attention_client {
       servers_[id] = std::move(c);
     }
     for (const auto& id : gone) {
-      if (servers_.count(id)) drop(id, "its lease ended");
+      if (servers_.count(id)) drop(id, "its lease ended", 0);
       std::lock_guard g(mu_);
-      dead_.erase(id);  // a server that comes back under this id is a new server
-      claimed_.erase(id);
+      claimed_.erase(id);  // a server that comes back under this id is a new server
       linked_.erase(id);
       retry_at_.erase(id);
     }
@@ -256,49 +268,73 @@ class client_impl final : public attention_client {
     std::vector<std::uint32_t> pending(rows * topk);
     for (std::uint32_t i = 0; i < pending.size(); ++i) pending[i] = i;
     std::vector<failover_event> events;
+    std::uint32_t failed_rounds = 0;
     for (std::uint32_t round = 0;; ++round) {
+      const std::size_t before = pending.size();
       refresh();
       const std::uint64_t round_start = eaas::now_ns();
       if (round > 0) {
         std::lock_guard g(stats_mu_);
         stats_.resent_entries += pending.size();
       }
-      // Assign each pending entry to a server hosting its expert, spreading over replicas.
+      // Assign each pending entry to a server hosting its expert, spreading over replicas. An expert
+      // with no linked server: wait (bounded) for one to come, re-checking every expert after each refresh
+      // (a refresh can also take a host away).
       std::map<std::uint32_t, std::vector<server_conn*>> hosts;
-      for (auto& [id, c] : servers_)
-        for (const auto& [e, local] : c->local) hosts[e].push_back(c.get());
-      // An expert with no linked server: wait (bounded) for one to come.
-      const std::uint64_t wait_until = eaas::now_ns() + o_.request_timeout_ns;
-      for (std::uint32_t ent : pending)
-        while (!hosts.count(routing_.ids[ent])) {
-          if (eaas::now_ns() > wait_until)
-            return EAAS_RT_FAIL(status::peer_unreachable, "client {}: no live server hosts expert {} (layer {})", o_.id,
-                                routing_.ids[ent], layer);
-          std::this_thread::sleep_for(std::chrono::microseconds(500));
-          refresh();
-          hosts.clear();
-          for (auto& [id, c] : servers_)
-            for (const auto& [e, local] : c->local) hosts[e].push_back(c.get());
-        }
+      // Long enough for a dropped server to be linked again (backoff + link) or a replica to come.
+      const std::uint64_t wait_until = eaas::now_ns() + o_.request_timeout_ns + kRelinkBackoffNs + o_.link_timeout_ns;
+      for (;;) {
+        hosts.clear();
+        for (auto& [id, c] : servers_)
+          for (const auto& [e, local] : c->local) hosts[e].push_back(c.get());
+        std::uint32_t missing = ~0u;
+        for (std::uint32_t ent : pending)
+          if (!hosts.count(routing_.ids[ent])) missing = routing_.ids[ent];
+        if (missing == ~0u) break;
+        if (eaas::now_ns() > wait_until)
+          return EAAS_RT_FAIL(status::peer_unreachable, "client {}: no live server hosts expert {} (layer {})", o_.id,
+                              missing, layer);
+        std::this_thread::sleep_for(std::chrono::microseconds(500));
+        refresh();
+      }
       for (auto& [id, c] : servers_) {
         c->entries.clear();
+        c->tokens.clear();
         c->sent = false;
       }
+      // A server takes at most its max_tokens distinct tokens per request: what does not fit goes to
+      // another replica, or waits for the next round (not a failure).
+      std::vector<std::uint32_t> deferred;
       for (std::uint32_t ent : pending) {
         const std::uint32_t t = ent / topk, e = routing_.ids[ent];
         const auto& h = hosts.at(e);
-        h[(t + e) % h.size()]->entries.push_back(ent);
+        server_conn* chosen = nullptr;
+        for (std::size_t k = 0; k < h.size() && chosen == nullptr; ++k) {
+          server_conn* c = h[(t + e + k) % h.size()];
+          const bool has = !c->tokens.empty() && c->tokens.back() == t;  // entries arrive in token order
+          if (has || c->tokens.size() < c->w.max_tokens) chosen = c;
+        }
+        if (chosen == nullptr) {
+          deferred.push_back(ent);
+          continue;
+        }
+        if (chosen->tokens.empty() || chosen->tokens.back() != t) chosen->tokens.push_back(t);
+        chosen->entries.push_back(ent);
       }
-      pending.clear();
+      pending = std::move(deferred);
       for (auto& [id, c] : servers_)
         if (!c->entries.empty()) send(layer, *c);
       std::vector<std::pair<std::string, std::string>> failed;  // id, why
+      std::vector<std::string> revoked;
+      const std::uint64_t round_deadline = eaas::now_ns() + o_.request_timeout_ns;  // one bound for the round
       for (auto& [id, c] : servers_) {
         if (c->entries.empty()) continue;
         const std::uint64_t t0 = eaas::now_ns();
-        if (!c->sent || collect(*c) != status::ok) {
+        const status st = c->sent ? collect(*c, round_deadline) : status::peer_unreachable;
+        if (st != status::ok) {
           pending.insert(pending.end(), c->entries.begin(), c->entries.end());
-          failed.emplace_back(id, last_error());
+          if (st == status::not_connected) revoked.push_back(id);
+          failed.emplace_back(id, c->why.empty() ? std::string(last_error()) : c->why);
         }
         if (eaas::now_ns() - t0 > 200'000'000ull)
           detail::note("[{}] slow answer from {}: {} ms (round {}, layer {}, {} ms since the round began)", o_.id, id,
@@ -308,7 +344,8 @@ class client_impl final : public attention_client {
         detail::note("[{}] slow round {} of layer {}: {} ms", o_.id, round, layer,
                      (eaas::now_ns() - round_start) / 1000000);
       for (const auto& [id, why] : failed) {
-        drop(id, why.c_str());
+        const bool was_revoked = std::find(revoked.begin(), revoked.end(), id) != revoked.end();
+        drop(id, why.c_str(), was_revoked ? 0 : kRelinkBackoffNs);
         events.push_back(
             {.server = id, .why = why, .layer = layer, .sent_ns = round_start, .detected_ns = eaas::now_ns()});
       }
@@ -323,7 +360,10 @@ class client_impl final : public attention_client {
         }
         return status::ok;
       }
-      if (round > 64)
+      if (failed.empty() && pending.size() == before)
+        return EAAS_RT_FAIL(status::internal_error, "client {}: layer {}: {} entries fit no server", o_.id, layer,
+                            pending.size());
+      if (++failed_rounds > 64 && !failed.empty())
         return EAAS_RT_FAIL(status::peer_unreachable, "client {}: layer {} failed 64 rounds", o_.id, layer);
     }
   }
@@ -331,20 +371,9 @@ class client_impl final : public attention_client {
   // Builds and writes one request; `sent` says whether it went out.
   void send(std::uint32_t layer, server_conn& c) {
     const std::uint32_t topk = o_.shape.topk, h = o_.shape.hidden;
-    c.tokens.clear();
+    c.why.clear();
     std::vector<std::int32_t> row_of(normed_.size() / h, -1);
-    for (std::uint32_t ent : c.entries) {
-      const std::uint32_t t = ent / topk;
-      if (row_of[t] < 0) {
-        row_of[t] = static_cast<std::int32_t>(c.tokens.size());
-        c.tokens.push_back(t);
-      }
-    }
-    if (c.tokens.size() > c.w.max_tokens) {
-      (void)EAAS_RT_FAIL(status::invalid_argument, "server {} takes {} tokens per request; this layer needs {}",
-                         c.rec.id, c.w.max_tokens, c.tokens.size());
-      return;
-    }
+    for (std::size_t r = 0; r < c.tokens.size(); ++r) row_of[c.tokens[r]] = static_cast<std::int32_t>(r);
     const auto n = static_cast<std::uint32_t>(c.tokens.size());
     c.ids.assign(std::size_t{n} * topk, kNoExpert);
     c.weights.assign(std::size_t{n} * topk, 0.0f);
@@ -370,7 +399,7 @@ class client_impl final : public attention_client {
     hd.hidden = h;
     hd.topk = topk;
     hd.payload_bytes = l.end - sizeof(slot_header);
-    hd.client = ctx_->id();
+    hd.grant = c.w.grant;
     std::memcpy(c.staging.data(), &hd, sizeof(hd));
     for (std::uint32_t r = 0; r < n; ++r)
       std::memcpy(c.staging.data() + l.activations + std::size_t{r} * h * 4,
@@ -382,16 +411,35 @@ class client_impl final : public attention_client {
                            c.w.sig_offset, hd.seq, signal_op::set);
     if (st == status::ok) st = quiet(coop_thread{}, ep);
     c.sent = st == status::ok;
-    if (!c.sent) (void)EAAS_RT_FAIL(st, "request {} to server {} not delivered ({})", hd.seq, c.rec.id, st);
+    if (!c.sent) c.why = fmt::format("request {} to server {} not delivered ({})", hd.seq, c.rec.id, st);
     std::lock_guard g(stats_mu_);
     stats_.requests++;
   }
 
   // Waits for one server's answer, checks it, adds its partial sums.
-  status collect(server_conn& c) {
+  status collect(server_conn& c, std::uint64_t until_ns) {
     const auto* base = static_cast<const unsigned char*>(c.result->data());
-    const status st = wait_signal(c.link.ep->view(), reinterpret_cast<const std::uint64_t*>(base + kResultSig),
-                                  cmp_op::ge, c.seq, timeout{o_.request_timeout_ns});
+    const auto* revoked = reinterpret_cast<const std::uint64_t*>(base + kWelcomeSig);
+    status st;
+    // Wait in slices, so that a revoked slot (the server took it back) ends the wait at once.
+    for (;;) {
+      const std::uint64_t slice = std::min<std::uint64_t>(until_ns, eaas::now_ns() + 20'000'000ull);
+      st = wait_signal(c.link.ep->view(), reinterpret_cast<const std::uint64_t*>(base + kResultSig), cmp_op::ge, c.seq,
+                       deadline{slice});
+      if (st != status::timeout) break;
+      // Taken back: marked revoked, or welcomed anew under another grant (the server saw our link again,
+      // e.g. after our lease lapsed while this process was paused).
+      const std::uint64_t grant =
+          std::atomic_ref<const std::uint64_t>(
+              *reinterpret_cast<const std::uint64_t*>(base + kWelcome + offsetof(server_welcome, grant)))
+              .load(std::memory_order_relaxed);
+      if (std::atomic_ref<const std::uint64_t>(*revoked).load(std::memory_order_acquire) == kRevoked ||
+          grant != c.w.grant) {
+        c.why = fmt::format("server {} took our slot back (request {})", c.rec.id, c.seq);
+        return status::not_connected;
+      }
+      if (eaas::now_ns() >= until_ns) break;
+    }
     if (st != status::ok) return EAAS_RT_FAIL(st, "server {} did not answer request {} ({})", c.rec.id, c.seq, st);
     response_header rh;
     std::memcpy(&rh, base + kResponse, sizeof(rh));
@@ -426,7 +474,6 @@ class client_impl final : public attention_client {
   bool stopping_ = false;
   std::map<std::string, peer_record> online_;                 // servers whose record is published
   std::vector<std::string> gone_;                             // went offline since the last refresh
-  std::set<std::string> dead_;                                // dropped, still published
   std::set<std::string> claimed_;                             // being linked, or linked
   std::map<std::string, std::uint64_t> retry_at_;             // failed links: not before
   std::map<std::string, std::vector<std::uint32_t>> linked_;  // linked: their experts

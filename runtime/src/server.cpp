@@ -8,12 +8,14 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <random>
 #include <thread>
 
 #include "cpu_math.hpp"
 #include "eaas/eaas.hpp"
 #include "eaas/runtime/slot.hpp"
 #include "fail.hpp"
+#include "synth.hpp"
 
 namespace eaas::runtime {
 namespace {
@@ -35,9 +37,11 @@ struct client_slot {
   std::string client;
   std::unique_ptr<endpoint> ep;
   std::unique_ptr<remote_region> result;
-  std::uint64_t last_sig = 0;    // the signal value last handled
-  std::uint64_t expected = 1;    // the seq the next request must carry
-  std::uint32_t max_tokens = 0;  // most tokens per request (what its result region holds)
+  std::uint64_t last_sig = 0;     // the signal value last handled
+  std::uint64_t expected = 1;     // the seq the next request must carry
+  std::uint32_t max_tokens = 0;   // most tokens per request (what its result region holds)
+  std::uint64_t grant = 0;        // what its requests must carry
+  std::uint64_t ignored_sig = 0;  // the signal value of the last foreign write ignored
 };
 
 /// A request read out of a slot, checked.
@@ -47,6 +51,7 @@ struct request {
   slot_error err = slot_error::none;
   std::vector<std::uint16_t> ids;
   std::vector<float> weights;
+  std::vector<float> act;  // tokens × hidden, fp32: a private copy (the peer can still write its slot)
   std::vector<float> out;  // tokens × hidden
 };
 
@@ -169,8 +174,20 @@ class server_impl final : public expert_server {
     if (!s.used) return;
     detail::note("[{}] client {} left slot {} ({})", o_.id, s.client, i, why);
     if (o_.on_client) o_.on_client("left", s.client, why);
+    // Tell a client that may still be alive (paused past its lease, say) that the slot is gone, so it
+    // links again instead of waiting for answers. Best effort: it may be dead.
+    if (s.ep && s.result && s.ep->state() == endpoint_state::connected &&
+        signal(coop_thread{}, s.ep->view(), s.result->view(), kWelcomeSig, kRevoked, signal_op::set) == status::ok)
+      (void)quiet(coop_thread{}, s.ep->view());
     s = client_slot{};
     set_clients();
+  }
+
+  std::uint64_t next_grant() {
+    std::uint64_t g;
+    do g = detail::splitmix(grant_key_ + ++grant_count_);
+    while (g == 0);
+    return g;
   }
 
   void set_clients() {
@@ -223,6 +240,7 @@ class server_impl final : public expert_server {
     s.last_sig = 0;
     s.expected = 1;
     s.max_tokens = static_cast<std::uint32_t>(std::min<std::uint64_t>(o_.max_tokens, fits));
+    s.grant = next_grant();
     server_welcome w{};
     w.magic = kSlotMagic;
     w.version = kSlotVersion;
@@ -235,6 +253,7 @@ class server_impl final : public expert_server {
     w.layers = o_.shape.layers;
     w.max_topk = o_.shape.topk;
     w.local_experts = static_cast<std::uint32_t>(o_.experts.size());
+    w.grant = s.grant;
     const auto rv = s.result->view();
     status st =
         put_signal(coop_thread{}, s.ep->view(), rv, kWelcome, &w, sizeof(w), rv, kWelcomeSig, i + 1, signal_op::set);
@@ -294,8 +313,19 @@ class server_impl final : public expert_server {
       }
       const std::uint64_t v = load_acquire(sig_word(i));
       if (v == s.last_sig) continue;
+      request r = read_request(i);
+      if (r.err == slot_error::not_owner) {
+        // Someone else's write (a former holder of the slot): not consumed, and not remembered as seen, so
+        // that the owner's next request is noticed whatever seq value it carries.
+        if (v != s.ignored_sig) {
+          s.ignored_sig = v;
+          std::lock_guard g(stats_mu_);
+          stats_.ignored++;
+        }
+        continue;
+      }
       s.last_sig = v;
-      reqs.push_back(read_request(i));
+      reqs.push_back(std::move(r));
     }
     window_polls_++;
     window_requests_ += reqs.size();
@@ -319,6 +349,11 @@ class server_impl final : public expert_server {
     r.slot = i;
     const unsigned char* base = slot_base(i);
     std::memcpy(&r.h, base, sizeof(r.h));  // a private copy: the client cannot change what was checked
+    if (r.h.grant != s.grant) {
+      // Not the slot's owner (an earlier holder writing on): no answer into the owner's region.
+      r.err = slot_error::not_owner;
+      return r;
+    }
     const slot_limits lim{.slot_bytes = geo_.slot_stride,
                           .hidden = o_.shape.hidden,
                           .layers = o_.shape.layers,
@@ -336,6 +371,19 @@ class server_impl final : public expert_server {
     std::memcpy(r.ids.data(), base + l.expert_ids, n * 2);
     std::memcpy(r.weights.data(), base + l.weights, n * 4);
     r.err = validate_routing(r.h, lim, r.ids.data(), r.weights.data());
+    if (r.err != slot_error::none) return r;
+    // The activations too, so that everything computed is what was read here, once.
+    const std::size_t h = r.h.hidden, elems = std::size_t{r.h.tokens} * h;
+    r.act.resize(elems);
+    if (r.h.type == static_cast<std::uint16_t>(dtype::bf16)) {
+      for (std::size_t j = 0; j < elems; ++j) {
+        std::uint16_t b;
+        std::memcpy(&b, base + l.activations + j * 2, 2);
+        r.act[j] = bf16_to_f32(b);
+      }
+    } else {
+      std::memcpy(r.act.data(), base + l.activations, elems * 4);
+    }
     return r;
   }
 
@@ -363,20 +411,8 @@ class server_impl final : public expert_server {
       window_pairs_[key.second] += rows.size();
       xs_.resize(rows.size() * h);
       ys_.resize(rows.size() * h);
-      for (std::size_t i = 0; i < rows.size(); ++i) {
-        const request& r = reqs[rows[i].req];
-        const unsigned char* act = slot_base(r.slot) + sizeof(slot_header);
-        float* dst = xs_.data() + i * h;
-        if (r.h.type == static_cast<std::uint16_t>(dtype::bf16)) {
-          for (std::size_t j = 0; j < h; ++j) {
-            std::uint16_t b;
-            std::memcpy(&b, act + (std::size_t{rows[i].token} * h + j) * 2, 2);
-            dst[j] = bf16_to_f32(b);
-          }
-        } else {
-          std::memcpy(dst, act + std::size_t{rows[i].token} * h * 4, h * 4);
-        }
-      }
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        std::memcpy(xs_.data() + i * h, reqs[rows[i].req].act.data() + std::size_t{rows[i].token} * h, h * 4);
       cpu::swiglu_rows(weights_[key.first][key.second], xs_.data(), rows.size(), o_.shape.hidden, o_.shape.inter,
                        ys_.data(), scratch_);
       for (std::size_t i = 0; i < rows.size(); ++i) {
@@ -407,15 +443,14 @@ class server_impl final : public expert_server {
     status st = put_signal(coop_thread{}, s.ep->view(), rv, kResponse, out_.data(), out_.size(), rv, kResultSig,
                            r.h.seq, signal_op::set);
     if (st == status::ok) st = quiet(coop_thread{}, s.ep->view());
+    std::uint64_t first = 0;
     {
       std::lock_guard g(stats_mu_);
       stats_.requests++;
       if (r.err != slot_error::none) stats_.refused++;
-      if (stats_.first_served_ns == 0 && st == status::ok) {
-        stats_.first_served_ns = eaas::now_ns();
-        if (o_.on_first_answer) o_.on_first_answer(stats_.first_served_ns);
-      }
+      if (stats_.first_served_ns == 0 && st == status::ok) first = stats_.first_served_ns = eaas::now_ns();
     }
+    if (first != 0 && o_.on_first_answer) o_.on_first_answer(first);  // not under the lock
     if (r.err != slot_error::none)
       detail::note("[{}] refused a request of client {}: {}", o_.id, s.client, slot_error_name(r.err));
     if (st != status::ok) release(r.slot, "answer not delivered");
@@ -441,6 +476,9 @@ class server_impl final : public expert_server {
   mutable std::mutex stats_mu_;
   server_stats stats_;
 
+  std::uint64_t grant_key_ =
+      detail::mix(std::random_device{}(), static_cast<std::uint64_t>(::getpid()), eaas::now_ns());
+  std::uint64_t grant_count_ = 0;
   std::vector<request> reqs_;
   std::vector<float> xs_, ys_;
   std::vector<unsigned char> out_;

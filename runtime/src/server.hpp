@@ -40,6 +40,7 @@ struct server_options {
 struct server_stats {
   std::uint64_t requests = 0;         ///< answered (including refused ones)
   std::uint64_t refused = 0;          ///< answered with an error
+  std::uint64_t ignored = 0;          ///< not answered: written by a client that no longer owns the slot
   std::uint64_t tokens = 0;           ///< tokens computed
   std::uint64_t batches = 0;          ///< poll rounds that computed something
   std::uint64_t compute_ns = 0;       ///< time spent in the expert math

@@ -108,7 +108,11 @@ int run_live(const run_options& ro, autoscale_policy p) {
   std::signal(SIGTERM, on_signal);
   std::signal(SIGINT, on_signal);
   autoscaler a(p);
-  std::map<pid_t, std::string> children;  // servers this process started
+  struct child_server {
+    std::string id;
+    std::vector<std::uint32_t> experts;
+  };
+  std::map<pid_t, child_server> children;  // servers this process started (the only ones it signals)
   int next = 0;
   const std::string prefix = "/eaas/" + ro.ns + "/load/";
   const auto t_end = std::chrono::steady_clock::now() +
@@ -121,12 +125,13 @@ int run_live(const run_options& ro, autoscale_policy p) {
     std::int64_t rev = 0;
     if (reg->list(prefix, recs, rev) != status::ok) continue;  // registry away: try next tick
     std::vector<fleet_server> fleet;
-    std::map<std::string, pid_t> pids;
     fleet_load load{std::vector<double>(shape.experts, 0.0), 0};
     for (const auto& r : recs) {
-      // A peer wrote it: parse defensively, skip what does not fit.
+      // A peer wrote it: every field is type-checked, and a record that does not fit is skipped.
       const json j = json::parse(r.value, nullptr, false);
-      if (!j.is_object() || j.value("v", 0) != 1 || !j.contains("experts") || !j.contains("expert_tps")) continue;
+      if (!j.is_object() || !j.contains("v") || !j["v"].is_number_integer() || j["v"].get<int>() != 1 ||
+          !j.contains("experts") || !j.contains("expert_tps") || (j.contains("queue") && !j["queue"].is_number()))
+        continue;
       const auto& ex = j["experts"];
       const auto& tps = j["expert_tps"];
       if (!ex.is_array() || !tps.is_array() || ex.size() != tps.size()) continue;
@@ -141,10 +146,14 @@ int run_live(const run_options& ro, autoscale_policy p) {
         load.expert_tps[f.experts.back()] += std::max(0.0, tps[i].get<double>());
       }
       if (!ok) continue;
-      load.queue_depth += j.value("queue", 0.0);
-      pids[f.id] = static_cast<pid_t>(j.value("pid", 0));
+      load.queue_depth += j.contains("queue") ? std::max(0.0, j["queue"].get<double>()) : 0.0;
       fleet.push_back(std::move(f));
     }
+    // Servers it started that do not report yet (loading weights, registering) count as coming: the
+    // policy must not add more for the same load.
+    for (const auto& [pid, ch] : children)
+      if (std::none_of(fleet.begin(), fleet.end(), [&](const fleet_server& f) { return f.id == ch.id; }))
+        fleet.push_back({ch.id, ch.experts});
     if (!fleet.empty()) load.queue_depth /= double(fleet.size());
     const double offered = std::accumulate(load.expert_tps.begin(), load.expert_tps.end(), 0.0);
     const autoscale_decision d = a.tick(fleet, load);
@@ -165,7 +174,7 @@ int run_live(const run_options& ro, autoscale_policy p) {
       posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);  // its JSON lines are not ours
       const int rc = posix_spawn(&pid, ro.server_bin.c_str(), &fa, nullptr, argv.data(), environ);
       posix_spawn_file_actions_destroy(&fa);
-      if (rc == 0) children[pid] = id;
+      if (rc == 0) children[pid] = {id, d.experts};
       emit({{"type", "scale"},
             {"action", "add"},
             {"server", id},
@@ -175,7 +184,11 @@ int run_live(const run_options& ro, autoscale_policy p) {
             {"ok", rc == 0},
             {"why", d.why}});
     } else if (d.kind == autoscale_decision::remove_server) {
-      const pid_t pid = pids.count(d.server) ? pids[d.server] : 0;
+      // Only servers this process started, by the pid it holds: a load record's word is no reason to
+      // signal a process.
+      pid_t pid = 0;
+      for (const auto& [p, ch] : children)
+        if (ch.id == d.server) pid = p;
       const bool ok = pid > 0 && ::kill(pid, SIGTERM) == 0;  // a graceful leave: it drains first
       emit({{"type", "scale"},
             {"action", "remove"},
@@ -186,8 +199,8 @@ int run_live(const run_options& ro, autoscale_policy p) {
             {"why", d.why}});
     }
   }
-  for (const auto& [pid, id] : children) ::kill(pid, SIGTERM);
-  for (const auto& [pid, id] : children) ::waitpid(pid, nullptr, 0);
+  for (const auto& [pid, ch] : children) ::kill(pid, SIGTERM);
+  for (const auto& [pid, ch] : children) ::waitpid(pid, nullptr, 0);
   return 0;
 }
 

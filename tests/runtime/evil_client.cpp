@@ -46,20 +46,25 @@ struct conn {
 struct request {
   slot_header h{};
   std::vector<float> act;
+  std::vector<std::uint16_t> act16;  // bf16 activations, when the header says so
   std::vector<std::uint16_t> ids;
   std::vector<float> weights;
 };
 
 // Writes a request as given (no checks) and waits for the answer with seq `answer_seq`.
-bool exchange(conn& c, const request& r, std::uint64_t answer_seq, response_header& rh, std::vector<float>* out) {
-  const slot_layout l =
-      layout_for(r.h.tokens > c.w.max_tokens ? 1 : r.h.tokens, r.h.hidden, r.h.topk ? r.h.topk : 1, dtype::f32);
+bool exchange(conn& c, const request& r, std::uint64_t answer_seq, response_header& rh, std::vector<float>* out,
+              std::uint64_t wait_ns = 5'000'000'000ull) {
+  const slot_layout l = layout_for(r.h.tokens > c.w.max_tokens ? 1 : r.h.tokens, r.h.hidden, r.h.topk ? r.h.topk : 1,
+                                   r.act16.empty() ? dtype::f32 : dtype::bf16);
   std::vector<unsigned char> buf(std::min<std::uint64_t>(c.w.slot_bytes, std::max<std::uint64_t>(l.end, 64)), 0);
   std::memcpy(buf.data(), &r.h, sizeof(r.h));
   auto copy_in = [&](std::uint64_t off, const void* src, std::size_t n) {
     if (off < buf.size()) std::memcpy(buf.data() + off, src, std::min<std::size_t>(n, buf.size() - off));
   };
-  copy_in(l.activations, r.act.data(), r.act.size() * 4);
+  if (r.act16.empty())
+    copy_in(l.activations, r.act.data(), r.act.size() * 4);
+  else
+    copy_in(l.activations, r.act16.data(), r.act16.size() * 2);
   copy_in(l.expert_ids, r.ids.data(), r.ids.size() * 2);
   copy_in(l.weights, r.weights.data(), r.weights.size() * 4);
   const auto ep = c.link.ep->view();
@@ -69,7 +74,7 @@ bool exchange(conn& c, const request& r, std::uint64_t answer_seq, response_head
     return false;
   const auto* base = static_cast<const unsigned char*>(c.result->data());
   if (wait_signal(ep, reinterpret_cast<const std::uint64_t*>(base + kResultSig), cmp_op::eq, answer_seq,
-                  timeout{5'000'000'000ull}) != status::ok)
+                  timeout{wait_ns}) != status::ok)
     return false;
   std::memcpy(&rh, base + kResponse, sizeof(rh));
   if (out) {
@@ -125,6 +130,7 @@ int main(int argc, char** argv) {
     r.h.version = kSlotVersion;
     r.h.type = static_cast<std::uint16_t>(dtype::f32);
     r.h.seq = c.seq + 1;
+    r.h.grant = c.w.grant;
     r.h.layer = static_cast<std::uint32_t>(rng() % shape.layers);
     r.h.tokens = tokens;
     r.h.hidden = shape.hidden;
@@ -222,13 +228,23 @@ int main(int argc, char** argv) {
     r.h.seq = c.seq + 7;  // skips ahead: refused, and not consumed
     expect_error("skipped seq", r, slot_error::stale_seq, false);
   }
+  {
+    // A stranger's grant (a client that held this slot before, say): never answered, nothing consumed.
+    ++cases;
+    auto r = valid(4);
+    r.h.grant ^= 0x5A5A;
+    response_header rh{};
+    EXPECT(!exchange(c, r, r.h.seq, rh, nullptr, 300'000'000ull), "a request with a wrong grant was answered");
+  }
   // Random header fields (seq kept right, so the server reads the rest): the answer is the verdict
   // the header deserves, and the server keeps answering.
   for (int i = 0; i < 300; ++i) {
     auto r = valid(1 + static_cast<std::uint32_t>(rng() % max_tokens));
     auto* words = reinterpret_cast<std::uint32_t*>(&r.h);
     const int field = static_cast<int>(rng() % 16);
-    if (field != 2 && field != 3) words[field] = static_cast<std::uint32_t>(rng() >> (rng() % 32));
+    // Not the seq (words 2-3: the server must read the rest) nor the grant (10-11: tested above).
+    if (field != 2 && field != 3 && field != 10 && field != 11)
+      words[field] = static_cast<std::uint32_t>(rng() >> (rng() % 32));
     if (rng() % 4 == 0) r.ids[rng() % r.ids.size()] = static_cast<std::uint16_t>(rng());
     const slot_limits lim{.slot_bytes = c.w.slot_bytes,
                           .hidden = shape.hidden,
@@ -254,17 +270,29 @@ int main(int argc, char** argv) {
            slot_error_name(static_cast<slot_error>(rh.error)), slot_error_name(want));
     c.seq = r.h.seq;
   }
-  // And a valid request is still answered, correctly.
-  {
+  // And valid requests are still answered, correctly: fp32 activations, then bf16 ones.
+  for (const dtype type : {dtype::f32, dtype::bf16}) {
     ++cases;
     auto r = valid(5);
+    if (type == dtype::bf16) {
+      // Round the activations to bf16 (nearest even): the server computes on exactly these values.
+      r.h.type = static_cast<std::uint16_t>(dtype::bf16);
+      r.h.payload_bytes = layout_for(5, shape.hidden, shape.topk, dtype::bf16).end - sizeof(slot_header);
+      for (auto& v : r.act) {
+        std::uint32_t u;
+        std::memcpy(&u, &v, 4);
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+        std::memcpy(&v, &u, 4);
+        r.act16.push_back(static_cast<std::uint16_t>(u >> 16));
+      }
+    }
     response_header rh{};
     std::vector<float> got;
     const bool ok = exchange(c, r, r.h.seq, rh, &got);
-    EXPECT(ok && rh.error == 0 && rh.tokens == 5, "valid request after the attack: error %u tokens %u", rh.error,
-           rh.tokens);
+    EXPECT(ok && rh.error == 0 && rh.tokens == 5, "valid %s request after the attack: error %u tokens %u",
+           type == dtype::bf16 ? "bf16" : "f32", rh.error, rh.tokens);
     if (ok && rh.error == 0) {
-      // Expected: Σ_k w_k · expert_{global(id_k)}(x), experts synthetic from the seed.
+      // Expected: sum over k of w_k * expert_{global(id_k)}(x), experts synthetic from the seed.
       const auto& hosted = c.link.record.experts;
       std::vector<float> want(got.size(), 0.0f), y(shape.hidden);
       cpu::swiglu_scratch s;
@@ -284,6 +312,7 @@ int main(int argc, char** argv) {
       }
       EXPECT(mx > 0 && err / mx <= 1e-5, "valid answer off by %g relative", err / mx);
     }
+    c.seq = r.h.seq;
   }
   std::printf("evil: %d cases, %d failures\n", cases, failures);
   return failures == 0 ? 0 : 1;

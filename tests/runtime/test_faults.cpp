@@ -137,7 +137,8 @@ TEST_CASE("faults: a registry restart stops nobody; servers re-register and a ne
   ::kill(servers[0].sp.pid, SIGKILL);
   for (auto& c : clients) {
     // Still running and still exact after the restart, the join and the kill: progress lines keep
-    // coming for another second (older, buffered lines are skipped by their timestamps).
+    // coming for another second with rising steps (lines buffered before the kill are read first, so at
+    // least the last ones of this second were written after it).
     const auto until = std::chrono::steady_clock::now() + 1s;
     int step = -1, last = -1;
     json p;
@@ -226,6 +227,114 @@ TEST_CASE("elasticity: eaas-autoscale run adds servers under load and removes th
     CHECK(down.value("ok", false));
     CHECK(down.value("servers", 0) == 3 - i);
   }
+  ::kill(scaler.sp.pid, SIGTERM);
+  CHECK(scaler.wait() == 0);
+}
+
+namespace {
+
+/// Reads progress lines for `for_ms`: they must keep coming, steps increasing, outputs exact.
+void expect_progress(proc& c, int for_ms) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(for_ms);
+  int last = -1;
+  while (std::chrono::steady_clock::now() < until) {
+    const json p = c.next("progress", 8000);
+    REQUIRE(p.is_object());
+    CHECK(p.value("step", 0) > last);
+    last = p.value("step", 0);
+    CHECK(p.value("max_rel_err", 1.0) <= 1e-5);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("faults: a client paused past its lease gets its slot back; a paused server is linked again") {
+  std::unique_ptr<registry_server> reg;
+  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+  const std::string ns = "fp" + std::to_string(::getpid());
+  proc server, client;
+  auto a = test::shape_args(endpoint, ns, kShape);
+  a.insert(a.end(), {"--id", "s", "--max-clients", "1"});
+  REQUIRE(server.start(EAAS_SERVER_BIN, a));
+  REQUIRE(server.next("ready").is_object());
+  auto c = test::shape_args(endpoint, ns, kShape);
+  c.insert(c.end(), {"--id", "c", "--tokens", "8", "--steps", "100000", "--verify", "--request-timeout-ms", "500"});
+  REQUIRE(client.start(EAAS_CLIENT_BIN, c));
+  REQUIRE(client.next("progress", 10000).is_object());
+  // The client stops for longer than its 2 s lease: the server frees (and revokes) its slot. Resumed, it
+  // must notice, link again and go on exactly.
+  REQUIRE(server.next("client", 10000).value("event", "") == "linked");
+  ::kill(client.sp.pid, SIGSTOP);
+  REQUIRE(server.next("client", 10000).value("event", "") == "left");
+  ::kill(client.sp.pid, SIGCONT);
+  expect_progress(client, 2000);
+  // The server stops for longer than the client's request timeout: the client drops it, and links to it
+  // again once it answers (it never left the registry).
+  ::kill(server.sp.pid, SIGSTOP);
+  std::this_thread::sleep_for(1200ms);
+  ::kill(server.sp.pid, SIGCONT);
+  expect_progress(client, 2500);
+  ::kill(client.sp.pid, SIGKILL);
+  client.wait();
+}
+
+TEST_CASE("faults: a batch larger than a server takes is split over rounds, not treated as a failure") {
+  std::unique_ptr<registry_server> reg;
+  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+  const std::string ns = "fs" + std::to_string(::getpid());
+  proc server, client;
+  auto a = test::shape_args(endpoint, ns, kShape);
+  a.insert(a.end(), {"--id", "small", "--max-tokens", "5"});
+  REQUIRE(server.start(EAAS_SERVER_BIN, a));
+  REQUIRE(server.next("ready").is_object());
+  auto c = test::shape_args(endpoint, ns, kShape);
+  c.insert(c.end(), {"--id", "c", "--tokens", "23", "--steps", "4", "--verify"});
+  REQUIRE(client.start(EAAS_CLIENT_BIN, c));
+  const json r = client.next("result", 20000);
+  CHECK(r.value("verified_steps", 0) == 4);
+  CHECK(r.value("max_rel_err", 1.0) <= 1e-5);
+  CHECK(r.value("dropped_servers", 1) == 0);
+  CHECK(client.wait() == 0);
+  ::kill(server.sp.pid, SIGTERM);
+  const json st = server.next("stats", 10000);
+  CHECK(st.value("requests", 0) >= 4 * 3 * 5);  // 23 tokens in requests of at most 5, per layer and step
+  CHECK(st.value("refused", 1) == 0);
+}
+
+TEST_CASE("elasticity: forged load records neither crash eaas-autoscale nor make it signal a process") {
+  std::unique_ptr<registry_server> reg;
+  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+  const std::string ns = "af" + std::to_string(::getpid());
+  proc bystander, scaler;
+  REQUIRE(bystander.start("/bin/sleep", {"30"}));
+  std::unique_ptr<registry> r;
+  registry_options ro;
+  ro.endpoint = endpoint;
+  REQUIRE_OK(registry::open(ro, r));
+  const std::string pre = "/eaas/" + ns + "/load/";
+  // Wrong types everywhere, then a well-formed record that names the bystander's pid.
+  REQUIRE_OK(r->put(pre + "bad1", R"({"v":"1","experts":[0],"expert_tps":[1]})", 0));
+  REQUIRE_OK(r->put(pre + "bad2", R"({"v":1,"experts":[0],"expert_tps":["x"],"pid":"x","queue":"deep"})", 0));
+  REQUIRE_OK(r->put(pre + "bad3", R"({"v":1,"experts":[99999],"expert_tps":[1]})", 0));
+  REQUIRE_OK(r->put(pre + "forged",
+                    R"({"v":1,"experts":[],"expert_tps":[],"queue":0,"pid":)" + std::to_string(bystander.sp.pid) + "}",
+                    0));
+  REQUIRE_OK(r->put(pre + "forged2", R"({"v":1,"experts":[],"expert_tps":[],"queue":0,"pid":1})", 0));
+  REQUIRE(scaler.start(EAAS_AUTOSCALE_BIN, {"run",  "--registry",       endpoint, "--ns",      ns,    "--capacity",
+                                            "1000", "--min-servers",    "0",      "--tick-ms", "100", "--down-ticks",
+                                            "2",    "--cooldown-ticks", "1",      "--hidden",  "64",  "--inter",
+                                            "96",   "--experts",        "12",     "--topk",    "3",   "--layers",
+                                            "3"}));
+  const json d = scaler.next("scale", 10000);
+  REQUIRE(d.value("action", "") == "remove");
+  CHECK(d.value("server", "").rfind("forged", 0) == 0);
+  CHECK_FALSE(d.value("ok", true));  // not one of its own servers: nothing signalled
+  std::this_thread::sleep_for(300ms);
+  CHECK(::kill(bystander.sp.pid, 0) == 0);  // the bystander lives
+  CHECK(::kill(scaler.sp.pid, 0) == 0);     // and so does the autoscaler
   ::kill(scaler.sp.pid, SIGTERM);
   CHECK(scaler.wait() == 0);
 }

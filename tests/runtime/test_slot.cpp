@@ -142,8 +142,8 @@ TEST_CASE("slot routing: unhosted experts and non-finite weights are refused") {
 }
 
 TEST_CASE("slot errors have distinct names") {
-  for (std::uint32_t i = 0; i <= static_cast<std::uint32_t>(slot_error::bad_weight); ++i)
-    for (std::uint32_t j = i + 1; j <= static_cast<std::uint32_t>(slot_error::bad_weight); ++j)
+  for (std::uint32_t i = 0; i <= static_cast<std::uint32_t>(slot_error::not_owner); ++i)
+    for (std::uint32_t j = i + 1; j <= static_cast<std::uint32_t>(slot_error::not_owner); ++j)
       CHECK(std::strcmp(slot_error_name(static_cast<slot_error>(i)), slot_error_name(static_cast<slot_error>(j))) != 0);
   CHECK(std::strcmp(slot_error_name(static_cast<slot_error>(99)), "unknown") == 0);
 }

@@ -42,7 +42,7 @@ struct slot_header {
   std::uint32_t hidden;         ///< hidden size (must match the server's)
   std::uint32_t topk;           ///< routing entries per token in this request
   std::uint64_t payload_bytes;  ///< bytes after the header (must equal what the shape implies)
-  std::uint64_t client;         ///< the client's id (for logs; not trusted for anything)
+  std::uint64_t grant;          ///< the grant of the welcome that gave this slot (see server_welcome)
   std::uint8_t reserved[16];
 };
 static_assert(std::is_trivially_copyable_v<slot_header>);
@@ -75,6 +75,7 @@ enum class slot_error : std::uint32_t {
   exceeds_slot,       ///< header + payload do not fit the slot
   expert_not_hosted,  ///< a routing entry names an expert this server does not host
   bad_weight,         ///< a router weight is not a finite number
+  not_owner,          ///< the grant is not the slot's: ignored, never answered (the region is another's)
 };
 
 EAAS_HOST_DEVICE constexpr const char* slot_error_name(slot_error e) {
@@ -105,6 +106,8 @@ EAAS_HOST_DEVICE constexpr const char* slot_error_name(slot_error e) {
       return "expert_not_hosted";
     case slot_error::bad_weight:
       return "bad_weight";
+    case slot_error::not_owner:
+      return "not_owner";
   }
   return "unknown";
 }
@@ -214,7 +217,9 @@ EAAS_HOST_DEVICE constexpr slots_geometry slots_geometry_for(std::uint32_t max_c
 }
 
 /// What a server tells a client when it assigns it a slot (written at kWelcome). The client checks it
-/// against the server's slots region before it writes anything there.
+/// against the server's slots region before it writes anything there. A slot's grant tells its current
+/// owner's requests from those of a client that held the slot before (a process that was paused past its
+/// lease writes on as if nothing happened): the server ignores a request whose grant is not the slot's.
 struct server_welcome {
   std::uint32_t magic;    ///< kSlotMagic
   std::uint16_t version;  ///< kSlotVersion
@@ -228,8 +233,13 @@ struct server_welcome {
   std::uint32_t layers;         ///< MoE layers it serves
   std::uint32_t max_topk;       ///< most routing entries per token
   std::uint32_t local_experts;  ///< experts it hosts (local ids 0 .. local_experts-1)
-  std::uint8_t reserved1[8];
+  std::uint64_t grant;          ///< random, per assignment: requests must carry it (slot_header::grant)
 };
+
+/// Written to kWelcomeSig when the server takes the slot back (the client's lease ended, it linked
+/// again, an answer could not be delivered): the client must link again; requests it writes into the old
+/// slot carry a grant that no longer matches and are ignored.
+inline constexpr std::uint64_t kRevoked = ~std::uint64_t{0};
 static_assert(std::is_trivially_copyable_v<server_welcome>);
 static_assert(sizeof(server_welcome) == 64);
 
