@@ -12,7 +12,16 @@
 // the floor measured in the same run: memcpy of the same bytes in one process (shm moves bytes through
 // memory, so this is what the copies alone cost).
 //
+// `--transport nvlink` (CUDA builds): the same plan, patterns, checks and columns, with every rank a process
+// on its own GPU (rank i on GPU i % device count), regions in device memory, and the rows moved by
+// kernels through the device ops (alltoall_gpu.cpp, alltoall_kernels.cu); the floor is the copy
+// engine moving the busiest GPU's bytes, and NCCL's grouped send/recv of the same bytes runs in the same
+// processes as the baseline (alltoall_nccl.cpp, when NCCL was found).
+//
 //   eaas-alltoall --senders 2 --receivers 2 --tokens 128 --hidden 7168 --topk 8 --experts 256
+//   eaas-alltoall --transport nvlink --senders 1 --receivers 3
+
+#include "alltoall.hpp"
 
 #include <fcntl.h>
 #include <spawn.h>
@@ -31,7 +40,9 @@
 #include <vector>
 
 #include "driver.hpp"
-#include "pattern.hpp"
+#if EAAS_A2A_WITH_GPU
+#include "alltoall_gpu.hpp"
+#endif
 
 extern char** environ;
 
@@ -42,86 +53,19 @@ namespace {
 
 constexpr std::uint64_t kSecond = 1'000'000'000ull;
 
-struct options {
-  std::string role = "launch", rendezvous, dtype = "bf16", json;
-  int rank = -1;
-  std::uint32_t senders = 1, receivers = 1, tokens = 128, hidden = 7168, topk = 8, experts = 256;
-  std::uint32_t iters = 50, warmup = 5;
-  std::uint64_t seed = 1;
-  bool inject_error = false;  // tests: receiver 0 flips one byte of its first answer in the checked rounds
-};
-
-std::uint64_t mix(std::uint64_t x) { return splitmix64(x); }
+using a2a::ckey;
+using a2a::dkey;
+using a2a::fill;
+using a2a::mix;
+using a2a::name_of;
+using a2a::options;
+using a2a::plan;
+using a2a::same;
 
 std::uint64_t now_ns() {
   return static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
           .count());
-}
-
-/// The shape of the exchange, identical in every rank.
-struct plan {
-  options o;
-  std::size_t row = 0;  // bytes per token row
-  // route[s][t]: the receivers token t of sender s goes to (distinct, ascending).
-  std::vector<std::vector<std::vector<std::uint32_t>>> route;
-  // Region layout. Receiver: per sender a block [signal 64][count 64][indices T×4, 64-aligned][rows T×row].
-  // Sender: per receiver a block [signal 64][rows T×row].
-  std::size_t recv_block = 0, send_block = 0, idx_bytes = 0;
-
-  explicit plan(const options& opt) : o(opt) {
-    row = std::size_t{o.hidden} * (o.dtype == "bf16" ? 2 : 4);
-    idx_bytes = (std::size_t{o.tokens} * 4 + 63) / 64 * 64;
-    recv_block = 128 + idx_bytes + std::size_t{o.tokens} * row;
-    send_block = 64 + std::size_t{o.tokens} * row;
-    route.resize(o.senders);
-    for (std::uint32_t s = 0; s < o.senders; ++s) {
-      route[s].resize(o.tokens);
-      for (std::uint32_t t = 0; t < o.tokens; ++t) {
-        std::vector<std::uint32_t> picked;
-        for (std::uint64_t k = 0; picked.size() < o.topk; ++k) {
-          const auto e = static_cast<std::uint32_t>(
-              mix(o.seed ^ (std::uint64_t{s} << 48) ^ (std::uint64_t{t} << 24) ^ k) % o.experts);
-          if (std::find(picked.begin(), picked.end(), e) == picked.end()) picked.push_back(e);
-        }
-        auto& rs = route[s][t];
-        for (auto e : picked) rs.push_back(e % o.receivers);
-        std::sort(rs.begin(), rs.end());
-        rs.erase(std::unique(rs.begin(), rs.end()), rs.end());
-      }
-    }
-  }
-  /// Tokens of sender s that go to receiver r, in order.
-  std::vector<std::uint32_t> tokens_for(std::uint32_t s, std::uint32_t r) const {
-    std::vector<std::uint32_t> v;
-    for (std::uint32_t t = 0; t < o.tokens; ++t)
-      if (std::binary_search(route[s][t].begin(), route[s][t].end(), r)) v.push_back(t);
-    return v;
-  }
-  std::size_t dispatch_bytes(std::uint32_t s) const {
-    std::size_t n = 0;
-    for (const auto& rs : route[s]) n += rs.size();
-    return n * row;
-  }
-};
-
-/// Row patterns: dispatch rows depend on (sender, token), combine rows on (sender, token, receiver).
-void fill(unsigned char* p, std::size_t n, std::uint64_t key) {
-  for (std::size_t i = 0; i < n; i += 8) {
-    const std::uint64_t w = mix(key + i);
-    std::memcpy(p + i, &w, std::min<std::size_t>(8, n - i));
-  }
-}
-bool same(const unsigned char* p, std::size_t n, std::uint64_t key) {
-  for (std::size_t i = 0; i < n; i += 8) {
-    const std::uint64_t w = mix(key + i);
-    if (std::memcmp(p + i, &w, std::min<std::size_t>(8, n - i)) != 0) return false;
-  }
-  return true;
-}
-std::uint64_t dkey(std::uint32_t s, std::uint32_t t) { return mix(0xD15Aull ^ (std::uint64_t{s} << 32) ^ t); }
-std::uint64_t ckey(std::uint32_t s, std::uint32_t t, std::uint32_t r) {
-  return mix(0xC0Bull ^ (std::uint64_t{s} << 40) ^ (std::uint64_t{r} << 20) ^ t);
 }
 
 struct rank_state {
@@ -131,10 +75,6 @@ struct rank_state {
   std::vector<std::unique_ptr<remote_region>> peers;  // their regions
   unsigned char* base() const { return static_cast<unsigned char*>(mine->data()); }
 };
-
-std::string name_of(const options& o, int rank) {
-  return rank < static_cast<int>(o.senders) ? "s" + std::to_string(rank) : "r" + std::to_string(rank - o.senders);
-}
 
 void connect_all(const options& o, const plan& p, rank_state& st) {
   const bool sender = o.rank < static_cast<int>(o.senders);
@@ -280,21 +220,157 @@ double memcpy_floor_us(const plan& p, std::uint32_t iters) {
   return us[us.size() / 2];
 }
 
+// Stay until every rank is done (the launcher closes our stdin): a peer's last op must not find this
+// process (and its memory) gone.
+void hold_until_released() {
+  char b[64];
+  while (::read(0, b, sizeof(b)) > 0) {
+  }
+}
+
 int run_rank(const options& o) {
   const plan p(o);
+  if (o.transport == "nvlink") {
+#if EAAS_A2A_WITH_GPU
+    a2a::run_rank_nvlink(o, p, [](const nlohmann::json& line) {
+      std::printf("%s\n", line.dump().c_str());
+      std::fflush(stdout);
+      hold_until_released();
+    });
+    return 0;
+#else
+    die("--transport nvlink: this eaas-alltoall was built without CUDA", status::unsupported);
+#endif
+  }
   rank_state st;
   connect_all(o, p, st);
   const rank_result r = o.rank < static_cast<int>(o.senders) ? run_sender(o, p, st) : run_receiver(o, p, st);
   std::printf("{\"rank\":%d,\"dispatch_us\":%.3f,\"combine_us\":%.3f,\"round_us\":%.3f,\"wrong\":%llu}\n", o.rank,
               r.dispatch_us, r.combine_us, r.round_us, static_cast<unsigned long long>(r.wrong));
   std::fflush(stdout);
-  // Stay until every rank is done (the launcher closes our stdin): a peer's last quiet must not find
-  // this process gone.
-  char b[64];
-  while (::read(0, b, sizeof(b)) > 0) {
-  }
+  hold_until_released();
   return 0;
 }
+
+/// min / avg / max of `key` over ranks [from, to).
+std::array<double, 3> over_ranks(const std::vector<nlohmann::json>& res, const char* key, int from, int to) {
+  double mn = 1e300, mx = 0, sum = 0;
+  for (int i = from; i < to; ++i) {
+    const double v = res[i].value(key, 0.0);
+    mn = std::min(mn, v);
+    mx = std::max(mx, v);
+    sum += v;
+  }
+  return {mn, sum / (to - from), mx};
+}
+
+#if EAAS_A2A_WITH_GPU
+// The nvlink table: the shm columns, then NCCL's time and its ratio to eaas, both from cudaEvents around
+// the same number of queued rounds (launch gaps included on both sides); the kernel-timed eaas numbers
+// (launch excluded) are the time column and the per-phase line.
+int report_nvlink(const options& o, const plan& p, const std::vector<nlohmann::json>& res) {
+  const int S = static_cast<int>(o.senders), ranks = static_cast<int>(o.senders + o.receivers);
+  std::uint64_t wrong = 0, nccl_wrong = 0;
+  bool nccl = true;
+  for (const auto& r : res) {
+    wrong += r.value("wrong", 0ull);
+    nccl_wrong += r.value("nccl_wrong", 0ull);
+    nccl = nccl && r.value("nccl", false);
+  }
+  const auto round = over_ranks(res, "round_us", 0, S), sd = over_ranks(res, "dispatch_us", 0, S),
+             sc = over_ranks(res, "combine_us", 0, S), rd = over_ranks(res, "dispatch_us", S, ranks),
+             rc = over_ranks(res, "combine_us", S, ranks), loop = over_ranks(res, "loop_us", 0, ranks);
+  const nlohmann::json fl = a2a::copy_engine_floor(o, p);
+  const double floor_us = fl.value("floor_us", 0.0);
+  const std::size_t size = p.dispatch_bytes(0);
+  const double elt = o.dtype == "bf16" ? 2 : 4;
+  const double algbw = double(size) * 2 / (round[1] * 1e-6) / 1e9;
+  std::printf(
+      "# eaas-alltoall: %u senders x %u receivers, %u tokens x %u hidden (%s), top-%u of %u experts, nvlink "
+      "(%d x %s; rank i on GPU i %% %d)\n",
+      o.senders, o.receivers, o.tokens, o.hidden, o.dtype.c_str(), o.topk, o.experts, fl.value("gpus", 0),
+      fl.value("gpu_name", std::string("?")).c_str(), fl.value("gpus", 0));
+  if (fl.value("gpus", 0) < ranks)
+    std::printf("# warning: %d ranks share %d GPUs: ranks on one GPU time-share it, the numbers are not NVLink's\n",
+                ranks, fl.value("gpus", 0));
+  std::printf("%12s %12s %6s %10s %10s %10s %8s %12s %8s %10s %9s\n", "size", "count", "type", "time(us)", "algbw",
+              "busbw", "#wrong", "floor(us)", "ratio", "nccl(us)", "nccl/eaas");
+  std::array<double, 3> nround{}, nd{}, nc{}, nloop{};
+  if (nccl) {
+    nround = over_ranks(res, "nccl_round_us", 0, S);
+    nd = over_ranks(res, "nccl_dispatch_us", 0, ranks);
+    nc = over_ranks(res, "nccl_combine_us", 0, ranks);
+    nloop = over_ranks(res, "nccl_loop_us", 0, ranks);
+  }
+  const double speedup = nccl && loop[1] > 0 ? nloop[1] / loop[1] : 0;
+  std::printf("%12zu %12.0f %6s %10.2f %10.2f %10.2f %8llu %12.2f %7.2fx", size, double(size) / elt, o.dtype.c_str(),
+              round[1], algbw, algbw, static_cast<unsigned long long>(wrong + nccl_wrong), floor_us,
+              round[1] / floor_us);
+  if (nccl)
+    std::printf(" %10.2f %8.2fx\n", nloop[1], speedup);
+  else
+    std::printf(" %10s %9s\n", "-", "-");
+  std::printf(
+      "# eaas per phase, us, kernel-timed (%%globaltimer, launch excluded; min/avg/max over ranks): sender dispatch "
+      "%.1f/%.1f/%.1f, sender wait for combine %.1f/%.1f/%.1f, receiver wait for dispatch %.1f/%.1f/%.1f, receiver "
+      "combine %.1f/%.1f/%.1f\n",
+      sd[0], sd[1], sd[2], sc[0], sc[1], sc[2], rd[0], rd[1], rd[2], rc[0], rc[1], rc[2]);
+  std::printf(
+      "# eaas loop: %.2f us per round (cudaEvents around %u queued rounds released together by a device gate, "
+      "launch gaps between the round kernels included; min/avg/max over ranks %.2f/%.2f/%.2f)\n",
+      loop[1], o.iters, loop[0], loop[1], loop[2]);
+  if (nccl) {
+    std::printf(
+        "# NCCL (grouped ncclSend/ncclRecv of the same bytes, same processes and GPUs): loop %.2f us per round "
+        "(%.2f/%.2f/%.2f), per round %.2f us (senders, cudaEvents); dispatch %.1f/%.1f/%.1f, combine %.1f/%.1f/%.1f "
+        "us (over ranks); #wrong %llu; NCCL / eaas: %.2fx like for like (loops), %.2fx vs eaas kernel-timed\n",
+        nloop[1], nloop[0], nloop[1], nloop[2], nround[1], nd[0], nd[1], nd[2], nc[0], nc[1], nc[2],
+        static_cast<unsigned long long>(nccl_wrong), speedup, nround[1] / round[1]);
+  } else {
+    std::printf("# NCCL baseline: %s\n",
+                a2a::nccl_built() ? "skipped (--no-nccl)" : "not built (NCCL was not found at configure time)");
+  }
+  std::printf(
+      "# floor: the busiest GPU's bytes per phase (dispatch %zu, combine %zu) copied by the copy engine "
+      "(cudaMemcpyPeerAsync GPU %d -> GPU %d, median of %d, in the launcher after the ranks ended): %.2f + %.2f us\n",
+      fl.value("dispatch_bytes", std::size_t{0}), fl.value("combine_bytes", std::size_t{0}), fl.value("src_gpu", 0),
+      fl.value("dst_gpu", 0), fl.value("reps", 0), fl.value("dispatch_us", 0.0), fl.value("combine_us", 0.0));
+  if (!o.json.empty())
+    std::ofstream(o.json) << nlohmann::json{{"transport", "nvlink"},
+                                            {"senders", o.senders},
+                                            {"receivers", o.receivers},
+                                            {"tokens", o.tokens},
+                                            {"hidden", o.hidden},
+                                            {"topk", o.topk},
+                                            {"experts", o.experts},
+                                            {"dtype", o.dtype},
+                                            {"size", size},
+                                            {"time_us", round[1]},
+                                            {"algbw_gbs", algbw},
+                                            {"wrong", wrong},
+                                            {"floor_us", floor_us},
+                                            {"floor", fl},
+                                            {"dispatch_us", sd},
+                                            {"combine_wait_us", sc},
+                                            {"recv_dispatch_wait_us", rd},
+                                            {"recv_combine_us", rc},
+                                            {"loop_us", loop},
+                                            {"nccl",
+                                             nccl ? nlohmann::json{{"loop_us", nloop},
+                                                                   {"round_us", nround},
+                                                                   {"dispatch_us", nd},
+                                                                   {"combine_us", nc},
+                                                                   {"wrong", nccl_wrong},
+                                                                   {"nccl_over_eaas_loop", speedup},
+                                                                   {"nccl_over_eaas_kernel", nround[1] / round[1]}}
+                                                  : nlohmann::json(nullptr)},
+                                            {"ranks", res},
+                                            {"date", today_utc()}}
+                                 .dump(2)
+                          << "\n";
+  return wrong == 0 && nccl_wrong == 0 ? 0 : 1;
+}
+#endif
 
 int launch(options o) {
   const plan p(o);
@@ -338,8 +414,15 @@ int launch(options o) {
                                      "--warmup",
                                      std::to_string(o.warmup),
                                      "--seed",
-                                     std::to_string(o.seed)};
+                                     std::to_string(o.seed),
+                                     "--transport",
+                                     o.transport,
+                                     "--blocks",
+                                     std::to_string(o.blocks),
+                                     "--timeout-ms",
+                                     std::to_string(o.timeout_ms)};
     if (o.inject_error) args.push_back("--inject-error");
+    if (!o.nccl) args.push_back("--no-nccl");
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -354,7 +437,7 @@ int launch(options o) {
   std::vector<nlohmann::json> res(ranks);
   bool ok = true;
   for (int i = 0; i < ranks; ++i) {
-    char line[512] = {};
+    char line[4096] = {};
     if (std::fgets(line, sizeof(line), outs[i]) != nullptr) res[i] = nlohmann::json::parse(line, nullptr, false);
     std::fclose(outs[i]);
   }
@@ -366,22 +449,16 @@ int launch(options o) {
   }
   std::filesystem::remove_all(dir);
   if (!ok) die("a rank failed", status::internal_error);
+#if EAAS_A2A_WITH_GPU
+  if (o.transport == "nvlink") return report_nvlink(o, p, res);
+#endif
 
-  auto stat = [&](const char* key, int from, int to) {
-    double mn = 1e300, mx = 0, sum = 0;
-    for (int i = from; i < to; ++i) {
-      const double v = res[i].value(key, 0.0);
-      mn = std::min(mn, v);
-      mx = std::max(mx, v);
-      sum += v;
-    }
-    return std::array<double, 3>{mn, sum / (to - from), mx};
-  };
   std::uint64_t wrong = 0;
   for (const auto& r : res) wrong += r.value("wrong", 0ull);
   const int S = static_cast<int>(o.senders);
-  const auto round = stat("round_us", 0, S), sd = stat("dispatch_us", 0, S), sc = stat("combine_us", 0, S);
-  const auto rd = stat("dispatch_us", S, ranks), rc = stat("combine_us", S, ranks);
+  const auto round = over_ranks(res, "round_us", 0, S), sd = over_ranks(res, "dispatch_us", 0, S),
+             sc = over_ranks(res, "combine_us", 0, S);
+  const auto rd = over_ranks(res, "dispatch_us", S, ranks), rc = over_ranks(res, "combine_us", S, ranks);
   const std::size_t size = p.dispatch_bytes(0);
   const double elt = o.dtype == "bf16" ? 2 : 4;
   const double algbw = double(size) * 2 / (round[1] * 1e-6) / 1e9;
@@ -441,7 +518,20 @@ int main(int argc, char** argv) {
   app.add_option("--seed", o.seed, "routing seed")->capture_default_str();
   app.add_option("--json", o.json, "write the result as JSON");
   app.add_flag("--inject-error", o.inject_error, "tests: corrupt one answer byte, which the check must count");
+  app.add_option("--transport", o.transport, "shm (processes, host memory) or nvlink (a GPU per process)")
+      ->check(CLI::IsMember({"shm", "nvlink"}))
+      ->capture_default_str();
+  app.add_option("--blocks", o.blocks, "nvlink: kernel blocks per rank (0: one row per warp, at most the SM count)")
+      ->capture_default_str();
+  bool no_nccl = false;
+  app.add_flag("--no-nccl", no_nccl, "nvlink: skip the NCCL baseline");
+  app.add_option("--timeout-ms", o.timeout_ms, "nvlink: bound of every device wait")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  o.nccl = !no_nccl;
+#if !EAAS_A2A_WITH_GPU
+  if (o.transport == "nvlink")
+    die("--transport nvlink: this eaas-alltoall was built without CUDA", status::unsupported);
+#endif
   if (o.senders == 0 || o.receivers == 0 || o.tokens == 0 || o.hidden == 0 || o.topk == 0 || o.topk > o.experts ||
       o.iters == 0)
     die("need senders, receivers, tokens, hidden, iters >= 1 and 1 <= topk <= experts", status::invalid_argument);
