@@ -1,3 +1,11 @@
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 
@@ -181,4 +189,36 @@ TEST_CASE("a freed region cannot be imported") {
   const status s = lb.ep->import_region(h, rr);
   CHECK(s == status::invalid_handle);
   CHECK(rr == nullptr);
+}
+
+TEST_CASE("shm regions are size-sealed: a peer that opens the memfd can neither shrink nor grow it") {
+  loopback lb(1 << 16);
+  // Find the region's memfd as a peer would reach it, through /proc, and open it read-write.
+  int found = 0;
+  for (int fd = 0; fd < 4096; ++fd) {
+    char link[64], target[256] = {};
+    std::snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+    const ssize_t n = ::readlink(link, target, sizeof(target) - 1);
+    if (n <= 0 || std::string(target).rfind("/memfd:eaas-", 0) != 0) continue;
+    const int peer = ::open(link, O_RDWR | O_CLOEXEC);
+    REQUIRE(peer >= 0);
+    const int seals = ::fcntl(peer, F_GET_SEALS);
+    CHECK((seals & F_SEAL_SHRINK) != 0);
+    CHECK((seals & F_SEAL_GROW) != 0);
+    CHECK((seals & F_SEAL_SEAL) != 0);  // and the seals cannot be lifted
+    struct stat st {};
+    REQUIRE(::fstat(peer, &st) == 0);
+    errno = 0;
+    CHECK(::ftruncate(peer, st.st_size / 2) != 0);
+    CHECK(errno == EPERM);
+    CHECK(::ftruncate(peer, st.st_size * 2) != 0);
+    CHECK(::fstat(peer, &st) == 0);
+    CHECK(st.st_size >= (1 << 16));
+    ::close(peer);
+    ++found;
+  }
+  CHECK(found >= 1);
+  // The region still works.
+  std::memset(lb.local->data(), 0x5A, lb.local->size());
+  CHECK(static_cast<unsigned char*>(lb.local->data())[lb.local->size() - 1] == 0x5A);
 }

@@ -37,10 +37,14 @@ status allocate(std::size_t bytes, std::shared_ptr<segment>& out) {
   auto seg = std::make_shared<segment>();
   seg->token = random_u64();
   seg->map_size = (bytes + kPage - 1) / kPage * kPage;
-  seg->fd = ::memfd_create(memfd_name(seg->token).c_str(), MFD_CLOEXEC);
+  seg->fd = ::memfd_create(memfd_name(seg->token).c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (seg->fd < 0) return EAAS_FAIL(status::no_resource, "shm: memfd_create failed: {}", std::strerror(errno));
   if (::ftruncate(seg->fd, static_cast<off_t>(seg->map_size)) != 0)
     return EAAS_FAIL(status::no_resource, "shm: ftruncate({} bytes) failed: {}", seg->map_size, std::strerror(errno));
+  // Its size is final: nobody holding the file (a peer opens it through /proc) can shrink it under a
+  // mapping (which would fault the other side) or grow it.
+  if (::fcntl(seg->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+    return EAAS_FAIL(status::internal_error, "shm: sealing the memfd failed: {}", std::strerror(errno));
   void* p = ::mmap(nullptr, seg->map_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, seg->fd, 0);
   if (p == MAP_FAILED)
     return EAAS_FAIL(status::no_resource, "shm: mmap of {} bytes failed: {}", seg->map_size, std::strerror(errno));
@@ -110,11 +114,13 @@ status map_peer(const region_desc& d, std::shared_ptr<mapping>& out) {
   struct stat st {};
   const bool named = n > 0 && std::strncmp(target, want.c_str(), want.size()) == 0 &&
                      (target[want.size()] == '\0' || target[want.size()] == ' ');
-  if (!named || ::fstat(fd, &st) != 0 || static_cast<std::uint64_t>(st.st_size) != d.map_size) {
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  if (!named || ::fstat(fd, &st) != 0 || static_cast<std::uint64_t>(st.st_size) != d.map_size || seals < 0 ||
+      (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW)) {
     ::close(fd);
     return EAAS_FAIL(status::invalid_handle,
-                     "shm: {} is not the exported region (freed, or fd reused): expected {} of {} bytes", path, want,
-                     d.map_size);
+                     "shm: {} is not the exported region (freed, fd reused, or not size-sealed): expected {} of {} bytes",
+                     path, want, d.map_size);
   }
   void* p = ::mmap(nullptr, d.map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ::close(fd);  // the mapping keeps the memory alive
