@@ -206,10 +206,18 @@ class server_impl final : public expert_server {
       links.swap(incoming_);
       gone.swap(gone_);
     }
-    for (const auto& id : gone)
+    // New links first: an expiry event and a link that re-registered the same client come through two
+    // watches in no particular order, so an expiry only frees a slot if the client is not published now.
+    for (auto& l : links) welcome(std::move(l));
+    if (gone.empty() || !dir_) return;
+    std::vector<peer_record> online;
+    const bool listed = dir_->peers(online) == status::ok;
+    for (const auto& id : gone) {
+      if (listed && std::any_of(online.begin(), online.end(), [&](const peer_record& r) { return r.id == id; }))
+        continue;  // back already (its endpoint still tells us if the process is gone)
       for (std::uint32_t i = 0; i < slots_.size(); ++i)
         if (slots_[i].used && slots_[i].client == id) release(i, "lease ended");
-    for (auto& l : links) welcome(std::move(l));
+    }
   }
 
   void welcome(peer_link&& l) {
