@@ -67,13 +67,8 @@ int main(int argc, char** argv) {
   app.add_option("--request-timeout-ms", timeout_ms, "a server silent this long is dropped")->capture_default_str();
   app.add_option("--input-seed", input_seed, "seed of the random tokens (default: from --id)");
   app.add_flag("--verify", verify, "check every output against the monolithic reference");
-  std::string checkpoint_path, layout = "auto";
-  std::uint32_t first_moe_layer = ~0u;
-  app.add_option("--checkpoint", checkpoint_path,
-                 "routers (and, with --verify, the reference's experts) from safetensors: a file or a directory");
-  app.add_option("--layout", layout, "checkpoint tensor names: auto, deepseek-v3, qwen3-moe, mixtral")
-      ->capture_default_str();
-  app.add_option("--first-moe-layer", first_moe_layer, "decoder layer of MoE layer 0 (default: the layout's)");
+  tool::checkpoint_args ckpt;
+  ckpt.add(app, "routers (and, with --verify, the reference's experts)");
   CLI11_PARSE(app, argc, argv);
 
   o.registry.endpoint = endpoint;
@@ -86,18 +81,8 @@ int main(int argc, char** argv) {
 
   checkpoint ck;
   std::unique_ptr<hf_naming> naming;
-  if (!checkpoint_path.empty()) {
-    if (status s = ck.open(checkpoint_path); s != status::ok) return tool::fail("eaas-client", "--checkpoint", s);
-    hf_naming n(hf_layout::qwen3_moe);
-    if (layout == "auto") {
-      if (status s = detect_hf_layout(ck, n); s != status::ok) return tool::fail("eaas-client", "--layout auto", s);
-    } else {
-      hf_layout l;
-      if (status s = parse_hf_layout(layout, l); s != status::ok) return tool::fail("eaas-client", "--layout", s);
-      n = hf_naming(l);
-    }
-    if (first_moe_layer != ~0u) n = hf_naming(n.layout, first_moe_layer);
-    naming = std::make_unique<hf_naming>(n);
+  if (!ckpt.open("eaas-client", ck, naming)) return 1;
+  if (naming) {
     o.load_router = [&ck, &naming, shape = o.shape](std::uint32_t layer, router_weights& r) {
       return load_router(ck, *naming, shape, layer, r);
     };

@@ -38,13 +38,8 @@ int main(int argc, char** argv) {
   app.add_option("--placement", placement, "S/N/R: server S of N with R replicas per expert")->excludes(ex);
   app.add_option("--max-clients", o.max_clients, "client slots")->capture_default_str();
   app.add_option("--max-tokens", o.max_tokens, "most tokens per request")->capture_default_str();
-  std::string checkpoint_path, layout = "auto";
-  std::uint32_t first_moe_layer = ~0u;
-  app.add_option("--checkpoint", checkpoint_path,
-                 "load the experts from safetensors (a file, or a directory with model.safetensors.index.json)");
-  app.add_option("--layout", layout, "checkpoint tensor names: auto, deepseek-v3, qwen3-moe, mixtral")
-      ->capture_default_str();
-  app.add_option("--first-moe-layer", first_moe_layer, "decoder layer of MoE layer 0 (default: the layout's)");
+  tool::checkpoint_args ckpt;
+  ckpt.add(app, "experts");
   double drain_ms = 500;
   app.add_option("--drain-ms", drain_ms, "when leaving, answer requests until none came for this long")
       ->capture_default_str();
@@ -79,18 +74,8 @@ int main(int argc, char** argv) {
 
   checkpoint ck;
   std::unique_ptr<hf_naming> naming;
-  if (!checkpoint_path.empty()) {
-    if (status s = ck.open(checkpoint_path); s != status::ok) return tool::fail("eaas-server", "--checkpoint", s);
-    hf_naming n(hf_layout::qwen3_moe);
-    if (layout == "auto") {
-      if (status s = detect_hf_layout(ck, n); s != status::ok) return tool::fail("eaas-server", "--layout auto", s);
-    } else {
-      hf_layout l;
-      if (status s = parse_hf_layout(layout, l); s != status::ok) return tool::fail("eaas-server", "--layout", s);
-      n = hf_naming(l);
-    }
-    if (first_moe_layer != ~0u) n = hf_naming(n.layout, first_moe_layer);
-    naming = std::make_unique<hf_naming>(n);
+  if (!ckpt.open("eaas-server", ck, naming)) return 1;
+  if (naming) {
     o.load = [&ck, &naming, shape = o.shape](std::uint32_t layer, std::uint32_t expert, expert_weights& w) {
       return load_expert(ck, *naming, shape, layer, expert, w);
     };
