@@ -60,6 +60,8 @@ int main(int argc, char** argv) {
   model.add(app);
   app.add_option("--tokens", tokens, "tokens per forward pass")->capture_default_str();
   app.add_option("--steps", steps, "forward passes")->capture_default_str();
+  double duration_s = 0;
+  app.add_option("--duration", duration_s, "run forward passes for this many seconds instead of --steps");
   app.add_option("--attention-cost", attention_cost, "dense hidden×hidden GEMMs per layer (attention stand-in)")
       ->capture_default_str();
   app.add_option("--replicas", replicas, "wait until every expert has this many servers")->capture_default_str();
@@ -111,7 +113,12 @@ int main(int argc, char** argv) {
   std::uint32_t verified = 0;
   std::uint64_t disagreements = 0;  // (token, layer) pairs where the reference's own router chose otherwise
   auto last_progress = std::chrono::steady_clock::now();
+  if (duration_s > 0) steps = ~0u;  // until the time is up
+  const auto t_end = std::chrono::steady_clock::now() + std::chrono::microseconds(static_cast<long>(duration_s * 1e6));
+  std::uint32_t done = 0;
   for (std::uint32_t step = 0; step < steps; ++step) {
+    if (duration_s > 0 && step > 0 && std::chrono::steady_clock::now() >= t_end) break;
+    done = step + 1;
     for (auto& t : ids) t = static_cast<std::uint32_t>(rng());
     const auto t0 = std::chrono::steady_clock::now();
     if (status s = cl->forward(ids, out); s != status::ok) return tool::fail("eaas-client", "forward", s);
@@ -140,12 +147,12 @@ int main(int argc, char** argv) {
       verified++;
     }
     const auto now = std::chrono::steady_clock::now();
-    if (now - last_progress > std::chrono::milliseconds(250) || step + 1 == steps) {
+    if (now - last_progress > std::chrono::milliseconds(250) || step + 1 == steps || (duration_s > 0 && now >= t_end)) {
       last_progress = now;
       emit({{"type", "progress"},
             {"id", o.id},
             {"step", step + 1},
-            {"steps", steps},
+            {"steps", duration_s > 0 ? 0u : steps},
             {"tokens_per_s", double(tokens) * (step + 1) / busy_s},
             {"max_rel_err", worst}});
     }
@@ -154,9 +161,9 @@ int main(int argc, char** argv) {
   emit({{"type", "result"},
         {"id", o.id},
         {"tokens", tokens},
-        {"steps", steps},
+        {"steps", done},
         {"layers", o.shape.layers},
-        {"tokens_per_s", double(tokens) * steps / busy_s},
+        {"tokens_per_s", double(tokens) * done / busy_s},
         {"step_us",
          {{"p50", tool::percentile(step_us, 50)},
           {"p90", tool::percentile(step_us, 90)},

@@ -37,7 +37,8 @@ json run_demo(std::vector<std::string> args) {
 }  // namespace
 
 TEST_CASE("faults: servers SIGKILLed every 0.5 s and replaced; every token exact, stalls bounded") {
-  const json j = run_demo({"--servers", "3", "--clients", "2", "--replicas", "2", "--steps", "600", "--kill-every",
+  // Clients run for 3 s (not a step count: a Release build is far faster than a sanitizer build).
+  const json j = run_demo({"--servers", "3", "--clients", "2", "--replicas", "2", "--duration", "3", "--kill-every",
                            "0.5", "--request-timeout-ms", "2000"});
   CHECK(j.value("ok", false));
   CHECK(j.value("max_rel_err", 1.0) <= 1e-5);
@@ -53,13 +54,13 @@ TEST_CASE("faults: servers SIGKILLed every 0.5 s and replaced; every token exact
   }
   CHECK(failovers >= 1);  // some kill hit a request in flight, and it was re-sent
   for (const auto& [id, c] : j["clients"].items()) {
-    CHECK(c.value("verified_steps", 0) == 600);
-    CHECK(c.value("steps", 0) == 600);
+    CHECK(c.value("steps", 0) > 0);
+    CHECK(c.value("verified_steps", -1) == c.value("steps", 0));  // every step checked
   }
 }
 
 TEST_CASE("faults: servers that leave gracefully lose nothing (no request needs a replica)") {
-  const json j = run_demo({"--servers", "3", "--clients", "2", "--replicas", "2", "--steps", "600", "--kill-every",
+  const json j = run_demo({"--servers", "3", "--clients", "2", "--replicas", "2", "--duration", "3", "--kill-every",
                            "0.5", "--kill-signal", "TERM"});
   CHECK(j.value("ok", false));
   CHECK(j.value("max_rel_err", 1.0) <= 1e-5);
