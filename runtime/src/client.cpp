@@ -19,8 +19,8 @@
 namespace eaas::runtime {
 namespace {
 
-/// A server dropped for silence or a failed delivery is linked again after this, while it stays published.
-constexpr std::uint64_t kRelinkBackoffNs = 1'000'000'000ull;
+/// Failed rounds one layer may take (each drops the servers that failed it) before the forward fails.
+constexpr std::uint32_t kMaxFailedRounds = 8;
 
 /// A server this client talks to.
 struct server_conn {
@@ -282,7 +282,8 @@ class client_impl final : public attention_client {
       // (a refresh can also take a host away).
       std::map<std::uint32_t, std::vector<server_conn*>> hosts;
       // Long enough for a dropped server to be linked again (backoff + link) or a replica to come.
-      const std::uint64_t wait_until = eaas::now_ns() + o_.request_timeout_ns + kRelinkBackoffNs + o_.link_timeout_ns;
+      const std::uint64_t wait_until =
+          eaas::now_ns() + o_.request_timeout_ns + o_.relink_backoff_ns + o_.link_timeout_ns;
       for (;;) {
         hosts.clear();
         for (auto& [id, c] : servers_)
@@ -345,7 +346,7 @@ class client_impl final : public attention_client {
                      (eaas::now_ns() - round_start) / 1000000);
       for (const auto& [id, why] : failed) {
         const bool was_revoked = std::find(revoked.begin(), revoked.end(), id) != revoked.end();
-        drop(id, why.c_str(), was_revoked ? 0 : kRelinkBackoffNs);
+        drop(id, why.c_str(), was_revoked ? 0 : o_.relink_backoff_ns);
         events.push_back(
             {.server = id, .why = why, .layer = layer, .sent_ns = round_start, .detected_ns = eaas::now_ns()});
       }
@@ -363,8 +364,9 @@ class client_impl final : public attention_client {
       if (failed.empty() && pending.size() == before)
         return EAAS_RT_FAIL(status::internal_error, "client {}: layer {}: {} entries fit no server", o_.id, layer,
                             pending.size());
-      if (++failed_rounds > 64 && !failed.empty())
-        return EAAS_RT_FAIL(status::peer_unreachable, "client {}: layer {} failed 64 rounds", o_.id, layer);
+      if (!failed.empty() && ++failed_rounds >= kMaxFailedRounds)
+        return EAAS_RT_FAIL(status::peer_unreachable, "client {}: layer {} failed {} rounds (last: {})", o_.id, layer,
+                            failed_rounds, failed.back().second);
     }
   }
 

@@ -33,6 +33,7 @@ struct client_options {
   std::uint32_t max_tokens = 512;                       ///< most tokens per forward
   std::uint64_t request_timeout_ns = 2'000'000'000ull;  ///< a server silent this long is dropped
   std::uint64_t link_timeout_ns = 2'000'000'000ull;
+  std::uint64_t relink_backoff_ns = 1'000'000'000ull;  ///< a server dropped while published is linked again after this
   /// Loads the routers (e.g. from a checkpoint); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, router_weights&)> load_router;
 };
