@@ -253,6 +253,29 @@ int run_rank(const options& o) {
 }
 
 /// min / avg / max of `key` over ranks [from, to).
+/// The JSON fields both transports report: the shape, the headline columns, the per-phase times.
+nlohmann::json result_json(const options& o, std::size_t size, double time_us, double algbw, std::uint64_t wrong,
+                           double floor_us, const std::array<double, 3>& sd, const std::array<double, 3>& sc,
+                           const std::array<double, 3>& rd, const std::array<double, 3>& rc) {
+  return {{"senders", o.senders},
+          {"receivers", o.receivers},
+          {"tokens", o.tokens},
+          {"hidden", o.hidden},
+          {"topk", o.topk},
+          {"experts", o.experts},
+          {"dtype", o.dtype},
+          {"size", size},
+          {"time_us", time_us},
+          {"algbw_gbs", algbw},
+          {"wrong", wrong},
+          {"floor_us", floor_us},
+          {"dispatch_us", sd},
+          {"combine_wait_us", sc},
+          {"recv_dispatch_wait_us", rd},
+          {"recv_combine_us", rc},
+          {"date", today_utc()}};
+}
+
 std::array<double, 3> over_ranks(const std::vector<nlohmann::json>& res, const char* key, int from, int to) {
   double mn = 1e300, mx = 0, sum = 0;
   for (int i = from; i < to; ++i) {
@@ -335,39 +358,22 @@ int report_nvlink(const options& o, const plan& p, const std::vector<nlohmann::j
       "(cudaMemcpyPeerAsync GPU %d -> GPU %d, median of %d, in the launcher after the ranks ended): %.2f + %.2f us\n",
       fl.value("dispatch_bytes", std::size_t{0}), fl.value("combine_bytes", std::size_t{0}), fl.value("src_gpu", 0),
       fl.value("dst_gpu", 0), fl.value("reps", 0), fl.value("dispatch_us", 0.0), fl.value("combine_us", 0.0));
-  if (!o.json.empty())
-    std::ofstream(o.json) << nlohmann::json{{"transport", "nvlink"},
-                                            {"senders", o.senders},
-                                            {"receivers", o.receivers},
-                                            {"tokens", o.tokens},
-                                            {"hidden", o.hidden},
-                                            {"topk", o.topk},
-                                            {"experts", o.experts},
-                                            {"dtype", o.dtype},
-                                            {"size", size},
-                                            {"time_us", round[1]},
-                                            {"algbw_gbs", algbw},
-                                            {"wrong", wrong},
-                                            {"floor_us", floor_us},
-                                            {"floor", fl},
-                                            {"dispatch_us", sd},
-                                            {"combine_wait_us", sc},
-                                            {"recv_dispatch_wait_us", rd},
-                                            {"recv_combine_us", rc},
-                                            {"loop_us", loop},
-                                            {"nccl",
-                                             nccl ? nlohmann::json{{"loop_us", nloop},
-                                                                   {"round_us", nround},
-                                                                   {"dispatch_us", nd},
-                                                                   {"combine_us", nc},
-                                                                   {"wrong", nccl_wrong},
-                                                                   {"nccl_over_eaas_loop", speedup},
-                                                                   {"nccl_over_eaas_kernel", nround[1] / round[1]}}
-                                                  : nlohmann::json(nullptr)},
-                                            {"ranks", res},
-                                            {"date", today_utc()}}
-                                 .dump(2)
-                          << "\n";
+  if (!o.json.empty()) {
+    nlohmann::json j = result_json(o, size, round[1], algbw, wrong, floor_us, sd, sc, rd, rc);
+    j["transport"] = "nvlink";
+    j["floor"] = fl;
+    j.update(nlohmann::json{{"loop_us", loop},
+                            {"nccl", nccl ? nlohmann::json{{"loop_us", nloop},
+                                                           {"round_us", nround},
+                                                           {"dispatch_us", nd},
+                                                           {"combine_us", nc},
+                                                           {"wrong", nccl_wrong},
+                                                           {"nccl_over_eaas_loop", speedup},
+                                                           {"nccl_over_eaas_kernel", nround[1] / round[1]}}
+                                          : nlohmann::json(nullptr)},
+                            {"ranks", res}});
+    std::ofstream(o.json) << j.dump(2) << "\n";
+  }
   return wrong == 0 && nccl_wrong == 0 ? 0 : 1;
 }
 #endif
@@ -476,25 +482,7 @@ int launch(options o) {
   std::printf("# floor: memcpy of the %zu bytes one sender moves (dispatch + combine) in one process, median\n",
               size * 2);
   if (!o.json.empty())
-    std::ofstream(o.json) << nlohmann::json{{"senders", o.senders},
-                                            {"receivers", o.receivers},
-                                            {"tokens", o.tokens},
-                                            {"hidden", o.hidden},
-                                            {"topk", o.topk},
-                                            {"experts", o.experts},
-                                            {"dtype", o.dtype},
-                                            {"size", size},
-                                            {"time_us", round[1]},
-                                            {"algbw_gbs", algbw},
-                                            {"wrong", wrong},
-                                            {"floor_us", floor_us},
-                                            {"dispatch_us", sd},
-                                            {"combine_wait_us", sc},
-                                            {"recv_dispatch_wait_us", rd},
-                                            {"recv_combine_us", rc},
-                                            {"date", today_utc()}}
-                                 .dump(2)
-                          << "\n";
+    std::ofstream(o.json) << result_json(o, size, round[1], algbw, wrong, floor_us, sd, sc, rd, rc).dump(2) << "\n";
   return wrong == 0 ? 0 : 1;
 }
 

@@ -224,14 +224,8 @@ int main(int argc, char** argv) {
     char tmpl[] = "/tmp/eaas-bw-XXXXXX";
     if (::mkdtemp(tmpl) == nullptr) die("mkdtemp", status::internal_error);
     o.rendezvous = tmpl;
-    std::vector<std::string> args = {
-        "/proc/self/exe", "--role", "server", "--rendezvous", o.rendezvous, "--max-size", std::to_string(o.max_size)};
-    std::vector<char*> argp;
-    for (auto& a : args) argp.push_back(a.data());
-    argp.push_back(nullptr);
-    pid_t server = -1;
-    if (::posix_spawn(&server, "/proc/self/exe", nullptr, nullptr, argp.data(), environ) != 0)
-      die("starting the server process", status::internal_error);
+    const pid_t server =
+        spawn_self({"--role", "server", "--rendezvous", o.rendezvous, "--max-size", std::to_string(o.max_size)});
     const int rc = run_client(o);
     int st = 0;
     ::waitpid(server, &st, 0);

@@ -1,5 +1,6 @@
 #include "driver.hpp"
 
+#include <spawn.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +11,8 @@
 #include <fstream>
 #include <numeric>
 #include <thread>
+
+extern char** environ;
 
 namespace eaas::perf {
 
@@ -107,6 +110,18 @@ void die(const std::string& what, status s) {
     std::fprintf(stderr, " (%.*s)", static_cast<int>(last_error().size()), last_error().data());
   std::fprintf(stderr, "\n");
   std::exit(2);
+}
+
+int spawn_self(const std::vector<std::string>& args) {
+  std::vector<std::string> all{"/proc/self/exe"};
+  all.insert(all.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : all) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  if (::posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv.data(), environ) != 0)
+    die("starting the other process", status::internal_error);
+  return pid;
 }
 
 std::string today_utc() {

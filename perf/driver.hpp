@@ -46,6 +46,10 @@ status await_peer(const std::string& dir, const std::string& role, std::size_t c
     if (const ::eaas::status perf_s_ = (expr); perf_s_ != ::eaas::status::ok) ::eaas::perf::die(#expr, perf_s_); \
   } while (0)
 
+/// Starts this executable again (the other side of a two-process tool) with `args` (argv[1..]); returns
+/// its pid, or dies saying it could not.
+int spawn_self(const std::vector<std::string>& args);
+
 /// Current UTC date as YYYY-MM-DD, for result files.
 std::string today_utc();
 

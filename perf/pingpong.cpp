@@ -344,14 +344,7 @@ int main(int argc, char** argv) {
     }
     const std::string max = std::to_string(o.max_size);
     const std::string server_cpu = std::to_string(o.cpu >= 0 ? o.cpu + 1 : 1);
-    std::vector<std::string> args = {"/proc/self/exe", "--role", "server", "--rendezvous", dir,
-                                     "--max-size",     max,      "--cpu",  server_cpu};
-    std::vector<char*> argp;
-    for (auto& a : args) argp.push_back(a.data());
-    argp.push_back(nullptr);
-    pid_t server = -1;
-    if (::posix_spawn(&server, "/proc/self/exe", nullptr, nullptr, argp.data(), environ) != 0)
-      die("starting the server process", status::internal_error);
+    const pid_t server = spawn_self({"--role", "server", "--rendezvous", dir, "--max-size", max, "--cpu", server_cpu});
     o.rendezvous = dir;
     if (o.cpu < 0) o.cpu = 0;
     const int rc = run_client(o);
