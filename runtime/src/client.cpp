@@ -14,7 +14,9 @@
 
 #include "eaas/eaas.hpp"
 #include "eaas/runtime/slot.hpp"
+#include "bf16.hpp"
 #include "fail.hpp"
+#include "wire.hpp"
 
 namespace eaas::runtime {
 namespace {
@@ -61,7 +63,11 @@ class client_impl final : public attention_client {
     EAAS_CHECK(check_shape(o_.shape));
     if (o_.max_tokens == 0) return EAAS_RT_FAIL(status::invalid_argument, "client {}: max_tokens is 0", o_.id);
     if (o_.load_router) EAAS_CHECK(dense_.load_routers(o_.load_router));
-    EAAS_CHECK(context::create({.name = o_.id}, ctx_));
+    if (o_.gpu >= 0)
+      EAAS_CHECK(make_gpu_wire(o_.gpu, wire_));
+    else
+      wire_ = make_host_wire();
+    EAAS_CHECK(context::create({.name = o_.id, .cuda_device = o_.gpu}, ctx_));
     EAAS_CHECK(registry::open(o_.registry, reg_));
     peer_record self;
     self.id = o_.id;
@@ -205,18 +211,21 @@ class client_impl final : public attention_client {
   status connect(const peer_record& rec, std::unique_ptr<server_conn>& out) {
     auto c = std::make_unique<server_conn>();
     c->rec = rec;
-    EAAS_CHECK(ctx_->allocate(result_region_bytes(o_.max_tokens, o_.shape.hidden), c->result));
+    EAAS_CHECK(
+        ctx_->allocate(result_region_bytes(o_.max_tokens, o_.shape.hidden), wire_->kind(), c->result));
     handle_bytes h;
     EAAS_CHECK(c->result->export_handle(h));
     EAAS_CHECK(dir_->link(rec.id, {{"result", h}}, o_.link_timeout_ns, c->link));
-    auto* base = static_cast<unsigned char*>(c->result->data());
+    if (c->link.ep->transport() != wire_->transport())
+      return EAAS_RT_FAIL(status::unsupported, "client {}: server {} is reached over {}; this client needs {}", o_.id,
+                          rec.id, transport_name(c->link.ep->transport()), transport_name(wire_->transport()));
     std::uint64_t slot1 = 0;
-    const status st = wait_signal(c->link.ep->view(), reinterpret_cast<const std::uint64_t*>(base + kWelcomeSig),
-                                  cmp_op::ne, 0, timeout{o_.link_timeout_ns}, &slot1);
+    const status st = wire_->wait(*c->link.ep, *c->result, kWelcomeSig, cmp_op::ne, 0,
+                                  eaas::now_ns() + o_.link_timeout_ns, &slot1);
     if (st != status::ok)
       return EAAS_RT_FAIL(st, "client {}: server {} gave no slot within {} ms ({})", o_.id, rec.id,
                           o_.link_timeout_ns / 1'000'000, st);
-    std::memcpy(&c->w, base + kWelcome, sizeof(c->w));
+    EAAS_CHECK(wire_->read(*c->result, kWelcome, &c->w, sizeof(c->w)));
     const remote_region* slots = c->link.region("slots");
     const server_welcome& w = c->w;
     if (slots == nullptr) return EAAS_RT_FAIL(status::invalid_handle, "server {}: no slots region", rec.id);
@@ -384,7 +393,8 @@ class client_impl final : public attention_client {
       c.ids[r * topk + k] = c.local.at(routing_.ids[ent]);
       c.weights[r * topk + k] = routing_.weights[ent];
     }
-    const slot_layout l = layout_for(n, h, topk, dtype::f32);
+    const dtype type = o_.gpu >= 0 ? dtype::bf16 : dtype::f32;  // GPU experts take bf16: half the bytes
+    const slot_layout l = layout_for(n, h, topk, type);
     if (l.end > c.w.slot_bytes) {
       (void)EAAS_RT_FAIL(status::invalid_argument, "server {}: a request of {} tokens does not fit its slot", c.rec.id,
                          n);
@@ -394,7 +404,7 @@ class client_impl final : public attention_client {
     slot_header hd{};
     hd.magic = kSlotMagic;
     hd.version = kSlotVersion;
-    hd.type = static_cast<std::uint16_t>(dtype::f32);
+    hd.type = static_cast<std::uint16_t>(type);
     hd.seq = ++c.seq;
     hd.layer = layer;
     hd.tokens = n;
@@ -403,15 +413,22 @@ class client_impl final : public attention_client {
     hd.payload_bytes = l.end - sizeof(slot_header);
     hd.grant = c.w.grant;
     std::memcpy(c.staging.data(), &hd, sizeof(hd));
-    for (std::uint32_t r = 0; r < n; ++r)
-      std::memcpy(c.staging.data() + l.activations + std::size_t{r} * h * 4,
-                  normed_.data() + std::size_t{c.tokens[r]} * h, std::size_t{h} * 4);
+    for (std::uint32_t r = 0; r < n; ++r) {
+      const float* row = normed_.data() + std::size_t{c.tokens[r]} * h;
+      if (type == dtype::f32) {
+        std::memcpy(c.staging.data() + l.activations + std::size_t{r} * h * 4, row, std::size_t{h} * 4);
+        continue;
+      }
+      unsigned char* dst = c.staging.data() + l.activations + std::size_t{r} * h * 2;
+      for (std::uint32_t j = 0; j < h; ++j) {
+        const std::uint16_t b = f32_to_bf16(row[j]);
+        std::memcpy(dst + std::size_t{j} * 2, &b, 2);
+      }
+    }
     std::memcpy(c.staging.data() + l.expert_ids, c.ids.data(), c.ids.size() * 2);
     std::memcpy(c.staging.data() + l.weights, c.weights.data(), c.weights.size() * 4);
-    const auto ep = c.link.ep->view();
-    status st = put_signal(coop_thread{}, ep, c.slots, c.w.slot_offset, c.staging.data(), c.staging.size(), c.slots,
-                           c.w.sig_offset, hd.seq, signal_op::set);
-    if (st == status::ok) st = quiet(coop_thread{}, ep);
+    const status st = wire_->put_signal(*c.link.ep, c.slots, c.w.slot_offset, c.staging.data(), c.staging.size(),
+                                        c.slots, c.w.sig_offset, hd.seq);
     c.sent = st == status::ok;
     if (!c.sent) c.why = fmt::format("request {} to server {} not delivered ({})", hd.seq, c.rec.id, st);
     std::lock_guard g(stats_mu_);
@@ -420,23 +437,19 @@ class client_impl final : public attention_client {
 
   // Waits for one server's answer, checks it, adds its partial sums.
   status collect(server_conn& c, std::uint64_t until_ns) {
-    const auto* base = static_cast<const unsigned char*>(c.result->data());
-    const auto* revoked = reinterpret_cast<const std::uint64_t*>(base + kWelcomeSig);
     status st;
     // Wait in slices, so that a revoked slot (the server took it back) ends the wait at once.
     for (;;) {
       const std::uint64_t slice = std::min<std::uint64_t>(until_ns, eaas::now_ns() + 20'000'000ull);
-      st = wait_signal(c.link.ep->view(), reinterpret_cast<const std::uint64_t*>(base + kResultSig), cmp_op::ge, c.seq,
-                       deadline{slice});
+      st = wire_->wait(*c.link.ep, *c.result, kResultSig, cmp_op::ge, c.seq, slice, nullptr);
       if (st != status::timeout) break;
       // Taken back: marked revoked, or welcomed anew under another grant (the server saw our link again,
       // e.g. after our lease lapsed while this process was paused).
-      const std::uint64_t grant =
-          std::atomic_ref<const std::uint64_t>(
-              *reinterpret_cast<const std::uint64_t*>(base + kWelcome + offsetof(server_welcome, grant)))
-              .load(std::memory_order_relaxed);
-      if (std::atomic_ref<const std::uint64_t>(*revoked).load(std::memory_order_acquire) == kRevoked ||
-          grant != c.w.grant) {
+      constexpr std::uint64_t kGrantAt = kWelcome + offsetof(server_welcome, grant);
+      static_assert(kGrantAt % 8 == 0 && kGrantAt > kWelcomeSig);
+      std::uint64_t words[2] = {0, 0};  // kWelcomeSig, the grant
+      if (wire_->load_words(*c.result, kWelcomeSig, kGrantAt - kWelcomeSig, 2, words) != status::ok) break;
+      if (words[0] == kRevoked || words[1] != c.w.grant) {
         c.why = fmt::format("server {} took our slot back (request {})", c.rec.id, c.seq);
         return status::not_connected;
       }
@@ -444,7 +457,7 @@ class client_impl final : public attention_client {
     }
     if (st != status::ok) return EAAS_RT_FAIL(st, "server {} did not answer request {} ({})", c.rec.id, c.seq, st);
     response_header rh;
-    std::memcpy(&rh, base + kResponse, sizeof(rh));
+    EAAS_CHECK(wire_->read(*c.result, kResponse, &rh, sizeof(rh)));
     if (rh.magic != kSlotMagic || rh.version != kSlotVersion || rh.seq != c.seq)
       return EAAS_RT_FAIL(status::invalid_handle, "server {}: malformed answer to request {}", c.rec.id, c.seq);
     if (rh.error != 0)
@@ -454,7 +467,9 @@ class client_impl final : public attention_client {
       return EAAS_RT_FAIL(status::invalid_handle, "server {}: answered {} tokens of {}", c.rec.id, rh.tokens,
                           c.tokens.size());
     const std::size_t h = o_.shape.hidden;
-    const float* outs = reinterpret_cast<const float*>(base + kOutputs);
+    answer_.resize(c.tokens.size() * h);
+    EAAS_CHECK(wire_->read(*c.result, kOutputs, answer_.data(), answer_.size() * 4));
+    const float* outs = answer_.data();
     for (std::size_t r = 0; r < c.tokens.size(); ++r) {
       float* dst = moe_.data() + std::size_t{c.tokens[r]} * h;
       for (std::size_t j = 0; j < h; ++j) dst[j] += outs[r * h + j];
@@ -486,7 +501,8 @@ class client_impl final : public attention_client {
   client_stats stats_;
   std::vector<failover_event> failovers_;
 
-  std::vector<float> normed_, moe_;
+  std::vector<float> normed_, moe_, answer_;
+  std::unique_ptr<wire> wire_;
   routing routing_;
   std::vector<std::uint64_t> layer_ns_;
   std::vector<routing> layer_routing_;

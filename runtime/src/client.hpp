@@ -31,6 +31,9 @@ struct client_options {
   std::uint64_t seed = 1;
   dense_options dense;
   std::uint32_t max_tokens = 512;                       ///< most tokens per forward
+  /// The CUDA device whose memory receives the servers' answers (over NVLink, from GPU servers of this
+  /// host); -1: host memory (shm, CPU servers). The dense part runs on the CPU either way.
+  int gpu = -1;
   std::uint64_t request_timeout_ns = 2'000'000'000ull;  ///< a server silent this long is dropped
   std::uint64_t link_timeout_ns = 2'000'000'000ull;
   std::uint64_t relink_backoff_ns = 1'000'000'000ull;  ///< a server dropped while published is linked again after this

@@ -1,5 +1,7 @@
 #include "eaas/runtime/safetensors.hpp"
 
+#include "bf16.hpp"
+
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -62,15 +64,6 @@ std::uint64_t dtype_size(std::string_view d) {
   for (const entry& e : kDtypes)
     if (e.name == d) return e.size;
   return 0;
-}
-
-float bf16_to_f32(std::uint16_t v) { return std::bit_cast<float>(std::uint32_t{v} << 16); }
-
-std::uint16_t f32_to_bf16(float f) {
-  const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);  // NaN stays NaN
-  const std::uint32_t rounded = x + 0x7fffu + ((x >> 16) & 1u);  // ties to even; overflow carries into inf
-  return static_cast<std::uint16_t>(rounded >> 16);
 }
 
 float f16_to_f32(std::uint16_t h) {

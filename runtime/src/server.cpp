@@ -11,25 +11,19 @@
 #include <random>
 #include <thread>
 
+#include "bf16.hpp"
 #include "cpu_math.hpp"
 #include "eaas/eaas.hpp"
 #include "eaas/runtime/slot.hpp"
 #include "fail.hpp"
 #include "synth.hpp"
+#include "wire.hpp"
+#if EAAS_MOE_WITH_GPU
+#include "gpu/expert_step.hpp"
+#endif
 
 namespace eaas::runtime {
 namespace {
-
-float bf16_to_f32(std::uint16_t b) {
-  const std::uint32_t u = std::uint32_t{b} << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-std::uint64_t load_acquire(const void* p) {
-  return std::atomic_ref<const std::uint64_t>(*static_cast<const std::uint64_t*>(p)).load(std::memory_order_acquire);
-}
 
 /// One client's slot.
 struct client_slot {
@@ -51,8 +45,10 @@ struct request {
   slot_error err = slot_error::none;
   std::vector<std::uint16_t> ids;
   std::vector<float> weights;
-  std::vector<float> act;  // tokens × hidden, fp32: a private copy (the peer can still write its slot)
-  std::vector<float> out;  // tokens × hidden
+  std::vector<float> act;  // CPU: tokens × hidden, fp32, a private copy (the peer can still write its slot)
+  std::vector<float> out;  // CPU: tokens × hidden
+  std::uint64_t act_offset = 0;        // GPU: where the activations are in the slots region
+  status delivered = status::ok;       // GPU: whether the step's answer reached the client
 };
 
 class server_impl final : public expert_server {
@@ -75,26 +71,24 @@ class server_impl final : public expert_server {
     if (o_.max_clients == 0 || o_.max_clients > 4096 || o_.max_tokens == 0 || o_.max_tokens > (1u << 20))
       return EAAS_RT_FAIL(status::invalid_argument, "server {}: max_clients {} (1..4096), max_tokens {} (1..2^20)",
                           o_.id, o_.max_clients, o_.max_tokens);
-    weights_.resize(o_.shape.layers);
-    for (std::uint32_t l = 0; l < o_.shape.layers; ++l)
-      for (std::uint32_t e : o_.experts) {
-        expert_weights w;
-        if (o_.load) {
-          EAAS_CHECK(o_.load(l, e, w));
-          const std::size_t n = std::size_t{o_.shape.hidden} * o_.shape.inter;
-          if (w.gate.size() != n || w.up.size() != n || w.down.size() != n)
-            return EAAS_RT_FAIL(status::invalid_argument, "server {}: loaded expert {} of layer {} has the wrong size",
-                                o_.id, e, l);
-        } else {
-          w = synthetic_expert(o_.shape, o_.seed, l, e);
-        }
-        weights_[l].push_back(std::move(w));
-      }
     geo_ = slots_geometry_for(o_.max_clients, o_.max_tokens, o_.shape.hidden, o_.shape.topk);
     slots_.resize(o_.max_clients);
-
-    EAAS_CHECK(context::create({.name = o_.id}, ctx_));
-    EAAS_CHECK(ctx_->allocate(geo_.bytes, slots_mem_));
+    sigs_.resize(o_.max_clients);
+    if (o_.gpu >= 0) {
+#if EAAS_MOE_WITH_GPU
+      EAAS_CHECK(make_gpu_wire(o_.gpu, wire_));
+      EAAS_CHECK(gpu::expert_step::create(o_.gpu, o_.shape, static_cast<std::uint32_t>(o_.experts.size()),
+                                          o_.max_clients, o_.max_tokens, step_));
+#else
+      return EAAS_RT_FAIL(status::unsupported, "server {}: --gpu {} asked for, but this eaas was built without CUDA",
+                          o_.id, o_.gpu);
+#endif
+    } else {
+      wire_ = make_host_wire();
+    }
+    EAAS_CHECK(make_weights());
+    EAAS_CHECK(context::create({.name = o_.id, .cuda_device = o_.gpu}, ctx_));
+    EAAS_CHECK(ctx_->allocate(geo_.bytes, wire_->kind(), slots_mem_));
     EAAS_CHECK(registry::open(o_.registry, reg_));
     peer_record self;
     self.id = o_.id;
@@ -162,12 +156,62 @@ class server_impl final : public expert_server {
   }
 
  private:
-  unsigned char* slot_base(std::uint32_t i) const {
-    return static_cast<unsigned char*>(slots_mem_->data()) + geo_.slots_base + std::uint64_t{i} * geo_.slot_stride;
+  // Every (layer, hosted expert)'s weights: loaded (one at a time: a loader need not be thread-safe) or
+  // generated, on several threads. On a GPU each goes to the device (bf16) as soon as it exists, so the
+  // host holds a few at a time; on the CPU they stay in weights_.
+  status make_weights() {
+    const auto local = static_cast<std::uint32_t>(o_.experts.size());
+    const std::size_t total = std::size_t{o_.shape.layers} * local, n = std::size_t{o_.shape.hidden} * o_.shape.inter;
+    if (!step_) weights_.assign(o_.shape.layers, std::vector<expert_weights>(local));
+    std::atomic<std::size_t> next{0};
+    std::mutex mu;  // the loader, and the first failure
+    status failed = status::ok;
+    std::string why;
+    auto work = [&] {
+      for (std::size_t i; (i = next.fetch_add(1)) < total;) {
+        const auto l = static_cast<std::uint32_t>(i / local), k = static_cast<std::uint32_t>(i % local);
+        const std::uint32_t e = o_.experts[k];
+        expert_weights w;
+        status st = status::ok;
+        std::string msg;
+        if (o_.load) {
+          std::lock_guard g(mu);
+          st = o_.load(l, e, w);
+          if (st != status::ok) msg = last_error();
+        } else {
+          w = synthetic_expert(o_.shape, o_.seed, l, e);
+        }
+        if (st == status::ok && (w.gate.size() != n || w.up.size() != n || w.down.size() != n)) {
+          st = status::invalid_argument;
+          msg = fmt::format("loaded expert {} of layer {} has the wrong size", e, l);
+        }
+#if EAAS_MOE_WITH_GPU
+        if (st == status::ok && step_) {
+          st = step_->upload(l, k, w);
+          if (st != status::ok) msg = last_error();
+        }
+#endif
+        if (st == status::ok && !step_) weights_[l][k] = std::move(w);
+        if (st != status::ok) {
+          std::lock_guard g(mu);
+          if (failed == status::ok) {
+            failed = st;
+            why = msg;
+          }
+          next.store(total);
+        }
+      }
+    };
+    const std::size_t threads = std::min<std::size_t>({total, 16, std::max(1u, std::thread::hardware_concurrency())});
+    std::vector<std::thread> pool;
+    for (std::size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    if (failed != status::ok) return EAAS_RT_FAIL(failed, "server {}: weights: {}", o_.id, why);
+    return status::ok;
   }
-  std::uint64_t* sig_word(std::uint32_t i) const {
-    return reinterpret_cast<std::uint64_t*>(static_cast<unsigned char*>(slots_mem_->data()) + std::uint64_t{i} * 64);
-  }
+
+  std::uint64_t slot_offset(std::uint32_t i) const { return geo_.slots_base + std::uint64_t{i} * geo_.slot_stride; }
 
   void release(std::uint32_t i, const char* why) {
     client_slot& s = slots_[i];
@@ -176,9 +220,8 @@ class server_impl final : public expert_server {
     if (o_.on_client) o_.on_client("left", s.client, why);
     // Tell a client that may still be alive (paused past its lease, say) that the slot is gone, so it
     // links again instead of waiting for answers. Best effort: it may be dead.
-    if (s.ep && s.result && s.ep->state() == endpoint_state::connected &&
-        signal(coop_thread{}, s.ep->view(), s.result->view(), kWelcomeSig, kRevoked, signal_op::set) == status::ok)
-      (void)quiet(coop_thread{}, s.ep->view());
+    if (s.ep && s.result && s.ep->state() == endpoint_state::connected)
+      (void)wire_->signal(*s.ep, s.result->view(), kWelcomeSig, kRevoked);
     s = client_slot{};
     set_clients();
   }
@@ -224,6 +267,11 @@ class server_impl final : public expert_server {
     // A client that links again (it restarted its connection) gets a fresh slot.
     for (std::uint32_t i = 0; i < slots_.size(); ++i)
       if (slots_[i].used && slots_[i].client == l.record.id) release(i, "linked again");
+    if (l.ep->transport() != wire_->transport()) {
+      detail::note("[{}] refusing client {}: it is reached over {}, and this server serves {} clients", o_.id,
+                   l.record.id, transport_name(l.ep->transport()), o_.gpu >= 0 ? "GPU (nvlink)" : "CPU (shm)");
+      return;
+    }
     auto it = std::find_if(l.regions.begin(), l.regions.end(), [](const auto& r) { return r.first == "result"; });
     if (it == l.regions.end() || !it->second || it->second->size() < result_region_bytes(1, o_.shape.hidden)) {
       detail::note("[{}] refusing client {}: no result region of at least {} bytes", o_.id, l.record.id,
@@ -244,7 +292,11 @@ class server_impl final : public expert_server {
     s.ep = std::move(l.ep);
     s.result = std::move(it->second);
     // The slot's signal word may still hold an earlier client's last seq.
-    std::atomic_ref<std::uint64_t>(*sig_word(i)).store(0, std::memory_order_release);
+    if (wire_->store_word(*slots_mem_, std::uint64_t{i} * 64, 0) != status::ok) {
+      detail::note("[{}] refusing client {}: {}", o_.id, l.record.id, last_error());
+      s = client_slot{};
+      return;
+    }
     s.last_sig = 0;
     s.expected = 1;
     s.max_tokens = static_cast<std::uint32_t>(std::min<std::uint64_t>(o_.max_tokens, fits));
@@ -263,9 +315,7 @@ class server_impl final : public expert_server {
     w.local_experts = static_cast<std::uint32_t>(o_.experts.size());
     w.grant = s.grant;
     const auto rv = s.result->view();
-    status st =
-        put_signal(coop_thread{}, s.ep->view(), rv, kWelcome, &w, sizeof(w), rv, kWelcomeSig, i + 1, signal_op::set);
-    if (st == status::ok) st = quiet(coop_thread{}, s.ep->view());
+    const status st = wire_->put_signal(*s.ep, rv, kWelcome, &w, sizeof(w), rv, kWelcomeSig, i + 1);
     if (st != status::ok) {
       release(i, "welcome failed");
       return;
@@ -312,6 +362,10 @@ class server_impl final : public expert_server {
   bool poll_once() {
     std::vector<request>& reqs = reqs_;
     reqs.clear();
+    if (wire_->load_words(*slots_mem_, 0, 64, static_cast<std::uint32_t>(slots_.size()), sigs_.data()) != status::ok) {
+      detail::note("[{}] cannot read its slots: {}", o_.id, last_error());
+      return false;
+    }
     for (std::uint32_t i = 0; i < slots_.size(); ++i) {
       client_slot& s = slots_[i];
       if (!s.used) continue;
@@ -319,7 +373,7 @@ class server_impl final : public expert_server {
         release(i, "peer gone");
         continue;
       }
-      const std::uint64_t v = load_acquire(sig_word(i));
+      const std::uint64_t v = sigs_[i];
       if (v == s.last_sig) continue;
       request r = read_request(i);
       if (r.err == slot_error::not_owner) {
@@ -355,8 +409,13 @@ class server_impl final : public expert_server {
     client_slot& s = slots_[i];
     request r;
     r.slot = i;
-    const unsigned char* base = slot_base(i);
-    std::memcpy(&r.h, base, sizeof(r.h));  // a private copy: the client cannot change what was checked
+    const std::uint64_t base = slot_offset(i);
+    // A private copy: the client cannot change what was checked.
+    if (wire_->read(*slots_mem_, base, &r.h, sizeof(r.h)) != status::ok) {
+      r.err = slot_error::not_owner;  // unreadable: not answered; the poll notes it
+      detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
+      return r;
+    }
     if (r.h.grant != s.grant) {
       // Not the slot's owner (an earlier holder writing on): no answer into the owner's region.
       r.err = slot_error::not_owner;
@@ -376,27 +435,44 @@ class server_impl final : public expert_server {
     const std::size_t n = std::size_t{r.h.tokens} * r.h.topk;
     r.ids.resize(n);
     r.weights.resize(n);
-    std::memcpy(r.ids.data(), base + l.expert_ids, n * 2);
-    std::memcpy(r.weights.data(), base + l.weights, n * 4);
+    if (wire_->read(*slots_mem_, base + l.expert_ids, r.ids.data(), n * 2) != status::ok ||
+        wire_->read(*slots_mem_, base + l.weights, r.weights.data(), n * 4) != status::ok) {
+      r.err = slot_error::not_owner;
+      detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
+      return r;
+    }
     r.err = validate_routing(r.h, lim, r.ids.data(), r.weights.data());
     if (r.err != slot_error::none) return r;
+    r.act_offset = base + l.activations;
+    if (step_) return r;  // the GPU reads the activations where they are (their bounds were checked above)
     // The activations too, so that everything computed is what was read here, once.
     const std::size_t h = r.h.hidden, elems = std::size_t{r.h.tokens} * h;
+    const bool bf16 = r.h.type == static_cast<std::uint16_t>(dtype::bf16);
+    raw_.resize(elems * (bf16 ? 2 : 4));
+    if (wire_->read(*slots_mem_, r.act_offset, raw_.data(), raw_.size()) != status::ok) {
+      r.err = slot_error::not_owner;
+      detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
+      return r;
+    }
     r.act.resize(elems);
-    if (r.h.type == static_cast<std::uint16_t>(dtype::bf16)) {
+    if (bf16) {
       for (std::size_t j = 0; j < elems; ++j) {
         std::uint16_t b;
-        std::memcpy(&b, base + l.activations + j * 2, 2);
+        std::memcpy(&b, raw_.data() + j * 2, 2);
         r.act[j] = bf16_to_f32(b);
       }
     } else {
-      std::memcpy(r.act.data(), base + l.activations, elems * 4);
+      std::memcpy(r.act.data(), raw_.data(), elems * 4);
     }
     return r;
   }
 
   // Regroups every valid request's tokens by (layer, local expert), runs each group, scatters back.
   void compute(std::vector<request>& reqs) {
+    if (step_) {
+      compute_gpu(reqs);
+      return;
+    }
     const std::size_t h = o_.shape.hidden;
     struct row {
       std::uint32_t req, token;
@@ -434,8 +510,60 @@ class server_impl final : public expert_server {
     stats_.tokens += tokens;
   }
 
-  void respond(const request& r) {
-    client_slot& s = slots_[r.slot];
+  // The GPU batch: the valid requests' pairs sorted by (layer, local expert) for the step, which
+  // computes and answers them; `delivered` says which answers arrived.
+  void compute_gpu(std::vector<request>& reqs) {
+#if EAAS_MOE_WITH_GPU
+    const auto local = static_cast<std::uint32_t>(o_.experts.size());
+    const std::uint32_t groups = o_.shape.layers * local;
+    group_offsets_.assign(groups + 1, 0);
+    step_reqs_.clear();
+    std::uint64_t tokens = 0;
+    for (request& r : reqs) {
+      if (r.err != slot_error::none) continue;
+      const client_slot& s = slots_[r.slot];
+      step_reqs_.push_back({.act_offset = r.act_offset,
+                            .tokens = r.h.tokens,
+                            .bf16 = r.h.type == static_cast<std::uint16_t>(dtype::bf16),
+                            .ep = s.ep->view(),
+                            .result = s.result->view(),
+                            .header = response_for(r)});
+      tokens += r.h.tokens;
+      for (std::size_t j = 0; j < r.ids.size(); ++j)
+        if (r.ids[j] != kNoExpert) {
+          group_offsets_[r.h.layer * local + r.ids[j] + 1]++;
+          window_pairs_[r.ids[j]]++;
+        }
+    }
+    if (step_reqs_.empty()) return;
+    for (std::uint32_t g = 0; g < groups; ++g) group_offsets_[g + 1] += group_offsets_[g];
+    rows_.resize(static_cast<std::size_t>(group_offsets_[groups]));
+    cursor_.assign(group_offsets_.begin(), group_offsets_.end() - 1);
+    std::uint32_t q = 0;
+    for (request& r : reqs) {
+      if (r.err != slot_error::none) continue;
+      for (std::size_t j = 0; j < r.ids.size(); ++j)
+        if (r.ids[j] != kNoExpert)
+          rows_[static_cast<std::size_t>(cursor_[r.h.layer * local + r.ids[j]]++)] = {
+              .request = q,
+              .token = static_cast<std::uint32_t>(j / r.h.topk),
+              .slot = static_cast<std::uint32_t>(j % r.h.topk),
+              .weight = r.weights[j]};
+      ++q;
+    }
+    const status st = step_->run(slots_mem_->data(), slots_mem_->size(), step_reqs_, rows_, group_offsets_, answered_);
+    if (st != status::ok) detail::note("[{}] the GPU batch failed: {}", o_.id, last_error());
+    q = 0;
+    for (request& r : reqs)
+      if (r.err == slot_error::none) r.delivered = st == status::ok ? answered_[q++] : st;
+    std::lock_guard g(stats_mu_);
+    stats_.tokens += tokens;
+#else
+    (void)reqs;
+#endif
+  }
+
+  response_header response_for(const request& r) const {
     response_header rh{};
     rh.magic = kSlotMagic;
     rh.version = kSlotVersion;
@@ -443,14 +571,23 @@ class server_impl final : public expert_server {
     rh.seq = r.h.seq;
     rh.error = static_cast<std::uint32_t>(r.err);
     rh.tokens = r.err == slot_error::none ? r.h.tokens : 0;
-    const std::size_t out_bytes = r.out.size() * 4;
-    out_.resize(sizeof(rh) + out_bytes);
-    std::memcpy(out_.data(), &rh, sizeof(rh));
-    if (out_bytes) std::memcpy(out_.data() + sizeof(rh), r.out.data(), out_bytes);
-    const auto rv = s.result->view();
-    status st = put_signal(coop_thread{}, s.ep->view(), rv, kResponse, out_.data(), out_.size(), rv, kResultSig,
-                           r.h.seq, signal_op::set);
-    if (st == status::ok) st = quiet(coop_thread{}, s.ep->view());
+    return rh;
+  }
+
+  void respond(const request& r) {
+    client_slot& s = slots_[r.slot];
+    status st;
+    if (step_ && r.err == slot_error::none) {
+      st = r.delivered;  // the GPU answered it
+    } else {
+      const response_header rh = response_for(r);
+      const std::size_t out_bytes = r.out.size() * 4;
+      out_.resize(sizeof(rh) + out_bytes);
+      std::memcpy(out_.data(), &rh, sizeof(rh));
+      if (out_bytes) std::memcpy(out_.data() + sizeof(rh), r.out.data(), out_bytes);
+      const auto rv = s.result->view();
+      st = wire_->put_signal(*s.ep, rv, kResponse, out_.data(), out_.size(), rv, kResultSig, r.h.seq);
+    }
     std::uint64_t first = 0;
     {
       std::lock_guard g(stats_mu_);
@@ -489,7 +626,18 @@ class server_impl final : public expert_server {
   std::uint64_t grant_count_ = 0;
   std::vector<request> reqs_;
   std::vector<float> xs_, ys_;
-  std::vector<unsigned char> out_;
+  std::vector<unsigned char> out_, raw_;
+  std::vector<std::uint64_t> sigs_;
+  std::unique_ptr<wire> wire_;
+#if EAAS_MOE_WITH_GPU
+  std::unique_ptr<gpu::expert_step> step_;
+  std::vector<gpu::step_request> step_reqs_;
+  std::vector<gpu::step_row> rows_;
+  std::vector<std::int32_t> group_offsets_, cursor_;
+  std::vector<status> answered_;
+#else
+  std::unique_ptr<int> step_;  // never set: no GPU in this build
+#endif
   cpu::swiglu_scratch scratch_;
 };
 

@@ -26,6 +26,9 @@ struct server_options {
   std::vector<std::uint32_t> experts;  ///< global expert ids hosted (every layer); sorted and unique after start
   std::uint32_t max_clients = 16;      ///< slots
   std::uint32_t max_tokens = 512;      ///< most tokens per request
+  /// The CUDA device to serve on (slots in its memory, experts computed by its grouped GEMM, answers put
+  /// over NVLink; clients must then be GPU clients of this host); -1: the CPU (shm, OpenBLAS).
+  int gpu = -1;
   /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
   /// Called on the serving thread when a client gets a slot ("linked") or loses it ("left", with why).

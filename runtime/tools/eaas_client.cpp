@@ -69,6 +69,11 @@ int main(int argc, char** argv) {
   app.add_option("--request-timeout-ms", timeout_ms, "a server silent this long is dropped")->capture_default_str();
   app.add_option("--input-seed", input_seed, "seed of the random tokens (default: from --id)");
   app.add_flag("--verify", verify, "check every output against the monolithic reference");
+  double tolerance = 1e-5;
+  app.add_option("--tolerance", tolerance, "with --verify: report steps off the reference by more than this")
+      ->capture_default_str();
+  app.add_option("--gpu", o.gpu, "receive answers in this CUDA device's memory (GPU servers of this host)")
+      ->capture_default_str();
   tool::checkpoint_args ckpt;
   ckpt.add(app, "routers (and, with --verify, the reference's experts)");
   CLI11_PARSE(app, argc, argv);
@@ -140,7 +145,7 @@ int main(int argc, char** argv) {
       ref->forward(ids, want, &cl->last_routing(), &disagreements);
       ref_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
       const double err = rel_error(out, want, o.shape.hidden);
-      if (err > 1e-5)
+      if (err > tolerance)
         std::fprintf(stderr, "eaas-client %s: step %u differs from the reference by %.3g (relative)\n", o.id.c_str(),
                      step, err);
       worst = std::max(worst, err);

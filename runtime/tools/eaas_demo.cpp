@@ -2,7 +2,8 @@
 // servers and M attention clients as separate processes, shows their progress, and prints tokens/s,
 // the per-layer MoE round trip and the check of every output against the monolithic reference.
 //
-//   eaas-demo                              (2 servers, 2 clients, the "tiny" model, on the CPU)
+//   eaas-demo                              (2 servers, 2 clients, the "tiny" model, on the CPU, or on
+//                                           the GPUs where this host has any: --cpu / --gpu to choose)
 //   eaas-demo --servers 3 --clients 2 --replicas 2 --model small --steps 100
 
 #include <fcntl.h>
@@ -22,6 +23,7 @@
 #include <random>
 
 #include "tool_common.hpp"
+#include "wire.hpp"
 
 extern char** environ;
 
@@ -129,7 +131,7 @@ int main(int argc, char** argv) {
   CLI::App app{"eaas-demo: registry, expert servers and attention clients as processes on this machine"};
   tool::model_args model;
   std::uint32_t servers = 2, clients = 2, replicas = 1, tokens = 32, steps = 30, attention_cost = 1;
-  bool gpu = false, no_verify = false, verbose = false, no_replace = false;
+  bool gpu = false, cpu = false, no_verify = false, verbose = false, no_replace = false;
   double tolerance = 1e-5, kill_every = 0, request_timeout_ms = 2000;
   std::string kill_signal = "KILL", json_path;
   model.add(app);
@@ -152,7 +154,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--json", json_path, "also write a summary (clients' results, kills, stalls, joins) to this file");
   app.add_flag("--no-verify", no_verify, "skip the check against the monolithic reference");
-  app.add_flag("--gpu", gpu, "run the experts on GPUs");
+  auto* gpu_flag = app.add_flag("--gpu", gpu, "run on GPUs (the default where this host has any)");
+  app.add_flag("--cpu", cpu, "run on the CPU even where GPUs are present")->excludes(gpu_flag);
   app.add_flag("--verbose", verbose, "show the servers' and clients' event lines (links, departures)");
   CLI11_PARSE(app, argc, argv);
 
@@ -171,12 +174,16 @@ int main(int argc, char** argv) {
                  "eaas-demo: killing servers needs --replicas >= 2 (the killed server's experts need a replica)\n");
     return 2;
   }
-  if (gpu) {
-    std::fprintf(stderr,
-                 "eaas-demo: --gpu: the GPU expert path (nvlink slots, grouped-GEMM kernel) is not wired into the "
-                 "runtime yet; run without --gpu for the CPU path\n");
+  // GPUs: servers i on GPU i mod n, clients j on GPU (servers + j) mod n (so that with 2 GPUs a client
+  // and a server sit on different GPUs where they can), expert weights in bf16.
+  const int gpus = cuda_device_count();
+  if (gpu && gpus == 0) {
+    std::fprintf(stderr, "eaas-demo: --gpu: this host has no CUDA device%s\n",
+                 EAAS_WITH_CUDA ? "" : " (and this eaas was built without CUDA)");
     return 2;
   }
+  gpu = gpu || (!cpu && gpus > 0);
+  if (gpu && app.count("--tolerance") == 0) tolerance = 1e-2;  // bf16 weights and activations on the GPU
   // One BLAS thread per process: the processes already share the cores, and OpenBLAS's spinning
   // worker threads would fight them (the caller's setting wins).
   ::setenv("OPENBLAS_NUM_THREADS", "1", 0);
@@ -203,8 +210,9 @@ int main(int argc, char** argv) {
               model.preset.c_str(), shape.hidden, shape.inter, shape.experts, shape.topk, shape.layers,
               endpoint.c_str());
   const std::string run_length = duration > 0 ? fmt::format("{:.1f} s", duration) : fmt::format("{} steps", steps);
-  std::printf("eaas-demo: %u servers (%u replica%s per expert), %u clients × %s × %u tokens, CPU\n", servers, replicas,
-              replicas > 1 ? "s" : "", clients, run_length.c_str(), tokens);
+  std::printf("eaas-demo: %u servers (%u replica%s per expert), %u clients × %s × %u tokens, %s\n", servers, replicas,
+              replicas > 1 ? "s" : "", clients, run_length.c_str(), tokens,
+              gpu ? fmt::format("{} GPU{} (nvlink, bf16 experts)", gpus, gpus > 1 ? "s" : "").c_str() : "CPU");
   if (kill_every > 0)
     std::printf("eaas-demo: fault injection: SIG%s to a random server every %.1f s%s\n", kill_signal.c_str(),
                 kill_every, no_replace ? "" : ", each replaced by a new server");
@@ -222,6 +230,7 @@ int main(int argc, char** argv) {
     auto args = common;
     args.insert(args.end(), {"--id", c->name, "--placement",
                              std::to_string(p.index) + "/" + std::to_string(servers) + "/" + std::to_string(replicas)});
+    if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(p.index) % gpus)});
     if (!spawn(server_bin, args, *c)) return false;
     p.proc = std::move(c);
     return true;
@@ -290,7 +299,8 @@ int main(int argc, char** argv) {
     args.insert(args.end(), {"--id", cli[i].name, "--tokens", std::to_string(tokens), "--steps", std::to_string(steps),
                              "--replicas", std::to_string(replicas), "--attention-cost", std::to_string(attention_cost),
                              "--request-timeout-ms", std::to_string(request_timeout_ms)});
-    if (!no_verify) args.push_back("--verify");
+    if (!no_verify) args.insert(args.end(), {"--verify", "--tolerance", fmt::format("{}", tolerance)});
+    if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(servers + i) % gpus)});
     if (!spawn(client_bin, args, cli[i])) {
       std::fprintf(stderr, "eaas-demo: cannot start %s\n", client_bin.c_str());
       stop_all(SIGKILL);
@@ -486,6 +496,8 @@ int main(int argc, char** argv) {
   if (!json_path.empty()) {
     summary["ok"] = ok;
     summary["max_rel_err"] = worst;
+    summary["tolerance"] = tolerance;
+    summary["device"] = gpu ? "gpu" : "cpu";
     summary["tokens_per_s"] = total_tps;
     summary["reference_tokens_per_s"] = ref_tps;
     summary["wall_s"] = wall;

@@ -38,6 +38,8 @@ int main(int argc, char** argv) {
   app.add_option("--placement", placement, "S/N/R: server S of N with R replicas per expert")->excludes(ex);
   app.add_option("--max-clients", o.max_clients, "client slots")->capture_default_str();
   app.add_option("--max-tokens", o.max_tokens, "most tokens per request")->capture_default_str();
+  app.add_option("--gpu", o.gpu, "serve on this CUDA device (slots in GPU memory, GPU experts; GPU clients only)")
+      ->capture_default_str();
   tool::checkpoint_args ckpt;
   ckpt.add(app, "experts");
   double drain_ms = 500;

@@ -37,3 +37,17 @@ if(_eaas_have_etcd)
   endif()
   eaas_add_doctest(eaas-runtime-etcd-tests etcd)
 endif()
+
+# The runtime on GPUs (label gpu: skipped with exit 77 where there is no CUDA device).
+if(EAAS_HAVE_CUDA)
+  add_executable(eaas-runtime-gpu-tests ${CMAKE_CURRENT_LIST_DIR}/test_runtime_gpu.cpp)
+  target_link_libraries(eaas-runtime-gpu-tests PRIVATE eaas_moe doctest::doctest nlohmann_json::nlohmann_json)
+  target_compile_definitions(eaas-runtime-gpu-tests PRIVATE
+    EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_CLIENT_BIN="$<TARGET_FILE:eaas-client>"
+    EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>")
+  add_dependencies(eaas-runtime-gpu-tests eaas-server eaas-client eaas-demo)
+  if(COMMAND eaas_target_defaults)
+    eaas_target_defaults(eaas-runtime-gpu-tests)
+  endif()
+  eaas_add_doctest(eaas-runtime-gpu-tests gpu)
+endif()

@@ -22,7 +22,7 @@ const runtime::model_shape kShape{.hidden = 64, .inter = 96, .experts = 12, .top
 
 json run_demo(std::vector<std::string> args) {
   const std::string out = "/tmp/eaas-faults-" + std::to_string(::getpid()) + ".json";
-  args.insert(args.end(), {"--json", out, "--hidden", "64", "--inter", "96", "--experts", "12", "--topk", "3",
+  args.insert(args.end(), {"--cpu", "--json", out, "--hidden", "64", "--inter", "96", "--experts", "12", "--topk", "3",
                            "--layers", "3", "--tokens", "24"});
   proc demo;
   REQUIRE(demo.start(EAAS_DEMO_BIN, args));

@@ -1,0 +1,25 @@
+#pragma once
+
+// bf16 <-> fp32 on the host, for requests, checkpoints and the GPU experts' weights.
+
+#include <cstdint>
+#include <cstring>
+
+namespace eaas::runtime {
+
+inline float bf16_to_f32(std::uint16_t v) {
+  const std::uint32_t u = std::uint32_t{v} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+/// Round to nearest, ties to even; NaN stays NaN; overflow carries into inf.
+inline std::uint16_t f32_to_bf16(float f) {
+  std::uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);
+  return static_cast<std::uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+}  // namespace eaas::runtime

@@ -1,0 +1,264 @@
+// The gpu wire (wire.hpp): regions in this process's GPU, ops as small kernels on it.
+//
+// Each call takes a lane (a stream with its staging buffer and result words) from a pool, so that the
+// client's connector thread (waiting for a welcome) and its forward pass (waiting for answers) do not
+// queue behind each other; a call returns when its work on the stream has finished.
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "eaas/host/error.hpp"
+#include "put_job.cuh"
+#include "wire.hpp"
+
+namespace eaas::runtime {
+namespace {
+
+status fail(status s, int line, const std::string& what) noexcept {
+  return ::eaas::detail::record_failure(s, __FILE__, line, what);
+}
+
+#define EAAS_WIRE_CUDA(x)                                                                                           \
+  do {                                                                                                              \
+    if (const cudaError_t e_ = (x); e_ != cudaSuccess)                                                              \
+      return fail(status::internal_error, __LINE__, std::string("gpu wire: ") + #x + ": " + cudaGetErrorString(e_)); \
+  } while (0)
+
+struct wait_out {
+  int status;
+  int pad;
+  unsigned long long seen;
+};
+
+__global__ void k_put_signal(gpu::put_job j) { gpu::put_share_then_signal(j, blockIdx.x, gridDim.x); }
+
+__global__ void k_signal(device_endpoint ep, remote_view sig, std::uint64_t offset, std::uint64_t value, int* result) {
+  status s = signal(coop_thread{}, ep, sig, offset, value, signal_op::set);
+  if (s == status::ok) s = quiet(coop_thread{}, ep);
+  *result = static_cast<int>(s);
+}
+
+__global__ void k_wait(device_endpoint ep, const std::uint64_t* word, cmp_op cmp, std::uint64_t value,
+                       std::uint64_t timeout_ns, wait_out* out) {
+  std::uint64_t seen = 0;
+  const status s = wait_signal(ep, word, cmp, value, timeout{timeout_ns}, &seen);
+  out->status = static_cast<int>(s);
+  out->seen = seen;
+}
+
+struct lane {
+  cudaStream_t stream = nullptr;
+  unsigned char* staging = nullptr;
+  std::size_t capacity = 0;
+  unsigned int* arrivals = nullptr;  // device
+  int* result = nullptr;             // device
+  wait_out* wout = nullptr;          // device
+  ~lane() {
+    if (stream) cudaStreamDestroy(stream);
+    cudaFree(staging);
+    cudaFree(arrivals);
+  }
+};
+
+bool inside(const memory_region& r, std::uint64_t offset, std::uint64_t bytes) {
+  return offset <= r.size() && bytes <= r.size() - offset;
+}
+
+class gpu_wire final : public wire {
+ public:
+  explicit gpu_wire(int device) : device_(device) {}
+
+  memory_kind kind() const noexcept override { return memory_kind::device; }
+  int device() const noexcept override { return device_; }
+  transport_kind transport() const noexcept override { return transport_kind::nvlink; }
+
+  status read(const memory_region& r, std::uint64_t offset, void* dst, std::size_t bytes) override {
+    if (!inside(r, offset, bytes))
+      return fail(status::invalid_argument, __LINE__, "gpu wire: read outside its region");
+    if (bytes == 0) return status::ok;
+    held l(*this);
+    if (!l.ok()) return l.error;
+    EAAS_WIRE_CUDA(cudaMemcpyAsync(dst, static_cast<const unsigned char*>(r.data()) + offset, bytes,
+                                   cudaMemcpyDeviceToHost, l->stream));
+    EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
+    return status::ok;
+  }
+
+  status load_words(const memory_region& r, std::uint64_t offset, std::uint64_t stride, std::uint32_t count,
+                    std::uint64_t* out) override {
+    if (count == 0) return status::ok;
+    if (offset % 8 != 0 || stride % 8 != 0 || stride == 0 || !inside(r, offset, stride * (count - 1) + 8))
+      return fail(status::invalid_argument, __LINE__, "gpu wire: words outside their region");
+    // One copy of the span (signal words are packed 64 bytes apart at the start of a region).
+    std::lock_guard g(words_mu_);
+    words_.resize((stride * (count - 1) + 8 + 7) / 8);
+    EAAS_CHECK(read(r, offset, words_.data(), stride * (count - 1) + 8));
+    for (std::uint32_t i = 0; i < count; ++i) out[i] = words_[i * (stride / 8)];
+    return status::ok;
+  }
+
+  status store_word(memory_region& r, std::uint64_t offset, std::uint64_t value) override {
+    if (offset % 8 != 0 || !inside(r, offset, 8))
+      return fail(status::invalid_argument, __LINE__, "gpu wire: word outside its region");
+    held l(*this);
+    if (!l.ok()) return l.error;
+    EAAS_WIRE_CUDA(cudaMemcpyAsync(static_cast<unsigned char*>(r.data()) + offset, &value, 8, cudaMemcpyHostToDevice,
+                                   l->stream));
+    EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
+    return status::ok;
+  }
+
+  status put_signal(const endpoint& ep, const remote_view& dst, std::uint64_t dst_offset, const void* src,
+                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset,
+                    std::uint64_t value) override {
+    EAAS_CHECK(check_ep(ep));
+    held l(*this);
+    if (!l.ok()) return l.error;
+    if (l->capacity < bytes) {
+      cudaFree(l->staging);
+      l->staging = nullptr;
+      l->capacity = 0;
+      EAAS_WIRE_CUDA(cudaMalloc(&l->staging, bytes));
+      l->capacity = bytes;
+    }
+    if (bytes) EAAS_WIRE_CUDA(cudaMemcpyAsync(l->staging, src, bytes, cudaMemcpyHostToDevice, l->stream));
+    EAAS_WIRE_CUDA(cudaMemsetAsync(l->result, 0, sizeof(int), l->stream));
+    const gpu::put_job j{.ep = ep.view(),
+                         .dst = dst,
+                         .dst_offset = dst_offset,
+                         .src = l->staging,
+                         .bytes = bytes,
+                         .sig = sig,
+                         .sig_offset = sig_offset,
+                         .value = value,
+                         .arrivals = l->arrivals,
+                         .result = l->result};
+    k_put_signal<<<gpu::put_blocks(bytes, 32), 256, 0, l->stream>>>(j);
+    EAAS_WIRE_CUDA(cudaGetLastError());
+    return finish(*l);
+  }
+
+  status signal(const endpoint& ep, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value) override {
+    EAAS_CHECK(check_ep(ep));
+    held l(*this);
+    if (!l.ok()) return l.error;
+    k_signal<<<1, 1, 0, l->stream>>>(ep.view(), sig, sig_offset, value, l->result);
+    EAAS_WIRE_CUDA(cudaGetLastError());
+    return finish(*l);
+  }
+
+  status wait(const endpoint& ep, const memory_region& r, std::uint64_t offset, cmp_op cmp, std::uint64_t value,
+              std::uint64_t until_ns, std::uint64_t* seen) override {
+    EAAS_CHECK(check_ep(ep));
+    if (offset % 8 != 0 || !inside(r, offset, 8))
+      return fail(status::invalid_argument, __LINE__, "gpu wire: wait on a word outside its region");
+    held l(*this);
+    if (!l.ok()) return l.error;
+    const std::uint64_t now = eaas::now_ns();
+    const std::uint64_t rel = until_ns > now ? until_ns - now : 0;
+    k_wait<<<1, 1, 0, l->stream>>>(ep.view(),
+                                   reinterpret_cast<const std::uint64_t*>(static_cast<const unsigned char*>(r.data()) +
+                                                                          offset),
+                                   cmp, value, rel, l->wout);
+    EAAS_WIRE_CUDA(cudaGetLastError());
+    wait_out o{};
+    EAAS_WIRE_CUDA(cudaMemcpyAsync(&o, l->wout, sizeof(o), cudaMemcpyDeviceToHost, l->stream));
+    EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
+    if (seen) *seen = o.seen;
+    return static_cast<status>(o.status);
+  }
+
+  status init() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || device_ < 0 || device_ >= n)
+      return fail(status::unsupported, __LINE__,
+                  "GPU " + std::to_string(device_) + " asked for, but this host has " + std::to_string(n) + " GPUs");
+    return status::ok;
+  }
+
+ private:
+  // A lane taken from the pool for one call (made when none is free), given back at scope exit.
+  struct held {
+    gpu_wire& w;
+    std::unique_ptr<lane> l;
+    status error = status::ok;
+    explicit held(gpu_wire& owner) : w(owner) {
+      if (cudaSetDevice(w.device_) != cudaSuccess) {
+        error = fail(status::internal_error, __LINE__, "gpu wire: cudaSetDevice failed");
+        return;
+      }
+      {
+        std::lock_guard g(w.mu_);
+        if (!w.free_.empty()) {
+          l = std::move(w.free_.back());
+          w.free_.pop_back();
+          return;
+        }
+      }
+      error = make(l);
+    }
+    ~held() {
+      if (!l) return;
+      std::lock_guard g(w.mu_);
+      w.free_.push_back(std::move(l));
+    }
+    bool ok() const { return error == status::ok && l != nullptr; }
+    lane* operator->() { return l.get(); }
+    lane& operator*() { return *l; }
+  };
+
+  static status make(std::unique_ptr<lane>& out) {
+    auto l = std::make_unique<lane>();
+    EAAS_WIRE_CUDA(cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking));
+    // One allocation for the small device words: arrivals, result, wait output.
+    unsigned char* words = nullptr;
+    EAAS_WIRE_CUDA(cudaMalloc(&words, 64));
+    EAAS_WIRE_CUDA(cudaMemset(words, 0, 64));
+    l->arrivals = reinterpret_cast<unsigned int*>(words);
+    l->result = reinterpret_cast<int*>(words + 16);
+    l->wout = reinterpret_cast<wait_out*>(words + 32);
+    out = std::move(l);
+    return status::ok;
+  }
+
+  static status check_ep(const endpoint& ep) {
+    if (ep.transport() != transport_kind::nvlink)
+      return fail(status::unsupported, __LINE__,
+                  std::string("gpu wire: the peer is reached over ") + std::string(transport_name(ep.transport())) +
+                      ", not nvlink (both ends of a GPU link must run on GPUs of this host)");
+    return status::ok;
+  }
+
+  status finish(lane& l) {
+    int r = 0;
+    EAAS_WIRE_CUDA(cudaMemcpyAsync(&r, l.result, sizeof(r), cudaMemcpyDeviceToHost, l.stream));
+    EAAS_WIRE_CUDA(cudaStreamSynchronize(l.stream));
+    return static_cast<status>(r);
+  }
+
+  int device_;
+  std::mutex mu_;
+  std::vector<std::unique_ptr<lane>> free_;
+  std::mutex words_mu_;
+  std::vector<std::uint64_t> words_;
+};
+
+}  // namespace
+
+int cuda_device_count() noexcept {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+status make_gpu_wire(int cuda_device, std::unique_ptr<wire>& out) {
+  auto w = std::make_unique<gpu_wire>(cuda_device);
+  EAAS_CHECK(w->init());
+  out = std::move(w);
+  return status::ok;
+}
+
+}  // namespace eaas::runtime
