@@ -71,15 +71,17 @@ __device__ __forceinline__ status await(const lat_args& a, std::uint64_t seq) {
   }
 }
 
-template <bool Raw>
+// Mode bit 0: raw send, bit 1: raw wait (0: eaas put_signal + wait_signal; 3: the raw floor; 1 and 2
+// tell which half of the op pair costs what).
+template <int Mode>
 __global__ void lat_client(lat_args a) {
   status s = status::ok;
   for (std::uint64_t i = 0; i < a.warm + a.count && s == status::ok; ++i) {
     if (i == a.warm) a.ns[0] = now_ns();
     const long long t0 = clock64();
     const std::uint64_t seq = a.first_seq + i;
-    s = send<Raw>(a, seq);
-    if (s == status::ok) s = await<Raw>(a, seq);
+    s = send<(Mode & 1) != 0>(a, seq);
+    if (s == status::ok) s = await<(Mode & 2) != 0>(a, seq);
     const long long t1 = clock64();
     if (i >= a.warm) a.cycles[i - a.warm] = t1 - t0;
   }
@@ -87,13 +89,13 @@ __global__ void lat_client(lat_args a) {
   *a.result = s;
 }
 
-template <bool Raw>
+template <int Mode>
 __global__ void lat_server(lat_args a) {
   status s = status::ok;
   for (std::uint64_t i = 0; i < a.warm + a.count && s == status::ok; ++i) {
     const std::uint64_t seq = a.first_seq + i;
-    s = await<Raw>(a, seq);
-    if (s == status::ok) s = send<Raw>(a, seq);
+    s = await<(Mode & 2) != 0>(a, seq);
+    if (s == status::ok) s = send<(Mode & 1) != 0>(a, seq);
   }
   *a.result = s;
 }
@@ -148,7 +150,7 @@ void connect_pair(setup& s, std::size_t bytes) {
 
 // One latency phase; returns half round trips in µs (SM cycles scaled by the phase's own
 // %globaltimer span, so the clock rate needs no assumption).
-template <bool Raw>
+template <int Mode>
 std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iters, std::size_t warm,
                                   std::uint64_t* src_a, std::uint64_t* src_b) {
   long long* cycles = nullptr;
@@ -167,9 +169,9 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
   // Both kernels are loaded before either runs: lazy loading of one while the other spins on
   // the same GPU would wait for it forever.
   cudaFuncAttributes attr{};
-  CU(cudaFuncGetAttributes(&attr, lat_client<Raw>));
+  CU(cudaFuncGetAttributes(&attr, lat_client<Mode>));
   CU(cudaSetDevice(s.gb));
-  CU(cudaFuncGetAttributes(&attr, lat_server<Raw>));
+  CU(cudaFuncGetAttributes(&attr, lat_server<Mode>));
   CU(cudaSetDevice(s.ga));
   lat_args client{s.ab->view(),
                   s.rb_from_a->view(),
@@ -194,10 +196,10 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
                   nullptr,
                   rb};
   CU(cudaSetDevice(s.gb));
-  lat_server<Raw><<<1, 1, 0, sb>>>(server);
+  lat_server<Mode><<<1, 1, 0, sb>>>(server);
   CU(cudaGetLastError());
   CU(cudaSetDevice(s.ga));
-  lat_client<Raw><<<1, 1, 0, sa>>>(client);
+  lat_client<Mode><<<1, 1, 0, sa>>>(client);
   CU(cudaGetLastError());
   CU(cudaStreamSynchronize(sa));
   CU(cudaSetDevice(s.gb));
@@ -207,7 +209,7 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
   CU(cudaSetDevice(s.ga));
   CU(cudaMemcpy(&r1, ra, sizeof(status), cudaMemcpyDeviceToHost));
   if (r1 != status::ok || r2 != status::ok)
-    die(Raw ? "raw ping-pong" : "put_signal ping-pong", r1 != status::ok ? r1 : r2);
+    die(Mode == 3 ? "raw ping-pong" : "put_signal ping-pong", r1 != status::ok ? r1 : r2);
   std::vector<long long> cyc(iters);
   unsigned long long span[2];
   CU(cudaMemcpy(cyc.data(), cycles, iters * sizeof(long long), cudaMemcpyDeviceToHost));
@@ -270,21 +272,33 @@ int main(int argc, char** argv) {
   CU(cudaMalloc(&src_b, 8));
   CU(cudaMemset(src_b, 2, 8));
   std::uint64_t seq = 1;
-  std::vector<double> ops, raw;
+  std::vector<double> ops, raw, eaas_send, eaas_wait;
   constexpr int kRounds = 10;
   for (int r = 0; r < kRounds; ++r) {
-    auto x = latency_phase<false>(s, seq, iters / kRounds, 100, src_a, src_b);
-    auto y = latency_phase<true>(s, seq, iters / kRounds, 100, src_a, src_b);
+    auto x = latency_phase<0>(s, seq, iters / kRounds, 100, src_a, src_b);
+    auto y = latency_phase<3>(s, seq, iters / kRounds, 100, src_a, src_b);
+    auto z = latency_phase<2>(s, seq, iters / kRounds, 100, src_a, src_b);
+    auto w = latency_phase<1>(s, seq, iters / kRounds, 100, src_a, src_b);
     ops.insert(ops.end(), x.begin(), x.end());
     raw.insert(raw.end(), y.begin(), y.end());
+    eaas_send.insert(eaas_send.end(), z.begin(), z.end());
+    eaas_wait.insert(eaas_wait.end(), w.begin(), w.end());
   }
-  const latency_stats lo = summarize(ops), lr = summarize(raw);
+  const latency_stats lo = summarize(ops), lr = summarize(raw), ls = summarize(eaas_send), lw = summarize(eaas_wait);
   std::printf("# 8-byte ping-pong, RTT/2, kernel-timed (launch excluded), %d alternating rounds\n", kRounds);
   print_latency_header({"ratio"});
   print_latency_row(8, lo, {lo.t_typical / lr.t_typical});
   print_latency_row(8, lr, {1.0});
-  std::printf("# rows: eaas put_signal + wait_signal; raw flag (st.release.sys / ld.acquire.sys)\n");
-  out["latency"] = {{"eaas", to_json(8, lo)}, {"raw_flag", to_json(8, lr)}, {"ratio", lo.t_typical / lr.t_typical}};
+  print_latency_row(8, ls, {ls.t_typical / lr.t_typical});
+  print_latency_row(8, lw, {lw.t_typical / lr.t_typical});
+  std::printf(
+      "# rows: eaas put_signal + wait_signal; raw flag (st.release.sys / ld.acquire.sys); eaas put_signal + raw "
+      "wait; raw send + eaas wait_signal\n");
+  out["latency"] = {{"eaas", to_json(8, lo)},
+                    {"raw_flag", to_json(8, lr)},
+                    {"eaas_send_raw_wait", to_json(8, ls)},
+                    {"raw_send_eaas_wait", to_json(8, lw)},
+                    {"ratio", lo.t_typical / lr.t_typical}};
 
   // Bandwidth.
   CU(cudaSetDevice(s.ga));

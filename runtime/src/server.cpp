@@ -435,12 +435,15 @@ class server_impl final : public expert_server {
     const std::size_t n = std::size_t{r.h.tokens} * r.h.topk;
     r.ids.resize(n);
     r.weights.resize(n);
-    if (wire_->read(*slots_mem_, base + l.expert_ids, r.ids.data(), n * 2) != status::ok ||
-        wire_->read(*slots_mem_, base + l.weights, r.weights.data(), n * 4) != status::ok) {
+    // The routing arrays follow each other: one read (one copy out of GPU memory) for both.
+    raw_.resize(l.end - l.expert_ids);
+    if (wire_->read(*slots_mem_, base + l.expert_ids, raw_.data(), raw_.size()) != status::ok) {
       r.err = slot_error::not_owner;
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
       return r;
     }
+    std::memcpy(r.ids.data(), raw_.data(), n * 2);
+    std::memcpy(r.weights.data(), raw_.data() + (l.weights - l.expert_ids), n * 4);
     r.err = validate_routing(r.h, lim, r.ids.data(), r.weights.data());
     if (r.err != slot_error::none) return r;
     r.act_offset = base + l.activations;
