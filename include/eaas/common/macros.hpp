@@ -7,14 +7,10 @@
 #define EAAS_HOST_DEVICE __host__ __device__ __forceinline__
 #define EAAS_DEVICE __device__ __forceinline__
 #define EAAS_HOST __host__ inline
-/// For a transport's whole op body that other transports' callers never run (ibgda's WQE building):
-/// kept out of line so that it does not bloat every kernel's hot path on the transports it does run.
-#define EAAS_HOST_DEVICE_OUTLINE __host__ __device__ __noinline__
 #else
 #define EAAS_HOST_DEVICE inline
 #define EAAS_DEVICE inline
 #define EAAS_HOST inline
-#define EAAS_HOST_DEVICE_OUTLINE inline
 #endif
 
 /// True while compiling device code (the device pass of nvcc).

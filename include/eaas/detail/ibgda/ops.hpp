@@ -76,7 +76,7 @@ EAAS_HOST_DEVICE std::uint64_t addr(const void* p) {
 }  // namespace ops_detail
 
 template <class Coop>
-EAAS_HOST_DEVICE_OUTLINE status op_put(const device_endpoint& ep, const remote_view& dst, std::uint64_t off, const void* src,
+EAAS_HOST_DEVICE status op_put(const device_endpoint& ep, const remote_view& dst, std::uint64_t off, const void* src,
                                std::size_t bytes) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
@@ -86,7 +86,7 @@ EAAS_HOST_DEVICE_OUTLINE status op_put(const device_endpoint& ep, const remote_v
 }
 
 template <class Coop>
-EAAS_HOST_DEVICE_OUTLINE status op_get(const device_endpoint& ep, const remote_view& src, std::uint64_t off, void* dst,
+EAAS_HOST_DEVICE status op_get(const device_endpoint& ep, const remote_view& src, std::uint64_t off, void* dst,
                                std::size_t bytes) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
@@ -96,7 +96,7 @@ EAAS_HOST_DEVICE_OUTLINE status op_get(const device_endpoint& ep, const remote_v
 }
 
 template <class Coop>
-EAAS_HOST_DEVICE_OUTLINE status op_signal(const device_endpoint& ep, const remote_view& sig, std::uint64_t off,
+EAAS_HOST_DEVICE status op_signal(const device_endpoint& ep, const remote_view& sig, std::uint64_t off,
                                   std::uint64_t value, signal_op op) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
@@ -106,7 +106,7 @@ EAAS_HOST_DEVICE_OUTLINE status op_signal(const device_endpoint& ep, const remot
 }
 
 template <class Coop>
-EAAS_HOST_DEVICE_OUTLINE status op_put_signal(const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
+EAAS_HOST_DEVICE status op_put_signal(const device_endpoint& ep, const remote_view& dst, std::uint64_t off,
                                       const void* src, std::size_t bytes, const remote_view& sig, std::uint64_t sig_off,
                                       std::uint64_t value, signal_op op) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
@@ -118,7 +118,7 @@ EAAS_HOST_DEVICE_OUTLINE status op_put_signal(const device_endpoint& ep, const r
 }
 
 template <class Coop>
-EAAS_HOST_DEVICE_OUTLINE status op_fetch_add(const device_endpoint& ep, const remote_view& t, std::uint64_t off,
+EAAS_HOST_DEVICE status op_fetch_add(const device_endpoint& ep, const remote_view& t, std::uint64_t off,
                                      std::uint64_t value, std::uint64_t* fetched) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
@@ -128,7 +128,7 @@ EAAS_HOST_DEVICE_OUTLINE status op_fetch_add(const device_endpoint& ep, const re
 }
 
 template <class Coop>
-EAAS_HOST_DEVICE_OUTLINE status op_compare_swap(const device_endpoint& ep, const remote_view& t, std::uint64_t off,
+EAAS_HOST_DEVICE status op_compare_swap(const device_endpoint& ep, const remote_view& t, std::uint64_t off,
                                         std::uint64_t expected, std::uint64_t desired, std::uint64_t* fetched) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
@@ -140,7 +140,7 @@ EAAS_HOST_DEVICE_OUTLINE status op_compare_swap(const device_endpoint& ep, const
 /// A NOP with the fence bit: the NIC starts it (and so every later WQE) only after every earlier
 /// READ / atomic has completed; WRITEs are already in order on an RC QP.
 template <class Coop>
-EAAS_HOST_DEVICE_OUTLINE status op_fence(const device_endpoint& ep) {
+EAAS_HOST_DEVICE status op_fence(const device_endpoint& ep) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
     endpoint_state* s = ops_detail::state_of(ep);
@@ -154,7 +154,7 @@ EAAS_HOST_DEVICE_OUTLINE status op_fence(const device_endpoint& ep) {
 /// endpoint's state is checked: a peer the control plane declared dead is reported even when the
 /// NIC has not noticed yet.
 template <class Coop>
-EAAS_HOST_DEVICE_OUTLINE status op_quiet(const device_endpoint& ep) {
+EAAS_HOST_DEVICE status op_quiet(const device_endpoint& ep) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
     endpoint_state* s = ops_detail::state_of(ep);
