@@ -60,6 +60,23 @@ __device__ __forceinline__ status send(const lat_args& a, std::uint64_t seq) {
   }
 }
 
+// Send variants that locate the ops' cost: 0 the op (put_signal), 1 raw (st.global + st.release.sys),
+// 4 raw with the payload stored through a generic address, 5 the op's copy body without its checks.
+template <int Send>
+__device__ __forceinline__ status send_as(const lat_args& a, std::uint64_t seq) {
+  if constexpr (Send == 4) {
+    asm volatile("st.u64 [%0], %1;" ::"l"(a.peer_raw + 8), "l"(*a.src) : "memory");
+    detail::store_release(a.peer_raw, seq);
+    return status::ok;
+  } else if constexpr (Send == 5) {
+    (void)detail::ldst_dev::put<coop_thread>(a.peer, 64, a.src, 8);
+    detail::store_release(a.peer_raw, seq);
+    return status::ok;
+  } else {
+    return send<Send == 1>(a, seq);
+  }
+}
+
 template <bool Raw>
 __device__ __forceinline__ status await(const lat_args& a, std::uint64_t seq) {
   if constexpr (Raw) {
@@ -80,8 +97,8 @@ __global__ void lat_client(lat_args a) {
     if (i == a.warm) a.ns[0] = now_ns();
     const long long t0 = clock64();
     const std::uint64_t seq = a.first_seq + i;
-    s = send<(Mode & 1) != 0>(a, seq);
-    if (s == status::ok) s = await<(Mode & 2) != 0>(a, seq);
+    s = send_as<(Mode >= 4 ? Mode : (Mode & 1))>(a, seq);
+    if (s == status::ok) s = await<(Mode & 2) != 0 || Mode >= 4>(a, seq);
     const long long t1 = clock64();
     if (i >= a.warm) a.cycles[i - a.warm] = t1 - t0;
   }
@@ -94,8 +111,8 @@ __global__ void lat_server(lat_args a) {
   status s = status::ok;
   for (std::uint64_t i = 0; i < a.warm + a.count && s == status::ok; ++i) {
     const std::uint64_t seq = a.first_seq + i;
-    s = await<(Mode & 2) != 0>(a, seq);
-    if (s == status::ok) s = send<(Mode & 1) != 0>(a, seq);
+    s = await<(Mode & 2) != 0 || Mode >= 4>(a, seq);
+    if (s == status::ok) s = send_as<(Mode >= 4 ? Mode : (Mode & 1))>(a, seq);
   }
   *a.result = s;
 }
@@ -272,32 +289,42 @@ int main(int argc, char** argv) {
   CU(cudaMalloc(&src_b, 8));
   CU(cudaMemset(src_b, 2, 8));
   std::uint64_t seq = 1;
-  std::vector<double> ops, raw, eaas_send, eaas_wait;
+  std::vector<double> ops, raw, eaas_send, eaas_wait, generic, copy_only;
   constexpr int kRounds = 10;
   for (int r = 0; r < kRounds; ++r) {
     auto x = latency_phase<0>(s, seq, iters / kRounds, 100, src_a, src_b);
     auto y = latency_phase<3>(s, seq, iters / kRounds, 100, src_a, src_b);
     auto z = latency_phase<2>(s, seq, iters / kRounds, 100, src_a, src_b);
     auto w = latency_phase<1>(s, seq, iters / kRounds, 100, src_a, src_b);
+    auto g = latency_phase<4>(s, seq, iters / kRounds, 100, src_a, src_b);
+    auto c = latency_phase<5>(s, seq, iters / kRounds, 100, src_a, src_b);
+    generic.insert(generic.end(), g.begin(), g.end());
+    copy_only.insert(copy_only.end(), c.begin(), c.end());
     ops.insert(ops.end(), x.begin(), x.end());
     raw.insert(raw.end(), y.begin(), y.end());
     eaas_send.insert(eaas_send.end(), z.begin(), z.end());
     eaas_wait.insert(eaas_wait.end(), w.begin(), w.end());
   }
-  const latency_stats lo = summarize(ops), lr = summarize(raw), ls = summarize(eaas_send), lw = summarize(eaas_wait);
+  const latency_stats lo = summarize(ops), lr = summarize(raw), ls = summarize(eaas_send), lw = summarize(eaas_wait),
+                      lg = summarize(generic), lc = summarize(copy_only);
   std::printf("# 8-byte ping-pong, RTT/2, kernel-timed (launch excluded), %d alternating rounds\n", kRounds);
   print_latency_header({"ratio"});
   print_latency_row(8, lo, {lo.t_typical / lr.t_typical});
   print_latency_row(8, lr, {1.0});
   print_latency_row(8, ls, {ls.t_typical / lr.t_typical});
   print_latency_row(8, lw, {lw.t_typical / lr.t_typical});
+  print_latency_row(8, lg, {lg.t_typical / lr.t_typical});
+  print_latency_row(8, lc, {lc.t_typical / lr.t_typical});
   std::printf(
       "# rows: eaas put_signal + wait_signal; raw flag (st.release.sys / ld.acquire.sys); eaas put_signal + raw "
-      "wait; raw send + eaas wait_signal\n");
+      "wait; raw send + eaas wait_signal; raw with a generic-address payload store; the op's copy body without "
+      "checks + raw signal, raw wait\n");
   out["latency"] = {{"eaas", to_json(8, lo)},
                     {"raw_flag", to_json(8, lr)},
                     {"eaas_send_raw_wait", to_json(8, ls)},
                     {"raw_send_eaas_wait", to_json(8, lw)},
+                    {"raw_generic_store", to_json(8, lg)},
+                    {"copy_body_raw_signal", to_json(8, lc)},
                     {"ratio", lo.t_typical / lr.t_typical}};
 
   // Bandwidth.
