@@ -16,13 +16,17 @@ namespace eaas {
 
 namespace detail {
 
+// Every condition evaluated, one branch (bitwise |, not ||): on a GPU thread each early exit is a
+// dependent compare-and-branch, and at 8 bytes those are most of an op's cost.
+EAAS_HOST_DEVICE bool remote_bad(const device_endpoint& ep, const remote_view& r, std::uint64_t offset,
+                                 std::uint64_t bytes, std::uint64_t align) {
+  return (r.magic != kRemoteViewMagic) | (r.transport != ep.transport) | (r.owner_id != ep.peer_id) |
+         (offset > r.size) | (bytes > r.size - offset) | (((r.addr + offset) & (align - 1)) != 0);
+}
+
 EAAS_HOST_DEVICE status check_remote(const device_endpoint& ep, const remote_view& r, std::uint64_t offset,
                                      std::uint64_t bytes, std::uint64_t align) {
-  if (EAAS_UNLIKELY(r.magic != kRemoteViewMagic || r.transport != ep.transport || r.owner_id != ep.peer_id))
-    return status::invalid_argument;
-  if (EAAS_UNLIKELY(offset > r.size || bytes > r.size - offset)) return status::invalid_argument;
-  if (EAAS_UNLIKELY(((r.addr + offset) & (align - 1)) != 0)) return status::invalid_argument;
-  return status::ok;
+  return EAAS_UNLIKELY(remote_bad(ep, r, offset, bytes, align)) ? status::invalid_argument : status::ok;
 }
 
 EAAS_HOST_DEVICE bool aligned8(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 7u) == 0; }
@@ -81,6 +85,19 @@ EAAS_HOST_DEVICE status put_signal(Coop, const device_endpoint& ep, const remote
                                    const void* src, std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset,
                                    std::uint64_t value, signal_op op) {
   static_assert(is_coop_v<Coop>, "the first argument is a cooperation tag: coop_thread, coop_warp or coop_block");
+#if EAAS_DEVICE_CODE
+  // The nvlink fast path: the same checks as below (on the device check_endpoint_fast looks at the view
+  // only), as one branch.
+  if (ep.transport == transport_kind::nvlink) {
+    const bool bad = (ep.magic != kEndpointViewMagic) | (ep.state == nullptr) |
+                     detail::remote_bad(ep, dst, dst_offset, bytes, 1) |
+                     detail::remote_bad(ep, sig, sig_offset, 8, kSignalAlign) | ((src == nullptr) & (bytes != 0)) |
+                     ((op != signal_op::set) & (op != signal_op::add));
+    if (EAAS_UNLIKELY(bad)) return status::invalid_argument;
+    (void)detail::ldst_dev::put<Coop>(dst, dst_offset, src, bytes);
+    return detail::ldst_dev::signal<Coop>(sig, sig_offset, value, op);
+  }
+#endif
   if (status s = detail::check_endpoint_fast(ep); s != status::ok) return s;
   if (status s = detail::check_remote(ep, dst, dst_offset, bytes, 1); s != status::ok) return s;
   if (status s = detail::check_remote(ep, sig, sig_offset, 8, kSignalAlign); s != status::ok) return s;
