@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -52,8 +53,10 @@ __global__ void k_wait(device_endpoint ep, const std::uint64_t* word, cmp_op cmp
 
 struct lane {
   cudaStream_t stream = nullptr;
-  unsigned char* staging = nullptr;
+  unsigned char* staging = nullptr;  // device
   std::size_t capacity = 0;
+  unsigned char* pinned = nullptr;  // page-locked host memory: copies at full PCIe speed, not through
+  std::size_t pinned_capacity = 0;  // the driver's pageable bounce path
   unsigned int* arrivals = nullptr;  // device
   int* result = nullptr;             // device
   wait_out* wout = nullptr;          // device
@@ -61,6 +64,7 @@ struct lane {
     if (stream) cudaStreamDestroy(stream);
     cudaFree(staging);
     cudaFree(arrivals);
+    cudaFreeHost(pinned);
   }
 };
 
@@ -82,9 +86,16 @@ class gpu_wire final : public wire {
     if (bytes == 0) return status::ok;
     held l(*this);
     if (!l.ok()) return l.error;
-    EAAS_WIRE_CUDA(cudaMemcpyAsync(dst, static_cast<const unsigned char*>(r.data()) + offset, bytes,
-                                   cudaMemcpyDeviceToHost, l->stream));
+    const auto* from = static_cast<const unsigned char*>(r.data()) + offset;
+    if (bytes <= kSmallCopy) {
+      EAAS_WIRE_CUDA(cudaMemcpyAsync(dst, from, bytes, cudaMemcpyDeviceToHost, l->stream));
+      EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
+      return status::ok;
+    }
+    EAAS_CHECK(pinned(*l, bytes));
+    EAAS_WIRE_CUDA(cudaMemcpyAsync(l->pinned, from, bytes, cudaMemcpyDeviceToHost, l->stream));
     EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
+    std::memcpy(dst, l->pinned, bytes);
     return status::ok;
   }
 
@@ -125,7 +136,13 @@ class gpu_wire final : public wire {
       EAAS_WIRE_CUDA(cudaMalloc(&l->staging, bytes));
       l->capacity = bytes;
     }
-    if (bytes) EAAS_WIRE_CUDA(cudaMemcpyAsync(l->staging, src, bytes, cudaMemcpyHostToDevice, l->stream));
+    if (bytes > kSmallCopy) {
+      EAAS_CHECK(pinned(*l, bytes));
+      std::memcpy(l->pinned, src, bytes);
+      EAAS_WIRE_CUDA(cudaMemcpyAsync(l->staging, l->pinned, bytes, cudaMemcpyHostToDevice, l->stream));
+    } else if (bytes) {
+      EAAS_WIRE_CUDA(cudaMemcpyAsync(l->staging, src, bytes, cudaMemcpyHostToDevice, l->stream));
+    }
     EAAS_WIRE_CUDA(cudaMemsetAsync(l->result, 0, sizeof(int), l->stream));
     const gpu::put_job j{.ep = ep.view(),
                          .dst = dst,
@@ -222,6 +239,20 @@ class gpu_wire final : public wire {
     l->result = reinterpret_cast<int*>(words + 16);
     l->wout = reinterpret_cast<wait_out*>(words + 32);
     out = std::move(l);
+    return status::ok;
+  }
+
+  // Copies up to this size go straight from / to the caller's memory; larger ones through the lane's
+  // page-locked buffer.
+  static constexpr std::size_t kSmallCopy = 16 << 10;
+
+  static status pinned(lane& l, std::size_t bytes) {
+    if (l.pinned_capacity >= bytes) return status::ok;
+    cudaFreeHost(l.pinned);
+    l.pinned = nullptr;
+    l.pinned_capacity = 0;
+    EAAS_WIRE_CUDA(cudaMallocHost(&l.pinned, bytes));
+    l.pinned_capacity = bytes;
     return status::ok;
   }
 
