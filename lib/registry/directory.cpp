@@ -130,16 +130,28 @@ remote_region* peer_link::region(std::string_view name) const {
 namespace detail {
 namespace {
 
-// Connects to the peer a record describes and imports its regions.
-status connect_record(context& ctx, const peer_record& rec, peer_link& out) {
-  peer_link link;
-  EAAS_CHECK(ctx.connect(rec.connection, link.ep));
+// A link request's region of this name carries the dialer's connection reply (ibgda: the QP it
+// connected against ours), not a memory region. Names starting with "eaas." are reserved.
+constexpr std::string_view kReplyRegion = "eaas.reply";
+constexpr std::uint32_t kMaxDials = 8;  // a link's dials (each a fresh read of the peer's record)
+
+// Imports the regions a record names into `link`, whose endpoint is connected.
+status import_regions(const peer_record& rec, peer_link& link) {
   for (const auto& [name, h] : rec.regions) {
     std::unique_ptr<remote_region> rr;
     EAAS_CHECK(link.ep->import_region(h, rr));
     link.regions.emplace_back(name, std::move(rr));
   }
   link.record = rec;
+  return status::ok;
+}
+
+// Dials the peer a record describes (`reply` gets what the peer must accept, if the transport needs
+// a message back) and imports its regions.
+status dial_record(context& ctx, const peer_record& rec, peer_link& out, handle_bytes& reply) {
+  peer_link link;
+  EAAS_CHECK(ctx.connect(rec.connection, link.ep, reply));
+  EAAS_CHECK(import_regions(rec, link));
   out = std::move(link);
   return status::ok;
 }
@@ -196,33 +208,61 @@ class directory_impl final : public directory {
       EAAS_CHECK(decode_peer_record(kv.value, theirs));
       if (theirs.id != peer_id)
         return EAAS_FAIL(status::invalid_handle, "link: the record under '{}' names '{}'", peer_id, theirs.id);
-      peer_link link;
-      EAAS_CHECK(connect_record(ctx_, theirs, link));
-      // Ask the peer to link back: our record plus the regions meant for it alone.
-      peer_record request = self_;
-      request.regions.insert(request.regions.end(), extra.begin(), extra.end());
-      std::string enc;
-      EAAS_CHECK(encode_peer_record(request, enc));
-      const std::string req_key = base() + "links/" + peer_id + "/" + self_.id;
-      EAAS_CHECK(keeper_->set(req_key, enc));
-      kv_record mine;
-      EAAS_CHECK(reg_.get(req_key, mine));
-      // The peer answers "ok REV" or "error STATUS REV" for the request it served.
-      const std::string ack_key = base() + "acks/" + self_.id + "/" + peer_id;
-      const std::string want = " " + std::to_string(mine.mod_revision);
-      for (;;) {
-        kv_record ack;
-        if (reg_.get(ack_key, ack) == status::ok && ack.value.ends_with(want)) {
-          if (ack.value.starts_with("ok ")) break;
-          return EAAS_FAIL(status::peer_unreachable, "link: '{}' refused the link: {}", peer_id, ack.value);
+      for (const auto& [name, h] : extra)
+        if (name.starts_with("eaas."))
+          return EAAS_FAIL(status::invalid_argument, "link: region name '{}' is reserved (eaas.*)", name);
+      for (std::uint32_t dial = 1;; ++dial) {
+        peer_link link;
+        handle_bytes reply;
+        EAAS_CHECK(dial_record(ctx_, theirs, link, reply));
+        // Ask the peer to link back: our record plus the regions meant for it alone (and, where our
+        // transport needs it, the reply it must accept instead of dialing us).
+        peer_record request;
+        {
+          std::lock_guard lock(self_mu_);
+          request = self_;
         }
-        if (now_ns() >= until)
-          return EAAS_FAIL(status::timeout, "link: '{}' did not acknowledge within {} ms", peer_id,
-                           timeout_ns / 1'000'000);
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
+        request.regions.insert(request.regions.end(), extra.begin(), extra.end());
+        const bool replied = !reply.empty();
+        if (replied) request.regions.emplace_back(std::string(kReplyRegion), std::move(reply));
+        std::string enc;
+        EAAS_CHECK(encode_peer_record(request, enc));
+        const std::string req_key = base() + "links/" + peer_id + "/" + self_.id;
+        EAAS_CHECK(keeper_->set(req_key, enc));
+        kv_record mine;
+        EAAS_CHECK(reg_.get(req_key, mine));
+        // The peer answers "ok REV" or "error STATUS REV" for the request it served.
+        const std::string ack_key = base() + "acks/" + self_.id + "/" + peer_id;
+        const std::string want = " " + std::to_string(mine.mod_revision);
+        std::string refused;
+        for (;;) {
+          kv_record ack;
+          if (reg_.get(ack_key, ack) == status::ok && ack.value.ends_with(want)) {
+            if (!ack.value.starts_with("ok ")) refused = ack.value;
+            break;
+          }
+          if (now_ns() >= until)
+            return EAAS_FAIL(status::timeout, "link: '{}' did not acknowledge within {} ms", peer_id,
+                             timeout_ns / 1'000'000);
+          std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+        if (refused.empty()) {
+          out = std::move(link);
+          return status::ok;
+        }
+        // The QP we dialed was no longer in the peer's pool (another dialer took it, or its record was
+        // stale): the peer republishes its record with a fresh pool; dial again from that.
+        const bool redial = replied && refused.starts_with(std::string("error ") + status_name(status::not_found));
+        if (!redial || dial >= kMaxDials || now_ns() >= until)
+          return EAAS_FAIL(status::peer_unreachable, "link: '{}' refused the link: {}{}", peer_id, refused,
+                           redial ? fmt::format(" (after {} dials)", dial) : std::string());
+        link.ep->close();
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        peer_record fresh;
+        if (reg_.get(key_peer(peer_id), kv) == status::ok && decode_peer_record(kv.value, fresh) == status::ok &&
+            fresh.id == peer_id)
+          theirs = std::move(fresh);
       }
-      out = std::move(link);
-      return status::ok;
     } catch (const std::bad_alloc&) {
       return EAAS_FAIL(status::no_resource, "link: out of memory");
     }
@@ -285,8 +325,33 @@ class directory_impl final : public directory {
                            fmt::format("error {} {}", status_name(s), kv.mod_revision));
       return;
     }
+    // A reply from the dialer (ibgda): accept it rather than dial the dialer's handle.
+    handle_bytes reply;
+    std::size_t replies = 0;
+    for (auto it = req.regions.begin(); it != req.regions.end();) {
+      if (it->first == kReplyRegion) {
+        reply = std::move(it->second);
+        ++replies;
+        it = req.regions.erase(it);
+      } else {
+        ++it;
+      }
+    }
     peer_link link;
-    s = connect_record(ctx_, req, link);
+    if (replies > 1) {
+      s = EAAS_FAIL(status::invalid_handle, "link request from {} carries {} replies", req.id, replies);
+    } else if (replies == 1) {
+      s = ctx_.connect(reply, link.ep);
+      if (s == status::ok) s = import_regions(req, link);
+    } else {
+      handle_bytes none;
+      s = dial_record(ctx_, req, link, none);
+      if (s == status::ok && !none.empty())  // our transport needs a message back: the dialer cannot get it
+        s = EAAS_FAIL(status::unsupported, "link from {}: connecting back needs a reply to it", req.id);
+    }
+    // An accept takes a QP out of the pool its connection handle advertised: publish the new pool, so
+    // that the next dialer (or this one, dialing again after a not_found) finds live QPs.
+    if (replies == 1) republish();
     (void)keeper_->set(base() + "acks/" + req.id + "/" + self_.id,
                        s == status::ok ? fmt::format("ok {}", kv.mod_revision)
                                        : fmt::format("error {} {}", status_name(s), kv.mod_revision));
@@ -308,9 +373,21 @@ class directory_impl final : public directory {
     fn(std::move(link));
   }
 
+  void republish() {
+    handle_bytes h;
+    std::string enc;
+    if (ctx_.connection_handle(h) != status::ok) return;
+    std::lock_guard lock(self_mu_);
+    // Written even when unchanged: a refused dialer may have read a record older than ours.
+    self_.connection = std::move(h);
+    if (encode_peer_record(self_, enc) != status::ok || keeper_->set(key_peer(self_.id), enc) != status::ok)
+      log(log_level::warn, "directory: cannot republish {}'s record: {}", self_.id, last_error());
+  }
+
   registry& reg_;
   context& ctx_;
   std::string ns_;
+  std::mutex self_mu_;  // self_.connection changes when an accept republishes it
   peer_record self_;
   std::unique_ptr<lease_keeper> keeper_;
   std::unique_ptr<watch> links_watch_;

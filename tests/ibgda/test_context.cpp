@@ -9,8 +9,15 @@
 #include <random>
 #include <vector>
 
+#include <chrono>
+#include <deque>
+#include <mutex>
+#include <thread>
+
 #include "eaas/device/ops.hpp"
 #include "eaas/host/context.hpp"
+#include "eaas/host/directory.hpp"
+#include "eaas/host/registry.hpp"
 #include "eaas/host/error.hpp"
 #include "fake_verbs.hpp"
 #include "handle.hpp"
@@ -392,4 +399,124 @@ TEST_CASE("ibgda context: closing one endpoint leaves another working; reconnect
   traffic(*c_a, *lc, *ra_c, *ra, 7);
   CHECK(model.violations() == 0);
   model.stop();
+}
+
+namespace {
+
+// RTR2RTS transitions the host's fakes saw (one per QP taken to RTS: one per dial or accept).
+std::size_t rts_count(const host& h) {
+  std::size_t n = 0;
+  for (const auto& c : h.v.calls_named("devx_modify")) n += c.opcode == prm::kRtr2RtsQp ? 1 : 0;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("ibgda over the directory: the reply travels in the link request, accepts republish the pool, a stale "
+          "record is dialed again") {
+  eaas::test::soft_nic model;
+  host a(model, kHostA, 1, 8), b(model, kHostB), c(model, kHostC);  // A advertises one QP at a time
+  std::unique_ptr<eaas::registry_server> srv;
+  REQUIRE(eaas::registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, srv) == status::ok);
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(srv->port());
+  std::unique_ptr<eaas::registry> reg_a, reg_b, reg_c;
+  REQUIRE(eaas::registry::open({.endpoint = endpoint}, reg_a) == status::ok);
+  REQUIRE(eaas::registry::open({.endpoint = endpoint}, reg_b) == status::ok);
+  REQUIRE(eaas::registry::open({.endpoint = endpoint}, reg_c) == status::ok);
+
+  auto data = a.alloc(64 << 10), la = a.alloc(32 << 10);
+  auto res_b = b.alloc(64 << 10), lb = b.alloc(32 << 10), lc = c.alloc(32 << 10);
+  eaas::handle_bytes hdata, hres;
+  REQUIRE(data->export_handle(hdata) == status::ok);
+  REQUIRE(res_b->export_handle(hres) == status::ok);
+  eaas::peer_record rec_a;
+  rec_a.id = "a";
+  rec_a.role = "server";
+  rec_a.connection = a.handle();
+  rec_a.regions = {{"data", hdata}};
+  eaas::peer_record rec_b{.id = "b", .role = "client", .connection = b.handle()};
+  eaas::peer_record rec_c{.id = "c", .role = "client", .connection = c.handle()};
+  std::unique_ptr<eaas::directory> da, db, dc;
+  REQUIRE(eaas::directory::start(*reg_a, *a.ctx, "ib", rec_a, 5, da) == status::ok);
+  REQUIRE(eaas::directory::start(*reg_b, *b.ctx, "ib", rec_b, 5, db) == status::ok);
+  REQUIRE(eaas::directory::start(*reg_c, *c.ctx, "ib", rec_c, 5, dc) == status::ok);
+  std::mutex mu;
+  std::deque<eaas::peer_link> incoming;  // grows on the directory's thread: references to elements stay valid
+  da->on_link([&](eaas::peer_link&& l) {
+    std::lock_guard g(mu);
+    incoming.push_back(std::move(l));
+  });
+  auto wait_links = [&](std::size_t n) {
+    for (int i = 0; i < 5000; ++i) {
+      {
+        std::lock_guard g(mu);
+        if (incoming.size() >= n) return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return false;
+  };
+  constexpr std::uint64_t kFive = 5'000'000'000ull;
+
+  // A reserved name is refused before anything is dialed.
+  eaas::peer_link none;
+  CHECK(db->link("a", {{"eaas.reply", hres}}, kFive, none) == status::invalid_argument);
+
+  // B links: its QP was taken to RTS against the one A advertised, A accepted B's reply (it did not
+  // dial B), and the regions arrived on both sides.
+  eaas::peer_link b_to_a;
+  REQUIRE_MESSAGE(db->link("a", {{"result", hres}}, kFive, b_to_a) == status::ok, why());
+  REQUIRE(wait_links(1));
+  eaas::peer_link& a_to_b = [&]() -> eaas::peer_link& {
+    std::lock_guard g(mu);
+    return incoming[0];
+  }();
+  CHECK(b_to_a.ep->transport() == eaas::transport_kind::ibgda);
+  CHECK(a_to_b.ep->transport() == eaas::transport_kind::ibgda);
+  CHECK(a_to_b.record.id == "b");
+  CHECK(a_to_b.region("result") != nullptr);
+  CHECK(a_to_b.region("eaas.reply") == nullptr);  // consumed, not imported
+  REQUIRE(b_to_a.region("data") != nullptr);
+  CHECK(wiring(a, qp_of(*a_to_b.ep).qpn).remote_qpn == qp_of(*b_to_a.ep).qpn);
+  CHECK(wiring(b, qp_of(*b_to_a.ep).qpn).remote_qpn == qp_of(*a_to_b.ep).qpn);
+  CHECK(rts_count(b) == 1);
+
+  // A republished its record: the new handle advertises a fresh QP, not the one B took.
+  eaas::kv_record kv;
+  REQUIRE(reg_c->get("/eaas/ib/peers/a", kv) == status::ok);
+  eaas::peer_record now;
+  REQUIRE(eaas::decode_peer_record(kv.value, now) == status::ok);
+  CHECK(now.connection != rec_a.connection);
+  CHECK(now.regions == rec_a.regions);
+
+  // C reads a stale record (the one before B's link, put back by hand): its first dial names B's QP,
+  // A refuses it (not_found) and republishes; C dials again from the fresh record and gets through.
+  std::string stale;
+  REQUIRE(eaas::encode_peer_record(rec_a, stale) == status::ok);
+  REQUIRE(reg_c->put("/eaas/ib/peers/a", stale, 0) == status::ok);
+  eaas::peer_link c_to_a;
+  REQUIRE_MESSAGE(dc->link("a", {}, kFive, c_to_a) == status::ok, why());
+  CHECK(rts_count(c) == 2);  // two dials
+  REQUIRE(wait_links(2));
+  eaas::peer_link& a_to_c = [&]() -> eaas::peer_link& {
+    std::lock_guard g(mu);
+    return incoming[1];
+  }();
+  CHECK(a_to_c.record.id == "c");
+  CHECK(wiring(a, qp_of(*a_to_c.ep).qpn).remote_qpn == qp_of(*c_to_a.ep).qpn);
+
+  // Traffic over every link, every byte checked: B and C into A's data region, A into B's result.
+  model.attach(qp_of(*b_to_a.ep));
+  model.attach(qp_of(*c_to_a.ep));
+  model.attach(qp_of(*a_to_b.ep));
+  model.start();
+  REQUIRE(c_to_a.region("data") != nullptr);
+  traffic(*b_to_a.ep, *lb, *b_to_a.region("data"), *data, 21);
+  traffic(*c_to_a.ep, *lc, *c_to_a.region("data"), *data, 22);
+  traffic(*a_to_b.ep, *la, *a_to_b.region("result"), *res_b, 23);
+  CHECK(model.violations() == 0);
+  model.stop();
+  da.reset();
+  db.reset();
+  dc.reset();
 }
