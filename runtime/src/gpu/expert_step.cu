@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "eaas/host/error.hpp"
+#include "cuda_fail.cuh"
 #include "bf16.hpp"
 #include "eaas/runtime/grouped_gemm.hpp"
 #include "expert_step.hpp"
@@ -17,15 +17,7 @@
 namespace eaas::runtime::gpu {
 namespace {
 
-status fail(status s, int line, const std::string& what) noexcept {
-  return ::eaas::detail::record_failure(s, __FILE__, line, what);
-}
-
-#define EAAS_STEP_CUDA(x)                                                                                       \
-  do {                                                                                                          \
-    if (const cudaError_t e_ = (x); e_ != cudaSuccess)                                                          \
-      return fail(status::internal_error, __LINE__, std::string("gpu experts: ") + #x + ": " + cudaGetErrorString(e_)); \
-  } while (0)
+#define EAAS_STEP_CUDA(x) EAAS_GPU_CUDA("gpu experts", x)
 
 constexpr unsigned kPutBlocks = 32;  // most blocks one answer is put with
 
@@ -116,17 +108,16 @@ class step_impl final : public expert_step {
     device_ = device;
     shape_ = shape;
     if (shape.hidden % kGroupedSwigluAlign != 0 || shape.inter % kGroupedSwigluAlign != 0)
-      return fail(status::invalid_argument, __LINE__,
-                  "gpu experts: hidden (" + std::to_string(shape.hidden) + ") and inter (" +
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: hidden (" + std::to_string(shape.hidden) + ") and inter (" +
                       std::to_string(shape.inter) + ") must be multiples of 32");
     if (local_experts == 0 || max_requests == 0 || max_tokens == 0)
-      return fail(status::invalid_argument, __LINE__, "gpu experts: no experts, requests or tokens");
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: no experts, requests or tokens");
     local_ = local_experts;
     groups_ = shape.layers * local_;
     max_requests_ = max_requests;
     max_tokens_ = std::uint64_t{max_requests} * max_tokens;
     max_rows_ = max_tokens_ * std::min(shape.topk, local_);
-    if (max_rows_ > (1u << 30)) return fail(status::invalid_argument, __LINE__, "gpu experts: batch too large");
+    if (max_rows_ > (1u << 30)) return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: batch too large");
     EAAS_STEP_CUDA(cudaSetDevice(device));
     EAAS_STEP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
@@ -172,13 +163,13 @@ class step_impl final : public expert_step {
   status upload(std::uint32_t layer, std::uint32_t e, const expert_weights& w) override {
     const std::size_t mat = std::size_t{shape_.hidden} * shape_.inter;
     if (layer >= shape_.layers || e >= local_)
-      return fail(status::invalid_argument, __LINE__, "gpu experts: upload of an expert outside the shape");
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: upload of an expert outside the shape");
     const std::vector<float>* m[3] = {&w.gate, &w.up, &w.down};
     std::vector<std::uint16_t> tmp(mat);
     EAAS_STEP_CUDA(cudaSetDevice(device_));
     for (int k = 0; k < 3; ++k) {
       if (m[k]->size() != mat)
-        return fail(status::invalid_argument, __LINE__, "gpu experts: a matrix has the wrong size");
+        return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: a matrix has the wrong size");
       for (std::size_t j = 0; j < mat; ++j) tmp[j] = f32_to_bf16((*m[k])[j]);
       EAAS_STEP_CUDA(cudaMemcpy(weights_.p + ((std::size_t{layer} * local_ + e) * 3 + k) * mat, tmp.data(), mat * 2,
                                 cudaMemcpyHostToDevice));
@@ -194,7 +185,7 @@ class step_impl final : public expert_step {
     if (reqs.empty()) return status::ok;
     if (reqs.size() > max_requests_ || rows.size() > max_rows_ || offsets.size() != groups_ + 1u ||
         offsets.back() != static_cast<std::int32_t>(rows.size()))
-      return fail(status::invalid_argument, __LINE__, "gpu experts: a batch outside the limits");
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: a batch outside the limits");
     // The plan, on the host.
     tok_base_.resize(reqs.size());
     std::uint64_t tokens = 0;
@@ -203,11 +194,11 @@ class step_impl final : public expert_step {
       const std::uint64_t elt = r.bf16 ? 2 : 4;
       if (r.act_offset > slots_bytes || std::uint64_t{r.tokens} * h * elt > slots_bytes - r.act_offset ||
           (r.act_offset % 16) != 0)
-        return fail(status::invalid_argument, __LINE__, "gpu experts: a request's activations outside the slots");
+        return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: a request's activations outside the slots");
       tok_base_[q] = tokens;
       tokens += r.tokens;
     }
-    if (tokens > max_tokens_) return fail(status::invalid_argument, __LINE__, "gpu experts: too many tokens");
+    if (tokens > max_tokens_) return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: too many tokens");
     src_h_.resize(rows.size());
     weight_h_.resize(rows.size());
     tok_rows_h_.assign(tokens * topk, -1);
@@ -219,7 +210,7 @@ class step_impl final : public expert_step {
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const step_row& w = rows[i];
       if (w.request >= reqs.size() || w.token >= reqs[w.request].tokens || w.slot >= topk)
-        return fail(status::invalid_argument, __LINE__, "gpu experts: a row outside its request");
+        return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: a row outside its request");
       const step_request& r = reqs[w.request];
       src_h_[i] = {base + r.act_offset + std::uint64_t{w.token} * h * (r.bf16 ? 2 : 4), r.bf16 ? 1u : 0u, 0};
       weight_h_[i] = w.weight;
@@ -282,7 +273,7 @@ class step_impl final : public expert_step {
     EAAS_STEP_CUDA(cudaMemcpyAsync(&err, error_.p, sizeof(err), cudaMemcpyDeviceToHost, s));
     EAAS_STEP_CUDA(cudaStreamSynchronize(s));
     if (err != 0)  // the host built the plan: a bad offset or weight pointer here is a bug of this step
-      return fail(status::internal_error, __LINE__, "gpu experts: grouped_swiglu refused the plan (bits " +
+      return EAAS_GPU_FAIL(status::internal_error, "gpu experts: grouped_swiglu refused the plan (bits " +
                                                         std::to_string(err) + ")");
     for (std::size_t q = 0; q < reqs.size(); ++q) answered[q] = static_cast<status>(results_h_[q]);
     return status::ok;

@@ -12,22 +12,14 @@
 #include <string>
 #include <vector>
 
-#include "eaas/host/error.hpp"
+#include "cuda_fail.cuh"
 #include "put_job.cuh"
 #include "wire.hpp"
 
 namespace eaas::runtime {
 namespace {
 
-status fail(status s, int line, const std::string& what) noexcept {
-  return ::eaas::detail::record_failure(s, __FILE__, line, what);
-}
-
-#define EAAS_WIRE_CUDA(x)                                                                                           \
-  do {                                                                                                              \
-    if (const cudaError_t e_ = (x); e_ != cudaSuccess)                                                              \
-      return fail(status::internal_error, __LINE__, std::string("gpu wire: ") + #x + ": " + cudaGetErrorString(e_)); \
-  } while (0)
+#define EAAS_WIRE_CUDA(x) EAAS_GPU_CUDA("gpu wire", x)
 
 struct wait_out {
   int status;
@@ -82,7 +74,7 @@ class gpu_wire final : public wire {
 
   status read(const memory_region& r, std::uint64_t offset, void* dst, std::size_t bytes) override {
     if (!inside(r, offset, bytes))
-      return fail(status::invalid_argument, __LINE__, "gpu wire: read outside its region");
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: read outside its region");
     if (bytes == 0) return status::ok;
     held l(*this);
     if (!l.ok()) return l.error;
@@ -103,7 +95,7 @@ class gpu_wire final : public wire {
                     std::uint64_t* out) override {
     if (count == 0) return status::ok;
     if (offset % 8 != 0 || stride % 8 != 0 || stride == 0 || !inside(r, offset, stride * (count - 1) + 8))
-      return fail(status::invalid_argument, __LINE__, "gpu wire: words outside their region");
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: words outside their region");
     // One copy of the span (signal words are packed 64 bytes apart at the start of a region).
     std::lock_guard g(words_mu_);
     words_.resize((stride * (count - 1) + 8 + 7) / 8);
@@ -114,7 +106,7 @@ class gpu_wire final : public wire {
 
   status store_word(memory_region& r, std::uint64_t offset, std::uint64_t value) override {
     if (offset % 8 != 0 || !inside(r, offset, 8))
-      return fail(status::invalid_argument, __LINE__, "gpu wire: word outside its region");
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: word outside its region");
     held l(*this);
     if (!l.ok()) return l.error;
     EAAS_WIRE_CUDA(cudaMemcpyAsync(static_cast<unsigned char*>(r.data()) + offset, &value, 8, cudaMemcpyHostToDevice,
@@ -172,7 +164,7 @@ class gpu_wire final : public wire {
               std::uint64_t until_ns, std::uint64_t* seen) override {
     EAAS_CHECK(check_ep(ep));
     if (offset % 8 != 0 || !inside(r, offset, 8))
-      return fail(status::invalid_argument, __LINE__, "gpu wire: wait on a word outside its region");
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: wait on a word outside its region");
     held l(*this);
     if (!l.ok()) return l.error;
     const std::uint64_t now = eaas::now_ns();
@@ -192,8 +184,7 @@ class gpu_wire final : public wire {
   status init() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || device_ < 0 || device_ >= n)
-      return fail(status::unsupported, __LINE__,
-                  "GPU " + std::to_string(device_) + " asked for, but this host has " + std::to_string(n) + " GPUs");
+      return EAAS_GPU_FAIL(status::unsupported, "GPU " + std::to_string(device_) + " asked for, but this host has " + std::to_string(n) + " GPUs");
     return status::ok;
   }
 
@@ -205,7 +196,7 @@ class gpu_wire final : public wire {
     status error = status::ok;
     explicit held(gpu_wire& owner) : w(owner) {
       if (cudaSetDevice(w.device_) != cudaSuccess) {
-        error = fail(status::internal_error, __LINE__, "gpu wire: cudaSetDevice failed");
+        error = EAAS_GPU_FAIL(status::internal_error, "gpu wire: cudaSetDevice failed");
         return;
       }
       {
@@ -261,8 +252,7 @@ class gpu_wire final : public wire {
 
   static status check_ep(const endpoint& ep) {
     if (ep.transport() != transport_kind::nvlink)
-      return fail(status::unsupported, __LINE__,
-                  std::string("gpu wire: the peer is reached over ") + std::string(transport_name(ep.transport())) +
+      return EAAS_GPU_FAIL(status::unsupported, std::string("gpu wire: the peer is reached over ") + std::string(transport_name(ep.transport())) +
                       ", not nvlink (both ends of a GPU link must run on GPUs of this host)");
     return status::ok;
   }
