@@ -141,9 +141,13 @@ int main(int argc, char** argv) {
     for (auto& v : r.act) v = nd(rng);
     r.ids.resize(std::size_t{tokens} * shape.topk);
     r.weights.resize(r.ids.size());
-    for (std::size_t i = 0; i < r.ids.size(); ++i) {
-      r.ids[i] = i % 3 == 2 ? kNoExpert : static_cast<std::uint16_t>(rng() % local);
-      r.weights[i] = 0.25f + float(rng() % 100) / 100.0f;
+    for (std::uint32_t t = 0; t < tokens; ++t) {  // distinct experts per token, some entries unused
+      const auto base = static_cast<std::uint32_t>(rng() % local);
+      for (std::uint32_t k = 0; k < shape.topk; ++k) {
+        const std::size_t i = std::size_t{t} * shape.topk + k;
+        r.ids[i] = k % 3 == 2 || k >= local ? kNoExpert : static_cast<std::uint16_t>((base + k) % local);
+        r.weights[i] = 0.25f + float(rng() % 100) / 100.0f;
+      }
     }
     return r;
   };
@@ -186,6 +190,12 @@ int main(int argc, char** argv) {
     auto r = valid(4);
     r.ids[0] = 0xFFFE;
     expect_error("expert 0xFFFE", r, slot_error::expert_not_hosted);
+  }
+  if (shape.topk >= 2 && local >= 1) {
+    auto r = valid(4);
+    r.ids[shape.topk] = 0;  // token 1 names expert 0 twice
+    r.ids[shape.topk + 1] = 0;
+    expect_error("expert named twice", r, slot_error::duplicate_expert);
   }
   {
     auto r = valid(4);

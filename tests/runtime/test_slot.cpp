@@ -120,10 +120,10 @@ TEST_CASE("slot header: random headers never pass unless they are exactly consis
   CHECK(accepted > 0);
 }
 
-TEST_CASE("slot routing: unhosted experts and non-finite weights are refused") {
+TEST_CASE("slot routing: unhosted experts, an expert named twice by one token and non-finite weights are refused") {
   const slot_limits lim = limits();
   const slot_header h = valid(4, 2);
-  std::vector<std::uint16_t> ids = {0, 31, kNoExpert, 5, 7, 7, 1, 2};
+  std::vector<std::uint16_t> ids = {0, 31, kNoExpert, 5, 7, 8, 1, 2};
   std::vector<float> w = {0.5f, 0.5f, 0.0f, 1.0f, 0.25f, 0.75f, -0.1f, 2.0f};
   CHECK(validate_routing(h, lim, ids.data(), w.data()) == slot_error::none);
   ids[3] = 32;
@@ -134,6 +134,14 @@ TEST_CASE("slot routing: unhosted experts and non-finite weights are refused") {
     w[6] = bad;
     CHECK(validate_routing(h, lim, ids.data(), w.data()) == slot_error::bad_weight);
   }
+  // The same expert in two entries of one token; the same expert in two tokens is fine.
+  w[6] = -0.1f;
+  ids[5] = 7;
+  CHECK(validate_routing(h, lim, ids.data(), w.data()) == slot_error::duplicate_expert);
+  ids[5] = 8;
+  ids[6] = 7;
+  CHECK(validate_routing(h, lim, ids.data(), w.data()) == slot_error::none);
+  ids[6] = 1;
   // An unused entry's weight is never read.
   w[6] = -0.1f;
   ids[2] = kNoExpert;
@@ -142,8 +150,8 @@ TEST_CASE("slot routing: unhosted experts and non-finite weights are refused") {
 }
 
 TEST_CASE("slot errors have distinct names") {
-  for (std::uint32_t i = 0; i <= static_cast<std::uint32_t>(slot_error::not_owner); ++i)
-    for (std::uint32_t j = i + 1; j <= static_cast<std::uint32_t>(slot_error::not_owner); ++j)
+  for (std::uint32_t i = 0; i <= static_cast<std::uint32_t>(slot_error::duplicate_expert); ++i)
+    for (std::uint32_t j = i + 1; j <= static_cast<std::uint32_t>(slot_error::duplicate_expert); ++j)
       CHECK(std::strcmp(slot_error_name(static_cast<slot_error>(i)), slot_error_name(static_cast<slot_error>(j))) != 0);
   CHECK(std::strcmp(slot_error_name(static_cast<slot_error>(99)), "unknown") == 0);
 }

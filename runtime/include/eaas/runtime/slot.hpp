@@ -76,6 +76,7 @@ enum class slot_error : std::uint32_t {
   expert_not_hosted,  ///< a routing entry names an expert this server does not host
   bad_weight,         ///< a router weight is not a finite number
   not_owner,          ///< the grant is not the slot's: ignored, never answered (the region is another's)
+  duplicate_expert,   ///< a token names the same expert in two of its routing entries
 };
 
 EAAS_HOST_DEVICE constexpr const char* slot_error_name(slot_error e) {
@@ -108,6 +109,8 @@ EAAS_HOST_DEVICE constexpr const char* slot_error_name(slot_error e) {
       return "bad_weight";
     case slot_error::not_owner:
       return "not_owner";
+    case slot_error::duplicate_expert:
+      return "duplicate_expert";
   }
   return "unknown";
 }
@@ -150,16 +153,22 @@ EAAS_HOST_DEVICE constexpr slot_error validate_request(const slot_header& h, con
 }
 
 /// Checks the routing arrays of a request that passed validate_request: every expert id is hosted
-/// (or kNoExpert) and every weight of a used entry is finite. `ids` and `weights` point into the
-/// slot at the layout's offsets.
+/// (or kNoExpert), no token names one expert twice (a router's top-k is a set; and a server sizes its
+/// batch for at most min(top-k, hosted experts) rows per token), and every weight of a used entry is
+/// finite. `ids` and `weights` point into the slot at the layout's offsets.
 EAAS_HOST_DEVICE slot_error validate_routing(const slot_header& h, const slot_limits& lim, const std::uint16_t* ids,
                                              const float* weights) {
-  const std::uint64_t n = std::uint64_t{h.tokens} * h.topk;
-  for (std::uint64_t i = 0; i < n; ++i) {
-    if (ids[i] == kNoExpert) continue;
-    if (ids[i] >= lim.local_experts) return slot_error::expert_not_hosted;
-    const float w = weights[i];
-    if (!(w == w) || w > 3.0e38f || w < -3.0e38f) return slot_error::bad_weight;  // NaN or ±inf
+  for (std::uint64_t t = 0; t < h.tokens; ++t) {
+    const std::uint16_t* id = ids + t * h.topk;
+    const float* wt = weights + t * h.topk;
+    for (std::uint32_t k = 0; k < h.topk; ++k) {
+      if (id[k] == kNoExpert) continue;
+      if (id[k] >= lim.local_experts) return slot_error::expert_not_hosted;
+      for (std::uint32_t j = 0; j < k; ++j)
+        if (id[j] == id[k]) return slot_error::duplicate_expert;
+      const float w = wt[k];
+      if (!(w == w) || w > 3.0e38f || w < -3.0e38f) return slot_error::bad_weight;  // NaN or ±inf
+    }
   }
   return slot_error::none;
 }
