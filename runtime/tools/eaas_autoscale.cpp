@@ -88,6 +88,7 @@ struct run_options {
   std::string endpoint = "embedded://127.0.0.1:23790", token, ns = "moe", server_bin;
   tool::model_args model;
   double tick_ms = 1000, duration_s = 0;
+  int gpus = 0;  // > 0: start servers on GPUs 0 .. gpus-1, round robin (--gpu)
   std::vector<std::string> server_args;
 };
 
@@ -164,6 +165,7 @@ int run_live(const run_options& ro, autoscale_policy p) {
       std::vector<std::string> args = {ro.server_bin, "--id",           id,  "--registry", ro.endpoint, "--ns",
                                        ro.ns,         "--host-experts", list};
       if (!ro.token.empty()) args.insert(args.end(), {"--token", ro.token});
+      if (ro.gpus > 0) args.insert(args.end(), {"--gpu", std::to_string((next - 1) % ro.gpus)});
       args.insert(args.end(), ro.server_args.begin(), ro.server_args.end());
       std::vector<char*> argv;
       for (auto& x : args) argv.push_back(x.data());
@@ -257,6 +259,9 @@ int main(int argc, char** argv) {
   run->add_option("--duration", ro.duration_s, "seconds to run (0: until SIGTERM)")->capture_default_str();
   ro.model.add(*run);
   run->add_option("--server-arg", ro.server_args, "extra argument for every server started (repeatable)");
+  run->add_option("--gpus", ro.gpus, "start servers on GPUs 0..N-1, round robin (0: on the CPU)")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   if (run->parsed()) {
