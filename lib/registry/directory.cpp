@@ -11,6 +11,7 @@
 #include "handle.hpp"
 #include "log.hpp"
 #include "registry/backends.hpp"
+#include "transport/ibgda/wire.hpp"
 
 namespace eaas {
 
@@ -134,6 +135,39 @@ namespace {
 // connected against ours), not a memory region. Names starting with "eaas." are reserved.
 constexpr std::string_view kReplyRegion = "eaas.reply";
 constexpr std::uint32_t kMaxDials = 8;  // a link's dials (each a fresh read of the peer's record)
+
+// The context and host a context's connection handle names (the first fields of its payload).
+status connection_identity(const handle_bytes& h, std::uint64_t& context_id, std::uint64_t& host_id) {
+  handle_info info{};
+  std::span<const std::byte> payload;
+  EAAS_CHECK(decode_handle(h, handle_kind::connection, transport_kind::none, info, payload));
+  handle_reader r(payload);
+  context_id = r.u64();
+  host_id = r.u64();
+  if (!r.ok() || context_id == 0) return EAAS_FAIL(status::invalid_handle, "connection handle: no identity");
+  return status::ok;
+}
+
+// A reply carried in a link request must be an ibgda reply from the requester's own context: anything
+// else (another kind of handle, a reply some other context made) would hand the acceptor a link whose
+// endpoint reaches someone other than the record it came with.
+status check_reply(const handle_bytes& reply, const peer_record& req) {
+  handle_info info{};
+  EAAS_CHECK(inspect_handle(reply, info));
+  if (info.kind != handle_kind::connection || info.transport != transport_kind::ibgda)
+    return EAAS_FAIL(status::invalid_handle, "link request from {}: its reply is not an ibgda connection reply",
+                     req.id);
+  ibgda::conn_desc d;
+  EAAS_CHECK(ibgda::decode(reply, d));
+  std::uint64_t ctx = 0, host = 0;
+  EAAS_CHECK(connection_identity(req.connection, ctx, host));
+  if (d.context_id != ctx || d.host_id != host)
+    return EAAS_FAIL(status::invalid_handle,
+                     "link request from {}: its reply was made by context {:#x} (host {:#x}), its record names "
+                     "{:#x} (host {:#x})",
+                     req.id, d.context_id, d.host_id, ctx, host);
+  return status::ok;
+}
 
 // Imports the regions a record names into `link`, whose endpoint is connected.
 status import_regions(const peer_record& rec, peer_link& link) {
@@ -341,7 +375,8 @@ class directory_impl final : public directory {
     if (replies > 1) {
       s = EAAS_FAIL(status::invalid_handle, "link request from {} carries {} replies", req.id, replies);
     } else if (replies == 1) {
-      s = ctx_.connect(reply, link.ep);
+      s = check_reply(reply, req);
+      if (s == status::ok) s = ctx_.connect(reply, link.ep);
       if (s == status::ok) s = import_regions(req, link);
     } else {
       handle_bytes none;

@@ -429,7 +429,8 @@ class server_impl final : public expert_server {
                           .local_experts = static_cast<std::uint32_t>(o_.experts.size()),
                           .expected_seq = s.expected};
     r.err = validate_request(r.h, lim);
-    if (r.h.seq == s.expected) s.expected++;  // consumed, answered or refused
+    const bool consumed = r.h.seq == s.expected;
+    if (consumed) s.expected++;  // consumed, answered or refused
     if (r.err != slot_error::none) return r;
     const slot_layout l = layout_for(r.h.tokens, r.h.hidden, r.h.topk, static_cast<dtype>(r.h.type));
     const std::size_t n = std::size_t{r.h.tokens} * r.h.topk;
@@ -438,7 +439,8 @@ class server_impl final : public expert_server {
     // The routing arrays follow each other: one read (one copy out of GPU memory) for both.
     raw_.resize(l.end - l.expert_ids);
     if (wire_->read(*slots_mem_, base + l.expert_ids, raw_.data(), raw_.size()) != status::ok) {
-      r.err = slot_error::not_owner;
+      r.err = slot_error::not_owner;  // not taken: read again at the next poll
+      if (consumed) s.expected--;
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
       return r;
     }
@@ -453,7 +455,8 @@ class server_impl final : public expert_server {
     const bool bf16 = r.h.type == static_cast<std::uint16_t>(dtype::bf16);
     raw_.resize(elems * (bf16 ? 2 : 4));
     if (wire_->read(*slots_mem_, r.act_offset, raw_.data(), raw_.size()) != status::ok) {
-      r.err = slot_error::not_owner;
+      r.err = slot_error::not_owner;  // not taken: read again at the next poll
+      if (consumed) s.expected--;
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
       return r;
     }

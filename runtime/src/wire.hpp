@@ -33,7 +33,8 @@ class wire {
   virtual status read(const memory_region& r, std::uint64_t offset, void* dst, std::size_t bytes) = 0;
 
   /// The 8-byte words at offset, offset + stride, ... (`count` of them) of a region of this process,
-  /// each read with acquire ordering, into `out`.
+  /// into `out`: each read with acquire ordering on the host wire; on the gpu wire one copy-engine read
+  /// of the span, which the caller orders before its later reads by making them later copies.
   virtual status load_words(const memory_region& r, std::uint64_t offset, std::uint64_t stride, std::uint32_t count,
                             std::uint64_t* out) = 0;
 

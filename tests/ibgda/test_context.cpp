@@ -505,6 +505,34 @@ TEST_CASE("ibgda over the directory: the reply travels in the link request, acce
   CHECK(a_to_c.record.id == "c");
   CHECK(wiring(a, qp_of(*a_to_c.ep).qpn).remote_qpn == qp_of(*c_to_a.ep).qpn);
 
+  // Forged requests: a "reply" that is no reply (a region handle), and a genuine reply made by B put in a
+  // request whose record is C's. Both refused (invalid_handle), neither reaches on_link.
+  auto forge = [&](const std::string& from, const eaas::handle_bytes& reply) {
+    eaas::peer_record req{.id = from, .role = "client", .connection = c.handle()};
+    req.regions = {{"eaas.reply", reply}};
+    std::string enc;
+    REQUIRE(eaas::encode_peer_record(req, enc) == status::ok);
+    REQUIRE(reg_c->put("/eaas/ib/links/a/" + from, enc, 0) == status::ok);
+    for (int i = 0; i < 5000; ++i) {
+      eaas::kv_record ack;
+      if (reg_c->get("/eaas/ib/acks/" + from + "/a", ack) == status::ok) return ack.value;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return std::string("no ack");
+  };
+  CHECK(forge("x1", hdata).starts_with("error invalid_handle"));
+  REQUIRE(reg_c->get("/eaas/ib/peers/a", kv) == status::ok);
+  REQUIRE(eaas::decode_peer_record(kv.value, now) == status::ok);
+  eaas::handle_bytes b_reply;
+  std::unique_ptr<eaas::endpoint> b_dial;
+  REQUIRE(b.ctx->connect(now.connection, b_dial, b_reply) == status::ok);
+  CHECK(forge("x2", b_reply).starts_with("error invalid_handle"));
+  {
+    std::lock_guard g(mu);
+    CHECK(incoming.size() == 2);
+  }
+  b_dial.reset();
+
   // Traffic over every link, every byte checked: B and C into A's data region, A into B's result.
   model.attach(qp_of(*b_to_a.ep));
   model.attach(qp_of(*c_to_a.ep));

@@ -84,7 +84,14 @@ __global__ void k_combine(const std::int32_t* tok_rows, const std::uint32_t* tok
   }
 }
 
-__global__ void k_answer(const answer_job* jobs) {
+// Answers every request, unless the grouped GEMM refused the plan (then y holds nothing of this
+// batch, and no answer may go out: each request's result says why).
+__global__ void k_answer(const answer_job* jobs, const std::uint32_t* gemm_error) {
+  if (*gemm_error != 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+      atomicCAS(jobs[blockIdx.y].job.result, 0, static_cast<int>(status::internal_error));
+    return;
+  }
   put_share_then_signal(jobs[blockIdx.y].job, blockIdx.x, gridDim.x);
 }
 
@@ -265,7 +272,8 @@ class step_impl final : public expert_step {
         tok_rows_.p, tok_req_.p, jobs_.p, static_cast<std::uint32_t>(tokens), topk, h, y_.p,
         staging_.p);
     EAAS_STEP_CUDA(cudaGetLastError());
-    k_answer<<<dim3(put_blocks(most, kPutBlocks), static_cast<unsigned>(reqs.size())), 256, 0, s>>>(jobs_.p);
+    k_answer<<<dim3(put_blocks(most, kPutBlocks), static_cast<unsigned>(reqs.size())), 256, 0, s>>>(jobs_.p,
+                                                                                                  error_.p);
     EAAS_STEP_CUDA(cudaGetLastError());
     results_h_.resize(reqs.size());
     std::uint32_t err = 0;

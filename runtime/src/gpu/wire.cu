@@ -21,6 +21,16 @@ namespace {
 
 #define EAAS_WIRE_CUDA(x) EAAS_GPU_CUDA("gpu wire", x)
 
+// In a call that holds a lane `l`: a failed CUDA call also marks the lane as not reusable.
+#define EAAS_LANE_CUDA(x)                                                                          \
+  do {                                                                                             \
+    if (const cudaError_t e_ = (x); e_ != cudaSuccess) {                                           \
+      l->poisoned = true;                                                                          \
+      return EAAS_GPU_FAIL(status::internal_error,                                                 \
+                           std::string("gpu wire: ") + #x + ": " + cudaGetErrorString(e_));        \
+    }                                                                                              \
+  } while (0)
+
 struct wait_out {
   int status;
   int pad;
@@ -49,16 +59,26 @@ struct lane {
   std::size_t capacity = 0;
   unsigned char* pinned = nullptr;  // page-locked host memory: copies at full PCIe speed, not through
   std::size_t pinned_capacity = 0;  // the driver's pageable bounce path
-  unsigned int* arrivals = nullptr;  // device
+  unsigned int* arrivals = nullptr;  // device (the base of the words allocation)
   int* result = nullptr;             // device
   wait_out* wout = nullptr;          // device
+  bool poisoned = false;             // a CUDA call failed mid-way: not given back to the pool
+  // Outgrown buffers, freed with the lane: cudaFree / cudaFreeHost synchronise the whole device, so
+  // freeing them while another lane's wait kernel spins would stall this call for that wait.
+  std::vector<void*> old_device, old_host;
   ~lane() {
     if (stream) cudaStreamDestroy(stream);
     cudaFree(staging);
     cudaFree(arrivals);
     cudaFreeHost(pinned);
+    for (void* p : old_device) cudaFree(p);
+    for (void* p : old_host) cudaFreeHost(p);
   }
 };
+
+// Longest single wait kernel: a longer wait is several, so that no kernel of this wire holds the GPU
+// for long (see lane::old_device).
+constexpr std::uint64_t kWaitSliceNs = 20'000'000ull;
 
 bool inside(const memory_region& r, std::uint64_t offset, std::uint64_t bytes) {
   return offset <= r.size() && bytes <= r.size() - offset;
@@ -80,13 +100,13 @@ class gpu_wire final : public wire {
     if (!l.ok()) return l.error;
     const auto* from = static_cast<const unsigned char*>(r.data()) + offset;
     if (!bounced(bytes)) {
-      EAAS_WIRE_CUDA(cudaMemcpyAsync(dst, from, bytes, cudaMemcpyDeviceToHost, l->stream));
-      EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
+      EAAS_LANE_CUDA(cudaMemcpyAsync(dst, from, bytes, cudaMemcpyDeviceToHost, l->stream));
+      EAAS_LANE_CUDA(cudaStreamSynchronize(l->stream));
       return status::ok;
     }
     EAAS_CHECK(pinned(*l, bytes));
-    EAAS_WIRE_CUDA(cudaMemcpyAsync(l->pinned, from, bytes, cudaMemcpyDeviceToHost, l->stream));
-    EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
+    EAAS_LANE_CUDA(cudaMemcpyAsync(l->pinned, from, bytes, cudaMemcpyDeviceToHost, l->stream));
+    EAAS_LANE_CUDA(cudaStreamSynchronize(l->stream));
     std::memcpy(dst, l->pinned, bytes);
     return status::ok;
   }
@@ -109,9 +129,9 @@ class gpu_wire final : public wire {
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: word outside its region");
     held l(*this);
     if (!l.ok()) return l.error;
-    EAAS_WIRE_CUDA(cudaMemcpyAsync(static_cast<unsigned char*>(r.data()) + offset, &value, 8, cudaMemcpyHostToDevice,
+    EAAS_LANE_CUDA(cudaMemcpyAsync(static_cast<unsigned char*>(r.data()) + offset, &value, 8, cudaMemcpyHostToDevice,
                                    l->stream));
-    EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
+    EAAS_LANE_CUDA(cudaStreamSynchronize(l->stream));
     return status::ok;
   }
 
@@ -122,20 +142,20 @@ class gpu_wire final : public wire {
     held l(*this);
     if (!l.ok()) return l.error;
     if (l->capacity < bytes) {
-      cudaFree(l->staging);
-      l->staging = nullptr;
-      l->capacity = 0;
-      EAAS_WIRE_CUDA(cudaMalloc(&l->staging, bytes));
+      unsigned char* grown = nullptr;
+      EAAS_LANE_CUDA(cudaMalloc(&grown, bytes));
+      if (l->staging) l->old_device.push_back(l->staging);
+      l->staging = grown;
       l->capacity = bytes;
     }
     if (bounced(bytes)) {
       EAAS_CHECK(pinned(*l, bytes));
       std::memcpy(l->pinned, src, bytes);
-      EAAS_WIRE_CUDA(cudaMemcpyAsync(l->staging, l->pinned, bytes, cudaMemcpyHostToDevice, l->stream));
+      EAAS_LANE_CUDA(cudaMemcpyAsync(l->staging, l->pinned, bytes, cudaMemcpyHostToDevice, l->stream));
     } else if (bytes) {
-      EAAS_WIRE_CUDA(cudaMemcpyAsync(l->staging, src, bytes, cudaMemcpyHostToDevice, l->stream));
+      EAAS_LANE_CUDA(cudaMemcpyAsync(l->staging, src, bytes, cudaMemcpyHostToDevice, l->stream));
     }
-    EAAS_WIRE_CUDA(cudaMemsetAsync(l->result, 0, sizeof(int), l->stream));
+    EAAS_LANE_CUDA(cudaMemsetAsync(l->result, 0, sizeof(int), l->stream));
     const gpu::put_job j{.ep = ep.view(),
                          .dst = dst,
                          .dst_offset = dst_offset,
@@ -147,8 +167,8 @@ class gpu_wire final : public wire {
                          .arrivals = l->arrivals,
                          .result = l->result};
     k_put_signal<<<gpu::put_blocks(bytes, 32), 256, 0, l->stream>>>(j);
-    EAAS_WIRE_CUDA(cudaGetLastError());
-    return finish(*l);
+    EAAS_LANE_CUDA(cudaGetLastError());
+    return finish(l);
   }
 
   status signal(const endpoint& ep, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value) override {
@@ -156,8 +176,8 @@ class gpu_wire final : public wire {
     held l(*this);
     if (!l.ok()) return l.error;
     k_signal<<<1, 1, 0, l->stream>>>(ep.view(), sig, sig_offset, value, l->result);
-    EAAS_WIRE_CUDA(cudaGetLastError());
-    return finish(*l);
+    EAAS_LANE_CUDA(cudaGetLastError());
+    return finish(l);
   }
 
   status wait(const endpoint& ep, const memory_region& r, std::uint64_t offset, cmp_op cmp, std::uint64_t value,
@@ -167,18 +187,21 @@ class gpu_wire final : public wire {
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: wait on a word outside its region");
     held l(*this);
     if (!l.ok()) return l.error;
-    const std::uint64_t now = eaas::now_ns();
-    const std::uint64_t rel = until_ns > now ? until_ns - now : 0;
-    k_wait<<<1, 1, 0, l->stream>>>(ep.view(),
-                                   reinterpret_cast<const std::uint64_t*>(static_cast<const unsigned char*>(r.data()) +
-                                                                          offset),
-                                   cmp, value, rel, l->wout);
-    EAAS_WIRE_CUDA(cudaGetLastError());
-    wait_out o{};
-    EAAS_WIRE_CUDA(cudaMemcpyAsync(&o, l->wout, sizeof(o), cudaMemcpyDeviceToHost, l->stream));
-    EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
-    if (seen) *seen = o.seen;
-    return static_cast<status>(o.status);
+    const auto* word = reinterpret_cast<const std::uint64_t*>(static_cast<const unsigned char*>(r.data()) + offset);
+    for (;;) {
+      const std::uint64_t now = eaas::now_ns();
+      const std::uint64_t left = until_ns > now ? until_ns - now : 0;
+      k_wait<<<1, 1, 0, l->stream>>>(ep.view(), word, cmp, value, left < kWaitSliceNs ? left : kWaitSliceNs, l->wout);
+      EAAS_LANE_CUDA(cudaGetLastError());
+      wait_out o{};
+      EAAS_LANE_CUDA(cudaMemcpyAsync(&o, l->wout, sizeof(o), cudaMemcpyDeviceToHost, l->stream));
+      EAAS_LANE_CUDA(cudaStreamSynchronize(l->stream));
+      const auto st = static_cast<status>(o.status);
+      if (st != status::timeout || eaas::now_ns() >= until_ns) {
+        if (seen) *seen = o.seen;
+        return st;
+      }
+    }
   }
 
   status init() {
@@ -210,7 +233,7 @@ class gpu_wire final : public wire {
       error = make(l);
     }
     ~held() {
-      if (!l) return;
+      if (!l || l->poisoned) return;  // a poisoned lane is destroyed, not reused
       std::lock_guard g(w.mu_);
       w.free_.push_back(std::move(l));
     }
@@ -222,13 +245,15 @@ class gpu_wire final : public wire {
   static status make(std::unique_ptr<lane>& out) {
     auto l = std::make_unique<lane>();
     EAAS_WIRE_CUDA(cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking));
-    // One allocation for the small device words: arrivals, result, wait output.
+    // One allocation for the small device words: arrivals, result, wait output. Zeroed on the lane's
+    // own stream (a non-blocking stream is not ordered after the legacy default one) before first use.
     unsigned char* words = nullptr;
     EAAS_WIRE_CUDA(cudaMalloc(&words, 64));
-    EAAS_WIRE_CUDA(cudaMemset(words, 0, 64));
-    l->arrivals = reinterpret_cast<unsigned int*>(words);
+    l->arrivals = reinterpret_cast<unsigned int*>(words);  // owned by the lane from here (freed with it)
     l->result = reinterpret_cast<int*>(words + 16);
     l->wout = reinterpret_cast<wait_out*>(words + 32);
+    EAAS_WIRE_CUDA(cudaMemsetAsync(words, 0, 64, l->stream));
+    EAAS_WIRE_CUDA(cudaStreamSynchronize(l->stream));
     out = std::move(l);
     return status::ok;
   }
@@ -242,10 +267,10 @@ class gpu_wire final : public wire {
 
   static status pinned(lane& l, std::size_t bytes) {
     if (l.pinned_capacity >= bytes) return status::ok;
-    cudaFreeHost(l.pinned);
-    l.pinned = nullptr;
-    l.pinned_capacity = 0;
-    EAAS_WIRE_CUDA(cudaMallocHost(&l.pinned, bytes));
+    unsigned char* grown = nullptr;
+    EAAS_WIRE_CUDA(cudaMallocHost(&grown, bytes));
+    if (l.pinned) l.old_host.push_back(l.pinned);
+    l.pinned = grown;
     l.pinned_capacity = bytes;
     return status::ok;
   }
@@ -257,10 +282,10 @@ class gpu_wire final : public wire {
     return status::ok;
   }
 
-  status finish(lane& l) {
+  status finish(held& l) {
     int r = 0;
-    EAAS_WIRE_CUDA(cudaMemcpyAsync(&r, l.result, sizeof(r), cudaMemcpyDeviceToHost, l.stream));
-    EAAS_WIRE_CUDA(cudaStreamSynchronize(l.stream));
+    EAAS_LANE_CUDA(cudaMemcpyAsync(&r, l->result, sizeof(r), cudaMemcpyDeviceToHost, l->stream));
+    EAAS_LANE_CUDA(cudaStreamSynchronize(l->stream));
     return static_cast<status>(r);
   }
 
