@@ -41,6 +41,28 @@ std::vector<std::string> shape(const std::vector<std::string>& more) {
   return a;
 }
 
+// A registry on loopback and one GPU server "s" on GPU 0, its weights from `seed`, registered.
+struct one_gpu_server {
+  std::unique_ptr<registry_server> reg;
+  std::string endpoint, ns;
+  proc server;
+  one_gpu_server(const std::string& tag, const std::string& seed) {
+    REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+    endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+    ns = tag + std::to_string(::getpid());
+    auto a = test::shape_args(endpoint, ns, kShape);
+    a[5] = seed;  // --seed
+    a.insert(a.end(), {"--id", "s", "--gpu", "0"});
+    REQUIRE(server.start(EAAS_SERVER_BIN, a));
+    REQUIRE(server.next("ready").value("id", "") == "s");
+  }
+  std::vector<std::string> client_args(std::vector<std::string> more) const {
+    auto c = test::shape_args(endpoint, ns, kShape);
+    c.insert(c.end(), more.begin(), more.end());
+    return c;
+  }
+};
+
 void check_clients(const json& j, double most_err) {
   REQUIRE(j["clients"].size() >= 1);
   for (const auto& [id, c] : j["clients"].items()) {
@@ -72,20 +94,11 @@ TEST_CASE("GPU runtime: a realistic layer shape (Qwen3-30B-A3B, 128 experts top-
 }
 
 TEST_CASE("GPU runtime: a server on other weights is caught by the check (the comparison has teeth)") {
-  std::unique_ptr<registry_server> reg;
-  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
-  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
-  const std::string ns = "gpuneg" + std::to_string(::getpid());
-  proc server, client;
-  auto a = test::shape_args(endpoint, ns, kShape);
-  a.insert(a.end(), {"--id", "s", "--gpu", "0"});
-  a[5] = "12";  // --seed: not the client's
-  REQUIRE(server.start(EAAS_SERVER_BIN, a));
-  REQUIRE(server.next("ready").value("id", "") == "s");
-  auto c = test::shape_args(endpoint, ns, kShape);
-  c.insert(c.end(), {"--id", "c", "--gpu", std::to_string(runtime::cuda_device_count() - 1), "--tokens", "16",
-                     "--steps", "2", "--verify", "--tolerance", "1e-2"});
-  REQUIRE(client.start(EAAS_CLIENT_BIN, c));
+  one_gpu_server s("gpuneg", "12");  // the client's seed is 11
+  proc client;
+  REQUIRE(client.start(EAAS_CLIENT_BIN,
+                       s.client_args({"--id", "c", "--gpu", std::to_string(runtime::cuda_device_count() - 1),
+                                      "--tokens", "16", "--steps", "2", "--verify", "--tolerance", "1e-2"})));
   const json r = client.next("result");
   REQUIRE(r.is_object());
   CHECK(r.value("verified_steps", 0) == 2);
@@ -94,18 +107,9 @@ TEST_CASE("GPU runtime: a server on other weights is caught by the check (the co
 }
 
 TEST_CASE("GPU runtime: a CPU client cannot link to a GPU server, and says so instead of hanging") {
-  std::unique_ptr<registry_server> reg;
-  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
-  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
-  const std::string ns = "gpumix" + std::to_string(::getpid());
-  proc server, client;
-  auto a = test::shape_args(endpoint, ns, kShape);
-  a.insert(a.end(), {"--id", "s", "--gpu", "0"});
-  REQUIRE(server.start(EAAS_SERVER_BIN, a));
-  REQUIRE(server.next("ready").value("id", "") == "s");
-  auto c = test::shape_args(endpoint, ns, kShape);
-  c.insert(c.end(), {"--id", "c", "--tokens", "8", "--steps", "1", "--wait", "3"});
-  REQUIRE(client.start(EAAS_CLIENT_BIN, c));
+  one_gpu_server s("gpumix", "11");
+  proc client;
+  REQUIRE(client.start(EAAS_CLIENT_BIN, s.client_args({"--id", "c", "--tokens", "8", "--steps", "1", "--wait", "3"})));
   CHECK(client.next("result", 20000).is_null());  // no forward pass ever completes
   CHECK(client.wait() == 1);                       // "waiting for servers" failed within its bound
 }
