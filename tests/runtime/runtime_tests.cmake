@@ -44,8 +44,8 @@ if(EAAS_HAVE_CUDA)
   target_link_libraries(eaas-runtime-gpu-tests PRIVATE eaas_moe doctest::doctest nlohmann_json::nlohmann_json)
   target_compile_definitions(eaas-runtime-gpu-tests PRIVATE
     EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_CLIENT_BIN="$<TARGET_FILE:eaas-client>"
-    EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>")
-  add_dependencies(eaas-runtime-gpu-tests eaas-server eaas-client eaas-demo)
+    EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>" EAAS_EVIL_BIN="$<TARGET_FILE:eaas-evil-client>")
+  add_dependencies(eaas-runtime-gpu-tests eaas-server eaas-client eaas-demo eaas-evil-client)
   if(COMMAND eaas_target_defaults)
     eaas_target_defaults(eaas-runtime-gpu-tests)
   endif()

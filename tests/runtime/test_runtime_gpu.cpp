@@ -3,10 +3,9 @@
 // over NVLink (or within one GPU). Exits 77 (ctest: skipped) where there is no CUDA device.
 
 #define DOCTEST_CONFIG_IMPLEMENT
-#include "../common/doctest_main.hpp"
-
 #include <fstream>
 
+#include "../common/doctest_main.hpp"
 #include "../common/require_ok.hpp"
 #include "eaas/eaas.hpp"
 #include "procs.hpp"
@@ -34,9 +33,9 @@ json run_demo(std::vector<std::string> args) {
 }
 
 std::vector<std::string> shape(const std::vector<std::string>& more) {
-  std::vector<std::string> a = {"--hidden", std::to_string(kShape.hidden), "--inter",  std::to_string(kShape.inter),
-                                "--experts", std::to_string(kShape.experts), "--topk", std::to_string(kShape.topk),
-                                "--layers", std::to_string(kShape.layers)};
+  std::vector<std::string> a = {"--hidden",  std::to_string(kShape.hidden),  "--inter", std::to_string(kShape.inter),
+                                "--experts", std::to_string(kShape.experts), "--topk",  std::to_string(kShape.topk),
+                                "--layers",  std::to_string(kShape.layers)};
   a.insert(a.end(), more.begin(), more.end());
   return a;
 }
@@ -78,8 +77,8 @@ void check_clients(const json& j, double most_err) {
 }  // namespace
 
 TEST_CASE("GPU runtime: 3 servers x 2 clients on the GPUs match the monolithic reference to 1e-2 (bf16)") {
-  const json j = run_demo(shape({"--servers", "3", "--clients", "2", "--replicas", "2", "--tokens", "40", "--steps",
-                                 "8"}));
+  const json j =
+      run_demo(shape({"--servers", "3", "--clients", "2", "--replicas", "2", "--tokens", "40", "--steps", "8"}));
   CHECK(j.value("ok", false));
   CHECK(j.value("device", "") == "gpu");
   CHECK(j.value("tolerance", 0.0) == doctest::Approx(1e-2));
@@ -87,8 +86,8 @@ TEST_CASE("GPU runtime: 3 servers x 2 clients on the GPUs match the monolithic r
 }
 
 TEST_CASE("GPU runtime: a realistic layer shape (Qwen3-30B-A3B, 128 experts top-8) at 128 tokens per client") {
-  const json j = run_demo({"--model", "qwen3-30b-a3b", "--layers", "1", "--servers", "2", "--clients", "1",
-                           "--tokens", "128", "--steps", "4"});
+  const json j = run_demo({"--model", "qwen3-30b-a3b", "--layers", "1", "--servers", "2", "--clients", "1", "--tokens",
+                           "128", "--steps", "4"});
   CHECK(j.value("ok", false));
   check_clients(j, 1e-2);
 }
@@ -111,7 +110,35 @@ TEST_CASE("GPU runtime: a CPU client cannot link to a GPU server, and says so in
   proc client;
   REQUIRE(client.start(EAAS_CLIENT_BIN, s.client_args({"--id", "c", "--tokens", "8", "--steps", "1", "--wait", "3"})));
   CHECK(client.next("result", 20000).is_null());  // no forward pass ever completes
-  CHECK(client.wait() == 1);                       // "waiting for servers" failed within its bound
+  CHECK(client.wait() == 1);                      // "waiting for servers" failed within its bound
+}
+
+TEST_CASE("GPU runtime: a malicious GPU client gets error answers from a GPU server, which then still serves") {
+  // The same attack as on the CPU (tests/runtime/evil_client.cpp): targeted and 300 random malformed
+  // requests, each answered with the error the checks predict, a stranger's grant never answered, then
+  // valid f32 and bf16 requests answered right (to 1e-2: bf16 experts) — all through GPU memory.
+  one_gpu_server s("gpuevil", "11");
+  proc evil;
+  REQUIRE(evil.start(EAAS_EVIL_BIN,
+                     {s.endpoint, s.ns, "s", std::to_string(kShape.hidden), std::to_string(kShape.inter),
+                      std::to_string(kShape.experts), std::to_string(kShape.topk), std::to_string(kShape.layers), "11",
+                      std::to_string(runtime::cuda_device_count() - 1)}));
+  char line[256] = {};
+  REQUIRE(std::fgets(line, sizeof(line), evil.sp.from) != nullptr);
+  int cases = 0, failures = -1;
+  REQUIRE(std::sscanf(line, "evil: %d cases, %d failures", &cases, &failures) == 2);
+  CHECK(cases > 300);
+  CHECK(failures == 0);
+  CHECK(evil.wait() == 0);
+  // An honest GPU client is still served, exactly enough.
+  proc client;
+  REQUIRE(client.start(EAAS_CLIENT_BIN, s.client_args({"--id", "c", "--gpu", "0", "--tokens", "16", "--steps", "2",
+                                                       "--verify", "--tolerance", "1e-2"})));
+  const json r = client.next("result");
+  REQUIRE(r.is_object());
+  CHECK(r.value("verified_steps", 0) == 2);
+  CHECK(r.value("max_rel_err", 1.0) <= 1e-2);
+  CHECK(client.wait() == 0);
 }
 
 TEST_CASE("GPU runtime: servers SIGKILLed every 0.5 s and replaced; clients fail over, every output checked") {
