@@ -98,7 +98,7 @@ __global__ void lat_client(lat_args a) {
     const long long t0 = clock64();
     const std::uint64_t seq = a.first_seq + i;
     s = send_as<(Mode >= 4 ? Mode : (Mode & 1))>(a, seq);
-    if (s == status::ok) s = await<(Mode & 2) != 0 || Mode >= 4>(a, seq);
+    if (s == status::ok) s = await < (Mode & 2) != 0 || Mode >= 4 > (a, seq);
     const long long t1 = clock64();
     if (i >= a.warm) a.cycles[i - a.warm] = t1 - t0;
   }
@@ -111,7 +111,7 @@ __global__ void lat_server(lat_args a) {
   status s = status::ok;
   for (std::uint64_t i = 0; i < a.warm + a.count && s == status::ok; ++i) {
     const std::uint64_t seq = a.first_seq + i;
-    s = await<(Mode & 2) != 0 || Mode >= 4>(a, seq);
+    s = await < (Mode & 2) != 0 || Mode >= 4 > (a, seq);
     if (s == status::ok) s = send_as<(Mode >= 4 ? Mode : (Mode & 1))>(a, seq);
   }
   *a.result = s;

@@ -12,9 +12,9 @@
 #include <thread>
 #include <utility>
 
+#include "bf16.hpp"
 #include "eaas/eaas.hpp"
 #include "eaas/runtime/slot.hpp"
-#include "bf16.hpp"
 #include "fail.hpp"
 #include "wire.hpp"
 
@@ -211,8 +211,7 @@ class client_impl final : public attention_client {
   status connect(const peer_record& rec, std::unique_ptr<server_conn>& out) {
     auto c = std::make_unique<server_conn>();
     c->rec = rec;
-    EAAS_CHECK(
-        ctx_->allocate(result_region_bytes(o_.max_tokens, o_.shape.hidden), wire_->kind(), c->result));
+    EAAS_CHECK(ctx_->allocate(result_region_bytes(o_.max_tokens, o_.shape.hidden), wire_->kind(), c->result));
     handle_bytes h;
     EAAS_CHECK(c->result->export_handle(h));
     EAAS_CHECK(dir_->link(rec.id, {{"result", h}}, o_.link_timeout_ns, c->link));
@@ -220,8 +219,8 @@ class client_impl final : public attention_client {
       return EAAS_RT_FAIL(status::unsupported, "client {}: server {} is reached over {}; this client needs {}", o_.id,
                           rec.id, transport_name(c->link.ep->transport()), transport_name(wire_->transport()));
     std::uint64_t slot1 = 0;
-    const status st = wire_->wait(*c->link.ep, *c->result, kWelcomeSig, cmp_op::ne, 0,
-                                  eaas::now_ns() + o_.link_timeout_ns, &slot1);
+    const status st =
+        wire_->wait(*c->link.ep, *c->result, kWelcomeSig, cmp_op::ne, 0, eaas::now_ns() + o_.link_timeout_ns, &slot1);
     if (st != status::ok)
       return EAAS_RT_FAIL(st, "client {}: server {} gave no slot within {} ms ({})", o_.id, rec.id,
                           o_.link_timeout_ns / 1'000'000, st);

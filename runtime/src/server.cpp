@@ -45,10 +45,10 @@ struct request {
   slot_error err = slot_error::none;
   std::vector<std::uint16_t> ids;
   std::vector<float> weights;
-  std::vector<float> act;  // CPU: tokens × hidden, fp32, a private copy (the peer can still write its slot)
-  std::vector<float> out;  // CPU: tokens × hidden
-  std::uint64_t act_offset = 0;        // GPU: where the activations are in the slots region
-  status delivered = status::ok;       // GPU: whether the step's answer reached the client
+  std::vector<float> act;         // CPU: tokens × hidden, fp32, a private copy (the peer can still write its slot)
+  std::vector<float> out;         // CPU: tokens × hidden
+  std::uint64_t act_offset = 0;   // GPU: where the activations are in the slots region
+  status delivered = status::ok;  // GPU: whether the step's answer reached the client
 };
 
 class server_impl final : public expert_server {

@@ -52,8 +52,7 @@ class host_wire final : public wire {
   }
 
   status put_signal(const endpoint& ep, const remote_view& dst, std::uint64_t dst_offset, const void* src,
-                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset,
-                    std::uint64_t value) override {
+                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value) override {
     const device_endpoint v = ep.view();
     status st = eaas::put_signal(coop_thread{}, v, dst, dst_offset, src, bytes, sig, sig_offset, value, signal_op::set);
     return st == status::ok ? quiet(coop_thread{}, v) : st;
@@ -69,8 +68,8 @@ class host_wire final : public wire {
               std::uint64_t until_ns, std::uint64_t* seen) override {
     if (offset % 8 != 0 || !inside(r, offset, 8))
       return EAAS_RT_FAIL(status::invalid_argument, "word at {} outside a region of {}", offset, r.size());
-    return wait_signal(ep.view(), reinterpret_cast<const std::uint64_t*>(at(r, offset)), cmp, value,
-                       deadline{until_ns}, seen);
+    return wait_signal(ep.view(), reinterpret_cast<const std::uint64_t*>(at(r, offset)), cmp, value, deadline{until_ns},
+                       seen);
   }
 };
 

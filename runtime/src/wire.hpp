@@ -54,8 +54,8 @@ class wire {
   /// Waits until the word at `offset` of a region of this process compares `cmp` to `value`, the
   /// endpoint fails (peer_dead, closed) or `until_ns` (eaas::now_ns() clock) passes (timeout). `seen`
   /// gets the last value read.
-  virtual status wait(const endpoint& ep, const memory_region& r, std::uint64_t offset, cmp_op cmp,
-                      std::uint64_t value, std::uint64_t until_ns, std::uint64_t* seen) = 0;
+  virtual status wait(const endpoint& ep, const memory_region& r, std::uint64_t offset, cmp_op cmp, std::uint64_t value,
+                      std::uint64_t until_ns, std::uint64_t* seen) = 0;
 };
 
 /// Regions in host memory, ops on the calling thread.

@@ -5,20 +5,19 @@
 
 #include <doctest/doctest.h>
 
-#include <cstring>
-#include <random>
-#include <vector>
-
 #include <chrono>
+#include <cstring>
 #include <deque>
 #include <mutex>
+#include <random>
 #include <thread>
+#include <vector>
 
 #include "eaas/device/ops.hpp"
 #include "eaas/host/context.hpp"
 #include "eaas/host/directory.hpp"
-#include "eaas/host/registry.hpp"
 #include "eaas/host/error.hpp"
+#include "eaas/host/registry.hpp"
 #include "fake_verbs.hpp"
 #include "handle.hpp"
 #include "soft_nic.hpp"
@@ -412,8 +411,9 @@ std::size_t rts_count(const host& h) {
 
 }  // namespace
 
-TEST_CASE("ibgda over the directory: the reply travels in the link request, accepts republish the pool, a stale "
-          "record is dialed again") {
+TEST_CASE(
+    "ibgda over the directory: the reply travels in the link request, accepts republish the pool, a stale "
+    "record is dialed again") {
   eaas::test::soft_nic model;
   host a(model, kHostA, 1, 8), b(model, kHostB), c(model, kHostC);  // A advertises one QP at a time
   std::unique_ptr<eaas::registry_server> srv;

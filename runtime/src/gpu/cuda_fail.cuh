@@ -17,10 +17,10 @@ inline status fail_at(const char* file, int line, status s, const std::string& w
 }  // namespace eaas::runtime::gpu
 
 /// Returns internal_error, with `who`, the call and CUDA's message, when a CUDA call fails.
-#define EAAS_GPU_CUDA(who, x)                                                                              \
-  do {                                                                                                     \
-    if (const cudaError_t e_ = (x); e_ != cudaSuccess)                                                     \
-      return ::eaas::runtime::gpu::fail_at(__FILE__, __LINE__, ::eaas::status::internal_error,             \
+#define EAAS_GPU_CUDA(who, x)                                                                             \
+  do {                                                                                                    \
+    if (const cudaError_t e_ = (x); e_ != cudaSuccess)                                                    \
+      return ::eaas::runtime::gpu::fail_at(__FILE__, __LINE__, ::eaas::status::internal_error,            \
                                            std::string(who) + ": " + #x + ": " + cudaGetErrorString(e_)); \
   } while (0)
 

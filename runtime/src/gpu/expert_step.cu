@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "cuda_fail.cuh"
 #include "bf16.hpp"
+#include "cuda_fail.cuh"
 #include "eaas/runtime/grouped_gemm.hpp"
 #include "expert_step.hpp"
 #include "put_job.cuh"
@@ -115,8 +115,9 @@ class step_impl final : public expert_step {
     device_ = device;
     shape_ = shape;
     if (shape.hidden % kGroupedSwigluAlign != 0 || shape.inter % kGroupedSwigluAlign != 0)
-      return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: hidden (" + std::to_string(shape.hidden) + ") and inter (" +
-                      std::to_string(shape.inter) + ") must be multiples of 32");
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: hidden (" + std::to_string(shape.hidden) +
+                                                         ") and inter (" + std::to_string(shape.inter) +
+                                                         ") must be multiples of 32");
     if (local_experts == 0 || max_requests == 0 || max_tokens == 0)
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: no experts, requests or tokens");
     local_ = local_experts;
@@ -144,7 +145,9 @@ class step_impl final : public expert_step {
     EAAS_STEP_CUDA(cudaMemcpy(up_.p, up.data(), groups_ * sizeof(void*), cudaMemcpyHostToDevice));
     EAAS_STEP_CUDA(cudaMemcpy(down_.p, down.data(), groups_ * sizeof(void*), cudaMemcpyHostToDevice));
 
-    gshape_ = {.experts = groups_, .hidden = shape.hidden, .inter = shape.inter,
+    gshape_ = {.experts = groups_,
+               .hidden = shape.hidden,
+               .inter = shape.inter,
                .max_rows = static_cast<std::uint32_t>(max_rows_)};
     ws_bytes_ = grouped_swiglu_workspace_bytes(gshape_);
     EAAS_CHECK(ws_.alloc((ws_bytes_ + 15) / 16));
@@ -245,13 +248,15 @@ class step_impl final : public expert_step {
     EAAS_STEP_CUDA(cudaSetDevice(device_));
     cudaStream_t s = stream_;
     if (!rows.empty()) {
-      EAAS_STEP_CUDA(cudaMemcpyAsync(row_src_.p, src_h_.data(), rows.size() * sizeof(row_src), cudaMemcpyHostToDevice, s));
+      EAAS_STEP_CUDA(
+          cudaMemcpyAsync(row_src_.p, src_h_.data(), rows.size() * sizeof(row_src), cudaMemcpyHostToDevice, s));
       EAAS_STEP_CUDA(cudaMemcpyAsync(row_weight_.p, weight_h_.data(), rows.size() * 4, cudaMemcpyHostToDevice, s));
     }
     EAAS_STEP_CUDA(cudaMemcpyAsync(offsets_.p, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice, s));
     EAAS_STEP_CUDA(cudaMemcpyAsync(tok_rows_.p, tok_rows_h_.data(), tok_rows_h_.size() * 4, cudaMemcpyHostToDevice, s));
     EAAS_STEP_CUDA(cudaMemcpyAsync(tok_req_.p, tok_req_h_.data(), tok_req_h_.size() * 4, cudaMemcpyHostToDevice, s));
-    EAAS_STEP_CUDA(cudaMemcpyAsync(jobs_.p, jobs_h_.data(), jobs_h_.size() * sizeof(answer_job), cudaMemcpyHostToDevice, s));
+    EAAS_STEP_CUDA(
+        cudaMemcpyAsync(jobs_.p, jobs_h_.data(), jobs_h_.size() * sizeof(answer_job), cudaMemcpyHostToDevice, s));
     EAAS_STEP_CUDA(cudaMemsetAsync(results_.p, 0, reqs.size() * sizeof(int), s));
     EAAS_STEP_CUDA(cudaMemsetAsync(error_.p, 0, sizeof(std::uint32_t), s));
     if (!rows.empty()) {
@@ -269,20 +274,19 @@ class step_impl final : public expert_step {
       EAAS_CHECK(grouped_swiglu(gshape_, a, ws_bytes_, s));
     }
     k_combine<<<static_cast<unsigned>(tokens + reqs.size()), 256, 0, s>>>(
-        tok_rows_.p, tok_req_.p, jobs_.p, static_cast<std::uint32_t>(tokens), topk, h, y_.p,
-        staging_.p);
+        tok_rows_.p, tok_req_.p, jobs_.p, static_cast<std::uint32_t>(tokens), topk, h, y_.p, staging_.p);
     EAAS_STEP_CUDA(cudaGetLastError());
-    k_answer<<<dim3(put_blocks(most, kPutBlocks), static_cast<unsigned>(reqs.size())), 256, 0, s>>>(jobs_.p,
-                                                                                                  error_.p);
+    k_answer<<<dim3(put_blocks(most, kPutBlocks), static_cast<unsigned>(reqs.size())), 256, 0, s>>>(jobs_.p, error_.p);
     EAAS_STEP_CUDA(cudaGetLastError());
     results_h_.resize(reqs.size());
     std::uint32_t err = 0;
-    EAAS_STEP_CUDA(cudaMemcpyAsync(results_h_.data(), results_.p, reqs.size() * sizeof(int), cudaMemcpyDeviceToHost, s));
+    EAAS_STEP_CUDA(
+        cudaMemcpyAsync(results_h_.data(), results_.p, reqs.size() * sizeof(int), cudaMemcpyDeviceToHost, s));
     EAAS_STEP_CUDA(cudaMemcpyAsync(&err, error_.p, sizeof(err), cudaMemcpyDeviceToHost, s));
     EAAS_STEP_CUDA(cudaStreamSynchronize(s));
     if (err != 0)  // the host built the plan: a bad offset or weight pointer here is a bug of this step
-      return EAAS_GPU_FAIL(status::internal_error, "gpu experts: grouped_swiglu refused the plan (bits " +
-                                                        std::to_string(err) + ")");
+      return EAAS_GPU_FAIL(status::internal_error,
+                           "gpu experts: grouped_swiglu refused the plan (bits " + std::to_string(err) + ")");
     for (std::size_t q = 0; q < reqs.size(); ++q) answered[q] = static_cast<status>(results_h_[q]);
     return status::ok;
   }

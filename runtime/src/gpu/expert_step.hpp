@@ -29,9 +29,9 @@ namespace eaas::runtime::gpu {
 struct step_request {
   std::uint64_t act_offset = 0;  ///< its activations, in the slots region
   std::uint32_t tokens = 0;
-  bool bf16 = false;      ///< activations are bf16 (else fp32)
-  device_endpoint ep{};   ///< to its client
-  remote_view result{};   ///< the client's result region (the answer goes to kResponse, the seq to kResultSig)
+  bool bf16 = false;     ///< activations are bf16 (else fp32)
+  device_endpoint ep{};  ///< to its client
+  remote_view result{};  ///< the client's result region (the answer goes to kResponse, the seq to kResultSig)
   response_header header{};
 };
 

@@ -3,8 +3,8 @@
 // A put of many bytes split over the blocks of a grid, and one signal once every block's bytes are at
 // the peer: the shape of every large transfer of the GPU runtime (requests, answers).
 
-#include <cuda/atomic>
 #include <cstdint>
+#include <cuda/atomic>
 
 #include "eaas/device/ops.hpp"
 

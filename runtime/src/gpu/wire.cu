@@ -22,13 +22,12 @@ namespace {
 #define EAAS_WIRE_CUDA(x) EAAS_GPU_CUDA("gpu wire", x)
 
 // In a call that holds a lane `l`: a failed CUDA call also marks the lane as not reusable.
-#define EAAS_LANE_CUDA(x)                                                                          \
-  do {                                                                                             \
-    if (const cudaError_t e_ = (x); e_ != cudaSuccess) {                                           \
-      l->poisoned = true;                                                                          \
-      return EAAS_GPU_FAIL(status::internal_error,                                                 \
-                           std::string("gpu wire: ") + #x + ": " + cudaGetErrorString(e_));        \
-    }                                                                                              \
+#define EAAS_LANE_CUDA(x)                                                                                           \
+  do {                                                                                                              \
+    if (const cudaError_t e_ = (x); e_ != cudaSuccess) {                                                            \
+      l->poisoned = true;                                                                                           \
+      return EAAS_GPU_FAIL(status::internal_error, std::string("gpu wire: ") + #x + ": " + cudaGetErrorString(e_)); \
+    }                                                                                                               \
   } while (0)
 
 struct wait_out {
@@ -57,8 +56,8 @@ struct lane {
   cudaStream_t stream = nullptr;
   unsigned char* staging = nullptr;  // device
   std::size_t capacity = 0;
-  unsigned char* pinned = nullptr;  // page-locked host memory: copies at full PCIe speed, not through
-  std::size_t pinned_capacity = 0;  // the driver's pageable bounce path
+  unsigned char* pinned = nullptr;   // page-locked host memory: copies at full PCIe speed, not through
+  std::size_t pinned_capacity = 0;   // the driver's pageable bounce path
   unsigned int* arrivals = nullptr;  // device (the base of the words allocation)
   int* result = nullptr;             // device
   wait_out* wout = nullptr;          // device
@@ -93,8 +92,7 @@ class gpu_wire final : public wire {
   transport_kind transport() const noexcept override { return transport_kind::nvlink; }
 
   status read(const memory_region& r, std::uint64_t offset, void* dst, std::size_t bytes) override {
-    if (!inside(r, offset, bytes))
-      return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: read outside its region");
+    if (!inside(r, offset, bytes)) return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: read outside its region");
     if (bytes == 0) return status::ok;
     held l(*this);
     if (!l.ok()) return l.error;
@@ -129,15 +127,14 @@ class gpu_wire final : public wire {
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: word outside its region");
     held l(*this);
     if (!l.ok()) return l.error;
-    EAAS_LANE_CUDA(cudaMemcpyAsync(static_cast<unsigned char*>(r.data()) + offset, &value, 8, cudaMemcpyHostToDevice,
-                                   l->stream));
+    EAAS_LANE_CUDA(
+        cudaMemcpyAsync(static_cast<unsigned char*>(r.data()) + offset, &value, 8, cudaMemcpyHostToDevice, l->stream));
     EAAS_LANE_CUDA(cudaStreamSynchronize(l->stream));
     return status::ok;
   }
 
   status put_signal(const endpoint& ep, const remote_view& dst, std::uint64_t dst_offset, const void* src,
-                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset,
-                    std::uint64_t value) override {
+                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value) override {
     EAAS_CHECK(check_ep(ep));
     held l(*this);
     if (!l.ok()) return l.error;
@@ -207,7 +204,8 @@ class gpu_wire final : public wire {
   status init() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || device_ < 0 || device_ >= n)
-      return EAAS_GPU_FAIL(status::unsupported, "GPU " + std::to_string(device_) + " asked for, but this host has " + std::to_string(n) + " GPUs");
+      return EAAS_GPU_FAIL(status::unsupported, "GPU " + std::to_string(device_) + " asked for, but this host has " +
+                                                    std::to_string(n) + " GPUs");
     return status::ok;
   }
 
@@ -277,8 +275,10 @@ class gpu_wire final : public wire {
 
   static status check_ep(const endpoint& ep) {
     if (ep.transport() != transport_kind::nvlink)
-      return EAAS_GPU_FAIL(status::unsupported, std::string("gpu wire: the peer is reached over ") + std::string(transport_name(ep.transport())) +
-                      ", not nvlink (both ends of a GPU link must run on GPUs of this host)");
+      return EAAS_GPU_FAIL(status::unsupported,
+                           std::string("gpu wire: the peer is reached over ") +
+                               std::string(transport_name(ep.transport())) +
+                               ", not nvlink (both ends of a GPU link must run on GPUs of this host)");
     return status::ok;
   }
 
