@@ -387,25 +387,20 @@ class directory_impl final : public directory {
     // An accept takes a QP out of the pool its connection handle advertised: publish the new pool, so
     // that the next dialer (or this one, dialing again after a not_found) finds live QPs.
     if (replies == 1) republish();
+    if (s != status::ok) log(log_level::warn, "directory: link from '{}' failed: {}", req.id, last_error());
+    // The record is public before start() returns, so a peer can link before on_link() is called: hold
+    // its link for the callback instead of dropping a link the peer was told is accepted. Held before the
+    // acknowledgement, so that a callback installed once the peer has its "ok" finds the link.
+    std::function<void(peer_link &&)> fn;
+    if (s == status::ok) {
+      std::lock_guard lock(mu_);
+      fn = on_link_;
+      if (!fn) early_links_.push_back(std::move(link));
+    }
     (void)keeper_->set(base() + "acks/" + req.id + "/" + self_.id,
                        s == status::ok ? fmt::format("ok {}", kv.mod_revision)
                                        : fmt::format("error {} {}", status_name(s), kv.mod_revision));
-    if (s != status::ok) {
-      log(log_level::warn, "directory: link from '{}' failed: {}", req.id, last_error());
-      return;
-    }
-    std::function<void(peer_link &&)> fn;
-    {
-      std::lock_guard lock(mu_);
-      fn = on_link_;
-      // The record is public before start() returns, so a peer can link before on_link() is called:
-      // hold its link for the callback instead of dropping a link the peer was told is accepted.
-      if (!fn) {
-        early_links_.push_back(std::move(link));
-        return;
-      }
-    }
-    fn(std::move(link));
+    if (fn) fn(std::move(link));
   }
 
   void republish() {
