@@ -49,6 +49,35 @@ extern char** environ;
 using namespace eaas;
 using namespace eaas::perf;
 
+namespace eaas::perf::a2a {
+
+void connect_peers(const options& o, transport_kind want, rank_state& st) {
+  constexpr std::uint64_t kWait = 60'000'000'000ull;
+  const bool sender = o.rank < static_cast<int>(o.senders);
+  handle_bytes ch, rh;
+  EAAS_PERF_CHECK(st.ctx->connection_handle(ch));
+  EAAS_PERF_CHECK(st.mine->export_handle(rh));
+  EAAS_PERF_CHECK(publish(o.rendezvous, name_of(o, o.rank), {ch, rh}));
+  const std::uint32_t n = sender ? o.receivers : o.senders;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    const int peer = sender ? static_cast<int>(o.senders + i) : static_cast<int>(i);
+    std::vector<handle_bytes> theirs;
+    EAAS_PERF_CHECK(await_peer(o.rendezvous, name_of(o, peer), 2, kWait, theirs));
+    std::unique_ptr<endpoint> ep;
+    std::unique_ptr<remote_region> rr;
+    EAAS_PERF_CHECK(st.ctx->connect(theirs[0], ep));
+    if (ep->transport() != want)
+      die("connect to " + name_of(o, peer) + " chose " + transport_name(ep->transport()) + ", not " +
+              transport_name(want),
+          status::unsupported);
+    EAAS_PERF_CHECK(ep->import_region(theirs[1], rr));
+    st.eps.push_back(std::move(ep));
+    st.peers.push_back(std::move(rr));
+  }
+}
+
+}  // namespace eaas::perf::a2a
+
 namespace {
 
 constexpr std::uint64_t kSecond = 1'000'000'000ull;
@@ -68,34 +97,13 @@ std::uint64_t now_ns() {
           .count());
 }
 
-struct rank_state {
-  std::unique_ptr<context> ctx;
-  std::unique_ptr<memory_region> mine;
-  std::vector<std::unique_ptr<endpoint>> eps;         // per peer (receivers for a sender, senders for a receiver)
-  std::vector<std::unique_ptr<remote_region>> peers;  // their regions
-  unsigned char* base() const { return static_cast<unsigned char*>(mine->data()); }
-};
+using a2a::rank_state;
 
 void connect_all(const options& o, const plan& p, rank_state& st) {
   const bool sender = o.rank < static_cast<int>(o.senders);
   EAAS_PERF_CHECK(context::create({.name = name_of(o, o.rank)}, st.ctx));
   EAAS_PERF_CHECK(st.ctx->allocate(sender ? p.send_block * o.receivers : p.recv_block * o.senders, st.mine));
-  handle_bytes ch, rh;
-  EAAS_PERF_CHECK(st.ctx->connection_handle(ch));
-  EAAS_PERF_CHECK(st.mine->export_handle(rh));
-  EAAS_PERF_CHECK(publish(o.rendezvous, name_of(o, o.rank), {ch, rh}));
-  const std::uint32_t n = sender ? o.receivers : o.senders;
-  for (std::uint32_t i = 0; i < n; ++i) {
-    const int peer = sender ? static_cast<int>(o.senders + i) : static_cast<int>(i);
-    std::vector<handle_bytes> theirs;
-    EAAS_PERF_CHECK(await_peer(o.rendezvous, name_of(o, peer), 2, 60 * kSecond, theirs));
-    std::unique_ptr<endpoint> ep;
-    std::unique_ptr<remote_region> rr;
-    EAAS_PERF_CHECK(st.ctx->connect(theirs[0], ep));
-    EAAS_PERF_CHECK(ep->import_region(theirs[1], rr));
-    st.eps.push_back(std::move(ep));
-    st.peers.push_back(std::move(rr));
-  }
+  a2a::connect_peers(o, transport_kind::shm, st);
 }
 
 struct rank_result {

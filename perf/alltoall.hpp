@@ -7,9 +7,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "eaas/eaas.hpp"
 #include "pattern.hpp"
 
 namespace eaas::perf::a2a {
@@ -28,6 +30,20 @@ struct options {
 };
 
 inline std::uint64_t mix(std::uint64_t x) { return splitmix64(x); }
+
+/// One rank's context, region, and its peers (receivers for a sender, senders for a receiver).
+struct rank_state {
+  std::unique_ptr<context> ctx;
+  std::unique_ptr<memory_region> mine;
+  std::vector<std::unique_ptr<endpoint>> eps;         // per peer
+  std::vector<std::unique_ptr<remote_region>> peers;  // their regions
+  unsigned char* base() const { return static_cast<unsigned char*>(mine->data()); }
+};
+
+/// With st.ctx and st.mine made: publishes this rank's handles in the rendezvous directory, then
+/// connects to every peer and imports its region. Exits (die) when a connection does not use
+/// `want`, or on any failure.
+void connect_peers(const options& o, transport_kind want, rank_state& st);
 
 /// Rank i < M is sender i, else receiver i - M; the name it publishes under in the rendezvous directory.
 inline std::string name_of(const options& o, int rank) {

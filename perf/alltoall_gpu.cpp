@@ -55,14 +55,6 @@ struct dev_array {
   }
 };
 
-struct gpu_rank {
-  std::unique_ptr<context> ctx;
-  std::unique_ptr<memory_region> mine;
-  std::vector<std::unique_ptr<endpoint>> eps;
-  std::vector<std::unique_ptr<remote_region>> peers;
-  unsigned char* base() const { return static_cast<unsigned char*>(mine->data()); }
-};
-
 // Where the gate words start in a sender's / receiver's region: after the plan's blocks, one word per
 // peer (peer q writes word q).
 std::size_t gate_base(const plan& p, bool sender) {
@@ -70,31 +62,13 @@ std::size_t gate_base(const plan& p, bool sender) {
   return (blocks + 63) / 64 * 64;
 }
 
-void connect_nvlink(const options& o, const plan& p, int device, gpu_rank& st) {
+void connect_nvlink(const options& o, const plan& p, int device, rank_state& st) {
   const bool sender = o.rank < static_cast<int>(o.senders);
   EAAS_PERF_CHECK(context::create({.name = name_of(o, o.rank), .cuda_device = device}, st.ctx));
   const std::size_t gate_words = sender ? o.receivers : o.senders;
   EAAS_PERF_CHECK(
       st.ctx->allocate(gate_base(p, sender) + (gate_words * 8 + 63) / 64 * 64, memory_kind::device, st.mine));
-  handle_bytes ch, rh;
-  EAAS_PERF_CHECK(st.ctx->connection_handle(ch));
-  EAAS_PERF_CHECK(st.mine->export_handle(rh));
-  EAAS_PERF_CHECK(publish(o.rendezvous, name_of(o, o.rank), {ch, rh}));
-  const std::uint32_t n = sender ? o.receivers : o.senders;
-  for (std::uint32_t i = 0; i < n; ++i) {
-    const int peer = sender ? static_cast<int>(o.senders + i) : static_cast<int>(i);
-    std::vector<handle_bytes> theirs;
-    EAAS_PERF_CHECK(await_peer(o.rendezvous, name_of(o, peer), 2, 60 * kSecond, theirs));
-    std::unique_ptr<endpoint> ep;
-    std::unique_ptr<remote_region> rr;
-    EAAS_PERF_CHECK(st.ctx->connect(theirs[0], ep));
-    if (ep->transport() != transport_kind::nvlink)
-      die("connect to " + name_of(o, peer) + " chose " + transport_name(ep->transport()) + ", not nvlink",
-          status::unsupported);
-    EAAS_PERF_CHECK(ep->import_region(theirs[1], rr));
-    st.eps.push_back(std::move(ep));
-    st.peers.push_back(std::move(rr));
-  }
+  connect_peers(o, transport_kind::nvlink, st);
 }
 
 double avg(const std::vector<double>& v) {
@@ -125,7 +99,7 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
   const std::uint32_t me = sender ? static_cast<std::uint32_t>(o.rank) : o.rank - o.senders;
   const std::uint32_t npeers = sender ? o.receivers : o.senders;
 
-  gpu_rank st;
+  rank_state st;
   connect_nvlink(o, p, device, st);
 #if EAAS_A2A_WITH_NCCL
   std::unique_ptr<nccl_baseline> nccl;

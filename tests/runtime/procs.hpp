@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -63,6 +64,36 @@ struct proc {
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   }
 };
+
+/// Runs eaas-demo (`bin`) with `args` plus `--json FILE`; its exit code in `exit_code`, and the summary
+/// it wrote (discarded json when none).
+inline nlohmann::json demo_summary(const char* bin, std::vector<std::string> args, int& exit_code) {
+  const std::string out = "/tmp/eaas-demo-summary-" + std::to_string(::getpid()) + ".json";
+  args.insert(args.end(), {"--json", out});
+  proc demo;
+  exit_code = demo.start(bin, args) ? demo.wait() : -1;
+  std::ifstream f(out);
+  nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+  std::remove(out.c_str());
+  return j;
+}
+
+/// What the malicious client (tests/runtime/evil_client.cpp) reported and how it exited.
+struct evil_verdict {
+  bool reported = false;
+  int cases = 0, failures = -1, exit_code = -1;
+};
+
+inline evil_verdict run_evil(const char* bin, std::vector<std::string> args) {
+  evil_verdict v;
+  proc evil;
+  if (!evil.start(bin, std::move(args))) return v;
+  char line[256] = {};
+  v.reported = std::fgets(line, sizeof(line), evil.sp.from) != nullptr &&
+               std::sscanf(line, "evil: %d cases, %d failures", &v.cases, &v.failures) == 2;
+  v.exit_code = evil.wait();
+  return v;
+}
 
 inline std::vector<std::string> shape_args(const std::string& endpoint, const std::string& ns,
                                            const runtime::model_shape& kShape) {

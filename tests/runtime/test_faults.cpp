@@ -21,15 +21,11 @@ namespace {
 const runtime::model_shape kShape{.hidden = 64, .inter = 96, .experts = 12, .topk = 3, .layers = 3};
 
 json run_demo(std::vector<std::string> args) {
-  const std::string out = "/tmp/eaas-faults-" + std::to_string(::getpid()) + ".json";
-  args.insert(args.end(), {"--cpu", "--json", out, "--hidden", "64", "--inter", "96", "--experts", "12", "--topk", "3",
-                           "--layers", "3", "--tokens", "24"});
-  proc demo;
-  REQUIRE(demo.start(EAAS_DEMO_BIN, args));
-  CHECK(demo.wait() == 0);
-  std::ifstream f(out);
-  json j = json::parse(f, nullptr, false);
-  std::remove(out.c_str());
+  args.insert(args.end(), {"--cpu", "--hidden", "64", "--inter", "96", "--experts", "12", "--topk", "3", "--layers",
+                           "3", "--tokens", "24"});
+  int rc = -1;
+  json j = test::demo_summary(EAAS_DEMO_BIN, args, rc);
+  CHECK(rc == 0);
   REQUIRE(j.is_object());
   return j;
 }

@@ -320,21 +320,18 @@ TEST_CASE("runtime processes: a malicious client gets error answers, never an ou
   REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
   const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
   const std::string ns = "rtevil" + std::to_string(::getpid());
-  proc server, evil, good;
+  proc server, good;
   auto a = shape_args(endpoint, ns, kShape);
   a.insert(a.end(), {"--id", "victim", "--host-experts", "0-5"});
   REQUIRE(server.start(EAAS_SERVER_BIN, a));
   REQUIRE(server.next("ready").is_object());
-  REQUIRE(evil.start(EAAS_EVIL_BIN, {endpoint, ns, "victim", std::to_string(kShape.hidden),
-                                     std::to_string(kShape.inter), std::to_string(kShape.experts),
-                                     std::to_string(kShape.topk), std::to_string(kShape.layers), "11"}));
-  char line[256] = {};
-  REQUIRE(std::fgets(line, sizeof(line), evil.sp.from) != nullptr);
-  int cases = 0, failures = -1;
-  REQUIRE(std::sscanf(line, "evil: %d cases, %d failures", &cases, &failures) == 2);
-  CHECK(cases > 300);
-  CHECK(failures == 0);
-  CHECK(evil.wait() == 0);
+  const auto v = test::run_evil(EAAS_EVIL_BIN, {endpoint, ns, "victim", std::to_string(kShape.hidden),
+                                                std::to_string(kShape.inter), std::to_string(kShape.experts),
+                                                std::to_string(kShape.topk), std::to_string(kShape.layers), "11"});
+  REQUIRE(v.reported);
+  CHECK(v.cases > 300);
+  CHECK(v.failures == 0);
+  CHECK(v.exit_code == 0);
   // The server survived and still serves an honest client (experts 6.. live on a second server).
   proc other;
   auto b = shape_args(endpoint, ns, kShape);

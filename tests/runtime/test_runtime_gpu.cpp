@@ -20,14 +20,10 @@ namespace {
 const runtime::model_shape kShape{.hidden = 256, .inter = 192, .experts = 12, .topk = 3, .layers = 3};
 
 json run_demo(std::vector<std::string> args) {
-  const std::string out = "/tmp/eaas-gpu-demo-" + std::to_string(::getpid()) + ".json";
-  args.insert(args.end(), {"--gpu", "--json", out});
-  proc demo;
-  REQUIRE(demo.start(EAAS_DEMO_BIN, args));
-  CHECK(demo.wait() == 0);
-  std::ifstream f(out);
-  json j = json::parse(f, nullptr, false);
-  std::remove(out.c_str());
+  args.push_back("--gpu");
+  int rc = -1;
+  json j = test::demo_summary(EAAS_DEMO_BIN, args, rc);
+  CHECK(rc == 0);
   REQUIRE(j.is_object());
   return j;
 }
@@ -118,18 +114,14 @@ TEST_CASE("GPU runtime: a malicious GPU client gets error answers from a GPU ser
   // requests, each answered with the error the checks predict, a stranger's grant never answered, then
   // valid f32 and bf16 requests answered right (to 1e-2: bf16 experts) — all through GPU memory.
   one_gpu_server s("gpuevil", "11");
-  proc evil;
-  REQUIRE(evil.start(EAAS_EVIL_BIN,
-                     {s.endpoint, s.ns, "s", std::to_string(kShape.hidden), std::to_string(kShape.inter),
+  const auto v = test::run_evil(
+      EAAS_EVIL_BIN, {s.endpoint, s.ns, "s", std::to_string(kShape.hidden), std::to_string(kShape.inter),
                       std::to_string(kShape.experts), std::to_string(kShape.topk), std::to_string(kShape.layers), "11",
-                      std::to_string(runtime::cuda_device_count() - 1)}));
-  char line[256] = {};
-  REQUIRE(std::fgets(line, sizeof(line), evil.sp.from) != nullptr);
-  int cases = 0, failures = -1;
-  REQUIRE(std::sscanf(line, "evil: %d cases, %d failures", &cases, &failures) == 2);
-  CHECK(cases > 300);
-  CHECK(failures == 0);
-  CHECK(evil.wait() == 0);
+                      std::to_string(runtime::cuda_device_count() - 1)});
+  REQUIRE(v.reported);
+  CHECK(v.cases > 300);
+  CHECK(v.failures == 0);
+  CHECK(v.exit_code == 0);
   // An honest GPU client is still served, exactly enough.
   proc client;
   REQUIRE(client.start(EAAS_CLIENT_BIN, s.client_args({"--id", "c", "--gpu", "0", "--tokens", "16", "--steps", "2",
