@@ -24,6 +24,9 @@
 
 #include "driver.hpp"
 #include "pattern.hpp"
+#if EAAS_PERF_WITH_GPU
+#include "gpu_tools.hpp"
+#endif
 
 extern char** environ;
 
@@ -44,7 +47,11 @@ constexpr std::size_t kSlots = 8;  // messages in flight land in different buffe
 enum mode : std::uint64_t { mode_done = 0, mode_check = 1, mode_bw = 2, mode_bidir = 3 };
 
 struct options {
-  std::string role = "both", rendezvous, json;
+  std::string role = "both", rendezvous, json, transport = "shm";
+  int gpu = -1, server_gpu = -1;
+  unsigned blocks = 16;
+  bool soft_nic = false;
+  std::vector<std::uint32_t> warps;
   bool all = false, bidir = false, baseline = true;
   std::size_t size = 1 << 20, max_size = 64ull << 20, iters = 0, min_size = 64;
 };
@@ -201,6 +208,28 @@ int run_client(const options& o) {
   return 0;
 }
 
+// --transport nvlink: kernels on two GPUs stream the puts (nvlink_pair.cu).
+int run_gpu(options& o) {
+#if EAAS_PERF_WITH_GPU
+  nvlink_pair_options g;
+  g.role = o.role;
+  g.rendezvous = o.rendezvous;
+  g.gpu = o.gpu;
+  g.server_gpu = o.server_gpu;
+  g.sizes = o.all ? size_sweep(std::max<std::size_t>(o.min_size, 4096), o.max_size) : std::vector<std::size_t>{o.size};
+  g.max_size = o.max_size;
+  g.iters = o.iters;
+  g.baseline = o.baseline;
+  g.json = o.json;
+  g.blocks = o.blocks;
+  g.bidir = o.bidir;
+  return run_nvlink_tool(g, run_nvlink_bw);
+#else
+  die("--transport " + o.transport + ": this build has no CUDA (configure with -DEAAS_WITH_CUDA=ON on a GPU machine)",
+      status::unsupported);
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -211,14 +240,41 @@ int main(int argc, char** argv) {
   app.add_option("--rendezvous", o.rendezvous, "directory where the two sides exchange handles");
   app.add_flag("-a,--all", o.all, "sweep sizes 64 B .. --max-size in powers of two");
   app.add_option("-s,--size", o.size, "message size in bytes (without -a)")->check(CLI::Range(1ull, 1ull << 30));
+  app.add_option("--min-size", o.min_size, "smallest size of the sweep (-a)")->check(CLI::Range(8ull, 1ull << 30));
   app.add_option("--max-size", o.max_size, "largest size")->check(CLI::Range(64ull, 1ull << 30));
   app.add_option("-n,--iters", o.iters, "messages per size (default: 256 MiB worth, 16 .. 2^20)")
       ->check(CLI::PositiveNumber);
   app.add_flag("--bidir", o.bidir, "both sides stream at once; bandwidth is the sum");
+  app.add_option("--transport", o.transport, "shm (host processes) or nvlink (kernels on two GPUs; GPU build)")
+      ->check(CLI::IsMember({"shm", "nvlink", "ibgda"}));
+  app.add_option("--blocks", o.blocks, "nvlink: blocks (of 512 threads) that split each message")
+      ->check(CLI::Range(1u, 1024u));
+  app.add_flag("--soft-nic", o.soft_nic, "ibgda: post from this GPU to the software NIC model (no NIC needed)");
+  app.add_option("--warps", o.warps, "ibgda --soft-nic: posting-rate rows for these counts of posting warps");
+  app.add_option("--gpu", o.gpu, "nvlink: this side's CUDA device (default: client 0, server 1 or 0)");
+  app.add_option("--server-gpu", o.server_gpu, "nvlink, --role both: the server's CUDA device");
   app.add_option("--json", o.json, "write results as JSON to this file");
   app.add_flag("!--no-baseline", o.baseline, "skip the memcpy baseline");
   CLI11_PARSE(app, argc, argv);
   if (!o.all) o.max_size = std::max(o.max_size, o.size);
+  if (o.transport == "nvlink") return run_gpu(o);
+  if (o.transport == "ibgda") {
+    if (!o.soft_nic)
+      die("--transport ibgda: measuring against a real mlx5 NIC is not built yet (no machine here has one); "
+          "--soft-nic measures the posting path against the software NIC model",
+          status::unsupported);
+#if EAAS_PERF_WITH_GPU
+    return run_soft_nic(
+        o.all ? size_sweep(std::max<std::size_t>(o.min_size, 8), std::min<std::size_t>(o.max_size, 1 << 20))
+              : std::vector<std::size_t>{std::min<std::size_t>(o.size, 1 << 20)},
+        o.iters, 1000, o.gpu, o.warps, o.json);
+#else
+    die("--soft-nic: this build has no CUDA (configure with -DEAAS_WITH_CUDA=ON on a GPU machine)",
+        status::unsupported);
+#endif
+  }
+  if (o.blocks != 16 || o.gpu >= 0 || o.server_gpu >= 0)
+    die("--blocks / --gpu / --server-gpu: GPU options (--transport nvlink)", status::invalid_argument);
 
   if (o.role == "both") {
     char tmpl[] = "/tmp/eaas-bw-XXXXXX";

@@ -31,20 +31,13 @@
 
 #include "driver.hpp"
 #include "eaas/runtime/grouped_gemm.hpp"
+#include "gpu_util.cuh"
 
 using namespace eaas;
 using namespace eaas::perf;
 namespace gg = eaas::runtime::gpu;
 
 namespace {
-
-#define CU(x)                                                                                                \
-  do {                                                                                                       \
-    if (cudaError_t e_ = (x); e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "CUDA error: %s at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                                          \
-    }                                                                                                        \
-  } while (0)
 
 #define CUBLAS(x)                                                                               \
   do {                                                                                          \
@@ -106,13 +99,13 @@ float round_bf16(float f) {
 template <class T>
 T* dalloc(std::size_t n) {
   T* p = nullptr;
-  CU(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
+  EAAS_CU(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)));
   return p;
 }
 
 std::vector<float> download_bf16(const __nv_bfloat16* p, std::size_t n) {
   std::vector<std::uint16_t> raw(n);
-  CU(cudaMemcpy(raw.data(), p, n * 2, cudaMemcpyDeviceToHost));
+  EAAS_CU(cudaMemcpy(raw.data(), p, n * 2, cudaMemcpyDeviceToHost));
   std::vector<float> f(n);
   for (std::size_t i = 0; i < n; ++i) f[i] = bf16_to_float(raw[i]);
   return f;
@@ -123,41 +116,42 @@ template <class F>
 latency_stats time_it(cudaStream_t st, int warm, int reps, F&& body) {
   for (int i = 0; i < warm; ++i) body();
   std::vector<cudaEvent_t> ev(static_cast<std::size_t>(reps) + 1);
-  for (auto& e : ev) CU(cudaEventCreate(&e));
-  CU(cudaEventRecord(ev[0], st));
+  for (auto& e : ev) EAAS_CU(cudaEventCreate(&e));
+  EAAS_CU(cudaEventRecord(ev[0], st));
   for (int i = 0; i < reps; ++i) {
     body();
-    CU(cudaEventRecord(ev[static_cast<std::size_t>(i) + 1], st));
+    EAAS_CU(cudaEventRecord(ev[static_cast<std::size_t>(i) + 1], st));
   }
-  CU(cudaEventSynchronize(ev.back()));
+  EAAS_CU(cudaEventSynchronize(ev.back()));
   std::vector<double> us;
   for (int i = 0; i < reps; ++i) {
     float ms = 0;
-    CU(cudaEventElapsedTime(&ms, ev[static_cast<std::size_t>(i)], ev[static_cast<std::size_t>(i) + 1]));
+    EAAS_CU(cudaEventElapsedTime(&ms, ev[static_cast<std::size_t>(i)], ev[static_cast<std::size_t>(i) + 1]));
     us.push_back(ms * 1e3);
   }
-  for (auto& e : ev) CU(cudaEventDestroy(e));
+  for (auto& e : ev) EAAS_CU(cudaEventDestroy(e));
   return summarize(us);
 }
 
 double copy_bandwidth(cudaStream_t st, std::size_t bytes, int reps) {
   char* a = dalloc<char>(bytes);
   char* b = dalloc<char>(bytes);
-  CU(cudaMemset(a, 1, bytes));
-  const latency_stats s = time_it(st, 3, reps, [&] { CU(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st)); });
-  CU(cudaFree(a));
-  CU(cudaFree(b));
+  EAAS_CU(cudaMemset(a, 1, bytes));
+  const latency_stats s =
+      time_it(st, 3, reps, [&] { EAAS_CU(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st)); });
+  EAAS_CU(cudaFree(a));
+  EAAS_CU(cudaFree(b));
   return 2.0 * static_cast<double>(bytes) / (s.t_typical * 1e-6) / 1e9;
 }
 
 cudaGraphExec_t capture(cudaStream_t st, const std::function<void()>& body) {
   cudaGraph_t g;
-  CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  EAAS_CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
   body();
-  CU(cudaStreamEndCapture(st, &g));
+  EAAS_CU(cudaStreamEndCapture(st, &g));
   cudaGraphExec_t exec;
-  CU(cudaGraphInstantiate(&exec, g, 0));
-  CU(cudaGraphDestroy(g));
+  EAAS_CU(cudaGraphInstantiate(&exec, g, 0));
+  EAAS_CU(cudaGraphDestroy(g));
   return exec;
 }
 
@@ -208,12 +202,12 @@ int main(int argc, char** argv) {
   }
 
   int count = 0;
-  CU(cudaGetDeviceCount(&count));
+  EAAS_CU(cudaGetDeviceCount(&count));
   if (count == 0) die("no CUDA device", status::unsupported);
   cudaDeviceProp prop{};
-  CU(cudaGetDeviceProperties(&prop, 0));
+  EAAS_CU(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t st;
-  CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  EAAS_CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
 
   const double copy_gbps = copy_bandwidth(st, std::size_t(copy_mib) << 20, std::max(reps, 10));
   std::printf("# eaas-grouped-gemm-bench on %s (%d SMs, %.0f MiB L2)\n", prop.name, prop.multiProcessorCount,
@@ -263,7 +257,7 @@ int main(int argc, char** argv) {
     fill_bf16<<<4096, 256, 0, st>>>(wu, E * per, seed * 16 + 1, sg);
     fill_bf16<<<4096, 256, 0, st>>>(wd, E * per, seed * 16 + 2, sd);
     fill_bf16<<<4096, 256, 0, st>>>(x, max_rows * H, seed * 16 + 3, 1.0f);
-    CU(cudaGetLastError());
+    EAAS_CU(cudaGetLastError());
     const void **pg = dalloc<const void*>(E), **pu = dalloc<const void*>(E), **pd = dalloc<const void*>(E);
     EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(wg, per * 2, m.experts, pg, st));
     EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(wu, per * 2, m.experts, pu, st));
@@ -272,7 +266,7 @@ int main(int argc, char** argv) {
     auto* rw = dalloc<float>(max_rows);
     auto* y = dalloc<float>(max_rows * H);
     auto* err = dalloc<std::uint32_t>(1);
-    CU(cudaMemsetAsync(err, 0, 4, st));
+    EAAS_CU(cudaMemsetAsync(err, 0, 4, st));
     const gg::grouped_swiglu_shape shape{m.experts, m.hidden, m.inter, static_cast<std::uint32_t>(max_rows)};
     const std::size_t ws_bytes = gg::grouped_swiglu_workspace_bytes(shape);
     void* ws = dalloc<char>(ws_bytes);
@@ -285,7 +279,7 @@ int main(int argc, char** argv) {
       bh = dalloc<__nv_bfloat16>(max_rows * I);
       by = dalloc<float>(max_rows * H);
     }
-    CU(cudaStreamSynchronize(st));
+    EAAS_CU(cudaStreamSynchronize(st));
 
     for (int tokens : m.tokens) {
       // Routing: topk distinct experts per token, uniform; rows regrouped by expert.
@@ -304,8 +298,8 @@ int main(int argc, char** argv) {
       std::vector<float> w(rows);
       std::uniform_real_distribution<float> wdist(0.05f, 1.0f);
       for (auto& v : w) v = wdist(rng);
-      CU(cudaMemcpyAsync(offsets, off.data(), (E + 1) * 4, cudaMemcpyHostToDevice, st));
-      CU(cudaMemcpyAsync(rw, w.data(), rows * 4, cudaMemcpyHostToDevice, st));
+      EAAS_CU(cudaMemcpyAsync(offsets, off.data(), (E + 1) * 4, cudaMemcpyHostToDevice, st));
+      EAAS_CU(cudaMemcpyAsync(rw, w.data(), rows * 4, cudaMemcpyHostToDevice, st));
       std::vector<int> active;
       for (std::size_t e = 0; e < E; ++e)
         if (counts[e] > 0) active.push_back(static_cast<int>(e));
@@ -327,15 +321,15 @@ int main(int argc, char** argv) {
       };
 
       // --- validate: eaas vs the CPU reference on sampled rows --------------------------------------
-      CU(cudaMemsetAsync(y, 0xFF, max_rows * H * 4, st));
+      EAAS_CU(cudaMemsetAsync(y, 0xFF, max_rows * H * 4, st));
       cudaGraphExec_t ours = run_ours({});
-      CU(cudaGraphLaunch(ours, st));
-      CU(cudaStreamSynchronize(st));
+      EAAS_CU(cudaGraphLaunch(ours, st));
+      EAAS_CU(cudaStreamSynchronize(st));
       std::uint32_t err_bits = 0;
-      CU(cudaMemcpy(&err_bits, err, 4, cudaMemcpyDeviceToHost));
+      EAAS_CU(cudaMemcpy(&err_bits, err, 4, cudaMemcpyDeviceToHost));
       if (err_bits != 0) die("the op reported error bits " + std::to_string(err_bits), status::internal_error);
       std::vector<float> y_ours(rows * H);
-      CU(cudaMemcpy(y_ours.data(), y, rows * H * 4, cudaMemcpyDeviceToHost));
+      EAAS_CU(cudaMemcpy(y_ours.data(), y, rows * H * 4, cudaMemcpyDeviceToHost));
       std::size_t wrong = 0;
       {
         // The most loaded expert and one other: up to 3 rows each.
@@ -387,7 +381,7 @@ int main(int argc, char** argv) {
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
           }
           silu_mul<<<1024, 256, 0, st>>>(bg, bu, bh, rows * I);
-          CU(cudaGetLastError());
+          EAAS_CU(cudaGetLastError());
           for (int e : active) {
             const int mrows = counts[std::size_t(e)];
             const std::size_t r0 = std::size_t(off[std::size_t(e)]);
@@ -396,10 +390,10 @@ int main(int argc, char** argv) {
                                 int(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
           }
         });
-        CU(cudaGraphLaunch(blas_graph, st));
-        CU(cudaStreamSynchronize(st));
+        EAAS_CU(cudaGraphLaunch(blas_graph, st));
+        EAAS_CU(cudaStreamSynchronize(st));
         std::vector<float> y_blas(rows * H);
-        CU(cudaMemcpy(y_blas.data(), by, rows * H * 4, cudaMemcpyDeviceToHost));
+        EAAS_CU(cudaMemcpy(y_blas.data(), by, rows * H * 4, cudaMemcpyDeviceToHost));
         double max_abs = 0, max_diff = 0;
         for (std::size_t r = 0; r < rows; ++r)
           for (std::size_t i = 0; i < H; ++i) {
@@ -409,13 +403,13 @@ int main(int argc, char** argv) {
             max_diff = std::isnan(diff) ? INFINITY : std::max(max_diff, diff);
           }
         max_rel = max_abs > 0 ? max_diff / max_abs : max_diff;
-        sb = time_it(st, warm, reps, [&] { CU(cudaGraphLaunch(blas_graph, st)); });
-        CU(cudaGraphExecDestroy(blas_graph));
+        sb = time_it(st, warm, reps, [&] { EAAS_CU(cudaGraphLaunch(blas_graph, st)); });
+        EAAS_CU(cudaGraphExecDestroy(blas_graph));
       }
 
       // --- time ours ------------------------------------------------------------------------------------
-      const latency_stats so = time_it(st, warm, reps, [&] { CU(cudaGraphLaunch(ours, st)); });
-      CU(cudaGraphExecDestroy(ours));
+      const latency_stats so = time_it(st, warm, reps, [&] { EAAS_CU(cudaGraphLaunch(ours, st)); });
+      EAAS_CU(cudaGraphExecDestroy(ours));
       const double gbps = bytes / (so.t_typical * 1e-6) / 1e9;
       const double bgbps = no_cublas ? 0 : bytes / (sb.t_typical * 1e-6) / 1e9;
       std::printf("%-14s %6d %6zu %6zu %7.1f %9.1f %9.0f %5.0f%% %9.1f %10.0f %7.2fx %7zu %12.2e\n", m.name.c_str(),
@@ -445,8 +439,8 @@ int main(int argc, char** argv) {
         nlohmann::json vj = nlohmann::json::array();
         for (const auto& t : variants) {
           cudaGraphExec_t ge = run_ours(t);
-          const latency_stats sv = time_it(st, warm, reps, [&] { CU(cudaGraphLaunch(ge, st)); });
-          CU(cudaGraphExecDestroy(ge));
+          const latency_stats sv = time_it(st, warm, reps, [&] { EAAS_CU(cudaGraphLaunch(ge, st)); });
+          EAAS_CU(cudaGraphExecDestroy(ge));
           const double vg = bytes / (sv.t_typical * 1e-6) / 1e9;
           std::printf("#   variant %-13s blocks/SM=%-3s: %9.1f us %7.0f GB/s %4.0f%% of copy\n",
                       t.stages == 1 ? ("registers x" + std::to_string(t.k_unroll)).c_str()
@@ -467,7 +461,7 @@ int main(int argc, char** argv) {
                     static_cast<void*>(pg), static_cast<void*>(pu), static_cast<void*>(pd), static_cast<void*>(offsets),
                     static_cast<void*>(rw), static_cast<void*>(y), static_cast<void*>(err), ws, static_cast<void*>(bg),
                     static_cast<void*>(bu), static_cast<void*>(bh), static_cast<void*>(by)})
-      CU(cudaFree(p));
+      EAAS_CU(cudaFree(p));
   }
   const double copy_after = copy_bandwidth(st, std::size_t(copy_mib) << 20, std::max(reps, 10));
   std::printf("# copy bandwidth again after the runs: %.0f GB/s\n", copy_after);
@@ -479,9 +473,9 @@ int main(int argc, char** argv) {
   }
   if (blas) {
     CUBLAS(cublasDestroy(blas));
-    CU(cudaFree(blas_ws));
+    EAAS_CU(cudaFree(blas_ws));
   }
-  CU(cudaStreamDestroy(st));
+  EAAS_CU(cudaStreamDestroy(st));
   if (!all_ok) die("validation failed (see #wrong / max_rel_diff)", status::internal_error);
   return 0;
 }

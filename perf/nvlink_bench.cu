@@ -14,26 +14,12 @@
 
 #include "driver.hpp"
 #include "eaas/device/ops.hpp"
+#include "gpu_util.cuh"
 
 using namespace eaas;
 using namespace eaas::perf;
 
 namespace {
-
-#define CU(x)                                                                                                \
-  do {                                                                                                       \
-    if (cudaError_t e_ = (x); e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "CUDA error: %s at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                                          \
-    }                                                                                                        \
-  } while (0)
-
-__device__ __forceinline__ std::uint64_t splitmix(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 // ---- latency ----------------------------------------------------------------------------------
 
@@ -119,17 +105,6 @@ __global__ void lat_server(lat_args a) {
 
 // ---- bandwidth --------------------------------------------------------------------------------
 
-__global__ void fill(std::uint64_t* p, std::size_t words, std::uint64_t seed) {
-  for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x)
-    p[i] = splitmix(seed + i);
-}
-__global__ void count_wrong(const std::uint64_t* p, std::size_t words, std::uint64_t seed, unsigned long long* wrong) {
-  unsigned long long bad = 0;
-  for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x)
-    bad += p[i] != splitmix(seed + i);
-  if (bad) atomicAdd(wrong, bad);
-}
-
 __global__ void put_blocks(device_endpoint ep, remote_view dst, const unsigned char* src, std::size_t n,
                            status* result) {
   // Block b puts its 16-byte-aligned chunk; one put per block, all blocks in parallel.
@@ -173,23 +148,23 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
   long long* cycles = nullptr;
   unsigned long long* ns = nullptr;
   status *ra = nullptr, *rb = nullptr;
-  CU(cudaSetDevice(s.ga));
-  CU(cudaMalloc(&cycles, iters * sizeof(long long)));
-  CU(cudaMalloc(&ns, 2 * sizeof(unsigned long long)));
-  CU(cudaMalloc(&ra, sizeof(status)));
-  CU(cudaSetDevice(s.gb));
-  CU(cudaMalloc(&rb, sizeof(status)));
+  EAAS_CU(cudaSetDevice(s.ga));
+  EAAS_CU(cudaMalloc(&cycles, iters * sizeof(long long)));
+  EAAS_CU(cudaMalloc(&ns, 2 * sizeof(unsigned long long)));
+  EAAS_CU(cudaMalloc(&ra, sizeof(status)));
+  EAAS_CU(cudaSetDevice(s.gb));
+  EAAS_CU(cudaMalloc(&rb, sizeof(status)));
   cudaStream_t sa, sb;
-  CU(cudaStreamCreateWithFlags(&sb, cudaStreamNonBlocking));
-  CU(cudaSetDevice(s.ga));
-  CU(cudaStreamCreateWithFlags(&sa, cudaStreamNonBlocking));
+  EAAS_CU(cudaStreamCreateWithFlags(&sb, cudaStreamNonBlocking));
+  EAAS_CU(cudaSetDevice(s.ga));
+  EAAS_CU(cudaStreamCreateWithFlags(&sa, cudaStreamNonBlocking));
   // Both kernels are loaded before either runs: lazy loading of one while the other spins on
   // the same GPU would wait for it forever.
   cudaFuncAttributes attr{};
-  CU(cudaFuncGetAttributes(&attr, lat_client<Mode>));
-  CU(cudaSetDevice(s.gb));
-  CU(cudaFuncGetAttributes(&attr, lat_server<Mode>));
-  CU(cudaSetDevice(s.ga));
+  EAAS_CU(cudaFuncGetAttributes(&attr, lat_client<Mode>));
+  EAAS_CU(cudaSetDevice(s.gb));
+  EAAS_CU(cudaFuncGetAttributes(&attr, lat_server<Mode>));
+  EAAS_CU(cudaSetDevice(s.ga));
   lat_args client{s.ab->view(),
                   s.rb_from_a->view(),
                   static_cast<std::uint64_t*>(s.ra->data()),
@@ -212,37 +187,37 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
                   nullptr,
                   nullptr,
                   rb};
-  CU(cudaSetDevice(s.gb));
+  EAAS_CU(cudaSetDevice(s.gb));
   lat_server<Mode><<<1, 1, 0, sb>>>(server);
-  CU(cudaGetLastError());
-  CU(cudaSetDevice(s.ga));
+  EAAS_CU(cudaGetLastError());
+  EAAS_CU(cudaSetDevice(s.ga));
   lat_client<Mode><<<1, 1, 0, sa>>>(client);
-  CU(cudaGetLastError());
-  CU(cudaStreamSynchronize(sa));
-  CU(cudaSetDevice(s.gb));
-  CU(cudaStreamSynchronize(sb));
+  EAAS_CU(cudaGetLastError());
+  EAAS_CU(cudaStreamSynchronize(sa));
+  EAAS_CU(cudaSetDevice(s.gb));
+  EAAS_CU(cudaStreamSynchronize(sb));
   status r1 = status::internal_error, r2 = status::internal_error;
-  CU(cudaMemcpy(&r2, rb, sizeof(status), cudaMemcpyDeviceToHost));
-  CU(cudaSetDevice(s.ga));
-  CU(cudaMemcpy(&r1, ra, sizeof(status), cudaMemcpyDeviceToHost));
+  EAAS_CU(cudaMemcpy(&r2, rb, sizeof(status), cudaMemcpyDeviceToHost));
+  EAAS_CU(cudaSetDevice(s.ga));
+  EAAS_CU(cudaMemcpy(&r1, ra, sizeof(status), cudaMemcpyDeviceToHost));
   if (r1 != status::ok || r2 != status::ok)
     die(Mode == 3 ? "raw ping-pong" : "put_signal ping-pong", r1 != status::ok ? r1 : r2);
   std::vector<long long> cyc(iters);
   unsigned long long span[2];
-  CU(cudaMemcpy(cyc.data(), cycles, iters * sizeof(long long), cudaMemcpyDeviceToHost));
-  CU(cudaMemcpy(span, ns, sizeof(span), cudaMemcpyDeviceToHost));
+  EAAS_CU(cudaMemcpy(cyc.data(), cycles, iters * sizeof(long long), cudaMemcpyDeviceToHost));
+  EAAS_CU(cudaMemcpy(span, ns, sizeof(span), cudaMemcpyDeviceToHost));
   double total_cycles = 0;
   for (long long c : cyc) total_cycles += static_cast<double>(c);
   const double ns_per_cycle = static_cast<double>(span[1] - span[0]) / total_cycles;
   std::vector<double> us(iters);
   for (std::size_t i = 0; i < iters; ++i) us[i] = static_cast<double>(cyc[i]) * ns_per_cycle / 2.0 / 1e3;
-  CU(cudaFree(cycles));
-  CU(cudaFree(ns));
-  CU(cudaFree(ra));
-  CU(cudaStreamDestroy(sa));
-  CU(cudaSetDevice(s.gb));
-  CU(cudaFree(rb));
-  CU(cudaStreamDestroy(sb));
+  EAAS_CU(cudaFree(cycles));
+  EAAS_CU(cudaFree(ns));
+  EAAS_CU(cudaFree(ra));
+  EAAS_CU(cudaStreamDestroy(sa));
+  EAAS_CU(cudaSetDevice(s.gb));
+  EAAS_CU(cudaFree(rb));
+  EAAS_CU(cudaStreamDestroy(sb));
   seq += warm + iters;
   return us;
 }
@@ -263,15 +238,15 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   int count = 0;
-  CU(cudaGetDeviceCount(&count));
+  EAAS_CU(cudaGetDeviceCount(&count));
   if (count == 0) die("no CUDA device", status::unsupported);
   setup s;
   s.ga = 0;
   s.gb = (!same_gpu && count > 1) ? 1 : 0;
   connect_pair(s, max_bytes + 4096);
   cudaDeviceProp pa{}, pb{};
-  CU(cudaGetDeviceProperties(&pa, s.ga));
-  CU(cudaGetDeviceProperties(&pb, s.gb));
+  EAAS_CU(cudaGetDeviceProperties(&pa, s.ga));
+  EAAS_CU(cudaGetDeviceProperties(&pb, s.gb));
   std::printf("# eaas-nvlink-bench: context A on GPU %d (%s), context B on GPU %d (%s), transport %s\n", s.ga, pa.name,
               s.gb, pb.name, transport_name(s.ab->transport()));
   nlohmann::json out = {{"tool", "eaas-nvlink-bench"},
@@ -282,12 +257,12 @@ int main(int argc, char** argv) {
 
   // Latency: 8-byte payload, alternating rounds of eaas and raw.
   std::uint64_t *src_a = nullptr, *src_b = nullptr;
-  CU(cudaSetDevice(s.ga));
-  CU(cudaMalloc(&src_a, 8));
-  CU(cudaMemset(src_a, 1, 8));
-  CU(cudaSetDevice(s.gb));
-  CU(cudaMalloc(&src_b, 8));
-  CU(cudaMemset(src_b, 2, 8));
+  EAAS_CU(cudaSetDevice(s.ga));
+  EAAS_CU(cudaMalloc(&src_a, 8));
+  EAAS_CU(cudaMemset(src_a, 1, 8));
+  EAAS_CU(cudaSetDevice(s.gb));
+  EAAS_CU(cudaMalloc(&src_b, 8));
+  EAAS_CU(cudaMemset(src_b, 2, 8));
   std::uint64_t seq = 1;
   std::vector<double> ops, raw, eaas_send, eaas_wait, generic, copy_only;
   constexpr int kRounds = 10;
@@ -328,41 +303,34 @@ int main(int argc, char** argv) {
                     {"ratio", lo.t_typical / lr.t_typical}};
 
   // Bandwidth.
-  CU(cudaSetDevice(s.ga));
+  EAAS_CU(cudaSetDevice(s.ga));
   unsigned char* src = nullptr;
-  CU(cudaMalloc(&src, max_bytes));
-  fill<<<528, 512>>>(reinterpret_cast<std::uint64_t*>(src), max_bytes / 8, 77);
-  CU(cudaDeviceSynchronize());
+  EAAS_CU(cudaMalloc(&src, max_bytes));
+  fill_pattern_async(src, max_bytes, 77, nullptr);
+  EAAS_CU(cudaDeviceSynchronize());
   status* bres = nullptr;
-  CU(cudaMalloc(&bres, sizeof(status)));
-  CU(cudaMemset(bres, 0, sizeof(status)));
-  unsigned long long* wrong = nullptr;
-  CU(cudaSetDevice(s.gb));
-  CU(cudaMalloc(&wrong, sizeof(unsigned long long)));
-  CU(cudaSetDevice(s.ga));
+  EAAS_CU(cudaMalloc(&bres, sizeof(status)));
+  EAAS_CU(cudaMemset(bres, 0, sizeof(status)));
   cudaStream_t st;
-  CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  EAAS_CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   cudaEvent_t e0, e1;
-  CU(cudaEventCreate(&e0));
-  CU(cudaEventCreate(&e1));
+  EAAS_CU(cudaEventCreate(&e0));
+  EAAS_CU(cudaEventCreate(&e1));
   auto dst = static_cast<unsigned char*>(s.rb->data());
   auto timed = [&](auto&& body) {
     body();  // warm-up
-    CU(cudaEventRecord(e0, st));
+    EAAS_CU(cudaEventRecord(e0, st));
     for (int i = 0; i < reps; ++i) body();
-    CU(cudaEventRecord(e1, st));
-    CU(cudaEventSynchronize(e1));
+    EAAS_CU(cudaEventRecord(e1, st));
+    EAAS_CU(cudaEventSynchronize(e1));
     float ms = 0;
-    CU(cudaEventElapsedTime(&ms, e0, e1));
+    EAAS_CU(cudaEventElapsedTime(&ms, e0, e1));
     return static_cast<double>(ms) / reps;
   };
   auto check = [&](std::size_t n) {
-    CU(cudaSetDevice(s.gb));
-    CU(cudaMemset(wrong, 0, sizeof(unsigned long long)));
-    count_wrong<<<264, 512>>>(reinterpret_cast<const std::uint64_t*>(dst), n / 8, 77, wrong);
-    unsigned long long w = 0;
-    CU(cudaMemcpy(&w, wrong, sizeof(w), cudaMemcpyDeviceToHost));
-    CU(cudaSetDevice(s.ga));
+    EAAS_CU(cudaSetDevice(s.gb));
+    const unsigned long long w = count_wrong(dst, n, 77, nullptr);  // wrong bytes
+    EAAS_CU(cudaSetDevice(s.ga));
     return w;
   };
   constexpr int kThreads = 512;
@@ -377,23 +345,23 @@ int main(int argc, char** argv) {
     std::vector<double> gbps;
     unsigned long long w = 0;
     for (int blocks : block_counts) {
-      CU(cudaSetDevice(s.gb));
-      CU(cudaMemset(dst, 0, n));
-      CU(cudaDeviceSynchronize());
-      CU(cudaSetDevice(s.ga));
+      EAAS_CU(cudaSetDevice(s.gb));
+      EAAS_CU(cudaMemset(dst, 0, n));
+      EAAS_CU(cudaDeviceSynchronize());
+      EAAS_CU(cudaSetDevice(s.ga));
       const double ms =
           timed([&] { put_blocks<<<blocks, kThreads, 0, st>>>(s.ab->view(), s.rb_from_a->view(), src, n, bres); });
       status r = status::internal_error;
-      CU(cudaMemcpy(&r, bres, sizeof(r), cudaMemcpyDeviceToHost));
+      EAAS_CU(cudaMemcpy(&r, bres, sizeof(r), cudaMemcpyDeviceToHost));
       if (r != status::ok) die("put_blocks", r);
       w += check(n);
       gbps.push_back(static_cast<double>(n) / ms / 1e6);
     }
-    CU(cudaSetDevice(s.gb));
-    CU(cudaMemset(dst, 0, n));
-    CU(cudaDeviceSynchronize());
-    CU(cudaSetDevice(s.ga));
-    const double ce_ms = timed([&] { CU(cudaMemcpyPeerAsync(dst, s.gb, src, s.ga, n, st)); });
+    EAAS_CU(cudaSetDevice(s.gb));
+    EAAS_CU(cudaMemset(dst, 0, n));
+    EAAS_CU(cudaDeviceSynchronize());
+    EAAS_CU(cudaSetDevice(s.ga));
+    const double ce_ms = timed([&] { EAAS_CU(cudaMemcpyPeerAsync(dst, s.gb, src, s.ga, n, st)); });
     w += check(n);
     const double ce = static_cast<double>(n) / ce_ms / 1e6;
     const double best = *std::max_element(gbps.begin(), gbps.end());

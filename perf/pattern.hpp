@@ -7,9 +7,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "eaas/common/macros.hpp"
+
 namespace eaas::perf {
 
-inline std::uint64_t splitmix64(std::uint64_t x) {
+EAAS_HOST_DEVICE std::uint64_t splitmix64(std::uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;

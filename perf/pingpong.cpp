@@ -20,6 +20,9 @@
 
 #include "driver.hpp"
 #include "pattern.hpp"
+#if EAAS_PERF_WITH_GPU
+#include "gpu_tools.hpp"
+#endif
 
 extern char** environ;
 
@@ -50,6 +53,10 @@ struct options {
   std::size_t iters = 10000;
   std::size_t warmup = 200;
   int cpu = -1;
+  int gpu = -1, server_gpu = -1;
+  bool graph = false;
+  bool soft_nic = false;
+  std::vector<std::uint32_t> warps;
   bool baseline = true;
 };
 
@@ -302,6 +309,29 @@ int run_client(const options& o) {
   return 0;
 }
 
+// --transport nvlink: the same two-process shape, kernels on both sides (nvlink_pair.cu).
+int run_gpu(options& o) {
+#if EAAS_PERF_WITH_GPU
+  nvlink_pair_options g;
+  g.role = o.role;
+  g.rendezvous = o.rendezvous;
+  g.gpu = o.gpu;
+  g.server_gpu = o.server_gpu;
+  g.sizes = o.all ? size_sweep(8, o.max_size) : std::vector<std::size_t>{o.size};
+  g.max_size = o.max_size;
+  g.iters = o.iters;
+  g.warmup = o.warmup;
+  g.baseline = o.baseline;
+  g.json = o.json;
+  g.scope = o.scope;
+  g.graph = o.graph;
+  return run_nvlink_tool(g, run_nvlink_pingpong);
+#else
+  die("--transport " + o.transport + ": this build has no CUDA (configure with -DEAAS_WITH_CUDA=ON on a GPU machine)",
+      status::unsupported);
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -310,10 +340,15 @@ int main(int argc, char** argv) {
   app.add_option("--role", o.role, "server, client, or both (start a server process, then be the client)")
       ->check(CLI::IsMember({"server", "client", "both"}));
   app.add_option("--rendezvous", o.rendezvous, "directory where the two sides exchange handles");
-  app.add_option("--transport", o.transport, "shm (nvlink and ibgda need the GPU build)")
+  app.add_option("--transport", o.transport, "shm (host processes) or nvlink (kernels on two GPUs; GPU build)")
       ->check(CLI::IsMember({"shm", "nvlink", "ibgda"}));
-  app.add_option("--scope", o.scope, "cooperation scope: thread (warp/block are GPU scopes)")
+  app.add_option("--scope", o.scope, "who issues each op: thread, warp (32 threads) or block (512); GPU transports")
       ->check(CLI::IsMember({"thread", "warp", "block"}));
+  app.add_flag("--soft-nic", o.soft_nic, "ibgda: post from this GPU to the software NIC model (no NIC needed)");
+  app.add_option("--warps", o.warps, "ibgda --soft-nic: posting-rate rows for these counts of posting warps");
+  app.add_flag("--graph", o.graph, "nvlink: also time messages replayed as the nodes of a CUDA graph");
+  app.add_option("--gpu", o.gpu, "nvlink: this side's CUDA device (default: client 0, server 1 or 0)");
+  app.add_option("--server-gpu", o.server_gpu, "nvlink, --role both: the server's CUDA device");
   app.add_flag("-a,--all", o.all, "sweep sizes 8 B .. --max-size in powers of two");
   app.add_option("-s,--size", o.size, "message size in bytes (without -a)")->check(CLI::Range(1ull, 1ull << 30));
   app.add_option("--max-size", o.max_size, "largest size of the sweep")->check(CLI::Range(8ull, 1ull << 30));
@@ -325,13 +360,26 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-baseline", o.baseline, "skip the raw-floor and memcpy baselines");
   CLI11_PARSE(app, argc, argv);
 
-  if (o.transport != "shm")
-    die("--transport " + o.transport + ": this build has only the shm transport (the GPU transports are not built)",
+  if (!o.all) o.max_size = std::max(o.max_size, o.size);
+  if (o.transport == "nvlink") return run_gpu(o);
+  if (o.transport == "ibgda") {
+    if (!o.soft_nic)
+      die("--transport ibgda: measuring against a real mlx5 NIC is not built yet (no machine here has one); "
+          "--soft-nic measures the posting path against the software NIC model",
+          status::unsupported);
+#if EAAS_PERF_WITH_GPU
+    return run_soft_nic(
+        o.all ? size_sweep(8, std::min<std::size_t>(o.max_size, 1 << 20)) : std::vector<std::size_t>{o.size}, o.iters,
+        o.warmup, o.gpu, o.warps, o.json);
+#else
+    die("--soft-nic: this build has no CUDA (configure with -DEAAS_WITH_CUDA=ON on a GPU machine)",
         status::unsupported);
+#endif
+  }
   if (o.scope != "thread")
     die("--scope " + o.scope + ": host (shm) ops are issued by one thread; warp and block are GPU scopes",
         status::unsupported);
-  if (!o.all) o.max_size = std::max(o.max_size, o.size);
+  if (o.graph) die("--graph: CUDA graphs need a GPU transport (--transport nvlink)", status::unsupported);
 
   if (o.role == "both") {
     std::string dir = o.rendezvous;

@@ -25,19 +25,33 @@ def load(d, name):
 
 def main(d):
     made = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    any_lat = False
     pp = load(d, "pingpong-shm.json")
     if pp:
         rows = pp["rows"]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.loglog([r["bytes"] for r in rows], [r["t_typical_us"] for r in rows], "o-", label="eaas put_signal (shm)")
         raw = pp.get("baseline", {}).get("raw_flag")
         if raw:
-            ax.axhline(raw["t_typical_us"], color="gray", ls="--", label="raw flag floor, 8 B")
+            ax.axhline(raw["t_typical_us"], color="gray", ls="--", label="raw flag floor (shm), 8 B")
+        any_lat = True
+    for scope in ("thread", "warp", "block"):
+        nv = load(d, "pingpong-nvlink-%s.json" % scope)
+        if not nv:
+            continue
+        rows = nv["rows"]
+        ax.loglog([r["bytes"] for r in rows], [r["t_typical_us"] for r in rows], "s-",
+                  label="eaas put_signal (nvlink, %s)" % scope)
+        if rows and "raw_floor" in rows[0]:
+            ax.loglog([r["bytes"] for r in rows], [r["raw_floor"]["t_typical_us"] for r in rows], ":",
+                      label="raw floor (nvlink, %s)" % scope)
+        any_lat = True
+    if any_lat:
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("half round trip, t_typical (µs)")
-        ax.set_title("eaas-pingpong, shm — " + pp.get("date", ""))
+        ax.set_title("eaas-pingpong — " + (pp or {}).get("date", ""))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(d, "latency-vs-size.png"), dpi=120)
         made.append("latency-vs-size.png")
@@ -53,6 +67,16 @@ def main(d):
                 ax.semilogx([r["bytes"] for r in rows], [r["memcpy_gbs"] for r in rows], "--", color="gray",
                             label="memcpy (same run)")
             any_bw = True
+    for b in (16, 64, 132):
+        bw = load(d, "bw-nvlink-%dblk.json" % b)
+        if bw:
+            rows = bw["rows"]
+            ax.semilogx([r["bytes"] for r in rows], [r["bw_avg_gbs"] for r in rows], "^-",
+                        label="eaas-bw, nvlink, %d blocks (stream)" % b)
+            if b == 64:
+                ax.semilogx([r["bytes"] for r in rows], [r["copy_engine_gbs"] for r in rows], "-.", color="black",
+                            label="copy engine, same messages (same run)")
+            any_bw = True
     nv = load(d, "nvlink-2gpu.json")
     if nv and "bandwidth" in nv:
         rows = nv["bandwidth"]
@@ -66,7 +90,7 @@ def main(d):
         ax.set_ylabel("bandwidth (GB/s)")
         ax.set_title("bandwidth vs size")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(d, "bandwidth-vs-size.png"), dpi=120)
         made.append("bandwidth-vs-size.png")

@@ -8,27 +8,34 @@
 
 namespace eaas::runtime {
 
+dense_weights synthetic_dense_weights(const model_shape& shape, std::uint64_t seed, const dense_options& opts) {
+  const std::uint32_t vocab = opts.vocab == 0 ? 1 : opts.vocab;
+  dense_weights w;
+  w.embed.resize(std::size_t{vocab} * shape.hidden);
+  detail::fill_uniform(w.embed.data(), w.embed.size(), detail::mix(seed, 0xE3BEDull), 1.0f);
+  w.attn.resize(shape.layers);
+  w.routers.reserve(shape.layers);
+  for (std::uint32_t l = 0; l < shape.layers; ++l) {
+    w.attn[l].resize(std::size_t{shape.hidden} * shape.hidden);
+    detail::fill_uniform(w.attn[l].data(), w.attn[l].size(), detail::mix(seed, 0xA77Eull, l),
+                         1.0f / std::sqrt(float(shape.hidden)));
+    w.routers.push_back(synthetic_router(shape, seed, l));
+  }
+  return w;
+}
+
 dense_model::dense_model(const model_shape& shape, std::uint64_t seed, const dense_options& opts)
     : shape_(shape), opts_(opts) {
   if (opts_.vocab == 0) opts_.vocab = 1;
   if (opts_.attention_cost == 0) opts_.attention_cost = 1;
-  embed_.resize(std::size_t{opts_.vocab} * shape.hidden);
-  detail::fill_uniform(embed_.data(), embed_.size(), detail::mix(seed, 0xE3BEDull), 1.0f);
-  attn_.resize(shape.layers);
-  routers_.reserve(shape.layers);
-  for (std::uint32_t l = 0; l < shape.layers; ++l) {
-    attn_[l].resize(std::size_t{shape.hidden} * shape.hidden);
-    detail::fill_uniform(attn_[l].data(), attn_[l].size(), detail::mix(seed, 0xA77Eull, l),
-                         1.0f / std::sqrt(float(shape.hidden)));
-    routers_.push_back(synthetic_router(shape, seed, l));
-  }
+  w_ = synthetic_dense_weights(shape, seed, opts_);
 }
 
 void dense_model::embed(std::span<const std::uint32_t> tokens, std::vector<float>& x) const {
   const std::size_t h = shape_.hidden;
   x.resize(tokens.size() * h);
   for (std::size_t t = 0; t < tokens.size(); ++t) {
-    const float* row = embed_.data() + std::size_t{tokens[t] % opts_.vocab} * h;
+    const float* row = w_.embed.data() + std::size_t{tokens[t] % opts_.vocab} * h;
     std::copy(row, row + h, x.data() + t * h);
   }
 }
@@ -40,7 +47,7 @@ void dense_model::attention(std::uint32_t layer, std::vector<float>& x, std::vec
   // The first product feeds the residual; the others stand in for the rest of attention's cost.
   std::vector<float> a(x.size());
   for (std::uint32_t c = 0; c < opts_.attention_cost; ++c)
-    cpu::gemm_nt(normed.data(), attn_[layer].data(), a.data(), rows, h, h);
+    cpu::gemm_nt(normed.data(), w_.attn[layer].data(), a.data(), rows, h, h);
   for (std::size_t i = 0; i < x.size(); ++i) x[i] += 0.5f * a[i];
   cpu::rmsnorm(x.data(), normed.data(), rows, h);
 }
@@ -49,7 +56,7 @@ void dense_model::route(std::uint32_t layer, const std::vector<float>& normed, r
   const std::size_t rows = normed.size() / shape_.hidden;
   out.ids.resize(rows * shape_.topk);
   out.weights.resize(rows * shape_.topk);
-  cpu::route_topk(routers_[layer], normed.data(), rows, shape_.hidden, shape_.experts, shape_.topk, out.ids.data(),
+  cpu::route_topk(w_.routers[layer], normed.data(), rows, shape_.hidden, shape_.experts, shape_.topk, out.ids.data(),
                   out.weights.data());
 }
 
@@ -60,7 +67,7 @@ status dense_model::load_routers(const std::function<status(std::uint32_t layer,
     if (r.gate.size() != std::size_t{shape_.experts} * shape_.hidden)
       return EAAS_RT_FAIL(status::invalid_argument, "router of layer {}: {} values, expected {} x {}", l, r.gate.size(),
                           shape_.experts, shape_.hidden);
-    routers_[l] = std::move(r);
+    w_.routers[l] = std::move(r);
   }
   return status::ok;
 }

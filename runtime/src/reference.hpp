@@ -24,6 +24,16 @@ struct routing {
   std::vector<float> weights;
 };
 
+/// The dense part's weights, fp32, row-major (model.hpp's layout).
+struct dense_weights {
+  std::vector<float> embed;              ///< vocab × hidden
+  std::vector<std::vector<float>> attn;  ///< per layer: hidden × hidden
+  std::vector<router_weights> routers;   ///< per layer: experts × hidden
+};
+
+/// The synthetic dense weights of (shape, seed, opts): what a dense_model of them starts with.
+dense_weights synthetic_dense_weights(const model_shape& shape, std::uint64_t seed, const dense_options& opts);
+
 class dense_model {
  public:
   dense_model(const model_shape& shape, std::uint64_t seed, const dense_options& opts);
@@ -38,15 +48,16 @@ class dense_model {
   /// The router of `layer` on normed activations.
   void route(std::uint32_t layer, const std::vector<float>& normed, routing& out) const;
 
+  /// Its weights (e.g. for a copy on a GPU).
+  const dense_weights& weights() const { return w_; }
+
   /// Replaces the synthetic routers with loaded ones (e.g. from a checkpoint); sizes are checked.
   status load_routers(const std::function<status(std::uint32_t layer, router_weights&)>& load);
 
  private:
   model_shape shape_;
   dense_options opts_;
-  std::vector<float> embed_;
-  std::vector<std::vector<float>> attn_;
-  std::vector<router_weights> routers_;
+  dense_weights w_;
 };
 
 /// Every expert in one process: the answer the disaggregated runtime must reproduce.

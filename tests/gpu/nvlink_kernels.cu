@@ -40,24 +40,30 @@ __global__ void fetch_add_kernel(device_endpoint ep, remote_view t, std::uint64_
   if (s != status::ok || q != status::ok) *out = s != status::ok ? s : q;
 }
 
-__global__ void order_send(device_endpoint ep, remote_view payload, remote_view sig, std::uint64_t iters, status* out) {
-  std::uint64_t words[32];
+// The sender's group fills the payload words with i (in shared memory), then puts them and signals i.
+template <class Coop>
+__global__ void order_send(device_endpoint ep, remote_view payload, remote_view sig, std::uint64_t iters,
+                           std::uint32_t nwords, status* out) {
+  using G = detail::ldst_dev::group<Coop>;
+  __shared__ std::uint64_t words[kOrderMaxWords];
   status s = status::ok;
   for (std::uint64_t i = 1; i <= iters && s == status::ok; ++i) {
-    for (auto& w : words) w = i;
-    s = put_signal(coop_thread{}, ep, payload, 0, words, sizeof(words), sig, 0, i, signal_op::set);
+    G::sync();  // the group's copy of i - 1 has read the words
+    for (std::uint32_t w = G::rank(); w < nwords; w += G::size()) words[w] = i;
+    G::sync();
+    s = put_signal(Coop{}, ep, payload, 0, words, nwords * sizeof(std::uint64_t), sig, 0, i, signal_op::set);
   }
-  *out = s;
+  if (G::rank() == 0) *out = s;
 }
 
 __global__ void order_receive(const std::uint64_t* payload, const std::uint64_t* sig, std::uint64_t iters,
-                              order_result* out) {
+                              std::uint32_t nwords, order_result* out) {
   std::uint64_t checks = 0, in_flight = 0, violations = 0, seen = 0;
   const std::uint64_t until = now_ns() + 20'000'000'000ull;
   status s = status::ok;
   while (seen < iters) {
     seen = detail::load_acquire(sig);
-    for (int w = 0; w < 32; ++w) violations += detail::load_relaxed(payload + w) < seen;
+    for (std::uint32_t w = 0; w < nwords; ++w) violations += detail::load_relaxed(payload + w) < seen;
     ++checks;
     in_flight += seen > 0 && seen < iters;
     if ((checks & 1023) == 0 && now_ns() > until) {
@@ -170,14 +176,20 @@ status launch_fetch_add(int device, const device_endpoint& ep, const remote_view
 
 status run_ordering(int sender_device, const device_endpoint& ep, const remote_view& payload, const remote_view& sig,
                     int receiver_device, const std::uint64_t* local_payload, const std::uint64_t* local_sig,
-                    std::uint64_t iters, order_result& out) {
+                    std::uint64_t iters, unsigned threads, order_result& out) {
+  if (threads != 1 && threads != 32 && threads % 32 != 0) return status::invalid_argument;
+  // A thread puts 32 words; a warp or block puts kOrderMaxWords, so that most of its threads store.
+  const std::uint32_t nwords = threads == 1 ? 32 : kOrderMaxWords;
+  const auto send = threads == 1    ? order_send<coop_thread>
+                    : threads == 32 ? order_send<coop_warp>
+                                    : order_send<coop_block>;
   // Everything is allocated and both kernels are loaded before the first launch: cudaMalloc and
   // lazy module loading may wait for running kernels, and these two kernels wait for each other.
   cudaFuncAttributes attr{};
   CU(cudaSetDevice(receiver_device));
   CU(cudaFuncGetAttributes(&attr, order_receive));
   CU(cudaSetDevice(sender_device));
-  CU(cudaFuncGetAttributes(&attr, order_send));
+  CU(cudaFuncGetAttributes(&attr, send));
   CU(cudaSetDevice(receiver_device));
   order_result* rr = nullptr;
   if (status s = make(rr, order_result{}); s != status::ok) return s;
@@ -188,10 +200,10 @@ status run_ordering(int sender_device, const device_endpoint& ep, const remote_v
   if (status s = make(sr, status::internal_error); s != status::ok) return s;
   CU(cudaStreamCreateWithFlags(&ss, cudaStreamNonBlocking));
   CU(cudaSetDevice(receiver_device));
-  order_receive<<<1, 1, 0, rs>>>(local_payload, local_sig, iters, rr);
+  order_receive<<<1, 1, 0, rs>>>(local_payload, local_sig, iters, nwords, rr);
   CU(cudaGetLastError());
   CU(cudaSetDevice(sender_device));
-  order_send<<<1, 1, 0, ss>>>(ep, payload, sig, iters, sr);
+  send<<<1, threads, 0, ss>>>(ep, payload, sig, iters, nwords, sr);
   CU(cudaGetLastError());
   CU(cudaStreamSynchronize(ss));
   CU(cudaSetDevice(receiver_device));

@@ -31,11 +31,14 @@ struct order_result {
   std::uint64_t checks = 0, in_flight = 0, violations = 0, last = 0;
   status sender = status::internal_error, receiver = status::internal_error;
 };
-/// A sender kernel on `sender_device` streams `iters` put_signals (32 words = i, then signal = i) into
-/// the receiver's region while a receiver kernel on `receiver_device` reads signal then payload.
+/// Payload words of a warp's or block's put in run_ordering (a thread's: 32).
+inline constexpr std::uint32_t kOrderMaxWords = 512;
+/// A sender kernel of `threads` threads (1: coop_thread, 32: coop_warp, more: coop_block) on
+/// `sender_device` streams `iters` put_signals (payload words = i, then signal = i) into the receiver's
+/// region while a receiver kernel on `receiver_device` reads signal then payload.
 status run_ordering(int sender_device, const device_endpoint& ep, const remote_view& payload, const remote_view& sig,
                     int receiver_device, const std::uint64_t* local_payload, const std::uint64_t* local_sig,
-                    std::uint64_t iters, order_result& out);
+                    std::uint64_t iters, unsigned threads, order_result& out);
 
 struct graph_result {
   std::uint64_t replays_done = 0, echo = 0;

@@ -141,25 +141,35 @@ TEST_CASE("nvlink: put, get and put_signal of random sizes and offsets in every 
   }
 }
 
-TEST_CASE("nvlink: a signal is never observed before its payload") {
+TEST_CASE("nvlink: a signal is never observed before its payload, put by a thread, a warp or a block") {
   for (auto [ga, gb] : configs()) {
-    CAPTURE(ga);
-    CAPTURE(gb);
     gpu_pair p(ga, gb);
     // Payload words at +4096, signal at +0 of B's region.
     remote_view payload = p.rb_from_a->view();
     payload.addr += 4096;
-    payload.size = 256;
-    order_result r{};
-    REQUIRE_OK(run_ordering(ga, p.ab->view(), payload, p.rb_from_a->view(), gb,
-                            reinterpret_cast<const std::uint64_t*>(p.b_bytes() + 4096),
-                            reinterpret_cast<const std::uint64_t*>(p.b_bytes()), 1'000'000, r));
-    MESSAGE("GPU ", ga, " -> GPU ", gb, ": ", r.checks, " observations, ", r.in_flight, " while in flight");
-    CHECK(r.sender == status::ok);
-    CHECK(r.receiver == status::ok);
-    CHECK(r.last == 1'000'000);
-    CHECK(r.violations == 0);
-    CHECK(r.in_flight >= 100000);
+    payload.size = kOrderMaxWords * sizeof(std::uint64_t);
+    for (unsigned threads : {1u, 32u, 256u}) {
+      CAPTURE(ga);
+      CAPTURE(gb);
+      CAPTURE(threads);
+      // The warp's and block's payloads are 4 KiB: fewer rounds, still most of them observed in flight.
+      const std::uint64_t iters = threads == 1 ? 1'000'000 : 200'000;
+      // Signal and payload start at 0 for each scope (the previous run left them at its last value).
+      REQUIRE_CUDA(cudaSetDevice(gb));
+      REQUIRE_CUDA(cudaMemset(p.b_bytes(), 0, 4096 + kOrderMaxWords * sizeof(std::uint64_t)));
+      REQUIRE_CUDA(cudaDeviceSynchronize());
+      order_result r{};
+      REQUIRE_OK(run_ordering(ga, p.ab->view(), payload, p.rb_from_a->view(), gb,
+                              reinterpret_cast<const std::uint64_t*>(p.b_bytes() + 4096),
+                              reinterpret_cast<const std::uint64_t*>(p.b_bytes()), iters, threads, r));
+      MESSAGE("GPU ", ga, " -> GPU ", gb, ", ", threads, " threads: ", r.checks, " observations, ", r.in_flight,
+              " while in flight");
+      CHECK(r.sender == status::ok);
+      CHECK(r.receiver == status::ok);
+      CHECK(r.last == iters);
+      CHECK(r.violations == 0);
+      CHECK(r.in_flight >= iters / 10);
+    }
   }
 }
 

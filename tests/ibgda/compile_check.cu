@@ -1,6 +1,6 @@
 // Compile check only: the ibgda posting and polling code instantiated in __global__ kernels, for both
 // poster modes, so that nvcc (-std=c++20, sm_90) sees every device path. Nothing here is launched;
-// the GPU tests that run this code against the software NIC live with the other GPU tests.
+// the kernels that run this code on a GPU against the software NIC are in soft_nic_gpu_kernels.cu.
 
 #include <cstdint>
 

@@ -51,3 +51,14 @@ if(EAAS_HAVE_CUDA)
   endif()
   eaas_add_doctest(eaas-runtime-gpu-tests gpu)
 endif()
+
+# The monolithic baseline on one GPU (issue #9): the dense part, the local MoE layer, graph replay and
+# the shrinking ablation against the CPU reference (label gpu: skipped with exit 77 without a CUDA device).
+if(TARGET eaas_monolithic)
+  add_executable(eaas-monolithic-gpu-tests ${CMAKE_CURRENT_LIST_DIR}/test_monolithic_gpu.cpp)
+  target_link_libraries(eaas-monolithic-gpu-tests PRIVATE eaas_monolithic doctest::doctest)
+  if(COMMAND eaas_target_defaults)
+    eaas_target_defaults(eaas-monolithic-gpu-tests)
+  endif()
+  eaas_add_doctest(eaas-monolithic-gpu-tests gpu)
+endif()

@@ -10,9 +10,9 @@
 
 #include "bf16.hpp"
 #include "cuda_fail.cuh"
+#include "eaas/device/grid_put.cuh"
 #include "eaas/runtime/grouped_gemm.hpp"
 #include "expert_step.hpp"
-#include "put_job.cuh"
 
 namespace eaas::runtime::gpu {
 namespace {
@@ -28,7 +28,7 @@ struct row_src {
 };
 
 struct answer_job {
-  put_job job;
+  grid_put job;
   response_header header;
 };
 
@@ -92,7 +92,7 @@ __global__ void k_answer(const answer_job* jobs, const std::uint32_t* gemm_error
       atomicCAS(jobs[blockIdx.y].job.result, 0, static_cast<int>(status::internal_error));
     return;
   }
-  put_share_then_signal(jobs[blockIdx.y].job, blockIdx.x, gridDim.x);
+  grid_put_signal(jobs[blockIdx.y].job, blockIdx.x, gridDim.x);
 }
 
 template <class T>
@@ -276,7 +276,8 @@ class step_impl final : public expert_step {
     k_combine<<<static_cast<unsigned>(tokens + reqs.size()), 256, 0, s>>>(
         tok_rows_.p, tok_req_.p, jobs_.p, static_cast<std::uint32_t>(tokens), topk, h, y_.p, staging_.p);
     EAAS_STEP_CUDA(cudaGetLastError());
-    k_answer<<<dim3(put_blocks(most, kPutBlocks), static_cast<unsigned>(reqs.size())), 256, 0, s>>>(jobs_.p, error_.p);
+    k_answer<<<dim3(grid_put_blocks(most, kPutBlocks), static_cast<unsigned>(reqs.size())), 256, 0, s>>>(jobs_.p,
+                                                                                                         error_.p);
     EAAS_STEP_CUDA(cudaGetLastError());
     results_h_.resize(reqs.size());
     std::uint32_t err = 0;

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "cuda_fail.cuh"
-#include "put_job.cuh"
+#include "eaas/device/grid_put.cuh"
 #include "wire.hpp"
 
 namespace eaas::runtime {
@@ -36,7 +36,7 @@ struct wait_out {
   unsigned long long seen;
 };
 
-__global__ void k_put_signal(gpu::put_job j) { gpu::put_share_then_signal(j, blockIdx.x, gridDim.x); }
+__global__ void k_put_signal(grid_put j) { grid_put_signal(j, blockIdx.x, gridDim.x); }
 
 __global__ void k_signal(device_endpoint ep, remote_view sig, std::uint64_t offset, std::uint64_t value, int* result) {
   status s = signal(coop_thread{}, ep, sig, offset, value, signal_op::set);
@@ -153,17 +153,17 @@ class gpu_wire final : public wire {
       EAAS_LANE_CUDA(cudaMemcpyAsync(l->staging, src, bytes, cudaMemcpyHostToDevice, l->stream));
     }
     EAAS_LANE_CUDA(cudaMemsetAsync(l->result, 0, sizeof(int), l->stream));
-    const gpu::put_job j{.ep = ep.view(),
-                         .dst = dst,
-                         .dst_offset = dst_offset,
-                         .src = l->staging,
-                         .bytes = bytes,
-                         .sig = sig,
-                         .sig_offset = sig_offset,
-                         .value = value,
-                         .arrivals = l->arrivals,
-                         .result = l->result};
-    k_put_signal<<<gpu::put_blocks(bytes, 32), 256, 0, l->stream>>>(j);
+    const grid_put j{.ep = ep.view(),
+                     .dst = dst,
+                     .dst_offset = dst_offset,
+                     .src = l->staging,
+                     .bytes = bytes,
+                     .sig = sig,
+                     .sig_offset = sig_offset,
+                     .value = value,
+                     .arrivals = l->arrivals,
+                     .result = l->result};
+    k_put_signal<<<grid_put_blocks(bytes, 32), 256, 0, l->stream>>>(j);
     EAAS_LANE_CUDA(cudaGetLastError());
     return finish(l);
   }

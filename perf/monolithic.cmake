@@ -1,0 +1,21 @@
+# eaas-monolithic: the monolithic baseline of issue #9 (dense part + local MoE on one GPU), tokens/s with
+# CUDA graphs and kernel shrinking on and off. Included from perf/CMakeLists.txt, after eaas_perf_driver.
+if(EAAS_HAVE_CUDA AND TARGET eaas_monolithic)
+  add_executable(eaas-monolithic ${CMAKE_CURRENT_LIST_DIR}/monolithic_bench.cu)
+  target_link_libraries(eaas-monolithic PRIVATE eaas_perf_driver eaas_monolithic CLI11::CLI11 CUDA::cudart)
+  set_target_properties(eaas-monolithic PROPERTIES CUDA_RUNTIME_LIBRARY Shared)
+  # --gpus N (expert parallel over NCCL) where NCCL is found (cmake/FindNCCL.cmake).
+  find_package(NCCL QUIET)
+  if(NCCL_FOUND)
+    target_compile_definitions(eaas-monolithic PRIVATE EAAS_MONO_WITH_NCCL=1)
+    target_link_libraries(eaas-monolithic PRIVATE NCCL::NCCL)
+  else()
+    target_compile_definitions(eaas-monolithic PRIVATE EAAS_MONO_WITH_NCCL=0)
+  endif()
+  if(COMMAND eaas_target_defaults)
+    eaas_target_defaults(eaas-monolithic)
+  endif()
+  if(EAAS_INSTALL)
+    install(TARGETS eaas-monolithic RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+  endif()
+endif()
