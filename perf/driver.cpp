@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <thread>
@@ -112,16 +113,26 @@ void die(const std::string& what, status s) {
   std::exit(2);
 }
 
-int spawn_self(const std::vector<std::string>& args) {
-  std::vector<std::string> all{"/proc/self/exe"};
+int spawn_program(const std::string& path, const std::vector<std::string>& args) {
+  std::vector<std::string> all{path};
   all.insert(all.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : all) argv.push_back(a.data());
   argv.push_back(nullptr);
   pid_t pid = -1;
-  if (::posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv.data(), environ) != 0)
-    die("starting the other process", status::internal_error);
+  if (::posix_spawn(&pid, path.c_str(), nullptr, nullptr, argv.data(), environ) != 0)
+    die("starting " + path, status::internal_error);
   return pid;
+}
+
+int spawn_self(const std::vector<std::string>& args) { return spawn_program("/proc/self/exe", args); }
+
+std::string sibling_program(const std::string& name) {
+  std::error_code ec;
+  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec) return {};
+  const auto p = self.parent_path() / name;
+  return std::filesystem::exists(p, ec) ? p.string() : std::string{};
 }
 
 std::string today_utc() {

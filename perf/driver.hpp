@@ -49,6 +49,10 @@ status await_peer(const std::string& dir, const std::string& role, std::size_t c
 /// Starts this executable again (the other side of a two-process tool) with `args` (argv[1..]); returns
 /// its pid, or dies saying it could not.
 int spawn_self(const std::vector<std::string>& args);
+/// Starts the program at `path` with `args`; returns its pid, or dies saying it could not.
+int spawn_program(const std::string& path, const std::vector<std::string>& args);
+/// The path of program `name` next to this executable, or "" where there is none.
+std::string sibling_program(const std::string& name);
 
 /// Current UTC date as YYYY-MM-DD, for result files.
 std::string today_utc();

@@ -12,10 +12,13 @@
 // (cudaMemcpyAsync into the same mapped ring) in the same run. Every size is checked byte for byte first.
 
 #include <cuda_runtime.h>
+#include <stdlib.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <thread>
@@ -577,6 +580,57 @@ struct client {
 
 }  // namespace
 
+namespace {
+
+// NVSHMEM's put-with-signal ping-pong at the same sizes and scope, run after ours (the GPUs are free
+// again) by the sibling tool eaas-nvshmem-pingpong where it was built (an optional baseline).
+void nvshmem_baseline(const nvlink_pair_options& o, const nlohmann::json& rows, nlohmann::json& out) {
+  const std::string tool = sibling_program("eaas-nvshmem-pingpong");
+  if (tool.empty()) {
+    std::printf("# NVSHMEM baseline: not built (eaas-nvshmem-pingpong needs NVSHMEM at configure time)\n");
+    return;
+  }
+  char tmpl[] = "/tmp/eaas-nvshmem-XXXXXX";
+  if (::mkdtemp(tmpl) == nullptr) die("mkdtemp", status::internal_error);
+  const std::string json = std::string(tmpl) + "/nvshmem.json";
+  std::vector<std::string> args = {"--scope", o.scope, "--json", json};
+  if (o.iters != 0) args.insert(args.end(), {"-n", std::to_string(o.iters)});
+  if (o.sizes.size() > 1)
+    args.insert(args.end(), {"-a", "--max-size", std::to_string(o.sizes.back())});
+  else
+    args.insert(args.end(), {"-s", std::to_string(o.sizes.front())});
+  std::fflush(stdout);
+  const int pid = spawn_program(tool, args);
+  int st = 0;
+  ::waitpid(pid, &st, 0);
+  nlohmann::json theirs;
+  std::ifstream f(json);
+  if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || !(f >> theirs)) {
+    std::printf("# NVSHMEM baseline: %s failed (exit %d); no ratio\n", tool.c_str(),
+                WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    std::filesystem::remove_all(tmpl);
+    return;
+  }
+  std::filesystem::remove_all(tmpl);
+  std::printf("# NVSHMEM %s put-with-signal ping-pong (eaas-nvshmem-pingpong, same sizes and scope, run just after):\n",
+              theirs.value("nvshmem_version", std::string("")).c_str());
+  std::printf("%10s %20s %22s %14s\n", "#bytes", "eaas t_typical[usec]", "NVSHMEM t_typical[usec]", "eaas/NVSHMEM");
+  nlohmann::json ratios = nlohmann::json::array();
+  for (const auto& r : rows) {
+    for (const auto& t : theirs.value("rows", nlohmann::json::array())) {
+      if (t.value("bytes", 0ull) != r.value("bytes", 0ull)) continue;
+      const double a = r.value("t_typical_us", 0.0), b = t.value("t_typical_us", 0.0);
+      if (b <= 0) continue;
+      std::printf("%10llu %20.2f %22.2f %13.2fx\n", static_cast<unsigned long long>(r.value("bytes", 0ull)), a, b,
+                  a / b);
+      ratios.push_back({{"bytes", r["bytes"]}, {"eaas_us", a}, {"nvshmem_us", b}, {"ratio", a / b}});
+    }
+  }
+  out["nvshmem"] = {{"tool", theirs}, {"ratios", ratios}};
+}
+
+}  // namespace
+
 int run_nvlink_pingpong(const nvlink_pair_options& o) {
   client c(o);
   const std::uint64_t scope = scope_of(o.scope);
@@ -634,15 +688,16 @@ int run_nvlink_pingpong(const nvlink_pair_options& o) {
     rows.push_back(row);
   }
   c.finish();
+  nlohmann::json out = {{"tool", "eaas-pingpong"},
+                        {"transport", "nvlink"},
+                        {"scope", o.scope},
+                        {"date", today_utc()},
+                        {"host", c.header()},
+                        {"graph", o.graph},
+                        {"metric", "half round trip (RTT/2), microseconds"},
+                        {"rows", rows}};
+  if (o.baseline) nvshmem_baseline(o, rows, out);
   if (!o.json.empty()) {
-    nlohmann::json out = {{"tool", "eaas-pingpong"},
-                          {"transport", "nvlink"},
-                          {"scope", o.scope},
-                          {"date", today_utc()},
-                          {"host", c.header()},
-                          {"graph", o.graph},
-                          {"metric", "half round trip (RTT/2), microseconds"},
-                          {"rows", rows}};
     std::ofstream f(o.json);
     f << out.dump(2) << "\n";
     if (!f) die("writing " + o.json, status::internal_error);
