@@ -10,12 +10,14 @@
 #include <mutex>
 #include <set>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "bf16.hpp"
 #include "eaas/eaas.hpp"
 #include "eaas/runtime/slot.hpp"
 #include "fail.hpp"
+#include "gpu/client_step.hpp"
 #include "wire.hpp"
 
 namespace eaas::runtime {
@@ -53,6 +55,7 @@ class client_impl final : public attention_client {
     }
     cv_.notify_all();
     if (connector_.joinable()) connector_.join();
+    step_.reset();  // before the result regions its kernels read (none runs between forwards)
     watch_.reset();
     servers_.clear();
     ready_.clear();
@@ -67,6 +70,26 @@ class client_impl final : public attention_client {
       EAAS_CHECK(make_gpu_wire(o_.gpu, wire_));
     else
       wire_ = make_host_wire();
+    if (o_.graph && !o_.device_step)
+      return EAAS_RT_FAIL(status::invalid_argument, "client {}: graph needs device_step", o_.id);
+    if (o_.device_step) {
+      if (o_.gpu < 0)
+        return EAAS_RT_FAIL(status::invalid_argument, "client {}: device_step needs a GPU (gpu >= 0)", o_.id);
+      if (!o_.make_device_step)
+        return EAAS_RT_FAIL(status::unsupported,
+                            "client {}: device_step needs make_device_step (gpu::make_client_step, library "
+                            "eaas_client_gpu)",
+                            o_.id);
+      // The dense part's weights are dense_'s, loaded routers included: both paths compute one model.
+      const gpu::client_step_config cfg{.device = o_.gpu,
+                                        .shape = o_.shape,
+                                        .dense = o_.dense,
+                                        .weights = &dense_.weights(),
+                                        .max_tokens = o_.max_tokens,
+                                        .request_timeout_ns = o_.request_timeout_ns,
+                                        .graph = o_.graph};
+      EAAS_CHECK(o_.make_device_step(cfg, step_));
+    }
     EAAS_CHECK(context::create({.name = o_.id, .cuda_device = o_.gpu}, ctx_));
     EAAS_CHECK(registry::open(o_.registry, reg_));
     peer_record self;
@@ -122,6 +145,11 @@ class client_impl final : public attention_client {
     if (tokens.empty() || tokens.size() > o_.max_tokens)
       return EAAS_RT_FAIL(status::invalid_argument, "client {}: {} tokens (1..{})", o_.id, tokens.size(),
                           o_.max_tokens);
+    if (step_) {
+      bool done = false;
+      EAAS_CHECK(device_forward(tokens, out, done));
+      if (done) return status::ok;
+    }
     layer_ns_.assign(o_.shape.layers, 0);
     layer_routing_.resize(o_.shape.layers);
     dense_.embed(tokens, out);
@@ -136,6 +164,13 @@ class client_impl final : public attention_client {
     }
     std::lock_guard g(stats_mu_);
     stats_.forwards++;
+    // Failures of a device-path forward that this host-path forward computed again.
+    const std::uint64_t now = eaas::now_ns();
+    for (auto& e : device_events_) {
+      e.done_ns = now;
+      failovers_.push_back(std::move(e));
+    }
+    device_events_.clear();
     return status::ok;
   }
 
@@ -152,6 +187,87 @@ class client_impl final : public attention_client {
   }
 
  private:
+  // One forward on the device path, when every expert has a linked server (else `done` stays false and
+  // the host path waits for one). A server failure leaves `done` false too: the servers that failed are
+  // dropped as the host path drops them, and the caller computes the forward again on the host path.
+  // The request counters come back from the device: c->seq stays the one count both paths use.
+  status device_forward(std::span<const std::uint32_t> tokens, std::vector<float>& out, bool& done) {
+    done = false;
+    refresh();
+    step_servers_.clear();
+    step_conns_.clear();
+    std::vector<bool> covered(o_.shape.experts, false);
+    for (auto& [id, c] : servers_) {
+      gpu::step_server v;
+      v.ep = c->link.ep->view();
+      v.slots = c->slots;
+      v.slot_offset = c->w.slot_offset;
+      v.sig_offset = c->w.sig_offset;
+      v.slot_bytes = c->w.slot_bytes;
+      v.grant = c->w.grant;
+      v.max_tokens = c->w.max_tokens;
+      v.result = c->result->data();
+      v.result_bytes = c->result->size();
+      v.seq = c->seq;
+      for (const auto& [e, local] : c->local) {
+        v.experts.emplace_back(e, local);
+        if (e < covered.size()) covered[e] = true;
+      }
+      step_servers_.push_back(std::move(v));
+      step_conns_.push_back(c.get());
+    }
+    if (std::find(covered.begin(), covered.end(), false) != covered.end()) return status::ok;
+    const std::uint64_t t0 = eaas::now_ns();
+    EAAS_CHECK(step_->forward(tokens, step_servers_, step_result_));
+    std::uint64_t requests = 0;
+    for (std::size_t i = 0; i < step_conns_.size(); ++i) {
+      step_conns_[i]->seq = step_servers_[i].seq;
+      requests += step_result_.outcomes[i].requests;
+    }
+    {
+      std::lock_guard g(stats_mu_);
+      stats_.requests += requests;
+      stats_.graph_captures = step_->captures();
+    }
+    if (step_result_.complete) {
+      out.swap(step_result_.out);
+      layer_ns_ = step_result_.layer_ns;
+      layer_routing_.swap(step_result_.layers);
+      std::lock_guard g(stats_mu_);
+      stats_.forwards++;
+      stats_.device_forwards++;
+      done = true;
+      return status::ok;
+    }
+    std::vector<std::tuple<std::string, std::string, std::uint32_t, bool>> failed;  // id, why, layer, revoked
+    for (std::size_t i = 0; i < step_conns_.size(); ++i) {
+      const gpu::step_outcome& o = step_result_.outcomes[i];
+      if (o.fail == gpu::step_fail::none) continue;
+      const std::string& id = step_conns_[i]->rec.id;
+      std::string why =
+          fmt::format("{} in layer {} (device path, request {})", gpu::step_fail_name(o.fail), o.layer, o.seq);
+      if (o.fail == gpu::step_fail::refused)
+        why += fmt::format(": {}", slot_error_name(static_cast<slot_error>(o.detail)));
+      if (o.fail == gpu::step_fail::not_delivered) why += fmt::format(": {}", static_cast<status>(o.detail));
+      if (o.fail == gpu::step_fail::overflow) {
+        // More tokens for it than it takes per request: not its fault; the host path spreads them.
+        detail::note("[{}] server {}: {} tokens in layer {} exceed its max_tokens ({}); host path", o_.id, id, o.detail,
+                     o.layer, step_conns_[i]->w.max_tokens);
+        continue;
+      }
+      failed.emplace_back(id, std::move(why), o.layer, o.fail == gpu::step_fail::revoked);
+    }
+    if (failed.empty()) detail::note("[{}] the device path could not complete a forward; host path", o_.id);
+    const std::uint64_t detected = eaas::now_ns();
+    for (const auto& [id, why, layer, revoked] : failed) {
+      drop(id, why.c_str(), revoked ? 0 : o_.relink_backoff_ns);
+      device_events_.push_back({.server = id, .why = why, .layer = layer, .sent_ns = t0, .detected_ns = detected});
+    }
+    std::lock_guard g(stats_mu_);
+    stats_.fallback_forwards++;
+    return status::ok;
+  }
+
   /// Forgets a server. While its record stays published it is linked again after `retry_after_ns`
   /// (0: at once, e.g. it revoked our slot; a silent or dead one waits, and goes for good with its lease).
   void drop(const std::string& id, const char* why, std::uint64_t retry_after_ns) {
@@ -502,9 +618,15 @@ class client_impl final : public attention_client {
 
   std::vector<float> normed_, moe_, answer_;
   std::unique_ptr<wire> wire_;
+  // The device path (device_step).
+  std::vector<gpu::step_server> step_servers_;
+  std::vector<server_conn*> step_conns_;
+  gpu::step_result step_result_;
+  std::vector<failover_event> device_events_;
   routing routing_;
   std::vector<std::uint64_t> layer_ns_;
   std::vector<routing> layer_routing_;
+  std::unique_ptr<gpu::client_step> step_;
 };
 
 }  // namespace

@@ -22,6 +22,11 @@
 
 namespace eaas::runtime {
 
+namespace gpu {
+struct client_step_config;
+class client_step;
+}  // namespace gpu
+
 struct client_options {
   std::string id;
   registry_options registry;
@@ -30,10 +35,19 @@ struct client_options {
   model_shape shape;
   std::uint64_t seed = 1;
   dense_options dense;
-  std::uint32_t max_tokens = 512;                       ///< most tokens per forward
+  std::uint32_t max_tokens = 512;  ///< most tokens per forward
   /// The CUDA device whose memory receives the servers' answers (over NVLink, from GPU servers of this
-  /// host); -1: host memory (shm, CPU servers). The dense part runs on the CPU either way.
+  /// host); -1: host memory (shm, CPU servers). The dense part runs on the CPU, unless device_step.
   int gpu = -1;
+  /// Issue #9: the whole forward on that GPU (gpu::client_step: dense part, dispatch, wait and combine as
+  /// kernels, no host in the loop). Needs gpu >= 0 and make_device_step. A forward in which a server
+  /// fails is computed again on the host path, which drops the servers that failed.
+  bool device_step = false;
+  /// With device_step: capture the forward once in a CUDA graph and replay it.
+  bool graph = false;
+  /// Builds the device step: gpu::make_client_step, from the eaas_client_gpu library (kept out of eaas_moe
+  /// so that servers need not load cuBLAS). Required with device_step.
+  std::function<status(const gpu::client_step_config&, std::unique_ptr<gpu::client_step>&)> make_device_step;
   std::uint64_t request_timeout_ns = 2'000'000'000ull;  ///< a server silent this long is dropped
   std::uint64_t link_timeout_ns = 2'000'000'000ull;
   std::uint64_t relink_backoff_ns = 1'000'000'000ull;  ///< a server dropped while published is linked again after this
@@ -44,8 +58,11 @@ struct client_options {
 struct client_stats {
   std::uint64_t forwards = 0;
   std::uint64_t requests = 0;
-  std::uint64_t dropped_servers = 0;  ///< servers dropped for silence, death or leaving
-  std::uint64_t resent_entries = 0;   ///< (token, expert) entries sent again to a replica
+  std::uint64_t dropped_servers = 0;    ///< servers dropped for silence, death or leaving
+  std::uint64_t resent_entries = 0;     ///< (token, expert) entries sent again to a replica
+  std::uint64_t device_forwards = 0;    ///< forwards computed on the device path (device_step)
+  std::uint64_t fallback_forwards = 0;  ///< device-path forwards a server failed, computed again on the host path
+  std::uint64_t graph_captures = 0;     ///< CUDA graph captures of the device path
 };
 
 /// A server dropped while it held work, and that work answered by replicas.

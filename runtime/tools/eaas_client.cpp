@@ -14,6 +14,9 @@
 #include "client.hpp"
 #include "eaas/runtime/safetensors.hpp"
 #include "tool_common.hpp"
+#if EAAS_CLIENT_DEVICE_STEP
+#include "gpu/client_step.hpp"
+#endif
 
 using namespace eaas;
 using namespace eaas::runtime;
@@ -74,9 +77,26 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--gpu", o.gpu, "receive answers in this CUDA device's memory (GPU servers of this host)")
       ->capture_default_str();
+  auto* device_step = app.add_flag("--device-step", o.device_step,
+                                   "with --gpu: the whole forward on the GPU (dense part, dispatch, wait and "
+                                   "combine as kernels; a forward a server fails is computed again on the host)");
+  app.add_flag("--graph", o.graph, "with --device-step: capture the forward once in a CUDA graph, replay it")
+      ->needs(device_step);
   tool::checkpoint_args ckpt;
   ckpt.add(app, "routers (and, with --verify, the reference's experts)");
   CLI11_PARSE(app, argc, argv);
+  if (o.device_step && o.gpu < 0) {
+    std::fprintf(stderr, "eaas-client: --device-step needs --gpu\n");
+    return 2;
+  }
+  if (o.device_step) {
+#if EAAS_CLIENT_DEVICE_STEP
+    o.make_device_step = gpu::make_client_step;
+#else
+    std::fprintf(stderr, "eaas-client: --device-step: this eaas was built without CUDA\n");
+    return 2;
+#endif
+  }
 
   o.registry.endpoint = endpoint;
   if (status s = model.resolve(o.shape); s != status::ok) return tool::fail("eaas-client", "model", s);
@@ -185,6 +205,9 @@ int main(int argc, char** argv) {
         {"max_rel_err", worst},
         {"routing_disagreements", disagreements},
         {"dropped_servers", st.dropped_servers},
-        {"resent_entries", st.resent_entries}});
+        {"resent_entries", st.resent_entries},
+        {"device_forwards", st.device_forwards},
+        {"fallback_forwards", st.fallback_forwards},
+        {"graph_captures", st.graph_captures}});
   return 0;
 }

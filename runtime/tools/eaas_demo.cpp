@@ -157,6 +157,11 @@ int main(int argc, char** argv) {
   auto* gpu_flag = app.add_flag("--gpu", gpu, "run on GPUs (the default where this host has any)");
   app.add_flag("--cpu", cpu, "run on the CPU even where GPUs are present")->excludes(gpu_flag);
   app.add_flag("--verbose", verbose, "show the servers' and clients' event lines (links, departures)");
+  bool device_step = false, graph = false;
+  auto* device_step_flag =
+      app.add_flag("--device-step", device_step, "GPU clients run the whole forward on their GPU (eaas-client)");
+  app.add_flag("--graph", graph, "with --device-step: clients replay their forward as a CUDA graph")
+      ->needs(device_step_flag);
   CLI11_PARSE(app, argc, argv);
 
   model_shape shape;
@@ -183,6 +188,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   gpu = gpu || (!cpu && gpus > 0);
+  if (device_step && !gpu) {
+    std::fprintf(stderr, "eaas-demo: --device-step needs GPUs\n");
+    return 2;
+  }
   if (gpu && app.count("--tolerance") == 0) tolerance = 1e-2;  // bf16 weights and activations on the GPU
   // One BLAS thread per process: the processes already share the cores, and OpenBLAS's spinning
   // worker threads would fight them (the caller's setting wins).
@@ -301,6 +310,8 @@ int main(int argc, char** argv) {
                              "--request-timeout-ms", std::to_string(request_timeout_ms)});
     if (!no_verify) args.insert(args.end(), {"--verify", "--tolerance", fmt::format("{}", tolerance)});
     if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(servers + i) % gpus)});
+    if (device_step) args.push_back("--device-step");
+    if (graph) args.push_back("--graph");
     if (!spawn(client_bin, args, cli[i])) {
       std::fprintf(stderr, "eaas-demo: cannot start %s\n", client_bin.c_str());
       stop_all(SIGKILL);

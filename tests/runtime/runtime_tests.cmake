@@ -52,6 +52,21 @@ if(EAAS_HAVE_CUDA)
   eaas_add_doctest(eaas-runtime-gpu-tests gpu)
 endif()
 
+# The GPU-resident client forward (issue #9) against GPU server processes: device path, CUDA graph, a
+# server killed between forwards, overflow caught on the device (label gpu: exit 77 without a CUDA device).
+if(TARGET eaas_client_gpu)
+  add_executable(eaas-client-step-gpu-tests ${CMAKE_CURRENT_LIST_DIR}/test_client_step_gpu.cpp)
+  target_link_libraries(eaas-client-step-gpu-tests PRIVATE eaas_client_gpu doctest::doctest
+                                                           nlohmann_json::nlohmann_json)
+  target_compile_definitions(eaas-client-step-gpu-tests PRIVATE
+    EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>")
+  add_dependencies(eaas-client-step-gpu-tests eaas-server eaas-client eaas-demo)
+  if(COMMAND eaas_target_defaults)
+    eaas_target_defaults(eaas-client-step-gpu-tests)
+  endif()
+  eaas_add_doctest(eaas-client-step-gpu-tests gpu)
+endif()
+
 # The monolithic baseline on one GPU (issue #9): the dense part, the local MoE layer, graph replay and
 # the shrinking ablation against the CPU reference (label gpu: skipped with exit 77 without a CUDA device).
 if(TARGET eaas_monolithic)

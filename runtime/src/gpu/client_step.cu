@@ -1,0 +1,649 @@
+// The attention client's forward on its GPU: dense part, dispatch, wait, combine (client_step.hpp).
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <cuda/atomic>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "client_step.hpp"
+#include "cuda_fail.cuh"
+#include "dense_gpu.hpp"
+#include "dense_gpu_detail.cuh"
+#include "eaas/device/grid_put.cuh"
+#include "eaas/runtime/slot.hpp"
+
+namespace eaas::runtime::gpu {
+
+namespace {
+
+#define EAAS_STEPC_CUDA(x) EAAS_GPU_CUDA("gpu client step", x)
+
+constexpr int kAssignThreads = 256;
+constexpr int kScanThreads = 256;
+constexpr int kPackThreads = 128;
+constexpr unsigned kPackBlocks = 64;  // blocks per server packing its rows
+constexpr int kSendThreads = 256;
+constexpr unsigned kSendBlocks = 32;  // blocks per server putting its request (grid_put_signal)
+constexpr int kCombineThreads = 128;
+constexpr std::uint64_t kWaitSliceNs = 1'000'000;  // between checks for a revoked slot
+
+// What the device reads, uploaded before every forward (one copy), in this order, each part 64-byte
+// aligned: head, state[cap], server[cap], nrep[experts], route[experts × rcap].
+struct dev_head {
+  std::uint32_t servers;  // entries of server[] in use
+  std::uint32_t failed;   // 0; 1 once a server failed or a table entry was missing (nothing is sent after)
+  std::uint32_t reserved[14];
+};
+static_assert(std::is_trivially_copyable_v<dev_head> && sizeof(dev_head) == 64);
+
+struct dev_state {
+  std::uint64_t seq;       // the last request seq sent (the device counter)
+  std::uint32_t fail;      // step_fail
+  std::uint32_t layer;     // the layer that failed
+  std::uint32_t detail;    // slot_error or status
+  std::uint32_t requests;  // sent in this forward
+};
+static_assert(std::is_trivially_copyable_v<dev_state> && sizeof(dev_state) == 24);
+
+struct dev_server {
+  device_endpoint ep;
+  remote_view slots;
+  std::uint64_t slot_offset, sig_offset, slot_bytes, grant;
+  unsigned char* result;
+  std::uint64_t result_bytes;
+  std::uint32_t max_tokens;
+  std::uint32_t reserved;
+};
+static_assert(std::is_trivially_copyable_v<dev_server> && sizeof(dev_server) == 136 && alignof(dev_server) == 8);
+
+struct dev_route {
+  std::int32_t server;  // index into server[]
+  std::uint32_t local;  // the server's local expert id
+};
+static_assert(sizeof(dev_route) == 8);
+
+// One server's request in the current layer (device only; rewritten by every layer's scan).
+struct dev_job {
+  std::uint64_t seq;      // 0: no request this layer
+  std::uint32_t tokens;   // distinct tokens for it
+  int put_result;         // grid_put's result word (0: ok)
+  unsigned int arrivals;  // grid_put's arrival counter
+  std::uint32_t reserved;
+};
+static_assert(sizeof(dev_job) == 24);
+
+constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
+
+struct table_layout {
+  std::size_t state, server, nrep, route, bytes;
+};
+
+table_layout table_for(std::uint32_t cap, std::uint32_t rcap, std::uint32_t experts) {
+  table_layout t{};
+  t.state = align64(sizeof(dev_head));
+  t.server = t.state + align64(sizeof(dev_state) * cap);
+  t.nrep = t.server + align64(sizeof(dev_server) * cap);
+  t.route = t.nrep + align64(sizeof(std::uint32_t) * experts);
+  t.bytes = t.route + align64(sizeof(dev_route) * std::size_t{experts} * rcap);
+  return t;
+}
+
+struct dev_tables {
+  dev_head* head;
+  dev_state* state;
+  const dev_server* server;
+  const std::uint32_t* nrep;
+  const dev_route* route;
+};
+
+__device__ __forceinline__ std::uint32_t load_flag(const std::uint32_t* p) {
+  return cuda::atomic_ref<std::uint32_t, cuda::thread_scope_device>(*const_cast<std::uint32_t*>(p))
+      .load(cuda::std::memory_order_relaxed);
+}
+__device__ __forceinline__ void raise_flag(std::uint32_t* p) {
+  cuda::atomic_ref<std::uint32_t, cuda::thread_scope_device>(*p).store(1, cuda::std::memory_order_relaxed);
+}
+
+__device__ __forceinline__ void fail_server(const dev_tables& tb, std::uint32_t s, step_fail f, std::uint32_t layer,
+                                            std::uint32_t detail) {
+  dev_state& st = tb.state[s];
+  if (st.fail == 0) {  // the first failure is the one reported (one thread per server writes it)
+    st.fail = static_cast<std::uint32_t>(f);
+    st.layer = layer;
+    st.detail = detail;
+  }
+  raise_flag(&tb.head->failed);
+}
+
+__global__ void k_stamp(std::uint64_t* at) { *at = eaas::now_ns(); }
+
+// Entry i = (t, k): its server is replica (t + e) mod nrep[e] of expert e; mark[server × T + t] = 1.
+__global__ void __launch_bounds__(kAssignThreads)
+    k_assign(dev_tables tb, const std::uint32_t* ids, std::uint32_t tokens, std::uint32_t topk, std::uint32_t experts,
+             std::uint32_t rcap, std::uint8_t* mark, std::int32_t* asg_server, std::uint32_t* asg_local) {
+  const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= tokens * topk) return;
+  const std::uint32_t t = i / topk, e = ids[i];
+  const std::uint32_t n = e < experts ? tb.nrep[e] : 0;
+  if (n == 0 || n > rcap) {  // the host checked that every expert has a server: a router bug, not a server's
+    asg_server[i] = -1;
+    raise_flag(&tb.head->failed);
+    return;
+  }
+  const dev_route r = tb.route[std::size_t{e} * rcap + (t + e) % n];
+  if (r.server < 0 || static_cast<std::uint32_t>(r.server) >= tb.head->servers) {
+    asg_server[i] = -1;
+    raise_flag(&tb.head->failed);
+    return;
+  }
+  asg_server[i] = r.server;
+  asg_local[i] = r.local;
+  mark[std::size_t(r.server) * tokens + t] = 1;
+}
+
+// Block s: server s's tokens in order (row_of[s × T + t]: its row, or -1; tok[s × T + row] = t), then
+// whether it gets a request this layer, and its seq.
+__global__ void __launch_bounds__(kScanThreads)
+    k_scan(dev_tables tb, dev_job* jobs, const std::uint8_t* mark, std::uint32_t tokens, std::uint32_t hidden,
+           std::uint32_t topk, std::uint32_t layer, std::int32_t* row_of, std::int32_t* tok) {
+  const std::uint32_t s = blockIdx.x;
+  if (s >= tb.head->servers) return;  // block-uniform
+  __shared__ std::int32_t s_warp[kScanThreads / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const std::uint8_t* m = mark + std::size_t{s} * tokens;
+  std::int32_t* rows = row_of + std::size_t{s} * tokens;
+  std::int32_t* list = tok + std::size_t{s} * tokens;
+  std::int32_t carry = 0;
+  for (std::uint32_t base = 0; base < tokens; base += kScanThreads) {
+    const std::uint32_t t = base + tid;
+    const std::int32_t v = t < tokens && m[t] != 0 ? 1 : 0;
+    std::int32_t inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const std::int32_t u = __shfl_up_sync(0xffffffffu, inc, o);
+      if (lane >= o) inc += u;
+    }
+    if (lane == 31) s_warp[warp] = inc;
+    __syncthreads();
+    std::int32_t before = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < kScanThreads / 32; ++w) {
+      before += w < warp ? s_warp[w] : 0;
+      total += s_warp[w];
+    }
+    const std::int32_t row = carry + before + inc - v;
+    if (t < tokens) {
+      rows[t] = v ? row : -1;
+      if (v) list[row] = static_cast<std::int32_t>(t);
+    }
+    carry += total;
+    __syncthreads();  // s_warp is rewritten by the next pass
+  }
+  if (tid != 0) return;
+  dev_job& j = jobs[s];
+  j.seq = 0;
+  j.tokens = static_cast<std::uint32_t>(carry);
+  j.put_result = 0;
+  j.arrivals = 0;
+  if (carry == 0) return;                        // no request
+  if (load_flag(&tb.head->failed) != 0) return;  // this forward is recomputed on the host anyway
+  if (tb.state[s].fail != 0) return;
+  const dev_server& sv = tb.server[s];
+  const auto n = static_cast<std::uint32_t>(carry);
+  if (n > sv.max_tokens) {
+    fail_server(tb, s, step_fail::overflow, layer, n);
+    return;
+  }
+  const slot_layout l = layout_for(n, hidden, topk, dtype::bf16);
+  if (l.end > sv.slot_bytes || kOutputs + std::uint64_t{n} * hidden * 4 > sv.result_bytes) {
+    fail_server(tb, s, step_fail::exceeds_slot, layer, n);
+    return;
+  }
+  const std::uint64_t seq = tb.state[s].seq + 1;
+  tb.state[s].seq = seq;
+  tb.state[s].requests++;
+  j.seq = seq;
+}
+
+// Blocks (s, y): server s's request in its staging buffer: the header (block y 0), rows y, y + Y, ...
+// (bf16 activations, then the token's k entries: the local id where the entry went to s, else kNoExpert).
+__global__ void __launch_bounds__(kPackThreads)
+    k_pack(dev_tables tb, const dev_job* jobs, const std::int32_t* tok, const std::int32_t* asg_server,
+           const std::uint32_t* asg_local, const float* weights, const __nv_bfloat16* normed, std::uint32_t tokens,
+           std::uint32_t hidden, std::uint32_t topk, std::uint32_t layer, unsigned char* staging,
+           std::uint64_t stage_stride) {
+  const std::uint32_t s = blockIdx.x;
+  if (s >= tb.head->servers) return;
+  const dev_job j = jobs[s];
+  if (j.seq == 0) return;
+  const std::uint32_t n = j.tokens;
+  const slot_layout l = layout_for(n, hidden, topk, dtype::bf16);
+  unsigned char* st = staging + std::uint64_t{s} * stage_stride;
+  if (blockIdx.y == 0 && threadIdx.x == 0) {
+    slot_header h{};
+    h.magic = kSlotMagic;
+    h.version = kSlotVersion;
+    h.type = static_cast<std::uint16_t>(dtype::bf16);
+    h.seq = j.seq;
+    h.layer = layer;
+    h.tokens = n;
+    h.hidden = hidden;
+    h.topk = topk;
+    h.payload_bytes = l.end - sizeof(slot_header);
+    h.grant = tb.server[s].grant;
+    *reinterpret_cast<slot_header*>(st) = h;
+  }
+  const std::int32_t* list = tok + std::size_t{s} * tokens;
+  auto* ids_out = reinterpret_cast<std::uint16_t*>(st + l.expert_ids);
+  auto* w_out = reinterpret_cast<float*>(st + l.weights);
+  const std::uint32_t vecs = hidden / 8;  // 16-byte vectors of bf16 per row (hidden % 8 == 0)
+  for (std::uint32_t r = blockIdx.y; r < n; r += gridDim.y) {
+    const auto t = static_cast<std::uint32_t>(list[r]);
+    const uint4* src = reinterpret_cast<const uint4*>(normed + std::size_t{t} * hidden);
+    uint4* dst = reinterpret_cast<uint4*>(st + l.activations + std::uint64_t{r} * hidden * 2);
+    for (std::uint32_t v = threadIdx.x; v < vecs; v += blockDim.x) dst[v] = src[v];
+    for (std::uint32_t k = threadIdx.x; k < topk; k += blockDim.x) {
+      const std::size_t ent = std::size_t{t} * topk + k;
+      const bool mine = asg_server[ent] == static_cast<std::int32_t>(s);
+      ids_out[std::size_t{r} * topk + k] = mine ? static_cast<std::uint16_t>(asg_local[ent]) : kNoExpert;
+      w_out[std::size_t{r} * topk + k] = mine ? weights[ent] : 0.0f;
+    }
+  }
+}
+
+// Blocks (s, y): server s's staging buffer into its slot, then its sequence word = seq (grid_put.cuh:
+// the last block to arrive signals, after every block's bytes, and quiets).
+__global__ void __launch_bounds__(kSendThreads)
+    k_send(dev_tables tb, dev_job* jobs, std::uint32_t hidden, std::uint32_t topk, const unsigned char* staging,
+           std::uint64_t stage_stride) {
+  const std::uint32_t s = blockIdx.x;
+  if (s >= tb.head->servers) return;  // uniform over the server's blocks: all arrive, or none
+  dev_job& jb = jobs[s];
+  const std::uint64_t seq = jb.seq;
+  if (seq == 0) return;
+  const dev_server& sv = tb.server[s];
+  const slot_layout l = layout_for(jb.tokens, hidden, topk, dtype::bf16);
+  const grid_put g{.ep = sv.ep,
+                   .dst = sv.slots,
+                   .dst_offset = sv.slot_offset,
+                   .src = staging + std::uint64_t{s} * stage_stride,
+                   .bytes = l.end,
+                   .sig = sv.slots,
+                   .sig_offset = sv.sig_offset,
+                   .value = seq,
+                   .arrivals = &jb.arrivals,
+                   .result = &jb.put_result};
+  grid_put_signal(g, blockIdx.y, gridDim.y);
+}
+
+// Block s (thread 0): waits for server s's answer (bounded), checks its header. The acquire of the
+// wait orders this thread's reads of the header after the server's writes; the combine (a later kernel)
+// reads the rows after this kernel ended.
+__global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, std::uint64_t timeout_ns) {
+  const std::uint32_t s = blockIdx.x;
+  if (s >= tb.head->servers || threadIdx.x != 0) return;
+  const dev_job j = jobs[s];
+  if (j.seq == 0) return;
+  const dev_server& sv = tb.server[s];
+  if (j.put_result != 0) {
+    const auto st = static_cast<status>(j.put_result);
+    fail_server(
+        tb, s,
+        st == status::peer_unreachable || st == status::not_connected ? step_fail::peer_gone : step_fail::not_delivered,
+        layer, static_cast<std::uint32_t>(j.put_result));
+    return;
+  }
+  const auto* sig = reinterpret_cast<const std::uint64_t*>(sv.result + kResultSig);
+  const auto* welcome_sig = reinterpret_cast<const std::uint64_t*>(sv.result + kWelcomeSig);
+  const auto* grant = reinterpret_cast<const std::uint64_t*>(sv.result + kWelcome + offsetof(server_welcome, grant));
+  const std::uint64_t start = eaas::now_ns();
+  for (;;) {
+    const status st = wait_signal(sv.ep, sig, cmp_op::ge, j.seq, timeout{kWaitSliceNs});
+    if (st == status::ok) break;
+    if (st != status::timeout) {
+      fail_server(tb, s, st == status::aborted ? step_fail::aborted : step_fail::peer_gone, layer,
+                  static_cast<std::uint32_t>(st));
+      return;
+    }
+    if (::eaas::detail::load_relaxed(welcome_sig) == kRevoked || ::eaas::detail::load_relaxed(grant) != sv.grant) {
+      fail_server(tb, s, step_fail::revoked, layer, 0);
+      return;
+    }
+    if (eaas::now_ns() - start >= timeout_ns) {
+      fail_server(tb, s, step_fail::timeout, layer, 0);
+      return;
+    }
+  }
+  const auto* rh = reinterpret_cast<const volatile response_header*>(sv.result + kResponse);
+  if (rh->magic != kSlotMagic || rh->version != kSlotVersion || rh->seq != j.seq) {
+    fail_server(tb, s, step_fail::bad_answer, layer, 0);
+    return;
+  }
+  if (rh->error != 0) {
+    fail_server(tb, s, step_fail::refused, layer, rh->error);
+    return;
+  }
+  if (rh->tokens != j.tokens || rh->type != static_cast<std::uint16_t>(dtype::f32))
+    fail_server(tb, s, step_fail::bad_answer, layer, rh->tokens);
+}
+
+// Block t: x[t] += Σ over the servers that answered this layer, in table order, of their row for t.
+__global__ void __launch_bounds__(kCombineThreads)
+    k_combine(dev_tables tb, const dev_job* jobs, const std::int32_t* row_of, std::uint32_t tokens,
+              std::uint32_t hidden, float* x) {
+  const std::uint32_t t = blockIdx.x, servers = tb.head->servers, vecs = hidden / 4;
+  float4* xr = reinterpret_cast<float4*>(x + std::size_t{t} * hidden);
+  for (std::uint32_t v = threadIdx.x; v < vecs; v += blockDim.x) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (std::uint32_t s = 0; s < servers; ++s) {
+      if (jobs[s].seq == 0 || tb.state[s].fail != 0) continue;
+      const std::int32_t r = row_of[std::size_t{s} * tokens + t];
+      if (r < 0) continue;
+      const float4* ans = reinterpret_cast<const float4*>(tb.server[s].result + kOutputs);
+      const float4 a = __ldcg(ans + std::size_t(r) * vecs + v);  // written by a peer: not from L1
+      acc.x += a.x;
+      acc.y += a.y;
+      acc.z += a.z;
+      acc.w += a.w;
+    }
+    float4 o = xr[v];
+    o.x += acc.x;
+    o.y += acc.y;
+    o.z += acc.z;
+    o.w += acc.w;
+    xr[v] = o;
+  }
+}
+
+class step_impl final : public client_step {
+ public:
+  explicit step_impl(const client_step_config& c) : cfg_(c) {}
+  ~step_impl() override {
+    cudaSetDevice(cfg_.device);
+    drop_graph();
+    if (stream_ != nullptr) {
+      cudaStreamSynchronize(stream_);
+      cudaStreamDestroy(stream_);
+    }
+    cudaFreeHost(table_host_);
+    cudaFreeHost(back_host_);
+  }
+
+  status init() {
+    const model_shape& sh = cfg_.shape;
+    EAAS_CHECK(check_shape(sh));
+    if (cfg_.max_tokens == 0 || cfg_.max_tokens > (1u << 20) || sh.hidden % 8 != 0 ||
+        std::uint64_t{cfg_.max_tokens} * sh.topk > (1u << 30))
+      return EAAS_GPU_FAIL(status::invalid_argument,
+                           "gpu client step: max_tokens must be 1 .. 2^20 (and max_tokens x topk at most 2^30), hidden "
+                           "a multiple of 8");
+    if (cfg_.weights == nullptr) return EAAS_GPU_FAIL(status::invalid_argument, "gpu client step: no dense weights");
+    EAAS_STEPC_CUDA(cudaSetDevice(cfg_.device));
+    EAAS_CHECK(dense_gpu::create(cfg_.device, sh, cfg_.dense, *cfg_.weights, cfg_.max_tokens, dense_));
+    cfg_.weights = nullptr;  // the caller's, read only here
+    EAAS_STEPC_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    const std::size_t T = cfg_.max_tokens, H = sh.hidden, K = sh.topk, L = sh.layers;
+    EAAS_CHECK(tokens_.alloc(T * 4));
+    EAAS_CHECK(x_.alloc(T * H * 4));
+    EAAS_CHECK(normed_.alloc(T * H * 2));
+    EAAS_CHECK(ids_.alloc(L * T * K * 4));
+    EAAS_CHECK(weights_.alloc(L * T * K * 4));
+    EAAS_CHECK(asg_server_.alloc(T * K * 4));
+    EAAS_CHECK(asg_local_.alloc(T * K * 4));
+    EAAS_CHECK(stamps_.alloc(L * 2 * 8));
+    back_bytes_ = T * H * 4 + 2 * L * T * K * 4 + L * 2 * 8;
+    EAAS_STEPC_CUDA(cudaMallocHost(&back_host_, back_bytes_));
+    stage_stride_ = (layout_for(cfg_.max_tokens, sh.hidden, sh.topk, dtype::bf16).end + 255) & ~std::uint64_t{255};
+    EAAS_STEPC_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
+    return status::ok;
+  }
+
+  std::uint32_t captures() const override { return captures_; }
+
+  status forward(std::span<const std::uint32_t> tokens, std::span<step_server> servers, step_result& r) override {
+    const model_shape& sh = cfg_.shape;
+    const auto T = static_cast<std::uint32_t>(tokens.size());
+    if (T == 0 || T > cfg_.max_tokens)
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu client step: " + std::to_string(T) + " tokens (1 .. " +
+                                                         std::to_string(cfg_.max_tokens) + ")");
+    if (servers.empty() || servers.size() > (1u << 16))
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu client step: 1 .. 65536 servers");
+    const auto S = static_cast<std::uint32_t>(servers.size());
+    // Each expert's hosts, in the order of `servers`.
+    hosts_.assign(sh.experts, {});
+    for (std::uint32_t s = 0; s < S; ++s)
+      for (const auto& [e, local] : servers[s].experts)
+        if (e < sh.experts) hosts_[e].push_back({static_cast<std::int32_t>(s), local});
+    std::uint32_t R = 1;
+    for (std::uint32_t e = 0; e < sh.experts; ++e) {
+      if (hosts_[e].empty())
+        return EAAS_GPU_FAIL(status::invalid_argument,
+                             "gpu client step: expert " + std::to_string(e) + " has no server");
+      R = std::max<std::uint32_t>(R, static_cast<std::uint32_t>(hosts_[e].size()));
+    }
+    EAAS_STEPC_CUDA(cudaSetDevice(cfg_.device));
+    EAAS_CHECK(fit(S, R));
+    // Captured before this forward's copies are queued (capture records only what follows it).
+    if (cfg_.graph && (exec_ == nullptr || graph_tokens_ != T)) EAAS_CHECK(capture(T));
+    // The tables, and the tokens after them, through the pinned mirror.
+    const table_layout tl = table_for(cap_, rcap_, sh.experts);
+    std::memset(table_host_, 0, tl.bytes);
+    auto* head = reinterpret_cast<dev_head*>(table_host_);
+    head->servers = S;
+    auto* state = reinterpret_cast<dev_state*>(table_host_ + tl.state);
+    auto* server = reinterpret_cast<dev_server*>(table_host_ + tl.server);
+    auto* nrep = reinterpret_cast<std::uint32_t*>(table_host_ + tl.nrep);
+    auto* route = reinterpret_cast<dev_route*>(table_host_ + tl.route);
+    for (std::uint32_t s = 0; s < S; ++s) {
+      const step_server& v = servers[s];
+      state[s].seq = v.seq;
+      server[s] = dev_server{.ep = v.ep,
+                             .slots = v.slots,
+                             .slot_offset = v.slot_offset,
+                             .sig_offset = v.sig_offset,
+                             .slot_bytes = v.slot_bytes,
+                             .grant = v.grant,
+                             .result = static_cast<unsigned char*>(v.result),
+                             .result_bytes = v.result_bytes,
+                             .max_tokens = v.max_tokens,
+                             .reserved = 0};
+    }
+    for (std::uint32_t e = 0; e < sh.experts; ++e) {
+      nrep[e] = static_cast<std::uint32_t>(hosts_[e].size());
+      for (std::size_t k = 0; k < hosts_[e].size(); ++k)
+        route[std::size_t{e} * rcap_ + k] = {hosts_[e][k].first, hosts_[e][k].second};
+    }
+    auto* tok_host = reinterpret_cast<std::uint32_t*>(table_host_ + tl.bytes);
+    std::memcpy(tok_host, tokens.data(), std::size_t{T} * 4);
+    EAAS_STEPC_CUDA(cudaMemcpyAsync(table_.p, table_host_, tl.bytes, cudaMemcpyHostToDevice, stream_));
+    EAAS_STEPC_CUDA(cudaMemcpyAsync(tokens_.p, tok_host, std::size_t{T} * 4, cudaMemcpyHostToDevice, stream_));
+    if (cfg_.graph) {
+      EAAS_STEPC_CUDA(cudaGraphLaunch(exec_, stream_));
+    } else {
+      EAAS_CHECK(enqueue(T));
+    }
+    // Back: head and states (into the mirror), hidden states, routing, stamps.
+    const std::size_t H = sh.hidden, K = sh.topk, L = sh.layers, TM = cfg_.max_tokens;
+    EAAS_STEPC_CUDA(cudaMemcpyAsync(table_host_, table_.p, tl.server, cudaMemcpyDeviceToHost, stream_));
+    unsigned char* b = back_host_;
+    EAAS_STEPC_CUDA(cudaMemcpyAsync(b, x_.p, T * H * 4, cudaMemcpyDeviceToHost, stream_));
+    for (std::size_t l = 0; l < L; ++l) {
+      EAAS_STEPC_CUDA(cudaMemcpyAsync(b + T * H * 4 + l * T * K * 4, ids_.as<char>() + l * TM * K * 4, T * K * 4,
+                                      cudaMemcpyDeviceToHost, stream_));
+      EAAS_STEPC_CUDA(cudaMemcpyAsync(b + T * H * 4 + (L + l) * T * K * 4, weights_.as<char>() + l * TM * K * 4,
+                                      T * K * 4, cudaMemcpyDeviceToHost, stream_));
+    }
+    const std::size_t stamps_at = T * H * 4 + 2 * L * T * K * 4;
+    EAAS_STEPC_CUDA(cudaMemcpyAsync(b + stamps_at, stamps_.p, L * 2 * 8, cudaMemcpyDeviceToHost, stream_));
+    EAAS_STEPC_CUDA(cudaStreamSynchronize(stream_));
+
+    r.out.resize(T * H);
+    std::memcpy(r.out.data(), b, T * H * 4);
+    r.layers.resize(L);
+    for (std::size_t l = 0; l < L; ++l) {
+      r.layers[l].ids.resize(T * K);
+      r.layers[l].weights.resize(T * K);
+      std::memcpy(r.layers[l].ids.data(), b + T * H * 4 + l * T * K * 4, T * K * 4);
+      std::memcpy(r.layers[l].weights.data(), b + T * H * 4 + (L + l) * T * K * 4, T * K * 4);
+    }
+    r.layer_ns.resize(L);
+    for (std::size_t l = 0; l < L; ++l) {
+      std::uint64_t st[2];
+      std::memcpy(st, b + stamps_at + l * 16, 16);
+      r.layer_ns[l] = st[1] > st[0] ? st[1] - st[0] : 0;
+    }
+    r.outcomes.resize(S);
+    bool any = false;
+    for (std::uint32_t s = 0; s < S; ++s) {
+      step_outcome& o = r.outcomes[s];
+      o.fail = static_cast<step_fail>(state[s].fail);
+      o.layer = state[s].layer;
+      o.detail = state[s].detail;
+      o.seq = state[s].seq;
+      o.requests = state[s].requests;
+      servers[s].seq = o.seq;
+      any = any || o.fail != step_fail::none;
+    }
+    r.complete = head->failed == 0 && !any;
+    return status::ok;
+  }
+
+ private:
+  // Buffers for S servers and R replicas per expert; grown (and the graph dropped) when they do not fit.
+  status fit(std::uint32_t S, std::uint32_t R) {
+    if (S <= cap_ && R <= rcap_) return status::ok;
+    drop_graph();
+    if (stream_ != nullptr) EAAS_STEPC_CUDA(cudaStreamSynchronize(stream_));  // nothing in flight uses them
+    cap_ = std::max({S, 2 * cap_, 4u});
+    rcap_ = std::max({R, rcap_, 2u});
+    const std::size_t T = cfg_.max_tokens;
+    const table_layout tl = table_for(cap_, rcap_, cfg_.shape.experts);
+    EAAS_CHECK(realloc(table_, tl.bytes));
+    if (table_host_ != nullptr) EAAS_STEPC_CUDA(cudaFreeHost(table_host_));
+    table_host_ = nullptr;
+    EAAS_STEPC_CUDA(cudaMallocHost(&table_host_, tl.bytes + T * 4));
+    EAAS_CHECK(realloc(jobs_, sizeof(dev_job) * cap_));
+    EAAS_CHECK(realloc(mark_, std::size_t{cap_} * T));
+    EAAS_CHECK(realloc(row_of_, std::size_t{cap_} * T * 4));
+    EAAS_CHECK(realloc(tok_, std::size_t{cap_} * T * 4));
+    EAAS_CHECK(realloc(staging_, std::size_t{cap_} * stage_stride_));
+    // device_buffer zeroes on the legacy stream, which stream_ (non-blocking) is not ordered after.
+    EAAS_STEPC_CUDA(cudaDeviceSynchronize());
+    return status::ok;
+  }
+
+  static status realloc(device_buffer& b, std::size_t bytes) {
+    if (b.p != nullptr) EAAS_STEPC_CUDA(cudaFree(b.p));
+    b.p = nullptr;
+    b.bytes = 0;
+    return b.alloc(bytes);
+  }
+
+  void drop_graph() {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+    if (graph_ != nullptr) cudaGraphDestroy(graph_);
+    exec_ = nullptr;
+    graph_ = nullptr;
+    graph_tokens_ = 0;
+  }
+
+  status capture(std::uint32_t T) {
+    drop_graph();
+    EAAS_STEPC_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    const status st = enqueue(T);
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(stream_, &g);  // always: the stream leaves capture mode
+    if (st != status::ok) {
+      if (g != nullptr) cudaGraphDestroy(g);
+      return st;
+    }
+    EAAS_STEPC_CUDA(e);
+    graph_ = g;
+    EAAS_STEPC_CUDA(cudaGraphInstantiate(&exec_, graph_, 0));
+    graph_tokens_ = T;
+    captures_++;
+    return status::ok;
+  }
+
+  dev_tables tables() const {
+    const table_layout tl = table_for(cap_, rcap_, cfg_.shape.experts);
+    auto* base = table_.as<unsigned char>();
+    return dev_tables{.head = reinterpret_cast<dev_head*>(base),
+                      .state = reinterpret_cast<dev_state*>(base + tl.state),
+                      .server = reinterpret_cast<const dev_server*>(base + tl.server),
+                      .nrep = reinterpret_cast<const std::uint32_t*>(base + tl.nrep),
+                      .route = reinterpret_cast<const dev_route*>(base + tl.route)};
+  }
+
+  // The forward of T tokens as work on stream_: no host synchronisation, capturable.
+  status enqueue(std::uint32_t T) {
+    const model_shape& sh = cfg_.shape;
+    const std::uint32_t H = sh.hidden, K = sh.topk;
+    const std::size_t TM = cfg_.max_tokens;
+    const dev_tables tb = tables();
+    auto* x = x_.as<float>();
+    auto* normed = normed_.as<__nv_bfloat16>();
+    auto* jobs = jobs_.as<dev_job>();
+    auto* stamps = stamps_.as<std::uint64_t>();
+    EAAS_CHECK(dense_->embed(tokens_.as<std::uint32_t>(), T, x, stream_));
+    for (std::uint32_t l = 0; l < sh.layers; ++l) {
+      std::uint32_t* ids = ids_.as<std::uint32_t>() + l * TM * K;
+      float* w = weights_.as<float>() + l * TM * K;
+      EAAS_CHECK(dense_->attention(l, T, x, normed, stream_));
+      EAAS_CHECK(dense_->route(l, T, normed, ids, w, stream_));
+      k_stamp<<<1, 1, 0, stream_>>>(stamps + 2 * l);
+      EAAS_STEPC_CUDA(cudaMemsetAsync(mark_.p, 0, std::size_t{cap_} * T, stream_));
+      k_assign<<<(T * K + kAssignThreads - 1) / kAssignThreads, kAssignThreads, 0, stream_>>>(
+          tb, ids, T, K, sh.experts, rcap_, mark_.as<std::uint8_t>(), asg_server_.as<std::int32_t>(),
+          asg_local_.as<std::uint32_t>());
+      k_scan<<<cap_, kScanThreads, 0, stream_>>>(tb, jobs, mark_.as<std::uint8_t>(), T, H, K, l,
+                                                 row_of_.as<std::int32_t>(), tok_.as<std::int32_t>());
+      k_pack<<<dim3(cap_, std::min(kPackBlocks, T)), kPackThreads, 0, stream_>>>(
+          tb, jobs, tok_.as<std::int32_t>(), asg_server_.as<std::int32_t>(), asg_local_.as<std::uint32_t>(), w, normed,
+          T, H, K, l, staging_.as<unsigned char>(), stage_stride_);
+      k_send<<<dim3(cap_, kSendBlocks), kSendThreads, 0, stream_>>>(tb, jobs, H, K, staging_.as<unsigned char>(),
+                                                                    stage_stride_);
+      k_wait<<<cap_, 32, 0, stream_>>>(tb, jobs, l, cfg_.request_timeout_ns);
+      k_combine<<<T, kCombineThreads, 0, stream_>>>(tb, jobs, row_of_.as<std::int32_t>(), T, H, x);
+      k_stamp<<<1, 1, 0, stream_>>>(stamps + 2 * l + 1);
+      EAAS_STEPC_CUDA(cudaGetLastError());
+    }
+    return status::ok;
+  }
+
+  client_step_config cfg_;
+  std::unique_ptr<dense_gpu> dense_;
+  cudaStream_t stream_ = nullptr;
+  std::uint32_t cap_ = 0, rcap_ = 0;
+  std::uint64_t stage_stride_ = 0;
+  device_buffer table_, jobs_, mark_, row_of_, tok_, staging_;
+  device_buffer tokens_, x_, normed_, ids_, weights_, asg_server_, asg_local_, stamps_;
+  unsigned char* table_host_ = nullptr;  // pinned: the table, then the tokens
+  unsigned char* back_host_ = nullptr;   // pinned: what a forward reads back
+  std::size_t back_bytes_ = 0;
+  std::vector<std::vector<std::pair<std::int32_t, std::uint32_t>>> hosts_;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  std::uint32_t graph_tokens_ = 0, captures_ = 0;
+};
+
+}  // namespace
+
+status client_step::create(const client_step_config& cfg, std::unique_ptr<client_step>& out) {
+  auto s = std::make_unique<step_impl>(cfg);
+  EAAS_CHECK(s->init());
+  out = std::move(s);
+  return status::ok;
+}
+
+status make_client_step(const client_step_config& cfg, std::unique_ptr<client_step>& out) {
+  return client_step::create(cfg, out);
+}
+
+}  // namespace eaas::runtime::gpu

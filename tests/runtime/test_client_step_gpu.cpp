@@ -1,0 +1,260 @@
+// The GPU-resident client forward (issue #9): dense part, dispatch, wait and combine as kernels on the
+// client's GPU, optionally one CUDA graph per forward, against real GPU server processes. Every output is
+// compared with the fp32 monolithic reference (same routing); the client's counters say which path each
+// forward took. Exits 77 (ctest: skipped) where there is no CUDA device.
+
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <random>
+
+#include "../common/doctest_main.hpp"
+#include "../common/require_ok.hpp"
+#include "client.hpp"
+#include "eaas/eaas.hpp"
+#include "gpu/client_step.hpp"
+#include "procs.hpp"
+#include "reference.hpp"
+#include "wire.hpp"
+
+using namespace eaas;
+using namespace eaas::runtime;
+using eaas::test::proc;
+using json = nlohmann::json;
+
+namespace {
+
+const model_shape kShape{.hidden = 256, .inter = 192, .experts = 12, .topk = 3, .layers = 3};
+constexpr std::uint64_t kSeed = 11;
+
+/// max over tokens of ||a - b||_inf / ||b||_inf (NaN in `a` counts as infinitely wrong).
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size() || b.empty()) return std::numeric_limits<double>::infinity();
+  double worst = 0;
+  for (std::size_t t = 0; t < b.size() / kShape.hidden; ++t) {
+    double num = 0, den = 0;
+    for (std::size_t j = 0; j < kShape.hidden; ++j) {
+      const double d = std::fabs(double(a[t * kShape.hidden + j]) - double(b[t * kShape.hidden + j]));
+      num = std::isnan(d) ? std::numeric_limits<double>::infinity() : std::max(num, d);
+      den = std::max(den, double(std::fabs(b[t * kShape.hidden + j])));
+    }
+    worst = std::max(worst, den > 0 ? num / den : num);
+  }
+  return worst;
+}
+
+std::vector<std::uint32_t> random_tokens(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::uint32_t> t(n);
+  for (auto& v : t) v = static_cast<std::uint32_t>(rng());
+  return t;
+}
+
+// A registry on loopback and GPU server processes (server i on GPU i mod GPUs).
+struct gpu_cluster {
+  std::unique_ptr<registry_server> reg;
+  std::string endpoint, ns;
+  std::vector<std::unique_ptr<proc>> servers;
+
+  explicit gpu_cluster(const std::string& tag) {
+    REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+    endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+    ns = tag + std::to_string(::getpid());
+  }
+  /// Server `id`: `placement` ("S/N/R") and the rest of `more` as eaas-server arguments; waits for "ready".
+  void add(const std::string& id, int gpu, std::vector<std::string> more) {
+    auto a = test::shape_args(endpoint, ns, kShape);
+    a.insert(a.end(), {"--id", id, "--gpu", std::to_string(gpu)});
+    a.insert(a.end(), more.begin(), more.end());
+    auto p = std::make_unique<proc>();
+    REQUIRE(p->start(EAAS_SERVER_BIN, a));
+    REQUIRE(p->next("ready").value("id", "") == id);
+    servers.push_back(std::move(p));
+  }
+  void kill(std::size_t i) {
+    REQUIRE(servers[i]->sp.pid > 0);
+    ::kill(servers[i]->sp.pid, SIGKILL);
+    CHECK(servers[i]->wait() == 128 + SIGKILL);
+  }
+  std::unique_ptr<attention_client> client(const std::string& id, bool graph, std::uint32_t max_tokens) {
+    client_options o;
+    o.id = id;
+    o.registry.endpoint = endpoint;
+    o.ns = ns;
+    o.shape = kShape;
+    o.seed = kSeed;
+    o.max_tokens = max_tokens;
+    o.gpu = cuda_device_count() - 1;  // with two GPUs: not the servers' GPU 0
+    o.device_step = true;
+    o.graph = graph;
+    o.make_device_step = gpu::make_client_step;
+    o.request_timeout_ns = 2'000'000'000ull;
+    o.relink_backoff_ns = 500'000'000ull;
+    std::unique_ptr<attention_client> c;
+    REQUIRE_OK(attention_client::start(o, c));
+    return c;
+  }
+};
+
+// One forward, checked against the reference on the routing the client used; its error.
+double checked_forward(attention_client& c, const reference_model& ref, const std::vector<std::uint32_t>& toks) {
+  std::vector<float> got(toks.size() * kShape.hidden, std::numeric_limits<float>::quiet_NaN()), want;
+  REQUIRE_OK(c.forward(toks, got));
+  REQUIRE(c.last_routing().size() == kShape.layers);
+  for (const auto& r : c.last_routing()) REQUIRE(r.ids.size() == toks.size() * kShape.topk);
+  CHECK(c.last_moe_ns().size() == kShape.layers);
+  ref.forward(toks, want, &c.last_routing());
+  const double err = rel_err(got, want);
+  CHECK(err <= 1e-2);
+  return err;
+}
+
+}  // namespace
+
+TEST_CASE("GPU client step: forwards on the device match the reference, in a graph or not, and survive a kill") {
+  for (const bool graph : {false, true}) {
+    CAPTURE(graph);
+    gpu_cluster cl(graph ? "cstepg" : "cstep");
+    const char* ids[] = {"s0", "s1", "s2"};
+    // The servers on GPU 0, the client on the last GPU: over NVLink where there are two.
+    for (int i = 0; i < 3; ++i) cl.add(ids[i], 0, {"--placement", std::to_string(i) + "/3/2"});
+    auto c = cl.client("c", graph, 32);
+    REQUIRE_OK(c->wait_for_experts(2, 60'000'000'000ull));
+    const reference_model ref(kShape, kSeed, {});
+
+    // Replays with new token ids (same count): one capture.
+    double worst = 0;
+    for (std::uint64_t step = 0; step < 4; ++step)
+      worst = std::max(worst, checked_forward(*c, ref, random_tokens(24, step)));
+    CHECK(worst > 1e-5);  // bf16 on the device: not the fp32 path
+    client_stats st = c->stats();
+    CHECK(st.device_forwards == 4);
+    CHECK(st.fallback_forwards == 0);
+    CHECK(st.dropped_servers == 0);
+    CHECK(st.requests >= 4 * kShape.layers * 2);  // several servers per layer
+    CHECK(st.graph_captures == (graph ? 1u : 0u));
+    // Another token count: captured again, still right; and the first count again.
+    (void)checked_forward(*c, ref, random_tokens(7, 100));
+    (void)checked_forward(*c, ref, random_tokens(24, 101));
+    st = c->stats();
+    CHECK(st.device_forwards == 6);
+    CHECK(st.graph_captures == (graph ? 3u : 0u));
+
+    // A server killed between forwards: the next forward is still right (recomputed on the host path,
+    // or on the device path if the client saw it go first), and bounded.
+    cl.kill(1);
+    const auto t0 = std::chrono::steady_clock::now();
+    (void)checked_forward(*c, ref, random_tokens(24, 200));
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(15));
+    const client_stats after = c->stats();
+    CHECK(after.dropped_servers >= 1);
+    CHECK(after.forwards == st.forwards + 1);
+    // Later forwards run on the device path again, against the two servers left (the table changed:
+    // no capture for it).
+    for (std::uint64_t step = 0; step < 3; ++step) (void)checked_forward(*c, ref, random_tokens(24, 300 + step));
+    const client_stats later = c->stats();
+    CHECK(later.device_forwards == after.device_forwards + 3);
+    CHECK(later.fallback_forwards == after.fallback_forwards);
+    CHECK(later.graph_captures == after.graph_captures);
+  }
+}
+
+TEST_CASE("GPU client step: more tokens than a server takes are caught on the device, and the host path splits them") {
+  gpu_cluster cl("cstepovf");
+  cl.add("s", 0, {"--max-tokens", "8"});
+  auto c = cl.client("c", true, 32);
+  REQUIRE_OK(c->wait_for_experts(1, 60'000'000'000ull));
+  const reference_model ref(kShape, kSeed, {});
+  (void)checked_forward(*c, ref, random_tokens(24, 1));  // 24 tokens > 8: overflow, host path in rounds
+  (void)checked_forward(*c, ref, random_tokens(6, 2));   // fits: device path
+  (void)checked_forward(*c, ref, random_tokens(24, 3));
+  const client_stats st = c->stats();
+  CHECK(st.fallback_forwards == 2);
+  CHECK(st.device_forwards == 1);
+  CHECK(st.dropped_servers == 0);  // not the server's fault
+  CHECK(st.forwards == 3);
+}
+
+TEST_CASE("GPU client step: eaas-demo clients with --device-step --graph match the reference to 1e-2") {
+  int rc = -1;
+  const json j = test::demo_summary(EAAS_DEMO_BIN, {"--hidden",   std::to_string(kShape.hidden),
+                                                    "--inter",    std::to_string(kShape.inter),
+                                                    "--experts",  std::to_string(kShape.experts),
+                                                    "--topk",     std::to_string(kShape.topk),
+                                                    "--layers",   std::to_string(kShape.layers),
+                                                    "--servers",  "3",
+                                                    "--clients",  "2",
+                                                    "--replicas", "2",
+                                                    "--tokens",   "40",
+                                                    "--steps",    "8",
+                                                    "--gpu",      "--device-step",
+                                                    "--graph"},
+                                    rc);
+  CHECK(rc == 0);
+  REQUIRE(j.is_object());
+  CHECK(j.value("ok", false));
+  REQUIRE(j["clients"].size() == 2);
+  for (const auto& [id, c] : j["clients"].items()) {
+    CAPTURE(id);
+    CHECK(c.value("steps", 0) == 8);
+    CHECK(c.value("verified_steps", -1) == 8);
+    CHECK(c.value("max_rel_err", 1.0) <= 1e-2);
+    CHECK(c.value("max_rel_err", 0.0) > 1e-5);
+    CHECK(c.value("device_forwards", 0) == 8);
+    CHECK(c.value("graph_captures", 0) == 1);
+  }
+}
+
+TEST_CASE("GPU client step: servers SIGKILLed every 0.5 s: device-path clients fall back, every output checked") {
+  int rc = -1;
+  const json j = test::demo_summary(EAAS_DEMO_BIN,
+                                    {"--hidden",
+                                     std::to_string(kShape.hidden),
+                                     "--inter",
+                                     std::to_string(kShape.inter),
+                                     "--experts",
+                                     std::to_string(kShape.experts),
+                                     "--topk",
+                                     std::to_string(kShape.topk),
+                                     "--layers",
+                                     std::to_string(kShape.layers),
+                                     "--servers",
+                                     "3",
+                                     "--clients",
+                                     "2",
+                                     "--replicas",
+                                     "2",
+                                     "--tokens",
+                                     "24",
+                                     "--duration",
+                                     "3",
+                                     "--kill-every",
+                                     "0.5",
+                                     "--request-timeout-ms",
+                                     "2000",
+                                     "--gpu",
+                                     "--device-step",
+                                     "--graph"},
+                                    rc);
+  CHECK(rc == 0);
+  REQUIRE(j.is_object());
+  CHECK(j.value("ok", false));
+  REQUIRE(j["kills"].size() >= 2);
+  std::uint64_t device = 0, steps = 0;
+  for (const auto& [id, c] : j["clients"].items()) {
+    CAPTURE(id);
+    CHECK(c.value("steps", 0) > 0);
+    CHECK(c.value("verified_steps", -1) == c.value("steps", 0));
+    CHECK(c.value("max_rel_err", 1.0) <= 1e-2);
+    device += c.value("device_forwards", 0ull);
+    steps += c.value("steps", 0ull);
+  }
+  CHECK(device > steps / 2);  // most forwards stayed on the device path
+}
+
+int main(int argc, char** argv) {
+  return eaas::test::run_tests(argc, argv, [] {
+    return runtime::cuda_device_count() == 0 ? "no CUDA device: skipping the GPU client step tests" : nullptr;
+  });
+}
