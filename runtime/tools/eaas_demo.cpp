@@ -332,7 +332,7 @@ int main(int argc, char** argv) {
   };
   std::uint32_t done = 0;
   auto last_show = std::chrono::steady_clock::now();
-  std::uint64_t next_kill = 0;
+  std::uint64_t next_kill = 0, kills_until = 0;
   std::mt19937 rng(static_cast<unsigned>(model.seed));
   bool failed = false;
   while (done < clients) {
@@ -355,8 +355,17 @@ int main(int argc, char** argv) {
     // Fault injection, once the clients are running.
     if (kill_every > 0 && !progress.empty()) {
       const std::uint64_t now = eaas::now_ns();
-      if (next_kill == 0) next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
-      if (now >= next_kill && done == 0) {
+      if (next_kill == 0) {
+        next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
+        // With --duration, no kill in the last stretch (at least 1 s, or two kill periods): each replacement
+        // must have time to start and take traffic before the clients stop, so that every kill's join is
+        // measured (a slow build, e.g. under a sanitizer, needs that time).
+        if (duration > 0)
+          kills_until =
+              now + static_cast<std::uint64_t>(
+                        std::max(0.0, duration - std::min(duration / 2, std::max(1.0, 2 * kill_every))) * 1e9);
+      }
+      if (now >= next_kill && done == 0 && (kills_until == 0 || now < kills_until)) {
         next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
         position& p = pos[rng() % pos.size()];
         kills.push_back({p.proc->name, eaas::now_ns(), ""});
