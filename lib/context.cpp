@@ -29,8 +29,9 @@ namespace {
 
 // Words that ops and waits read (endpoint states, the abort flag). Addresses stay stable for the
 // life of the pool. A GPU context keeps them in pinned memory mapped into the GPU, so that kernels
-// see a peer's death or an abort.
-class word_pool {
+// see a peer's death or an abort. ibgda endpoints take theirs through the station (the word is also
+// where the peer's close notice lands, registered with the NIC).
+class word_pool final : public ibgda::word_source {
  public:
   explicit word_pool(bool mapped) : mapped_(mapped) {}
   ~word_pool() {
@@ -40,7 +41,7 @@ class word_pool {
   word_pool& operator=(const word_pool&) = delete;
 
   /// A word set to `initial`, or null when no memory could be had.
-  std::uint32_t* take(std::uint32_t initial) {
+  std::uint32_t* take(std::uint32_t initial) override {
     std::lock_guard lock(mu_);
     if (free_.empty()) {
       void* c = acquire();
@@ -54,7 +55,7 @@ class word_pool {
     store_release(w, initial);
     return w;
   }
-  void give(std::uint32_t* w) {
+  void give(std::uint32_t* w) override {
     std::lock_guard lock(mu_);
     free_.push_back(w);
   }
@@ -309,8 +310,9 @@ class endpoint_impl final : public endpoint {
 
   ~endpoint_impl() override {
     close();
-    link_.reset();  // the QP goes with the endpoint, not at close(): kernels may still hold the view
-    core_->words.give(state_);
+    const bool own_word = !link_;  // an ibgda endpoint's word belongs to its link
+    link_.reset();                 // the QP goes with the endpoint, not at close(): kernels may still hold the view
+    if (own_word) core_->words.give(state_);
   }
 
   device_endpoint view() const noexcept override {
@@ -349,7 +351,10 @@ class endpoint_impl final : public endpoint {
     std::lock_guard lock(mu_);
     if (closed_) return;
     closed_ = true;
-    store_release(state_, static_cast<std::uint32_t>(endpoint_state::closed));
+    if (link_)
+      (void)link_->close(static_cast<std::uint32_t>(endpoint_state::closed));  // also tells the peer (bounded)
+    else
+      store_release(state_, static_cast<std::uint32_t>(endpoint_state::closed));
     if (watched_) core_->monitor->unwatch(static_cast<pid_t>(peer_.pid), state_);
     mappings_.clear();
   }
@@ -590,8 +595,7 @@ class context_impl final : public context {
                        r.context_id, r.host_id);
     std::unique_ptr<ibgda::link> l;
     EAAS_CHECK(core_->ib->accept(r, l));
-    std::uint32_t* state = core_->words.take(0);
-    if (state == nullptr) return EAAS_FAIL(status::no_resource, "connect: no memory for the endpoint state");
+    std::uint32_t* state = l->state_word();
     peer_desc peer;
     peer.context_id = r.context_id;
     peer.host_id = r.host_id;
@@ -613,8 +617,7 @@ class context_impl final : public context {
     EAAS_CHECK(core_->ib->dial(peer.ib, l, r));
     handle_bytes bytes;
     EAAS_CHECK(ibgda::encode(r, bytes));
-    std::uint32_t* state = core_->words.take(0);
-    if (state == nullptr) return EAAS_FAIL(status::no_resource, "connect: no memory for the endpoint state");
+    std::uint32_t* state = l->state_word();
     out = std::make_unique<endpoint_impl>(core_, peer, transport_kind::ibgda, state, std::move(l));
     *reply = std::move(bytes);
     log(log_level::debug, "{}: dialed context {:016x} on host {:016x} over ibgda", core_->options.name, peer.context_id,
@@ -745,15 +748,15 @@ status create_impl(const context_options& options, const ibgda::context_setup* s
       if (setup->host_id != 0) core->host = setup->host_id;
       if (setup->verbs == nullptr || setup->gpu == nullptr)
         return EAAS_FAIL(status::invalid_argument, "context: a context setup needs both tables");
-      EAAS_CHECK(
-          ibgda::station::open(nullptr, nullptr, *setup->verbs, *setup->gpu, so, core->id, core->host, core->ib));
+      EAAS_CHECK(ibgda::station::open(nullptr, nullptr, *setup->verbs, *setup->gpu, so, core->id, core->host,
+                                      core->words, core->ib));
     } else if (options.enable_ibgda && options.cuda_device >= 0) {
       auto v = ibgda::make_real_verbs();
       auto g = ibgda::make_real_gpu(options.cuda_device);
       if (v && g) {
         ibgda::verbs_api& vr = *v;
         ibgda::gpu_api& gr = *g;
-        if (ibgda::station::open(std::move(v), std::move(g), vr, gr, so, core->id, core->host, core->ib) !=
+        if (ibgda::station::open(std::move(v), std::move(g), vr, gr, so, core->id, core->host, core->words, core->ib) !=
             status::ok) {
           core->ib_why = std::string(last_error());
           core->ib.reset();

@@ -6,6 +6,7 @@
 // by returning its host address. With both, a QP's rings, doorbell record, doorbell word and CQ are
 // ordinary host memory that the software NIC model (soft_nic.hpp) can serve.
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -42,8 +43,10 @@ class fake_verbs final : public ib::verbs_api {
   std::uint32_t pdn = 0x77, eqn = 9;
   std::set<ib::uar_kind> uar_unsupported{ib::uar_kind::nc_dedicated};
   ib::roce_path roce{{0x02, 0x11, 0x22, 0x33, 0x44, 0x55}, 0xc123};
-  /// Data registrations are forwarded here when set (e.g. to the software NIC's key table).
+  /// Data registrations are forwarded here when set (e.g. to the software NIC's key table), and so
+  /// are deregistrations.
   std::function<ib::mr_keys(void*, std::size_t)> on_reg_mr;
+  std::function<void(const ib::mr_keys&)> on_dereg_mr;
 
   // Failure injection: the named call fails with this errno ("devx_create:0x500" for one opcode).
   std::map<std::string, int> fail;
@@ -53,7 +56,9 @@ class fake_verbs final : public ib::verbs_api {
 
   std::vector<fake_call> calls;
   std::map<std::uintptr_t, std::string> live;  ///< objects that exist now: id → kind
-  std::map<std::uintptr_t, int> qp_state;      ///< DEVX QP object → 0 RST, 1 INIT, 2 RTR, 3 RTS
+  std::map<std::uintptr_t, int> qp_state;      ///< DEVX QP object → 0 RST, 1 INIT, 2 RTR, 3 RTS, 4 ERR
+  std::map<std::uintptr_t, ib::mr_keys> mrs;   ///< live MRs → their keys
+  std::map<std::uintptr_t, std::pair<void*, std::size_t>> mr_range;  ///< live MRs → [addr, +bytes)
   std::map<std::uintptr_t, std::uint32_t> qpn_of;
 
   ~fake_verbs() override {
@@ -195,6 +200,10 @@ class fake_verbs final : public ib::verbs_api {
     auto st = qp_state.find(id(obj));
     if (st == qp_state.end() || live.count(id(obj)) == 0) return EINVAL;
     if (ib::prm::get(in, ib::prm::modify_qp_in::qpn) != qpn_of[id(obj)]) return bad(0xbad0);
+    if (op == ib::prm::k2ErrQp) {  // from any state
+      st->second = 4;
+      return 0;
+    }
     const int want = op == ib::prm::kRst2InitQp   ? 0
                      : op == ib::prm::kInit2RtrQp ? 1
                      : op == ib::prm::kRtr2RtsQp  ? 2
@@ -226,10 +235,17 @@ class fake_verbs final : public ib::verbs_api {
     last_mr_offset = offset;
     out = on_reg_mr ? on_reg_mr(addr, size) : ib::mr_keys{next_key_, next_key_ + 1};
     next_key_ += 2;
+    mrs[id(mr)] = out;
+    mr_range[id(mr)] = {addr, size};
     return 0;
   }
   int dereg_mr(void* mr) override {
     record("dereg_mr", id(mr));
+    if (auto it = mrs.find(id(mr)); it != mrs.end()) {
+      if (on_dereg_mr) on_dereg_mr(it->second);
+      mrs.erase(it);
+      mr_range.erase(id(mr));
+    }
     kill(mr);
     return 0;
   }
@@ -273,6 +289,7 @@ class fake_gpu final : public ib::gpu_api {
   bool dma_buf = true;
   int map_error = 0;  ///< e.g. kCudaErrorNotPermitted
   int alloc_error = 0;
+  int live_error = 0;  ///< live_write / live_read fail with this
   std::map<void*, std::size_t> allocations;
   std::set<int> open_fds;
   std::set<void*> mapped;
@@ -297,6 +314,20 @@ class fake_gpu final : public ib::gpu_api {
   int copy_to_device(void* dst, const void* src, std::size_t bytes) override {
     calls.push_back("copy");
     std::memcpy(dst, src, bytes);
+    return 0;
+  }
+  // Like a DMA engine: one aligned 4- or 8-byte word moves as one access (the model thread reads
+  // and writes such words with atomics), anything else byte-wise.
+  int live_write(void* dst, const void* src, std::size_t bytes) override {
+    calls.push_back("live_write");
+    if (live_error != 0) return live_error;
+    word_copy(dst, src, bytes);
+    return 0;
+  }
+  int live_read(void* dst, const void* src, std::size_t bytes) override {
+    calls.push_back("live_read");
+    if (live_error != 0) return live_error;
+    word_copy(dst, src, bytes);
     return 0;
   }
   bool dma_buf_supported() override { return dma_buf; }
@@ -327,6 +358,22 @@ class fake_gpu final : public ib::gpu_api {
   }
 
  private:
+  static void word_copy(void* dst, const void* src, std::size_t bytes) {
+    const auto d = reinterpret_cast<std::uintptr_t>(dst), s = reinterpret_cast<std::uintptr_t>(src);
+    if (bytes == 8 && d % 8 == 0 && s % 8 == 0) {
+      std::atomic_ref<std::uint64_t>(*static_cast<std::uint64_t*>(dst))
+          .store(std::atomic_ref<std::uint64_t>(*static_cast<std::uint64_t*>(const_cast<void*>(src)))
+                     .load(std::memory_order_acquire),
+                 std::memory_order_release);
+    } else if (bytes == 4 && d % 4 == 0 && s % 4 == 0) {
+      std::atomic_ref<std::uint32_t>(*static_cast<std::uint32_t*>(dst))
+          .store(std::atomic_ref<std::uint32_t>(*static_cast<std::uint32_t*>(const_cast<void*>(src)))
+                     .load(std::memory_order_acquire),
+                 std::memory_order_release);
+    } else {
+      std::memcpy(dst, src, bytes);
+    }
+  }
   int next_fd_ = 100;
 };
 

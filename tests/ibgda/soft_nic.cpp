@@ -39,11 +39,22 @@ soft_nic::soft_nic(soft_nic_options o) : opt_(o) {}
 soft_nic::~soft_nic() { stop(); }
 
 soft_nic::keys soft_nic::register_memory(const void* addr, std::size_t len) {
-  if (thread_.joinable()) throw std::logic_error("soft_nic: register_memory after start");
+  std::lock_guard<std::mutex> lock(keys_mu_);
   const auto i = static_cast<std::uint32_t>(regions_.size());
   region r{reinterpret_cast<std::uint64_t>(addr), len, 0x1000u + 16 * i + 1, 0x70000u + 16 * i + 3};
   regions_.push_back(r);
   return {r.lkey, r.rkey};
+}
+
+bool soft_nic::unregister_memory(std::uint32_t rkey) {
+  std::lock_guard<std::mutex> lock(keys_mu_);  // waits for a WQE being executed against the table
+  for (region& r : regions_)
+    if (r.rkey == rkey && r.len != 0) {
+      r.len = 0;
+      r.lkey = r.rkey = 0;
+      return true;
+    }
+  return false;
 }
 
 int soft_nic::attach(const detail::ibgda::qp_state& q) {
@@ -324,6 +335,9 @@ void soft_nic::execute(qp_model& m) {
   }
 
   inflight f{index, (fm_ce_se & kCtrlCqUpdate) != 0, 0, false, 0, 0, {}};
+  // Keys are checked and the memory touched under one lock: once unregister_memory returns, nothing
+  // lands through that key (as ibv_dereg_mr guarantees).
+  std::unique_lock<std::mutex> keys_lock(keys_mu_);
   const std::uint64_t raddr = load_be64(w + 16);
   const std::uint32_t rkey = load_be32(w + 24);
   switch (op) {
@@ -347,6 +361,10 @@ void soft_nic::execute(qp_model& m) {
         std::uint64_t v;
         std::memcpy(&v, src, 8);
         std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(raddr)).store(v, std::memory_order_release);
+      } else if (n == 4 && (raddr & 3u) == 0) {  // likewise 4 bytes (endpoint state words: close notices)
+        std::uint32_t v;
+        std::memcpy(&v, src, 4);
+        std::atomic_ref<std::uint32_t>(*reinterpret_cast<std::uint32_t*>(raddr)).store(v, std::memory_order_release);
       } else if (n != 0) {
         std::memcpy(reinterpret_cast<void*>(raddr), src, n);
         std::atomic_thread_fence(std::memory_order_release);
@@ -389,6 +407,7 @@ void soft_nic::execute(qp_model& m) {
       break;
     }
   }
+  keys_lock.unlock();
   if (f.pending) {
     f.lag_left = opt_.response_lag;
     if (f.lag_left == 0) land(f);

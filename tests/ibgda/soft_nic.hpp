@@ -59,8 +59,11 @@ class soft_nic {
   soft_nic(const soft_nic&) = delete;
   soft_nic& operator=(const soft_nic&) = delete;
 
-  /// Registers [addr, addr + len) for local and remote access; distinct lkey and rkey. Before start().
+  /// Registers [addr, addr + len) for local and remote access; distinct lkey and rkey. Any time.
   keys register_memory(const void* addr, std::size_t len);
+  /// Removes the region of `rkey` (false when there is none): once this returns, no WQE reads or
+  /// writes through either key, and later ones fail with a protection / access error. Any time.
+  bool unregister_memory(std::uint32_t rkey);
   /// Serves the QP described by `q` (its ring, doorbell record, UAR word, CQ). Before start().
   int attach(const detail::ibgda::qp_state& q);
   /// Stops serving QP `qp` (its memory may then be freed). Before start(), or after stop().
@@ -141,6 +144,7 @@ class soft_nic {
   void wait_ns(std::uint64_t ns) const;
 
   soft_nic_options opt_;
+  std::mutex keys_mu_;  // regions_, and a WQE's key checks together with its memory effects
   std::vector<region> regions_;
   std::vector<std::unique_ptr<qp_model>> qps_;
   std::thread thread_;

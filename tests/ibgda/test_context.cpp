@@ -5,6 +5,7 @@
 
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <deque>
@@ -35,11 +36,13 @@ std::string why() { return std::string(eaas::last_error()); }
 
 // One "host": its fakes and its context.
 struct host {
-  host(eaas::test::soft_nic& model, std::uint64_t host_id, std::uint32_t pool = 2, std::uint32_t max_peers = 8) {
+  host(eaas::test::soft_nic& model, std::uint64_t host_id, std::uint32_t pool = 2, std::uint32_t max_peers = 8,
+       std::uint64_t close_notice_ns = 100'000'000) {
     v.on_reg_mr = [&model](void* a, std::size_t n) {
       const auto k = model.register_memory(a, n);
       return ib::mr_keys{k.lkey, k.rkey};
     };
+    v.on_dereg_mr = [&model](const ib::mr_keys& k) { model.unregister_memory(k.rkey); };
     eaas::context_options o;
     o.name = "host" + std::to_string(host_id);
     o.enable_shm = false;
@@ -52,6 +55,7 @@ struct host {
     s.host_id = host_id;
     s.station.qp.sq_size = 64;
     s.station.op_timeout_ns = 2'000'000'000;
+    s.station.close_notice_ns = close_notice_ns;
     REQUIRE(ib::create_context(o, s, ctx) == status::ok);
   }
   eaas::handle_bytes handle() const {
@@ -319,6 +323,46 @@ TEST_CASE("ibgda context: refusals — plain connect, exhausted pool, stale and 
     CHECK(a.ctx->connect(h, e) == status::invalid_handle);
     CHECK(why().find("on this host") != std::string::npos);
   }
+  // Close-notice words: a reply without one, and an advertisement without one (a peer_set-style
+  // description), are refused before anything is made.
+  {
+    ib::conn_desc r;
+    REQUIRE(ib::decode(reply_c, r) == status::ok);
+    REQUIRE(r.qps[0].notice.present());
+    r.qps[0].notice = {};
+    eaas::handle_bytes h;
+    REQUIRE(ib::encode(r, h) == status::ok);
+    std::unique_ptr<eaas::endpoint> e;
+    const auto live = a.v.live.size();
+    CHECK(a.ctx->connect(h, e) == status::invalid_handle);
+    CHECK(why().find("no close-notice word") != std::string::npos);
+    CHECK(a.v.live.size() == live);
+
+    ib::conn_desc ad;
+    REQUIRE(ib::decode(reply_b, ad) == status::ok);
+    ad.target_id = 0;
+    ad.target_qpn = 0;
+    ad.qps[0].notice = {};
+    eaas::handle_bytes sec;
+    REQUIRE(ib::encode(ad, sec) == status::ok);
+    eaas::detail::handle_writer w;
+    w.u64(b.ctx->id());
+    w.u64(kHostB);
+    w.u32(1234);
+    w.u32(0);
+    w.u64(1);
+    w.u8(1);
+    w.u8(static_cast<std::uint8_t>(eaas::transport_kind::ibgda));
+    w.u16(static_cast<std::uint16_t>(sec.size()));
+    w.raw(sec);
+    const auto hb = w.finish(eaas::handle_kind::connection, eaas::transport_kind::none);
+    eaas::handle_bytes rr;
+    const auto live_c = c.v.live.size();
+    CHECK(c.ctx->connect(hb, e, rr) == status::invalid_handle);
+    CHECK(why().find("without a close-notice word") != std::string::npos);
+    CHECK(c.v.live.size() == live_c);
+    CHECK(rr.empty());
+  }
   // Region handles: another peer's region, and A's region claiming another host.
   {
     auto ra = a.alloc(4096);
@@ -398,6 +442,234 @@ TEST_CASE("ibgda context: closing one endpoint leaves another working; reconnect
   traffic(*c_a, *lc, *ra_c, *ra, 7);
   CHECK(model.violations() == 0);
   model.stop();
+}
+
+namespace {
+
+std::uint64_t ms_since(std::uint64_t t0) { return (eaas::detail::now_ns() - t0) / 1'000'000; }
+
+// The live MR (on host `h`'s fake) covering `p`, if any.
+bool registered(const host& h, const void* p) {
+  for (const auto& [mr, range] : h.v.mr_range)
+    if (range.first == p) return true;
+  return false;
+}
+
+bool moved_to_error(const host& h, std::uint32_t qpn) {
+  for (const auto& c : h.v.calls_named("devx_modify"))
+    if (c.opcode == prm::k2ErrQp && prm::get(c.in, prm::qp_2rst_in::qpn) == qpn) return true;
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("ibgda close notice: the peer's ops and waits end at once, others go on, both closing, reconnect") {
+  // Retries of a dead peer take 5 s in this model: anything that waited for the NIC to notice
+  // would take that long.
+  eaas::test::soft_nic_options mo;
+  mo.retry_timeout_ns = 5'000'000'000;
+  eaas::test::soft_nic model(mo);
+  host a(model, kHostA, 2, 4), b(model, kHostB), c(model, kHostC);
+  auto ra = a.alloc(64 << 10), la = a.alloc(32 << 10);
+  auto rb = b.alloc(64 << 10), lb = b.alloc(32 << 10);
+  auto rc = c.alloc(64 << 10), lc = c.alloc(32 << 10);
+  std::unique_ptr<eaas::endpoint> a_b, b_a, a_c, c_a;
+  pair(a, b, a_b, b_a);  // B dialed, A accepted
+  pair(a, c, a_c, c_a);
+  int qa_b = model.attach(qp_of(*a_b)), qb_a = model.attach(qp_of(*b_a));
+  int qa_c = model.attach(qp_of(*a_c)), qc_a = model.attach(qp_of(*c_a));
+  model.start();
+  auto ra_b = import(*b_a, *ra), rb_a = import(*a_b, *rb), ra_c = import(*c_a, *ra), rc_a = import(*a_c, *rc);
+  traffic(*b_a, *lb, *ra_b, *ra, 31);
+  traffic(*a_b, *la, *rb_a, *rb, 32);
+  traffic(*c_a, *lc, *ra_c, *ra, 33);
+  // Each endpoint's state word is registered (for its peer's notice) and travels in the handshake.
+  const std::uint32_t* word_a_b = a_b->view().state;
+  const std::uint32_t* word_b_a = b_a->view().state;
+  CHECK(registered(a, word_a_b));
+  CHECK(registered(b, word_b_a));
+
+  const eaas::coop_thread th{};
+  const auto vb = b_a->view();
+  const auto va = a_b->view();
+  auto* sig = reinterpret_cast<std::uint64_t*>(static_cast<char*>(rb->data()) + 4096);
+
+  SUBCASE("the acceptor closes") {
+    const std::uint64_t t0 = eaas::detail::now_ns();
+    a_b->close();
+    const std::uint64_t close_ms = ms_since(t0);
+    CHECK(close_ms < 50);
+    // A: closed, its word out of the peer's reach, its QP in ERR.
+    CHECK(a_b->state() == eaas::endpoint_state::closed);
+    CHECK(!registered(a, word_a_b));
+    CHECK(moved_to_error(a, qp_of(*a_b).qpn));
+    CHECK(eaas::put(th, va, rb_a->view(), 0, la->data(), 8) == status::not_connected);
+    CHECK(eaas::quiet(th, va) == status::not_connected);
+    // B was told: its next op, quiet and endpoint wait end now with peer_unreachable.
+    CHECK(b_a->state() == eaas::endpoint_state::peer_dead);
+    CHECK(eaas::put(th, vb, ra_b->view(), 0, lb->data(), 8) == status::peer_unreachable);
+    std::uint64_t t1 = eaas::detail::now_ns();
+    CHECK(eaas::quiet(th, vb) == status::peer_unreachable);
+    CHECK(eaas::wait_signal(vb, sig, eaas::cmp_op::eq, 12345, eaas::timeout{10'000'000'000}) ==
+          status::peer_unreachable);
+    CHECK(ms_since(t1) < 50);
+    std::unique_ptr<eaas::remote_region> again;
+    eaas::handle_bytes h;
+    REQUIRE(ra->export_handle(h) == status::ok);
+    CHECK(b_a->import_region(h, again) == status::peer_unreachable);
+    // C is untouched, both ways.
+    CHECK(c_a->state() == eaas::endpoint_state::connected);
+    CHECK(a_c->state() == eaas::endpoint_state::connected);
+    traffic(*c_a, *lc, *ra_c, *ra, 34);
+    traffic(*a_c, *la, *rc_a, *rc, 35);
+    // B closes too: its notice finds A's word deregistered (refused by the NIC, at once), and A's
+    // own "closed" stays.
+    t1 = eaas::detail::now_ns();
+    b_a->close();
+    CHECK(ms_since(t1) < 50);
+    CHECK(b_a->state() == eaas::endpoint_state::closed);
+    CHECK(a_b->state() == eaas::endpoint_state::closed);
+    CHECK(eaas::quiet(th, vb) == status::not_connected);
+  }
+  SUBCASE("the dialer closes") {
+    b_a->close();
+    CHECK(b_a->state() == eaas::endpoint_state::closed);
+    CHECK(moved_to_error(b, qp_of(*b_a).qpn));
+    CHECK(a_b->state() == eaas::endpoint_state::peer_dead);
+    const std::uint64_t t1 = eaas::detail::now_ns();
+    CHECK(eaas::quiet(th, va) == status::peer_unreachable);
+    auto* sig_a = reinterpret_cast<std::uint64_t*>(static_cast<char*>(ra->data()) + 4096);
+    CHECK(eaas::wait_signal(va, sig_a, eaas::cmp_op::eq, 999, eaas::timeout{10'000'000'000}) ==
+          status::peer_unreachable);
+    CHECK(ms_since(t1) < 50);
+    traffic(*c_a, *lc, *ra_c, *ra, 36);
+    traffic(*a_c, *la, *rc_a, *rc, 37);
+  }
+  SUBCASE("a notice arriving while quiet waits ends the wait") {
+    // The model stalls, so B's put never completes; the word changes 30 ms in (as the notice's
+    // write would): quiet returns then, not at its 2 s bound.
+    model.pause(true);
+    REQUIRE(eaas::put(th, vb, ra_b->view(), 0, lb->data(), 64) == status::ok);
+    std::thread notice([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      std::atomic_ref<std::uint32_t>(*const_cast<std::uint32_t*>(word_b_a))
+          .store(static_cast<std::uint32_t>(eaas::endpoint_state::peer_dead), std::memory_order_release);
+    });
+    const std::uint64_t t1 = eaas::detail::now_ns();
+    CHECK(eaas::quiet(th, vb) == status::peer_unreachable);
+    const std::uint64_t waited = ms_since(t1);
+    notice.join();
+    CHECK(waited >= 25);
+    CHECK(waited < 500);
+    model.pause(false);
+    b_a->close();  // closed wins over peer_dead locally
+    CHECK(b_a->state() == eaas::endpoint_state::closed);
+  }
+
+  // Reconnect B after the close, on fresh QPs and words; B's and C's traffic verified again. (Both
+  // closed while the model runs: a notice needs the NIC.)
+  a_b->close();
+  b_a->close();
+  model.stop();
+  model.detach(qa_b);
+  model.detach(qb_a);
+  ra_b.reset();
+  rb_a.reset();
+  a_b.reset();
+  b_a.reset();
+  pair(a, b, a_b, b_a);
+  CHECK(a_b->state() == eaas::endpoint_state::connected);
+  CHECK(b_a->state() == eaas::endpoint_state::connected);
+  CHECK(registered(a, a_b->view().state));
+  model.attach(qp_of(*a_b));
+  model.attach(qp_of(*b_a));
+  model.start();
+  ra_b = import(*b_a, *ra);
+  rb_a = import(*a_b, *rb);
+  traffic(*b_a, *lb, *ra_b, *ra, 38);
+  traffic(*a_b, *la, *rb_a, *rb, 39);
+  traffic(*c_a, *lc, *ra_c, *ra, 40);
+  CHECK(model.violations() == 0);
+  model.stop();
+  (void)qa_c;
+  (void)qc_a;
+}
+
+TEST_CASE("ibgda close notice: a dead peer costs close() its deadline at most; a dialer never answered stays quiet") {
+  SUBCASE("the peer does not answer: close gives up at its deadline") {
+    eaas::test::soft_nic_options mo;
+    mo.retry_timeout_ns = 5'000'000'000;
+    eaas::test::soft_nic model(mo);
+    host a(model, kHostA), b(model, kHostB, 2, 8, 50'000'000);  // B's notices: 50 ms
+    auto ra = a.alloc(64 << 10);
+    auto lb = b.alloc(32 << 10);
+    std::unique_ptr<eaas::endpoint> a_b, b_a;
+    pair(a, b, a_b, b_a);
+    const int qb = model.attach(qp_of(*b_a));
+    model.start();
+    auto ra_b = import(*b_a, *ra);
+    traffic(*b_a, *lb, *ra_b, *ra, 41);
+    model.kill_peer(qb);
+    const std::uint64_t t0 = eaas::detail::now_ns();
+    b_a->close();
+    const std::uint64_t took = ms_since(t0);
+    CHECK(took >= 45);
+    CHECK(took < 1000);  // the NIC's retries would take 5 s
+    CHECK(b_a->state() == eaas::endpoint_state::closed);
+    CHECK(moved_to_error(b, qp_of(*b_a).qpn));
+    CHECK(a_b->state() == eaas::endpoint_state::connected);  // a dead peer learns nothing, of course
+    model.stop();
+    model.detach(qb);
+  }
+  SUBCASE("the NIC reports the dead peer first: close returns with it") {
+    eaas::test::soft_nic_options mo;
+    mo.retry_timeout_ns = 20'000'000;
+    eaas::test::soft_nic model(mo);
+    host a(model, kHostA), b(model, kHostB, 2, 8, 2'000'000'000);
+    auto ra = a.alloc(64 << 10);
+    auto lb = b.alloc(32 << 10);
+    std::unique_ptr<eaas::endpoint> a_b, b_a;
+    pair(a, b, a_b, b_a);
+    const int qb = model.attach(qp_of(*b_a));
+    model.start();
+    auto ra_b = import(*b_a, *ra);
+    traffic(*b_a, *lb, *ra_b, *ra, 42);
+    model.kill_peer(qb);
+    const std::uint64_t t0 = eaas::detail::now_ns();
+    b_a->close();
+    const std::uint64_t took = ms_since(t0);
+    CHECK(took >= 15);
+    CHECK(took < 1000);
+    CHECK(b_a->state() == eaas::endpoint_state::closed);
+    // The failure is latched in the QP's device state, as a device poller would have latched it.
+    CHECK(qp_of(*b_a).cq.error == static_cast<std::uint32_t>(status::peer_unreachable));
+    model.stop();
+    model.detach(qb);
+  }
+  SUBCASE("a dialer whose QP never completed a WQE does not write") {
+    // B dials A's only advertised QP, C dials the same one; A accepts B. C's QP is served by the
+    // model: were C to write, it would land in A's endpoint for B (the word A advertised with that
+    // QP). C closes without having completed anything: no notice.
+    eaas::test::soft_nic model;
+    host a(model, kHostA, 1, 4), b(model, kHostB), c(model, kHostC);
+    const auto ha = a.handle();
+    std::unique_ptr<eaas::endpoint> a_b, b_a, c_a;
+    eaas::handle_bytes reply_b, reply_c;
+    REQUIRE(b.ctx->connect(ha, b_a, reply_b) == status::ok);
+    REQUIRE(c.ctx->connect(ha, c_a, reply_c) == status::ok);
+    REQUIRE(a.ctx->connect(reply_b, a_b) == status::ok);
+    std::unique_ptr<eaas::endpoint> refused;
+    CHECK(a.ctx->connect(reply_c, refused) == status::not_found);
+    const int qc = model.attach(qp_of(*c_a));
+    model.start();
+    const std::uint64_t t0 = eaas::detail::now_ns();
+    c_a->close();
+    CHECK(ms_since(t0) < 50);
+    CHECK(model.executed(qc) == 0);
+    CHECK(a_b->state() == eaas::endpoint_state::connected);
+    model.stop();
+    model.detach(qc);
+  }
 }
 
 namespace {

@@ -438,7 +438,7 @@ TEST_CASE("ibgda host: one peer torn down and re-connected; the others' QPs see 
     theirs.layer = ib::link_layer::infiniband;
     theirs.mtu = 5;
     theirs.lid = static_cast<std::uint16_t>(p);
-    theirs.qps = {{static_cast<std::uint32_t>(0x900 + p), 1}};
+    theirs.qps = {{static_cast<std::uint32_t>(0x900 + p), 1, {}}};
     REQUIRE(set.connect(p, theirs) == status::ok);
   }
   CHECK(set.prepare(peers[0], me, mine[peers[0]]) == status::invalid_argument);  // exists already
@@ -448,7 +448,7 @@ TEST_CASE("ibgda host: one peer torn down and re-connected; the others' QPs see 
   stray.target_id = self;
   stray.mtu = 5;
   stray.lid = 1;
-  stray.qps = {{5, 5}};
+  stray.qps = {{5, 5, {}}};
   CHECK(set.connect(peers[0], stray) == status::invalid_handle);
   stray.context_id = peers[0];
   stray.target_id = 0x999;
@@ -485,7 +485,7 @@ TEST_CASE("ibgda host: one peer torn down and re-connected; the others' QPs see 
   theirs.target_id = self;
   theirs.mtu = 5;
   theirs.lid = 9;
-  theirs.qps = {{0x1234, 7}};
+  theirs.qps = {{0x1234, 7, {}}};
   REQUIRE(set.connect(peers[1], theirs) == status::ok);
   const std::uintptr_t new_qp = r.v.calls_named("devx_create")[1].obj;
   for (const auto& c : r.v.calls_named("devx_modify")) CHECK(c.obj == new_qp);

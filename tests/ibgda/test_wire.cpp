@@ -29,7 +29,8 @@ ib::conn_desc sample(ib::link_layer l = ib::link_layer::ethernet, std::size_t n 
   d.lid = l == ib::link_layer::infiniband ? 0x0042 : 0;
   d.gid = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3};
   for (std::size_t i = 0; i < n; ++i)
-    d.qps.push_back({static_cast<std::uint32_t>(0x100 + i), static_cast<std::uint32_t>(0xfff000 + i)});
+    d.qps.push_back({static_cast<std::uint32_t>(0x100 + i), static_cast<std::uint32_t>(0xfff000 + i),
+                     ib::notice_word{0x7f0000001000ull + 4 * i, static_cast<std::uint32_t>(0x5000 + i), 4}});
   return d;
 }
 
@@ -39,7 +40,9 @@ bool same(const ib::conn_desc& a, const ib::conn_desc& b) {
       a.qps.size() != b.qps.size())
     return false;
   for (std::size_t i = 0; i < a.qps.size(); ++i)
-    if (a.qps[i].qpn != b.qps[i].qpn || a.qps[i].psn != b.qps[i].psn) return false;
+    if (a.qps[i].qpn != b.qps[i].qpn || a.qps[i].psn != b.qps[i].psn || a.qps[i].notice.addr != b.qps[i].notice.addr ||
+        a.qps[i].notice.rkey != b.qps[i].notice.rkey || a.qps[i].notice.bytes != b.qps[i].notice.bytes)
+      return false;
   return true;
 }
 
@@ -51,9 +54,12 @@ void reseal(eaas::handle_bytes& h) {
   for (int i = 0; i < 4; ++i) h[12 + i] = static_cast<std::byte>((c >> (8 * i)) & 0xffu);
 }
 
-// Payload offsets (after the 16-byte header) of the connection description's fields.
-constexpr std::size_t kTargetQpn = 16 + 24, kLayer = kTargetQpn + 4, kMtu = kLayer + 1, kLid = kMtu + 1,
-                      kGid = kLid + 2, kCount = kGid + 16, kQps = kCount + 1;
+// Offsets (after the 16-byte header) of the connection description's fields; a QP entry is 24 bytes:
+// QPN, PSN, then its close-notice word's address, rkey and size.
+constexpr std::size_t kFormat = 16, kContext = kFormat + 4, kTarget = kContext + 16, kTargetQpn = kContext + 24,
+                      kLayer = kTargetQpn + 4, kMtu = kLayer + 1, kLid = kMtu + 1, kGid = kLid + 2, kCount = kGid + 16,
+                      kQps = kCount + 1, kQpEntry = 24, kNoticeAddr = kQps + 8, kNoticeRkey = kQps + 16,
+                      kNoticeBytes = kQps + 20;
 
 }  // namespace
 
@@ -74,6 +80,10 @@ TEST_CASE("ibgda wire: connection descriptions round-trip") {
     for (std::size_t k = 0; k < d.qps.size(); ++k) {
       d.qps[k].qpn = static_cast<std::uint32_t>((k << 16) + 1 + rng() % 0xfff0);  // distinct, nonzero
       d.qps[k].psn = static_cast<std::uint32_t>(rng() & 0xffffff);
+      // A close-notice word, or none (peer_set's exchange has none).
+      d.qps[k].notice =
+          rng() % 4 == 0 ? ib::notice_word{}
+                         : ib::notice_word{(rng() & ~std::uint64_t{3}) | 4, static_cast<std::uint32_t>(rng() | 1), 4};
     }
     eaas::handle_bytes h;
     REQUIRE(ib::encode(d, h) == status::ok);
@@ -140,7 +150,9 @@ TEST_CASE("ibgda wire: each out-of-range field is refused by name even with a va
     for (int i = 0; i < 4; ++i) h[at + i] = static_cast<std::byte>((v >> (8 * i)) & 0xff);
   };
   const std::vector<bad> cases{
-      {"context 0", [](auto& h) { std::fill(h.begin() + 16, h.begin() + 24, std::byte{0}); }, "context id 0"},
+      {"format 1", [&](auto& h) { put32(h, kFormat, 1); }, "format 0x1"},
+      {"context 0", [](auto& h) { std::fill(h.begin() + kContext, h.begin() + kContext + 8, std::byte{0}); },
+       "context id 0"},
       {"link layer 0", [](auto& h) { h[kLayer] = std::byte{0}; }, "link layer 0"},
       {"link layer 3", [](auto& h) { h[kLayer] = std::byte{3}; }, "link layer 3"},
       {"MTU 0", [](auto& h) { h[kMtu] = std::byte{0}; }, "MTU enum 0"},
@@ -164,7 +176,7 @@ TEST_CASE("ibgda wire: each out-of-range field is refused by name even with a va
       {"target QPN of 25 bits", [&](auto& h) { put32(h, kTargetQpn, 0x1000000); }, "target QPN 0x1000000"},
       {"target QPN addressed to no one",
        [&](auto& h) {
-         for (int i = 0; i < 8; ++i) h[16 + 16 + i] = std::byte{0};
+         for (int i = 0; i < 8; ++i) h[kTarget + i] = std::byte{0};
          put32(h, kTargetQpn, 5);
        },
        "addressed to no one"},
@@ -173,7 +185,29 @@ TEST_CASE("ibgda wire: each out-of-range field is refused by name even with a va
       {"QPN 0", [&](auto& h) { put32(h, kQps, 0); }, "QPN 0"},
       {"QPN of 25 bits", [&](auto& h) { put32(h, kQps, 0x1000000); }, "QPN 0x1000000"},
       {"PSN of 25 bits", [&](auto& h) { put32(h, kQps + 4, 0x1000000); }, "PSN 0x1000000"},
-      {"duplicate QPN", [&](auto& h) { put32(h, kQps + 8, 0x100); }, "appears twice"},
+      {"duplicate QPN", [&](auto& h) { put32(h, kQps + kQpEntry, 0x100); }, "appears twice"},
+      {"notice of 8 bytes", [&](auto& h) { put32(h, kNoticeBytes, 8); }, "close-notice word of 8 bytes"},
+      {"notice of 0 bytes", [&](auto& h) { put32(h, kNoticeBytes + kQpEntry, 0); }, "close-notice word of 0 bytes"},
+      {"notice at 0",
+       [&](auto& h) {
+         put32(h, kNoticeAddr, 0);
+         put32(h, kNoticeAddr + 4, 0);
+       },
+       "close-notice address 0x0"},
+      {"notice misaligned", [&](auto& h) { put32(h, kNoticeAddr, 0x1002); }, "close-notice address 0x7f0000001002"},
+      {"notice wrapping around",
+       [&](auto& h) {
+         put32(h, kNoticeAddr, 0xfffffffc);
+         put32(h, kNoticeAddr + 4, 0xffffffff);
+       },
+       "close-notice address 0xfffffffffffffffc"},
+      {"notice rkey 0", [&](auto& h) { put32(h, kNoticeRkey, 0); }, "close-notice rkey 0"},
+      {"only a notice rkey",
+       [&](auto& h) {
+         for (std::size_t i = 0; i < 8; ++i) h[kNoticeAddr + i] = std::byte{0};
+         put32(h, kNoticeBytes, 0);
+       },
+       "close-notice word of 0 bytes"},
   };
   for (const auto& c : cases) {
     CAPTURE(c.what);
@@ -196,6 +230,17 @@ TEST_CASE("ibgda wire: each out-of-range field is refused by name even with a va
   d = sample();
   d.qps.clear();
   CHECK(ib::encode(d, h) == status::invalid_argument);
+  d = sample();
+  d.qps[1].notice.bytes = 8;
+  CHECK(ib::encode(d, h) == status::invalid_argument);
+  // A QP entry without a notice word (all three zero) is well formed: peer_set's exchange.
+  d = sample();
+  d.qps[2].notice = {};
+  REQUIRE(ib::encode(d, h) == status::ok);
+  ib::conn_desc back;
+  REQUIRE(ib::decode(h, back) == status::ok);
+  CHECK(!back.qps[2].notice.present());
+  CHECK(back.qps[1].notice.present());
 }
 
 TEST_CASE("ibgda wire: an advertisement may list no QP (an exhausted pool); an addressed description may not") {

@@ -33,6 +33,9 @@ constexpr std::size_t kAlign = 1 << 16;  // GPU page
 class real_gpu final : public gpu_api {
  public:
   explicit real_gpu(int device) : device_(device) {}
+  ~real_gpu() override {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
   int alloc(std::size_t bytes, void*& ptr) override {
     if (const cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return e;
     void* raw = nullptr;
@@ -59,6 +62,12 @@ class real_gpu final : public gpu_api {
   }
   int copy_to_device(void* dst, const void* src, std::size_t bytes) override {
     return cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice);
+  }
+  int live_write(void* dst, const void* src, std::size_t bytes) override {
+    return live_copy(dst, src, bytes, cudaMemcpyHostToDevice);
+  }
+  int live_read(void* dst, const void* src, std::size_t bytes) override {
+    return live_copy(dst, src, bytes, cudaMemcpyDeviceToHost);
   }
   bool dma_buf_supported() override {
     auto get = driver_entry<get_attr_fn>("cuDeviceGetAttribute");
@@ -94,7 +103,21 @@ class real_gpu final : public gpu_api {
   }
 
  private:
+  // cudaMemcpy would wait behind every kernel of the legacy default stream (a persistent kernel
+  // that polls this endpoint never ends): copy on a non-blocking stream instead.
+  int live_copy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind) {
+    if (stream_ == nullptr) {
+      if (const cudaError_t e = cudaSetDevice(device_); e != cudaSuccess) return e;
+      if (const cudaError_t e = cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking); e != cudaSuccess) {
+        stream_ = nullptr;
+        return e;
+      }
+    }
+    if (const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, stream_); e != cudaSuccess) return e;
+    return cudaStreamSynchronize(stream_);
+  }
   int device_;
+  cudaStream_t stream_ = nullptr;
   std::map<void*, void*> raw_;
 };
 

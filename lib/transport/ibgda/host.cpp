@@ -3,11 +3,13 @@
 #include "transport/ibgda/host.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <random>
 #include <vector>
 
+#include "eaas/detail/clock.hpp"
 #include "log.hpp"
 #include "transport/ibgda/prm.hpp"
 
@@ -524,10 +526,108 @@ qp_config rc_qp::device_config() const {
   return c;
 }
 
+status rc_qp::post_inline_write(qp_state* live, std::uint64_t raddr, std::uint32_t rkey, const void* data,
+                                std::uint32_t bytes, std::uint64_t deadline_ns) {
+  gpu_api& g = n_.gpu();
+  auto copy_failed = [&](const char* what, int e) {
+    return EAAS_FAIL(status::internal_error, "ibgda: QP {:#x}: {} the QP's GPU memory failed: {}", qpn_, what,
+                     g.error_name(e));
+  };
+  if (bytes == 0 || bytes > kMaxInlineBytes)
+    return EAAS_FAIL(status::invalid_argument, "ibgda: a host-posted inline write of {} bytes (1 .. {})", bytes,
+                     kMaxInlineBytes);
+  const qp_config c = device_config();
+  const std::uint32_t* tail_p = cq_detail::cqe_word(c.cq, mlx5::kCqeTailOffset);
+  // The QP's error, as poll_cq would latch it, from an error CQE whose tail is `tail`.
+  auto latch_error = [&](std::uint32_t tail) {
+    std::uint32_t w = 0;
+    const int e = g.live_read(&w, cq_detail::cqe_word(c.cq, mlx5::kCqeSyndromeWordOffset), sizeof(w));
+    const auto op = mlx5::cqe_op(mlx5::tail_op_own(tail));
+    status st = status::internal_error;
+    if (e == 0 && (op == mlx5::cqe_opcode::req_err || op == mlx5::cqe_opcode::resp_err))
+      st = status_from_syndrome(mlx5::word_syndrome(w));
+    const auto v = static_cast<std::uint32_t>(st);
+    (void)g.live_write(&live->cq.error, &v, sizeof(v));
+    return st;
+  };
+  // Wait until no post is in flight and the ring has room for one WQEBB.
+  qp_state s{};
+  for (std::uint32_t spins = 0;; ++spins) {
+    if (const int e = g.live_read(&s, live, sizeof(s)); e != 0) return copy_failed("reading", e);
+    if (s.cq.error != 0)
+      return EAAS_FAIL(static_cast<status>(s.cq.error), "ibgda: QP {:#x} has failed ({}): nothing can be posted", qpn_,
+                       status_name(static_cast<status>(s.cq.error)));
+    if (s.head == s.ready) {
+      std::uint64_t completed = s.cq.completed;
+      if (s.head + 1 - completed > s.sq_size && s.head != 0) {
+        std::uint32_t tail = 0;
+        if (const int e = g.live_read(&tail, tail_p, sizeof(tail)); e != 0) return copy_failed("reading", e);
+        const auto op = mlx5::cqe_op(mlx5::tail_op_own(tail));
+        if (op == mlx5::cqe_opcode::req)
+          completed = std::max(completed, widen_wqe_counter(mlx5::tail_wqe_counter(tail), s.head - 1) + 1);
+        else if (op != mlx5::cqe_opcode::invalid)
+          return EAAS_FAIL(latch_error(tail), "ibgda: QP {:#x} has failed: nothing can be posted", qpn_);
+      }
+      if (s.head + 1 - completed <= s.sq_size) break;
+    }
+    if (now_ns() >= deadline_ns)
+      return EAAS_FAIL(status::timeout, "ibgda: QP {:#x}: {} (deadline)", qpn_,
+                       s.head != s.ready ? "a post is still in flight" : "the ring stays full");
+    spin_pause(spins);
+  }
+  const std::uint64_t index = s.head, next = index + 1;
+  mlx5::send_wqebb w{};
+  build_rdma_write_inline(&w, static_cast<std::uint16_t>(index), qpn_, ctrl_flags(true), raddr, rkey, data, bytes);
+  // The WQE, the counters (as if a poster had reserved, published and rung it), the doorbell
+  // record, then the doorbell: the NIC reads the WQE only after the record covers it.
+  if (const int e = g.live_write(c.sq + index % c.sq_size, &w, sizeof(w)); e != 0) return copy_failed("writing", e);
+  for (std::uint64_t* f : {&live->head, &live->ready, &live->rung})
+    if (const int e = g.live_write(f, &next, sizeof(next)); e != 0) return copy_failed("writing", e);
+  const std::uint32_t rec = mlx5::to_be32(static_cast<std::uint32_t>(next) & 0xffffu);
+  if (const int e = g.live_write(c.sq_dbrec, &rec, sizeof(rec)); e != 0) return copy_failed("writing", e);
+  fence_seq_cst();
+  std::atomic_ref<std::uint64_t>(*static_cast<std::uint64_t*>(uar_info_.reg_addr))
+      .store(doorbell_word(&w), std::memory_order_release);
+  fence_seq_cst();  // drains the store (write-combining UAR mappings)
+  for (std::uint32_t spins = 0;; ++spins) {
+    std::uint32_t tail = 0;
+    if (const int e = g.live_read(&tail, tail_p, sizeof(tail)); e != 0) return copy_failed("reading", e);
+    const auto op = mlx5::cqe_op(mlx5::tail_op_own(tail));
+    if (op == mlx5::cqe_opcode::req && widen_wqe_counter(mlx5::tail_wqe_counter(tail), index) == index) {
+      (void)g.live_write(&live->cq.completed, &next, sizeof(next));
+      return status::ok;
+    }
+    if (op != mlx5::cqe_opcode::req && op != mlx5::cqe_opcode::invalid)
+      return EAAS_FAIL(latch_error(tail), "ibgda: QP {:#x}: the host-posted write failed", qpn_);
+    if (now_ns() >= deadline_ns)
+      return EAAS_FAIL(status::timeout, "ibgda: QP {:#x}: the host-posted write did not complete by its deadline",
+                       qpn_);
+    spin_pause(spins);
+  }
+}
+
+status rc_qp::to_error() {
+  prm::qp_2rst_in in;
+  prm::set(in.bytes, prm::cmd::opcode, prm::k2ErrQp);
+  prm::set(in.bytes, prm::qp_2rst_in::qpn, qpn_);
+  EAAS_CHECK(modify("2ERR", prm::k2ErrQp, in.bytes));
+  connected_ = false;
+  return status::ok;
+}
+
 // ---------------------------------------------------------------------------------------------
 // data_region
 
 status data_region::create(nic& n, void* addr, std::size_t bytes, bool relaxed, std::unique_ptr<data_region>& out) {
+  return reg(n, addr, bytes, relaxed, true, out);
+}
+
+status data_region::create_host(nic& n, void* addr, std::size_t bytes, std::unique_ptr<data_region>& out) {
+  return reg(n, addr, bytes, false, false, out);
+}
+
+status data_region::reg(nic& n, void* addr, std::size_t bytes, bool relaxed, bool gpu,
+                        std::unique_ptr<data_region>& out) {
   if (addr == nullptr || bytes == 0)
     return EAAS_FAIL(status::invalid_argument, "ibgda: registering [{}, +{}): null or empty", addr, bytes);
   std::unique_ptr<data_region> r(new data_region(n));
@@ -535,7 +635,7 @@ status data_region::create(nic& n, void* addr, std::size_t bytes, bool relaxed, 
   r->bytes_ = bytes;
   int fd = -1;
   std::uint64_t offset = 0;
-  if (n.dmabuf()) {
+  if (gpu && n.dmabuf()) {
     // dma-buf export works on whole pages of one allocation.
     const auto a = reinterpret_cast<std::uintptr_t>(addr);
     const std::uintptr_t lo = a & ~(kPage - 1);
@@ -551,7 +651,7 @@ status data_region::create(nic& n, void* addr, std::size_t bytes, bool relaxed, 
     r->mr_ = nullptr;
     return EAAS_FAIL(status_from_errno(e != 0 ? e : EINVAL), "ibgda: {} of [{}, +{}) on {} failed: {}{}",
                      fd >= 0 ? "ibv_reg_dmabuf_mr" : "ibv_reg_mr", addr, bytes, n.name(), err_text(e != 0 ? e : EINVAL),
-                     fd >= 0 ? "" : " (GPU memory needs nvidia_peermem loaded for this path)");
+                     fd >= 0 || !gpu ? "" : " (GPU memory needs nvidia_peermem loaded for this path)");
   }
   out = std::move(r);
   return status::ok;
@@ -580,7 +680,7 @@ status peer_set::prepare(std::uint64_t peer_id, const conn_desc& self, conn_desc
     d.mtu = n_.port_info().active_mtu;
     d.lid = n_.port_info().layer == link_layer::infiniband ? n_.port_info().lid : 0;
     d.gid = n_.gid().gid;
-    d.qps = {qp_wire{q->qpn(), q->psn()}};
+    d.qps = {qp_wire{q->qpn(), q->psn(), {}}};
     qps_[peer_id] = std::move(q);
     for_peer = std::move(d);
     return status::ok;

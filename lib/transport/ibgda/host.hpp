@@ -144,6 +144,20 @@ class rc_qp {
   /// What the device side needs (pointers as the GPU sees them); lkey / scratch are the caller's.
   qp_config device_config() const;
 
+  /// Posts one inline RDMA WRITE (`bytes` <= kMaxInlineBytes, requesting a CQE) from the host and
+  /// waits for its completion until `deadline_ns` (now_ns clock). `live` is the QP's device-side
+  /// state (in GPU memory, reached through gpu_api::live_read / live_write); its counters and the
+  /// doorbell record move as a device poster would move them, and the doorbell is rung through the
+  /// host's mapping of the UAR. No other poster may post on the QP meanwhile: the host waits (up to
+  /// the deadline) until no post is in flight, and cannot exclude one that starts later.
+  /// ok; timeout; the QP's error (latched in `live`, as a device poller would) when it has failed
+  /// or fails now.
+  status post_inline_write(qp_state* live, std::uint64_t raddr, std::uint32_t rkey, const void* data,
+                           std::uint32_t bytes, std::uint64_t deadline_ns);
+  /// 2ERR: the NIC stops executing the QP's WQEs (flushed) and stops answering its peer (whose QP
+  /// then fails with retries exceeded). The QP's memory stays valid until it is destroyed.
+  status to_error();
+
   /// Layout of the queue buffer for a queue of `sq_size` WQEBBs.
   struct layout {
     std::size_t cq_off, dbr_off, bytes;
@@ -174,6 +188,8 @@ class data_region {
  public:
   /// ibv_reg_dmabuf_mr when the NIC uses dma-buf, else ibv_reg_mr (nvidia_peermem).
   static status create(nic& n, void* addr, std::size_t bytes, bool relaxed, std::unique_ptr<data_region>& out);
+  /// Host memory (pinned or pageable): ibv_reg_mr, never dma-buf.
+  static status create_host(nic& n, void* addr, std::size_t bytes, std::unique_ptr<data_region>& out);
   ~data_region();
   data_region(const data_region&) = delete;
   data_region& operator=(const data_region&) = delete;
@@ -183,6 +199,7 @@ class data_region {
   std::size_t size() const { return bytes_; }
 
  private:
+  static status reg(nic& n, void* addr, std::size_t bytes, bool relaxed, bool gpu, std::unique_ptr<data_region>& out);
   data_region(nic& n) : n_(n) {}
   nic& n_;
   void* mr_ = nullptr;

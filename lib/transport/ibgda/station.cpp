@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <random>
 
+#include "eaas/common/views.hpp"
+#include "eaas/detail/atomic.hpp"
+#include "eaas/detail/clock.hpp"
 #include "log.hpp"
 #include "process.hpp"
 
@@ -26,6 +29,41 @@ link::~link() {
   if (owner_) owner_->release(*this);
 }
 
+notice_word notice_slot::wire() const {
+  return notice_word{reinterpret_cast<std::uint64_t>(word), mr ? mr->rkey() : 0, kNoticeBytes};
+}
+
+status link::close(std::uint32_t local) {
+  if (closed_) return status::ok;
+  closed_ = true;
+  // Our word first leaves the peer's reach, so that a notice racing ours (both sides closing at
+  // once) cannot overwrite what we store; the NIC writes nothing through a deregistered MR.
+  notice_.mr.reset();
+  store_release(notice_.word, local);
+  status s = status::ok;
+  // A dialer cannot know that the peer accepted its reply: if it did not (another dialer took that
+  // QP, or the handle was stale), the word named in the advertisement now belongs to the peer's
+  // endpoint for someone else. A completed WQE is the evidence: the peer's QP answered ours, so it
+  // is paired with ours. Without one, the dialer does not write.
+  bool paired = accepted_;
+  if (!paired) {
+    std::uint64_t done = 0;
+    paired = owner_->nic_->gpu().live_read(&done, &state_->qp.cq.completed, sizeof(done)) == 0 && done != 0;
+  }
+  if (peer_.present() && qp_->connected() && paired) {
+    const std::uint32_t dead = static_cast<std::uint32_t>(::eaas::endpoint_state::peer_dead);
+    s = qp_->post_inline_write(&state_->qp, peer_.addr, peer_.rkey, &dead, sizeof(dead),
+                               now_ns() + owner_->o_.close_notice_ns);
+    if (s != status::ok)
+      log(log_level::info, "ibgda: QP {:#x}: the peer was not told of the close: {}", qp_->qpn(), last_error());
+  }
+  // Nothing more runs on the QP, in either direction: kernels still holding the view get flushed
+  // WQEs, and the peer's WQEs are no longer answered.
+  if (qp_->connected() && qp_->to_error() != status::ok)
+    log(log_level::warn, "ibgda: moving QP {:#x} to ERR at close failed: {}", qp_->qpn(), last_error());
+  return s;
+}
+
 heap_block::~heap_block() {
   if (owner_) owner_->release(*this);
 }
@@ -35,6 +73,7 @@ void station::release(link& l) {
   l.qp_.reset();  // the NIC stops using the QP before its state goes
   if (l.state_ != nullptr) g.free(l.state_);
   l.state_ = nullptr;
+  l.notice_.reset();
   if (!l.accepted_) return;
   std::lock_guard lock(mu_);
   --accepted_;
@@ -67,7 +106,7 @@ void station::release(heap_block& b) {
 
 status station::open(std::unique_ptr<verbs_api> own_verbs, std::unique_ptr<gpu_api> own_gpu, verbs_api& verbs,
                      gpu_api& gpu, const station_options& o, std::uint64_t self_id, std::uint64_t host_id,
-                     std::shared_ptr<station>& out) {
+                     word_source& words, std::shared_ptr<station>& out) {
   try {
     EAAS_CHECK(check_options(o.qp));
     if (o.pool == 0 || o.pool > kMaxQpsPerPeer)
@@ -83,6 +122,7 @@ status station::open(std::unique_ptr<verbs_api> own_verbs, std::unique_ptr<gpu_a
     s->o_ = o;
     s->self_ = self_id;
     s->host_ = host_id;
+    s->words_ = &words;
     EAAS_CHECK(nic::open(verbs, gpu, o.nic, s->nic_));
     if (const int e = gpu.alloc(o.heap_bytes, s->heap_); e != 0 || s->heap_ == nullptr) {
       s->heap_ = nullptr;
@@ -114,10 +154,21 @@ status station::refill_locked() {
   const std::size_t room = o_.max_peers > accepted_ ? o_.max_peers - accepted_ : 0;
   const std::size_t want = std::min<std::size_t>(o_.pool, room);
   while (pool_.size() < want) {
-    std::unique_ptr<rc_qp> q;
-    EAAS_CHECK(rc_qp::create(*nic_, o_.qp, q));
-    pool_.push_back(std::move(q));
+    waiting w;
+    EAAS_CHECK(rc_qp::create(*nic_, o_.qp, w.qp));
+    EAAS_CHECK(make_notice(w.notice));
+    pool_.push_back(std::move(w));
   }
+  return status::ok;
+}
+
+status station::make_notice(notice_slot& out) {
+  notice_slot n;
+  n.src = words_;
+  n.word = words_->take(static_cast<std::uint32_t>(::eaas::endpoint_state::connected));
+  if (n.word == nullptr) return EAAS_FAIL(status::no_resource, "ibgda: no memory for an endpoint state word");
+  EAAS_CHECK(data_region::create_host(*nic_, n.word, kNoticeBytes, n.mr));
+  out = std::move(n);
   return status::ok;
 }
 
@@ -136,7 +187,7 @@ status station::advertise(conn_desc& out) {
   try {
     std::lock_guard lock(mu_);
     conn_desc d = port_desc();
-    for (const auto& q : pool_) d.qps.push_back(qp_wire{q->qpn(), q->psn()});
+    for (const auto& w : pool_) d.qps.push_back(qp_wire{w.qp->qpn(), w.qp->psn(), w.notice.wire()});
     out = std::move(d);
     return status::ok;
   } catch (const std::bad_alloc&) {
@@ -144,10 +195,13 @@ status station::advertise(conn_desc& out) {
   }
 }
 
-status station::make_link(std::unique_ptr<rc_qp> qp, std::unique_ptr<link>& out) {
+status station::make_link(std::unique_ptr<rc_qp> qp, notice_slot notice, const notice_word& peer,
+                          std::unique_ptr<link>& out) {
   std::unique_ptr<link> l(new link());
   l->owner_ = shared_from_this();
   l->qp_ = std::move(qp);
+  l->notice_ = std::move(notice);
+  l->peer_ = peer;
   qp_config c = l->qp_->device_config();
   c.lkey = heap_mr_->lkey();
   c.scratch_laddr = scratch_;
@@ -183,15 +237,22 @@ status station::dial(const conn_desc& theirs, std::unique_ptr<link>& out, conn_d
     std::uniform_int_distribution<std::size_t> pick(0, theirs.qps.size() - 1);
     std::mt19937_64 rng(random_u64());
     const std::size_t i = pick(rng);
+    if (!theirs.qps[i].notice.present())
+      return EAAS_FAIL(status::invalid_handle,
+                       "ibgda: context {:016x} advertises QP {:#x} without a close-notice word (a peer_set "
+                       "description, not a connection handle)",
+                       theirs.context_id, theirs.qps[i].qpn);
     std::unique_ptr<rc_qp> q;
     EAAS_CHECK(rc_qp::create(*nic_, o_.qp, q));
+    notice_slot mine;
+    EAAS_CHECK(make_notice(mine));
     EAAS_CHECK(q->connect(theirs.qp(i)));
     conn_desc r = port_desc();
     r.target_id = theirs.context_id;
     r.target_qpn = theirs.qps[i].qpn;
-    r.qps = {qp_wire{q->qpn(), q->psn()}};
+    r.qps = {qp_wire{q->qpn(), q->psn(), mine.wire()}};
     std::unique_ptr<link> l;
-    EAAS_CHECK(make_link(std::move(q), l));
+    EAAS_CHECK(make_link(std::move(q), std::move(mine), theirs.qps[i].notice, l));
     out = std::move(l);
     reply = std::move(r);
     return status::ok;
@@ -211,16 +272,22 @@ status station::accept(const conn_desc& reply, std::unique_ptr<link>& out) {
                        "ibgda: a reply names one QP of ours and carries one ({} here, target "
                        "QPN {:#x})",
                        reply.qps.size(), reply.target_qpn);
+    if (!reply.qps[0].notice.present())
+      return EAAS_FAIL(status::invalid_handle, "ibgda: the reply of context {:016x} carries no close-notice word",
+                       reply.context_id);
     std::unique_ptr<rc_qp> q;
+    notice_slot mine;
     {
       std::lock_guard lock(mu_);
-      auto it = std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p->qpn() == reply.target_qpn; });
+      auto it =
+          std::find_if(pool_.begin(), pool_.end(), [&](const auto& p) { return p.qp->qpn() == reply.target_qpn; });
       if (it == pool_.end())
         return EAAS_FAIL(status::not_found,
                          "ibgda: QP {:#x} is not waiting in this context's pool (another peer took it, or the "
                          "handle the peer dialed is stale): the peer must dial again with a fresh connection handle",
                          reply.target_qpn);
-      q = std::move(*it);
+      q = std::move(it->qp);
+      mine = std::move(it->notice);
       pool_.erase(it);
       ++accepted_;
     }
@@ -237,7 +304,7 @@ status station::accept(const conn_desc& reply, std::unique_ptr<link>& out) {
       return EAAS_FAIL(s, "{}", why);
     }
     std::unique_ptr<link> l;
-    if (const status s = make_link(std::move(q), l); s != status::ok) {
+    if (const status s = make_link(std::move(q), std::move(mine), reply.qps[0].notice, l); s != status::ok) {
       const std::string why(last_error());
       l.reset();
       give_back();

@@ -13,11 +13,18 @@
 //   connects it to B's QP, and makes a new QP for the pool.
 //
 // Two messages in all; A needs nothing from B in advance, and B's handle plays no part.
+//
+// Close notices: every QP (pooled or dialed) comes with the state word of the endpoint it will
+// serve, registered for remote write on its own (a 4-byte MR), and its address and rkey travel with
+// the QP's QPN / PSN. link::close deregisters its own word (the peer can no longer write it), marks
+// it closed, writes peer_dead into the peer's word with one inline RDMA WRITE on the same QP
+// (bounded by close_notice_ns) and moves the QP to ERR.
 
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "eaas/common/status.hpp"
@@ -32,6 +39,45 @@ struct context_options;
 
 namespace eaas::detail::ibgda {
 
+/// Where a context's endpoint state words come from (its word pool: mapped into the GPU for a GPU
+/// context). An ibgda endpoint's state word is also where its peer's close notice lands.
+class word_source {
+ public:
+  /// A word set to `initial`, or null when no memory could be had.
+  virtual std::uint32_t* take(std::uint32_t initial) = 0;
+  virtual void give(std::uint32_t* w) = 0;
+
+ protected:
+  ~word_source() = default;
+};
+
+/// A state word registered for the peer's close notice: its own MR, remote write reaching these 4
+/// bytes only. Deregistered before the word goes back to its source.
+struct notice_slot {
+  notice_slot() = default;
+  notice_slot(notice_slot&& o) noexcept { *this = std::move(o); }
+  notice_slot& operator=(notice_slot&& o) noexcept {
+    if (this != &o) {
+      reset();
+      src = o.src;
+      word = std::exchange(o.word, nullptr);
+      mr = std::move(o.mr);
+    }
+    return *this;
+  }
+  ~notice_slot() { reset(); }
+  void reset() {
+    mr.reset();
+    if (word != nullptr) src->give(word);
+    word = nullptr;
+  }
+  /// What the peer needs to write the word.
+  notice_word wire() const;
+  word_source* src = nullptr;
+  std::uint32_t* word = nullptr;
+  std::unique_ptr<data_region> mr;
+};
+
 /// How a context brings up its ibgda transport.
 struct station_options {
   nic_choice nic;
@@ -40,6 +86,7 @@ struct station_options {
   std::uint32_t pool = 4;                       ///< QPs kept waiting for peers (advertised in the handle), 1 .. 64
   std::uint32_t max_peers = 256;                ///< accepted peers at once; the pool is not refilled beyond
   std::uint64_t op_timeout_ns = 5'000'000'000;  ///< endpoint_state::op_timeout_ns
+  std::uint64_t close_notice_ns = 100'000'000;  ///< link::close: bound on delivering the close notice
 };
 
 class station;
@@ -53,7 +100,16 @@ class link {
   link& operator=(const link&) = delete;
   /// What device_endpoint::transport_state points to (GPU memory).
   endpoint_state* state() const { return state_; }
+  /// The endpoint's state word (device_endpoint::state), where the peer's close notice lands.
+  std::uint32_t* state_word() const { return notice_.word; }
   std::uint32_t qpn() const { return qp_->qpn(); }
+  /// Closes the link, once: deregisters the state word (the peer can no longer write it), stores
+  /// `local` in it (release), tells the peer (peer_dead into its state word, one inline WRITE on
+  /// this QP, waited for up to close_notice_ns: a dead peer costs at most that), then moves the QP to
+  /// ERR. The QP's memory and the device state stay until the link is destroyed. Not concurrent
+  /// with posts on this QP (from kernels or host threads): the notice is posted by the host.
+  /// Returns how the notice went (ok, timeout, the QP's error); the link is closed either way.
+  status close(std::uint32_t local);
 
  private:
   friend class station;
@@ -61,7 +117,10 @@ class link {
   std::shared_ptr<station> owner_;  // keeps the NIC alive
   std::unique_ptr<rc_qp> qp_;
   endpoint_state* state_ = nullptr;
+  notice_slot notice_;  // our state word
+  notice_word peer_;    // the peer's
   bool accepted_ = false;
+  bool closed_ = false;
 };
 
 /// A block of the heap with its own MR (its rkey reaches exactly this block).
@@ -87,10 +146,11 @@ class heap_block {
 class station : public std::enable_shared_from_this<station> {
  public:
   /// Opens the NIC, allocates and registers the heap, fills the pool. `verbs` / `gpu` must outlive
-  /// the station unless owned (the `own_*` arguments, which may be null).
+  /// the station unless owned (the `own_*` arguments, which may be null). Endpoint state words come
+  /// from `words`, which must outlive the station.
   static status open(std::unique_ptr<verbs_api> own_verbs, std::unique_ptr<gpu_api> own_gpu, verbs_api& verbs,
                      gpu_api& gpu, const station_options& o, std::uint64_t self_id, std::uint64_t host_id,
-                     std::shared_ptr<station>& out);
+                     word_source& words, std::shared_ptr<station>& out);
   ~station();
   station(const station&) = delete;
   station& operator=(const station&) = delete;
@@ -118,7 +178,12 @@ class station : public std::enable_shared_from_this<station> {
   friend class link;
   friend class heap_block;
   station() = default;
-  status make_link(std::unique_ptr<rc_qp> qp, std::unique_ptr<link>& out);
+  struct waiting {
+    std::unique_ptr<rc_qp> qp;
+    notice_slot notice;
+  };
+  status make_notice(notice_slot& out);
+  status make_link(std::unique_ptr<rc_qp> qp, notice_slot notice, const notice_word& peer, std::unique_ptr<link>& out);
   status refill_locked();
   void release(link& l);
   void release(heap_block& b);
@@ -134,7 +199,8 @@ class station : public std::enable_shared_from_this<station> {
   std::uint64_t scratch_ = 0;  // 64 bytes at the heap's start: discarded atomic results
   std::mutex mu_;
   std::map<std::size_t, std::size_t> free_;  // heap offset → bytes
-  std::vector<std::unique_ptr<rc_qp>> pool_;
+  word_source* words_ = nullptr;
+  std::vector<waiting> pool_;
   std::size_t accepted_ = 0;
 };
 

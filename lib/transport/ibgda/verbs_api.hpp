@@ -123,6 +123,12 @@ class gpu_api {
   virtual void free(void* ptr) = 0;
   /// cudaMemcpy host → device.
   virtual int copy_to_device(void* dst, const void* src, std::size_t bytes) = 0;
+  /// Small copies into / out of device memory that running kernels (and the NIC) may be using: on a
+  /// stream of their own that does not wait for other work (cudaStreamNonBlocking), finished when
+  /// the call returns. A copy of one aligned 4- or 8-byte word is single-copy atomic. Used by a
+  /// host that posts on a QP whose ring lives in GPU memory (the close notice).
+  virtual int live_write(void* dst, const void* src, std::size_t bytes) = 0;
+  virtual int live_read(void* dst, const void* src, std::size_t bytes) = 0;
   /// cuDeviceGetAttribute(CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED).
   virtual bool dma_buf_supported() = 0;
   /// cuMemGetHandleForAddressRange(DMA_BUF_FD): a file descriptor the caller closes with close_fd.

@@ -30,6 +30,7 @@ status check_desc(const conn_desc& d) {
   }
   for (std::size_t i = 0; i < d.qps.size(); ++i) {
     EAAS_CHECK(check_peer(d.qp(i)));
+    EAAS_CHECK(check_notice(d.qps[i].notice));
     for (std::size_t k = 0; k < i; ++k)
       if (d.qps[k].qpn == d.qps[i].qpn)
         return EAAS_FAIL(status::invalid_handle, "ibgda connection: QPN {:#x} appears twice", d.qps[i].qpn);
@@ -58,11 +59,25 @@ status check_peer(const peer_qp& p) {
   return status::ok;
 }
 
+status check_notice(const notice_word& w) {
+  if (!w.present()) return status::ok;
+  if (w.bytes != kNoticeBytes)
+    return EAAS_FAIL(status::invalid_handle, "ibgda connection: close-notice word of {} bytes (want {})", w.bytes,
+                     kNoticeBytes);
+  if (w.addr == 0 || w.addr % kNoticeBytes != 0 || w.addr + w.bytes < w.addr)
+    return EAAS_FAIL(status::invalid_handle,
+                     "ibgda connection: close-notice address {:#x} (nonzero, {}-byte aligned, no wrap-around)", w.addr,
+                     kNoticeBytes);
+  if (w.rkey == 0) return EAAS_FAIL(status::invalid_handle, "ibgda connection: close-notice rkey 0");
+  return status::ok;
+}
+
 status encode(const conn_desc& d, handle_bytes& out) {
   if (check_desc(d) != status::ok)
     return EAAS_FAIL(status::invalid_argument, "ibgda connection: refusing to encode: {}", last_error());
   try {
     handle_writer w;
+    w.u32(kConnFormat);
     w.u64(d.context_id);
     w.u64(d.host_id);
     w.u64(d.target_id);
@@ -75,6 +90,9 @@ status encode(const conn_desc& d, handle_bytes& out) {
     for (const qp_wire& q : d.qps) {
       w.u32(q.qpn);
       w.u32(q.psn);
+      w.u64(q.notice.addr);
+      w.u32(q.notice.rkey);
+      w.u32(q.notice.bytes);
     }
     out = w.finish(handle_kind::connection, transport_kind::ibgda);
     return status::ok;
@@ -88,6 +106,13 @@ status decode(std::span<const std::byte> bytes, conn_desc& out) {
   std::span<const std::byte> payload;
   EAAS_CHECK(decode_handle(bytes, handle_kind::connection, transport_kind::ibgda, info, payload));
   handle_reader r(payload);
+  const std::uint32_t format = r.u32();
+  if (!r.ok()) return EAAS_FAIL(status::invalid_handle, "ibgda connection: truncated header");
+  if (format != kConnFormat)
+    return EAAS_FAIL(status::invalid_handle,
+                     "ibgda connection: description format {:#x}, this build reads format {} (a peer built before "
+                     "close notices, or a newer one)",
+                     format, kConnFormat);
   conn_desc d;
   d.context_id = r.u64();
   d.host_id = r.u64();
@@ -110,6 +135,9 @@ status decode(std::span<const std::byte> bytes, conn_desc& out) {
   for (auto& q : d.qps) {
     q.qpn = r.u32();
     q.psn = r.u32();
+    q.notice.addr = r.u64();
+    q.notice.rkey = r.u32();
+    q.notice.bytes = r.u32();
   }
   if (!r.ok()) return EAAS_FAIL(status::invalid_handle, "ibgda connection: truncated QP list ({} QPs)", n);
   if (!r.done()) return EAAS_FAIL(status::invalid_handle, "ibgda connection: trailing bytes after the QP list");

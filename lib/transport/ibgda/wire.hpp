@@ -5,6 +5,8 @@
 // refused before a field is read; then every field is range-checked before use.
 //
 // Connection description (handle_kind::connection), payload, little-endian:
+//   u32 format          kConnFormat (2); anything else is refused by name (format 1, before the
+//                       close-notice words, had no such field: its first bytes are a context id)
 //   u64 context id      the context that made the QPs
 //   u64 host id         its host
 //   u64 target id       the context the QPs are for (0: an advertisement, addressed to no one)
@@ -16,7 +18,12 @@
 //   u8[16] gid          the port GID (RoCE: the selected entry; never zero or multicast)
 //   u8  qp count        1 .. kMaxQpsPerPeer; 0 only in an advertisement (a context whose pool of
 //                       waiting QPs is empty)
-//   per QP: u32 qpn (1 .. 2^24-1, distinct), u32 psn (< 2^24)
+//   per QP: u32 qpn (1 .. 2^24-1, distinct), u32 psn (< 2^24),
+//           u64 notice address, u32 notice rkey, u32 notice bytes: where the peer's close notice
+//           lands (the endpoint state word of the endpoint this QP will serve, registered for remote
+//           write on its own). Either all three are 0 (no word: the peer is not told of a close) or
+//           the address is nonzero, 4-byte aligned and does not wrap, the rkey is nonzero and the
+//           bytes are exactly kNoticeBytes.
 //
 // Region description (handle_kind::region), payload:
 //   u64 owner context id, u64 host id, u64 address, u64 size (> 0, address + size no overflow),
@@ -33,6 +40,19 @@
 namespace eaas::detail::ibgda {
 
 inline constexpr std::size_t kMaxQpsPerPeer = 64;
+/// The connection description's format (its first payload field).
+inline constexpr std::uint32_t kConnFormat = 2;
+/// The size of a close-notice word: one endpoint_state word.
+inline constexpr std::uint32_t kNoticeBytes = 4;
+
+/// Where a close notice lands: a peer's endpoint state word, registered for remote write alone
+/// (its own MR: the rkey reaches nothing else). All zero: none.
+struct notice_word {
+  std::uint64_t addr = 0;
+  std::uint32_t rkey = 0;
+  std::uint32_t bytes = 0;
+  bool present() const { return addr != 0 || rkey != 0 || bytes != 0; }
+};
 
 /// One remote QP as a local QP's INIT2RTR needs it.
 struct peer_qp {
@@ -47,6 +67,7 @@ struct peer_qp {
 struct qp_wire {
   std::uint32_t qpn = 0;
   std::uint32_t psn = 0;
+  notice_word notice;  ///< the state word of the endpoint this QP serves
 };
 
 struct conn_desc {
@@ -74,6 +95,8 @@ struct region_wire {
 
 /// invalid_handle naming the first field out of range (link layer, MTU enum, LID, GID, QPN, PSN).
 status check_peer(const peer_qp& p);
+/// invalid_handle unless `w` is absent (all zero) or well formed (see the format above).
+status check_notice(const notice_word& w);
 
 /// Encodes `d` (which must pass the checks decode applies; invalid_argument otherwise).
 status encode(const conn_desc& d, handle_bytes& out);

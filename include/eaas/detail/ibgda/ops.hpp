@@ -69,6 +69,10 @@ EAAS_HOST_DEVICE status one_posts(F&& f) {
   }
 }
 
+/// How long quiet waits between two reads of the endpoint state word (a PCIe round trip on the
+/// device, a cached load on the host).
+inline constexpr std::uint64_t kQuietSliceNs = EAAS_DEVICE_CODE ? 20'000 : 100'000;
+
 EAAS_HOST_DEVICE std::uint64_t addr(const void* p) {
   return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p));
 }
@@ -151,15 +155,26 @@ EAAS_HOST_DEVICE status op_fence(const device_endpoint& ep) {
 }
 
 /// Every WQE published on the QP has completed (reads and fetched values landed), then the
-/// endpoint's state is checked: a peer the control plane declared dead is reported even when the
-/// NIC has not noticed yet.
+/// endpoint's state is checked. The state is also read before and while waiting (every
+/// kQuietSliceNs): a closed endpoint (not_connected), a peer that closed (its close notice set
+/// the word to peer_dead) or that the control plane declared dead (peer_unreachable) ends the
+/// wait at once, not after the NIC's retries; the state also wins over the QP's own error.
 template <class Coop>
 EAAS_HOST_DEVICE status op_quiet(const device_endpoint& ep) {
   if (EAAS_UNLIKELY(ep.transport_state == nullptr)) return status::invalid_argument;
   return ops_detail::one_posts<Coop>([&] {
     endpoint_state* s = ops_detail::state_of(ep);
-    if (status q = quiet<poster::shared>(&s->qp, ops_detail::bound(s)); q != status::ok) return q;
-    return check_endpoint(ep);
+    if (status c = check_endpoint(ep); c != status::ok) return c;
+    const deadline until = ops_detail::bound(s);
+    for (;;) {
+      const std::uint64_t t = now_ns();
+      const bool last = t >= until.ns || until.ns - t <= ops_detail::kQuietSliceNs;
+      const deadline slice{last ? until.ns : t + ops_detail::kQuietSliceNs};
+      const status q = quiet<poster::shared>(&s->qp, slice);
+      const status c = check_endpoint(ep);
+      if (c != status::ok) return c;
+      if (q != status::timeout || last) return q;
+    }
   });
 }
 
