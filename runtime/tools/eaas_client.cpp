@@ -13,6 +13,7 @@
 
 #include "client.hpp"
 #include "eaas/runtime/safetensors.hpp"
+#include "micro_batch.hpp"
 #include "tool_common.hpp"
 #if EAAS_CLIENT_DEVICE_STEP
 #include "gpu/client_step.hpp"
@@ -80,6 +81,12 @@ int main(int argc, char** argv) {
   auto* device_step = app.add_flag("--device-step", o.device_step,
                                    "with --gpu: the whole forward on the GPU (dense part, dispatch, wait and "
                                    "combine as kernels; a forward a server fails is computed again on the host)");
+  std::string micro = "1";
+  app.add_option("--micro-batches", micro,
+                 "1, 2 (double batching: two halves at once, one's dense part overlapping the other's round trip) or "
+                 "auto (both timed on the first forwards, the faster kept)")
+      ->check(CLI::IsMember({"1", "2", "auto"}))
+      ->capture_default_str();
   app.add_flag("--graph", o.graph, "with --device-step: capture the forward once in a CUDA graph, replay it")
       ->needs(device_step);
   tool::checkpoint_args ckpt;
@@ -115,7 +122,10 @@ int main(int argc, char** argv) {
     };
   }
   std::unique_ptr<attention_client> cl;
-  if (status s = attention_client::start(o, cl); s != status::ok) return tool::fail("eaas-client", "start", s);
+  const micro_batching mb = micro == "2"      ? micro_batching::two
+                            : micro == "auto" ? micro_batching::automatic
+                                              : micro_batching::one;
+  if (status s = start_micro_batched(o, mb, cl); s != status::ok) return tool::fail("eaas-client", "start", s);
   if (status s = cl->wait_for_experts(replicas, static_cast<std::uint64_t>(wait_s * 1e9)); s != status::ok)
     return tool::fail("eaas-client", "waiting for servers", s);
   std::unique_ptr<reference_model> ref;
@@ -216,6 +226,8 @@ int main(int argc, char** argv) {
         {"resent_entries", st.resent_entries},
         {"device_forwards", st.device_forwards},
         {"fallback_forwards", st.fallback_forwards},
-        {"graph_captures", st.graph_captures}});
+        {"graph_captures", st.graph_captures},
+        {"micro_batches", st.micro_batches},
+        {"requests", st.requests}});
   return 0;
 }

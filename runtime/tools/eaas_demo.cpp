@@ -158,6 +158,10 @@ int main(int argc, char** argv) {
   app.add_flag("--cpu", cpu, "run on the CPU even where GPUs are present")->excludes(gpu_flag);
   app.add_flag("--verbose", verbose, "show the servers' and clients' event lines (links, departures)");
   bool device_step = false, graph = false;
+  std::string micro = "1";
+  app.add_option("--micro-batches", micro, "clients' double batching: 1, 2 or auto (eaas-client)")
+      ->check(CLI::IsMember({"1", "2", "auto"}))
+      ->capture_default_str();
   auto* device_step_flag =
       app.add_flag("--device-step", device_step, "GPU clients run the whole forward on their GPU (eaas-client)");
   app.add_flag("--graph", graph, "with --device-step: clients replay their forward as a CUDA graph")
@@ -311,6 +315,7 @@ int main(int argc, char** argv) {
     if (!no_verify) args.insert(args.end(), {"--verify", "--tolerance", fmt::format("{}", tolerance)});
     if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(servers + i) % gpus)});
     if (device_step) args.push_back("--device-step");
+    if (micro != "1") args.insert(args.end(), {"--micro-batches", micro});
     if (graph) args.push_back("--graph");
     if (!spawn(client_bin, args, cli[i])) {
       std::fprintf(stderr, "eaas-demo: cannot start %s\n", client_bin.c_str());

@@ -315,6 +315,52 @@ TEST_CASE("runtime processes: clients and servers in separate processes match th
   }
 }
 
+TEST_CASE("runtime processes: double batching: two micro-batches at once, and auto, give the reference's outputs") {
+  std::unique_ptr<registry_server> reg;
+  REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+  const std::string endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+  const std::string ns = "rtmb" + std::to_string(::getpid());
+  proc servers[2], clients[3];
+  for (int i = 0; i < 2; ++i) {
+    auto a = shape_args(endpoint, ns, kShape);
+    a.insert(a.end(), {"--id", "s" + std::to_string(i), "--placement", std::to_string(i) + "/2/2"});
+    REQUIRE(servers[i].start(EAAS_SERVER_BIN, a));
+    REQUIRE(servers[i].next("ready").value("id", "") == "s" + std::to_string(i));
+  }
+  constexpr int kSteps = 8;
+  const char* modes[3] = {"1", "2", "auto"};
+  for (int i = 0; i < 3; ++i) {
+    auto a = shape_args(endpoint, ns, kShape);
+    a.insert(a.end(), {"--id", std::string("c") + modes[i], "--tokens", "24", "--steps", std::to_string(kSteps),
+                       "--replicas", "2", "--verify", "--micro-batches", modes[i]});
+    REQUIRE(clients[i].start(EAAS_CLIENT_BIN, a));
+  }
+  std::uint64_t requests[3] = {};
+  for (int i = 0; i < 3; ++i) {
+    CAPTURE(modes[i]);
+    const auto r = clients[i].next("result");
+    REQUIRE(r.is_object());
+    CHECK(r.value("verified_steps", 0) == kSteps);
+    CHECK(r.value("max_rel_err", 1.0) <= 1e-5);
+    requests[i] = r.value("requests", 0ull);
+    const auto mb = r.value("micro_batches", 0u);
+    if (i == 0) CHECK(mb == 1);
+    if (i == 1) CHECK(mb == 2);
+    if (i == 2) CHECK((mb == 1 || mb == 2));  // decided after 3 forwards each way
+    CHECK(clients[i].wait() == 0);
+  }
+  // Two micro-batches send each layer's request from two inner clients: more requests than one batch
+  // (each half of 24 tokens with top-3 of 12 experts over 2 servers reaches both servers).
+  CHECK(requests[0] >= std::uint64_t{kSteps} * kShape.layers);
+  CHECK(requests[1] > requests[0]);
+  for (auto& s : servers) {
+    ::kill(s.sp.pid, SIGTERM);
+    const auto st = s.next("stats");
+    CHECK(st.value("refused", 1) == 0);
+    CHECK(s.wait() == 0);
+  }
+}
+
 TEST_CASE("runtime processes: a malicious client gets error answers, never an out-of-bounds access") {
   std::unique_ptr<registry_server> reg;
   REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
