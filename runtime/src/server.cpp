@@ -20,6 +20,7 @@
 #include "wire.hpp"
 #if EAAS_MOE_WITH_GPU
 #include "gpu/expert_step.hpp"
+#include "gpu/server_step.hpp"
 #endif
 
 namespace eaas::runtime {
@@ -74,11 +75,15 @@ class server_impl final : public expert_server {
     geo_ = slots_geometry_for(o_.max_clients, o_.max_tokens, o_.shape.hidden, o_.shape.topk);
     slots_.resize(o_.max_clients);
     sigs_.resize(o_.max_clients);
+    if (o_.device_step && o_.gpu < 0)
+      return EAAS_RT_FAIL(status::invalid_argument, "server {}: the device step needs a GPU (--gpu)", o_.id);
     if (o_.gpu >= 0) {
 #if EAAS_MOE_WITH_GPU
       EAAS_CHECK(make_gpu_wire(o_.gpu, wire_));
+      // With the device step, expert_step only holds the weights (server_step has the round's buffers).
       EAAS_CHECK(gpu::expert_step::create(o_.gpu, o_.shape, static_cast<std::uint32_t>(o_.experts.size()),
-                                          o_.max_clients, o_.max_tokens, step_));
+                                          o_.device_step ? 1 : o_.max_clients, o_.device_step ? 1 : o_.max_tokens,
+                                          step_));
 #else
       return EAAS_RT_FAIL(status::unsupported, "server {}: --gpu {} asked for, but this eaas was built without CUDA",
                           o_.id, o_.gpu);
@@ -89,6 +94,21 @@ class server_impl final : public expert_server {
     EAAS_CHECK(make_weights());
     EAAS_CHECK(context::create({.name = o_.id, .cuda_device = o_.gpu}, ctx_));
     EAAS_CHECK(ctx_->allocate(geo_.bytes, wire_->kind(), slots_mem_));
+#if EAAS_MOE_WITH_GPU
+    if (o_.device_step) {
+      EAAS_CHECK(gpu::server_step::create({.device = o_.gpu,
+                                           .shape = o_.shape,
+                                           .local_experts = static_cast<std::uint32_t>(o_.experts.size()),
+                                           .max_clients = o_.max_clients,
+                                           .max_tokens = o_.max_tokens,
+                                           .slots = slots_mem_->data(),
+                                           .slots_bytes = slots_mem_->size(),
+                                           .poll_ns = o_.device_poll_ns,
+                                           .graph = o_.device_graph},
+                                          *step_, dstep_));
+      for (std::uint32_t i = 0; i < slots_.size(); ++i) sync_slot(i);
+    }
+#endif
     EAAS_CHECK(registry::open(o_.registry, reg_));
     peer_record self;
     self.id = o_.id;
@@ -133,6 +153,7 @@ class server_impl final : public expert_server {
         admit();
         publish_load();
       }
+      if (failed_ != status::ok) break;  // the GPU round failed: this server cannot serve any more
       if (poll_once()) {
         idle = 0;
         last_work = eaas::now_ns();
@@ -146,8 +167,9 @@ class server_impl final : public expert_server {
         if (now - last_work >= o_.drain_quiet_ns || now - left_at >= o_.drain_max_ns) break;
       }
     }
-    for (std::uint32_t i = 0; i < slots_.size(); ++i) release(i, "server left");
-    return status::ok;
+    for (std::uint32_t i = 0; i < slots_.size(); ++i)
+      release(i, failed_ != status::ok ? "server failed" : "server left");
+    return failed_;
   }
 
   server_stats stats() const override {
@@ -223,7 +245,31 @@ class server_impl final : public expert_server {
     if (s.ep && s.result && s.ep->state() == endpoint_state::connected)
       (void)wire_->signal(*s.ep, s.result->view(), kWelcomeSig, kRevoked);
     s = client_slot{};
+    sync_slot(i);
     set_clients();
+  }
+
+  // The device step's copy of slot i (configuration and protocol state), from slots_[i].
+  void sync_slot(std::uint32_t i) {
+#if EAAS_MOE_WITH_GPU
+    if (!dstep_) return;
+    const client_slot& s = slots_[i];
+    gpu::server_slot_config c{};
+    gpu::server_slot_state st{};
+    if (s.used && s.ep && s.result) {
+      c.ep = s.ep->view();
+      c.result = s.result->view();
+      c.grant = s.grant;
+      c.used = 1;
+      c.max_tokens = s.max_tokens;
+    }
+    st.last_sig = s.last_sig;
+    st.expected = s.expected;
+    st.ignored_sig = s.ignored_sig;
+    dstep_->set_slot(i, c, st);
+#else
+    (void)i;
+#endif
   }
 
   std::uint64_t next_grant() {
@@ -320,6 +366,7 @@ class server_impl final : public expert_server {
       release(i, "welcome failed");
       return;
     }
+    sync_slot(i);
     detail::note("[{}] client {} linked, slot {}", o_.id, s.client, i);
     if (o_.on_client) o_.on_client("linked", s.client, "");
     set_clients();
@@ -360,6 +407,7 @@ class server_impl final : public expert_server {
 
   // Reads every slot whose signal moved, computes them as one batch, answers each. True if any.
   bool poll_once() {
+    if (dstep_) return poll_device();
     std::vector<request>& reqs = reqs_;
     reqs.clear();
     if (wire_->load_words(*slots_mem_, 0, 64, static_cast<std::uint32_t>(slots_.size()), sigs_.data()) != status::ok) {
@@ -594,17 +642,86 @@ class server_impl final : public expert_server {
       const auto rv = s.result->view();
       st = wire_->put_signal(*s.ep, rv, kResponse, out_.data(), out_.size(), rv, kResultSig, r.h.seq);
     }
+    answered(r.slot, r.err, st);
+  }
+
+  // The bookkeeping of one answer (refused or not) to slot i, whose delivery ended with `st`.
+  void answered(std::uint32_t i, slot_error err, status st) {
     std::uint64_t first = 0;
     {
       std::lock_guard g(stats_mu_);
       stats_.requests++;
-      if (r.err != slot_error::none) stats_.refused++;
+      if (err != slot_error::none) stats_.refused++;
       if (stats_.first_served_ns == 0 && st == status::ok) first = stats_.first_served_ns = eaas::now_ns();
     }
     if (first != 0 && o_.on_first_answer) o_.on_first_answer(first);  // not under the lock
-    if (r.err != slot_error::none)
-      detail::note("[{}] refused a request of client {}: {}", o_.id, s.client, slot_error_name(r.err));
-    if (st != status::ok) release(r.slot, "answer not delivered");
+    if (err != slot_error::none)
+      detail::note("[{}] refused a request of client {}: {}", o_.id, slots_[i].client, slot_error_name(err));
+    if (st != status::ok) release(i, "answer not delivered");
+  }
+
+  // One round of the device step: the GPU polls, checks, computes and answers; here, before it, the
+  // clients that died give their slots back, and after it the round's summary (one copy) feeds the
+  // protocol state, the stats and the failure handling, as the host path's poll does. True if it answered.
+  bool poll_device() {
+#if EAAS_MOE_WITH_GPU
+    std::uint32_t hi = 0;
+    for (std::uint32_t i = 0; i < slots_.size(); ++i) {
+      client_slot& s = slots_[i];
+      if (!s.used) continue;
+      if (s.ep->state() != endpoint_state::connected) {
+        release(i, "peer gone");
+        continue;
+      }
+      hi = i + 1;
+    }
+    window_polls_++;
+    if (hi == 0) return false;  // no client: no round (the GPU stays idle)
+    const auto t0 = std::chrono::steady_clock::now();
+    gpu::server_round_summary sum;
+    if (const status st = dstep_->round(hi, sum); st != status::ok) {
+      failed_ = st;
+      detail::note("[{}] the GPU round failed: {}", o_.id, last_error());
+      return false;
+    }
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    std::uint32_t answers = 0, ignored = 0;
+    round_answers_.clear();
+    for (std::uint32_t i = 0; i < hi; ++i) {
+      client_slot& s = slots_[i];
+      if (!s.used) continue;
+      const gpu::server_slot_state& d = sum.slots[i];
+      s.last_sig = d.last_sig;
+      s.expected = d.expected;
+      s.ignored_sig = d.ignored_sig;
+      const auto v = static_cast<gpu::slot_verdict>(d.verdict);
+      if (v == gpu::slot_verdict::ignored) ignored++;
+      if (v != gpu::slot_verdict::served && v != gpu::slot_verdict::refused) continue;
+      answers++;
+      round_answers_.push_back({i, d.error, d.put_result});
+    }
+    for (std::size_t e = 0; e < sum.pairs.size() && e < window_pairs_.size(); ++e) window_pairs_[e] += sum.pairs[e];
+    window_requests_ += answers;
+    if (sum.head->gemm_error != 0)
+      detail::note("[{}] the GPU round's grouped GEMM refused its plan (bits {})", o_.id, sum.head->gemm_error);
+    {
+      std::lock_guard g(stats_mu_);
+      stats_.ignored += ignored;
+      stats_.device_rounds++;
+      stats_.graph_captures = dstep_->captures();
+      if (answers != 0) {
+        stats_.tokens += sum.head->tokens;
+        stats_.compute_ns += static_cast<std::uint64_t>(ns);
+        stats_.batches++;
+      }
+    }
+    // Last: an answer that did not arrive releases its slot (which changes slots_).
+    for (const auto& [i, err, put] : round_answers_)
+      answered(i, static_cast<slot_error>(err), static_cast<status>(put));
+    return answers != 0;
+#else
+    return false;
+#endif
   }
 
   server_options o_;
@@ -637,14 +754,22 @@ class server_impl final : public expert_server {
   std::unique_ptr<wire> wire_;
 #if EAAS_MOE_WITH_GPU
   std::unique_ptr<gpu::expert_step> step_;
+  std::unique_ptr<gpu::server_step> dstep_;
   std::vector<gpu::step_request> step_reqs_;
   std::vector<gpu::step_row> rows_;
   std::vector<std::int32_t> group_offsets_, cursor_;
   std::vector<status> answered_;
 #else
-  std::unique_ptr<int> step_;  // never set: no GPU in this build
+  std::unique_ptr<int> step_;   // never set: no GPU in this build
+  std::unique_ptr<int> dstep_;  // never set
 #endif
   cpu::swiglu_scratch scratch_;
+  struct round_answer {
+    std::uint32_t slot, error;
+    int put;
+  };
+  std::vector<round_answer> round_answers_;  // the device round's answers, accounted after its summary
+  status failed_ = status::ok;               // the device round failed (CUDA): serve() ends with it
 };
 
 }  // namespace

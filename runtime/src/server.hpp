@@ -29,6 +29,16 @@ struct server_options {
   /// The CUDA device to serve on (slots in its memory, experts computed by its grouped GEMM, answers put
   /// over NVLink; clients must then be GPU clients of this host); -1: the CPU (shm, OpenBLAS).
   int gpu = -1;
+  /// With gpu >= 0: serve with the GPU-resident round (gpu/server_step.hpp): the GPU polls the slots,
+  /// checks every request (validate_request / validate_routing, as here), regroups, computes and answers,
+  /// one CUDA graph per round, with no host round trip between a request and its answer; the host keeps
+  /// its bookkeeping (links, leaves, dead clients, stats) between rounds. Answers are the host path's, bit
+  /// for bit. Off: the host-driven path (the default).
+  bool device_step = false;
+  /// device_step: the longest a round waits on the GPU for a request before the host gets a turn.
+  std::uint64_t device_poll_ns = 30'000;
+  /// device_step: replay the round as a CUDA graph (off: launch its kernels every round; for debugging).
+  bool device_graph = true;
   /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
   /// Called on the serving thread when a client gets a slot ("linked") or loses it ("left", with why).
@@ -50,6 +60,8 @@ struct server_stats {
   std::uint32_t clients = 0;          ///< slots in use now
   std::uint64_t ready_ns = 0;         ///< steady_clock time when it was registered, weights resident
   std::uint64_t first_served_ns = 0;  ///< steady_clock time of its first answer (0: none yet)
+  std::uint64_t device_rounds = 0;    ///< device step: GPU rounds run (with or without requests)
+  std::uint32_t graph_captures = 0;   ///< device step: CUDA graph captures of the round (1 once it ran)
 };
 
 class expert_server {

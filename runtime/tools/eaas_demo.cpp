@@ -166,6 +166,9 @@ int main(int argc, char** argv) {
       app.add_flag("--device-step", device_step, "GPU clients run the whole forward on their GPU (eaas-client)");
   app.add_flag("--graph", graph, "with --device-step: clients replay their forward as a CUDA graph")
       ->needs(device_step_flag);
+  bool server_device_step = false;
+  app.add_flag("--server-device-step", server_device_step,
+               "GPU servers run their whole poll round on their GPU, one CUDA graph (eaas-server --device-step)");
   CLI11_PARSE(app, argc, argv);
 
   model_shape shape;
@@ -192,8 +195,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   gpu = gpu || (!cpu && gpus > 0);
-  if (device_step && !gpu) {
-    std::fprintf(stderr, "eaas-demo: --device-step needs GPUs\n");
+  if ((device_step || server_device_step) && !gpu) {
+    std::fprintf(stderr, "eaas-demo: --device-step and --server-device-step need GPUs\n");
     return 2;
   }
   if (gpu && app.count("--tolerance") == 0) tolerance = 1e-2;  // bf16 weights and activations on the GPU
@@ -244,6 +247,7 @@ int main(int argc, char** argv) {
     args.insert(args.end(), {"--id", c->name, "--placement",
                              std::to_string(p.index) + "/" + std::to_string(servers) + "/" + std::to_string(replicas)});
     if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(p.index) % gpus)});
+    if (server_device_step) args.push_back("--device-step");
     if (!spawn(server_bin, args, *c)) return false;
     p.proc = std::move(c);
     return true;

@@ -4,9 +4,11 @@
 // JSON lines: "ready" once registered, "client" when a client gets or loses a slot, "stats" at the end.
 //
 //   eaas-server --id s0 --registry embedded://127.0.0.1:23790 --model tiny --experts 0-7
+//   eaas-server --id s0 --gpu 0 --device-step ...   (the GPU-resident poll round, gpu/server_step.hpp)
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -40,6 +42,14 @@ int main(int argc, char** argv) {
   app.add_option("--max-tokens", o.max_tokens, "most tokens per request")->capture_default_str();
   app.add_option("--gpu", o.gpu, "serve on this CUDA device (slots in GPU memory, GPU experts; GPU clients only)")
       ->capture_default_str();
+  app.add_flag("--device-step", o.device_step,
+               "with --gpu: the whole poll round on the GPU (poll, checks, regrouping, experts, answers), one CUDA "
+               "graph per round");
+  double poll_us = double(o.device_poll_ns) / 1e3;
+  app.add_option("--device-poll-us", poll_us, "with --device-step: a round's longest wait on the GPU for a request")
+      ->capture_default_str();
+  bool no_graph = false;
+  app.add_flag("--device-no-graph", no_graph, "with --device-step: launch the round's kernels instead of a graph");
   tool::checkpoint_args ckpt;
   ckpt.add(app, "experts");
   double drain_ms = 500;
@@ -47,6 +57,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   o.drain_quiet_ns = static_cast<std::uint64_t>(drain_ms * 1e6);
+  o.device_poll_ns = static_cast<std::uint64_t>(std::max(poll_us, 1.0) * 1e3);
+  o.device_graph = !no_graph;
   o.on_first_answer = [](std::uint64_t ns) {
     std::printf("{\"type\":\"first_answer\",\"ns\":%llu}\n", static_cast<unsigned long long>(ns));
     std::fflush(stdout);
@@ -94,11 +106,12 @@ int main(int argc, char** argv) {
   std::printf(
       "{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_"
       "ms\":%.1f,"
-      "\"ready_ns\":%llu,\"first_served_ns\":%llu}\n",
+      "\"ready_ns\":%llu,\"first_served_ns\":%llu,\"ignored\":%llu,\"device_rounds\":%llu,\"graph_captures\":%u}\n",
       o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
       static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches),
       double(st.compute_ns) * 1e-6, static_cast<unsigned long long>(st.ready_ns),
-      static_cast<unsigned long long>(st.first_served_ns));
+      static_cast<unsigned long long>(st.first_served_ns), static_cast<unsigned long long>(st.ignored),
+      static_cast<unsigned long long>(st.device_rounds), st.graph_captures);
   std::fflush(stdout);
   if (s != status::ok) return tool::fail("eaas-server", "serve", s);
   return 0;

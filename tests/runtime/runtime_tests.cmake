@@ -67,6 +67,23 @@ if(TARGET eaas_client_gpu)
   eaas_add_doctest(eaas-client-step-gpu-tests gpu)
 endif()
 
+# The expert server's GPU-resident poll round (eaas-server --device-step) against device-path and host-path
+# clients, bit-exact against a host-path server, the malicious client, kills, clients linking and leaving
+# (label gpu: exit 77 without a CUDA device).
+if(TARGET eaas_client_gpu)
+  add_executable(eaas-server-step-gpu-tests ${CMAKE_CURRENT_LIST_DIR}/test_server_step_gpu.cpp)
+  target_link_libraries(eaas-server-step-gpu-tests PRIVATE eaas_client_gpu doctest::doctest
+                                                           nlohmann_json::nlohmann_json)
+  target_compile_definitions(eaas-server-step-gpu-tests PRIVATE
+    EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>"
+    EAAS_EVIL_BIN="$<TARGET_FILE:eaas-evil-client>")
+  add_dependencies(eaas-server-step-gpu-tests eaas-server eaas-client eaas-demo eaas-evil-client)
+  if(COMMAND eaas_target_defaults)
+    eaas_target_defaults(eaas-server-step-gpu-tests)
+  endif()
+  eaas_add_doctest(eaas-server-step-gpu-tests gpu)
+endif()
+
 # The monolithic baseline on one GPU (issue #9): the dense part, the local MoE layer, graph replay and
 # the shrinking ablation against the CPU reference (label gpu: skipped with exit 77 without a CUDA device).
 if(TARGET eaas_monolithic)

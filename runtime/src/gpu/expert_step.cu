@@ -292,6 +292,10 @@ class step_impl final : public expert_step {
     return status::ok;
   }
 
+  expert_weights_device device_weights() const override {
+    return {.gate = gate_.p, .up = up_.p, .down = down_.p, .groups = groups_};
+  }
+
  private:
   int device_ = 0;
   model_shape shape_{};

@@ -43,6 +43,14 @@ struct step_row {
   float weight = 0;           ///< router weight
 };
 
+/// The experts' weights on the device, for a caller that runs the grouped GEMM itself (server_step.hpp).
+struct expert_weights_device {
+  const void* const* gate = nullptr;  ///< device array of `groups` pointers (bf16 [inter, hidden])
+  const void* const* up = nullptr;    ///< the same for up
+  const void* const* down = nullptr;  ///< and down (bf16 [hidden, inter])
+  std::uint32_t groups = 0;           ///< layers × local experts; group = layer * local_experts + local expert
+};
+
 class expert_step {
  public:
   /// Allocates, on GPU `device`, the weights of `local_experts` experts in each of shape.layers layers
@@ -63,6 +71,9 @@ class expert_step {
   virtual status run(const void* slots, std::uint64_t slots_bytes, std::span<const step_request> reqs,
                      std::span<const step_row> rows, std::span<const std::int32_t> offsets,
                      std::vector<status>& answered) = 0;
+
+  /// The weights' device pointer arrays (valid as long as this object).
+  virtual expert_weights_device device_weights() const = 0;
 };
 
 }  // namespace eaas::runtime::gpu

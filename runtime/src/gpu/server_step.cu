@@ -1,0 +1,646 @@
+// The expert server's poll round on its GPU: poll, validate, regroup, compute, answer (server_step.hpp).
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cuda/atomic>
+#include <string>
+#include <vector>
+
+#include "cuda_fail.cuh"
+#include "eaas/device/grid_put.cuh"
+#include "eaas/runtime/grouped_gemm.hpp"
+#include "server_step.hpp"
+
+namespace eaas::runtime::gpu {
+namespace {
+
+#define EAAS_SSTEP_CUDA(x) EAAS_GPU_CUDA("gpu server step", x)
+
+constexpr int kPollThreads = 128;
+constexpr int kValidateThreads = 256;
+constexpr int kPairThreads = 256;
+constexpr unsigned kPairBlocks = 16;  // per slot: blocks sharing its (token, k) entries
+constexpr int kScanThreads = 1024;
+constexpr int kGatherThreads = 128;
+constexpr unsigned kGatherBlocks = 2048;  // rows are walked with a stride: empty rounds cost one wave
+constexpr int kCombineThreads = 256;
+constexpr unsigned kCombineBlocks = 1024;
+constexpr int kPutThreads = 256;
+constexpr unsigned kPutBlocks = 32;  // most blocks one answer is put with (as expert_step)
+
+constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
+
+struct row_src {
+  std::uint64_t addr;  // device address of the token's activation row
+  std::uint32_t bf16;
+  std::uint32_t pad;
+};
+
+// What every kernel of a round reads (by value; the pointers are fixed for the object's life).
+struct round_args {
+  const unsigned char* slots;  // the slots region: signal words at i * 64, slot i at slots_base + i * slot_stride
+  std::uint64_t slots_base, slot_stride;
+  const server_slot_config* cfg;  // [clients]
+  server_slot_state* st;          // [clients]
+  server_round_head* head;
+  std::uint32_t* pairs;     // [local]
+  slot_header* hdr;         // [clients]: private copies of the served requests' headers
+  std::uint16_t* ids;       // [clients × max_tokens × topk]: private copies of the routing
+  float* wts;               // same
+  std::int32_t* rank;       // same: each entry's rank in its group (-1: none)
+  std::int32_t* counts;     // [groups]
+  std::int32_t* offsets;    // [groups + 1]
+  std::uint32_t* tok_base;  // [clients]: the served requests' first token in the round
+  std::uint32_t* tok_slot;  // [clients × max_tokens]: each token's slot
+  std::int32_t* tok_rows;   // [clients × max_tokens × topk]: each (token, k)'s row (-1: none)
+  row_src* src;             // [max_rows]
+  float* row_weight;        // [max_rows]
+  __nv_bfloat16* x;         // [max_rows × hidden]
+  const float* y;           // [max_rows × hidden]
+  unsigned char* staging;   // [clients × stage_stride]: each slot's answer (response header, outputs)
+  std::uint64_t stage_stride;
+  unsigned int* arrivals;  // [clients]
+  std::uint32_t clients, max_tokens, hidden, topk, layers, local, groups, max_rows;
+  std::uint64_t poll_ns;
+};
+
+__device__ __forceinline__ std::uint64_t sig_word(const round_args& a, std::uint32_t i) {
+  auto* w = reinterpret_cast<std::uint64_t*>(const_cast<unsigned char*>(a.slots) + std::uint64_t{i} * 64);
+  return cuda::atomic_ref<std::uint64_t, cuda::thread_scope_system>(*w).load(cuda::std::memory_order_acquire);
+}
+
+__device__ __forceinline__ const unsigned char* slot_at(const round_args& a, std::uint32_t i) {
+  return a.slots + a.slots_base + std::uint64_t{i} * a.slot_stride;
+}
+
+// Exclusive scan of `v` over the block (blockDim.x a multiple of 32); `total` gets the block's sum.
+// Every thread calls it; s_warp holds 32 entries.
+__device__ std::int32_t block_scan(std::int32_t v, std::int32_t* s_warp, std::int32_t& total) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  std::int32_t inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const std::int32_t u = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += u;
+  }
+  if (lane == 31) s_warp[warp] = inc;
+  __syncthreads();
+  if (warp == 0) {
+    std::int32_t w = lane < nwarps ? s_warp[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const std::int32_t u = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += u;
+    }
+    if (lane < nwarps) s_warp[lane] = w;
+  }
+  __syncthreads();
+  const std::int32_t before = warp > 0 ? s_warp[warp - 1] : 0;
+  total = s_warp[nwarps - 1];
+  __syncthreads();  // s_warp is rewritten by the next call
+  return before + inc - v;
+}
+
+// Until a used slot's word differs from the value last handled (and from the last foreign write
+// ignored), or poll_ns passed. One block.
+__global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
+  __shared__ std::uint64_t s_until;
+  if (threadIdx.x == 0) s_until = eaas::now_ns() + a.poll_ns;
+  __syncthreads();
+  const std::uint64_t until = s_until;
+  for (;;) {
+    int found = 0;
+    // A word still holding a foreign write already ignored does not end the wait (it would end every
+    // round's at once); k_validate still looks at it, so an owner's request that happens to carry the
+    // same value waits for the deadline at most.
+    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
+      if (a.cfg[i].used == 0) continue;
+      const std::uint64_t v = sig_word(a, i);
+      if (v != a.st[i].last_sig && v != a.st[i].ignored_sig) found = 1;
+    }
+    const int expired = threadIdx.x == 0 && eaas::now_ns() >= until ? 1 : 0;
+    if (__syncthreads_or(found | expired) != 0) return;
+    __nanosleep(100);
+  }
+}
+
+// Block i: slot i's new request, if any, read and checked as the host path's read_request does.
+__global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
+  const std::uint32_t i = blockIdx.x;
+  __shared__ slot_header s_h;
+  __shared__ slot_limits s_lim;
+  __shared__ std::uint32_t s_go, s_bad;
+  server_slot_state& st = a.st[i];
+  if (threadIdx.x == 0) {
+    s_go = 0;
+    s_bad = 0xFFFFFFFFu;
+    st.verdict = static_cast<std::uint32_t>(slot_verdict::none);
+    st.error = 0;
+    st.tokens = 0;
+    st.put_result = 0;
+    const server_slot_config& c = a.cfg[i];
+    const std::uint64_t v = c.used != 0 ? sig_word(a, i) : st.last_sig;
+    if (v != st.last_sig) {
+      // A private copy, each word read once (the peer may be writing the slot again).
+      const auto* src = reinterpret_cast<const unsigned long long*>(slot_at(a, i));
+      unsigned long long w[sizeof(slot_header) / 8];
+#pragma unroll
+      for (std::size_t k = 0; k < sizeof(slot_header) / 8; ++k) w[k] = __ldcg(src + k);
+      slot_header h;
+      memcpy(&h, w, sizeof(h));
+      if (h.grant != c.grant) {
+        // Not the owner's (a former holder writing on): not consumed, not answered, and not remembered as
+        // handled, so that the owner's next request is noticed whatever seq it carries.
+        if (v != st.ignored_sig) {
+          st.ignored_sig = v;
+          st.verdict = static_cast<std::uint32_t>(slot_verdict::ignored);
+        }
+      } else {
+        st.last_sig = v;
+        const slot_limits lim{.slot_bytes = a.slot_stride,
+                              .hidden = a.hidden,
+                              .layers = a.layers,
+                              .max_tokens = c.max_tokens < a.max_tokens ? c.max_tokens : a.max_tokens,
+                              .max_topk = a.topk,
+                              .local_experts = a.local,
+                              .expected_seq = st.expected};
+        const slot_error err = validate_request(h, lim);
+        if (h.seq == st.expected) st.expected++;  // consumed, answered or refused
+        st.seq = h.seq;
+        if (err != slot_error::none) {
+          st.verdict = static_cast<std::uint32_t>(slot_verdict::refused);
+          st.error = static_cast<std::uint32_t>(err);
+        } else {
+          s_go = 1;
+        }
+        s_h = h;
+        s_lim = lim;
+      }
+    }
+  }
+  __syncthreads();
+  if (s_go != 0) {  // block-uniform
+    const slot_header h = s_h;
+    const slot_limits lim = s_lim;
+    // Checked above: tokens <= max_tokens, topk <= this->topk, the layout inside the slot.
+    const slot_layout l = layout_for(h.tokens, h.hidden, h.topk, static_cast<dtype>(h.type));
+    const std::uint32_t n = h.tokens * h.topk;
+    const std::size_t base = std::size_t{i} * a.max_tokens * a.topk;
+    std::uint16_t* ids = a.ids + base;
+    float* wts = a.wts + base;
+    const auto* id_src = reinterpret_cast<const unsigned short*>(slot_at(a, i) + l.expert_ids);
+    const auto* w_src = reinterpret_cast<const float*>(slot_at(a, i) + l.weights);
+    for (std::uint32_t j = threadIdx.x; j < n; j += blockDim.x) {
+      ids[j] = __ldcg(id_src + j);
+      wts[j] = __ldcg(w_src + j);
+    }
+    __syncthreads();
+    // validate_routing token by token (one token's entries are its own); the host's sequential check
+    // reports the first failing token's first error, so the lowest failing token wins here.
+    slot_header one = h;
+    one.tokens = 1;
+    for (std::uint32_t t = threadIdx.x; t < h.tokens; t += blockDim.x)
+      if (validate_routing(one, lim, ids + std::size_t{t} * h.topk, wts + std::size_t{t} * h.topk) != slot_error::none)
+        atomicMin(&s_bad, t);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (s_bad != 0xFFFFFFFFu) {
+        const std::size_t t = s_bad;
+        st.verdict = static_cast<std::uint32_t>(slot_verdict::refused);
+        st.error = static_cast<std::uint32_t>(validate_routing(one, lim, ids + t * h.topk, wts + t * h.topk));
+      } else {
+        st.verdict = static_cast<std::uint32_t>(slot_verdict::served);
+        st.tokens = h.tokens;
+        st.layer = h.layer;
+        a.hdr[i] = h;
+      }
+    }
+  }
+  if (threadIdx.x != 0) return;
+  const auto verdict = static_cast<slot_verdict>(st.verdict);
+  if (verdict != slot_verdict::served && verdict != slot_verdict::refused) return;
+  response_header rh{};
+  rh.magic = kSlotMagic;
+  rh.version = kSlotVersion;
+  rh.type = static_cast<std::uint16_t>(dtype::f32);
+  rh.seq = st.seq;
+  rh.error = st.error;
+  rh.tokens = verdict == slot_verdict::served ? st.tokens : 0;
+  *reinterpret_cast<response_header*>(a.staging + std::size_t{i} * a.stage_stride) = rh;
+}
+
+// Block (i, y): rows per (layer, local expert) of slot i's served request; each entry's rank in its group.
+__global__ void __launch_bounds__(kPairThreads) k_count(round_args a) {
+  const std::uint32_t i = blockIdx.x;
+  if (a.st[i].verdict != static_cast<std::uint32_t>(slot_verdict::served)) return;
+  const slot_header& h = a.hdr[i];
+  const std::uint32_t n = h.tokens * h.topk, layer = h.layer;
+  const std::size_t base = std::size_t{i} * a.max_tokens * a.topk;
+  for (std::uint32_t j = blockIdx.y * blockDim.x + threadIdx.x; j < n; j += gridDim.y * blockDim.x) {
+    const std::uint32_t e = a.ids[base + j];
+    if (e >= a.local) {  // kNoExpert (validate_routing let nothing else through)
+      a.rank[base + j] = -1;
+      continue;
+    }
+    a.rank[base + j] = atomicAdd(&a.counts[layer * a.local + e], 1);
+    atomicAdd(&a.pairs[e], 1u);
+  }
+}
+
+// One block: the served requests' first tokens (slot order), the groups' offsets, the active groups.
+__global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
+  __shared__ std::int32_t s_warp[32];
+  std::int32_t carry = 0, total = 0;
+  for (std::uint32_t b = 0; b < a.clients; b += blockDim.x) {
+    const std::uint32_t i = b + threadIdx.x;
+    const std::int32_t v = i < a.clients && a.st[i].verdict == static_cast<std::uint32_t>(slot_verdict::served)
+                               ? static_cast<std::int32_t>(a.st[i].tokens)
+                               : 0;
+    const std::int32_t ex = block_scan(v, s_warp, total);
+    if (i < a.clients) a.tok_base[i] = static_cast<std::uint32_t>(carry + ex);
+    carry += total;
+  }
+  const std::int32_t tokens = carry;
+  std::int32_t rows = 0, active = 0;
+  for (std::uint32_t b = 0; b < a.groups; b += blockDim.x) {
+    const std::uint32_t g = b + threadIdx.x;
+    const std::int32_t c = g < a.groups ? a.counts[g] : 0;
+    const std::int32_t ex = block_scan(c, s_warp, total);
+    if (g < a.groups) a.offsets[g] = rows + ex;
+    rows += total;
+    (void)block_scan(c > 0 ? 1 : 0, s_warp, total);
+    active += total;
+  }
+  if (threadIdx.x == 0) {
+    a.offsets[a.groups] = rows;
+    a.head->tokens = static_cast<std::uint32_t>(tokens);
+    a.head->rows = static_cast<std::uint32_t>(rows);
+    a.head->active_groups = static_cast<std::uint32_t>(active);
+  }
+}
+
+// Block (i, y): each (token, k) of slot i's served request gets its row (or -1); each row its source
+// activation row and router weight; each token its slot.
+__global__ void __launch_bounds__(kPairThreads) k_scatter(round_args a) {
+  const std::uint32_t i = blockIdx.x;
+  if (a.st[i].verdict != static_cast<std::uint32_t>(slot_verdict::served)) return;
+  const slot_header& h = a.hdr[i];
+  const std::uint32_t K = a.topk, n = h.tokens * K, first = a.tok_base[i];
+  const std::size_t base = std::size_t{i} * a.max_tokens * a.topk;
+  const bool bf16 = h.type == static_cast<std::uint16_t>(dtype::bf16);
+  const std::uint64_t row_bytes = std::uint64_t{a.hidden} * (bf16 ? 2 : 4);
+  const auto act = reinterpret_cast<std::uint64_t>(slot_at(a, i) + sizeof(slot_header));  // layout_for's activations
+  for (std::uint32_t j = blockIdx.y * blockDim.x + threadIdx.x; j < n; j += gridDim.y * blockDim.x) {
+    const std::uint32_t t = j / K, k = j % K;
+    const std::size_t tok = std::size_t{first} + t;
+    if (k == 0) a.tok_slot[tok] = i;
+    std::int32_t row = -1;
+    if (k < h.topk) {
+      const std::size_t e_at = base + std::size_t{t} * h.topk + k;
+      const std::int32_t r = a.rank[e_at];
+      const std::uint32_t e = a.ids[e_at];
+      if (r >= 0 && e < a.local) {
+        const std::int64_t at = std::int64_t{a.offsets[h.layer * a.local + e]} + r;
+        if (at >= 0 && at < std::int64_t{a.max_rows}) {
+          row = static_cast<std::int32_t>(at);
+          a.src[row] = {act + t * row_bytes, bf16 ? 1u : 0u, 0};
+          a.row_weight[row] = a.wts[e_at];
+        }
+      }
+    }
+    a.tok_rows[tok * K + k] = row;
+  }
+}
+
+// x[r] = bf16(activation row of row r), rows walked with a stride. The conversion is expert_step's.
+__global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
+  const std::int32_t total = a.offsets[a.groups];
+  const std::uint32_t rows = total < 0 ? 0u : min(static_cast<std::uint32_t>(total), a.max_rows);
+  const std::uint32_t h = a.hidden;
+  for (std::uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const row_src s = a.src[r];
+    __nv_bfloat16* dst = a.x + std::size_t{r} * h;
+    if (s.bf16) {
+      const uint4* in = reinterpret_cast<const uint4*>(s.addr);
+      uint4* out = reinterpret_cast<uint4*>(dst);
+      for (std::uint32_t j = threadIdx.x; j < h / 8; j += blockDim.x) out[j] = in[j];
+    } else {
+      const float4* in = reinterpret_cast<const float4*>(s.addr);
+      for (std::uint32_t j = threadIdx.x; j < h / 4; j += blockDim.x) {
+        const float4 v = in[j];
+        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+        uint2 packed;
+        memcpy(&packed.x, &lo, 4);
+        memcpy(&packed.y, &hi, 4);
+        reinterpret_cast<uint2*>(dst)[j] = packed;
+      }
+    }
+  }
+}
+
+// Each token's answer row = the sum of its rows of y in k order (expert_step's order), into its slot's
+// staging after the response header.
+__global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
+  const std::uint32_t tokens = a.head->tokens, h = a.hidden, K = a.topk;
+  for (std::uint32_t g = blockIdx.x; g < tokens; g += gridDim.x) {
+    const std::uint32_t i = a.tok_slot[g];
+    if (i >= a.clients) continue;  // cannot happen: every served token was given its slot
+    const std::uint32_t t = g - a.tok_base[i];
+    const std::int32_t* rows = a.tok_rows + std::size_t{g} * K;
+    float4* out = reinterpret_cast<float4*>(a.staging + std::size_t{i} * a.stage_stride + sizeof(response_header) +
+                                            std::size_t{t} * h * 4);
+    for (std::uint32_t j = threadIdx.x; j < h / 4; j += blockDim.x) {
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (std::uint32_t k = 0; k < K; ++k) {
+        const std::int32_t r = rows[k];
+        if (r < 0) continue;
+        const float4 v = reinterpret_cast<const float4*>(a.y + std::size_t(r) * h)[j];
+        acc.x += v.x;
+        acc.y += v.y;
+        acc.z += v.z;
+        acc.w += v.w;
+      }
+      out[j] = acc;
+    }
+  }
+}
+
+// Block (x, i): slot i's answer, if it has one: put and signalled from gridDim.x blocks. A served
+// request whose GEMM did not run (the plan was refused) gets no answer: its put_result says why.
+__global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
+  const std::uint32_t i = blockIdx.y;
+  server_slot_state& st = a.st[i];
+  const auto verdict = static_cast<slot_verdict>(st.verdict);
+  std::uint64_t bytes = sizeof(response_header);
+  if (verdict == slot_verdict::served) {
+    if (a.head->gemm_error != 0) {
+      if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS(&st.put_result, 0, static_cast<int>(status::internal_error));
+      return;
+    }
+    bytes += std::uint64_t{st.tokens} * a.hidden * 4;
+  } else if (verdict != slot_verdict::refused) {
+    return;
+  }
+  const server_slot_config& c = a.cfg[i];
+  const grid_put j{.ep = c.ep,
+                   .dst = c.result,
+                   .dst_offset = kResponse,
+                   .src = a.staging + std::size_t{i} * a.stage_stride,
+                   .bytes = bytes,
+                   .sig = c.result,
+                   .sig_offset = kResultSig,
+                   .value = st.seq,
+                   .arrivals = a.arrivals + i,
+                   .result = &st.put_result};
+  grid_put_signal(j, blockIdx.x, gridDim.x);
+}
+
+template <class T>
+struct dev_buf {
+  T* p = nullptr;
+  status alloc(std::size_t count) {
+    EAAS_SSTEP_CUDA(cudaMalloc(reinterpret_cast<void**>(&p), std::max<std::size_t>(count, 1) * sizeof(T)));
+    EAAS_SSTEP_CUDA(cudaMemset(p, 0, std::max<std::size_t>(count, 1) * sizeof(T)));
+    return status::ok;
+  }
+  ~dev_buf() { cudaFree(p); }
+};
+
+class step_impl final : public server_step {
+ public:
+  explicit step_impl(const server_step_config& c) : cfg_(c) {}
+  ~step_impl() override {
+    cudaSetDevice(cfg_.device);
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+    if (graph_ != nullptr) cudaGraphDestroy(graph_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    cudaFreeHost(back_host_);
+    cudaFreeHost(up_host_);
+  }
+
+  status init(const expert_step& experts) {
+    const model_shape& sh = cfg_.shape;
+    const std::uint32_t C = cfg_.max_clients, T = cfg_.max_tokens, K = sh.topk, E = cfg_.local_experts;
+    if (sh.hidden == 0 || sh.hidden % kGroupedSwigluAlign != 0 || sh.inter == 0 ||
+        sh.inter % kGroupedSwigluAlign != 0 || K == 0 || sh.layers == 0)
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu server step: hidden and inter must be multiples of 32");
+    if (C == 0 || T == 0 || E == 0 || E > 0xFFFFu || std::uint64_t{C} * T * K > (1u << 30) ||
+        std::uint64_t{sh.layers} * E > kGroupedSwigluMaxExperts)
+      return EAAS_GPU_FAIL(status::invalid_argument,
+                           "gpu server step: clients x tokens x topk must be 1 .. 2^30, local experts 1 .. 65535");
+    const slots_geometry geo = slots_geometry_for(C, T, sh.hidden, K);
+    if (cfg_.slots == nullptr || cfg_.slots_bytes < geo.bytes || reinterpret_cast<std::uintptr_t>(cfg_.slots) % 16 != 0)
+      return EAAS_GPU_FAIL(status::invalid_argument,
+                           "gpu server step: the slots region is smaller than its geometry, or not 16-byte aligned");
+    const expert_weights_device w = experts.device_weights();
+    groups_ = sh.layers * E;
+    if (w.gate == nullptr || w.up == nullptr || w.down == nullptr || w.groups != groups_)
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu server step: the experts' weights do not match the shape");
+    max_rows_ = static_cast<std::uint32_t>(std::uint64_t{C} * T * std::min(K, E));
+    stage_stride_ = (sizeof(response_header) + std::uint64_t{T} * sh.hidden * 4 + 255) & ~std::uint64_t{255};
+    pairs_at_ = align64(sizeof(server_round_head));
+    states_at_ = pairs_at_ + align64(std::size_t{E} * 4);
+    back_bytes_ = states_at_ + sizeof(server_slot_state) * C;
+
+    EAAS_SSTEP_CUDA(cudaSetDevice(cfg_.device));
+    EAAS_SSTEP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    const std::size_t CTK = std::size_t{C} * T * K;
+    EAAS_CHECK(cfg_dev_.alloc(C));
+    EAAS_CHECK(back_.alloc(back_bytes_));
+    EAAS_CHECK(hdr_.alloc(C));
+    EAAS_CHECK(ids_.alloc(CTK));
+    EAAS_CHECK(wts_.alloc(CTK));
+    EAAS_CHECK(rank_.alloc(CTK));
+    EAAS_CHECK(counts_.alloc(groups_));
+    EAAS_CHECK(offsets_.alloc(groups_ + 1));
+    EAAS_CHECK(tok_base_.alloc(C));
+    EAAS_CHECK(tok_slot_.alloc(std::size_t{C} * T));
+    EAAS_CHECK(tok_rows_.alloc(CTK));
+    EAAS_CHECK(src_.alloc(max_rows_));
+    EAAS_CHECK(row_weight_.alloc(max_rows_));
+    EAAS_CHECK(x_.alloc(std::size_t{max_rows_} * sh.hidden));
+    EAAS_CHECK(y_.alloc(std::size_t{max_rows_} * sh.hidden));
+    EAAS_CHECK(staging_.alloc(std::size_t{C} * stage_stride_));
+    EAAS_CHECK(arrivals_.alloc(C));
+    gshape_ = {.experts = groups_, .hidden = sh.hidden, .inter = sh.inter, .max_rows = max_rows_};
+    ws_bytes_ = grouped_swiglu_workspace_bytes(gshape_);
+    EAAS_CHECK(ws_.alloc((ws_bytes_ + 15) / 16));
+    // The host's side of the tables: per slot, its configuration then its state (uploaded from here).
+    EAAS_SSTEP_CUDA(cudaMallocHost(&up_host_, (sizeof(server_slot_config) + sizeof(server_slot_state)) * C));
+    EAAS_SSTEP_CUDA(cudaMallocHost(&back_host_, back_bytes_));
+    std::memset(back_host_, 0, back_bytes_);
+    pending_.assign(C, 0);
+    auto* back = back_.p;
+    args_ = round_args{.slots = static_cast<const unsigned char*>(cfg_.slots),
+                       .slots_base = geo.slots_base,
+                       .slot_stride = geo.slot_stride,
+                       .cfg = cfg_dev_.p,
+                       .st = reinterpret_cast<server_slot_state*>(back + states_at_),
+                       .head = reinterpret_cast<server_round_head*>(back),
+                       .pairs = reinterpret_cast<std::uint32_t*>(back + pairs_at_),
+                       .hdr = hdr_.p,
+                       .ids = ids_.p,
+                       .wts = wts_.p,
+                       .rank = rank_.p,
+                       .counts = counts_.p,
+                       .offsets = offsets_.p,
+                       .tok_base = tok_base_.p,
+                       .tok_slot = tok_slot_.p,
+                       .tok_rows = tok_rows_.p,
+                       .src = src_.p,
+                       .row_weight = row_weight_.p,
+                       .x = x_.p,
+                       .y = y_.p,
+                       .staging = staging_.p,
+                       .stage_stride = stage_stride_,
+                       .arrivals = arrivals_.p,
+                       .clients = C,
+                       .max_tokens = T,
+                       .hidden = sh.hidden,
+                       .topk = K,
+                       .layers = sh.layers,
+                       .local = E,
+                       .groups = groups_,
+                       .max_rows = max_rows_,
+                       .poll_ns = cfg_.poll_ns};
+    gemm_ = grouped_swiglu_args{.x = x_.p,
+                                .offsets = offsets_.p,
+                                .row_weight = row_weight_.p,
+                                .gate = w.gate,
+                                .up = w.up,
+                                .down = w.down,
+                                .y = y_.p,
+                                .workspace = ws_.p,
+                                .error = &args_.head->gemm_error};
+    EAAS_CHECK(grouped_swiglu_check(gshape_, gemm_, ws_bytes_));
+    EAAS_SSTEP_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
+    return status::ok;
+  }
+
+  void set_slot(std::uint32_t i, const server_slot_config& c, const server_slot_state& s) override {
+    if (i >= cfg_.max_clients) return;
+    server_slot_state st{};
+    st.last_sig = s.last_sig;
+    st.expected = s.expected;
+    st.ignored_sig = s.ignored_sig;
+    auto* at = up_host_ + (sizeof(server_slot_config) + sizeof(server_slot_state)) * i;
+    std::memcpy(at, &c, sizeof(c));
+    std::memcpy(at + sizeof(c), &st, sizeof(st));
+    pending_[i] = 1;
+  }
+
+  status round(std::uint32_t read_slots, server_round_summary& out) override {
+    if (read_slots > cfg_.max_clients) read_slots = cfg_.max_clients;
+    EAAS_SSTEP_CUDA(cudaSetDevice(cfg_.device));
+    // Captured before this round's copies are queued (the graph holds only the round itself).
+    if (cfg_.graph && exec_ == nullptr) EAAS_CHECK(capture());
+    // The slots the host changed since the last round: configuration and protocol state. The pinned
+    // source is not touched again before the round's synchronisation below.
+    for (std::uint32_t i = 0; i < cfg_.max_clients; ++i) {
+      if (pending_[i] == 0) continue;
+      pending_[i] = 0;
+      const auto* at = up_host_ + (sizeof(server_slot_config) + sizeof(server_slot_state)) * i;
+      EAAS_SSTEP_CUDA(cudaMemcpyAsync(cfg_dev_.p + i, at, sizeof(server_slot_config), cudaMemcpyHostToDevice, stream_));
+      EAAS_SSTEP_CUDA(cudaMemcpyAsync(args_.st + i, at + sizeof(server_slot_config), sizeof(server_slot_state),
+                                      cudaMemcpyHostToDevice, stream_));
+    }
+    if (cfg_.graph) {
+      EAAS_SSTEP_CUDA(cudaGraphLaunch(exec_, stream_));
+    } else {
+      EAAS_CHECK(enqueue());
+    }
+    const std::size_t bytes = states_at_ + sizeof(server_slot_state) * read_slots;
+    EAAS_SSTEP_CUDA(cudaMemcpyAsync(back_host_, back_.p, bytes, cudaMemcpyDeviceToHost, stream_));
+    EAAS_SSTEP_CUDA(cudaStreamSynchronize(stream_));
+    out.head = reinterpret_cast<const server_round_head*>(back_host_);
+    out.pairs = {reinterpret_cast<const std::uint32_t*>(back_host_ + pairs_at_), cfg_.local_experts};
+    out.slots = {reinterpret_cast<const server_slot_state*>(back_host_ + states_at_), read_slots};
+    return status::ok;
+  }
+
+  std::uint32_t captures() const override { return captures_; }
+
+ private:
+  status capture() {
+    EAAS_SSTEP_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    const status st = enqueue();
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(stream_, &g);  // always: the stream leaves capture mode
+    if (st != status::ok) {
+      if (g != nullptr) cudaGraphDestroy(g);
+      return st;
+    }
+    EAAS_SSTEP_CUDA(e);
+    graph_ = g;
+    EAAS_SSTEP_CUDA(cudaGraphInstantiate(&exec_, graph_, 0));
+    captures_++;
+    return status::ok;
+  }
+
+  // One round as work on stream_: no host synchronisation, fixed launch shapes (capturable).
+  status enqueue() {
+    const std::uint32_t C = cfg_.max_clients;
+    const unsigned pair_blocks =
+        std::min<unsigned>(kPairBlocks, (cfg_.max_tokens * cfg_.shape.topk + kPairThreads - 1) / kPairThreads);
+    // The round's head and per-expert pair counts, and the group counts, start at zero.
+    EAAS_SSTEP_CUDA(cudaMemsetAsync(back_.p, 0, states_at_, stream_));
+    EAAS_SSTEP_CUDA(cudaMemsetAsync(counts_.p, 0, std::size_t{groups_} * 4, stream_));
+    k_poll<<<1, kPollThreads, 0, stream_>>>(args_);
+    k_validate<<<C, kValidateThreads, 0, stream_>>>(args_);
+    k_count<<<dim3(C, pair_blocks), kPairThreads, 0, stream_>>>(args_);
+    k_scan<<<1, kScanThreads, 0, stream_>>>(args_);
+    k_scatter<<<dim3(C, pair_blocks), kPairThreads, 0, stream_>>>(args_);
+    k_gather<<<std::min(kGatherBlocks, max_rows_), kGatherThreads, 0, stream_>>>(args_);
+    EAAS_SSTEP_CUDA(cudaGetLastError());
+    EAAS_CHECK(grouped_swiglu(gshape_, gemm_, ws_bytes_, stream_));
+    k_combine<<<std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens), kCombineThreads, 0, stream_>>>(args_);
+    const std::uint64_t most = sizeof(response_header) + std::uint64_t{cfg_.max_tokens} * cfg_.shape.hidden * 4;
+    k_answer<<<dim3(grid_put_blocks(most, kPutBlocks), C), kPutThreads, 0, stream_>>>(args_);
+    EAAS_SSTEP_CUDA(cudaGetLastError());
+    return status::ok;
+  }
+
+  server_step_config cfg_;
+  std::uint32_t groups_ = 0, max_rows_ = 0;
+  std::uint64_t stage_stride_ = 0;
+  std::size_t pairs_at_ = 0, states_at_ = 0, back_bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
+  dev_buf<server_slot_config> cfg_dev_;
+  dev_buf<unsigned char> back_;  // head, pairs, slot states (read back in one copy)
+  dev_buf<slot_header> hdr_;
+  dev_buf<std::uint16_t> ids_;
+  dev_buf<float> wts_, row_weight_, y_;
+  dev_buf<std::int32_t> rank_, counts_, offsets_, tok_rows_;
+  dev_buf<std::uint32_t> tok_base_, tok_slot_;
+  dev_buf<row_src> src_;
+  dev_buf<__nv_bfloat16> x_;
+  dev_buf<unsigned char> staging_;
+  dev_buf<unsigned int> arrivals_;
+  dev_buf<uint4> ws_;
+  grouped_swiglu_shape gshape_{};
+  grouped_swiglu_args gemm_{};
+  std::size_t ws_bytes_ = 0;
+  round_args args_{};
+  unsigned char* up_host_ = nullptr;    // pinned: per slot, configuration and state to upload
+  unsigned char* back_host_ = nullptr;  // pinned: what a round reads back
+  std::vector<std::uint8_t> pending_;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  std::uint32_t captures_ = 0;
+};
+
+}  // namespace
+
+status server_step::create(const server_step_config& cfg, const expert_step& experts,
+                           std::unique_ptr<server_step>& out) {
+  auto s = std::make_unique<step_impl>(cfg);
+  EAAS_CHECK(s->init(experts));
+  out = std::move(s);
+  return status::ok;
+}
+
+}  // namespace eaas::runtime::gpu

@@ -1,0 +1,135 @@
+#pragma once
+
+// The expert server's whole poll round on its GPU (issue #9, DESIGN.md §5 "Speed"): from the slots'
+// signal words to the answers in the clients' result regions with no host round trip in between, so that
+// a round is one CUDA graph, captured once and replayed.
+//
+// One round, as kernels on one stream:
+//   poll      one block: acquire loads of every used slot's signal word until one differs from the value
+//             last handled (and from the last foreign write ignored), or a short deadline passes
+//             (poll_ns): the host gets the GPU back often enough for its bookkeeping (links, leaves,
+//             revocations, dead clients)
+//   validate  one block per slot whose word moved: the header copied out of the slot (a private copy: the
+//             peer can still write there), the grant compared (another's write is ignored, never
+//             answered), validate_request against the slot's limits and expected seq (consumed exactly as
+//             the host path does), the routing arrays copied, validate_routing per token (the first
+//             failing token's error, as the host's sequential check reports); the response header staged
+//   count     (layer, local expert) row counts of the accepted requests (atomics: each pair's rank)
+//   scan      one block: the accepted requests' token bases (slot order) and the groups' offsets; the
+//             grouped GEMM compacts the active groups from them (kernel shrinking), on the device
+//   scatter   each pair's row = offsets[group] + rank: its activation row, router weight, combine slot
+//   gather    rows into x (bf16), grouped_swiglu (counts read on the device), combine (k order, fp32)
+//   answer    grid_put_signal per answered slot: response header and outputs, then the request's seq;
+//             a refused request gets its error header alone
+//
+// Same answers as the host path (expert_step::run): the same bf16 rounding of the rows, the same
+// per-row GEMM, the same combine order. Rows of a group may sit in another order (atomics), which does
+// not change any row's result: the grouped GEMM computes every row on its own (see moe_local.hpp).
+//
+// The tables live in device memory: the per-slot configuration (endpoint, result region, grant, token
+// limit), written by the host when a client links or leaves; the per-slot state (last signal handled,
+// expected seq, last ignored signal), owned by the device during a round and read back after it, with
+// the round's verdicts, in one copy (server_round_summary). Nothing in the graph depends on which slots
+// are used: clients come and go without a new capture.
+//
+// Plain C++ header; implemented in server_step.cu.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <type_traits>
+
+#include "eaas/common/status.hpp"
+#include "eaas/common/views.hpp"
+#include "eaas/runtime/model.hpp"
+#include "eaas/runtime/slot.hpp"
+#include "expert_step.hpp"
+
+namespace eaas::runtime::gpu {
+
+/// One slot as the host configures it (device memory; uploaded between rounds when it changed).
+struct server_slot_config {
+  device_endpoint ep;        ///< to the slot's client
+  remote_view result;        ///< the client's result region
+  std::uint64_t grant;       ///< what the slot's requests must carry
+  std::uint32_t used;        ///< 0: free (its word is not polled)
+  std::uint32_t max_tokens;  ///< most tokens per request (what the client's result region holds)
+};
+static_assert(std::is_trivially_copyable_v<server_slot_config>);
+static_assert(sizeof(server_slot_config) == 96 && alignof(server_slot_config) == 8);
+
+/// What a round did with a slot.
+enum class slot_verdict : std::uint32_t {
+  none = 0,  ///< nothing new
+  served,    ///< a valid request, computed and answered
+  refused,   ///< an invalid request, answered with its error
+  ignored,   ///< a write by a client that does not own the slot: not answered
+};
+
+/// One slot's state: the first three words are the protocol state (the host writes them when it assigns
+/// the slot, the device advances them); the rest is what the last round did.
+struct server_slot_state {
+  std::uint64_t last_sig;     ///< the signal value last handled
+  std::uint64_t expected;     ///< the seq the next request must carry
+  std::uint64_t ignored_sig;  ///< the signal value of the last foreign write ignored
+  std::uint64_t seq;          ///< the answered request's seq (served, refused)
+  std::uint32_t verdict;      ///< slot_verdict
+  std::uint32_t error;        ///< slot_error (refused)
+  std::uint32_t tokens;       ///< tokens computed (served)
+  std::uint32_t layer;        ///< the request's layer (served)
+  int put_result;             ///< the answer's put: 0 (ok) or the status that failed it
+  std::uint32_t reserved[3];
+};
+static_assert(std::is_trivially_copyable_v<server_slot_state>);
+static_assert(sizeof(server_slot_state) == 64 && offsetof(server_slot_state, put_result) == 48);
+
+/// What a round left for the host, besides the slots' states.
+struct server_round_head {
+  std::uint32_t tokens;         ///< tokens computed
+  std::uint32_t rows;           ///< (token, expert) pairs computed
+  std::uint32_t active_groups;  ///< (layer, local expert) groups with rows
+  std::uint32_t gemm_error;     ///< grouped_swiglu_error bits (0: the GEMM ran)
+  std::uint32_t reserved[12];
+};
+static_assert(std::is_trivially_copyable_v<server_round_head> && sizeof(server_round_head) == 64);
+
+/// A round's read-back (views into the step's pinned host buffer, valid until the next round).
+struct server_round_summary {
+  const server_round_head* head = nullptr;
+  std::span<const std::uint32_t> pairs;      ///< per local expert: pairs computed this round
+  std::span<const server_slot_state> slots;  ///< slots 0 .. the `read_slots` given to round()
+};
+
+struct server_step_config {
+  int device = 0;
+  model_shape shape;
+  std::uint32_t local_experts = 0;  ///< experts hosted per layer
+  std::uint32_t max_clients = 0;    ///< slots
+  std::uint32_t max_tokens = 0;     ///< most tokens per request (any slot's max_tokens is at most this)
+  const void* slots = nullptr;      ///< the slots region (device memory of `device`)
+  std::uint64_t slots_bytes = 0;    ///< its size (slots_geometry_for(max_clients, max_tokens, hidden, topk))
+  std::uint64_t poll_ns = 30'000;   ///< a round's longest wait for a request
+  bool graph = true;                ///< capture the round once and replay it
+};
+
+class server_step {
+ public:
+  /// Allocates the tables and buffers on cfg.device for max_clients requests of max_tokens tokens; the
+  /// experts' weights are `experts`' (which must outlive this object, and be uploaded before a round).
+  static status create(const server_step_config& cfg, const expert_step& experts, std::unique_ptr<server_step>& out);
+  virtual ~server_step() = default;
+
+  /// Host side of the tables: slot i's configuration and protocol state (last_sig, expected,
+  /// ignored_sig; the rest is ignored), uploaded at the start of the next round. Call between rounds.
+  virtual void set_slot(std::uint32_t i, const server_slot_config& c, const server_slot_state& s) = 0;
+
+  /// One round (see above); returns when it has finished, with slots 0 .. read_slots - 1 (at most
+  /// max_clients) read back. An error means CUDA failed: the object is then unusable.
+  virtual status round(std::uint32_t read_slots, server_round_summary& out) = 0;
+
+  /// Graph captures so far (1 with graph after the first round, 0 without).
+  virtual std::uint32_t captures() const = 0;
+};
+
+}  // namespace eaas::runtime::gpu

@@ -1,0 +1,298 @@
+// The expert server's GPU-resident poll round (eaas-server --device-step, gpu/server_step.hpp) against
+// real processes: device-path and host-path clients checked against the fp32 reference, answers bit for
+// bit those of a host-path server, the malicious client's error answers, servers SIGKILLed under load,
+// and one captured graph replayed while clients link and leave. Exits 77 (ctest: skipped) where there is
+// no CUDA device.
+
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+
+#include "../common/doctest_main.hpp"
+#include "../common/require_ok.hpp"
+#include "client.hpp"
+#include "eaas/eaas.hpp"
+#include "gpu/client_step.hpp"
+#include "procs.hpp"
+#include "reference.hpp"
+#include "wire.hpp"
+
+using namespace eaas;
+using namespace eaas::runtime;
+using eaas::test::proc;
+using json = nlohmann::json;
+
+namespace {
+
+const model_shape kShape{.hidden = 256, .inter = 192, .experts = 12, .topk = 3, .layers = 3};
+constexpr std::uint64_t kSeed = 11;
+
+std::vector<std::string> shape_flags(std::vector<std::string> more) {
+  std::vector<std::string> a = {"--hidden",  std::to_string(kShape.hidden),  "--inter", std::to_string(kShape.inter),
+                                "--experts", std::to_string(kShape.experts), "--topk",  std::to_string(kShape.topk),
+                                "--layers",  std::to_string(kShape.layers),  "--gpu"};
+  a.insert(a.end(), more.begin(), more.end());
+  return a;
+}
+
+/// max over tokens of ||a - b||_inf / ||b||_inf (NaN in `a` counts as infinitely wrong).
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size() || b.empty()) return std::numeric_limits<double>::infinity();
+  double worst = 0;
+  for (std::size_t t = 0; t < b.size() / kShape.hidden; ++t) {
+    double num = 0, den = 0;
+    for (std::size_t j = 0; j < kShape.hidden; ++j) {
+      const double d = std::fabs(double(a[t * kShape.hidden + j]) - double(b[t * kShape.hidden + j]));
+      num = std::isnan(d) ? std::numeric_limits<double>::infinity() : std::max(num, d);
+      den = std::max(den, double(std::fabs(b[t * kShape.hidden + j])));
+    }
+    worst = std::max(worst, den > 0 ? num / den : num);
+  }
+  return worst;
+}
+
+std::vector<std::uint32_t> random_tokens(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::uint32_t> t(n);
+  for (auto& v : t) v = static_cast<std::uint32_t>(rng());
+  return t;
+}
+
+// A registry on loopback, GPU server processes and in-process GPU clients.
+struct gpu_cluster {
+  std::unique_ptr<registry_server> reg;
+  std::string endpoint, ns;
+  std::vector<std::unique_ptr<proc>> servers;
+
+  explicit gpu_cluster(const std::string& tag) {
+    REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
+    endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
+    ns = tag + std::to_string(::getpid());
+  }
+  /// Server `id` on GPU 0 with `more` eaas-server arguments; waits for "ready".
+  proc& add(const std::string& id, std::vector<std::string> more) {
+    auto a = test::shape_args(endpoint, ns, kShape);
+    a.insert(a.end(), {"--id", id, "--gpu", "0"});
+    a.insert(a.end(), more.begin(), more.end());
+    auto p = std::make_unique<proc>();
+    REQUIRE(p->start(EAAS_SERVER_BIN, a));
+    REQUIRE(p->next("ready").value("id", "") == id);
+    servers.push_back(std::move(p));
+    return *servers.back();
+  }
+  /// A GPU client on the last GPU (with two: not the servers'), on the device path (graph) or the host path.
+  std::unique_ptr<attention_client> client(const std::string& id, bool device_step, std::uint32_t max_tokens) {
+    client_options o;
+    o.id = id;
+    o.registry.endpoint = endpoint;
+    o.ns = ns;
+    o.shape = kShape;
+    o.seed = kSeed;
+    o.max_tokens = max_tokens;
+    o.gpu = cuda_device_count() - 1;
+    o.device_step = device_step;
+    o.graph = device_step;
+    if (device_step) o.make_device_step = gpu::make_client_step;
+    o.request_timeout_ns = 2'000'000'000ull;
+    o.relink_backoff_ns = 500'000'000ull;
+    std::unique_ptr<attention_client> c;
+    REQUIRE_OK(attention_client::start(o, c));
+    return c;
+  }
+};
+
+// One forward, checked against the reference on the routing the client used; its output in `got`.
+double checked_forward(attention_client& c, const reference_model& ref, const std::vector<std::uint32_t>& toks,
+                       std::vector<float>& got) {
+  got.assign(toks.size() * kShape.hidden, std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> want;
+  REQUIRE_OK(c.forward(toks, got));
+  REQUIRE(c.last_routing().size() == kShape.layers);
+  ref.forward(toks, want, &c.last_routing());
+  const double err = rel_err(got, want);
+  CHECK(err <= 1e-2);
+  return err;
+}
+
+// The server's "stats" line after a graceful stop.
+json stop_and_stats(proc& p) {
+  ::kill(p.sp.pid, SIGTERM);
+  json st = p.next("stats", 30000);
+  CHECK(p.wait() == 0);
+  return st;
+}
+
+void check_demo_clients(const json& j, bool device_clients) {
+  REQUIRE(j["clients"].size() >= 1);
+  for (const auto& [id, c] : j["clients"].items()) {
+    CAPTURE(id);
+    CHECK(c.value("steps", 0) > 0);
+    CHECK(c.value("verified_steps", -1) == c.value("steps", 0));  // every step checked
+    CHECK(c.value("max_rel_err", 1.0) <= 1e-2);                   // bf16 experts: within the tolerance,
+    CHECK(c.value("max_rel_err", 0.0) > 1e-5);                    // and not the fp32 path
+    if (device_clients) CHECK(c.value("device_forwards", 0) == c.value("steps", 0));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("GPU server step: device-step servers serve device-path and host-path clients within 1e-2 of fp32") {
+  for (const bool device_clients : {true, false}) {
+    CAPTURE(device_clients);
+    std::vector<std::string> a = shape_flags({"--servers", "3", "--clients", "2", "--replicas", "2", "--tokens", "40",
+                                              "--steps", "8", "--server-device-step"});
+    if (device_clients) a.insert(a.end(), {"--device-step", "--graph"});
+    int rc = -1;
+    const json j = test::demo_summary(EAAS_DEMO_BIN, a, rc);
+    CHECK(rc == 0);
+    REQUIRE(j.is_object());
+    CHECK(j.value("ok", false));
+    CHECK(j.value("device", "") == "gpu");
+    check_demo_clients(j, device_clients);
+  }
+}
+
+TEST_CASE("GPU server step: answers are the host path's, bit for bit (fp32 and bf16 requests)") {
+  // Two single-server clusters on the same weights: one host-path server, one device-step server. The
+  // same forwards through each (one server: its answer is the whole MoE output) must give the same bits.
+  gpu_cluster host_cl("sstepbh"), dev_cl("sstepbd");
+  host_cl.add("h", {});
+  dev_cl.add("d", {"--device-step"});
+  const reference_model ref(kShape, kSeed, {});
+  for (const bool device_clients : {false, true}) {  // host-path clients send fp32 rows, device-path bf16
+    CAPTURE(device_clients);
+    auto ch = host_cl.client("ch", device_clients, 48);
+    auto cd = dev_cl.client("cd", device_clients, 48);
+    REQUIRE_OK(ch->wait_for_experts(1, 60'000'000'000ull));
+    REQUIRE_OK(cd->wait_for_experts(1, 60'000'000'000ull));
+    double worst = 0;
+    for (std::uint64_t step = 0; step < 4; ++step) {
+      const auto toks = random_tokens(step == 2 ? 5 : 40, 1000 + step);
+      std::vector<float> from_host, from_dev;
+      (void)checked_forward(*ch, ref, toks, from_host);
+      worst = std::max(worst, checked_forward(*cd, ref, toks, from_dev));
+      REQUIRE(from_host.size() == from_dev.size());
+      CHECK(std::memcmp(from_host.data(), from_dev.data(), from_host.size() * 4) == 0);
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < from_host.size(); ++i) differ += from_host[i] != from_dev[i] ? 1 : 0;
+      CHECK(differ == 0);
+    }
+    CHECK(worst > 1e-5);  // the GPU experts (bf16) ran
+    if (device_clients) CHECK(cd->stats().device_forwards == 4);
+    CHECK(cd->stats().dropped_servers == 0);
+  }
+  const json st = stop_and_stats(*dev_cl.servers[0]);
+  REQUIRE(st.is_object());
+  CHECK(st.value("graph_captures", 0) == 1);
+  CHECK(st.value("refused", -1) == 0);
+  CHECK(st.value("requests", 0) >= 2 * 4 * kShape.layers);
+  CHECK(st.value("device_rounds", 0) >= st.value("batches", 0));
+}
+
+TEST_CASE("GPU server step: a malicious client gets the same error answers from a device-step server") {
+  gpu_cluster cl("sstepevil");
+  cl.add("s", {"--device-step"});
+  const auto v = test::run_evil(
+      EAAS_EVIL_BIN, {cl.endpoint, cl.ns, "s", std::to_string(kShape.hidden), std::to_string(kShape.inter),
+                      std::to_string(kShape.experts), std::to_string(kShape.topk), std::to_string(kShape.layers),
+                      std::to_string(kSeed), std::to_string(runtime::cuda_device_count() - 1)});
+  REQUIRE(v.reported);
+  CHECK(v.cases > 300);
+  CHECK(v.failures == 0);
+  CHECK(v.exit_code == 0);
+  // Then still serves an honest client, right.
+  const reference_model ref(kShape, kSeed, {});
+  auto c = cl.client("c", true, 32);
+  REQUIRE_OK(c->wait_for_experts(1, 60'000'000'000ull));
+  std::vector<float> got;
+  for (std::uint64_t step = 0; step < 3; ++step) (void)checked_forward(*c, ref, random_tokens(24, step), got);
+  CHECK(c->stats().device_forwards == 3);
+  CHECK(c->stats().fallback_forwards == 0);
+  c.reset();
+  const json st = stop_and_stats(*cl.servers[0]);
+  REQUIRE(st.is_object());
+  CHECK(st.value("requests", 0) > 300);  // every case but the stranger's was answered (the evil client checked how)
+  CHECK(st.value("refused", 0) >= 14);   // the targeted malformed requests at least
+  CHECK(st.value("ignored", 0) >= 1);    // the stranger's grant was not answered
+  CHECK(st.value("graph_captures", 0) == 1);
+}
+
+TEST_CASE("GPU server step: one graph, replayed while clients link and leave (a freed slot is reused)") {
+  gpu_cluster cl("sstepll");
+  proc& srv = cl.add("s", {"--device-step", "--max-clients", "2"});
+  const reference_model ref(kShape, kSeed, {});
+  std::vector<float> got;
+  double worst = 0;
+  auto a = cl.client("a", true, 32);
+  REQUIRE_OK(a->wait_for_experts(1, 60'000'000'000ull));
+  for (std::uint64_t step = 0; step < 3; ++step)
+    worst = std::max(worst, checked_forward(*a, ref, random_tokens(24, step), got));
+  {
+    auto b = cl.client("b", false, 32);  // a host-path client in the second slot
+    REQUIRE_OK(b->wait_for_experts(1, 60'000'000'000ull));
+    for (std::uint64_t step = 0; step < 3; ++step) {
+      worst = std::max(worst, checked_forward(*a, ref, random_tokens(24, 10 + step), got));
+      worst = std::max(worst, checked_forward(*b, ref, random_tokens(17, 20 + step), got));
+    }
+    CHECK(b->stats().dropped_servers == 0);
+  }  // b leaves: its slot is freed
+  bool left = false;
+  for (json e; !left && (e = srv.next("client", 20000)).is_object();)
+    left = e.value("event", "") == "left" && e.value("client", "") == "b";
+  CHECK(left);
+  // c takes b's slot (both slots again in use), whose signal word still holds b's last seq.
+  auto c = cl.client("c", true, 32);
+  REQUIRE_OK(c->wait_for_experts(1, 60'000'000'000ull));
+  for (std::uint64_t step = 0; step < 3; ++step) {
+    worst = std::max(worst, checked_forward(*c, ref, random_tokens(24, 30 + step), got));
+    worst = std::max(worst, checked_forward(*a, ref, random_tokens(9, 40 + step), got));
+  }
+  CHECK(worst > 1e-5);
+  CHECK(a->stats().dropped_servers == 0);
+  CHECK(c->stats().dropped_servers == 0);
+  CHECK(a->stats().fallback_forwards == 0);
+  CHECK(c->stats().device_forwards == 3);
+  a.reset();
+  c.reset();
+  const json st = stop_and_stats(srv);
+  REQUIRE(st.is_object());
+  CHECK(st.value("graph_captures", 0) == 1);  // never captured again
+  CHECK(st.value("refused", -1) == 0);
+  CHECK(st.value("requests", 0) >= (3 + 3 + 3 + 3 + 3) * kShape.layers);  // one per layer and forward at least
+  CHECK(st.value("ignored", 0) >= 1);  // b's last request, seen under c's grant, not answered
+}
+
+TEST_CASE("GPU server step: device-step servers SIGKILLed every 0.5 s and replaced; clients fail over") {
+  for (const bool device_clients : {false, true}) {
+    CAPTURE(device_clients);
+    std::vector<std::string> a =
+        shape_flags({"--servers", "3", "--clients", "2", "--replicas", "2", "--tokens", "24", "--duration", "3",
+                     "--kill-every", "0.5", "--request-timeout-ms", "2000", "--server-device-step"});
+    if (device_clients) a.insert(a.end(), {"--device-step", "--graph"});
+    int rc = -1;
+    const json j = test::demo_summary(EAAS_DEMO_BIN, a, rc);
+    CHECK(rc == 0);
+    REQUIRE(j.is_object());
+    CHECK(j.value("ok", false));
+    REQUIRE(j["kills"].size() >= 2);
+    std::size_t joined = 0;
+    for (const auto& k : j["kills"]) joined += k.value("join_ms", -1.0) >= 0.0 ? 1 : 0;
+    CHECK(joined >= 1);  // replacements (device-step servers too) took traffic
+    REQUIRE(j["clients"].size() == 2);
+    for (const auto& [id, c] : j["clients"].items()) {
+      CAPTURE(id);
+      CHECK(c.value("steps", 0) > 0);
+      CHECK(c.value("verified_steps", -1) == c.value("steps", 0));
+      CHECK(c.value("max_rel_err", 1.0) <= 1e-2);
+    }
+  }
+}
+
+int main(int argc, char** argv) {
+  return eaas::test::run_tests(argc, argv, [] {
+    return runtime::cuda_device_count() == 0 ? "no CUDA device: skipping the GPU server step tests" : nullptr;
+  });
+}
