@@ -8,11 +8,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -67,6 +71,31 @@ struct proc {
 
 /// Runs eaas-demo (`bin`) with `args` plus `--json FILE`; its exit code in `exit_code`, and the summary
 /// it wrote (discarded json when none).
+/// max over tokens of ||a - b||_inf / ||b||_inf for rows of `hidden` values (NaN in `a` counts as
+/// infinitely wrong; a size mismatch too).
+inline double rel_err(const std::vector<float>& a, const std::vector<float>& b, std::size_t hidden) {
+  if (a.size() != b.size() || b.empty()) return std::numeric_limits<double>::infinity();
+  double worst = 0;
+  for (std::size_t t = 0; t < b.size() / hidden; ++t) {
+    double num = 0, den = 0;
+    for (std::size_t j = 0; j < hidden; ++j) {
+      const double d = std::fabs(double(a[t * hidden + j]) - double(b[t * hidden + j]));
+      num = std::isnan(d) ? std::numeric_limits<double>::infinity() : std::max(num, d);
+      den = std::max(den, double(std::fabs(b[t * hidden + j])));
+    }
+    worst = std::max(worst, den > 0 ? num / den : num);
+  }
+  return worst;
+}
+
+/// `n` token ids from `seed`.
+inline std::vector<std::uint32_t> random_tokens(std::size_t n, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::uint32_t> t(n);
+  for (auto& v : t) v = static_cast<std::uint32_t>(rng());
+  return t;
+}
+
 inline nlohmann::json demo_summary(const char* bin, std::vector<std::string> args, int& exit_code) {
   const std::string out = "/tmp/eaas-demo-summary-" + std::to_string(::getpid()) + ".json";
   args.insert(args.end(), {"--json", out});

@@ -21,35 +21,14 @@
 using namespace eaas;
 using namespace eaas::runtime;
 using eaas::test::proc;
+using eaas::test::random_tokens;
+using eaas::test::rel_err;
 using json = nlohmann::json;
 
 namespace {
 
 const model_shape kShape{.hidden = 256, .inter = 192, .experts = 12, .topk = 3, .layers = 3};
 constexpr std::uint64_t kSeed = 11;
-
-/// max over tokens of ||a - b||_inf / ||b||_inf (NaN in `a` counts as infinitely wrong).
-double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  if (a.size() != b.size() || b.empty()) return std::numeric_limits<double>::infinity();
-  double worst = 0;
-  for (std::size_t t = 0; t < b.size() / kShape.hidden; ++t) {
-    double num = 0, den = 0;
-    for (std::size_t j = 0; j < kShape.hidden; ++j) {
-      const double d = std::fabs(double(a[t * kShape.hidden + j]) - double(b[t * kShape.hidden + j]));
-      num = std::isnan(d) ? std::numeric_limits<double>::infinity() : std::max(num, d);
-      den = std::max(den, double(std::fabs(b[t * kShape.hidden + j])));
-    }
-    worst = std::max(worst, den > 0 ? num / den : num);
-  }
-  return worst;
-}
-
-std::vector<std::uint32_t> random_tokens(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<std::uint32_t> t(n);
-  for (auto& v : t) v = static_cast<std::uint32_t>(rng());
-  return t;
-}
 
 // A registry on loopback and GPU server processes (server i on GPU i mod GPUs).
 struct gpu_cluster {
@@ -105,7 +84,7 @@ double checked_forward(attention_client& c, const reference_model& ref, const st
   for (const auto& r : c.last_routing()) REQUIRE(r.ids.size() == toks.size() * kShape.topk);
   CHECK(c.last_moe_ns().size() == kShape.layers);
   ref.forward(toks, want, &c.last_routing());
-  const double err = rel_err(got, want);
+  const double err = rel_err(got, want, kShape.hidden);
   CHECK(err <= 1e-2);
   return err;
 }

@@ -23,6 +23,8 @@
 using namespace eaas;
 using namespace eaas::runtime;
 using eaas::test::proc;
+using eaas::test::random_tokens;
+using eaas::test::rel_err;
 using json = nlohmann::json;
 
 namespace {
@@ -36,29 +38,6 @@ std::vector<std::string> shape_flags(std::vector<std::string> more) {
                                 "--layers",  std::to_string(kShape.layers),  "--gpu"};
   a.insert(a.end(), more.begin(), more.end());
   return a;
-}
-
-/// max over tokens of ||a - b||_inf / ||b||_inf (NaN in `a` counts as infinitely wrong).
-double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  if (a.size() != b.size() || b.empty()) return std::numeric_limits<double>::infinity();
-  double worst = 0;
-  for (std::size_t t = 0; t < b.size() / kShape.hidden; ++t) {
-    double num = 0, den = 0;
-    for (std::size_t j = 0; j < kShape.hidden; ++j) {
-      const double d = std::fabs(double(a[t * kShape.hidden + j]) - double(b[t * kShape.hidden + j]));
-      num = std::isnan(d) ? std::numeric_limits<double>::infinity() : std::max(num, d);
-      den = std::max(den, double(std::fabs(b[t * kShape.hidden + j])));
-    }
-    worst = std::max(worst, den > 0 ? num / den : num);
-  }
-  return worst;
-}
-
-std::vector<std::uint32_t> random_tokens(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<std::uint32_t> t(n);
-  for (auto& v : t) v = static_cast<std::uint32_t>(rng());
-  return t;
 }
 
 // A registry on loopback, GPU server processes and in-process GPU clients.
@@ -112,7 +91,7 @@ double checked_forward(attention_client& c, const reference_model& ref, const st
   REQUIRE_OK(c.forward(toks, got));
   REQUIRE(c.last_routing().size() == kShape.layers);
   ref.forward(toks, want, &c.last_routing());
-  const double err = rel_err(got, want);
+  const double err = rel_err(got, want, kShape.hidden);
   CHECK(err <= 1e-2);
   return err;
 }
