@@ -222,7 +222,7 @@ TEST_CASE("GPU server step: one graph, replayed while clients link and leave (a 
   for (json e; !left && (e = srv.next("client", 20000)).is_object();)
     left = e.value("event", "") == "left" && e.value("client", "") == "b";
   CHECK(left);
-  // c takes b's slot (both slots again in use), whose signal word still holds b's last seq.
+  // c takes b's slot (both slots again in use; the server zeroed its signal word when it welcomed c).
   auto c = cl.client("c", true, 32);
   REQUIRE_OK(c->wait_for_experts(1, 60'000'000'000ull));
   for (std::uint64_t step = 0; step < 3; ++step) {
@@ -241,7 +241,7 @@ TEST_CASE("GPU server step: one graph, replayed while clients link and leave (a 
   CHECK(st.value("graph_captures", 0) == 1);  // never captured again
   CHECK(st.value("refused", -1) == 0);
   CHECK(st.value("requests", 0) >= (3 + 3 + 3 + 3 + 3) * kShape.layers);  // one per layer and forward at least
-  CHECK(st.value("ignored", 0) >= 1);  // b's last request, seen under c's grant, not answered
+  // (No "ignored" count is expected: welcome() zeroes a slot's signal word before handing it to c.)
 }
 
 TEST_CASE("GPU server step: device-step servers SIGKILLed every 0.5 s and replaced; clients fail over") {

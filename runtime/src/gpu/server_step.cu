@@ -518,6 +518,10 @@ class step_impl final : public server_step {
                                 .error = &args_.head->gemm_error};
     EAAS_CHECK(grouped_swiglu_check(gshape_, gemm_, ws_bytes_));
     EAAS_SSTEP_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
+    // One eager round with every slot unused, before any capture: this module's kernels and the grouped GEMM
+    // (whose launch limits are queried on first use) are then never first used inside a capture.
+    EAAS_CHECK(enqueue());
+    EAAS_SSTEP_CUDA(cudaStreamSynchronize(stream_));
     return status::ok;
   }
 
