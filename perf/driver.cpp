@@ -113,6 +113,27 @@ void die(const std::string& what, status s) {
   std::exit(2);
 }
 
+void connect_through(const std::string& dir, const char* me, const char* other, context& ctx, memory_region& region,
+                     std::unique_ptr<endpoint>& ep, std::unique_ptr<remote_region>& peer) {
+  handle_bytes ch, rh;
+  EAAS_PERF_CHECK(ctx.connection_handle(ch));
+  EAAS_PERF_CHECK(region.export_handle(rh));
+  EAAS_PERF_CHECK(publish(dir, me, {ch, rh}));
+  std::vector<handle_bytes> theirs;
+  EAAS_PERF_CHECK(await_peer(dir, other, 2, 60'000'000'000ull, theirs));
+  EAAS_PERF_CHECK(ctx.connect(theirs[0], ep));
+  EAAS_PERF_CHECK(ep->import_region(theirs[1], peer));
+}
+
+std::vector<double> half_rtt_us(const std::vector<long long>& cycles, std::uint64_t span_ns) {
+  double total = 0;
+  for (long long c : cycles) total += static_cast<double>(c);
+  const double ns_per_cycle = total > 0 ? static_cast<double>(span_ns) / total : 0;
+  std::vector<double> us(cycles.size());
+  for (std::size_t i = 0; i < cycles.size(); ++i) us[i] = static_cast<double>(cycles[i]) * ns_per_cycle / 2e3;
+  return us;
+}
+
 int spawn_program(const std::string& path, const std::vector<std::string>& args) {
   std::vector<std::string> all{path};
   all.insert(all.end(), args.begin(), args.end());

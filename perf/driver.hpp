@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -36,6 +37,15 @@ status publish(const std::string& dir, const std::string& role, const std::vecto
 /// Waits for `<dir>/<role>` to appear with `count` handles.
 status await_peer(const std::string& dir, const std::string& role, std::size_t count, std::uint64_t timeout_ns,
                   std::vector<handle_bytes>& out);
+
+/// The two-process tools' handshake: publishes this side's connection handle and `region`'s handle in
+/// `dir` as `me`, waits (60 s) for `other`'s, connects to it and imports its region; dies on a failure.
+void connect_through(const std::string& dir, const char* me, const char* other, context& ctx, memory_region& region,
+                     std::unique_ptr<endpoint>& ep, std::unique_ptr<remote_region>& peer);
+
+/// Half round trips (µs) from kernel-timed round trips in SM cycles, the clock rate taken from the same
+/// iterations' %globaltimer span (ns), so that no SM clock needs to be assumed.
+std::vector<double> half_rtt_us(const std::vector<long long>& cycles, std::uint64_t span_ns);
 
 /// Prints what failed (status and last_error) and exits with 2.
 [[noreturn]] void die(const std::string& what, status s);

@@ -52,6 +52,36 @@ struct model {
   std::uint32_t depth;  // MoE layers of the real model, for the full-depth extrapolation
 };
 
+// One measured point: per-layer time and tokens/s (also scaled to the real model's depth), and the JSON
+// fields every point has.
+struct point {
+  double layer_us, tps, tps_depth;
+  nlohmann::json json;
+};
+point point_of(const model& md, std::uint32_t layers, std::uint64_t tokens, bool graph, bool shrink,
+               const latency_stats& s, std::size_t wrong) {
+  point p;
+  p.layer_us = s.t_typical / layers;
+  p.tps = static_cast<double>(tokens) / (s.t_typical * 1e-6);
+  p.tps_depth = static_cast<double>(tokens) / (p.layer_us * md.depth * 1e-6);
+  p.json = {{"model", md.name},
+            {"hidden", md.hidden},
+            {"inter", md.inter},
+            {"experts", md.experts},
+            {"topk", md.topk},
+            {"layers", layers},
+            {"model_moe_layers", md.depth},
+            {"tokens", tokens},
+            {"graph", graph},
+            {"shrink", shrink},
+            {"time", to_json(0, s)},
+            {"layer_us", p.layer_us},
+            {"tokens_per_s", p.tps},
+            {"tokens_per_s_full_depth", p.tps_depth},
+            {"wrong", wrong}};
+  return p;
+}
+
 // Per-iteration times (µs) of `reps` back-to-back calls of `body` on `st`, after `warm` untimed ones.
 std::vector<double> time_loop(cudaStream_t st, int warm, int reps, const std::function<void()>& body) {
   for (int i = 0; i < warm; ++i) body();
@@ -421,33 +451,18 @@ bool run_ep(std::uint32_t N, const model& md, std::uint32_t layers, const rt::de
             EAAS_CU(cudaSetDevice(e.g[a].dev));
             EAAS_CU(cudaGraphExecDestroy(exec[a]));
           }
-        const double layer_us = s.t_typical / layers, all = double(T) * N;
-        const double tps = all / (s.t_typical * 1e-6), tps_depth = all / (layer_us * md.depth * 1e-6);
+        point p = point_of(md, layers, std::uint64_t{T} * N, graph, shrink, s, wrong);
         std::printf(
             "%-14s %6u %6u %5d %6d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %12.0f %7s %6zu  gpus %u cap %u dropped "
             "%llu\n",
             md.name.c_str(), layers, T * N, graph ? 1 : 0, shrink ? 1 : 0, s.t_min, s.t_typical, s.t_avg, s.p99,
-            layer_us, tps, tps_depth, "-", wrong, N, e.cap, static_cast<unsigned long long>(dropped));
+            p.layer_us, p.tps, p.tps_depth, "-", wrong, N, e.cap, static_cast<unsigned long long>(dropped));
         std::fflush(stdout);
-        points.push_back({{"model", md.name},
-                          {"hidden", md.hidden},
-                          {"inter", md.inter},
-                          {"experts", md.experts},
-                          {"topk", md.topk},
-                          {"layers", layers},
-                          {"model_moe_layers", md.depth},
-                          {"gpus", N},
-                          {"tokens_per_gpu", T},
-                          {"tokens", T * N},
-                          {"capacity_rows", e.cap},
-                          {"graph", graph},
-                          {"shrink", shrink},
-                          {"time", to_json(0, s)},
-                          {"layer_us", layer_us},
-                          {"tokens_per_s", tps},
-                          {"tokens_per_s_full_depth", tps_depth},
-                          {"dropped_pairs", dropped},
-                          {"wrong", wrong}});
+        p.json["gpus"] = N;
+        p.json["tokens_per_gpu"] = T;
+        p.json["capacity_rows"] = e.cap;
+        p.json["dropped_pairs"] = dropped;
+        points.push_back(std::move(p.json));
       }
   }
   ref.reset();
@@ -611,30 +626,14 @@ int main(int argc, char** argv) {
 
           const latency_stats s = summarize(time_loop(st, warm, reps, body));
           if (exec != nullptr) EAAS_CU(cudaGraphExecDestroy(exec));
-          const double layer_us = s.t_typical / layers;
-          const double tps = T / (s.t_typical * 1e-6);
-          const double tps_depth = T / (layer_us * md.depth * 1e-6);
+          point p = point_of(md, layers, T, graph, shrink, s, wrong);
           std::printf("%-14s %6u %6u %5d %6d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %12.0f %7.1f %6zu\n",
                       md.name.c_str(), layers, T, graph ? 1 : 0, shrink ? 1 : 0, s.t_min, s.t_typical, s.t_avg, s.p99,
-                      layer_us, tps, tps_depth, active_mean, wrong);
+                      p.layer_us, p.tps, p.tps_depth, active_mean, wrong);
           std::fflush(stdout);
-          points.push_back({{"model", md.name},
-                            {"hidden", md.hidden},
-                            {"inter", md.inter},
-                            {"experts", md.experts},
-                            {"topk", md.topk},
-                            {"layers", layers},
-                            {"model_moe_layers", md.depth},
-                            {"tokens", T},
-                            {"graph", graph},
-                            {"shrink", shrink},
-                            {"time", to_json(0, s)},
-                            {"layer_us", layer_us},
-                            {"tokens_per_s", tps},
-                            {"tokens_per_s_full_depth", tps_depth},
-                            {"active_experts_per_layer", active_mean},
-                            {"wrong", wrong},
-                            {"grouped_gemm_error", err}});
+          p.json["active_experts_per_layer"] = active_mean;
+          p.json["grouped_gemm_error"] = err;
+          points.push_back(std::move(p.json));
         }
     }
   }

@@ -206,11 +206,7 @@ std::vector<double> latency_phase(setup& s, std::uint64_t& seq, std::size_t iter
   unsigned long long span[2];
   EAAS_CU(cudaMemcpy(cyc.data(), cycles, iters * sizeof(long long), cudaMemcpyDeviceToHost));
   EAAS_CU(cudaMemcpy(span, ns, sizeof(span), cudaMemcpyDeviceToHost));
-  double total_cycles = 0;
-  for (long long c : cyc) total_cycles += static_cast<double>(c);
-  const double ns_per_cycle = static_cast<double>(span[1] - span[0]) / total_cycles;
-  std::vector<double> us(iters);
-  for (std::size_t i = 0; i < iters; ++i) us[i] = static_cast<double>(cyc[i]) * ns_per_cycle / 2.0 / 1e3;
+  std::vector<double> us = half_rtt_us(cyc, span[1] - span[0]);
   EAAS_CU(cudaFree(cycles));
   EAAS_CU(cudaFree(ns));
   EAAS_CU(cudaFree(ra));

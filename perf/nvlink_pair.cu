@@ -307,17 +307,10 @@ void setup(side& s, const nvlink_pair_options& o, const char* me, const char* ot
   s.src.reset(std::max<std::size_t>(o.max_size, 16));
   EAAS_PERF_CHECK(context::create({.name = me, .cuda_device = s.gpu}, s.ctx));
   EAAS_PERF_CHECK(s.ctx->allocate(region_bytes(o.max_size), memory_kind::device, s.mine));
-  handle_bytes ch, rh;
-  EAAS_PERF_CHECK(s.ctx->connection_handle(ch));
-  EAAS_PERF_CHECK(s.mine->export_handle(rh));
-  EAAS_PERF_CHECK(publish(o.rendezvous, me, {ch, rh}));
-  std::vector<handle_bytes> theirs;
-  EAAS_PERF_CHECK(await_peer(o.rendezvous, other, 2, 60 * kSecond, theirs));
-  EAAS_PERF_CHECK(s.ctx->connect(theirs[0], s.ep));
+  connect_through(o.rendezvous, me, other, *s.ctx, *s.mine, s.ep, s.peer);
   if (s.ep->transport() != transport_kind::nvlink)
     die(std::string("the peer is reachable only over ") + transport_name(s.ep->transport()) + ", not nvlink",
         status::unsupported);
-  EAAS_PERF_CHECK(s.ep->import_region(theirs[1], s.peer));
 }
 
 // Loads every kernel before any of them spins (lazy module loading while a kernel of this process
@@ -489,12 +482,7 @@ struct client {
     unsigned long long span[2];
     EAAS_CU(cudaMemcpy(cyc.data(), cycles.p, count * sizeof(long long), cudaMemcpyDeviceToHost));
     EAAS_CU(cudaMemcpy(span, ns.p, sizeof(span), cudaMemcpyDeviceToHost));
-    double total = 0;
-    for (long long c : cyc) total += static_cast<double>(c);
-    const double ns_per_cycle = total > 0 ? static_cast<double>(span[1] - span[0]) / total : 0;
-    std::vector<double> us(count);
-    for (std::uint64_t i = 0; i < count; ++i) us[i] = static_cast<double>(cyc[i]) * ns_per_cycle / 2e3;
-    return us;
+    return half_rtt_us(cyc, span[1] - span[0]);
   }
 
   // One launch (and synchronize) per message, timed on the host.

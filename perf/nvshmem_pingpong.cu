@@ -405,12 +405,7 @@ struct rank_state {
     EAAS_CU(cudaMemcpy(span, ns, sizeof(span), cudaMemcpyDeviceToHost));
     EAAS_CU(cudaFree(cycles));
     EAAS_CU(cudaFree(ns));
-    double total = 0;
-    for (long long c : cyc) total += static_cast<double>(c);
-    const double ns_per_cycle = total > 0 ? static_cast<double>(span[1] - span[0]) / total : 0;
-    std::vector<double> us(count);
-    for (std::uint64_t i = 0; i < count; ++i) us[i] = static_cast<double>(cyc[i]) * ns_per_cycle / 2e3;
-    return us;
+    return half_rtt_us(cyc, span[1] - span[0]);
   }
 
   // Rank 0: a pattern sent to rank 1 comes back intact (before anything is timed). Rank 1: echoes it.

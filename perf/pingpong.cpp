@@ -74,14 +74,7 @@ struct side {
 void setup(side& s, const options& o, std::size_t region_bytes, const char* me, const char* other) {
   EAAS_PERF_CHECK(context::create({.name = me}, s.ctx));
   EAAS_PERF_CHECK(s.ctx->allocate(region_bytes, s.mine));
-  handle_bytes ch, rh;
-  EAAS_PERF_CHECK(s.ctx->connection_handle(ch));
-  EAAS_PERF_CHECK(s.mine->export_handle(rh));
-  EAAS_PERF_CHECK(publish(o.rendezvous, me, {ch, rh}));
-  std::vector<handle_bytes> theirs;
-  EAAS_PERF_CHECK(await_peer(o.rendezvous, other, 2, 60 * kSecond, theirs));
-  EAAS_PERF_CHECK(s.ctx->connect(theirs[0], s.ep));
-  EAAS_PERF_CHECK(s.ep->import_region(theirs[1], s.peer));
+  connect_through(o.rendezvous, me, other, *s.ctx, *s.mine, s.ep, s.peer);
 }
 
 void pin(int core) {
