@@ -23,10 +23,8 @@
 #include <vector>
 
 #include "driver.hpp"
+#include "gpu_modes.hpp"
 #include "pattern.hpp"
-#if EAAS_PERF_WITH_GPU
-#include "gpu_tools.hpp"
-#endif
 
 extern char** environ;
 
@@ -48,10 +46,8 @@ enum mode : std::uint64_t { mode_done = 0, mode_check = 1, mode_bw = 2, mode_bid
 
 struct options {
   std::string role = "both", rendezvous, json, transport = "shm";
-  int gpu = -1, server_gpu = -1;
   unsigned blocks = 16;
-  bool soft_nic = false;
-  std::vector<std::uint32_t> warps;
+  gpu_flags gpu;
   bool all = false, bidir = false, baseline = true;
   std::size_t size = 1 << 20, max_size = 64ull << 20, iters = 0, min_size = 64;
 };
@@ -201,28 +197,6 @@ int run_client(const options& o) {
   return 0;
 }
 
-// --transport nvlink: kernels on two GPUs stream the puts (nvlink_pair.cu).
-int run_gpu(options& o) {
-#if EAAS_PERF_WITH_GPU
-  nvlink_pair_options g;
-  g.role = o.role;
-  g.rendezvous = o.rendezvous;
-  g.gpu = o.gpu;
-  g.server_gpu = o.server_gpu;
-  g.sizes = o.all ? size_sweep(std::max<std::size_t>(o.min_size, 4096), o.max_size) : std::vector<std::size_t>{o.size};
-  g.max_size = o.max_size;
-  g.iters = o.iters;
-  g.baseline = o.baseline;
-  g.json = o.json;
-  g.blocks = o.blocks;
-  g.bidir = o.bidir;
-  return run_nvlink_tool(g, run_nvlink_bw);
-#else
-  die("--transport " + o.transport + ": this build has no CUDA (configure with -DEAAS_WITH_CUDA=ON on a GPU machine)",
-      status::unsupported);
-#endif
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -242,31 +216,32 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"shm", "nvlink", "ibgda"}));
   app.add_option("--blocks", o.blocks, "nvlink: blocks (of 512 threads) that split each message")
       ->check(CLI::Range(1u, 1024u));
-  app.add_flag("--soft-nic", o.soft_nic, "ibgda: post from this GPU to the software NIC model (no NIC needed)");
-  app.add_option("--warps", o.warps, "ibgda --soft-nic: posting-rate rows for these counts of posting warps");
-  app.add_option("--gpu", o.gpu, "nvlink: this side's CUDA device (default: client 0, server 1 or 0)");
-  app.add_option("--server-gpu", o.server_gpu, "nvlink, --role both: the server's CUDA device");
+  add_gpu_flags(app, o.gpu);
   app.add_option("--json", o.json, "write results as JSON to this file");
   app.add_flag("!--no-baseline", o.baseline, "skip the memcpy baseline");
   CLI11_PARSE(app, argc, argv);
   if (!o.all) o.max_size = std::max(o.max_size, o.size);
-  if (o.transport == "nvlink") return run_gpu(o);
-  if (o.transport == "ibgda") {
-    if (!o.soft_nic)
-      die("--transport ibgda: measuring against a real mlx5 NIC is not built yet (no machine here has one); "
-          "--soft-nic measures the posting path against the software NIC model",
-          status::unsupported);
-#if EAAS_PERF_WITH_GPU
-    return run_soft_nic(
-        o.all ? size_sweep(std::max<std::size_t>(o.min_size, 8), std::min<std::size_t>(o.max_size, 1 << 20))
-              : std::vector<std::size_t>{std::min<std::size_t>(o.size, 1 << 20)},
-        o.iters, 1000, o.gpu, o.warps, o.json);
-#else
-    die("--soft-nic: this build has no CUDA (configure with -DEAAS_WITH_CUDA=ON on a GPU machine)",
-        status::unsupported);
-#endif
+  if (o.transport == "nvlink") {
+    nvlink_pair_options g;
+    g.role = o.role;
+    g.rendezvous = o.rendezvous;
+    g.sizes =
+        o.all ? size_sweep(std::max<std::size_t>(o.min_size, 4096), o.max_size) : std::vector<std::size_t>{o.size};
+    g.max_size = o.max_size;
+    g.iters = o.iters;
+    g.baseline = o.baseline;
+    g.json = o.json;
+    g.blocks = o.blocks;
+    g.bidir = o.bidir;
+    return run_nvlink(g, o.gpu, nvlink_tool::bw);
   }
-  if (o.blocks != 16 || o.gpu >= 0 || o.server_gpu >= 0)
+  if (o.transport == "ibgda")
+    return run_ibgda(o.gpu,
+                     o.all
+                         ? size_sweep(std::max<std::size_t>(o.min_size, 8), std::min<std::size_t>(o.max_size, 1 << 20))
+                         : std::vector<std::size_t>{std::min<std::size_t>(o.size, 1 << 20)},
+                     o.iters, 1000, o.json);
+  if (o.blocks != 16 || o.gpu.gpu >= 0 || o.gpu.server_gpu >= 0)
     die("--blocks / --gpu / --server-gpu: GPU options (--transport nvlink)", status::invalid_argument);
 
   if (o.role == "both") {

@@ -19,10 +19,8 @@
 #include <vector>
 
 #include "driver.hpp"
+#include "gpu_modes.hpp"
 #include "pattern.hpp"
-#if EAAS_PERF_WITH_GPU
-#include "gpu_tools.hpp"
-#endif
 
 extern char** environ;
 
@@ -53,10 +51,8 @@ struct options {
   std::size_t iters = 10000;
   std::size_t warmup = 200;
   int cpu = -1;
-  int gpu = -1, server_gpu = -1;
   bool graph = false;
-  bool soft_nic = false;
-  std::vector<std::uint32_t> warps;
+  gpu_flags gpu;
   bool baseline = true;
 };
 
@@ -302,29 +298,6 @@ int run_client(const options& o) {
   return 0;
 }
 
-// --transport nvlink: the same two-process shape, kernels on both sides (nvlink_pair.cu).
-int run_gpu(options& o) {
-#if EAAS_PERF_WITH_GPU
-  nvlink_pair_options g;
-  g.role = o.role;
-  g.rendezvous = o.rendezvous;
-  g.gpu = o.gpu;
-  g.server_gpu = o.server_gpu;
-  g.sizes = o.all ? size_sweep(8, o.max_size) : std::vector<std::size_t>{o.size};
-  g.max_size = o.max_size;
-  g.iters = o.iters;
-  g.warmup = o.warmup;
-  g.baseline = o.baseline;
-  g.json = o.json;
-  g.scope = o.scope;
-  g.graph = o.graph;
-  return run_nvlink_tool(g, run_nvlink_pingpong);
-#else
-  die("--transport " + o.transport + ": this build has no CUDA (configure with -DEAAS_WITH_CUDA=ON on a GPU machine)",
-      status::unsupported);
-#endif
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -337,11 +310,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"shm", "nvlink", "ibgda"}));
   app.add_option("--scope", o.scope, "who issues each op: thread, warp (32 threads) or block (512); GPU transports")
       ->check(CLI::IsMember({"thread", "warp", "block"}));
-  app.add_flag("--soft-nic", o.soft_nic, "ibgda: post from this GPU to the software NIC model (no NIC needed)");
-  app.add_option("--warps", o.warps, "ibgda --soft-nic: posting-rate rows for these counts of posting warps");
   app.add_flag("--graph", o.graph, "nvlink: also time messages replayed as the nodes of a CUDA graph");
-  app.add_option("--gpu", o.gpu, "nvlink: this side's CUDA device (default: client 0, server 1 or 0)");
-  app.add_option("--server-gpu", o.server_gpu, "nvlink, --role both: the server's CUDA device");
+  add_gpu_flags(app, o.gpu);
   app.add_flag("-a,--all", o.all, "sweep sizes 8 B .. --max-size in powers of two");
   app.add_option("-s,--size", o.size, "message size in bytes (without -a)")->check(CLI::Range(1ull, 1ull << 30));
   app.add_option("--max-size", o.max_size, "largest size of the sweep")->check(CLI::Range(8ull, 1ull << 30));
@@ -354,21 +324,24 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (!o.all) o.max_size = std::max(o.max_size, o.size);
-  if (o.transport == "nvlink") return run_gpu(o);
-  if (o.transport == "ibgda") {
-    if (!o.soft_nic)
-      die("--transport ibgda: measuring against a real mlx5 NIC is not built yet (no machine here has one); "
-          "--soft-nic measures the posting path against the software NIC model",
-          status::unsupported);
-#if EAAS_PERF_WITH_GPU
-    return run_soft_nic(
-        o.all ? size_sweep(8, std::min<std::size_t>(o.max_size, 1 << 20)) : std::vector<std::size_t>{o.size}, o.iters,
-        o.warmup, o.gpu, o.warps, o.json);
-#else
-    die("--soft-nic: this build has no CUDA (configure with -DEAAS_WITH_CUDA=ON on a GPU machine)",
-        status::unsupported);
-#endif
+  if (o.transport == "nvlink") {
+    nvlink_pair_options g;
+    g.role = o.role;
+    g.rendezvous = o.rendezvous;
+    g.sizes = o.all ? size_sweep(8, o.max_size) : std::vector<std::size_t>{o.size};
+    g.max_size = o.max_size;
+    g.iters = o.iters;
+    g.warmup = o.warmup;
+    g.baseline = o.baseline;
+    g.json = o.json;
+    g.scope = o.scope;
+    g.graph = o.graph;
+    return run_nvlink(g, o.gpu, nvlink_tool::pingpong);
   }
+  if (o.transport == "ibgda")
+    return run_ibgda(
+        o.gpu, o.all ? size_sweep(8, std::min<std::size_t>(o.max_size, 1 << 20)) : std::vector<std::size_t>{o.size},
+        o.iters, o.warmup, o.json);
   if (o.scope != "thread")
     die("--scope " + o.scope + ": host (shm) ops are issued by one thread; warp and block are GPU scopes",
         status::unsupported);
