@@ -72,6 +72,8 @@ class client_impl final : public attention_client {
       wire_ = make_host_wire();
     if (o_.graph && !o_.device_step)
       return EAAS_RT_FAIL(status::invalid_argument, "client {}: graph needs device_step", o_.id);
+    if (!o_.host_output && !o_.device_step)
+      return EAAS_RT_FAIL(status::invalid_argument, "client {}: host_output false needs device_step", o_.id);
     if (o_.device_step) {
       if (o_.gpu < 0)
         return EAAS_RT_FAIL(status::invalid_argument, "client {}: device_step needs a GPU (gpu >= 0)", o_.id);
@@ -87,7 +89,8 @@ class client_impl final : public attention_client {
                                         .weights = &dense_.weights(),
                                         .max_tokens = o_.max_tokens,
                                         .request_timeout_ns = o_.request_timeout_ns,
-                                        .graph = o_.graph};
+                                        .graph = o_.graph,
+                                        .host_output = o_.host_output};
       EAAS_CHECK(o_.make_device_step(cfg, step_));
     }
     EAAS_CHECK(context::create({.name = o_.id, .cuda_device = o_.gpu}, ctx_));
@@ -145,6 +148,7 @@ class client_impl final : public attention_client {
     if (tokens.empty() || tokens.size() > o_.max_tokens)
       return EAAS_RT_FAIL(status::invalid_argument, "client {}: {} tokens (1..{})", o_.id, tokens.size(),
                           o_.max_tokens);
+    device_out_ = nullptr;
     if (step_) {
       bool done = false;
       EAAS_CHECK(device_forward(tokens, out, done));
@@ -176,6 +180,7 @@ class client_impl final : public attention_client {
 
   const std::vector<std::uint64_t>& last_moe_ns() const override { return layer_ns_; }
   const std::vector<routing>& last_routing() const override { return layer_routing_; }
+  const float* device_output() const override { return device_out_; }
   client_stats stats() const override {
     std::lock_guard g(stats_mu_);
     return stats_;
@@ -231,6 +236,7 @@ class client_impl final : public attention_client {
     }
     if (step_result_.complete) {
       out.swap(step_result_.out);
+      if (!o_.host_output) device_out_ = step_->device_out();
       layer_ns_ = step_result_.layer_ns;
       layer_routing_.swap(step_result_.layers);
       std::lock_guard g(stats_mu_);
@@ -622,6 +628,7 @@ class client_impl final : public attention_client {
   std::vector<gpu::step_server> step_servers_;
   std::vector<server_conn*> step_conns_;
   gpu::step_result step_result_;
+  const float* device_out_ = nullptr;  // the last forward's answer on the GPU (host_output false)
   std::vector<failover_event> device_events_;
   routing routing_;
   std::vector<std::uint64_t> layer_ns_;

@@ -45,6 +45,10 @@ struct client_options {
   bool device_step = false;
   /// With device_step: capture the forward once in a CUDA graph and replay it.
   bool graph = false;
+  /// With device_step: false leaves a forward's hidden states on the GPU (device_output()) instead of copying
+  /// them and the routing to the host; `out` and last_routing() stay empty for such forwards. A forward that
+  /// fell back to the host path fills `out` as usual (device_output() is then null).
+  bool host_output = true;
   /// Builds the device step: gpu::make_client_step, from the eaas_client_gpu library (kept out of eaas_moe
   /// so that servers need not load cuBLAS). Required with device_step.
   std::function<status(const gpu::client_step_config&, std::unique_ptr<gpu::client_step>&)> make_device_step;
@@ -94,6 +98,10 @@ class attention_client {
 
   /// The routing each layer of the last forward used (what a reference must use to compare).
   virtual const std::vector<routing>& last_routing() const = 0;
+
+  /// Where the last forward left its hidden states on the GPU (tokens × hidden fp32, valid until the next
+  /// forward), if it ran on the device path with host_output false; null otherwise (the answer is in `out`).
+  virtual const float* device_output() const { return nullptr; }
 
   virtual client_stats stats() const = 0;
 

@@ -111,6 +111,9 @@ int main(int argc, char** argv) {
   o.dense.attention_cost = attention_cost;
   o.max_tokens = tokens;
   o.request_timeout_ns = static_cast<std::uint64_t>(timeout_ms * 1e6);
+  // Without --verify nothing here reads the answers: on the device path they stay on the GPU, as in a serving
+  // engine (no read-back of tokens x hidden x 4 bytes per forward).
+  o.host_output = verify || !o.device_step;
   if (input_seed == 0) input_seed = std::hash<std::string>{}(o.id);
 
   checkpoint ck;

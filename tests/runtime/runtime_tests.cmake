@@ -57,7 +57,7 @@ endif()
 if(TARGET eaas_client_gpu)
   add_executable(eaas-client-step-gpu-tests ${CMAKE_CURRENT_LIST_DIR}/test_client_step_gpu.cpp)
   target_link_libraries(eaas-client-step-gpu-tests PRIVATE eaas_client_gpu doctest::doctest
-                                                           nlohmann_json::nlohmann_json)
+                                                           nlohmann_json::nlohmann_json CUDA::cudart)
   target_compile_definitions(eaas-client-step-gpu-tests PRIVATE
     EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_DEMO_BIN="$<TARGET_FILE:eaas-demo>")
   add_dependencies(eaas-client-step-gpu-tests eaas-server eaas-client eaas-demo)

@@ -4,6 +4,9 @@
 // forward took. Exits 77 (ctest: skipped) where there is no CUDA device.
 
 #define DOCTEST_CONFIG_IMPLEMENT
+#include <cuda_runtime.h>
+#include <signal.h>
+
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -56,7 +59,8 @@ struct gpu_cluster {
     ::kill(servers[i]->sp.pid, SIGKILL);
     CHECK(servers[i]->wait() == 128 + SIGKILL);
   }
-  std::unique_ptr<attention_client> client(const std::string& id, bool graph, std::uint32_t max_tokens) {
+  std::unique_ptr<attention_client> client(const std::string& id, bool graph, std::uint32_t max_tokens,
+                                           bool host_output = true) {
     client_options o;
     o.id = id;
     o.registry.endpoint = endpoint;
@@ -67,6 +71,7 @@ struct gpu_cluster {
     o.gpu = cuda_device_count() - 1;  // with two GPUs: not the servers' GPU 0
     o.device_step = true;
     o.graph = graph;
+    o.host_output = host_output;
     o.make_device_step = gpu::make_client_step;
     o.request_timeout_ns = 2'000'000'000ull;
     o.relink_backoff_ns = 500'000'000ull;
@@ -230,6 +235,59 @@ TEST_CASE("GPU client step: servers SIGKILLed every 0.5 s: device-path clients f
     steps += c.value("steps", 0ull);
   }
   CHECK(device > steps / 2);  // most forwards stayed on the device path
+}
+
+TEST_CASE("GPU client step: answers left on the GPU; a server joins and leaves under a captured graph") {
+  gpu_cluster cl("cstepjoin");
+  cl.add("s0", 0, {"--placement", "0/2/1"});
+  cl.add("s1", 0, {"--placement", "1/2/1"});
+  auto host = cl.client("h", true, 32);                        // copies answers and routing back
+  auto dev = cl.client("d", true, 32, /*host_output=*/false);  // leaves them on its GPU
+  REQUIRE_OK(host->wait_for_experts(1, 60'000'000'000ull));
+  REQUIRE_OK(dev->wait_for_experts(1, 60'000'000'000ull));
+  const reference_model ref(kShape, kSeed, {});
+
+  // The same tokens through both: what `d` left on its GPU equals what `h` read back (to the order in
+  // which servers' partial sums are added), and both are within 1e-2 of the reference.
+  std::uint32_t forwards = 0;
+  auto same_answer = [&](std::uint64_t seed) {
+    const auto toks = random_tokens(24, seed);
+    std::vector<float> want, r;
+    REQUIRE_OK(host->forward(toks, want));
+    ref.forward(toks, r, &host->last_routing());
+    CHECK(rel_err(want, r, kShape.hidden) <= 1e-2);
+    std::vector<float> out{1.0f};
+    REQUIRE_OK(dev->forward(toks, out));
+    ++forwards;
+    CHECK(out.empty());
+    CHECK(dev->last_routing().empty());
+    const float* d = dev->device_output();
+    REQUIRE(d != nullptr);
+    std::vector<float> got(toks.size() * kShape.hidden, std::numeric_limits<float>::quiet_NaN());
+    REQUIRE(cudaMemcpy(got.data(), d, got.size() * 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+    CHECK(rel_err(got, want, kShape.hidden) <= 1e-5);
+  };
+  for (std::uint64_t step = 0; step < 3; ++step) same_answer(step);
+
+  // A server hosting every expert joins while both clients run; no capture, no host-path forward.
+  cl.add("s2", 0, {"--placement", "0/1/1"});
+  const client_stats before = dev->stats();
+  for (std::uint64_t step = 0; step < 20; ++step) same_answer(100 + step);
+  // It leaves gracefully (SIGTERM): it drains, says what it served, and the clients carry on.
+  REQUIRE(::kill(cl.servers[2]->sp.pid, SIGTERM) == 0);
+  const json st2 = cl.servers[2]->next("stats", 30000);
+  REQUIRE(st2.is_object());
+  CHECK(st2.value("requests", 0ull) > 0);  // it took traffic from the clients that were already running
+  CHECK(cl.servers[2]->wait() == 0);
+  for (std::uint64_t step = 0; step < 3; ++step) same_answer(200 + step);
+  const client_stats after = dev->stats();
+  CHECK(after.forwards == before.forwards + 23);
+  CHECK(after.device_forwards == after.forwards);  // every forward ran on the device path
+  CHECK(after.fallback_forwards == 0);
+  CHECK(after.dropped_servers == 0);
+  CHECK(after.graph_captures == 1);  // the graph captured first served 2, 3 and 2 servers again
+  CHECK(host->stats().graph_captures == 1);
+  CHECK(forwards == 26);
 }
 
 int main(int argc, char** argv) {

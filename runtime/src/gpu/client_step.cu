@@ -405,6 +405,7 @@ class step_impl final : public client_step {
   }
 
   std::uint32_t captures() const override { return captures_; }
+  const float* device_out() const override { return x_.as<float>(); }
 
   status forward(std::span<const std::uint32_t> tokens, std::span<step_server> servers, step_result& r) override {
     const model_shape& sh = cfg_.shape;
@@ -468,29 +469,37 @@ class step_impl final : public client_step {
     } else {
       EAAS_CHECK(enqueue(T));
     }
-    // Back: head and states (into the mirror), hidden states, routing, stamps.
+    // Back: head and states (into the mirror), stamps, and with host_output the hidden states and routing.
     const std::size_t H = sh.hidden, K = sh.topk, L = sh.layers, TM = cfg_.max_tokens;
+    const bool full = cfg_.host_output;
     EAAS_STEPC_CUDA(cudaMemcpyAsync(table_host_, table_.p, tl.server, cudaMemcpyDeviceToHost, stream_));
     unsigned char* b = back_host_;
-    EAAS_STEPC_CUDA(cudaMemcpyAsync(b, x_.p, T * H * 4, cudaMemcpyDeviceToHost, stream_));
-    for (std::size_t l = 0; l < L; ++l) {
-      EAAS_STEPC_CUDA(cudaMemcpyAsync(b + T * H * 4 + l * T * K * 4, ids_.as<char>() + l * TM * K * 4, T * K * 4,
-                                      cudaMemcpyDeviceToHost, stream_));
-      EAAS_STEPC_CUDA(cudaMemcpyAsync(b + T * H * 4 + (L + l) * T * K * 4, weights_.as<char>() + l * TM * K * 4,
-                                      T * K * 4, cudaMemcpyDeviceToHost, stream_));
-    }
     const std::size_t stamps_at = T * H * 4 + 2 * L * T * K * 4;
     EAAS_STEPC_CUDA(cudaMemcpyAsync(b + stamps_at, stamps_.p, L * 2 * 8, cudaMemcpyDeviceToHost, stream_));
+    if (full) {
+      EAAS_STEPC_CUDA(cudaMemcpyAsync(b, x_.p, T * H * 4, cudaMemcpyDeviceToHost, stream_));
+      for (std::size_t l = 0; l < L; ++l) {
+        EAAS_STEPC_CUDA(cudaMemcpyAsync(b + T * H * 4 + l * T * K * 4, ids_.as<char>() + l * TM * K * 4, T * K * 4,
+                                        cudaMemcpyDeviceToHost, stream_));
+        EAAS_STEPC_CUDA(cudaMemcpyAsync(b + T * H * 4 + (L + l) * T * K * 4, weights_.as<char>() + l * TM * K * 4,
+                                        T * K * 4, cudaMemcpyDeviceToHost, stream_));
+      }
+    }
     EAAS_STEPC_CUDA(cudaStreamSynchronize(stream_));
 
-    r.out.resize(T * H);
-    std::memcpy(r.out.data(), b, T * H * 4);
-    r.layers.resize(L);
-    for (std::size_t l = 0; l < L; ++l) {
-      r.layers[l].ids.resize(T * K);
-      r.layers[l].weights.resize(T * K);
-      std::memcpy(r.layers[l].ids.data(), b + T * H * 4 + l * T * K * 4, T * K * 4);
-      std::memcpy(r.layers[l].weights.data(), b + T * H * 4 + (L + l) * T * K * 4, T * K * 4);
+    if (full) {
+      r.out.resize(T * H);
+      std::memcpy(r.out.data(), b, T * H * 4);
+      r.layers.resize(L);
+      for (std::size_t l = 0; l < L; ++l) {
+        r.layers[l].ids.resize(T * K);
+        r.layers[l].weights.resize(T * K);
+        std::memcpy(r.layers[l].ids.data(), b + T * H * 4 + l * T * K * 4, T * K * 4);
+        std::memcpy(r.layers[l].weights.data(), b + T * H * 4 + (L + l) * T * K * 4, T * K * 4);
+      }
+    } else {
+      r.out.clear();
+      r.layers.clear();
     }
     r.layer_ns.resize(L);
     for (std::size_t l = 0; l < L; ++l) {

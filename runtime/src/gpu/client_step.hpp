@@ -54,6 +54,10 @@ struct client_step_config {
   std::uint32_t max_tokens = 0;                         ///< most tokens per forward
   std::uint64_t request_timeout_ns = 2'000'000'000ull;  ///< one layer's bound on a server's answer
   bool graph = false;                                   ///< capture the forward once, replay it
+  /// Copy each forward's hidden states and routing to the host (step_result::out / layers). false: they stay
+  /// on the device (device_out()); a serving engine's next kernels read them there, and a forward costs no
+  /// PCIe read-back and no host copy (T x hidden x 4 bytes: 4 MiB at Qwen3 x 512 tokens).
+  bool host_output = true;
 };
 
 /// One linked server, as the client knows it.
@@ -122,8 +126,8 @@ struct step_outcome {
 
 /// What one forward left.
 struct step_result {
-  std::vector<float> out;                ///< hidden states, tokens × hidden
-  std::vector<runtime::routing> layers;  ///< each layer's routing, as computed on the device
+  std::vector<float> out;                ///< hidden states, tokens × hidden (empty without host_output)
+  std::vector<runtime::routing> layers;  ///< each layer's routing, as computed on the device (ditto)
   std::vector<std::uint64_t> layer_ns;   ///< each MoE layer's round trip (dispatch to combine, device clock)
   std::vector<step_outcome> outcomes;    ///< one per server, in the order given
   bool complete = false;                 ///< no server failed and the table covered every entry: `out` is right
@@ -143,6 +147,10 @@ class client_step {
 
   /// Graph captures so far (0 without graph).
   virtual std::uint32_t captures() const = 0;
+
+  /// The last forward's hidden states on the device (tokens × hidden fp32, row-major), valid until the next
+  /// forward; right only where that forward's result was `complete`.
+  virtual const float* device_out() const = 0;
 };
 
 /// client_step::create as a plain function, for client_options::make_device_step.
