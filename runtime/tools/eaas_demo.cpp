@@ -166,9 +166,14 @@ int main(int argc, char** argv) {
       app.add_flag("--device-step", device_step, "GPU clients run the whole forward on their GPU (eaas-client)");
   app.add_flag("--graph", graph, "with --device-step: clients replay their forward as a CUDA graph")
       ->needs(device_step_flag);
-  bool server_device_step = false;
-  app.add_flag("--server-device-step", server_device_step,
-               "GPU servers run their whole poll round on their GPU, one CUDA graph (eaas-server --device-step)");
+  bool server_device_step = false, server_no_graph = false;
+  auto* server_device_step_flag = app.add_flag(
+      "--server-device-step", server_device_step,
+      "GPU servers run their whole poll round on their GPU, one CUDA graph (eaas-server --device-step)");
+  app.add_flag("--server-no-graph", server_no_graph,
+               "with --server-device-step: launch the round's kernels one by one (the ablation; eaas-server "
+               "--device-no-graph)")
+      ->needs(server_device_step_flag);
   CLI11_PARSE(app, argc, argv);
 
   model_shape shape;
@@ -248,6 +253,7 @@ int main(int argc, char** argv) {
                              std::to_string(p.index) + "/" + std::to_string(servers) + "/" + std::to_string(replicas)});
     if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(p.index) % gpus)});
     if (server_device_step) args.push_back("--device-step");
+    if (server_no_graph) args.push_back("--device-no-graph");
     if (!spawn(server_bin, args, *c)) return false;
     p.proc = std::move(c);
     return true;

@@ -271,8 +271,12 @@ TEST_CASE("GPU client step: answers left on the GPU; a server joins and leaves u
 
   // A server hosting every expert joins while both clients run; no capture, no host-path forward.
   cl.add("s2", 0, {"--placement", "0/1/1"});
+  // Clients link a newcomer from their registry watch between forwards (~0.2 s, docs/PERF.md): keep
+  // forwarding for 3 s, so that both have linked it well before it is asked to leave.
   const client_stats before = dev->stats();
-  for (std::uint64_t step = 0; step < 20; ++step) same_answer(100 + step);
+  const auto t_join = std::chrono::steady_clock::now();
+  std::uint64_t during = 0;
+  while (std::chrono::steady_clock::now() - t_join < std::chrono::seconds(3)) same_answer(100 + during++);
   // It leaves gracefully (SIGTERM): it drains, says what it served, and the clients carry on.
   REQUIRE(::kill(cl.servers[2]->sp.pid, SIGTERM) == 0);
   const json st2 = cl.servers[2]->next("stats", 30000);
@@ -281,13 +285,13 @@ TEST_CASE("GPU client step: answers left on the GPU; a server joins and leaves u
   CHECK(cl.servers[2]->wait() == 0);
   for (std::uint64_t step = 0; step < 3; ++step) same_answer(200 + step);
   const client_stats after = dev->stats();
-  CHECK(after.forwards == before.forwards + 23);
+  CHECK(after.forwards == before.forwards + during + 3);
   CHECK(after.device_forwards == after.forwards);  // every forward ran on the device path
   CHECK(after.fallback_forwards == 0);
   CHECK(after.dropped_servers == 0);
   CHECK(after.graph_captures == 1);  // the graph captured first served 2, 3 and 2 servers again
   CHECK(host->stats().graph_captures == 1);
-  CHECK(forwards == 26);
+  CHECK(forwards == 3 + during + 3);
 }
 
 int main(int argc, char** argv) {
