@@ -167,9 +167,9 @@ int main(int argc, char** argv) {
   app.add_flag("--graph", graph, "with --device-step: clients replay their forward as a CUDA graph")
       ->needs(device_step_flag);
   bool server_device_step = false, server_no_graph = false;
-  auto* server_device_step_flag = app.add_flag(
-      "--server-device-step", server_device_step,
-      "GPU servers run their whole poll round on their GPU, one CUDA graph (eaas-server --device-step)");
+  auto* server_device_step_flag =
+      app.add_flag("--server-device-step", server_device_step,
+                   "GPU servers run their whole poll round on their GPU, one CUDA graph (eaas-server --device-step)");
   app.add_flag("--server-no-graph", server_no_graph,
                "with --server-device-step: launch the round's kernels one by one (the ablation; eaas-server "
                "--device-no-graph)")
@@ -252,6 +252,8 @@ int main(int argc, char** argv) {
     args.insert(args.end(), {"--id", c->name, "--placement",
                              std::to_string(p.index) + "/" + std::to_string(servers) + "/" + std::to_string(replicas)});
     if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(p.index) % gpus)});
+    // A client's forward is one request per server and layer where it fits (larger ones the client splits).
+    if (tokens > 512) args.insert(args.end(), {"--max-tokens", std::to_string(tokens)});
     if (server_device_step) args.push_back("--device-step");
     if (server_no_graph) args.push_back("--device-no-graph");
     if (!spawn(server_bin, args, *c)) return false;
@@ -374,8 +376,8 @@ int main(int argc, char** argv) {
         next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
         // With --duration, no kill in the last stretch (at least 1 s, or two kill periods): each replacement
         // must have time to start and take traffic before the clients stop, so that every kill's join is
-        // measured (a slow build, e.g. under a sanitizer, needs that time).
-        if (duration > 0)
+        // measured (a slow build, e.g. under a sanitizer, needs that time). Without replacements: no limit.
+        if (duration > 0 && !no_replace)
           kills_until =
               now + static_cast<std::uint64_t>(
                         std::max(0.0, duration - std::min(duration / 2, std::max(1.0, 2 * kill_every))) * 1e9);

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstring>
 #include <cuda/atomic>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -21,6 +22,12 @@
 namespace eaas::runtime::gpu {
 
 namespace {
+
+// Held while a step object allocates, frees or captures (see forward()).
+std::mutex& setup_mutex() {
+  static std::mutex m;
+  return m;
+}
 
 #define EAAS_STEPC_CUDA(x) EAAS_GPU_CUDA("gpu client step", x)
 
@@ -429,9 +436,14 @@ class step_impl final : public client_step {
       R = std::max<std::uint32_t>(R, static_cast<std::uint32_t>(hosts_[e].size()));
     }
     EAAS_STEPC_CUDA(cudaSetDevice(cfg_.device));
-    EAAS_CHECK(fit(S, R));
-    // Captured before this forward's copies are queued (capture records only what follows it).
-    if (cfg_.graph && (exec_ == nullptr || graph_tokens_ != T)) EAAS_CHECK(capture(T));
+    {
+      // Reallocation (cudaFree, device-wide syncs) in one step object would invalidate a capture another one
+      // is making on another thread (double batching runs two in one process): one at a time.
+      std::lock_guard g(setup_mutex());
+      EAAS_CHECK(fit(S, R));
+      // Captured before this forward's copies are queued (capture records only what follows it).
+      if (cfg_.graph && (exec_ == nullptr || graph_tokens_ != T)) EAAS_CHECK(capture(T));
+    }
     // The tables, and the tokens after them, through the pinned mirror.
     const table_layout tl = table_for(cap_, rcap_, sh.experts);
     std::memset(table_host_, 0, tl.bytes);
@@ -646,7 +658,10 @@ class step_impl final : public client_step {
 
 status client_step::create(const client_step_config& cfg, std::unique_ptr<client_step>& out) {
   auto s = std::make_unique<step_impl>(cfg);
-  EAAS_CHECK(s->init());
+  {
+    std::lock_guard g(setup_mutex());
+    EAAS_CHECK(s->init());
+  }
   out = std::move(s);
   return status::ok;
 }
