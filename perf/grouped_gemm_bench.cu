@@ -7,7 +7,9 @@
 //            captured in one CUDA graph, so host launch cost is not counted against it
 // Our op is captured in a CUDA graph too (its three launches). Both are validated before they are
 // timed: eaas against a CPU double-precision reference on sampled rows (#wrong) and against cuBLAS on
-// every row (max_rel_diff).
+// every row (max_rel_diff). With --sweep every variant of the kernel (grouped_swiglu_tuning) is held to
+// the same sampled reference (#wrong) and compared with the default's output on every row before it is
+// timed; a variant that fails fails the run.
 //
 // Bytes moved by the op (the numerator of every GB/s column): the weights of the active experts
 // (3 * hidden * inter * 2 bytes each) + x read (bf16) + y written (fp32) + h written and read (bf16).
@@ -182,7 +184,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--seed", seed, "data and routing seed")->capture_default_str();
   app.add_flag("--no-cublas", no_cublas, "skip the cuBLAS reference");
-  app.add_flag("--sweep", sweep, "also time the kernel's variants (register / cp.async pipelines, blocks per SM)");
+  app.add_flag("--sweep", sweep,
+               "also validate and time the kernel's variants (register / cp.async / staged pipelines, blocks per SM, "
+               "the automatic pick)");
   app.add_option("--json", json, "write results as JSON to this file");
   CLI11_PARSE(app, argc, argv);
 
@@ -330,7 +334,18 @@ int main(int argc, char** argv) {
       if (err_bits != 0) die("the op reported error bits " + std::to_string(err_bits), status::internal_error);
       std::vector<float> y_ours(rows * H);
       EAAS_CU(cudaMemcpy(y_ours.data(), y, rows * H * 4, cudaMemcpyDeviceToHost));
-      std::size_t wrong = 0;
+      // Sampled outputs: (index into y, reference, tolerance); every variant of the sweep is held to them.
+      struct sampled {
+        std::size_t at;
+        double want, tol;
+      };
+      std::vector<sampled> samples;
+      auto count_wrong = [&](const std::vector<float>& got) {
+        std::size_t n = 0;
+        for (const sampled& q : samples)
+          if (!(std::fabs(got[q.at] - q.want) <= q.tol)) ++n;
+        return n;
+      };
       {
         // The most loaded expert and one other: up to 3 rows each.
         std::vector<int> sample = {
@@ -359,11 +374,12 @@ int main(int argc, char** argv) {
               }
               const double want = s * w[std::size_t(r)];
               const double tol = 1e-2 * std::fabs(want) + 1e-2 * std::sqrt(sq) * w[std::size_t(r)];
-              if (!(std::fabs(y_ours[std::size_t(r) * H + i] - want) <= tol)) ++wrong;
+              samples.push_back({std::size_t(r) * H + i, want, tol});
             }
           }
         }
       }
+      const std::size_t wrong = count_wrong(y_ours);
 
       // --- cuBLAS per-expert loop (active experts only), one graph ------------------------------------
       latency_stats sb{};
@@ -433,25 +449,55 @@ int main(int argc, char** argv) {
       }
 
       if (sweep) {
-        // {blocks per SM (0: the default), stages (1: registers, 3/4/6: cp.async ring), k_unroll}
-        const gg::grouped_swiglu_tuning variants[] = {{4, 1, 2}, {3, 1, 2}, {2, 1, 2}, {3, 1, 4},
-                                                      {0, 3, 0}, {0, 4, 0}, {0, 6, 0}, {2, 3, 0}};
+        // {blocks per SM (0: the default), stages (1: registers, 3/4/6: cp.async ring), k_unroll, staged
+        // (token tiles in shared memory; k_unroll = weight steps in flight), staged_from_rows (auto pick)}
+        const gg::grouped_swiglu_tuning variants[] = {
+            {4, 1, 2, 0, 0}, {3, 1, 2, 0, 0}, {2, 1, 2, 0, 0}, {3, 1, 4, 0, 0}, {0, 3, 0, 0, 0}, {0, 4, 0, 0, 0},
+            {0, 6, 0, 0, 0}, {2, 3, 0, 0, 0}, {0, 0, 2, 1, 0}, {3, 0, 2, 1, 0}, {0, 0, 3, 1, 0}, {0, 0, 0, 0, 16}};
         nlohmann::json vj = nlohmann::json::array();
+        std::vector<float> y_var(rows * H);
         for (const auto& t : variants) {
+          const std::string name = t.staged_from_rows != 0 ? "auto>=" + std::to_string(t.staged_from_rows)
+                                   : t.staged != 0         ? "staged x" + std::to_string(t.k_unroll)
+                                   : t.stages == 1         ? "registers x" + std::to_string(t.k_unroll)
+                                                           : "cp.async x" + std::to_string(t.stages);
           cudaGraphExec_t ge = run_ours(t);
+          // Validated like the default: the sampled CPU reference (#wrong), and every row against the default.
+          EAAS_CU(cudaMemsetAsync(y, 0xFF, max_rows * H * 4, st));
+          EAAS_CU(cudaGraphLaunch(ge, st));
+          EAAS_CU(cudaStreamSynchronize(st));
+          EAAS_CU(cudaMemcpy(&err_bits, err, 4, cudaMemcpyDeviceToHost));
+          EAAS_CU(cudaMemcpy(y_var.data(), y, rows * H * 4, cudaMemcpyDeviceToHost));
+          const std::size_t vwrong = count_wrong(y_var) + (err_bits != 0 ? 1 : 0);
+          double vmax = 0, vdiff = 0;
+          for (std::size_t i = 0; i < rows * H; ++i) {
+            vmax = std::max(vmax, std::fabs(double(y_ours[i])));
+            const double d = std::fabs(double(y_var[i]) - double(y_ours[i]));
+            vdiff = std::isnan(d) ? INFINITY : std::max(vdiff, d);
+          }
+          const double vrel = vmax > 0 ? vdiff / vmax : vdiff;
           const latency_stats sv = time_it(st, warm, reps, [&] { EAAS_CU(cudaGraphLaunch(ge, st)); });
           EAAS_CU(cudaGraphExecDestroy(ge));
           const double vg = bytes / (sv.t_typical * 1e-6) / 1e9;
-          std::printf("#   variant %-13s blocks/SM=%-3s: %9.1f us %7.0f GB/s %4.0f%% of copy\n",
-                      t.stages == 1 ? ("registers x" + std::to_string(t.k_unroll)).c_str()
-                                    : ("cp.async x" + std::to_string(t.stages)).c_str(),
-                      t.ctas_per_sm ? std::to_string(t.ctas_per_sm).c_str() : "def", sv.t_typical, vg,
-                      100.0 * vg / copy_gbps);
-          vj.push_back({{"stages", t.stages},
+          std::printf(
+              "#   variant %-13s blocks/SM=%-3s: %9.1f us %7.0f GB/s %4.0f%% of copy  #wrong %zu  max_rel_diff vs "
+              "default %.2e\n",
+              name.c_str(), t.ctas_per_sm ? std::to_string(t.ctas_per_sm).c_str() : "def", sv.t_typical, vg,
+              100.0 * vg / copy_gbps, vwrong, vrel);
+          std::fflush(stdout);
+          const bool vok = vwrong == 0 && vrel < 2e-2;
+          all_ok = all_ok && vok;
+          vj.push_back({{"name", name},
+                        {"stages", t.stages},
                         {"k_unroll", t.k_unroll},
+                        {"staged", t.staged},
+                        {"staged_from_rows", t.staged_from_rows},
                         {"ctas_per_sm", t.ctas_per_sm},
                         {"us", sv.t_typical},
-                        {"gbps", vg}});
+                        {"gbps", vg},
+                        {"wrong", vwrong},
+                        {"max_rel_diff_vs_default", vrel},
+                        {"valid", vok}});
         }
         pj["variants"] = vj;
       }

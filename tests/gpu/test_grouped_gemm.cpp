@@ -215,12 +215,16 @@ struct verdict {
   std::string first;
 };
 
-verdict compare(const problem& p, const device_problem& d) {
-  std::vector<double> ref, mag;
-  reference(p, ref, mag);
-  const std::size_t H = p.shape.hidden;
-  std::vector<float> y(std::size_t{p.shape.max_rows} * H);
+std::vector<float> download_y(const problem& p, const device_problem& d) {
+  std::vector<float> y(std::size_t{p.shape.max_rows} * p.shape.hidden);
   REQUIRE_CUDA(cudaMemcpy(y.data(), d.y.p, y.size() * 4, cudaMemcpyDeviceToHost));
+  return y;
+}
+
+// y against ref (with the tolerance from mag) inside the groups, the poison outside.
+verdict compare(const problem& p, const std::vector<float>& y, const std::vector<double>& ref,
+                const std::vector<double>& mag) {
+  const std::size_t H = p.shape.hidden;
   verdict v;
   for (std::size_t r = 0; r < p.shape.max_rows; ++r) {
     const bool inside = static_cast<int>(r) >= p.offsets.front() && static_cast<int>(r) < p.offsets.back();
@@ -246,6 +250,12 @@ verdict compare(const problem& p, const device_problem& d) {
     }
   }
   return v;
+}
+
+verdict compare(const problem& p, const device_problem& d) {
+  std::vector<double> ref, mag;
+  reference(p, ref, mag);
+  return compare(p, download_y(p, d), ref, mag);
 }
 
 std::uint32_t read_error(const device_problem& d) {
@@ -314,6 +324,77 @@ TEST_CASE("grouped_swiglu: every kernel variant and a one-block-per-SM grid give
       CAPTURE(per_sm);
       run_and_check(p, false, grouped_swiglu_tuning{per_sm, v[0], v[1]});
     }
+}
+
+TEST_CASE(
+    "grouped_swiglu: the staged path and its automatic pick give the reference's and the default path's results") {
+  // Rows per expert 1, 7, 16, 33 (a full chunk and one row), 64 (two full chunks), inactive experts, and
+  // counts that are not multiples of 8, 16 or 32, then random ones. K sizes against the 256-wide token
+  // tiles: 2048 x 768 is Qwen3-30B-A3B's expert; 544 = two full tiles and one 32-wide step (and down's
+  // last 128-feature tile a quarter full); 96, less than a tile (and gate/up's last 64-feature tile half
+  // full: warps with no features still stage tokens); 288 / 320, a last tile of one / two steps; 32, one K
+  // step, fewer than the steps kept in flight.
+  struct shape_case {
+    std::uint32_t hidden, inter;
+    std::size_t random_experts;
+  };
+  const shape_case shapes[] = {{2048, 768, 0}, {544, 96, 6}, {288, 320, 6}, {32, 32, 6}};
+  const std::vector<int> edges = {1, 0, 7, 16, 33, 64, 0, 5, 23, 40};
+  // {blocks per SM, stages, k_unroll, staged, staged_from_rows}. One block per SM: each block walks many
+  // work items, restaging its token tiles for each. staged_from_rows 1: the auto kernels take the staged
+  // path; 1 << 20: the register path; 16: the pick the bench sweeps.
+  const grouped_swiglu_tuning tunings[] = {{0, 0, 2, 1, 0}, {0, 1, 0, 1, 0}, {1, 0, 2, 1, 0},        {0, 0, 3, 1, 0},
+                                           {1, 0, 3, 1, 0}, {0, 0, 0, 0, 1}, {0, 0, 0, 0, 1u << 20}, {1, 0, 2, 0, 16}};
+  std::mt19937_64 rng(21);
+  for (const auto& sc : shapes) {
+    CAPTURE(sc.hidden);
+    CAPTURE(sc.inter);
+    std::vector<int> counts = edges;
+    const auto more = random_counts(sc.random_experts, 70, 0.3, rng);
+    counts.insert(counts.end(), more.begin(), more.end());
+    const problem p = make_problem(sc.hidden, sc.inter, counts, 3, 5, true, rng());
+    std::vector<double> ref, mag;
+    reference(p, ref, mag);
+    const device_problem d(p, false);
+    const std::size_t inside = std::size_t(p.offsets.back() - p.offsets.front()) * p.shape.hidden;
+
+    auto run = [&](const grouped_swiglu_tuning& t) {
+      d.poison_y(p);
+      REQUIRE_OK(grouped_swiglu(p.shape, d.args(true), d.ws_bytes, nullptr, t));
+      REQUIRE_CUDA(cudaDeviceSynchronize());
+      CHECK(read_error(d) == 0);
+      return download_y(p, d);
+    };
+    const std::vector<float> y_default = run({});
+    {
+      const verdict v = compare(p, y_default, ref, mag);
+      INFO(v.first);
+      REQUIRE(v.checked == inside);
+      REQUIRE(v.wrong == 0);
+      REQUIRE(v.stray == 0);
+    }
+    for (const auto& t : tunings) {
+      CAPTURE(t.ctas_per_sm);
+      CAPTURE(t.stages);
+      CAPTURE(t.k_unroll);
+      CAPTURE(t.staged);
+      CAPTURE(t.staged_from_rows);
+      const std::vector<float> y = run(t);
+      const verdict v = compare(p, y, ref, mag);
+      INFO(v.first);
+      CHECK(v.checked == inside);
+      CHECK(v.wrong == 0);
+      CHECK(v.stray == 0);
+      // Against the default path, with the reference's tolerance: the staged path feeds the tensor cores
+      // the same fragments in the same order, so only a different rounding of h could move an output.
+      std::size_t off_default = 0;
+      for (std::size_t i = 0; i < y.size(); ++i) {
+        const double tol = 1e-2 * std::fabs(ref[i]) + 1e-2 * mag[i];
+        if (std::fabs(double(y[i]) - double(y_default[i])) > tol) ++off_default;
+      }
+      CHECK(off_default == 0);
+    }
+  }
 }
 
 TEST_CASE("grouped_swiglu: one expert holds every row (a prefill-sized group)") {
@@ -416,6 +497,14 @@ TEST_CASE("grouped_swiglu: the host refuses bad arguments, the device refuses ba
           status::invalid_argument);
     CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 1, 3}) ==
           status::invalid_argument);
+    CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 4, 1, 0}) ==
+          status::invalid_argument);  // staged: 2 or 3 steps in flight
+    CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 3, 0, 1, 0}) ==
+          status::invalid_argument);  // staged and a cp.async ring
+    CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 2, 0}) ==
+          status::invalid_argument);
+    CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 1, 16}) ==
+          status::invalid_argument);  // the automatic pick is its own kernel
     CHECK(!last_error().empty());
   }
 

@@ -24,6 +24,19 @@
 //   cp.async ring        each warp keeps a ring of 3, 4 or 6 K steps in flight in shared memory and
 //                        refills a step as soon as it is consumed; meant for 16+ rows per expert, where
 //                        the register path's compute phase leaves the memory pipe idle.
+//   staged (tuning::staged)  for 16+ rows per expert. On the other two paths every warp loads its own
+//                        copy of the token fragments (up to 4 LDG.128 of 8 rows x 64 bytes per K step,
+//                        as many as its weight loads at 32 rows, all through L1 and its tag stage) and
+//                        holds them in registers or ring slots. Here the block copies the chunk's tokens
+//                        once per 256-wide K tile into shared memory (cp.async, coalesced 512-byte rows,
+//                        two tiles: the next one lands while the current one is used) and the warps read
+//                        their fragments with conflict-free LDS.128; the weights still go straight to
+//                        registers, through a ring of 3 or 4 K steps per thread: step i is computed while
+//                        steps i+1 .. i+2 (or i+3) are in flight, so a warp never waits with nothing in
+//                        flight. Same fragment mapping and the same order of mmas as the register path,
+//                        so the same sums.
+//   auto (tuning::staged_from_rows)  one kernel holding the register path and the staged one; the
+//                        device picks per call (the mean rows per active expert, from prep's header).
 //
 // Raw PTX (the mma and the streaming load) stays in this file: it is private to this kernel, and the
 // library's detail/ptx.cuh is the device vocabulary's, not the runtime's.
@@ -65,7 +78,7 @@ struct ws_header {
   std::int32_t n_active;
   std::int32_t total_chunks;
   std::uint32_t error;
-  std::int32_t reserved;
+  std::int32_t rows;  // offsets[E] - offsets[0]: the rows of all groups
 };
 
 // One active expert, as the GEMM kernels see it (written by prep: they never re-read offsets).
@@ -108,6 +121,7 @@ struct kparams {
   __nv_bfloat16* h;
   std::uint32_t* error;
   int experts, hidden, inter, max_rows;
+  int staged_from_rows;  // the auto kernels: staged path when rows >= this * active experts
 };
 
 // ---- device helpers -------------------------------------------------------------------------------
@@ -290,6 +304,142 @@ constexpr int ring_bytes() {
   return S * kWarps * kSlots * 32 * 16;
 }
 
+// The staged path: the chunk's token rows go to shared memory once per block and K tile, the weights
+// through a per-thread register ring that keeps U K steps in flight while one is computed.
+constexpr int kStageK = 256;  // K elements per tile of the token operand
+constexpr int kStageSteps = kStageK / 32;
+static_assert((kStageSteps & (kStageSteps - 1)) == 0);
+// Row stride in elements: 576 bytes, 64 modulo 128, so the two rows a quarter warp reads with LDS.128
+// (lanes 4g .. 4g+7: rows g and g+1, 64 bytes each) fall in different banks.
+constexpr int kStageLd = kStageK + 32;
+constexpr int kStageTile = kChunkRows * kStageLd;         // elements of one tile
+constexpr int kStageBytes = 2 * kStageTile * 2;           // two tiles, bf16
+constexpr int kStagePieces = kChunkRows * (kStageK / 8);  // 16-byte pieces of one full tile
+static_assert(kStagePieces % kThreads == 0);
+
+// 16 bytes, or zeros where src_bytes is 0 (rows past the chunk's last row, within its last n-tile).
+__device__ __forceinline__ void cp_async_cg_zfill(void* smem, const void* gmem, unsigned src_bytes) {
+  asm volatile(
+      "cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+      "l"(gmem), "r"(src_bytes)
+      : "memory");
+}
+
+// Whole block: tile `dst` <- rows 0 .. fill-1 of B, K elements k0 .. k0+len-1 (len a multiple of 32).
+// Consecutive threads copy consecutive 16 bytes of a row.
+__device__ __forceinline__ void stage_b_tile(__nv_bfloat16* dst, const __nv_bfloat16* b, int ld, int rows, int fill,
+                                             int k0, int len) {
+  const int pieces = len / 8;
+#pragma unroll
+  for (int i0 = 0; i0 < kStagePieces; i0 += kThreads) {
+    const int i = i0 + static_cast<int>(threadIdx.x), r = i / (kStageK / 8), c = i % (kStageK / 8);
+    if (r < fill && c < pieces)
+      cp_async_cg_zfill(dst + r * kStageLd + 8 * c, b + static_cast<std::size_t>(min(r, rows - 1)) * ld + k0 + 8 * c,
+                        r < rows ? 16u : 0u);
+  }
+}
+
+// One K step of this thread's weights: rows g and g+8 of both A tiles, 8 elements each.
+struct a_step {
+  uint4 lo[2], hi[2];
+};
+
+__device__ __forceinline__ void load_a_step(const char* const (&a_lo)[2], std::size_t a_hi_off, int step, a_step& r) {
+  const std::size_t off = static_cast<std::size_t>(step) * 64;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    r.lo[mt] = ld_weight(a_lo[mt] + off);
+    r.hi[mt] = ld_weight(a_lo[mt] + a_hi_off + off);
+  }
+}
+
+// The mmas of one K step, in the register path's order. `b_row`: this thread's token row g, element
+// 8t, of the tile that holds the step.
+__device__ __forceinline__ void mma_step(const a_step& r, const __nv_bfloat16* b_row, int step, int ntiles,
+                                         float (&acc)[2][kNTiles][4]) {
+  const int col = (step & (kStageSteps - 1)) * 32;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+    if (nt >= ntiles) continue;  // warp-uniform
+    const uint4 bv = *reinterpret_cast<const uint4*>(b_row + nt * 8 * kStageLd + col);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      mma_bf16(acc[mt][nt], r.lo[mt].x, r.hi[mt].x, r.lo[mt].y, r.hi[mt].y, bv.x, bv.y);
+      mma_bf16(acc[mt][nt], r.lo[mt].z, r.hi[mt].z, r.lo[mt].w, r.hi[mt].w, bv.z, bv.w);
+    }
+  }
+}
+
+// Called by the whole block (it holds barriers); warps with live false only help stage B. A, B, ld,
+// rows and acc as for warp_gemm; `stage`: kStageBytes of shared memory. The weights go through a
+// register ring of D + 1 K steps: step i is computed while steps i+1 .. i+D are in flight.
+template <int D>
+__device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a)[2], bool live, const __nv_bfloat16* b,
+                                                  int ld, int K, int rows, __nv_bfloat16* stage,
+                                                  float (&acc)[2][kNTiles][4]) {
+  constexpr int R = D + 1;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const char* a_lo[2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+    a_lo[mt] = reinterpret_cast<const char*>(a[mt] + static_cast<std::size_t>(g) * ld + 8 * t);
+  const std::size_t a_hi_off = static_cast<std::size_t>(8) * ld * 2;
+  const int ntiles = (rows + 7) / 8, nk = K / 32;
+  const __nv_bfloat16* b_row = stage + g * kStageLd + 8 * t;
+
+  auto stage_tile = [&](int j) {
+    if (j * kStageSteps < nk)
+      stage_b_tile(stage + (j & 1) * kStageTile, b, ld, rows, ntiles * 8, j * kStageK, min(kStageK, K - j * kStageK));
+    cp_async_commit();  // always: at a tile's start, its group is the only one pending
+  };
+
+  stage_tile(0);
+  a_step ring[R];
+  if (live) {
+#pragma unroll
+    for (int s = 0; s < D; ++s)
+      if (s < nk) load_a_step(a_lo, a_hi_off, s, ring[s]);
+  }
+  for (int i0 = 0; i0 < nk; i0 += R) {
+#pragma unroll
+    for (int j = 0; j < R; ++j) {  // ring slots by constant index: the ring stays in registers
+      const int i = i0 + j;
+      if (i >= nk) break;  // block-uniform
+      if ((i & (kStageSteps - 1)) == 0) {
+        // A tile starts: wait for it, and let every warp finish the previous tile before its buffer
+        // is refilled with the next one.
+        cp_async_wait<0>();
+        __syncthreads();
+        stage_tile(i / kStageSteps + 1);
+      }
+      if (live) {  // warp-uniform
+        if (i + D < nk) load_a_step(a_lo, a_hi_off, i + D, ring[(j + D) % R]);
+        mma_step(ring[j], b_row + ((i / kStageSteps) & 1) * kStageTile, i, ntiles, acc);
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with the tiles before the next item restages them
+}
+
+// Which product a kernel runs (template argument of the GEMM kernels).
+enum b_mode : int {
+  kBPerWarp = 0,  // register path or cp.async ring: every warp loads its own token fragments
+  kBStaged = 1,   // block_gemm_staged
+  kBAuto = 2,     // staged when the call's mean rows per active expert >= kparams::staged_from_rows
+};
+
+// Register budget (ptxas, no spills): the staged path with 2 steps in flight fits 128 registers (4 blocks
+// per SM), with 3 steps 166; the auto kernels hold the register path and the staged one: 168.
+template <int U, int B>
+constexpr int min_blocks() {
+  return B == kBAuto || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
+}
+
+__device__ __forceinline__ bool use_staged(int mode, const kparams& p, int n_active) {
+  return mode == kBStaged || (mode == kBAuto && static_cast<long long>(p.hdr->rows) >=
+                                                    static_cast<long long>(p.staged_from_rows) * n_active);
+}
+
 struct work_item {
   active_entry e;
   int row0, rows, tile;
@@ -420,12 +570,12 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
   }
   if (tid == 0) {
     p.prefix[carry_active] = carry_chunks;
-    *p.hdr = ws_header{carry_active, carry_chunks, 0, 0};
+    *p.hdr = ws_header{carry_active, carry_chunks, 0, p.offsets[p.experts] - p.offsets[0]};
   }
 }
 
-template <int U, int S>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) gate_up_kernel(kparams p) {
+template <int U, int S, int B>
+__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(kparams p) {
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
   const int tiles = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
@@ -434,16 +584,26 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gate_up_kernel(kparams
   const std::int32_t* prefix;
   if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
     const work_item it = find_item(w, tiles, prefix, n_active, p.entries);
     const int f0 = it.tile * kGateUpFeatures + warp * 16;
-    if (f0 >= p.inter) continue;
-    const std::size_t woff = static_cast<std::size_t>(f0) * p.hidden;
+    const bool live = f0 < p.inter;
+    if (!live && !staged) continue;  // the staged path needs every warp at its barriers
+    const std::size_t woff = static_cast<std::size_t>(live ? f0 : 0) * p.hidden;
     const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
     float acc[2][kNTiles][4] = {};
-    warp_product<U, S>(a, p.x + static_cast<std::size_t>(it.row0) * p.hidden, p.hidden, p.hidden, it.rows,
-                       s_ring + warp * (S * kSlots * 32), acc);
+    const __nv_bfloat16* b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
+    if constexpr (B != kBPerWarp) {
+      if (staged)
+        block_gemm_staged<U>(a, live, b, p.hidden, p.hidden, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
+      else
+        warp_gemm<2, U>(a, b, p.hidden, p.hidden, it.rows, acc);
+      if (!live) continue;
+    } else {
+      warp_product<U, S>(a, b, p.hidden, p.hidden, it.rows, s_ring + warp * (S * kSlots * 32), acc);
+    }
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
@@ -458,8 +618,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gate_up_kernel(kparams
   }
 }
 
-template <int U, int S>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) down_kernel(kparams p) {
+template <int U, int S, int B>
+__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kparams p) {
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
   const int tiles = (p.hidden + kDownFeatures - 1) / kDownFeatures;
@@ -468,16 +628,27 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) down_kernel(kparams p)
   const std::int32_t* prefix;
   if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
     const work_item it = find_item(w, tiles, prefix, n_active, p.entries);
     const int f0 = it.tile * kDownFeatures + warp * 32;
-    if (f0 >= p.hidden) continue;
-    const __nv_bfloat16* a[2] = {it.e.down + static_cast<std::size_t>(f0) * p.inter,
-                                 it.e.down + static_cast<std::size_t>(f0 + 16) * p.inter};
+    const bool live = f0 < p.hidden;
+    if (!live && !staged) continue;  // the staged path needs every warp at its barriers
+    const int fa = live ? f0 : 0;
+    const __nv_bfloat16* a[2] = {it.e.down + static_cast<std::size_t>(fa) * p.inter,
+                                 it.e.down + static_cast<std::size_t>(fa + 16) * p.inter};
     float acc[2][kNTiles][4] = {};
-    warp_product<U, S>(a, p.h + static_cast<std::size_t>(it.row0) * p.inter, p.inter, p.inter, it.rows,
-                       s_ring + warp * (S * kSlots * 32), acc);
+    const __nv_bfloat16* b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
+    if constexpr (B != kBPerWarp) {
+      if (staged)
+        block_gemm_staged<U>(a, live, b, p.inter, p.inter, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
+      else
+        warp_gemm<2, U>(a, b, p.inter, p.inter, it.rows, acc);
+      if (!live) continue;
+    } else {
+      warp_product<U, S>(a, b, p.inter, p.inter, it.rows, s_ring + warp * (S * kSlots * 32), acc);
+    }
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
@@ -526,23 +697,37 @@ status cuda_fail(cudaError_t e, int line, const char* what) noexcept {
     if (cond) return fail(status::invalid_argument, __LINE__, "grouped_swiglu: " msg); \
   } while (0)
 
-// The kernel variants (grouped_swiglu_tuning::stages / k_unroll pick one).
+// The kernel variants (grouped_swiglu_tuning::stages / k_unroll / staged / staged_from_rows pick one).
 struct variant {
   void (*gate_up)(kparams);
   void (*down)(kparams);
-  int smem;  // dynamic shared memory (the cp.async ring)
+  int smem;    // dynamic shared memory (the cp.async ring, the staged token tiles)
+  int per_sm;  // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
 };
-constexpr int kVariants = 5;
+constexpr int kVariants = 8;
 const variant kVariantTable[kVariants] = {
-    {gate_up_kernel<2, 0>, down_kernel<2, 0>, 0},                // registers, 2 steps per batch
-    {gate_up_kernel<4, 0>, down_kernel<4, 0>, 0},                // registers, 4 steps per batch
-    {gate_up_kernel<0, 3>, down_kernel<0, 3>, ring_bytes<3>()},  // cp.async ring of 3 steps
-    {gate_up_kernel<0, 4>, down_kernel<0, 4>, ring_bytes<4>()},  // 4 steps
-    {gate_up_kernel<0, 6>, down_kernel<0, 6>, ring_bytes<6>()},  // 6 steps
+    {gate_up_kernel<2, 0, kBPerWarp>, down_kernel<2, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x2
+    {gate_up_kernel<4, 0, kBPerWarp>, down_kernel<4, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x4
+    {gate_up_kernel<0, 3, kBPerWarp>, down_kernel<0, 3, kBPerWarp>, ring_bytes<3>(), 0},  // cp.async ring of 3 steps
+    {gate_up_kernel<0, 4, kBPerWarp>, down_kernel<0, 4, kBPerWarp>, ring_bytes<4>(), 0},  // 4 steps
+    {gate_up_kernel<0, 6, kBPerWarp>, down_kernel<0, 6, kBPerWarp>, ring_bytes<6>(), 0},  // 6 steps
+    {gate_up_kernel<2, 0, kBStaged>, down_kernel<2, 0, kBStaged>, kStageBytes, 0},        // staged, 2 steps in flight
+    {gate_up_kernel<3, 0, kBStaged>, down_kernel<3, 0, kBStaged>, kStageBytes, 0},        // staged, 3 steps in flight
+    // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
+    {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
 };
 constexpr int kDefaultVariant = 0;
+constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
+constexpr int kAutoVariant = 7;
 
 int variant_index(const grouped_swiglu_tuning& t) {
+  if (t.staged_from_rows != 0)
+    return t.staged == 0 && t.stages == 0 && (t.k_unroll == 0 || t.k_unroll == 2) ? kAutoVariant : -1;
+  if (t.staged == 1) {
+    if (t.stages > 1) return -1;
+    return t.k_unroll == 0 || t.k_unroll == 2 ? kStagedVariant : t.k_unroll == 3 ? kStagedVariant + 1 : -1;
+  }
+  if (t.staged != 0) return -1;
   switch (t.stages) {
     case 0:
       return t.k_unroll == 0 ? kDefaultVariant : t.k_unroll == 2 ? 0 : t.k_unroll == 4 ? 1 : -1;
@@ -639,7 +824,9 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
                       CUstream_st* stream, const grouped_swiglu_tuning& tuning) noexcept {
   if (const status st = grouped_swiglu_check(s, a, workspace_bytes); st != status::ok) return st;
   const int vi = variant_index(tuning);
-  GG_INVALID(vi < 0, "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4");
+  GG_INVALID(vi < 0,
+             "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4; staged 0 or 1 (with stages 0 or 1 and "
+             "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2");
   const variant& kern = kVariantTable[vi];
 
   int dev = 0;
@@ -666,6 +853,7 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   p.hidden = static_cast<int>(s.hidden);
   p.inter = static_cast<int>(s.inter);
   p.max_rows = static_cast<int>(s.max_rows);
+  p.staged_from_rows = static_cast<int>(std::min<std::uint32_t>(tuning.staged_from_rows, 1u << 30));
 
   // Grids: every block resident, never more blocks than the most work items the capacity allows.
   const long long max_chunks = static_cast<long long>(s.max_rows) / kChunkRows + std::min(s.experts, s.max_rows);
@@ -673,8 +861,8 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
     int per_sm = std::max(occupancy, 1);
     if (tuning.ctas_per_sm != 0)
       per_sm = std::min(per_sm, static_cast<int>(tuning.ctas_per_sm));
-    else if (kern.smem == 0)
-      per_sm = std::min(per_sm, kDefaultRegisterBlocksPerSm);
+    else if (kern.per_sm != 0)
+      per_sm = std::min(per_sm, kern.per_sm);
     return static_cast<unsigned>(std::max(1LL, std::min(static_cast<long long>(lim.sms) * per_sm, max_chunks * tiles)));
   };
   const unsigned grid_gu = grid(lim.gate_up[vi], (p.inter + kGateUpFeatures - 1) / kGateUpFeatures);
