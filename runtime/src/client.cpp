@@ -533,6 +533,7 @@ class client_impl final : public attention_client {
     hd.topk = topk;
     hd.payload_bytes = l.end - sizeof(slot_header);
     hd.grant = c.w.grant;
+    hd.commit = slot_commit(hd.seq, hd.grant);
     std::memcpy(c.staging.data(), &hd, sizeof(hd));
     for (std::uint32_t r = 0; r < n; ++r) {
       const float* row = normed_.data() + std::size_t{c.tokens[r]} * h;
@@ -548,8 +549,10 @@ class client_impl final : public attention_client {
     }
     std::memcpy(c.staging.data() + l.expert_ids, c.ids.data(), c.ids.size() * 2);
     std::memcpy(c.staging.data() + l.weights, c.weights.data(), c.weights.size() * 4);
+    // The header last, its commit word last of all (slot.hpp): the server may read the slot before our
+    // signal, when its word still holds a value a former holder of the slot signalled.
     const status st = wire_->put_signal(*c.link.ep, c.slots, c.w.slot_offset, c.staging.data(), c.staging.size(),
-                                        c.slots, c.w.sig_offset, hd.seq);
+                                        c.slots, c.w.sig_offset, hd.seq, sizeof(slot_header));
     c.sent = st == status::ok;
     if (!c.sent) c.why = fmt::format("request {} to server {} not delivered ({})", hd.seq, c.rec.id, st);
     std::lock_guard g(stats_mu_);

@@ -32,11 +32,9 @@ struct client_slot {
   std::string client;
   std::unique_ptr<endpoint> ep;
   std::unique_ptr<remote_region> result;
-  std::uint64_t last_sig = 0;     // the signal value last handled
-  std::uint64_t expected = 1;     // the seq the next request must carry
-  std::uint32_t max_tokens = 0;   // most tokens per request (what its result region holds)
-  std::uint64_t grant = 0;        // what its requests must carry
-  std::uint64_t ignored_sig = 0;  // the signal value of the last foreign write ignored
+  slot_cursor cur{0, 1, 0};      // the protocol state (look_at_slot)
+  std::uint32_t max_tokens = 0;  // most tokens per request (what its result region holds)
+  std::uint64_t grant = 0;       // what its requests must carry
 };
 
 /// A request read out of a slot, checked.
@@ -263,9 +261,9 @@ class server_impl final : public expert_server {
       c.used = 1;
       c.max_tokens = s.max_tokens;
     }
-    st.last_sig = s.last_sig;
-    st.expected = s.expected;
-    st.ignored_sig = s.ignored_sig;
+    st.last_sig = s.cur.last_sig;
+    st.expected = s.cur.expected;
+    st.ignored_sig = s.cur.ignored_sig;
     dstep_->set_slot(i, c, st);
 #else
     (void)i;
@@ -343,8 +341,7 @@ class server_impl final : public expert_server {
       s = client_slot{};
       return;
     }
-    s.last_sig = 0;
-    s.expected = 1;
+    s.cur = slot_cursor{0, 1, 0};
     s.max_tokens = static_cast<std::uint32_t>(std::min<std::uint64_t>(o_.max_tokens, fits));
     s.grant = next_grant();
     server_welcome w{};
@@ -361,7 +358,7 @@ class server_impl final : public expert_server {
     w.local_experts = static_cast<std::uint32_t>(o_.experts.size());
     w.grant = s.grant;
     const auto rv = s.result->view();
-    const status st = wire_->put_signal(*s.ep, rv, kWelcome, &w, sizeof(w), rv, kWelcomeSig, i + 1);
+    const status st = wire_->put_signal(*s.ep, rv, kWelcome, &w, sizeof(w), rv, kWelcomeSig, i + 1, 0);
     if (st != status::ok) {
       release(i, "welcome failed");
       return;
@@ -422,20 +419,16 @@ class server_impl final : public expert_server {
         continue;
       }
       const std::uint64_t v = sigs_[i];
-      if (v == s.last_sig) continue;
-      request r = read_request(i);
-      if (r.err == slot_error::not_owner) {
-        // Someone else's write (a former holder of the slot): not consumed, and not remembered as seen, so
-        // that the owner's next request is noticed whatever seq value it carries.
-        if (v != s.ignored_sig) {
-          s.ignored_sig = v;
-          std::lock_guard g(stats_mu_);
-          stats_.ignored++;
-        }
-        continue;
+      if (v == s.cur.last_sig) continue;
+      request r;
+      const slot_look k = read_request(i, v, r);
+      if (k == slot_look::foreign) {
+        // A former holder's write: not consumed, never answered (the slot is looked at again while its
+        // word differs from last_sig, so that the owner's next request is noticed whatever seq it carries).
+        std::lock_guard g(stats_mu_);
+        stats_.ignored++;
       }
-      s.last_sig = v;
-      reqs.push_back(std::move(r));
+      if (k == slot_look::take) reqs.push_back(std::move(r));
     }
     window_polls_++;
     window_requests_ += reqs.size();
@@ -453,33 +446,34 @@ class server_impl final : public expert_server {
     return true;
   }
 
-  request read_request(std::uint32_t i) {
+  // Slot i, whose signal word reads v (!= last_sig): look_at_slot's verdict; with `take`, `r` holds the
+  // request, checked (r.err), and the slot's cursor has moved past it. Anything unreadable leaves the
+  // cursor as it was (`none`: looked at again at the next poll).
+  slot_look read_request(std::uint32_t i, std::uint64_t v, request& r) {
     client_slot& s = slots_[i];
-    request r;
+    const slot_cursor before = s.cur;
     r.slot = i;
     const std::uint64_t base = slot_offset(i);
-    // A private copy: the client cannot change what was checked.
-    if (wire_->read(*slots_mem_, base, &r.h, sizeof(r.h)) != status::ok) {
-      r.err = slot_error::not_owner;  // unreadable: not answered; the poll notes it
+    // The commit word with acquire, then a private copy of the header (the client cannot change what was
+    // checked), then, for a committed request, everything else: all written before its commit.
+    std::uint64_t committed = 0;
+    if (wire_->load_words(*slots_mem_, base + offsetof(slot_header, commit), 8, 1, &committed) != status::ok ||
+        wire_->read(*slots_mem_, base, &r.h, sizeof(r.h)) != status::ok) {
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
-      return r;
+      return slot_look::none;
     }
-    if (r.h.grant != s.grant) {
-      // Not the slot's owner (an earlier holder writing on): no answer into the owner's region.
-      r.err = slot_error::not_owner;
-      return r;
-    }
+    const slot_look k = look_at_slot(s.cur, v, committed, r.h, s.grant);
+    if (k != slot_look::take) return k;
     const slot_limits lim{.slot_bytes = geo_.slot_stride,
                           .hidden = o_.shape.hidden,
                           .layers = o_.shape.layers,
                           .max_tokens = s.max_tokens,
                           .max_topk = o_.shape.topk,
                           .local_experts = static_cast<std::uint32_t>(o_.experts.size()),
-                          .expected_seq = s.expected};
+                          .expected_seq = s.cur.expected};
     r.err = validate_request(r.h, lim);
-    const bool consumed = r.h.seq == s.expected;
-    if (consumed) s.expected++;  // consumed, answered or refused
-    if (r.err != slot_error::none) return r;
+    if (r.h.seq == s.cur.expected) s.cur.expected++;  // consumed, answered or refused
+    if (r.err != slot_error::none) return k;
     const slot_layout l = layout_for(r.h.tokens, r.h.hidden, r.h.topk, static_cast<dtype>(r.h.type));
     const std::size_t n = std::size_t{r.h.tokens} * r.h.topk;
     r.ids.resize(n);
@@ -487,26 +481,24 @@ class server_impl final : public expert_server {
     // The routing arrays follow each other: one read (one copy out of GPU memory) for both.
     raw_.resize(l.end - l.expert_ids);
     if (wire_->read(*slots_mem_, base + l.expert_ids, raw_.data(), raw_.size()) != status::ok) {
-      r.err = slot_error::not_owner;  // not taken: read again at the next poll
-      if (consumed) s.expected--;
+      s.cur = before;  // not taken: read again at the next poll
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
-      return r;
+      return slot_look::none;
     }
     std::memcpy(r.ids.data(), raw_.data(), n * 2);
     std::memcpy(r.weights.data(), raw_.data() + (l.weights - l.expert_ids), n * 4);
     r.err = validate_routing(r.h, lim, r.ids.data(), r.weights.data());
-    if (r.err != slot_error::none) return r;
+    if (r.err != slot_error::none) return k;
     r.act_offset = base + l.activations;
-    if (step_) return r;  // the GPU reads the activations where they are (their bounds were checked above)
+    if (step_) return k;  // the GPU reads the activations where they are (their bounds were checked above)
     // The activations too, so that everything computed is what was read here, once.
     const std::size_t h = r.h.hidden, elems = std::size_t{r.h.tokens} * h;
     const bool bf16 = r.h.type == static_cast<std::uint16_t>(dtype::bf16);
     raw_.resize(elems * (bf16 ? 2 : 4));
     if (wire_->read(*slots_mem_, r.act_offset, raw_.data(), raw_.size()) != status::ok) {
-      r.err = slot_error::not_owner;  // not taken: read again at the next poll
-      if (consumed) s.expected--;
+      s.cur = before;  // not taken: read again at the next poll
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
-      return r;
+      return slot_look::none;
     }
     r.act.resize(elems);
     if (bf16) {
@@ -518,7 +510,7 @@ class server_impl final : public expert_server {
     } else {
       std::memcpy(r.act.data(), raw_.data(), elems * 4);
     }
-    return r;
+    return k;
   }
 
   // Regroups every valid request's tokens by (layer, local expert), runs each group, scatters back.
@@ -640,7 +632,7 @@ class server_impl final : public expert_server {
       std::memcpy(out_.data(), &rh, sizeof(rh));
       if (out_bytes) std::memcpy(out_.data() + sizeof(rh), r.out.data(), out_bytes);
       const auto rv = s.result->view();
-      st = wire_->put_signal(*s.ep, rv, kResponse, out_.data(), out_.size(), rv, kResultSig, r.h.seq);
+      st = wire_->put_signal(*s.ep, rv, kResponse, out_.data(), out_.size(), rv, kResultSig, r.h.seq, 0);
     }
     answered(r.slot, r.err, st);
   }
@@ -691,9 +683,7 @@ class server_impl final : public expert_server {
       client_slot& s = slots_[i];
       if (!s.used) continue;
       const gpu::server_slot_state& d = sum.slots[i];
-      s.last_sig = d.last_sig;
-      s.expected = d.expected;
-      s.ignored_sig = d.ignored_sig;
+      s.cur = slot_cursor{d.last_sig, d.expected, d.ignored_sig};
       const auto v = static_cast<gpu::slot_verdict>(d.verdict);
       if (v == gpu::slot_verdict::ignored) ignored++;
       if (v != gpu::slot_verdict::served && v != gpu::slot_verdict::refused) continue;

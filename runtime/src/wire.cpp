@@ -52,9 +52,27 @@ class host_wire final : public wire {
   }
 
   status put_signal(const endpoint& ep, const remote_view& dst, std::uint64_t dst_offset, const void* src,
-                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value) override {
+                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value,
+                    std::size_t head) override {
     const device_endpoint v = ep.view();
-    status st = eaas::put_signal(coop_thread{}, v, dst, dst_offset, src, bytes, sig, sig_offset, value, signal_op::set);
+    if (head == 0) {
+      status st =
+          eaas::put_signal(coop_thread{}, v, dst, dst_offset, src, bytes, sig, sig_offset, value, signal_op::set);
+      return st == status::ok ? quiet(coop_thread{}, v) : st;
+    }
+    if (head % 8 != 0 || head > bytes || dst_offset % 8 != 0)
+      return EAAS_RT_FAIL(status::invalid_argument, "a head of {} bytes in a put of {} at {}", head, bytes, dst_offset);
+    // The bytes after the head; then the head, its last word as the signal of a put_signal; then the signal.
+    const auto* s = static_cast<const unsigned char*>(src);
+    std::uint64_t commit;
+    std::memcpy(&commit, s + head - 8, 8);
+    status st = eaas::put(coop_thread{}, v, dst, dst_offset + head, s + head, bytes - head);
+    if (st == status::ok) st = eaas::fence(coop_thread{}, v);
+    if (st == status::ok)
+      st = eaas::put_signal(coop_thread{}, v, dst, dst_offset, s, head - 8, dst, dst_offset + head - 8, commit,
+                            signal_op::set);
+    if (st == status::ok) st = eaas::fence(coop_thread{}, v);
+    if (st == status::ok) st = eaas::signal(coop_thread{}, v, sig, sig_offset, value, signal_op::set);
     return st == status::ok ? quiet(coop_thread{}, v) : st;
   }
 

@@ -44,9 +44,15 @@ class wire {
   /// Puts `bytes` from `src` (host memory of this process) at `dst_offset` of `dst`, then sets the
   /// signal word `sig_offset` of `sig` to `value` (the peer that sees the value sees the bytes), then
   /// quiets: both are complete at the peer when it returns ok.
+  ///
+  /// `head` > 0 makes the leading `head` bytes a commit record (a request's header, slot.hpp): they are
+  /// written after all the others, their last word last and with release, so that a peer that reads
+  /// that word with acquire and finds its new value sees every byte, whatever the signal word holds.
+  /// `head` must be a multiple of 8, at most `bytes`, with `dst_offset` 8-byte aligned
+  /// (`invalid_argument` otherwise, nothing written); 0 for a plain put_signal.
   virtual status put_signal(const endpoint& ep, const remote_view& dst, std::uint64_t dst_offset, const void* src,
-                            std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset,
-                            std::uint64_t value) = 0;
+                            std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value,
+                            std::size_t head) = 0;
 
   /// Sets a peer's signal word and quiets.
   virtual status signal(const endpoint& ep, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value) = 0;

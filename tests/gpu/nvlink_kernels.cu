@@ -1,8 +1,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <vector>
 
 #include "cuda_check.hpp"
+#include "eaas/device/grid_put.cuh"
 #include "eaas/device/ops.hpp"
 #include "nvlink_kernels.hpp"
 
@@ -76,6 +78,54 @@ __global__ void order_receive(const std::uint64_t* payload, const std::uint64_t*
   out->violations = violations;
   out->last = seen;
   out->receiver = s;
+}
+
+constexpr std::uint64_t kHeadPoison = 0xDEADBEEFDEADBEEFull;
+
+// Transfer i's source: every word i, but the commit word's source holds the poison.
+__global__ void head_fill(std::uint64_t* src, std::uint32_t words, std::uint64_t i) {
+  for (std::uint32_t w = blockIdx.x * blockDim.x + threadIdx.x; w < words; w += gridDim.x * blockDim.x)
+    src[w] = w == kHeadWords - 1 ? kHeadPoison : i;
+}
+
+__global__ void head_put(grid_put j) { grid_put_signal(j, blockIdx.x, gridDim.x); }
+
+// A block: thread 0 reads the commit word with acquire; after the barrier every thread checks its words
+// (the barrier orders their loads after the acquire).
+__global__ void head_receive(const std::uint64_t* dst, std::uint32_t words, std::uint64_t iters,
+                             head_order_result* out) {
+  __shared__ std::uint64_t s_seen;
+  __shared__ int s_state;  // 0: go on, 1: the last transfer seen, 2: timed out
+  std::uint64_t checks = 0, in_flight = 0, violations = 0;
+  const std::uint64_t until = now_ns() + 20'000'000'000ull;
+  for (;;) {
+    if (threadIdx.x == 0) {
+      std::uint64_t c = detail::load_acquire(dst + kHeadWords - 1);
+      if (c == kHeadPoison) {  // the source's bytes under the commit word were moved
+        ++violations;
+        c = 0;
+      }
+      s_seen = c;
+      ++checks;
+      in_flight += c > 0 && c < iters;
+      s_state = c >= iters ? 1 : (checks & 1023) == 0 && now_ns() > until ? 2 : 0;
+    }
+    __syncthreads();
+    const std::uint64_t seen = s_seen;
+    const int state = s_state;
+    for (std::uint32_t w = threadIdx.x; w < words; w += blockDim.x)
+      if (w != kHeadWords - 1) violations += detail::load_relaxed(dst + w) < seen;
+    __syncthreads();  // s_seen and s_state are written again
+    if (state == 0) continue;
+    if (threadIdx.x == 0) {
+      out->checks = checks;
+      out->in_flight = in_flight;
+      out->last = seen;
+      out->receiver = state == 1 ? status::ok : status::timeout;
+    }
+    break;
+  }
+  atomicAdd(reinterpret_cast<unsigned long long*>(&out->violations), static_cast<unsigned long long>(violations));
 }
 
 // Graph ping-pong: the client's sequence lives in device memory, so every replay sends the next one.
@@ -214,6 +264,84 @@ status run_ordering(int sender_device, const device_endpoint& ep, const remote_v
   CU(cudaStreamDestroy(ss));
   CU(cudaSetDevice(receiver_device));
   CU(cudaStreamDestroy(rs));
+  return status::ok;
+}
+
+status run_head_ordering(int sender_device, const device_endpoint& ep, const remote_view& dst, const remote_view& sig,
+                         int receiver_device, const std::uint64_t* local_dst, const std::uint64_t* local_sig,
+                         std::uint64_t iters, std::uint32_t words, unsigned blocks, head_order_result& out) {
+  if (words <= kHeadWords || blocks == 0) return status::invalid_argument;
+  // Allocated and loaded before the receiver starts (see run_ordering).
+  cudaFuncAttributes attr{};
+  CU(cudaSetDevice(receiver_device));
+  CU(cudaFuncGetAttributes(&attr, head_receive));
+  head_order_result* rr = nullptr;
+  if (status s = make(rr, head_order_result{}); s != status::ok) return s;
+  cudaStream_t rs, ss;
+  CU(cudaStreamCreateWithFlags(&rs, cudaStreamNonBlocking));
+  CU(cudaSetDevice(sender_device));
+  CU(cudaFuncGetAttributes(&attr, head_fill));
+  CU(cudaFuncGetAttributes(&attr, head_put));
+  std::uint64_t* src = nullptr;
+  unsigned char* words_dev = nullptr;  // arrivals at +0, result at +16
+  CU(cudaMalloc(&src, std::size_t{words} * 8));
+  CU(cudaMalloc(&words_dev, 64));
+  CU(cudaMemset(words_dev, 0, 64));
+  CU(cudaStreamCreateWithFlags(&ss, cudaStreamNonBlocking));
+  CU(cudaDeviceSynchronize());
+  grid_put j{.ep = ep,
+             .dst = dst,
+             .dst_offset = 0,
+             .src = reinterpret_cast<const unsigned char*>(src),
+             .bytes = std::uint64_t{words} * 8,
+             .sig = sig,
+             .sig_offset = 0,
+             .value = 0,
+             .arrivals = reinterpret_cast<unsigned int*>(words_dev),
+             .result = reinterpret_cast<int*>(words_dev + 16),
+             .head = kHeadWords * 8,
+             .commit = 0};
+  CU(cudaSetDevice(receiver_device));
+  head_receive<<<1, 256, 0, rs>>>(local_dst, words, iters, rr);
+  CU(cudaGetLastError());
+  CU(cudaSetDevice(sender_device));
+  for (std::uint64_t i = 1; i <= iters; ++i) {
+    head_fill<<<4, 256, 0, ss>>>(src, words, i);
+    j.value = j.commit = i;
+    head_put<<<blocks, 256, 0, ss>>>(j);
+  }
+  CU(cudaGetLastError());
+  CU(cudaStreamSynchronize(ss));
+  int put_result = -1;
+  CU(cudaMemcpy(&put_result, words_dev + 16, sizeof(int), cudaMemcpyDeviceToHost));
+  CU(cudaSetDevice(receiver_device));
+  CU(cudaStreamSynchronize(rs));
+  if (status s = fetch(rr, out); s != status::ok) return s;
+  out.sender = static_cast<status>(put_result);
+  // A head of 12 bytes (not whole words): refused, nothing written.
+  std::vector<std::uint64_t> before(words + 1), after(words + 1);
+  CU(cudaMemcpy(before.data(), local_dst, std::size_t{words} * 8, cudaMemcpyDeviceToHost));
+  CU(cudaMemcpy(&before[words], local_sig, 8, cudaMemcpyDeviceToHost));
+  out.signal = before[words];
+  CU(cudaSetDevice(sender_device));
+  CU(cudaMemsetAsync(words_dev + 16, 0, sizeof(int), ss));
+  head_fill<<<4, 256, 0, ss>>>(src, words, iters + 1);
+  j.value = j.commit = iters + 1;
+  j.head = 12;
+  head_put<<<blocks, 256, 0, ss>>>(j);
+  CU(cudaGetLastError());
+  CU(cudaStreamSynchronize(ss));
+  CU(cudaMemcpy(&put_result, words_dev + 16, sizeof(int), cudaMemcpyDeviceToHost));
+  out.bad_head = static_cast<status>(put_result);
+  CU(cudaSetDevice(receiver_device));
+  CU(cudaMemcpy(after.data(), local_dst, std::size_t{words} * 8, cudaMemcpyDeviceToHost));
+  CU(cudaMemcpy(&after[words], local_sig, 8, cudaMemcpyDeviceToHost));
+  out.untouched_by_bad_head = before == after;
+  CU(cudaStreamDestroy(rs));
+  CU(cudaSetDevice(sender_device));
+  CU(cudaStreamDestroy(ss));
+  CU(cudaFree(src));
+  CU(cudaFree(words_dev));
   return status::ok;
 }
 

@@ -40,6 +40,22 @@ status run_ordering(int sender_device, const device_endpoint& ep, const remote_v
                     int receiver_device, const std::uint64_t* local_payload, const std::uint64_t* local_sig,
                     std::uint64_t iters, unsigned threads, order_result& out);
 
+struct head_order_result {
+  std::uint64_t checks = 0, in_flight = 0, violations = 0, last = 0, signal = 0;
+  status sender = status::internal_error, receiver = status::internal_error, bad_head = status::internal_error;
+  bool untouched_by_bad_head = false;  ///< the refused put wrote neither a byte nor the signal
+};
+/// Words of run_head_ordering's head (a 64-byte header whose last word is the commit word).
+inline constexpr std::uint32_t kHeadWords = 8;
+/// grid_put_signal with a head: transfer i (1..iters) of `words` u64 words from `blocks` blocks of
+/// `sender_device` has every word i but the head's last, the commit word, which is `commit` = i (its
+/// source word holds a poison that must never arrive), and signals i. Meanwhile a kernel on
+/// `receiver_device` reads the commit word with acquire, then every other word: a word below the commit
+/// seen (or the poison) is a violation. Then a put with a head of 12 bytes must be refused untouched.
+status run_head_ordering(int sender_device, const device_endpoint& ep, const remote_view& dst, const remote_view& sig,
+                         int receiver_device, const std::uint64_t* local_dst, const std::uint64_t* local_sig,
+                         std::uint64_t iters, std::uint32_t words, unsigned blocks, head_order_result& out);
+
 struct graph_result {
   std::uint64_t replays_done = 0, echo = 0;
   status client = status::internal_error, server = status::internal_error;

@@ -174,6 +174,42 @@ TEST_CASE("nvlink: a signal is never observed before its payload, put by a threa
   }
 }
 
+TEST_CASE("nvlink: grid_put_signal with a head: its commit word is never seen before any other byte") {
+  for (auto [ga, gb] : configs()) {
+    gpu_pair p(ga, gb);
+    // The transfer at +4096 of B's region (32 KiB from 4 blocks: 8 KiB each after the 64-byte head), the
+    // signal at +0; both start at 0.
+    constexpr std::uint32_t kWords = 4096;
+    constexpr std::uint64_t kIters = 20'000;
+    remote_view dst = p.rb_from_a->view();
+    dst.addr += 4096;
+    dst.size = kWords * sizeof(std::uint64_t);
+    REQUIRE_CUDA(cudaSetDevice(gb));
+    REQUIRE_CUDA(cudaMemset(p.b_bytes(), 0, 4096 + kWords * sizeof(std::uint64_t)));
+    REQUIRE_CUDA(cudaDeviceSynchronize());
+    head_order_result r{};
+    REQUIRE_OK(run_head_ordering(ga, p.ab->view(), dst, p.rb_from_a->view(), gb,
+                                 reinterpret_cast<const std::uint64_t*>(p.b_bytes() + 4096),
+                                 reinterpret_cast<const std::uint64_t*>(p.b_bytes()), kIters, kWords, 4, r));
+    CAPTURE(ga);
+    CAPTURE(gb);
+    MESSAGE("GPU ", ga, " -> GPU ", gb, ": ", r.checks, " observations, ", r.in_flight, " while in flight");
+    CHECK(r.sender == status::ok);
+    CHECK(r.receiver == status::ok);
+    CHECK(r.last == kIters);
+    CHECK(r.violations == 0);
+    CHECK(r.in_flight >= kIters / 20);  // the receiver looked while transfers were under way
+    CHECK(r.signal == kIters);
+    // Every byte of the last transfer, the commit word included, and nothing of the refused one.
+    std::vector<std::uint64_t> got(kWords);
+    REQUIRE_CUDA(cudaSetDevice(gb));
+    REQUIRE_CUDA(cudaMemcpy(got.data(), p.b_bytes() + 4096, got.size() * 8, cudaMemcpyDeviceToHost));
+    CHECK(std::count(got.begin(), got.end(), kIters) == static_cast<long>(kWords));
+    CHECK(r.bad_head == status::invalid_argument);
+    CHECK(r.untouched_by_bad_head);
+  }
+}
+
 TEST_CASE("nvlink: fetch_add from many blocks sums exactly and hands out every value once") {
   for (auto [ga, gb] : configs()) {
     gpu_pair p(ga, gb);

@@ -56,13 +56,17 @@ struct request {
   std::vector<float> weights;
 };
 
-// Writes a request as given (no checks) and waits for the answer with seq `answer_seq`.
+// Writes a request as given (no checks), committed as an honest client commits it (its header last, the
+// commit word of its own seq and grant last of all: a malformed request must still reach validation), and
+// waits for the answer with seq `answer_seq`.
 bool exchange(conn& c, const request& r, std::uint64_t answer_seq, response_header& rh, std::vector<float>* out,
               std::uint64_t wait_ns = 5'000'000'000ull) {
   const slot_layout l = layout_for(r.h.tokens > c.w.max_tokens ? 1 : r.h.tokens, r.h.hidden, r.h.topk ? r.h.topk : 1,
                                    r.act16.empty() ? dtype::f32 : dtype::bf16);
   std::vector<unsigned char> buf(std::min<std::uint64_t>(c.w.slot_bytes, std::max<std::uint64_t>(l.end, 64)), 0);
-  std::memcpy(buf.data(), &r.h, sizeof(r.h));
+  slot_header h = r.h;
+  h.commit = slot_commit(h.seq, h.grant);
+  std::memcpy(buf.data(), &h, sizeof(h));
   auto copy_in = [&](std::uint64_t off, const void* src, std::size_t n) {
     if (off < buf.size()) std::memcpy(buf.data() + off, src, std::min<std::size_t>(n, buf.size() - off));
   };
@@ -72,8 +76,8 @@ bool exchange(conn& c, const request& r, std::uint64_t answer_seq, response_head
     copy_in(l.activations, r.act16.data(), r.act16.size() * 2);
   copy_in(l.expert_ids, r.ids.data(), r.ids.size() * 2);
   copy_in(l.weights, r.weights.data(), r.weights.size() * 4);
-  if (c.io->put_signal(*c.link.ep, c.slots, c.w.slot_offset, buf.data(), buf.size(), c.slots, c.w.sig_offset,
-                       r.h.seq) != status::ok)
+  if (c.io->put_signal(*c.link.ep, c.slots, c.w.slot_offset, buf.data(), buf.size(), c.slots, c.w.sig_offset, r.h.seq,
+                       sizeof(slot_header)) != status::ok)
     return false;
   if (c.io->wait(*c.link.ep, *c.result, kResultSig, cmp_op::eq, answer_seq, now_ns() + wait_ns, nullptr) != status::ok)
     return false;
@@ -257,7 +261,8 @@ int main(int argc, char** argv) {
     auto r = valid(1 + static_cast<std::uint32_t>(rng() % max_tokens));
     auto* words = reinterpret_cast<std::uint32_t*>(&r.h);
     const int field = static_cast<int>(rng() % 16);
-    // Not the seq (words 2-3: the server must read the rest) nor the grant (10-11: tested above).
+    // Not the seq (words 2-3: the server must read the rest) nor the grant (10-11: tested above); the
+    // commit (14-15) is written by exchange().
     if (field != 2 && field != 3 && field != 10 && field != 11)
       words[field] = static_cast<std::uint32_t>(rng() >> (rng() % 32));
     if (rng() % 4 == 0) r.ids[rng() % r.ids.size()] = static_cast<std::uint16_t>(rng());

@@ -67,7 +67,8 @@ TEST_CASE("slot header: a valid request passes and each bad field is named") {
   };
   const bad_case cases[] = {
       {"magic", [](slot_header& h) { h.magic ^= 1; }, slot_error::bad_magic},
-      {"version", [](slot_header& h) { h.version = 2; }, slot_error::bad_version},
+      {"version", [](slot_header& h) { h.version = 3; }, slot_error::bad_version},
+      {"version 1 (no commit word)", [](slot_header& h) { h.version = 1; }, slot_error::bad_version},
       {"dtype", [](slot_header& h) { h.type = 7; }, slot_error::bad_dtype},
       {"replayed seq", [](slot_header& h) { h.seq = 40; }, slot_error::stale_seq},
       {"skipped seq", [](slot_header& h) { h.seq = 42; }, slot_error::stale_seq},
@@ -154,4 +155,124 @@ TEST_CASE("slot errors have distinct names") {
     for (std::uint32_t j = i + 1; j <= static_cast<std::uint32_t>(slot_error::duplicate_expert); ++j)
       CHECK(std::strcmp(slot_error_name(static_cast<slot_error>(i)), slot_error_name(static_cast<slot_error>(j))) != 0);
   CHECK(std::strcmp(slot_error_name(static_cast<slot_error>(99)), "unknown") == 0);
+}
+
+namespace {
+
+constexpr std::uint64_t kOwner = 0x9E3779B97F4A7C15ull, kFormer = 0xC2B2AE3D27D4EB4Full;
+
+// A request header as a client writes it: committed under `grant`.
+slot_header committed(std::uint64_t seq, std::uint64_t grant) {
+  slot_header h = valid(4, 2);
+  h.seq = seq;
+  h.grant = grant;
+  h.commit = slot_commit(seq, grant);
+  return h;
+}
+
+// One look by the server at a slot whose header is `h` and whose commit word is `word` (single-threaded:
+// what the acquire reads is what the copy holds unless the test says otherwise); on take, the server
+// consumes a request of the expected seq, as server.cpp and server_step.cu do.
+slot_look look(slot_cursor& c, std::uint64_t sig, const slot_header& h, std::uint64_t word,
+               std::uint64_t grant = kOwner) {
+  const slot_look k = look_at_slot(c, sig, word, h, grant);
+  if (k == slot_look::take && h.seq == c.expected) c.expected++;
+  return k;
+}
+slot_look look(slot_cursor& c, std::uint64_t sig, const slot_header& h) { return look(c, sig, h, h.commit); }
+
+}  // namespace
+
+TEST_CASE("slot commit: a former holder's signal value lets no request be taken before its commit, or twice") {
+  slot_cursor c{0, 1, 0};
+  // Request 1, committed and signalled.
+  const slot_header r1 = committed(1, kOwner);
+  CHECK(look(c, 1, r1) == slot_look::take);
+  CHECK(c.expected == 2);
+  CHECK(c.last_sig == 1);
+  // A former holder writes its own request and signals 77: ignored, and counted once.
+  const slot_header f = committed(5, kFormer);
+  CHECK(look(c, 77, f) == slot_look::foreign);
+  CHECK(c.ignored_sig == 77);
+  CHECK(look(c, 77, f) == slot_look::none);
+  // The owner's request 2: its header (seq 2, its grant) and payload have landed, its commit word not yet:
+  // the slot still holds the former holder's. The server reads it every round (the word differs from
+  // last_sig) and must not take it, though seq and grant are right.
+  slot_header part = committed(2, kOwner);
+  part.commit = f.commit;
+  for (int round = 0; round < 3; ++round) CHECK(look(c, 77, part) == slot_look::none);
+  CHECK(c.expected == 2);
+  // A copy of the header that changed after the commit word was read (rewritten meanwhile): not taken.
+  const slot_header r2 = committed(2, kOwner);
+  CHECK(look(c, 77, r2, f.commit) == slot_look::none);
+  CHECK(c.expected == 2);
+  // The commit lands, the word still 77: taken, before the owner's doorbell.
+  CHECK(look(c, 77, r2) == slot_look::take);
+  CHECK(c.expected == 3);
+  CHECK(c.last_sig == 1);  // still looked at: the doorbell of request 2 is to come
+  CHECK(look(c, 77, r2) == slot_look::none);
+  // The owner's doorbell changes the word to 2: request 2 is not answered again (neither served nor
+  // refused with stale_seq), and the slot needs no more looks.
+  CHECK(look(c, 2, r2) == slot_look::none);
+  CHECK(c.last_sig == 2);
+  CHECK(c.expected == 3);
+}
+
+TEST_CASE("slot commit: a stranger signalling the owner's next seq is ignored, the owner's request taken once") {
+  slot_cursor c{2, 3, 0};  // requests 1 and 2 taken, the doorbell of 2 seen
+  // The stranger's request carries seq 3 and signals 3, the owner's next.
+  const slot_header s3 = committed(3, kFormer);
+  CHECK(look(c, 3, s3) == slot_look::foreign);
+  // The owner's header lands over it before its commit word: seq 3 alone would look committed (the
+  // stranger wrote 3 there), the commit word does not (it was the stranger's grant).
+  slot_header part = committed(3, kOwner);
+  part.commit = s3.commit;
+  CHECK(look(c, 3, part) == slot_look::none);
+  // Committed: taken; its doorbell (3 again) leaves the word as it is, and last_sig is 3 now.
+  CHECK(look(c, 3, committed(3, kOwner)) == slot_look::take);
+  CHECK(c.expected == 4);
+  CHECK(c.last_sig == 3);
+  // The stranger signals 5 (the owner's seq after next). Request 4 is committed before the poll sees its
+  // doorbell, then request 5 is committed and signalled: the poll never saw 4 in the word, so a last_sig
+  // of 5 would hide request 5 for good. It must be taken.
+  CHECK(look(c, 5, committed(9, kFormer)) == slot_look::foreign);
+  CHECK(look(c, 5, committed(4, kOwner)) == slot_look::take);
+  CHECK(c.last_sig == 3);
+  CHECK(c.last_sig != 5);
+  CHECK(look(c, 5, committed(5, kOwner)) == slot_look::take);
+  CHECK(c.expected == 6);
+  CHECK(c.last_sig == 5);
+}
+
+TEST_CASE("slot commit: a wrong seq answered once per value, version 1 on its doorbell, a new grant afresh") {
+  slot_cursor c{4, 5, 0};
+  // A skipped seq: taken (validate_request refuses it with stale_seq), not consumed, and not again for
+  // the same signal value.
+  const slot_header skip = committed(12, kOwner);
+  CHECK(look(c, 12, skip) == slot_look::take);
+  CHECK(c.expected == 5);
+  CHECK(c.last_sig == 12);
+  slot_limits lim = limits();
+  lim.expected_seq = c.expected;
+  CHECK(validate_request(skip, lim) == slot_error::stale_seq);
+  // A version-1 header has no commit word: taken on its doorbell alone, refused with bad_version.
+  slot_header v1 = committed(5, kOwner);
+  v1.version = 1;
+  v1.commit = 0;
+  CHECK(look(c, 7, v1) == slot_look::none);
+  CHECK(look(c, 5, v1) == slot_look::take);
+  CHECK(c.expected == 6);
+  CHECK(validate_request(v1, lim) == slot_error::bad_version);
+  // The slot granted anew (cursor reset, word zeroed): the previous owner's committed request is foreign.
+  slot_cursor fresh{0, 1, 0};
+  const std::uint64_t next_grant = 0x0123456789ABCDEFull;
+  CHECK(look(fresh, 6, committed(6, kOwner), slot_commit(6, kOwner), next_grant) == slot_look::foreign);
+  CHECK(look(fresh, 1, committed(1, kOwner), slot_commit(1, kOwner), next_grant) == slot_look::foreign);
+  CHECK(fresh.expected == 1);
+  slot_header first = committed(1, next_grant);
+  CHECK(look(fresh, 1, first, first.commit, next_grant) == slot_look::take);
+  CHECK(fresh.expected == 2);
+  // Commits differ by seq and by grant.
+  CHECK(slot_commit(3, kOwner) != slot_commit(4, kOwner));
+  CHECK(slot_commit(3, kOwner) != slot_commit(3, kFormer));
 }

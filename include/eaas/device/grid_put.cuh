@@ -12,6 +12,13 @@
 /// orders the block's stores before thread 0's fence.acq_rel.sys, which is cumulative; the arrivals are
 /// acq_rel read-modify-writes on one device word, so the last arriver has acquired every block's
 /// release; its signal is st.release.sys, again cumulative.
+///
+/// With a head (`grid_put::head` > 0) the leading bytes are a commit record, for a peer that may look
+/// at them before the signal (a request slot's header, runtime/slot.hpp): the blocks move every byte
+/// after the head; the last block then writes the head but for its last word, then that word (the
+/// `commit` value, st.release.sys: cumulative over every block's bytes and the rest of the head, as the
+/// signal is), then the signal. A peer that reads the head's last word with acquire and finds `commit`
+/// sees every byte of the transfer.
 
 #if defined(__CUDACC__)
 
@@ -33,6 +40,10 @@ struct grid_put {
   std::uint64_t value;     ///< set into the signal word after the bytes
   unsigned int* arrivals;  ///< device word, 0 before the launch; 0 again after it
   int* result;             ///< device word: the first failing status (0: all ok)
+  /// 0, or the leading bytes written after all the others, their last word last (a multiple of 8, at
+  /// most `bytes`; `dst_offset` 8-byte aligned): else `invalid_argument` and nothing is moved.
+  std::uint64_t head = 0;
+  std::uint64_t commit = 0;  ///< with a head: the value of its last word (src's bytes there are not read)
 };
 
 /// Block `block`'s byte range [begin, begin + n) of a `bytes`-long transfer split over `blocks` blocks:
@@ -44,12 +55,17 @@ __device__ __forceinline__ void grid_share(std::uint64_t bytes, unsigned block, 
   n = bytes - begin < chunk ? bytes - begin : chunk;
 }
 
-/// Called by every thread of `blocks` blocks (this one is `block`): puts this block's share; the last
-/// block to arrive sets the signal and quiets. Failures land in `*j.result` (first one wins).
+/// Called by every thread of `blocks` blocks (this one is `block`): puts this block's share of the bytes
+/// after the head; the last block to arrive writes the head (if any), sets the signal and quiets.
+/// Failures land in `*j.result` (first one wins); after one, neither the head's last word nor the
+/// signal is written.
 __device__ inline void grid_put_signal(const grid_put& j, unsigned block, unsigned blocks) {
   status s = j.ep.transport == transport_kind::nvlink ? status::ok : status::unsupported;
+  const bool head_ok = j.head == 0 || (j.head % 8 == 0 && j.head <= j.bytes && j.dst_offset % 8 == 0);
+  if (s == status::ok && !head_ok) s = status::invalid_argument;
   std::uint64_t begin = 0, n = 0;
-  grid_share(j.bytes, block, blocks, begin, n);
+  if (s == status::ok) grid_share(j.bytes - j.head, block, blocks, begin, n);
+  begin += j.head;
   if (s == status::ok && n != 0) s = put(coop_block{}, j.ep, j.dst, j.dst_offset + begin, j.src + begin, n);
   __syncthreads();
   if (threadIdx.x + threadIdx.y + threadIdx.z != 0) return;
@@ -59,7 +75,10 @@ __device__ inline void grid_put_signal(const grid_put& j, unsigned block, unsign
   if (arrivals.fetch_add(1, cuda::std::memory_order_acq_rel) + 1 != blocks) return;
   arrivals.store(0, cuda::std::memory_order_relaxed);  // ready for the next launch (stream-ordered)
   if (cuda::atomic_ref<int, cuda::thread_scope_device>(*j.result).load(cuda::std::memory_order_relaxed) != 0) return;
-  s = signal(coop_thread{}, j.ep, j.sig, j.sig_offset, j.value, signal_op::set);
+  if (j.head != 0)  // the head's last word is the signal of a put_signal of the rest of the head
+    s = put_signal(coop_thread{}, j.ep, j.dst, j.dst_offset, j.src, j.head - 8, j.dst, j.dst_offset + j.head - 8,
+                   j.commit, signal_op::set);
+  if (s == status::ok) s = signal(coop_thread{}, j.ep, j.sig, j.sig_offset, j.value, signal_op::set);
   if (s == status::ok) s = quiet(coop_thread{}, j.ep);
   if (s != status::ok) atomicCAS(j.result, 0, static_cast<int>(s));
 }

@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kPackThreads)
 }
 
 // Blocks (s, y): server s's staging buffer into its slot, then its sequence word = seq (grid_put.cuh:
-// the last block to arrive signals, after every block's bytes, and quiets).
+// the last block to arrive writes the header, its commit word last, then signals and quiets; slot.hpp).
 __global__ void __launch_bounds__(kSendThreads)
     k_send(dev_tables tb, dev_job* jobs, std::uint32_t hidden, std::uint32_t topk, const unsigned char* staging,
            std::uint64_t stage_stride) {
@@ -285,7 +285,9 @@ __global__ void __launch_bounds__(kSendThreads)
                    .sig_offset = sv.sig_offset,
                    .value = seq,
                    .arrivals = &jb.arrivals,
-                   .result = &jb.put_result};
+                   .result = &jb.put_result,
+                   .head = sizeof(slot_header),
+                   .commit = slot_commit(seq, sv.grant)};
   grid_put_signal(g, blockIdx.y, gridDim.y);
 }
 

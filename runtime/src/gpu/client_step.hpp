@@ -13,8 +13,9 @@
 //            max_tokens, or whose request would not fit its slot, gets none and is marked failed
 //   pack     per server, the request (slot_header with seq = ++counter, bf16 rows, local ids with
 //            kNoExpert padding, weights) into a local staging buffer
-//   send     grid_put_signal of the staging buffer into the server's slot over NVLink; the slot's
-//            sequence word is set to seq only after every block's bytes (grid_put.cuh's argument)
+//   send     grid_put_signal of the staging buffer into the server's slot over NVLink, the header as its
+//            head: the header's commit word only after every other byte, the slot's sequence word set to
+//            seq after that (grid_put.cuh's argument; slot.hpp's commit record)
 //   wait     per server a bounded wait_signal on its result signal >= seq (slices, so that a revoked
 //            slot ends it early), then the response header is checked on the device
 //   combine  x[t] += Σ over servers, in table order, of the answer row of t (fp32, read in the local

@@ -104,8 +104,8 @@ __device__ std::int32_t block_scan(std::int32_t v, std::int32_t* s_warp, std::in
   return before + inc - v;
 }
 
-// Until a used slot's word differs from the value last handled (and from the last foreign write
-// ignored), or poll_ns passed. One block.
+// Until a used slot's word differs from its last_sig (and from its ignored_sig), or poll_ns passed.
+// One block.
 __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
   __shared__ std::uint64_t s_until;
   if (threadIdx.x == 0) s_until = eaas::now_ns() + a.poll_ns;
@@ -113,9 +113,9 @@ __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
   const std::uint64_t until = s_until;
   for (;;) {
     int found = 0;
-    // A word still holding a foreign write already ignored does not end the wait (it would end every
-    // round's at once); k_validate still looks at it, so an owner's request that happens to carry the
-    // same value waits for the deadline at most.
+    // A word still holding a value no new request explained (a foreign write already ignored) does not
+    // end the wait (it would end every round's at once); k_validate still looks at it, so an owner's
+    // request that happens to carry the same value waits for the deadline at most.
     for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
       if (a.cfg[i].used == 0) continue;
       const std::uint64_t v = sig_word(a, i);
@@ -144,22 +144,26 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
     const server_slot_config& c = a.cfg[i];
     const std::uint64_t v = c.used != 0 ? sig_word(a, i) : st.last_sig;
     if (v != st.last_sig) {
-      // A private copy, each word read once (the peer may be writing the slot again).
+      // The commit word with acquire (slot.hpp), then a private copy, each word read once (the peer may be
+      // writing the slot again): a committed request's header, routing and rows (read by this block after
+      // the barrier below, and by later kernels) are then all the owner wrote before its commit.
       const auto* src = reinterpret_cast<const unsigned long long*>(slot_at(a, i));
+      auto* commit_word =
+          reinterpret_cast<std::uint64_t*>(const_cast<unsigned char*>(slot_at(a, i)) + offsetof(slot_header, commit));
+      const std::uint64_t committed = cuda::atomic_ref<std::uint64_t, cuda::thread_scope_system>(*commit_word)
+                                          .load(cuda::std::memory_order_acquire);
       unsigned long long w[sizeof(slot_header) / 8];
 #pragma unroll
       for (std::size_t k = 0; k < sizeof(slot_header) / 8; ++k) w[k] = __ldcg(src + k);
       slot_header h;
       memcpy(&h, w, sizeof(h));
-      if (h.grant != c.grant) {
-        // Not the owner's (a former holder writing on): not consumed, not answered, and not remembered as
-        // handled, so that the owner's next request is noticed whatever seq it carries.
-        if (v != st.ignored_sig) {
-          st.ignored_sig = v;
-          st.verdict = static_cast<std::uint32_t>(slot_verdict::ignored);
-        }
-      } else {
-        st.last_sig = v;
+      slot_cursor cur{st.last_sig, st.expected, st.ignored_sig};
+      const slot_look look = look_at_slot(cur, v, committed, h, c.grant);
+      st.last_sig = cur.last_sig;
+      st.ignored_sig = cur.ignored_sig;
+      // A former holder's write: not consumed, never answered (the host counts it).
+      if (look == slot_look::foreign) st.verdict = static_cast<std::uint32_t>(slot_verdict::ignored);
+      if (look == slot_look::take) {
         const slot_limits lim{.slot_bytes = a.slot_stride,
                               .hidden = a.hidden,
                               .layers = a.layers,

@@ -5,15 +5,17 @@
 // a round is one CUDA graph, captured once and replayed.
 //
 // One round, as kernels on one stream:
-//   poll      one block: acquire loads of every used slot's signal word until one differs from the value
-//             last handled (and from the last foreign write ignored), or a short deadline passes
+//   poll      one block: acquire loads of every used slot's signal word until one differs from last_sig
+//             (and from ignored_sig: slot_cursor), or a short deadline passes
 //             (poll_ns): the host gets the GPU back often enough for its bookkeeping (links, leaves,
 //             revocations, dead clients)
-//   validate  one block per slot whose word moved: the header copied out of the slot (a private copy: the
-//             peer can still write there), the grant compared (another's write is ignored, never
-//             answered), validate_request against the slot's limits and expected seq (consumed exactly as
-//             the host path does), the routing arrays copied, validate_routing per token (the first
-//             failing token's error, as the host's sequential check reports); the response header staged
+//   validate  one block per slot whose word differs from last_sig: the header's commit word read with
+//             acquire, the header copied out of the slot (a private copy: the peer can still write
+//             there), look_at_slot (slot.hpp: another grant's write is ignored, never answered; a request
+//             is taken once committed, whatever the word holds, and the seq taken last never again),
+//             validate_request against the slot's limits and expected seq (consumed exactly as the host
+//             path does), the routing arrays copied, validate_routing per token (the first failing
+//             token's error, as the host's sequential check reports); the response header staged
 //   count     (layer, local expert) row counts of the accepted requests (atomics: each pair's rank)
 //   scan      one block: the accepted requests' token bases (slot order) and the groups' offsets; the
 //             grouped GEMM compacts the active groups from them (kernel shrinking), on the device
@@ -67,12 +69,12 @@ enum class slot_verdict : std::uint32_t {
   ignored,   ///< a write by a client that does not own the slot: not answered
 };
 
-/// One slot's state: the first three words are the protocol state (the host writes them when it assigns
-/// the slot, the device advances them); the rest is what the last round did.
+/// One slot's state: the first three words are the protocol state, a slot_cursor (the host writes them
+/// when it assigns the slot, the device advances them); the rest is what the last round did.
 struct server_slot_state {
-  std::uint64_t last_sig;     ///< the signal value last handled
-  std::uint64_t expected;     ///< the seq the next request must carry
-  std::uint64_t ignored_sig;  ///< the signal value of the last foreign write ignored
+  std::uint64_t last_sig;     ///< slot_cursor::last_sig
+  std::uint64_t expected;     ///< slot_cursor::expected
+  std::uint64_t ignored_sig;  ///< slot_cursor::ignored_sig
   std::uint64_t seq;          ///< the answered request's seq (served, refused)
   std::uint32_t verdict;      ///< slot_verdict
   std::uint32_t error;        ///< slot_error (refused)

@@ -134,8 +134,15 @@ class gpu_wire final : public wire {
   }
 
   status put_signal(const endpoint& ep, const remote_view& dst, std::uint64_t dst_offset, const void* src,
-                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value) override {
+                    std::size_t bytes, const remote_view& sig, std::uint64_t sig_offset, std::uint64_t value,
+                    std::size_t head) override {
     EAAS_CHECK(check_ep(ep));
+    std::uint64_t commit = 0;  // the head's last word, written by the kernel's last block after everything else
+    if (head != 0) {
+      if (head % 8 != 0 || head > bytes || dst_offset % 8 != 0)
+        return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: a head that is not whole words of the put");
+      std::memcpy(&commit, static_cast<const unsigned char*>(src) + head - 8, 8);
+    }
     held l(*this);
     if (!l.ok()) return l.error;
     if (l->capacity < bytes) {
@@ -162,7 +169,9 @@ class gpu_wire final : public wire {
                      .sig_offset = sig_offset,
                      .value = value,
                      .arrivals = l->arrivals,
-                     .result = l->result};
+                     .result = l->result,
+                     .head = head,
+                     .commit = commit};
     k_put_signal<<<grid_put_blocks(bytes, 32), 256, 0, l->stream>>>(j);
     EAAS_LANE_CUDA(cudaGetLastError());
     return finish(l);

@@ -3,10 +3,13 @@
 /// The slot protocol between an attention client and an expert server (DESIGN.md §5).
 ///
 /// Each client×server pair has a request slot in the server's memory. The client writes the payload,
-/// then the header, then signals the slot's sequence word with the header's `seq` (put_signal orders
-/// all three). A peer wrote every byte of it, so the server calls `validate_request` — and, for the
-/// routing arrays, `validate_routing` — before it reads anything else, and answers anything invalid
-/// with an error response instead of touching memory out of bounds.
+/// then the header but for its last word, then that word (`commit`, with release), then signals the
+/// slot's sequence word with the header's `seq`: the header is the commit record. The signal only says
+/// "look": the word may still hold a value a former holder of the slot signalled, and the server reads the
+/// header of a slot whose word moved until a request is committed there (`look_at_slot`). A peer wrote
+/// every byte of it, so the server calls `validate_request` — and, for the routing arrays,
+/// `validate_routing` — before it reads anything else, and answers anything invalid with an error response
+/// instead of touching memory out of bounds.
 ///
 /// Payload layout (all offsets from the end of the header, 16-byte aligned):
 ///   activations  tokens × hidden × element size (fp32 or bf16)
@@ -24,7 +27,7 @@
 namespace eaas::runtime {
 
 inline constexpr std::uint32_t kSlotMagic = 0x4C534145u;  // "EASL"
-inline constexpr std::uint16_t kSlotVersion = 1;
+inline constexpr std::uint16_t kSlotVersion = 2;          // 2: slot_header::commit
 inline constexpr std::uint16_t kNoExpert = 0xFFFF;
 
 enum class dtype : std::uint16_t { f32 = 0, bf16 = 1 };
@@ -43,11 +46,18 @@ struct slot_header {
   std::uint32_t topk;           ///< routing entries per token in this request
   std::uint64_t payload_bytes;  ///< bytes after the header (must equal what the shape implies)
   std::uint64_t grant;          ///< the grant of the welcome that gave this slot (see server_welcome)
-  std::uint8_t reserved[16];
+  std::uint8_t reserved[8];
+  std::uint64_t commit;  ///< slot_commit(seq, grant); written after every other byte of the request
 };
 static_assert(std::is_trivially_copyable_v<slot_header>);
 static_assert(sizeof(slot_header) == 64 && alignof(slot_header) == 8);
 static_assert(offsetof(slot_header, seq) == 8 && offsetof(slot_header, payload_bytes) == 32);
+static_assert(offsetof(slot_header, grant) == 40 && offsetof(slot_header, commit) == 56);
+
+/// The commit word of the request `seq` under `grant`. The grant is random per slot assignment, so a
+/// request of a former holder (another grant) does not carry the owner's commit even when its seq is
+/// the owner's next one: the seq alone could not tell the owner's commit from a stranger's.
+EAAS_HOST_DEVICE constexpr std::uint64_t slot_commit(std::uint64_t seq, std::uint64_t grant) { return seq ^ grant; }
 
 /// What the server knows before it reads a request.
 struct slot_limits {
@@ -171,6 +181,63 @@ EAAS_HOST_DEVICE slot_error validate_routing(const slot_header& h, const slot_li
     }
   }
   return slot_error::none;
+}
+
+/// A server's protocol state for one slot. Each assignment of the slot starts it at {0, 1, 0} (and zeroes
+/// the slot's signal word).
+struct slot_cursor {
+  std::uint64_t last_sig;     ///< a signal value that needs no look: the slot is read while its word differs
+  std::uint64_t expected;     ///< the seq the next request must carry; expected - 1 is the last one taken
+  std::uint64_t ignored_sig;  ///< the last signal value that no new request of the owner explained
+};
+
+/// What the server does with a slot (look_at_slot).
+enum class slot_look : std::uint32_t {
+  none,     ///< nothing to answer: not committed yet, already taken, or a foreign write seen before
+  foreign,  ///< a new write under another grant (a former holder's): ignored, never answered
+  take,     ///< validate it (validate_request with expected_seq = the cursor's `expected`) and answer it once
+};
+
+/// The server's decision for a slot whose signal word reads `sig` (!= c.last_sig), from its commit word
+/// read with acquire (`committed`) and then a private copy of its header (`h`); `grant` is the slot's.
+/// A request is there once its commit is: `committed` equal to the copy's commit and to slot_commit of
+/// the copy's seq and grant. The acquire then orders every later read of the slot (the copy, the routing,
+/// the activations) after all that the owner wrote before the commit, whatever `sig` holds — a former
+/// holder may have left any value there, and the word does not change when the owner's doorbell carries
+/// the same one. A header of another version (which may predate the commit word) is taken on its doorbell
+/// alone (`sig` == its seq), to be refused with bad_version.
+///
+/// The seq taken last (expected - 1) is never taken again: when its doorbell comes after it was taken
+/// (from its commit, the word holding another value), it is not answered twice. A request with a wrong
+/// seq is answered (stale_seq) once per signal value. `c` is updated; the caller advances `expected`
+/// when a taken request's seq equals it (consumed, whether valid or refused).
+EAAS_HOST_DEVICE constexpr slot_look look_at_slot(slot_cursor& c, std::uint64_t sig, std::uint64_t committed,
+                                                  const slot_header& h, std::uint64_t grant) {
+  if (h.grant != grant) {
+    const bool fresh = sig != c.ignored_sig;
+    c.ignored_sig = sig;
+    return fresh ? slot_look::foreign : slot_look::none;
+  }
+  if (h.version != kSlotVersion) {
+    if (sig != h.seq) return slot_look::none;
+  } else if (committed != h.commit || committed != slot_commit(h.seq, h.grant)) {
+    return slot_look::none;  // not committed yet, or rewritten while it was copied: looked at again
+  }
+  if (h.seq + 1 == c.expected) {
+    // Taken already. Its own doorbell: nothing more to look at. Another value: the poll need not wake
+    // for it (the slot is still read while the word differs from last_sig).
+    if (sig == h.seq)
+      c.last_sig = sig;
+    else
+      c.ignored_sig = sig;
+    return slot_look::none;
+  }
+  // The next request, or a wrong seq (answered once per signal value). A next request found before its
+  // doorbell leaves last_sig as it is: set to the foreign value the word holds, which may be the owner's
+  // next seq (a stranger may signal just that), a poll that missed this request's short-lived doorbell
+  // would never look at the next request.
+  if (h.seq != c.expected || sig == h.seq) c.last_sig = sig;
+  return slot_look::take;
 }
 
 /// The response header the server writes into the client's per-server result area (outputs of
