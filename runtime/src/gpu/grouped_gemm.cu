@@ -716,8 +716,11 @@ const variant kVariantTable[kVariants] = {
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
     {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
 };
-constexpr int kDefaultVariant = 0;
 constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
+// The default: staged with 3 steps in flight, the fastest variant at every point of the H200 sweep of
+// 2026-11-28 (eaas-grouped-gemm-bench --sweep; Qwen3-30B-A3B 512 tokens 557 vs 643 us for registers x2,
+// DeepSeek-V3 128 tokens 6567 vs 7441 us; docs/PERF.md).
+constexpr int kDefaultVariant = kStagedVariant + 1;
 constexpr int kAutoVariant = 7;
 
 int variant_index(const grouped_swiglu_tuning& t) {

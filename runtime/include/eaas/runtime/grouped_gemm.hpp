@@ -32,8 +32,10 @@
 /// (likely the register path's compute phase leaving the memory pipe idle). The cp.async ring
 /// (grouped_swiglu_tuning::stages) is meant for that range; it is tested but was not yet measured.
 /// The staged path (grouped_swiglu_tuning::staged: token tiles shared by the block in shared memory,
-/// weights through a per-thread register ring) and its automatic pick (staged_from_rows) are also meant for it;
-/// written and compiled, not yet run on a GPU.
+/// weights through a per-thread register ring) was faster at every point of the sweep of 2026-11-28
+/// (H200, same run: Qwen3 512 tokens 557 us = 54% of copy vs 643 us for the register path, 256: 413 vs
+/// 425 us, 128: 343 vs 388 us; DeepSeek-V3 128: 6567 us = 79% vs 7441 us) and is the default since: the
+/// figures above are the register path's (stages 1).
 ///
 /// Available where eaas was built with CUDA (EAAS_WITH_CUDA in eaas/config.hpp).
 ///
@@ -86,15 +88,17 @@ struct grouped_swiglu_tuning {
   /// Resident blocks per SM for the GEMM kernels (at most what fits); 0 = the default: 3 for the register
   /// path, all that fit for the cp.async ring.
   std::uint32_t ctas_per_sm = 0;
-  /// How weights reach the tensor cores: 0 = the default; 1 = straight into registers, k_unroll 32-wide
-  /// K steps per batch of loads; 3, 4 or 6 = through a per-warp cp.async ring of that many K steps.
+  /// How weights reach the tensor cores: 0 = the default (with k_unroll 0 and staged 0: the staged path with
+  /// 3 steps in flight, see `staged`); 1 = straight into registers, k_unroll 32-wide K steps per batch of
+  /// loads (0 = 2); 3, 4 or 6 = through a per-warp cp.async ring of that many K steps.
   std::uint32_t stages = 0;
-  std::uint32_t k_unroll = 0;  ///< for stages 1 (and 0): 2 or 4; 0 = 2. For staged 1: 2 or 3 (see there)
+  /// For stages 1: 2 or 4 (stages 0 with k_unroll 2 or 4: the same register path). For staged 1: 2 or 3.
+  std::uint32_t k_unroll = 0;
   /// 1 = the staged path, meant for 16+ rows per expert: each block copies its 32-row chunk of tokens (x, or h
   /// for the down projection) into shared memory once per 256-wide K tile (cp.async, double-buffered) instead
   /// of every warp loading its own token fragments, and each warp streams its weights through a register ring
   /// that keeps k_unroll K steps (0 = 2) in flight while it computes one. Blocks per SM: all that fit (4 with
-  /// k_unroll 2, 3 with k_unroll 3). Needs stages 0 or 1. 0 = off (the default).
+  /// k_unroll 2, 3 with k_unroll 3). Needs stages 0 or 1. All-zero tuning runs it with k_unroll 3.
   std::uint32_t staged = 0;
   /// Nonzero: the device picks, per call, the staged path (2 steps in flight) when the call's rows are at least
   /// this many per active expert, else the default register path; 3 blocks per SM either way unless
