@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <numeric>
+#include <random>
+#include <sstream>
 
 namespace eaas::runtime {
 
@@ -81,6 +84,41 @@ autoscale_decision autoscaler::tick(const std::vector<fleet_server>& fleet, cons
     }
   }
   return d;
+}
+
+std::vector<trace_sample> diurnal_trace(double peak, double trough, double tick_s, std::uint64_t seed, double day_s,
+                                        double noise, double start_h) {
+  std::vector<trace_sample> v;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> jitter(0.0, noise > 0 ? noise : 1.0);  // drawn only if noise > 0
+  for (double t = 0; t < day_s; t += tick_s) {
+    const double phase = 0.5 - 0.5 * std::cos(2 * M_PI * (t / day_s + (start_h - 4.0) / 24));
+    const double f = trough + (1 - trough) * phase;
+    v.push_back({t, std::max(0.0, peak * f * (1 + (noise > 0 ? jitter(rng) : 0.0)))});
+  }
+  return v;
+}
+
+bool load_trace_csv(const std::string& path, std::vector<trace_sample>& out) {
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream is(line);
+    trace_sample s{};
+    char comma = 0;
+    if (!(is >> s.t_s >> comma >> s.tps) || comma != ',' || !(s.tps >= 0) || !std::isfinite(s.tps) ||
+        !std::isfinite(s.t_s) || (!out.empty() && s.t_s <= out.back().t_s))
+      return false;
+    out.push_back(s);
+  }
+  return !out.empty();
+}
+
+double trace_span(const std::vector<trace_sample>& trace) {
+  if (trace.empty()) return 0;
+  const std::size_t n = trace.size();
+  return trace[n - 1].t_s + (n > 1 ? trace[n - 1].t_s - trace[n - 2].t_s : 1.0);
 }
 
 }  // namespace eaas::runtime

@@ -65,4 +65,22 @@ class autoscaler {
 /// Utilisation of `servers` servers under `load` (offered tokens/s over capacity).
 double utilisation(const autoscale_policy& p, std::size_t servers, const fleet_load& load);
 
+/// One step of a traffic trace: from `t_s` on (until the next sample), `tps` tokens/s are offered.
+struct trace_sample {
+  double t_s, tps;
+};
+
+/// A diurnal day of `day_s` seconds in steps of `tick_s`, starting at hour `start_h`: lowest at 04:00,
+/// highest at 16:00, `trough` × `peak` at the bottom, multiplied by 1 + N(0, `noise`) per step (seeded).
+/// The trace `eaas-autoscale replay` replays and `eaas-client --trace diurnal` offers.
+std::vector<trace_sample> diurnal_trace(double peak, double trough, double tick_s, std::uint64_t seed,
+                                        double day_s = 24 * 3600, double noise = 0.03, double start_h = 0);
+
+/// A trace from a CSV of "seconds,tokens_per_s" lines ('#' comments); false if the file is missing,
+/// empty, malformed, has a negative rate or times that do not increase.
+bool load_trace_csv(const std::string& path, std::vector<trace_sample>& out);
+
+/// How long a trace lasts: its last sample's time plus the step before it (one step for a single sample).
+double trace_span(const std::vector<trace_sample>& trace);
+
 }  // namespace eaas::runtime

@@ -2,6 +2,7 @@
 //
 //   eaas-autoscale run --registry embedded://127.0.0.1:23790 --ns moe --capacity TPS [--min-servers N] ...
 //   eaas-autoscale replay [--trace diurnal|FILE.csv] [--capacity TPS] [--slo-util U] ...
+//   eaas-autoscale live --peak-tps X --period-s P [--capacity TPS | --static-servers N] ... -- EAAS-DEMO ARGS
 //
 // run: every tick, reads the load records the servers publish (/eaas/NS/load/ID: token-expert pairs
 // per second per expert, queue depth, pid), asks the policy, and carries out its decision on this
@@ -15,8 +16,16 @@
 // new server takes traffic `--join-s` after the decision (weights resident + join). Output: server-hours
 // of both, the saving, and the ticks where the SLO was missed. The capacity and join time are inputs;
 // measure them with eaas-demo on the target machine.
+//
+// live: the same comparison on real processes. Runs eaas-demo twice on one trace (open-loop clients,
+// eaas-client --trace): once with a static fleet, the fewest servers that meet the SLO at the peak
+// (--static-servers, or ceil(peak / (capacity × slo-util)) with --capacity given or measured by a short
+// closed-loop eaas-demo run of one server), once with --autoscale (an eaas-autoscale run child starting
+// and stopping eaas-servers, clients never restarted). Reports, for each, the server-seconds integrated
+// from the servers alive over the trace, the forwards over the latency SLO, and the saving.
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -49,38 +58,6 @@ using json = nlohmann::json;
 
 namespace {
 
-struct sample {
-  double t_s, tps;
-};
-
-std::vector<sample> diurnal(double peak, double trough_frac, double tick_s, std::uint64_t seed) {
-  std::vector<sample> v;
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> noise(0.0, 0.03);
-  const double day = 24 * 3600;
-  for (double t = 0; t < day; t += tick_s) {
-    // Lowest around 04:00, highest around 16:00, with a little noise.
-    const double phase = 0.5 - 0.5 * std::cos(2 * M_PI * (t / day - 4.0 / 24));
-    const double f = trough_frac + (1 - trough_frac) * phase;
-    v.push_back({t, std::max(0.0, peak * f * (1 + noise(rng)))});
-  }
-  return v;
-}
-
-bool load_csv(const std::string& path, std::vector<sample>& out) {
-  std::ifstream f(path);
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.empty() || line[0] == '#') continue;
-    std::istringstream is(line);
-    sample s{};
-    char comma = 0;
-    if (!(is >> s.t_s >> comma >> s.tps) || comma != ',' || s.tps < 0) return false;
-    out.push_back(s);
-  }
-  return !out.empty();
-}
-
 std::atomic<bool> g_stop{false};
 void on_signal(int) { g_stop = true; }
 
@@ -96,6 +73,141 @@ void emit(const json& j) {
   const std::string s = j.dump() + "\n";
   std::fwrite(s.data(), 1, s.size(), stdout);
   std::fflush(stdout);
+}
+
+/// Runs a program with this process's stdout and stderr, waits for it; its exit status (-1: not run).
+int run_child(const std::vector<std::string>& args) {
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  if (posix_spawn(&pid, args[0].c_str(), nullptr, nullptr, argv.data(), environ) != 0) return -1;
+  int st = 0;
+  while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+}
+
+json read_json(const std::string& path) {
+  std::ifstream f(path);
+  return json::parse(f, nullptr, false);
+}
+
+struct live_options {
+  std::string trace = "diurnal", json_path, demo_bin;
+  double period_s = 60, peak_tps = 0, trough = 0.25, day_start_h = 4, slo_ms = 1000, window_s = 0;
+  double capacity = 0, slo_util = 0.8, calibrate_s = 5;
+  std::uint32_t static_servers = 0, max_servers = 0, min_servers = 1;
+  std::vector<std::string> demo_args;  // model, --cpu/--gpu, --clients, --tokens, --autoscale-arg ...
+};
+
+int run_compare(live_options lo) {
+  const std::string tmp = "/tmp/eaas-live-" + std::to_string(::getpid());
+  auto demo = [&](std::vector<std::string> extra, const std::string& json_file) {
+    std::vector<std::string> args = {lo.demo_bin};
+    args.insert(args.end(), lo.demo_args.begin(), lo.demo_args.end());
+    args.insert(args.end(), extra.begin(), extra.end());
+    args.insert(args.end(), {"--json", json_file});
+    std::string line;
+    for (const auto& a : args) line += (line.empty() ? "" : " ") + a;
+    std::printf("\n$ %s\n", line.c_str());
+    std::fflush(stdout);
+    const int rc = run_child(args);
+    json j = read_json(json_file);
+    std::remove(json_file.c_str());
+    if (rc != 0 || !j.is_object()) {
+      std::fprintf(stderr, "eaas-autoscale live: eaas-demo failed (exit %d)\n", rc);
+      return json();
+    }
+    return j;
+  };
+  std::string capacity_from = "given";
+  if (lo.static_servers == 0 && lo.capacity <= 0) {
+    // Closed loop, one server, the same clients: what one server answers with these clients (a lower
+    // bound on its capacity where the clients, not the server, are the limit).
+    const json c =
+        demo({"--servers", "1", "--duration", fmt::format("{}", lo.calibrate_s), "--no-verify"}, tmp + "-cal.json");
+    if (!c.is_object()) return 1;
+    lo.capacity = c.value("tokens_per_s", 0.0);
+    capacity_from = "measured (closed loop, one server)";
+    if (!(lo.capacity > 0)) {
+      std::fprintf(stderr, "eaas-autoscale live: the calibration run measured no throughput\n");
+      return 1;
+    }
+  }
+  if (lo.static_servers == 0)
+    lo.static_servers = std::max<std::uint32_t>(
+        1, static_cast<std::uint32_t>(std::ceil(lo.peak_tps / (lo.capacity * lo.slo_util) - 1e-9)));
+  if (lo.capacity <= 0) lo.capacity = lo.peak_tps / (lo.static_servers * lo.slo_util);
+  if (lo.max_servers == 0) lo.max_servers = lo.static_servers;
+  lo.min_servers = std::min(lo.min_servers, lo.max_servers);
+  std::printf(
+      "eaas-autoscale live: capacity %.0f tokens/s per server (%s); static fleet %u servers; autoscaler %u..%u\n",
+      lo.capacity, capacity_from.c_str(), lo.static_servers, lo.min_servers, lo.max_servers);
+  std::vector<std::string> trace_args = {"--trace",       lo.trace,
+                                         "--period-s",    fmt::format("{}", lo.period_s),
+                                         "--peak-tps",    fmt::format("{}", lo.peak_tps),
+                                         "--trough",      fmt::format("{}", lo.trough),
+                                         "--day-start-h", fmt::format("{}", lo.day_start_h),
+                                         "--slo-ms",      fmt::format("{}", lo.slo_ms)};
+  if (lo.window_s > 0) trace_args.insert(trace_args.end(), {"--window-s", fmt::format("{}", lo.window_s)});
+  // The static fleet: every server hosts every expert, as the autoscaler's do.
+  auto st_args = trace_args;
+  st_args.insert(st_args.end(),
+                 {"--servers", std::to_string(lo.static_servers), "--replicas", std::to_string(lo.static_servers)});
+  const json st = demo(st_args, tmp + "-static.json");
+  if (!st.is_object()) return 1;
+  auto as_args = trace_args;
+  as_args.insert(as_args.end(), {"--autoscale", "--servers", std::to_string(lo.min_servers), "--max-servers",
+                                 std::to_string(lo.max_servers), "--capacity", fmt::format("{}", lo.capacity)});
+  const json as = demo(as_args, tmp + "-auto.json");
+  if (!st.is_object() || !as.is_object()) return 1;
+  auto row = [](const json& j) {
+    const json& s = j["servers"];
+    const json& t = j["trace"];
+    double p99 = 0;
+    for (const auto& w : t["windows"]) p99 = std::max(p99, w.value("p99_ms", 0.0));
+    return json{{"server_seconds", s.value("server_seconds", 0.0)},
+                {"interval_s", s.value("interval_s", 0.0)},
+                {"mean_servers", s.value("mean_servers", 0.0)},
+                {"max_servers", s.value("max_servers", 0)},
+                {"adds", s.value("adds", 0)},
+                {"removes", s.value("removes", 0)},
+                {"forwards", t.value("forwards", 0)},
+                {"over_slo", t.value("over_slo", 0)},
+                {"miss_fraction", t.value("miss_fraction", 0.0)},
+                {"worst_window_p99_ms", p99},
+                {"ok", j.value("ok", false)},
+                {"timeline", s["timeline"]}};
+  };
+  const json a = row(st), b = row(as);
+  const double saved = 1 - b.value("server_seconds", 0.0) / std::max(1e-9, a.value("server_seconds", 0.0));
+  std::printf("\ntrace %s over %.0f s, peak %.0f tokens/s, SLO %.0f ms; server capacity %.0f tokens/s\n",
+              lo.trace.c_str(), lo.period_s, lo.peak_tps, lo.slo_ms, lo.capacity);
+  std::printf("%-12s %8s %14s %12s %10s %10s %8s %16s\n", "provisioning", "servers", "server-seconds", "mean servers",
+              "forwards", "over SLO", "miss %", "worst p99 ms");
+  for (const auto& [name, r] : {std::pair{"static", a}, std::pair{"autoscaler", b}})
+    std::printf("%-12s %8d %14.1f %12.2f %10d %10d %8.2f %16.1f\n", name, r.value("max_servers", 0),
+                r.value("server_seconds", 0.0), r.value("mean_servers", 0.0), r.value("forwards", 0),
+                r.value("over_slo", 0), 100 * r.value("miss_fraction", 0.0), r.value("worst_window_p99_ms", 0.0));
+  std::printf("server-seconds saved by the autoscaler: %.1f %% (%d added, %d removed); outputs %s\n", 100 * saved,
+              b.value("adds", 0), b.value("removes", 0),
+              a.value("ok", false) && b.value("ok", false) ? "ok in both runs" : "NOT ok");
+  if (!lo.json_path.empty())
+    std::ofstream(lo.json_path) << json{{"trace", lo.trace},
+                                        {"period_s", lo.period_s},
+                                        {"peak_tps", lo.peak_tps},
+                                        {"trough", lo.trough},
+                                        {"slo_ms", lo.slo_ms},
+                                        {"capacity_tps", lo.capacity},
+                                        {"capacity_from", capacity_from},
+                                        {"static_servers", lo.static_servers},
+                                        {"static", a},
+                                        {"autoscaler", b},
+                                        {"saved_fraction", saved}}
+                                       .dump(2)
+                                << "\n";
+  return a.value("ok", false) && b.value("ok", false) ? 0 : 1;
 }
 
 int run_live(const run_options& ro, autoscale_policy p) {
@@ -115,13 +227,24 @@ int run_live(const run_options& ro, autoscale_policy p) {
   };
   std::map<pid_t, child_server> children;  // servers this process started (the only ones it signals)
   int next = 0;
+  // Every server's life, start (the scale line) to exit, with the monotonic clock every process of this
+  // machine shares: what an orchestrator (eaas-demo --autoscale) integrates into server-seconds.
+  auto emit_exit = [](const std::string& id) {
+    emit({{"type", "server"}, {"event", "exit"}, {"server", id}, {"ns", eaas::now_ns()}});
+  };
   const std::string prefix = "/eaas/" + ro.ns + "/load/";
   const auto t_end = std::chrono::steady_clock::now() +
                      std::chrono::milliseconds(static_cast<long>(ro.duration_s > 0 ? ro.duration_s * 1000 : 1e12));
   while (!g_stop && std::chrono::steady_clock::now() < t_end) {
     std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<long>(ro.tick_ms)));
-    for (auto it = children.begin(); it != children.end();)  // reap servers that left
-      it = ::waitpid(it->first, nullptr, WNOHANG) == it->first ? children.erase(it) : std::next(it);
+    for (auto it = children.begin(); it != children.end();) {  // reap servers that left
+      if (::waitpid(it->first, nullptr, WNOHANG) != it->first) {
+        ++it;
+        continue;
+      }
+      emit_exit(it->second.id);
+      it = children.erase(it);
+    }
     std::vector<kv_record> recs;
     std::int64_t rev = 0;
     if (reg->list(prefix, recs, rev) != status::ok) continue;  // registry away: try next tick
@@ -179,6 +302,7 @@ int run_live(const run_options& ro, autoscale_policy p) {
       if (rc == 0) children[pid] = {id, d.experts};
       emit({{"type", "scale"},
             {"action", "add"},
+            {"ns", eaas::now_ns()},
             {"server", id},
             {"experts", d.experts},
             {"servers", fleet.size()},
@@ -194,6 +318,7 @@ int run_live(const run_options& ro, autoscale_policy p) {
       const bool ok = pid > 0 && ::kill(pid, SIGTERM) == 0;  // a graceful leave: it drains first
       emit({{"type", "scale"},
             {"action", "remove"},
+            {"ns", eaas::now_ns()},
             {"server", d.server},
             {"servers", fleet.size()},
             {"offered_tps", offered},
@@ -202,7 +327,10 @@ int run_live(const run_options& ro, autoscale_policy p) {
     }
   }
   for (const auto& [pid, ch] : children) ::kill(pid, SIGTERM);
-  for (const auto& [pid, ch] : children) ::waitpid(pid, nullptr, 0);
+  for (const auto& [pid, ch] : children) {
+    ::waitpid(pid, nullptr, 0);
+    emit_exit(ch.id);
+  }
   return 0;
 }
 
@@ -262,8 +390,42 @@ int main(int argc, char** argv) {
   run->add_option("--gpus", ro.gpus, "start servers on GPUs 0..N-1, round robin (0: on the CPU)")
       ->check(CLI::Range(0, 1024))
       ->capture_default_str();
+  auto* live = app.add_subcommand(
+      "live", "a trace against static peak provisioning and the autoscaler, on real processes (eaas-demo twice)");
+  live_options lo;
+  live->add_option("--trace", lo.trace, "diurnal, or a CSV of seconds,tokens_per_s")->capture_default_str();
+  live->add_option("--period-s", lo.period_s, "seconds the day is compressed into")->capture_default_str();
+  live->add_option("--peak-tps", lo.peak_tps, "peak tokens/s of all clients together")->required();
+  live->add_option("--trough", lo.trough, "diurnal: trough as a fraction of the peak")->capture_default_str();
+  live->add_option("--day-start-h", lo.day_start_h, "diurnal: the hour the day starts at")->capture_default_str();
+  live->add_option("--slo-ms", lo.slo_ms, "latency SLO of a forward, from its scheduled start")->capture_default_str();
+  live->add_option("--window-s", lo.window_s, "seconds per reported window (default period / 24)");
+  live->add_option("--capacity", lo.capacity, "tokens/s one server takes within the SLO (0: measure it)")
+      ->capture_default_str();
+  live->add_option("--slo-util", lo.slo_util, "static fleet: ceil(peak / (capacity x this))")->capture_default_str();
+  live->add_option("--static-servers", lo.static_servers, "the static fleet (0: from the capacity)")
+      ->capture_default_str();
+  live->add_option("--min-servers", lo.min_servers, "autoscaler: fewest servers")->capture_default_str();
+  live->add_option("--max-servers", lo.max_servers, "autoscaler: most servers (0: the static fleet)")
+      ->capture_default_str();
+  live->add_option("--calibrate-s", lo.calibrate_s, "seconds of the capacity measurement")->capture_default_str();
+  live->add_option("--json", lo.json_path, "write both runs' results as JSON");
+  live->add_option("--demo-bin", lo.demo_bin, "eaas-demo to run (default: next to this tool)");
+  live->add_option("demo-args", lo.demo_args,
+                   "after --: arguments for both eaas-demo runs (model, --cpu, --clients, ...)");
   CLI11_PARSE(app, argc, argv);
 
+  if (live->parsed()) {
+    if (lo.demo_bin.empty()) {
+      std::error_code ec;
+      lo.demo_bin = (std::filesystem::read_symlink("/proc/self/exe", ec).parent_path() / "eaas-demo").string();
+    }
+    if (!(lo.peak_tps > 0) || !(lo.period_s > 0) || !(lo.slo_util > 0 && lo.slo_util <= 1)) {
+      std::fprintf(stderr, "eaas-autoscale live: need --peak-tps > 0, --period-s > 0, 0 < --slo-util <= 1\n");
+      return 2;
+    }
+    return run_compare(lo);
+  }
   if (run->parsed()) {
     if (ro.server_bin.empty()) {
       std::error_code ec;
@@ -284,10 +446,10 @@ int main(int argc, char** argv) {
     return run_live(ro, rp);
   }
 
-  std::vector<sample> tr;
+  std::vector<trace_sample> tr;
   if (trace == "diurnal") {
-    tr = diurnal(peak, trough, tick_s, seed);
-  } else if (!load_csv(trace, tr)) {
+    tr = diurnal_trace(peak, trough, tick_s, seed);
+  } else if (!load_trace_csv(trace, tr)) {
     std::fprintf(stderr, "eaas-autoscale: %s: not a CSV of seconds,tokens_per_s\n", trace.c_str());
     return 2;
   }

@@ -3,6 +3,14 @@
 // against the monolithic in-process reference. Prints JSON lines: progress, then a result.
 //
 //   eaas-client --id c0 --registry embedded://127.0.0.1:23790 --model tiny --tokens 32 --steps 50 --verify
+//
+// By default it is closed-loop: the next forward starts when the last one ends. With --trace it is
+// open-loop: forwards are scheduled so that the offered tokens/s follow a traffic trace (the diurnal day
+// of runtime/src/autoscale.hpp compressed into --period-s seconds, or a CSV), each forward's latency is
+// measured from its scheduled start (a forward that starts late has queued), and it prints a `window`
+// line per trace window (p50/p99 latency, forwards over --slo-ms) besides progress and result.
+//
+//   eaas-client --id c0 ... --tokens 16 --trace diurnal --period-s 30 --peak-tps 2000 --slo-ms 200
 
 #include <algorithm>
 #include <chrono>
@@ -10,7 +18,9 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <thread>
 
+#include "autoscale.hpp"
 #include "client.hpp"
 #include "eaas/runtime/safetensors.hpp"
 #include "micro_batch.hpp"
@@ -43,6 +53,73 @@ void emit(const json& j) {
   const std::string s = j.dump() + "\n";
   std::fwrite(s.data(), 1, s.size(), stdout);
   std::fflush(stdout);
+}
+
+/// --trace: what the client offers over time.
+struct trace_args {
+  std::string trace;  // empty: closed loop
+  double period_s = 60, peak_tps = 0, trough = 0.25, tick_s = 0, noise = 0.03, window_s = 0, slo_ms = 1000, start_h = 0;
+  std::uint64_t seed = 1;
+
+  void add(CLI::App& app) {
+    app.add_option("--trace", trace,
+                   "open loop: offer tokens/s following a trace, 'diurnal' or a CSV of seconds,tokens_per_s "
+                   "(default: closed loop)");
+    app.add_option("--period-s", period_s, "with --trace: seconds the trace is compressed into (one day)")
+        ->capture_default_str();
+    app.add_option("--peak-tps", peak_tps, "with --trace: this client's peak tokens/s (a CSV is scaled to it)");
+    app.add_option("--trough", trough, "with --trace diurnal: the trough as a fraction of the peak")
+        ->capture_default_str();
+    app.add_option("--trace-tick-s", tick_s, "with --trace diurnal: seconds per trace step (default period / 96)");
+    app.add_option("--trace-noise", noise, "with --trace diurnal: relative noise per step")->capture_default_str();
+    app.add_option("--trace-seed", seed, "with --trace diurnal: noise seed")->capture_default_str();
+    app.add_option("--day-start-h", start_h,
+                   "with --trace diurnal: the hour the day starts at (4: from trough to trough, both ramps whole)")
+        ->capture_default_str();
+    app.add_option("--window-s", window_s, "with --trace: seconds per reported window (default period / 24)");
+    app.add_option("--slo-ms", slo_ms, "with --trace: a forward slower than this (from its scheduled start) misses")
+        ->capture_default_str();
+  }
+  /// The trace in seconds from the start of the run; false (with a message) if it cannot be built.
+  bool build(std::vector<trace_sample>& out) const {
+    if (!(period_s > 0) || !(slo_ms > 0) || !(trough >= 0 && trough <= 1) || !(noise >= 0)) {
+      std::fprintf(stderr, "eaas-client: --trace needs --period-s > 0, --slo-ms > 0, 0 <= --trough <= 1\n");
+      return false;
+    }
+    if (trace == "diurnal") {
+      if (!(peak_tps > 0)) {
+        std::fprintf(stderr, "eaas-client: --trace diurnal needs --peak-tps > 0\n");
+        return false;
+      }
+      out = diurnal_trace(peak_tps, trough, tick_s > 0 ? tick_s : period_s / 96, seed, period_s, noise, start_h);
+      return true;
+    }
+    if (!load_trace_csv(trace, out)) {
+      std::fprintf(stderr, "eaas-client: %s: not a CSV of increasing seconds,tokens_per_s\n", trace.c_str());
+      return false;
+    }
+    // Compressed into the period, and scaled to the peak where one is given.
+    const double span = trace_span(out),
+                 top = std::max_element(out.begin(), out.end(), [](auto&a, auto&b) { return a.tps < b.tps; })->tps;
+    for (auto& x : out) {
+      x.t_s = (x.t_s - out.front().t_s) * period_s / (span - out.front().t_s);
+      if (peak_tps > 0 && top > 0) x.tps *= peak_tps / top;
+    }
+    return true;
+  }
+};
+
+/// The scheduled start of the forward after one scheduled at `t` (seconds into the trace), so that
+/// `tokens` per forward make the trace's rate; beyond `end` where the trace offers nothing more.
+double next_start(const std::vector<trace_sample>& tr, double t, std::uint32_t tokens, double end) {
+  for (;;) {
+    auto it = std::upper_bound(tr.begin(), tr.end(), t, [](double x, const trace_sample& s) { return x < s.t_s; });
+    if (it == tr.begin()) return tr.front().t_s;
+    const double rate = std::prev(it)->tps;
+    if (rate > 0) return t + double(tokens) / rate;
+    if (it == tr.end()) return end;  // nothing offered until the end
+    t = it->t_s;                     // nothing offered in this step: the next step's start
+  }
 }
 
 }  // namespace
@@ -91,7 +168,11 @@ int main(int argc, char** argv) {
       ->needs(device_step);
   tool::checkpoint_args ckpt;
   ckpt.add(app, "routers (and, with --verify, the reference's experts)");
+  trace_args ta;
+  ta.add(app);
   CLI11_PARSE(app, argc, argv);
+  std::vector<trace_sample> trace;
+  if (!ta.trace.empty() && !ta.build(trace)) return 2;
   if (o.device_step && o.gpu < 0) {
     std::fprintf(stderr, "eaas-client: --device-step needs --gpu\n");
     return 2;
@@ -155,15 +236,14 @@ int main(int argc, char** argv) {
   const auto t_end = std::chrono::steady_clock::now() + std::chrono::microseconds(static_cast<long>(duration_s * 1e6));
   std::uint32_t done = 0, timed = 0;
   double first_us = 0;
-  for (std::uint32_t step = 0; step < steps; ++step) {
-    if (duration_s > 0 && step > 0 && std::chrono::steady_clock::now() >= t_end) break;
+  // One forward: timed into the rates (except the first, which allocates, links and, with --graph,
+  // captures), failovers reported, checked against the reference with --verify.
+  auto one_forward = [&](std::uint32_t step, double& us) -> status {
     done = step + 1;
     for (auto& t : ids) t = static_cast<std::uint32_t>(rng());
     const auto t0 = std::chrono::steady_clock::now();
-    if (status s = cl->forward(ids, out); s != status::ok) return tool::fail("eaas-client", "forward", s);
-    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-    // The first forward allocates, links and (with --graph) captures: it is reported, not counted in the
-    // rates, where later forwards exist.
+    EAAS_CHECK(cl->forward(ids, out));
+    us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
     if (step == 0) first_us = us;
     if (step > 0 || steps == 1) {
       step_us.push_back(us);
@@ -191,15 +271,110 @@ int main(int argc, char** argv) {
       worst = std::max(worst, err);
       verified++;
     }
+    return status::ok;
+  };
+  auto progress = [&](std::uint32_t step, std::uint32_t of) {
+    emit({{"type", "progress"},
+          {"id", o.id},
+          {"step", step},
+          {"steps", of},
+          {"tokens_per_s", busy_s > 0 ? double(tokens) * timed / busy_s : 0.0},
+          {"max_rel_err", worst}});
+  };
+  json trace_result;
+  if (!trace.empty()) {
+    // Open loop. A warm-up forward first (not part of the trace), then forward k starts at its scheduled
+    // time, or at once if the one before ended later: its latency counts from the schedule. Forwards still
+    // unstarted a quarter period after the trace ended are counted as unserved (misses).
+    double us = 0;
+    if (status s = one_forward(0, us); s != status::ok) return tool::fail("eaas-client", "forward", s);
+    const double period = ta.period_s, window_s = ta.window_s > 0 ? ta.window_s : period / 24;
+    const auto windows = static_cast<std::size_t>(std::ceil(period / window_s));
+    std::vector<std::vector<double>> lat_ms(windows);
+    std::vector<std::uint32_t> offered(windows, 0);
+    std::vector<double> all_ms;
+    std::uint64_t over = 0, unserved = 0;
+    const std::uint64_t t0 = eaas::now_ns();
+    auto at = [&](double t_s) { return t0 + static_cast<std::uint64_t>(t_s * 1e9); };
+    const std::uint64_t give_up = at(period * 1.25);
+    std::size_t reported = 0;
+    auto report = [&](std::size_t w) {
+      std::uint32_t late = 0;
+      for (double x : lat_ms[w]) late += x > ta.slo_ms ? 1 : 0;
+      emit({{"type", "window"},
+            {"id", o.id},
+            {"window", w},
+            {"t_s", double(w) * window_s},
+            {"offered_tps", double(offered[w]) * tokens / window_s},
+            {"forwards", offered[w]},
+            {"served", lat_ms[w].size()},
+            {"over_slo", late + (offered[w] - lat_ms[w].size())},
+            {"p50_ms", tool::percentile(lat_ms[w], 50)},
+            {"p99_ms", tool::percentile(lat_ms[w], 99)}});
+    };
+    std::uint32_t step = 1;
+    for (double sched = next_start(trace, -1, tokens, period); sched < period;
+         sched = next_start(trace, sched, tokens, period)) {
+      const auto w = std::min(windows - 1, static_cast<std::size_t>(sched / window_s));
+      offered[w]++;
+      for (; reported < w; ++reported) report(reported);
+      if (eaas::now_ns() > give_up) {
+        unserved++;
+        continue;
+      }
+      while (eaas::now_ns() < at(sched))
+        std::this_thread::sleep_for(
+            std::chrono::nanoseconds(std::min<std::uint64_t>(at(sched) - eaas::now_ns(), 1'000'000)));
+      if (status s = one_forward(step++, us); s != status::ok) return tool::fail("eaas-client", "forward", s);
+      const double ms = double(eaas::now_ns() - at(sched)) * 1e-6;
+      lat_ms[w].push_back(ms);
+      all_ms.push_back(ms);
+      over += ms > ta.slo_ms ? 1 : 0;
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last_progress > std::chrono::milliseconds(250)) {
+        last_progress = now;
+        progress(step, 0);
+      }
+    }
+    const std::uint64_t trace_end_ns = eaas::now_ns();
+    for (; reported < windows; ++reported) report(reported);
+    progress(step, 0);
+    json ws = json::array();
+    for (std::size_t w = 0; w < windows; ++w) {
+      std::uint32_t late = 0;
+      for (double x : lat_ms[w]) late += x > ta.slo_ms ? 1 : 0;
+      ws.push_back({{"t_s", double(w) * window_s},
+                    {"offered_tps", double(offered[w]) * tokens / window_s},
+                    {"forwards", offered[w]},
+                    {"over_slo", late + (offered[w] - lat_ms[w].size())},
+                    {"p50_ms", tool::percentile(lat_ms[w], 50)},
+                    {"p99_ms", tool::percentile(lat_ms[w], 99)}});
+    }
+    const std::uint64_t forwards = all_ms.size() + unserved;
+    trace_result = {{"trace", ta.trace},
+                    {"period_s", period},
+                    {"window_s", window_s},
+                    {"slo_ms", ta.slo_ms},
+                    {"start_ns", t0},
+                    {"end_ns", trace_end_ns},
+                    {"forwards", forwards},
+                    {"unserved", unserved},
+                    {"over_slo", over + unserved},
+                    {"miss_fraction", forwards ? double(over + unserved) / double(forwards) : 0.0},
+                    {"latency_ms",
+                     {{"p50", tool::percentile(all_ms, 50)},
+                      {"p99", tool::percentile(all_ms, 99)},
+                      {"max", all_ms.empty() ? 0.0 : *std::max_element(all_ms.begin(), all_ms.end())}}},
+                    {"windows", ws}};
+  }
+  for (std::uint32_t step = 0; trace.empty() && step < steps; ++step) {
+    if (duration_s > 0 && step > 0 && std::chrono::steady_clock::now() >= t_end) break;
+    double us = 0;
+    if (status s = one_forward(step, us); s != status::ok) return tool::fail("eaas-client", "forward", s);
     const auto now = std::chrono::steady_clock::now();
     if (now - last_progress > std::chrono::milliseconds(250) || step + 1 == steps || (duration_s > 0 && now >= t_end)) {
       last_progress = now;
-      emit({{"type", "progress"},
-            {"id", o.id},
-            {"step", step + 1},
-            {"steps", duration_s > 0 ? 0u : steps},
-            {"tokens_per_s", busy_s > 0 ? double(tokens) * timed / busy_s : 0.0},
-            {"max_rel_err", worst}});
+      progress(step + 1, duration_s > 0 ? 0u : steps);
     }
   }
   const client_stats st = cl->stats();
@@ -231,6 +406,7 @@ int main(int argc, char** argv) {
         {"fallback_forwards", st.fallback_forwards},
         {"graph_captures", st.graph_captures},
         {"micro_batches", st.micro_batches},
-        {"requests", st.requests}});
+        {"requests", st.requests},
+        {"trace", trace_result}});
   return 0;
 }

@@ -5,6 +5,15 @@
 //   eaas-demo                              (2 servers, 2 clients, the "tiny" model, on the CPU, or on
 //                                           the GPUs where this host has any: --cpu / --gpu to choose)
 //   eaas-demo --servers 3 --clients 2 --replicas 2 --model small --steps 100
+//
+// Elasticity (docs/RUNTIME.md, "Autoscaling"): with --trace the clients are open-loop and offer a traffic
+// trace (eaas-client --trace); with --autoscale the servers are not started here but by an
+// `eaas-autoscale run` child, from their published load. Either way the summary has the servers' timeline
+// (how many were alive when, from their processes' start to their exit), its integral in server-seconds
+// over the trace, and the forwards that missed the SLO.
+//
+//   eaas-demo --clients 2 --tokens 16 --trace diurnal --period-s 30 --peak-tps 3000 --slo-ms 250
+//             --autoscale --capacity 1200 --max-servers 4
 
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -40,6 +49,7 @@ struct child {
   std::string buf;
   bool exited = false;
   int status = 0;
+  std::uint64_t start_ns = 0, end_ns = 0;  // its process's life, as this process saw it
 };
 
 bool spawn(const std::string& path, const std::vector<std::string>& args, child& c) {
@@ -60,6 +70,7 @@ bool spawn(const std::string& path, const std::vector<std::string>& args, child&
     return false;
   }
   c.out = p[0];
+  c.start_ns = eaas::now_ns();
   return true;
 }
 
@@ -103,6 +114,7 @@ bool reap(child& c, bool block) {
   if (r == c.pid) {
     c.exited = true;
     c.status = st;
+    c.end_ns = eaas::now_ns();
   }
   return c.exited;
 }
@@ -123,6 +135,43 @@ struct kill_record {
   std::string server;
   std::uint64_t at_ns = 0;
   std::string replacement;
+};
+
+/// How many servers were alive when: +1 at a server's start, -1 at its exit.
+struct server_timeline {
+  std::vector<std::pair<std::uint64_t, int>> events;
+
+  /// The count over [from, to] as (seconds from `from`, servers from then on) steps, and its integral.
+  json over(std::uint64_t from, std::uint64_t to) const {
+    auto ev = events;
+    std::stable_sort(ev.begin(), ev.end(), [](auto& a, auto& b) { return a.first < b.first; });
+    int n = 0, most = 0;
+    std::size_t i = 0;
+    for (; i < ev.size() && ev[i].first <= from; ++i) n += ev[i].second;
+    json steps = json::array({json::array({0.0, n})});
+    double seconds = 0;
+    std::uint64_t t = from;
+    most = n;
+    for (; i < ev.size() && ev[i].first < to; ++i) {
+      seconds += double(n) * double(ev[i].first - t) * 1e-9;
+      t = ev[i].first;
+      n += ev[i].second;
+      most = std::max(most, n);
+      steps.push_back(json::array({double(t - from) * 1e-9, n}));
+    }
+    seconds += double(n) * double(to - t) * 1e-9;
+    const double span = double(to - from) * 1e-9;
+    return {{"timeline", steps},
+            {"interval_s", span},
+            {"server_seconds", seconds},
+            {"mean_servers", span > 0 ? seconds / span : 0.0},
+            {"max_servers", most}};
+  }
+  /// Mean servers over [a, b].
+  double mean(std::uint64_t a, std::uint64_t b) const {
+    const json j = over(a, b);
+    return j.value("mean_servers", 0.0);
+  }
 };
 
 }  // namespace
@@ -174,12 +223,50 @@ int main(int argc, char** argv) {
                "with --server-device-step: launch the round's kernels one by one (the ablation; eaas-server "
                "--device-no-graph)")
       ->needs(server_device_step_flag);
+  // Elasticity: open-loop clients on a trace, servers started by the autoscaler.
+  std::string trace;
+  double period_s = 60, peak_tps = 0, trough = 0.25, slo_ms = 1000, window_s = 0, capacity = 0, day_start_h = 0;
+  std::uint64_t trace_seed = 1;
+  bool autoscale = false;
+  std::uint32_t max_servers = 4;
+  std::vector<std::string> autoscale_args;
+  app.add_option("--trace", trace, "clients offer a traffic trace, open loop: diurnal or a CSV (eaas-client --trace)");
+  app.add_option("--period-s", period_s, "with --trace: seconds of the (compressed) day")->capture_default_str();
+  app.add_option("--peak-tps", peak_tps, "with --trace: peak tokens/s of all clients together");
+  app.add_option("--trough", trough, "with --trace diurnal: trough as a fraction of the peak")->capture_default_str();
+  app.add_option("--trace-seed", trace_seed, "with --trace diurnal: noise seed (client i gets seed + i)")
+      ->capture_default_str();
+  app.add_option("--day-start-h", day_start_h, "with --trace diurnal: the hour the day starts at (4: trough to trough)")
+      ->capture_default_str();
+  app.add_option("--window-s", window_s, "with --trace: seconds per reported window (default period / 24)");
+  app.add_option("--slo-ms", slo_ms, "with --trace: latency SLO of a forward, from its scheduled start")
+      ->capture_default_str();
+  auto* autoscale_flag = app.add_flag(
+      "--autoscale", autoscale,
+      "servers are started and stopped by an eaas-autoscale run child (--servers: its minimum) instead of fixed");
+  app.add_option("--capacity", capacity, "with --autoscale: tokens/s one server takes within the SLO")
+      ->needs(autoscale_flag);
+  app.add_option("--max-servers", max_servers, "with --autoscale: the most servers")
+      ->needs(autoscale_flag)
+      ->capture_default_str();
+  app.add_option("--autoscale-arg", autoscale_args,
+                 "with --autoscale: an extra argument for eaas-autoscale run (repeatable, e.g. --autoscale-arg=--high "
+                 "--autoscale-arg=0.7); ignored without --autoscale");
   CLI11_PARSE(app, argc, argv);
 
   model_shape shape;
   if (status s = model.resolve(shape); s != status::ok) return tool::fail("eaas-demo", "model", s);
   if (servers == 0 || clients == 0 || replicas == 0 || replicas > servers) {
     std::fprintf(stderr, "eaas-demo: need servers >= 1, clients >= 1, 1 <= replicas <= servers\n");
+    return 2;
+  }
+  if (autoscale && (kill_every > 0 || !(capacity > 0) || max_servers < servers)) {
+    std::fprintf(stderr,
+                 "eaas-demo: --autoscale needs --capacity > 0 and --max-servers >= --servers, no --kill-every\n");
+    return 2;
+  }
+  if (!trace.empty() && !(peak_tps > 0)) {
+    std::fprintf(stderr, "eaas-demo: --trace needs --peak-tps > 0\n");
     return 2;
   }
   if (kill_signal != "KILL" && kill_signal != "TERM") {
@@ -212,6 +299,7 @@ int main(int argc, char** argv) {
   std::error_code ec;
   const auto dir = std::filesystem::read_symlink("/proc/self/exe", ec).parent_path();
   const std::string server_bin = (dir / "eaas-server").string(), client_bin = (dir / "eaas-client").string();
+  const std::string autoscale_bin = (dir / "eaas-autoscale").string();
 
   std::unique_ptr<registry_server> reg;
   if (status s = registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg); s != status::ok)
@@ -230,9 +318,16 @@ int main(int argc, char** argv) {
   std::printf("eaas-demo: model %s (hidden %u, inter %u, %u experts, top-%u, %u MoE layers), registry %s\n",
               model.preset.c_str(), shape.hidden, shape.inter, shape.experts, shape.topk, shape.layers,
               endpoint.c_str());
-  const std::string run_length = duration > 0 ? fmt::format("{:.1f} s", duration) : fmt::format("{} steps", steps);
-  std::printf("eaas-demo: %u servers (%u replica%s per expert), %u clients × %s × %u tokens, %s\n", servers, replicas,
-              replicas > 1 ? "s" : "", clients, run_length.c_str(), tokens,
+  const std::string run_length =
+      !trace.empty() ? fmt::format("trace {} over {:.1f} s (peak {:.0f} tokens/s in all, SLO {:.0f} ms)", trace,
+                                   period_s, peak_tps, slo_ms)
+      : duration > 0 ? fmt::format("{:.1f} s", duration)
+                     : fmt::format("{} steps", steps);
+  const std::string fleet =
+      autoscale ? fmt::format("{} to {} servers (eaas-autoscale, capacity {:.0f} tokens/s each)", servers, max_servers,
+                              capacity)
+                : fmt::format("{} servers ({} replica{} per expert)", servers, replicas, replicas > 1 ? "s" : "");
+  std::printf("eaas-demo: %s, %u clients × %s × %u tokens, %s\n", fleet.c_str(), clients, run_length.c_str(), tokens,
               gpu ? fmt::format("{} GPU{} (nvlink, bf16 experts)", gpus, gpus > 1 ? "s" : "").c_str() : "CPU");
   if (kill_every > 0)
     std::printf("eaas-demo: fault injection: SIG%s to a random server every %.1f s%s\n", kill_signal.c_str(),
@@ -245,6 +340,10 @@ int main(int argc, char** argv) {
   std::map<std::string, json> server_stats, progress, results;
   std::vector<json> failovers;
   std::vector<kill_record> kills;
+  server_timeline alive;
+  std::vector<json> scale_events;
+  child scaler;  // --autoscale: the eaas-autoscale run child
+  scaler.name = "autoscale";
   auto start_server = [&](position& p) {
     auto c = std::make_unique<child>();
     c->name = "s" + std::to_string(p.index) + (p.generation ? "." + std::to_string(p.generation) : "");
@@ -257,6 +356,7 @@ int main(int argc, char** argv) {
     if (server_device_step) args.push_back("--device-step");
     if (server_no_graph) args.push_back("--device-no-graph");
     if (!spawn(server_bin, args, *c)) return false;
+    alive.events.push_back({c->start_ns, +1});
     p.proc = std::move(c);
     return true;
   };
@@ -266,6 +366,7 @@ int main(int argc, char** argv) {
       if (p.proc) v.push_back(p.proc.get());
     for (auto& r : retired) v.push_back(r.get());
     for (auto& c : cli) v.push_back(&c);
+    if (scaler.pid > 0) v.push_back(&scaler);
     return v;
   };
   auto stop_all = [&](int sig) {
@@ -279,6 +380,16 @@ int main(int argc, char** argv) {
     if (type == "stats") server_stats[c.name] = j;
     if (type == "progress") progress[c.name] = j;
     if (type == "result") results[c.name] = j;
+    // The autoscaler's servers: started at its scale line, gone at their exit line.
+    if (&c == &scaler && type == "scale") {
+      scale_events.push_back(j);
+      if (j.value("action", "") == "add" && j.value("ok", false)) alive.events.push_back({j.value("ns", 0ull), +1});
+      if (verbose)
+        std::fprintf(stderr, "[demo] autoscale: %s %s (%s)\n", j.value("action", "").c_str(),
+                     j.value("server", "").c_str(), j.value("why", "").c_str());
+    }
+    if (&c == &scaler && type == "server" && j.value("event", "") == "exit")
+      alive.events.push_back({j.value("ns", 0ull), -1});
     if (type == "failover") {
       if (verbose)
         std::fprintf(stderr,
@@ -289,6 +400,21 @@ int main(int argc, char** argv) {
       failovers.push_back(j);
     }
   };
+  if (autoscale) {
+    // Its minimum at once; the clients wait for their experts.
+    pos.clear();
+    std::vector<std::string> args = common;
+    args.insert(args.begin(), "run");
+    args.insert(args.end(), {"--capacity", fmt::format("{}", capacity * shape.layers * shape.topk), "--min-servers",
+                             std::to_string(servers), "--max-servers", std::to_string(max_servers)});
+    // Its servers on the first GPUs, round robin; the clients keep the last ones where there are enough.
+    if (gpu) args.insert(args.end(), {"--gpus", std::to_string(gpus > int(clients) ? gpus - int(clients) : gpus)});
+    args.insert(args.end(), autoscale_args.begin(), autoscale_args.end());
+    if (!spawn(autoscale_bin, args, scaler)) {
+      std::fprintf(stderr, "eaas-demo: cannot start %s\n", autoscale_bin.c_str());
+      return 1;
+    }
+  }
   for (auto& p : pos) {
     p.index = static_cast<std::uint32_t>(&p - pos.data());
     if (!start_server(p)) {
@@ -299,7 +425,7 @@ int main(int argc, char** argv) {
   }
   // Servers first (they print "ready" once registered), then the clients.
   const auto t_start = std::chrono::steady_clock::now();
-  while (ready_ns.size() < servers) {
+  while (!autoscale && ready_ns.size() < servers) {
     auto all = everyone();
     pump(all, 100, on_line);
     for (auto& p : pos)
@@ -316,7 +442,7 @@ int main(int argc, char** argv) {
     }
   }
   const double t_ready = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  std::printf("eaas-demo: %u servers ready in %.2f s\n", servers, t_ready);
+  if (!autoscale) std::printf("eaas-demo: %u servers ready in %.2f s\n", servers, t_ready);
   for (std::uint32_t i = 0; i < clients; ++i) {
     cli[i].name = "c" + std::to_string(i);
     auto args = common;
@@ -325,7 +451,17 @@ int main(int argc, char** argv) {
                              "--replicas", std::to_string(replicas), "--attention-cost", std::to_string(attention_cost),
                              "--request-timeout-ms", std::to_string(request_timeout_ms)});
     if (!no_verify) args.insert(args.end(), {"--verify", "--tolerance", fmt::format("{}", tolerance)});
-    if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(servers + i) % gpus)});
+    if (!trace.empty()) {
+      args.insert(args.end(), {"--trace", trace, "--period-s", fmt::format("{}", period_s), "--peak-tps",
+                               fmt::format("{}", peak_tps / clients), "--trough", fmt::format("{}", trough),
+                               "--trace-seed", std::to_string(trace_seed + i), "--slo-ms", fmt::format("{}", slo_ms),
+                               "--day-start-h", fmt::format("{}", day_start_h)});
+      if (window_s > 0) args.insert(args.end(), {"--window-s", fmt::format("{}", window_s)});
+    }
+    if (gpu) {
+      const int g = autoscale && gpus > int(clients) ? gpus - int(clients) + int(i) : int(servers + i) % gpus;
+      args.insert(args.end(), {"--gpu", std::to_string(g)});
+    }
     if (device_step) args.push_back("--device-step");
     if (micro != "1") args.insert(args.end(), {"--micro-batches", micro});
     if (graph) args.push_back("--graph");
@@ -341,7 +477,13 @@ int main(int argc, char** argv) {
     for (const auto& c : cli) {
       const auto it = progress.find(c.name);
       const int step = it == progress.end() ? 0 : it->second.value("step", 0);
-      line += " " + c.name + " " + std::to_string(step) + (duration > 0 ? "" : "/" + std::to_string(steps));
+      line += " " + c.name + " " + std::to_string(step) +
+              (duration > 0 || !trace.empty() ? "" : "/" + std::to_string(steps));
+    }
+    if (autoscale) {
+      int n = 0;
+      for (const auto& [t, d] : alive.events) n += d;
+      line += "   servers: " + std::to_string(n);
     }
     if (!kills.empty()) line += "   servers killed: " + std::to_string(kills.size());
     std::printf(tty ? "\r%s   " : "%s\n", line.c_str());
@@ -368,6 +510,10 @@ int main(int argc, char** argv) {
         failed = true;
       }
     for (auto& r : retired) reap(*r, false);
+    if (autoscale && reap(scaler, false) && !failed) {
+      std::fprintf(stderr, "\neaas-demo: eaas-autoscale ended early (%s)\n", describe_exit(scaler).c_str());
+      failed = true;
+    }
     if (failed) break;
     // Fault injection, once the clients are running.
     if (kill_every > 0 && !progress.empty()) {
@@ -414,6 +560,8 @@ int main(int argc, char** argv) {
   for (auto& p : pos)
     if (p.proc) reap(*p.proc, true);
   for (auto& r : retired) reap(*r, true);
+  // The autoscaler asks its servers to leave and waits for them; their exit lines come first.
+  if (scaler.pid > 0) reap(scaler, true);
   for (auto& c : cli) {
     if (!reap(c, false)) ::kill(c.pid, SIGKILL);
     reap(c, true);
@@ -513,6 +661,86 @@ int main(int argc, char** argv) {
                     joined.c_str());
     }
   }
+  // Elasticity: the servers alive over the trace (from the first client's trace start to the last one's
+  // end; the whole run without a trace), their integral, and the SLO over all clients.
+  for (auto& p : pos)
+    if (p.proc && p.proc->exited) alive.events.push_back({p.proc->end_ns, -1});
+  for (auto& r : retired)
+    if (r->exited) alive.events.push_back({r->end_ns, -1});
+  std::uint64_t span_from = ~0ull, span_to = 0;
+  for (const auto& [name, r] : results)
+    if (r.contains("trace") && r["trace"].is_object() && r["trace"].contains("start_ns")) {
+      span_from = std::min<std::uint64_t>(span_from, r["trace"].value("start_ns", ~0ull));
+      span_to = std::max<std::uint64_t>(span_to, r["trace"].value("end_ns", 0ull));
+    }
+  if (span_from >= span_to) {
+    span_from = static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(t_start.time_since_epoch()).count());
+    span_to = eaas::now_ns();
+  }
+  json fleet_json = alive.over(span_from, span_to);
+  fleet_json["adds"] = std::count_if(scale_events.begin(), scale_events.end(),
+                                     [](const json& e) { return e.value("action", "") == "add"; });
+  fleet_json["removes"] = std::count_if(scale_events.begin(), scale_events.end(),
+                                        [](const json& e) { return e.value("action", "") == "remove"; });
+  fleet_json["scale_events"] = scale_events;
+  summary["servers"] = fleet_json;
+  if (!trace.empty()) {
+    std::uint64_t forwards = 0, over = 0, unserved = 0;
+    std::vector<json> windows;
+    double window = 0;
+    for (const auto& [name, r] : results) {
+      const json& t = r.value("trace", json::object());
+      forwards += t.value("forwards", 0ull);
+      over += t.value("over_slo", 0ull);
+      unserved += t.value("unserved", 0ull);
+      window = t.value("window_s", 0.0);
+      const json ws = t.value("windows", json::array());
+      for (std::size_t w = 0; w < ws.size(); ++w) {
+        if (windows.size() <= w) windows.push_back({{"forwards", 0}, {"over_slo", 0}, {"offered_tps", 0.0}});
+        json& a = windows[w];
+        a["t_s"] = ws[w].value("t_s", 0.0);
+        a["forwards"] = a.value("forwards", 0ull) + ws[w].value("forwards", 0ull);
+        a["over_slo"] = a.value("over_slo", 0ull) + ws[w].value("over_slo", 0ull);
+        a["offered_tps"] = a.value("offered_tps", 0.0) + ws[w].value("offered_tps", 0.0);
+        // Percentiles do not add up over clients: the worst client's.
+        a["p50_ms"] = std::max(a.value("p50_ms", 0.0), ws[w].value("p50_ms", 0.0));
+        a["p99_ms"] = std::max(a.value("p99_ms", 0.0), ws[w].value("p99_ms", 0.0));
+      }
+    }
+    std::printf("\n%-8s %10s %14s %10s %10s %10s %12s %12s\n", "window", "t s", "offered tok/s", "servers", "forwards",
+                "over SLO", "p50 ms (*)", "p99 ms (*)");
+    for (std::size_t w = 0; w < windows.size(); ++w) {
+      json& a = windows[w];
+      const double t0 = a.value("t_s", 0.0);
+      a["mean_servers"] = alive.mean(span_from + static_cast<std::uint64_t>(t0 * 1e9),
+                                     std::min(span_to, span_from + static_cast<std::uint64_t>((t0 + window) * 1e9)));
+      std::printf("%-8zu %10.1f %14.0f %10.2f %10llu %10llu %12.1f %12.1f\n", w, t0, a.value("offered_tps", 0.0),
+                  a.value("mean_servers", 0.0), a.value("forwards", 0ull), a.value("over_slo", 0ull),
+                  a.value("p50_ms", 0.0), a.value("p99_ms", 0.0));
+    }
+    std::printf("(*) the worst client's; servers: the mean number alive over the window\n");
+    std::printf("SLO %.0f ms: %llu of %llu forwards missed it (%.2f %%; %llu never started)\n", slo_ms,
+                static_cast<unsigned long long>(over), static_cast<unsigned long long>(forwards),
+                forwards ? 100.0 * double(over) / double(forwards) : 0.0, static_cast<unsigned long long>(unserved));
+    summary["trace"] = {{"trace", trace},
+                        {"period_s", period_s},
+                        {"day_start_h", day_start_h},
+                        {"peak_tps", peak_tps},
+                        {"slo_ms", slo_ms},
+                        {"forwards", forwards},
+                        {"over_slo", over},
+                        {"unserved", unserved},
+                        {"miss_fraction", forwards ? double(over) / double(forwards) : 0.0},
+                        {"windows", windows}};
+  }
+  std::printf("servers: %.1f server-seconds over %.1f s (mean %.2f, max %d alive%s)\n",
+              fleet_json.value("server_seconds", 0.0), fleet_json.value("interval_s", 0.0),
+              fleet_json.value("mean_servers", 0.0), fleet_json.value("max_servers", 0),
+              autoscale ? fmt::format("; eaas-autoscale added {}, removed {}", fleet_json.value("adds", 0),
+                                      fleet_json.value("removes", 0))
+                              .c_str()
+                        : "");
   if (no_verify) {
     std::printf("correctness: not checked (--no-verify)\n");
   } else {
