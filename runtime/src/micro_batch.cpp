@@ -40,6 +40,7 @@ class micro_batched final : public attention_client {
                           max_tokens_);
     const bool two = tokens.size() >= 2 && use_two();
     const auto t0 = std::chrono::steady_clock::now();
+    last_two_ = two;
     status st = two ? forward_two(tokens, out) : forward_one(tokens, out);
     if (st == status::ok && mode_ == micro_batching::automatic && trials_ < 2 * kTrials) {
       const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
@@ -51,6 +52,8 @@ class micro_batched final : public attention_client {
 
   const std::vector<std::uint64_t>& last_moe_ns() const override { return moe_ns_; }
   const std::vector<routing>& last_routing() const override { return routing_; }
+  // One batch: the inner client's answer on the GPU; two: the halves are in two buffers (none given).
+  const float* device_output() const override { return last_two_ ? nullptr : a_->device_output(); }
 
   client_stats stats() const override {
     const client_stats x = a_->stats(), y = b_->stats();
@@ -112,7 +115,13 @@ class micro_batched final : public attention_client {
     cv_.wait(lk, [this] { return !pending_; });
     EAAS_CHECK(sa);
     EAAS_CHECK(b_status_);
-    out.insert(out.end(), b_out_.begin(), b_out_.end());
+    // Without host output a half that ran on the device leaves its rows on the GPU (and no routing), while a
+    // half that fell back to the host path has them here: only two host halves make a whole answer.
+    const bool whole = !out.empty() && !b_out_.empty();
+    if (whole)
+      out.insert(out.end(), b_out_.begin(), b_out_.end());
+    else
+      out.clear();
     // A layer's round trip as the forward saw it: the later of the two.
     const auto& ma = a_->last_moe_ns();
     const auto& mb = b_->last_moe_ns();
@@ -120,6 +129,11 @@ class micro_batched final : public attention_client {
     for (std::size_t l = 0; l < ma.size(); ++l) moe_ns_[l] = std::max(ma[l], l < mb.size() ? mb[l] : 0);
     const auto& ra = a_->last_routing();
     const auto& rb = b_->last_routing();
+    if (!whole || ra.size() != rb.size()) {
+      routing_.clear();
+      ++forwards_;
+      return status::ok;
+    }
     routing_.resize(ra.size());
     for (std::size_t l = 0; l < ra.size(); ++l) {
       routing_[l] = ra[l];
@@ -152,6 +166,7 @@ class micro_batched final : public attention_client {
   std::vector<routing> routing_;
   std::vector<double> one_us_, two_us_;  // µs per token of the timed forwards, each way
   std::size_t trials_ = 0;
+  bool last_two_ = false;  // the last forward went as two micro-batches
   std::uint64_t forwards_ = 0;
 
   std::mutex mu_;

@@ -4,8 +4,10 @@
 // its own inner attention_client (its own links, slots and, on a GPU, its own stream and graph), run at the
 // same time on two threads, so that one micro-batch's dense part overlaps the other's expert round trip.
 // The servers see two clients. Tokens are independent in the model, so the output equals a one-batch
-// forward's, row for row. With host_output false each half's answer stays in its inner client's GPU buffer;
-// the combined client then returns an empty `out` and no device_output() (a benchmark setting).
+// forward's, row for row. With host_output false a one-batch forward's answer is the inner client's
+// device_output(); a two-batch forward's halves stay in the inner clients' GPU buffers, and the combined
+// client returns an empty `out`, no routing and no device_output() (a benchmark setting). A half that fell
+// back to the host path is then dropped too: only two host halves make a whole answer.
 
 #include <cstdint>
 #include <memory>

@@ -30,6 +30,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <thread>
 
 #include "tool_common.hpp"
 #include "wire.hpp"
@@ -198,7 +199,8 @@ int main(int argc, char** argv) {
   app.add_option("--kill-every", kill_every,
                  "fault injection: every this many seconds, kill a random server (and start a replacement)");
   app.add_option("--kill-signal", kill_signal, "KILL (a crash) or TERM (a graceful leave)")->capture_default_str();
-  app.add_flag("--no-replace", no_replace, "do not start a replacement for a killed server");
+  app.add_flag("--no-replace", no_replace,
+               "do not start a replacement for a killed server (then at most replicas - 1 are killed)");
   app.add_option("--request-timeout-ms", request_timeout_ms, "clients drop a server silent this long")
       ->capture_default_str();
   app.add_option("--json", json_path, "also write a summary (clients' results, kills, stalls, joins) to this file");
@@ -344,6 +346,12 @@ int main(int argc, char** argv) {
   std::vector<json> scale_events;
   child scaler;  // --autoscale: the eaas-autoscale run child
   scaler.name = "autoscale";
+  // What every server gets beyond the common arguments, started here or by the autoscaler. A client's forward
+  // is one request per server and layer where it fits (larger ones the client splits).
+  std::vector<std::string> server_extra;
+  if (tokens > 512) server_extra.insert(server_extra.end(), {"--max-tokens", std::to_string(tokens)});
+  if (server_device_step) server_extra.push_back("--device-step");
+  if (server_no_graph) server_extra.push_back("--device-no-graph");
   auto start_server = [&](position& p) {
     auto c = std::make_unique<child>();
     c->name = "s" + std::to_string(p.index) + (p.generation ? "." + std::to_string(p.generation) : "");
@@ -351,10 +359,7 @@ int main(int argc, char** argv) {
     args.insert(args.end(), {"--id", c->name, "--placement",
                              std::to_string(p.index) + "/" + std::to_string(servers) + "/" + std::to_string(replicas)});
     if (gpu) args.insert(args.end(), {"--gpu", std::to_string(static_cast<int>(p.index) % gpus)});
-    // A client's forward is one request per server and layer where it fits (larger ones the client splits).
-    if (tokens > 512) args.insert(args.end(), {"--max-tokens", std::to_string(tokens)});
-    if (server_device_step) args.push_back("--device-step");
-    if (server_no_graph) args.push_back("--device-no-graph");
+    args.insert(args.end(), server_extra.begin(), server_extra.end());
     if (!spawn(server_bin, args, *c)) return false;
     alive.events.push_back({c->start_ns, +1});
     p.proc = std::move(c);
@@ -370,6 +375,12 @@ int main(int argc, char** argv) {
     return v;
   };
   auto stop_all = [&](int sig) {
+    // The autoscaler's servers are its children, not ours: it must pass the signal on (it SIGTERMs them when
+    // it stops), so it goes first, with a bounded wait, whatever the signal for the others.
+    if (scaler.pid > 0 && !reap(scaler, false)) {
+      ::kill(scaler.pid, SIGTERM);
+      for (int i = 0; i < 100 && !reap(scaler, false); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
     for (auto* c : everyone())
       if (c->pid > 0 && !reap(*c, false)) ::kill(c->pid, sig);
   };
@@ -409,6 +420,7 @@ int main(int argc, char** argv) {
                              std::to_string(servers), "--max-servers", std::to_string(max_servers)});
     // Its servers on the first GPUs, round robin; the clients keep the last ones where there are enough.
     if (gpu) args.insert(args.end(), {"--gpus", std::to_string(gpus > int(clients) ? gpus - int(clients) : gpus)});
+    for (const auto& a : server_extra) args.push_back("--server-arg=" + a);  // '=': values may start with '-'
     args.insert(args.end(), autoscale_args.begin(), autoscale_args.end());
     if (!spawn(autoscale_bin, args, scaler)) {
       std::fprintf(stderr, "eaas-demo: cannot start %s\n", autoscale_bin.c_str());
@@ -530,18 +542,26 @@ int main(int argc, char** argv) {
       }
       if (now >= next_kill && done == 0 && (kills_until == 0 || now < kills_until)) {
         next_kill = now + static_cast<std::uint64_t>(kill_every * 1e9);
-        position& p = pos[rng() % pos.size()];
-        kills.push_back({p.proc->name, eaas::now_ns(), ""});
-        ::kill(p.proc->pid, kill_signal == "KILL" ? SIGKILL : SIGTERM);
-        retired.push_back(std::move(p.proc));
-        if (!no_replace) {
-          p.generation++;
-          if (!start_server(p)) {
-            std::fprintf(stderr, "\neaas-demo: cannot start a replacement server\n");
-            failed = true;
-            break;
+        // A random live server. Without replacements at most replicas - 1 are taken (each expert keeps one).
+        std::vector<position*> live;
+        for (auto& q : pos)
+          if (q.proc) live.push_back(&q);
+        if (live.empty() || (no_replace && kills.size() + 1 >= replicas)) {
+          kills_until = 1;  // no more kills
+        } else {
+          position& p = *live[rng() % live.size()];
+          kills.push_back({p.proc->name, eaas::now_ns(), ""});
+          ::kill(p.proc->pid, kill_signal == "KILL" ? SIGKILL : SIGTERM);
+          retired.push_back(std::move(p.proc));
+          if (!no_replace) {
+            p.generation++;
+            if (!start_server(p)) {
+              std::fprintf(stderr, "\neaas-demo: cannot start a replacement server\n");
+              failed = true;
+              break;
+            }
+            kills.back().replacement = p.proc->name;
           }
-          kills.back().replacement = p.proc->name;
         }
       }
     }
