@@ -17,12 +17,14 @@
 #include "client.hpp"
 #include "eaas/eaas.hpp"
 #include "gpu/client_step.hpp"
+#include "gpu_cluster.hpp"
 #include "procs.hpp"
 #include "reference.hpp"
 #include "wire.hpp"
 
 using namespace eaas;
 using namespace eaas::runtime;
+using eaas::test::gpu_cluster;
 using eaas::test::proc;
 using eaas::test::random_tokens;
 using eaas::test::rel_err;
@@ -32,54 +34,6 @@ namespace {
 
 const model_shape kShape{.hidden = 256, .inter = 192, .experts = 12, .topk = 3, .layers = 3};
 constexpr std::uint64_t kSeed = 11;
-
-// A registry on loopback and GPU server processes (server i on GPU i mod GPUs).
-struct gpu_cluster {
-  std::unique_ptr<registry_server> reg;
-  std::string endpoint, ns;
-  std::vector<std::unique_ptr<proc>> servers;
-
-  explicit gpu_cluster(const std::string& tag) {
-    REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
-    endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
-    ns = tag + std::to_string(::getpid());
-  }
-  /// Server `id`: `placement` ("S/N/R") and the rest of `more` as eaas-server arguments; waits for "ready".
-  void add(const std::string& id, int gpu, std::vector<std::string> more) {
-    auto a = test::shape_args(endpoint, ns, kShape);
-    a.insert(a.end(), {"--id", id, "--gpu", std::to_string(gpu)});
-    a.insert(a.end(), more.begin(), more.end());
-    auto p = std::make_unique<proc>();
-    REQUIRE(p->start(EAAS_SERVER_BIN, a));
-    REQUIRE(p->next("ready").value("id", "") == id);
-    servers.push_back(std::move(p));
-  }
-  void kill(std::size_t i) {
-    REQUIRE(servers[i]->sp.pid > 0);
-    ::kill(servers[i]->sp.pid, SIGKILL);
-    CHECK(servers[i]->wait() == 128 + SIGKILL);
-  }
-  std::unique_ptr<attention_client> client(const std::string& id, bool graph, std::uint32_t max_tokens,
-                                           bool host_output = true) {
-    client_options o;
-    o.id = id;
-    o.registry.endpoint = endpoint;
-    o.ns = ns;
-    o.shape = kShape;
-    o.seed = kSeed;
-    o.max_tokens = max_tokens;
-    o.gpu = cuda_device_count() - 1;  // with two GPUs: not the servers' GPU 0
-    o.device_step = true;
-    o.graph = graph;
-    o.host_output = host_output;
-    o.make_device_step = gpu::make_client_step;
-    o.request_timeout_ns = 2'000'000'000ull;
-    o.relink_backoff_ns = 500'000'000ull;
-    std::unique_ptr<attention_client> c;
-    REQUIRE_OK(attention_client::start(o, c));
-    return c;
-  }
-};
 
 // One forward, checked against the reference on the routing the client used; its error.
 double checked_forward(attention_client& c, const reference_model& ref, const std::vector<std::uint32_t>& toks) {
@@ -99,11 +53,11 @@ double checked_forward(attention_client& c, const reference_model& ref, const st
 TEST_CASE("GPU client step: forwards on the device match the reference, in a graph or not, and survive a kill") {
   for (const bool graph : {false, true}) {
     CAPTURE(graph);
-    gpu_cluster cl(graph ? "cstepg" : "cstep");
+    gpu_cluster cl(graph ? "cstepg" : "cstep", kShape, kSeed);
     const char* ids[] = {"s0", "s1", "s2"};
     // The servers on GPU 0, the client on the last GPU: over NVLink where there are two.
     for (int i = 0; i < 3; ++i) cl.add(ids[i], 0, {"--placement", std::to_string(i) + "/3/2"});
-    auto c = cl.client("c", graph, 32);
+    auto c = cl.client("c", {.graph = graph});
     REQUIRE_OK(c->wait_for_experts(2, 60'000'000'000ull));
     const reference_model ref(kShape, kSeed, {});
 
@@ -145,9 +99,9 @@ TEST_CASE("GPU client step: forwards on the device match the reference, in a gra
 }
 
 TEST_CASE("GPU client step: more tokens than a server takes are caught on the device, and the host path splits them") {
-  gpu_cluster cl("cstepovf");
+  gpu_cluster cl("cstepovf", kShape, kSeed);
   cl.add("s", 0, {"--max-tokens", "8"});
-  auto c = cl.client("c", true, 32);
+  auto c = cl.client("c", {});
   REQUIRE_OK(c->wait_for_experts(1, 60'000'000'000ull));
   const reference_model ref(kShape, kSeed, {});
   (void)checked_forward(*c, ref, random_tokens(24, 1));  // 24 tokens > 8: overflow, host path in rounds
@@ -238,11 +192,11 @@ TEST_CASE("GPU client step: servers SIGKILLed every 0.5 s: device-path clients f
 }
 
 TEST_CASE("GPU client step: answers left on the GPU; a server joins and leaves under a captured graph") {
-  gpu_cluster cl("cstepjoin");
+  gpu_cluster cl("cstepjoin", kShape, kSeed);
   cl.add("s0", 0, {"--placement", "0/2/1"});
   cl.add("s1", 0, {"--placement", "1/2/1"});
-  auto host = cl.client("h", true, 32);                        // copies answers and routing back
-  auto dev = cl.client("d", true, 32, /*host_output=*/false);  // leaves them on its GPU
+  auto host = cl.client("h", {});                     // copies answers and routing back
+  auto dev = cl.client("d", {.host_output = false});  // leaves them on its GPU
   REQUIRE_OK(host->wait_for_experts(1, 60'000'000'000ull));
   REQUIRE_OK(dev->wait_for_experts(1, 60'000'000'000ull));
   const reference_model ref(kShape, kSeed, {});
@@ -289,7 +243,7 @@ TEST_CASE("GPU client step: answers left on the GPU; a server joins and leaves u
   CHECK(after.device_forwards == after.forwards);  // every forward ran on the device path
   CHECK(after.fallback_forwards == 0);
   CHECK(after.dropped_servers == 1);  // the one that left (a leave is a drop, with nothing lost)
-  CHECK(after.graph_captures == 1);  // the graph captured first served 2, 3 and 2 servers again
+  CHECK(after.graph_captures == 1);   // the graph captured first served 2, 3 and 2 servers again
   CHECK(host->stats().graph_captures == 1);
   CHECK(forwards == 3 + during + 3);
 }

@@ -16,12 +16,14 @@
 #include "client.hpp"
 #include "eaas/eaas.hpp"
 #include "gpu/client_step.hpp"
+#include "gpu_cluster.hpp"
 #include "procs.hpp"
 #include "reference.hpp"
 #include "wire.hpp"
 
 using namespace eaas;
 using namespace eaas::runtime;
+using eaas::test::gpu_cluster;
 using eaas::test::proc;
 using eaas::test::random_tokens;
 using eaas::test::rel_err;
@@ -39,49 +41,6 @@ std::vector<std::string> shape_flags(std::vector<std::string> more) {
   a.insert(a.end(), more.begin(), more.end());
   return a;
 }
-
-// A registry on loopback, GPU server processes and in-process GPU clients.
-struct gpu_cluster {
-  std::unique_ptr<registry_server> reg;
-  std::string endpoint, ns;
-  std::vector<std::unique_ptr<proc>> servers;
-
-  explicit gpu_cluster(const std::string& tag) {
-    REQUIRE_OK(registry_server::start({.bind = "127.0.0.1", .port = 0, .token = ""}, reg));
-    endpoint = "embedded://127.0.0.1:" + std::to_string(reg->port());
-    ns = tag + std::to_string(::getpid());
-  }
-  /// Server `id` on GPU 0 with `more` eaas-server arguments; waits for "ready".
-  proc& add(const std::string& id, std::vector<std::string> more) {
-    auto a = test::shape_args(endpoint, ns, kShape);
-    a.insert(a.end(), {"--id", id, "--gpu", "0"});
-    a.insert(a.end(), more.begin(), more.end());
-    auto p = std::make_unique<proc>();
-    REQUIRE(p->start(EAAS_SERVER_BIN, a));
-    REQUIRE(p->next("ready").value("id", "") == id);
-    servers.push_back(std::move(p));
-    return *servers.back();
-  }
-  /// A GPU client on the last GPU (with two: not the servers'), on the device path (graph) or the host path.
-  std::unique_ptr<attention_client> client(const std::string& id, bool device_step, std::uint32_t max_tokens) {
-    client_options o;
-    o.id = id;
-    o.registry.endpoint = endpoint;
-    o.ns = ns;
-    o.shape = kShape;
-    o.seed = kSeed;
-    o.max_tokens = max_tokens;
-    o.gpu = cuda_device_count() - 1;
-    o.device_step = device_step;
-    o.graph = device_step;
-    if (device_step) o.make_device_step = gpu::make_client_step;
-    o.request_timeout_ns = 2'000'000'000ull;
-    o.relink_backoff_ns = 500'000'000ull;
-    std::unique_ptr<attention_client> c;
-    REQUIRE_OK(attention_client::start(o, c));
-    return c;
-  }
-};
 
 // One forward, checked against the reference on the routing the client used; its output in `got`.
 double checked_forward(attention_client& c, const reference_model& ref, const std::vector<std::uint32_t>& toks,
@@ -137,14 +96,14 @@ TEST_CASE("GPU server step: device-step servers serve device-path and host-path 
 TEST_CASE("GPU server step: answers are the host path's, bit for bit (fp32 and bf16 requests)") {
   // Two single-server clusters on the same weights: one host-path server, one device-step server. The
   // same forwards through each (one server: its answer is the whole MoE output) must give the same bits.
-  gpu_cluster host_cl("sstepbh"), dev_cl("sstepbd");
-  host_cl.add("h", {});
-  dev_cl.add("d", {"--device-step"});
+  gpu_cluster host_cl("sstepbh", kShape, kSeed), dev_cl("sstepbd", kShape, kSeed);
+  host_cl.add("h", 0, {});
+  dev_cl.add("d", 0, {"--device-step"});
   const reference_model ref(kShape, kSeed, {});
   for (const bool device_clients : {false, true}) {  // host-path clients send fp32 rows, device-path bf16
     CAPTURE(device_clients);
-    auto ch = host_cl.client("ch", device_clients, 48);
-    auto cd = dev_cl.client("cd", device_clients, 48);
+    auto ch = host_cl.client("ch", {.device_step = device_clients, .max_tokens = 48});
+    auto cd = dev_cl.client("cd", {.device_step = device_clients, .max_tokens = 48});
     REQUIRE_OK(ch->wait_for_experts(1, 60'000'000'000ull));
     REQUIRE_OK(cd->wait_for_experts(1, 60'000'000'000ull));
     double worst = 0;
@@ -172,8 +131,8 @@ TEST_CASE("GPU server step: answers are the host path's, bit for bit (fp32 and b
 }
 
 TEST_CASE("GPU server step: a malicious client gets the same error answers from a device-step server") {
-  gpu_cluster cl("sstepevil");
-  cl.add("s", {"--device-step"});
+  gpu_cluster cl("sstepevil", kShape, kSeed);
+  cl.add("s", 0, {"--device-step"});
   const auto v = test::run_evil(
       EAAS_EVIL_BIN, {cl.endpoint, cl.ns, "s", std::to_string(kShape.hidden), std::to_string(kShape.inter),
                       std::to_string(kShape.experts), std::to_string(kShape.topk), std::to_string(kShape.layers),
@@ -184,7 +143,7 @@ TEST_CASE("GPU server step: a malicious client gets the same error answers from 
   CHECK(v.exit_code == 0);
   // Then still serves an honest client, right.
   const reference_model ref(kShape, kSeed, {});
-  auto c = cl.client("c", true, 32);
+  auto c = cl.client("c", {});
   REQUIRE_OK(c->wait_for_experts(1, 60'000'000'000ull));
   std::vector<float> got;
   for (std::uint64_t step = 0; step < 3; ++step) (void)checked_forward(*c, ref, random_tokens(24, step), got);
@@ -200,17 +159,17 @@ TEST_CASE("GPU server step: a malicious client gets the same error answers from 
 }
 
 TEST_CASE("GPU server step: one graph, replayed while clients link and leave (a freed slot is reused)") {
-  gpu_cluster cl("sstepll");
-  proc& srv = cl.add("s", {"--device-step", "--max-clients", "2"});
+  gpu_cluster cl("sstepll", kShape, kSeed);
+  proc& srv = cl.add("s", 0, {"--device-step", "--max-clients", "2"});
   const reference_model ref(kShape, kSeed, {});
   std::vector<float> got;
   double worst = 0;
-  auto a = cl.client("a", true, 32);
+  auto a = cl.client("a", {});
   REQUIRE_OK(a->wait_for_experts(1, 60'000'000'000ull));
   for (std::uint64_t step = 0; step < 3; ++step)
     worst = std::max(worst, checked_forward(*a, ref, random_tokens(24, step), got));
   {
-    auto b = cl.client("b", false, 32);  // a host-path client in the second slot
+    auto b = cl.client("b", {.device_step = false});  // a host-path client in the second slot
     REQUIRE_OK(b->wait_for_experts(1, 60'000'000'000ull));
     for (std::uint64_t step = 0; step < 3; ++step) {
       worst = std::max(worst, checked_forward(*a, ref, random_tokens(24, 10 + step), got));
@@ -223,7 +182,7 @@ TEST_CASE("GPU server step: one graph, replayed while clients link and leave (a 
     left = e.value("event", "") == "left" && e.value("client", "") == "b";
   CHECK(left);
   // c takes b's slot (both slots again in use; the server zeroed its signal word when it welcomed c).
-  auto c = cl.client("c", true, 32);
+  auto c = cl.client("c", {});
   REQUIRE_OK(c->wait_for_experts(1, 60'000'000'000ull));
   for (std::uint64_t step = 0; step < 3; ++step) {
     worst = std::max(worst, checked_forward(*c, ref, random_tokens(24, 30 + step), got));
