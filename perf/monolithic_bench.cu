@@ -32,6 +32,7 @@
 #include "driver.hpp"
 #include "gpu/combine.cuh"
 #include "gpu/dense_gpu.hpp"
+#include "gpu/graph_capture.cuh"
 #include "gpu/moe_local.hpp"
 #include "gpu_util.cuh"
 
@@ -104,14 +105,14 @@ std::vector<double> time_loop(cudaStream_t st, int warm, int reps, const std::fu
   return us;
 }
 
+// `body` dies on failure itself (EAAS_CU, EAAS_PERF_CHECK).
 cudaGraphExec_t capture(cudaStream_t st, const std::function<void()>& body) {
-  cudaGraph_t g = nullptr;
   cudaGraphExec_t exec = nullptr;
-  EAAS_CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-  body();
-  EAAS_CU(cudaStreamEndCapture(st, &g));
-  EAAS_CU(cudaGraphInstantiate(&exec, g, 0));
-  EAAS_CU(cudaGraphDestroy(g));
+  const auto enqueue = [&] {
+    body();
+    return status::ok;
+  };
+  EAAS_PERF_CHECK(rt::gpu::capture_graph("eaas-monolithic", st, enqueue, exec));
   return exec;
 }
 

@@ -102,7 +102,8 @@ class server_impl final : public expert_server {
                                            .slots = slots_mem_->data(),
                                            .slots_bytes = slots_mem_->size(),
                                            .poll_ns = o_.device_poll_ns,
-                                           .graph = o_.device_graph},
+                                           .graph = o_.device_graph,
+                                           .shrink = o_.device_shrink},
                                           *step_, dstep_));
       for (std::uint32_t i = 0; i < slots_.size(); ++i) sync_slot(i);
     }
@@ -699,6 +700,7 @@ class server_impl final : public expert_server {
       stats_.ignored += ignored;
       stats_.device_rounds++;
       stats_.graph_captures = dstep_->captures();
+      stats_.padded_rows += sum.head->padded_rows;
       if (answers != 0) {
         stats_.tokens += sum.head->tokens;
         stats_.compute_ns += static_cast<std::uint64_t>(ns);

@@ -39,6 +39,9 @@ struct server_options {
   std::uint64_t device_poll_ns = 30'000;
   /// device_step: replay the round as a CUDA graph (off: launch its kernels every round; for debugging).
   bool device_graph = true;
+  /// device_step: kernel shrinking, the grouped GEMM walks only the experts with rows (off: the ablation of
+  /// issue #9, every local expert of a served layer is computed, with a padding row; same answers).
+  bool device_shrink = true;
   /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
   /// Called on the serving thread when a client gets a slot ("linked") or loses it ("left", with why).
@@ -62,6 +65,7 @@ struct server_stats {
   std::uint64_t first_served_ns = 0;  ///< steady_clock time of its first answer (0: none yet)
   std::uint64_t device_rounds = 0;    ///< device step: GPU rounds run (with or without requests)
   std::uint32_t graph_captures = 0;   ///< device step: CUDA graph captures of the round (1 once it ran)
+  std::uint64_t padded_rows = 0;      ///< device step without shrinking: padding rows computed
 };
 
 class expert_server {

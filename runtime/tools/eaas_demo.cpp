@@ -217,13 +217,17 @@ int main(int argc, char** argv) {
       app.add_flag("--device-step", device_step, "GPU clients run the whole forward on their GPU (eaas-client)");
   app.add_flag("--graph", graph, "with --device-step: clients replay their forward as a CUDA graph")
       ->needs(device_step_flag);
-  bool server_device_step = false, server_no_graph = false;
+  bool server_device_step = false, server_no_graph = false, server_no_shrink = false;
   auto* server_device_step_flag =
       app.add_flag("--server-device-step", server_device_step,
                    "GPU servers run their whole poll round on their GPU, one CUDA graph (eaas-server --device-step)");
   app.add_flag("--server-no-graph", server_no_graph,
                "with --server-device-step: launch the round's kernels one by one (the ablation; eaas-server "
                "--device-no-graph)")
+      ->needs(server_device_step_flag);
+  app.add_flag("--server-no-shrink", server_no_shrink,
+               "with --server-device-step: no kernel shrinking, the grouped GEMM computes every local expert of a "
+               "served layer (the ablation; eaas-server --device-no-shrink)")
       ->needs(server_device_step_flag);
   // Elasticity: open-loop clients on a trace, servers started by the autoscaler.
   std::string trace;
@@ -352,6 +356,7 @@ int main(int argc, char** argv) {
   if (tokens > 512) server_extra.insert(server_extra.end(), {"--max-tokens", std::to_string(tokens)});
   if (server_device_step) server_extra.push_back("--device-step");
   if (server_no_graph) server_extra.push_back("--device-no-graph");
+  if (server_no_shrink) server_extra.push_back("--device-no-shrink");
   auto start_server = [&](position& p) {
     auto c = std::make_unique<child>();
     c->name = "s" + std::to_string(p.index) + (p.generation ? "." + std::to_string(p.generation) : "");

@@ -50,6 +50,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bool no_graph = false;
   app.add_flag("--device-no-graph", no_graph, "with --device-step: launch the round's kernels instead of a graph");
+  bool no_shrink = false;
+  app.add_flag("--device-no-shrink", no_shrink,
+               "with --device-step: no kernel shrinking (the ablation): the grouped GEMM computes every local "
+               "expert of a served layer, empty ones on a padding row");
   tool::checkpoint_args ckpt;
   ckpt.add(app, "experts");
   double drain_ms = 500;
@@ -59,6 +63,7 @@ int main(int argc, char** argv) {
   o.drain_quiet_ns = static_cast<std::uint64_t>(drain_ms * 1e6);
   o.device_poll_ns = static_cast<std::uint64_t>(std::max(poll_us, 1.0) * 1e3);
   o.device_graph = !no_graph;
+  o.device_shrink = !no_shrink;
   o.on_first_answer = [](std::uint64_t ns) {
     std::printf("{\"type\":\"first_answer\",\"ns\":%llu}\n", static_cast<unsigned long long>(ns));
     std::fflush(stdout);
@@ -106,12 +111,14 @@ int main(int argc, char** argv) {
   std::printf(
       "{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_"
       "ms\":%.1f,"
-      "\"ready_ns\":%llu,\"first_served_ns\":%llu,\"ignored\":%llu,\"device_rounds\":%llu,\"graph_captures\":%u}\n",
+      "\"ready_ns\":%llu,\"first_served_ns\":%llu,\"ignored\":%llu,\"device_rounds\":%llu,\"graph_captures\":%u,"
+      "\"padded_rows\":%llu}\n",
       o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
       static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches),
       double(st.compute_ns) * 1e-6, static_cast<unsigned long long>(st.ready_ns),
       static_cast<unsigned long long>(st.first_served_ns), static_cast<unsigned long long>(st.ignored),
-      static_cast<unsigned long long>(st.device_rounds), st.graph_captures);
+      static_cast<unsigned long long>(st.device_rounds), st.graph_captures,
+      static_cast<unsigned long long>(st.padded_rows));
   std::fflush(stdout);
   if (s != status::ok) return tool::fail("eaas-server", "serve", s);
   return 0;

@@ -1,8 +1,8 @@
 // The expert server's GPU-resident poll round (eaas-server --device-step, gpu/server_step.hpp) against
 // real processes: device-path and host-path clients checked against the fp32 reference, answers bit for
-// bit those of a host-path server, the malicious client's error answers, servers SIGKILLed under load,
-// and one captured graph replayed while clients link and leave. Exits 77 (ctest: skipped) where there is
-// no CUDA device.
+// bit those of a host-path server and of a device-step server without kernel shrinking, the malicious
+// client's error answers, servers SIGKILLed under load, and one captured graph replayed while clients link
+// and leave. Exits 77 (ctest: skipped) where there is no CUDA device.
 
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <chrono>
@@ -93,41 +93,67 @@ TEST_CASE("GPU server step: device-step servers serve device-path and host-path 
   }
 }
 
-TEST_CASE("GPU server step: answers are the host path's, bit for bit (fp32 and bf16 requests)") {
-  // Two single-server clusters on the same weights: one host-path server, one device-step server. The
-  // same forwards through each (one server: its answer is the whole MoE output) must give the same bits.
-  gpu_cluster host_cl("sstepbh", kShape, kSeed), dev_cl("sstepbd", kShape, kSeed);
+TEST_CASE("GPU server step: answers are the host path's, bit for bit (fp32 and bf16 requests, shrinking on and off)") {
+  // Three single-server clusters on the same weights: a host-path server, a device-step server and one
+  // without kernel shrinking (every local expert of a served layer computed, empty ones on a padding row).
+  // The same forwards through each (one server: its answer is the whole MoE output) must give the same bits.
+  gpu_cluster host_cl("sstepbh", kShape, kSeed), dev_cl("sstepbd", kShape, kSeed), pad_cl("sstepbp", kShape, kSeed);
   host_cl.add("h", 0, {});
   dev_cl.add("d", 0, {"--device-step"});
+  pad_cl.add("p", 0, {"--device-step", "--device-no-shrink"});
   const reference_model ref(kShape, kSeed, {});
+  constexpr std::uint64_t kSteps = 5;
   for (const bool device_clients : {false, true}) {  // host-path clients send fp32 rows, device-path bf16
     CAPTURE(device_clients);
     auto ch = host_cl.client("ch", {.device_step = device_clients, .max_tokens = 48});
     auto cd = dev_cl.client("cd", {.device_step = device_clients, .max_tokens = 48});
+    auto cp = pad_cl.client("cp", {.device_step = device_clients, .max_tokens = 48});
     REQUIRE_OK(ch->wait_for_experts(1, 60'000'000'000ull));
     REQUIRE_OK(cd->wait_for_experts(1, 60'000'000'000ull));
+    REQUIRE_OK(cp->wait_for_experts(1, 60'000'000'000ull));
     double worst = 0;
-    for (std::uint64_t step = 0; step < 4; ++step) {
-      const auto toks = random_tokens(step == 2 ? 5 : 40, 1000 + step);
-      std::vector<float> from_host, from_dev;
+    for (std::uint64_t step = 0; step < kSteps; ++step) {
+      CAPTURE(step);
+      // 2 tokens (6 pairs over 12 experts): at least 6 empty experts per layer, padded without shrinking.
+      const auto toks = random_tokens(step == 2 ? 5 : step == 4 ? 2 : 40, 1000 + step);
+      std::vector<float> from_host, from_dev, from_pad;
       (void)checked_forward(*ch, ref, toks, from_host);
       worst = std::max(worst, checked_forward(*cd, ref, toks, from_dev));
+      (void)checked_forward(*cp, ref, toks, from_pad);
       REQUIRE(from_host.size() == from_dev.size());
+      REQUIRE(from_pad.size() == from_dev.size());
       CHECK(std::memcmp(from_host.data(), from_dev.data(), from_host.size() * 4) == 0);
-      std::size_t differ = 0;
-      for (std::size_t i = 0; i < from_host.size(); ++i) differ += from_host[i] != from_dev[i] ? 1 : 0;
+      CHECK(std::memcmp(from_pad.data(), from_dev.data(), from_pad.size() * 4) == 0);
+      std::size_t differ = 0, differ_pad = 0;
+      for (std::size_t i = 0; i < from_host.size(); ++i) {
+        differ += from_host[i] != from_dev[i] ? 1 : 0;
+        differ_pad += from_pad[i] != from_dev[i] ? 1 : 0;
+      }
       CHECK(differ == 0);
+      CHECK(differ_pad == 0);
     }
     CHECK(worst > 1e-5);  // the GPU experts (bf16) ran
-    if (device_clients) CHECK(cd->stats().device_forwards == 4);
+    if (device_clients) {
+      CHECK(cd->stats().device_forwards == kSteps);
+      CHECK(cp->stats().device_forwards == kSteps);
+    }
     CHECK(cd->stats().dropped_servers == 0);
+    CHECK(cp->stats().dropped_servers == 0);
   }
   const json st = stop_and_stats(*dev_cl.servers[0]);
   REQUIRE(st.is_object());
   CHECK(st.value("graph_captures", 0) == 1);
   CHECK(st.value("refused", -1) == 0);
-  CHECK(st.value("requests", 0) >= 2 * 4 * kShape.layers);
+  CHECK(st.value("requests", 0) >= 2 * kSteps * kShape.layers);
   CHECK(st.value("device_rounds", 0) >= st.value("batches", 0));
+  CHECK(st.value("padded_rows", -1) == 0);  // shrinking: no padding
+  const json sp = stop_and_stats(*pad_cl.servers[0]);
+  REQUIRE(sp.is_object());
+  CHECK(sp.value("graph_captures", 0) == 1);
+  CHECK(sp.value("refused", -1) == 0);
+  CHECK(sp.value("requests", 0) >= 2 * kSteps * kShape.layers);
+  // The 2-token forwards alone: per client mode and layer, at least experts - 2 * topk padded groups.
+  CHECK(sp.value("padded_rows", 0) >= 2 * kShape.layers * (kShape.experts - 2 * kShape.topk));
 }
 
 TEST_CASE("GPU server step: a malicious client gets the same error answers from a device-step server") {

@@ -18,6 +18,7 @@
 #include "dense_gpu_detail.cuh"
 #include "eaas/device/grid_put.cuh"
 #include "eaas/runtime/slot.hpp"
+#include "graph_capture.cuh"
 
 namespace eaas::runtime::gpu {
 
@@ -29,7 +30,8 @@ std::mutex& setup_mutex() {
   return m;
 }
 
-#define EAAS_STEPC_CUDA(x) EAAS_GPU_CUDA("gpu client step", x)
+constexpr const char* kWho = "gpu client step";
+#define EAAS_STEPC_CUDA(x) EAAS_GPU_CUDA(kWho, x)
 
 constexpr int kAssignThreads = 256;
 constexpr int kScanThreads = 256;
@@ -570,25 +572,14 @@ class step_impl final : public client_step {
 
   void drop_graph() {
     if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
-    if (graph_ != nullptr) cudaGraphDestroy(graph_);
     exec_ = nullptr;
-    graph_ = nullptr;
     graph_tokens_ = 0;
   }
 
   status capture(std::uint32_t T) {
     drop_graph();
-    EAAS_STEPC_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    const status st = enqueue(T);
-    cudaGraph_t g = nullptr;
-    const cudaError_t e = cudaStreamEndCapture(stream_, &g);  // always: the stream leaves capture mode
-    if (st != status::ok) {
-      if (g != nullptr) cudaGraphDestroy(g);
-      return st;
-    }
-    EAAS_STEPC_CUDA(e);
-    graph_ = g;
-    EAAS_STEPC_CUDA(cudaGraphInstantiate(&exec_, graph_, 0));
+    const auto one_forward = [this, T] { return enqueue(T); };
+    EAAS_CHECK(capture_graph(kWho, stream_, one_forward, exec_));
     graph_tokens_ = T;
     captures_++;
     return status::ok;
@@ -651,7 +642,6 @@ class step_impl final : public client_step {
   unsigned char* back_host_ = nullptr;   // pinned: what a forward reads back
   std::size_t back_bytes_ = 0;
   std::vector<std::vector<std::pair<std::int32_t, std::uint32_t>>> hosts_;
-  cudaGraph_t graph_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
   std::uint32_t graph_tokens_ = 0, captures_ = 0;
 };

@@ -12,12 +12,14 @@
 #include "cuda_fail.cuh"
 #include "eaas/device/grid_put.cuh"
 #include "eaas/runtime/grouped_gemm.hpp"
+#include "graph_capture.cuh"
 #include "server_step.hpp"
 
 namespace eaas::runtime::gpu {
 namespace {
 
-#define EAAS_SSTEP_CUDA(x) EAAS_GPU_CUDA("gpu server step", x)
+constexpr const char* kWho = "gpu server step";
+#define EAAS_SSTEP_CUDA(x) EAAS_GPU_CUDA(kWho, x)
 
 constexpr int kPollThreads = 128;
 constexpr int kValidateThreads = 256;
@@ -34,7 +36,7 @@ constexpr unsigned kPutBlocks = 32;  // most blocks one answer is put with (as e
 constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
 
 struct row_src {
-  std::uint64_t addr;  // device address of the token's activation row
+  std::uint64_t addr;  // device address of the token's activation row; 0: a padding row (zeros)
   std::uint32_t bf16;
   std::uint32_t pad;
 };
@@ -46,24 +48,26 @@ struct round_args {
   const server_slot_config* cfg;  // [clients]
   server_slot_state* st;          // [clients]
   server_round_head* head;
-  std::uint32_t* pairs;     // [local]
-  slot_header* hdr;         // [clients]: private copies of the served requests' headers
-  std::uint16_t* ids;       // [clients × max_tokens × topk]: private copies of the routing
-  float* wts;               // same
-  std::int32_t* rank;       // same: each entry's rank in its group (-1: none)
-  std::int32_t* counts;     // [groups]
-  std::int32_t* offsets;    // [groups + 1]
-  std::uint32_t* tok_base;  // [clients]: the served requests' first token in the round
-  std::uint32_t* tok_slot;  // [clients × max_tokens]: each token's slot
-  std::int32_t* tok_rows;   // [clients × max_tokens × topk]: each (token, k)'s row (-1: none)
-  row_src* src;             // [max_rows]
-  float* row_weight;        // [max_rows]
-  __nv_bfloat16* x;         // [max_rows × hidden]
-  const float* y;           // [max_rows × hidden]
-  unsigned char* staging;   // [clients × stage_stride]: each slot's answer (response header, outputs)
+  std::uint32_t* pairs;       // [local]
+  slot_header* hdr;           // [clients]: private copies of the served requests' headers
+  std::uint16_t* ids;         // [clients × max_tokens × topk]: private copies of the routing
+  float* wts;                 // same
+  std::int32_t* rank;         // same: each entry's rank in its group (-1: none)
+  std::int32_t* counts;       // [groups]
+  std::int32_t* offsets;      // [groups + 1]
+  std::uint32_t* layer_live;  // [layers]: nonzero where a request was served (without shrinking)
+  std::uint32_t* tok_base;    // [clients]: the served requests' first token in the round
+  std::uint32_t* tok_slot;    // [clients × max_tokens]: each token's slot
+  std::int32_t* tok_rows;     // [clients × max_tokens × topk]: each (token, k)'s row (-1: none)
+  row_src* src;               // [max_rows]
+  float* row_weight;          // [max_rows]
+  __nv_bfloat16* x;           // [max_rows × hidden]
+  const float* y;             // [max_rows × hidden]
+  unsigned char* staging;     // [clients × stage_stride]: each slot's answer (response header, outputs)
   std::uint64_t stage_stride;
   unsigned int* arrivals;  // [clients]
   std::uint32_t clients, max_tokens, hidden, topk, layers, local, groups, max_rows;
+  std::uint32_t pad;  // 1: no kernel shrinking (the ablation): a served layer's empty groups get a padding row
   std::uint64_t poll_ns;
 };
 
@@ -243,6 +247,7 @@ __global__ void __launch_bounds__(kPairThreads) k_count(round_args a) {
   const slot_header& h = a.hdr[i];
   const std::uint32_t n = h.tokens * h.topk, layer = h.layer;
   const std::size_t base = std::size_t{i} * a.max_tokens * a.topk;
+  if (a.pad != 0 && blockIdx.y == 0 && threadIdx.x == 0) a.layer_live[layer] = 1;
   for (std::uint32_t j = blockIdx.y * blockDim.x + threadIdx.x; j < n; j += gridDim.y * blockDim.x) {
     const std::uint32_t e = a.ids[base + j];
     if (e >= a.local) {  // kNoExpert (validate_routing let nothing else through)
@@ -255,6 +260,9 @@ __global__ void __launch_bounds__(kPairThreads) k_count(round_args a) {
 }
 
 // One block: the served requests' first tokens (slot order), the groups' offsets, the active groups.
+// Without shrinking (pad), every empty group of a layer that served a request gets one padding row (a
+// zero activation row with weight 0, in no token's rows: computed, never combined nor answered), so the
+// grouped GEMM visits every local expert of that layer, as a grouped GEMM over a fixed expert list would.
 __global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
   __shared__ std::int32_t s_warp[32];
   std::int32_t carry = 0, total = 0;
@@ -268,21 +276,31 @@ __global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
     carry += total;
   }
   const std::int32_t tokens = carry;
-  std::int32_t rows = 0, active = 0;
+  std::int32_t rows = 0, active = 0, padded = 0;
   for (std::uint32_t b = 0; b < a.groups; b += blockDim.x) {
     const std::uint32_t g = b + threadIdx.x;
     const std::int32_t c = g < a.groups ? a.counts[g] : 0;
-    const std::int32_t ex = block_scan(c, s_warp, total);
+    const std::int32_t pad = a.pad != 0 && g < a.groups && c == 0 && a.layer_live[g / a.local] != 0 ? 1 : 0;
+    const std::int32_t ex = block_scan(c + pad, s_warp, total);
     if (g < a.groups) a.offsets[g] = rows + ex;
+    if (pad != 0) {
+      a.src[rows + ex] = row_src{0, 0, 0};
+      a.row_weight[rows + ex] = 0.0f;
+    }
     rows += total;
     (void)block_scan(c > 0 ? 1 : 0, s_warp, total);
     active += total;
+    if (a.pad != 0) {  // block-uniform
+      (void)block_scan(pad, s_warp, total);
+      padded += total;
+    }
   }
   if (threadIdx.x == 0) {
     a.offsets[a.groups] = rows;
     a.head->tokens = static_cast<std::uint32_t>(tokens);
-    a.head->rows = static_cast<std::uint32_t>(rows);
+    a.head->rows = static_cast<std::uint32_t>(rows - padded);
     a.head->active_groups = static_cast<std::uint32_t>(active);
+    a.head->padded_rows = static_cast<std::uint32_t>(padded);
   }
 }
 
@@ -319,7 +337,8 @@ __global__ void __launch_bounds__(kPairThreads) k_scatter(round_args a) {
   }
 }
 
-// x[r] = bf16(activation row of row r), rows walked with a stride. The conversion is expert_step's.
+// x[r] = bf16(activation row of row r) (zeros for a padding row), rows walked with a stride. The conversion is
+// expert_step's.
 __global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
   const std::int32_t total = a.offsets[a.groups];
   const std::uint32_t rows = total < 0 ? 0u : min(static_cast<std::uint32_t>(total), a.max_rows);
@@ -327,7 +346,10 @@ __global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
   for (std::uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const row_src s = a.src[r];
     __nv_bfloat16* dst = a.x + std::size_t{r} * h;
-    if (s.bf16) {
+    if (s.addr == 0) {
+      for (std::uint32_t j = threadIdx.x; j < h / 8; j += blockDim.x)
+        reinterpret_cast<uint4*>(dst)[j] = make_uint4(0, 0, 0, 0);
+    } else if (s.bf16) {
       const uint4* in = reinterpret_cast<const uint4*>(s.addr);
       uint4* out = reinterpret_cast<uint4*>(dst);
       for (std::uint32_t j = threadIdx.x; j < h / 8; j += blockDim.x) out[j] = in[j];
@@ -420,7 +442,6 @@ class step_impl final : public server_step {
     cudaSetDevice(cfg_.device);
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
-    if (graph_ != nullptr) cudaGraphDestroy(graph_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     cudaFreeHost(back_host_);
     cudaFreeHost(up_host_);
@@ -444,7 +465,9 @@ class step_impl final : public server_step {
     groups_ = sh.layers * E;
     if (w.gate == nullptr || w.up == nullptr || w.down == nullptr || w.groups != groups_)
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu server step: the experts' weights do not match the shape");
-    max_rows_ = static_cast<std::uint32_t>(std::uint64_t{C} * T * std::min(K, E));
+    // Without shrinking, at most min(layers, clients) layers are served in a round, each padded to E groups.
+    max_rows_ = static_cast<std::uint32_t>(std::uint64_t{C} * T * std::min(K, E) +
+                                           (cfg_.shrink ? 0 : std::uint64_t{std::min(sh.layers, C)} * E));
     stage_stride_ = (sizeof(response_header) + std::uint64_t{T} * sh.hidden * 4 + 255) & ~std::uint64_t{255};
     pairs_at_ = align64(sizeof(server_round_head));
     states_at_ = pairs_at_ + align64(std::size_t{E} * 4);
@@ -461,6 +484,7 @@ class step_impl final : public server_step {
     EAAS_CHECK(rank_.alloc(CTK));
     EAAS_CHECK(counts_.alloc(groups_));
     EAAS_CHECK(offsets_.alloc(groups_ + 1));
+    EAAS_CHECK(layer_live_.alloc(sh.layers));
     EAAS_CHECK(tok_base_.alloc(C));
     EAAS_CHECK(tok_slot_.alloc(std::size_t{C} * T));
     EAAS_CHECK(tok_rows_.alloc(CTK));
@@ -492,6 +516,7 @@ class step_impl final : public server_step {
                        .rank = rank_.p,
                        .counts = counts_.p,
                        .offsets = offsets_.p,
+                       .layer_live = layer_live_.p,
                        .tok_base = tok_base_.p,
                        .tok_slot = tok_slot_.p,
                        .tok_rows = tok_rows_.p,
@@ -510,6 +535,7 @@ class step_impl final : public server_step {
                        .local = E,
                        .groups = groups_,
                        .max_rows = max_rows_,
+                       .pad = cfg_.shrink ? 0u : 1u,
                        .poll_ns = cfg_.poll_ns};
     gemm_ = grouped_swiglu_args{.x = x_.p,
                                 .offsets = offsets_.p,
@@ -574,17 +600,8 @@ class step_impl final : public server_step {
 
  private:
   status capture() {
-    EAAS_SSTEP_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    const status st = enqueue();
-    cudaGraph_t g = nullptr;
-    const cudaError_t e = cudaStreamEndCapture(stream_, &g);  // always: the stream leaves capture mode
-    if (st != status::ok) {
-      if (g != nullptr) cudaGraphDestroy(g);
-      return st;
-    }
-    EAAS_SSTEP_CUDA(e);
-    graph_ = g;
-    EAAS_SSTEP_CUDA(cudaGraphInstantiate(&exec_, graph_, 0));
+    const auto one_round = [this] { return enqueue(); };
+    EAAS_CHECK(capture_graph(kWho, stream_, one_round, exec_));
     captures_++;
     return status::ok;
   }
@@ -597,6 +614,7 @@ class step_impl final : public server_step {
     // The round's head and per-expert pair counts, and the group counts, start at zero.
     EAAS_SSTEP_CUDA(cudaMemsetAsync(back_.p, 0, states_at_, stream_));
     EAAS_SSTEP_CUDA(cudaMemsetAsync(counts_.p, 0, std::size_t{groups_} * 4, stream_));
+    if (!cfg_.shrink) EAAS_SSTEP_CUDA(cudaMemsetAsync(layer_live_.p, 0, std::size_t{cfg_.shape.layers} * 4, stream_));
     k_poll<<<1, kPollThreads, 0, stream_>>>(args_);
     k_validate<<<C, kValidateThreads, 0, stream_>>>(args_);
     k_count<<<dim3(C, pair_blocks), kPairThreads, 0, stream_>>>(args_);
@@ -623,7 +641,7 @@ class step_impl final : public server_step {
   dev_buf<std::uint16_t> ids_;
   dev_buf<float> wts_, row_weight_, y_;
   dev_buf<std::int32_t> rank_, counts_, offsets_, tok_rows_;
-  dev_buf<std::uint32_t> tok_base_, tok_slot_;
+  dev_buf<std::uint32_t> tok_base_, tok_slot_, layer_live_;
   dev_buf<row_src> src_;
   dev_buf<__nv_bfloat16> x_;
   dev_buf<unsigned char> staging_;
@@ -636,7 +654,6 @@ class step_impl final : public server_step {
   unsigned char* up_host_ = nullptr;    // pinned: per slot, configuration and state to upload
   unsigned char* back_host_ = nullptr;  // pinned: what a round reads back
   std::vector<std::uint8_t> pending_;
-  cudaGraph_t graph_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
   std::uint32_t captures_ = 0;
 };

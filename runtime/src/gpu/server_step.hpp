@@ -19,6 +19,9 @@
 //   count     (layer, local expert) row counts of the accepted requests (atomics: each pair's rank)
 //   scan      one block: the accepted requests' token bases (slot order) and the groups' offsets; the
 //             grouped GEMM compacts the active groups from them (kernel shrinking), on the device
+//             (without shrinking, the ablation: each empty group of a layer with a served request gets one
+//             padding row, zeros with weight 0 that no token uses, so the GEMM visits all of that layer's
+//             local experts and reads their weights; answers are the same bits either way)
 //   scatter   each pair's row = offsets[group] + rank: its activation row, router weight, combine slot
 //   gather    rows into x (bf16), grouped_swiglu (counts read on the device), combine (k order, fp32)
 //   answer    grid_put_signal per answered slot: response header and outputs, then the request's seq;
@@ -92,7 +95,8 @@ struct server_round_head {
   std::uint32_t rows;           ///< (token, expert) pairs computed
   std::uint32_t active_groups;  ///< (layer, local expert) groups with rows
   std::uint32_t gemm_error;     ///< grouped_swiglu_error bits (0: the GEMM ran)
-  std::uint32_t reserved[12];
+  std::uint32_t padded_rows;    ///< padding rows computed (0 with shrinking)
+  std::uint32_t reserved[11];
 };
 static_assert(std::is_trivially_copyable_v<server_round_head> && sizeof(server_round_head) == 64);
 
@@ -113,6 +117,8 @@ struct server_step_config {
   std::uint64_t slots_bytes = 0;    ///< its size (slots_geometry_for(max_clients, max_tokens, hidden, topk))
   std::uint64_t poll_ns = 30'000;   ///< a round's longest wait for a request
   bool graph = true;                ///< capture the round once and replay it
+  /// Kernel shrinking: the grouped GEMM walks only the groups with rows. false: the ablation (see above).
+  bool shrink = true;
 };
 
 class server_step {
