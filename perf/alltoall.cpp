@@ -33,6 +33,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -296,6 +297,71 @@ std::array<double, 3> over_ranks(const std::vector<nlohmann::json>& res, const c
 }
 
 #if EAAS_A2A_WITH_GPU
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Every rank's round stamps on one time axis: per timed round, minus sender 0's round start; the median
+// over rounds. Each GPU has its own %globaltimer (the driver keeps those of one host near its clock); the
+// margins bound the disagreement: a sender sees a receiver's answers after the receiver signalled them, a
+// receiver sees a dispatch after the sender's round began (both >= 0 when the clocks agree).
+nlohmann::json timeline(const options& o, const std::vector<nlohmann::json>& res) {
+  const int S = static_cast<int>(o.senders), ranks = static_cast<int>(o.senders + o.receivers);
+  for (const auto& r : res)
+    if (!r.contains("stamps") || r["stamps"].size() != o.iters) return nullptr;
+  auto at = [&](int rank, std::size_t k, int i) { return double(res[rank]["stamps"][k][i].get<std::uint64_t>()); };
+  nlohmann::json out = nlohmann::json::array();
+  for (int i = 0; i < ranks; ++i) {
+    std::vector<double> v[4];
+    for (std::size_t k = 0; k < o.iters; ++k)
+      for (int j = 0; j < 4; ++j) v[j].push_back((at(i, k, j) - at(0, k, 0)) * 1e-3);
+    out.push_back({{"rank", i},
+                   {"gpu", res[i].value("gpu", -1)},
+                   {"start_us", median(v[0])},
+                   {"waited_us", median(v[1])},
+                   {"last_signal_us", median(v[2])},
+                   {"last_waited_us", median(v[3])}});
+  }
+  double answers = 1e300, dispatch = 1e300;
+  for (std::size_t k = 0; k < o.iters; ++k)
+    for (int s = 0; s < S; ++s)
+      for (int r = S; r < ranks; ++r) {
+        answers = std::min(answers, (at(s, k, 1) - at(r, k, 2)) * 1e-3);
+        dispatch = std::min(dispatch, (at(r, k, 1) - at(s, k, 0)) * 1e-3);
+      }
+  return {{"ranks", out}, {"margin_answers_us", answers}, {"margin_dispatch_us", dispatch}};
+}
+
+std::vector<nlohmann::json> without_stamps(std::vector<nlohmann::json> res) {
+  for (auto& r : res) r.erase("stamps");
+  return res;
+}
+
+void print_timeline(const options& o, const nlohmann::json& t) {
+  if (t.is_null()) return;
+  std::printf("# timeline, us from sender 0's round start (median over the timed rounds; each GPU's %%globaltimer):\n");
+  for (const auto& r : t["ranks"]) {
+    const int i = r["rank"].get<int>();
+    const bool sender = i < static_cast<int>(o.senders);
+    const double start = r["start_us"], waited = r["waited_us"], last = r["last_signal_us"],
+                 last_waited = r["last_waited_us"];
+    if (sender)
+      std::printf("#   %-4s GPU %d: kernel start %8.1f | last dispatch signal %8.1f | every answer seen %8.1f\n",
+                  name_of(o, i).c_str(), r["gpu"].get<int>(), start, last, waited);
+    else
+      std::printf(
+          "#   %-4s GPU %d: kernel start %8.1f | dispatch seen %8.1f (last block %8.1f) | last answer signal %8.1f "
+          "(combine %.1f)\n",
+          name_of(o, i).c_str(), r["gpu"].get<int>(), start, waited, last_waited, last, last - waited);
+  }
+  std::printf(
+      "#   clock check (min over rounds, >= 0 when the GPUs' clocks agree): sender sees answers - receiver signalled "
+      "them %.2f us; receiver sees dispatch - sender's round start %.2f us\n",
+      t["margin_answers_us"].get<double>(), t["margin_dispatch_us"].get<double>());
+}
+
 // The nvlink table: the shm columns, then NCCL's time and its ratio to eaas, both from cudaEvents around
 // the same number of queued rounds (launch gaps included on both sides); the kernel-timed eaas numbers
 // (launch excluded) are the time column and the per-phase line.
@@ -366,10 +432,26 @@ int report_nvlink(const options& o, const plan& p, const std::vector<nlohmann::j
       "(cudaMemcpyPeerAsync GPU %d -> GPU %d, median of %d, in the launcher after the ranks ended): %.2f + %.2f us\n",
       fl.value("dispatch_bytes", std::size_t{0}), fl.value("combine_bytes", std::size_t{0}), fl.value("src_gpu", 0),
       fl.value("dst_gpu", 0), fl.value("reps", 0), fl.value("dispatch_us", 0.0), fl.value("combine_us", 0.0));
+  const nlohmann::json pat = fl.value("pattern", nlohmann::json::object());
+  std::printf(
+      "# the phases' whole patterns on the copy engines at once (every copy of the phase from its own GPU; event "
+      "chain, median): dispatch %zu copies %.2f us, combine %zu copies %.2f us; one copy of the busiest bytes "
+      "through the same chain: %.2f + %.2f us\n",
+      pat.value("dispatch_copies", std::size_t{0}), pat.value("dispatch_all_us", 0.0),
+      pat.value("combine_copies", std::size_t{0}), pat.value("combine_all_us", 0.0), pat.value("dispatch_one_us", 0.0),
+      pat.value("combine_one_us", 0.0));
+  if (o.combine_blocks != 0 || o.combine_rows != 1)
+    std::printf("# combine: %u blocks per receiver, %u rows per put\n", res[S].value("blocks", 0u),
+                res[S].value("rows_per_put", 1u));
+  const nlohmann::json tl = timeline(o, res);
+  print_timeline(o, tl);
   if (!o.json.empty()) {
     nlohmann::json j = result_json(o, size, round[1], algbw, wrong, floor_us, sd, sc, rd, rc);
     j["transport"] = "nvlink";
     j["floor"] = fl;
+    j["combine_blocks"] = o.combine_blocks;
+    j["combine_rows"] = o.combine_rows;
+    j["timeline"] = tl;
     j.update(nlohmann::json{{"loop_us", loop},
                             {"nccl", nccl ? nlohmann::json{{"loop_us", nloop},
                                                            {"round_us", nround},
@@ -379,7 +461,7 @@ int report_nvlink(const options& o, const plan& p, const std::vector<nlohmann::j
                                                            {"nccl_over_eaas_loop", speedup},
                                                            {"nccl_over_eaas_kernel", nround[1] / round[1]}}
                                           : nlohmann::json(nullptr)},
-                            {"ranks", res}});
+                            {"ranks", without_stamps(res)}});
     std::ofstream(o.json) << j.dump(2) << "\n";
   }
   return wrong == 0 && nccl_wrong == 0 ? 0 : 1;
@@ -433,6 +515,10 @@ int launch(options o) {
                                      o.transport,
                                      "--blocks",
                                      std::to_string(o.blocks),
+                                     "--combine-blocks",
+                                     std::to_string(o.combine_blocks),
+                                     "--combine-rows",
+                                     std::to_string(o.combine_rows),
                                      "--timeout-ms",
                                      std::to_string(o.timeout_ms)};
     if (o.inject_error) args.push_back("--inject-error");
@@ -451,8 +537,10 @@ int launch(options o) {
   std::vector<nlohmann::json> res(ranks);
   bool ok = true;
   for (int i = 0; i < ranks; ++i) {
-    char line[4096] = {};
-    if (std::fgets(line, sizeof(line), outs[i]) != nullptr) res[i] = nlohmann::json::parse(line, nullptr, false);
+    char* line = nullptr;  // one JSON line, long with nvlink's per-round stamps
+    std::size_t cap = 0;
+    if (::getline(&line, &cap, outs[i]) > 0) res[i] = nlohmann::json::parse(line, nullptr, false);
+    std::free(line);
     std::fclose(outs[i]);
   }
   for (int i = 0; i < ranks; ++i) ::close(ins[i]);  // everyone is done: let them go
@@ -518,6 +606,13 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"shm", "nvlink"}))
       ->capture_default_str();
   app.add_option("--blocks", o.blocks, "nvlink: kernel blocks per rank (0: one row per warp, at most the SM count)")
+      ->capture_default_str();
+  app.add_option("--combine-blocks", o.combine_blocks,
+                 "nvlink: the receivers' kernel blocks, the combine's writers (0: as --blocks)")
+      ->capture_default_str();
+  app.add_option("--combine-rows", o.combine_rows,
+                 "nvlink: rows per put in the combine (a warp's item; with --blocks 0 fewer items mean fewer blocks)")
+      ->check(CLI::Range(1u, 1u << 20))
       ->capture_default_str();
   bool no_nccl = false;
   app.add_flag("--no-nccl", no_nccl, "nvlink: skip the NCCL baseline");

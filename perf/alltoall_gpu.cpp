@@ -77,6 +77,99 @@ double avg(const std::vector<double>& v) {
   return v.empty() ? 0 : s / static_cast<double>(v.size());
 }
 
+// One copy of a phase's pattern: `bytes` from `src_gpu` into `dst_gpu`.
+struct ce_copy {
+  int src_gpu, dst_gpu;
+  std::size_t bytes;
+};
+
+// Median time of `copies` run at once, each on a stream of its source GPU (the copy engine pushes, as
+// the senders' and receivers' stores do), over `reps` runs after 5 untimed ones. All copies wait for
+// one event of GPU `home`'s stream, recorded once a host callback has held that stream until everything
+// is queued (so they start together; not where a pair lacks peer access, whose copy may block the host
+// until done); a second event there follows every copy's end. The cross-GPU event waits add a little to
+// both ends: compare with the same call for one copy.
+double concurrent_copies_us(int home, const std::vector<ce_copy>& copies, int reps) {
+  struct lane {
+    void *src = nullptr, *dst = nullptr;
+    cudaStream_t stream = nullptr;
+    cudaEvent_t done = nullptr;
+  };
+  std::vector<lane> lanes(copies.size());
+  bool hold_ok = true;
+  for (std::size_t i = 0; i < copies.size(); ++i) {
+    const ce_copy& c = copies[i];
+    const std::size_t n = std::max<std::size_t>(c.bytes, 1);
+    EAAS_A2A_CUDA(cudaSetDevice(c.dst_gpu));
+    EAAS_A2A_CUDA(cudaMalloc(&lanes[i].dst, n));
+    EAAS_A2A_CUDA(cudaSetDevice(c.src_gpu));
+    EAAS_A2A_CUDA(cudaMalloc(&lanes[i].src, n));
+    EAAS_A2A_CUDA(cudaMemset(lanes[i].src, 1, n));
+    if (c.src_gpu != c.dst_gpu) {
+      int can = 0;
+      EAAS_A2A_CUDA(cudaDeviceCanAccessPeer(&can, c.src_gpu, c.dst_gpu));
+      if (can) {
+        const cudaError_t e = cudaDeviceEnablePeerAccess(c.dst_gpu, 0);
+        if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) EAAS_A2A_CUDA(e);
+        (void)cudaGetLastError();
+      }
+      hold_ok = hold_ok && can != 0;
+    }
+    EAAS_A2A_CUDA(cudaStreamCreateWithFlags(&lanes[i].stream, cudaStreamNonBlocking));
+    EAAS_A2A_CUDA(cudaEventCreateWithFlags(&lanes[i].done, cudaEventDisableTiming));
+  }
+  EAAS_A2A_CUDA(cudaSetDevice(home));
+  cudaStream_t hs;
+  EAAS_A2A_CUDA(cudaStreamCreateWithFlags(&hs, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  EAAS_A2A_CUDA(cudaEventCreate(&e0));
+  EAAS_A2A_CUDA(cudaEventCreate(&e1));
+  std::atomic<int> go{0};
+  const cudaHostFn_t hold = [](void* f) {
+    auto* g = static_cast<std::atomic<int>*>(f);
+    while (g->load(std::memory_order_acquire) == 0) {
+    }
+  };
+  std::vector<double> us;
+  for (int r = 0; r < reps + 5; ++r) {
+    go.store(0, std::memory_order_relaxed);
+    EAAS_A2A_CUDA(cudaSetDevice(home));
+    if (hold_ok) EAAS_A2A_CUDA(cudaLaunchHostFunc(hs, hold, &go));
+    EAAS_A2A_CUDA(cudaEventRecord(e0, hs));
+    for (std::size_t i = 0; i < copies.size(); ++i) {
+      const ce_copy& c = copies[i];
+      EAAS_A2A_CUDA(cudaSetDevice(c.src_gpu));
+      EAAS_A2A_CUDA(cudaStreamWaitEvent(lanes[i].stream, e0, 0));
+      EAAS_A2A_CUDA(cudaMemcpyPeerAsync(lanes[i].dst, c.dst_gpu, lanes[i].src, c.src_gpu, c.bytes, lanes[i].stream));
+      EAAS_A2A_CUDA(cudaEventRecord(lanes[i].done, lanes[i].stream));
+    }
+    EAAS_A2A_CUDA(cudaSetDevice(home));
+    for (auto& l : lanes) EAAS_A2A_CUDA(cudaStreamWaitEvent(hs, l.done, 0));
+    EAAS_A2A_CUDA(cudaEventRecord(e1, hs));
+    go.store(1, std::memory_order_release);
+    EAAS_A2A_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    EAAS_A2A_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 5) us.push_back(double(ms) * 1e3);
+  }
+  EAAS_A2A_CUDA(cudaStreamSynchronize(hs));
+  EAAS_A2A_CUDA(cudaEventDestroy(e0));
+  EAAS_A2A_CUDA(cudaEventDestroy(e1));
+  EAAS_A2A_CUDA(cudaStreamDestroy(hs));
+  for (std::size_t i = 0; i < copies.size(); ++i) {
+    EAAS_A2A_CUDA(cudaSetDevice(copies[i].src_gpu));
+    EAAS_A2A_CUDA(cudaStreamSynchronize(lanes[i].stream));
+    EAAS_A2A_CUDA(cudaEventDestroy(lanes[i].done));
+    EAAS_A2A_CUDA(cudaStreamDestroy(lanes[i].stream));
+    EAAS_A2A_CUDA(cudaFree(lanes[i].src));
+    EAAS_A2A_CUDA(cudaSetDevice(copies[i].dst_gpu));
+    EAAS_A2A_CUDA(cudaFree(lanes[i].dst));
+  }
+  EAAS_A2A_CUDA(cudaSetDevice(home));
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
+}
+
 }  // namespace
 
 bool nccl_built() { return EAAS_A2A_WITH_NCCL != 0; }
@@ -98,6 +191,9 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
   const bool sender = o.rank < static_cast<int>(o.senders);
   const std::uint32_t me = sender ? static_cast<std::uint32_t>(o.rank) : o.rank - o.senders;
   const std::uint32_t npeers = sender ? o.receivers : o.senders;
+  // A sender gathers its rows from the token buffer (one row per put); a receiver's answers to a sender are
+  // contiguous at both ends, so a put may take several.
+  const std::uint32_t group = sender ? 1u : std::max<std::uint32_t>(o.combine_rows, 1u);
 
   rank_state st;
   connect_nvlink(o, p, device, st);
@@ -129,7 +225,7 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
       reply_at[s] = src_host.size();
       src_host.insert(src_host.end(), msg.begin(), msg.end());
       src_offset.push_back(0);
-      for (std::size_t i = 0; i < toks[s].size(); ++i) src_offset.push_back(reply_at[s] + i * p.row);
+      for (std::size_t i = 0; i < toks[s].size(); i += group) src_offset.push_back(reply_at[s] + i * p.row);
     }
   }
   const auto items = static_cast<std::uint32_t>(src_offset.size());
@@ -160,7 +256,8 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
     }
     d.rows = static_cast<std::uint32_t>(toks[q].size());
     d.first_item = first;
-    first += d.rows + 1;
+    d.items = 1 + (d.rows + group - 1) / group;
+    first += d.items;
   }
   dev_array<peer_desc> peers(npeers);
   peers.upload(descs);
@@ -170,15 +267,16 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
   int sms = 0;
   EAAS_A2A_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const unsigned warps_per_block = kRoundThreads / 32;
-  const unsigned blocks = o.blocks != 0 ? o.blocks
-                                        : std::clamp<unsigned>((items + warps_per_block - 1) / warps_per_block, 1u,
-                                                               static_cast<unsigned>(sms));
+  const unsigned asked = !sender && o.combine_blocks != 0 ? o.combine_blocks : o.blocks;
+  const unsigned blocks = asked != 0 ? asked
+                                     : std::clamp<unsigned>((items + warps_per_block - 1) / warps_per_block, 1u,
+                                                            static_cast<unsigned>(sms));
 
   const std::uint32_t total = o.warmup + o.iters + 2;  // checked, warm-up, timed, checked
-  dev_array<unsigned long long> stamps(std::size_t{3} * total);
+  dev_array<unsigned long long> stamps(kRoundStamps * total);
   {
-    std::vector<unsigned long long> init(std::size_t{3} * total, 0);
-    for (std::uint32_t k = 0; k < total; ++k) init[3 * k] = ~0ull;
+    std::vector<unsigned long long> init(kRoundStamps * total, 0);
+    for (std::uint32_t k = 0; k < total; ++k) init[kRoundStamps * k] = ~0ull;
     stamps.upload(init);
   }
   std::uint64_t* flag_host = nullptr;
@@ -210,13 +308,14 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
     a.src_offset = src_off.p;
     a.src = src.p;
     a.arrivals = arrivals.p;
-    a.stamps = stamps.p + 3 * std::size_t{k};
+    a.stamps = stamps.p + kRoundStamps * k;
     a.failure = failure.p;
     a.row = p.row;
     a.seq = k + 1;
     a.timeout_ns = o.timeout_ms * 1'000'000ull;
     a.npeers = npeers;
     a.items = items;
+    a.rows_per_item = group;
     a.wait_before = wait_before;
     a.send = send;
     a.wait_after = wait_after;
@@ -287,14 +386,19 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
   rank_barrier(o, "eaas-last");
   checked_round(total - 1);
 
-  std::vector<unsigned long long> stamp_host(std::size_t{3} * total);
+  std::vector<unsigned long long> stamp_host(kRoundStamps * total);
   EAAS_A2A_CUDA(
       cudaMemcpy(stamp_host.data(), stamps.p, stamp_host.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
   std::vector<double> dispatch, combine, round;
+  // The timed rounds' raw stamps go to the launcher, which lines the ranks up on one time axis (the
+  // GPUs' %globaltimer of one host are synchronised to its clock by the driver).
+  nlohmann::json raw = nlohmann::json::array();
   for (std::uint32_t k = o.warmup + 1; k < o.warmup + 1 + o.iters; ++k) {
-    const double t0 = double(stamp_host[3 * k]), t1 = double(stamp_host[3 * k + 1]), t2 = double(stamp_host[3 * k + 2]);
-    if (stamp_host[3 * k] == ~0ull || stamp_host[3 * k + 1] == 0 || stamp_host[3 * k + 2] == 0)
+    const unsigned long long* st4 = stamp_host.data() + kRoundStamps * k;
+    const double t0 = double(st4[0]), t1 = double(st4[1]), t2 = double(st4[2]);
+    if (st4[0] == ~0ull || st4[1] == 0 || st4[2] == 0)
       die("round " + std::to_string(k) + " left no timestamps", status::internal_error);
+    raw.push_back({st4[0], st4[1], st4[2], st4[3]});
     if (sender) {
       dispatch.push_back((t2 - t0) * 1e-3);
       combine.push_back((t1 - t2) * 1e-3);
@@ -307,12 +411,14 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
   nlohmann::json line = {{"rank", o.rank},
                          {"gpu", device},
                          {"blocks", blocks},
+                         {"rows_per_put", group},
                          {"dispatch_us", avg(dispatch)},
                          {"combine_us", avg(combine)},
                          {"round_us", avg(round)},
                          {"loop_us", loop_ms * 1e3 / o.iters},
                          {"wrong", wrong},
-                         {"nccl", false}};
+                         {"nccl", false},
+                         {"stamps", std::move(raw)}};
 #if EAAS_A2A_WITH_NCCL
   if (nccl) {
     line["nccl"] = true;
@@ -391,7 +497,31 @@ nlohmann::json copy_engine_floor(const options& o, const plan& p) {
   EAAS_A2A_CUDA(cudaFree(src));
   EAAS_A2A_CUDA(cudaSetDevice(dst_gpu));
   EAAS_A2A_CUDA(cudaFree(dst));
+  // Each phase's whole pattern at once on the copy engines (every sender -> receiver copy of the dispatch,
+  // then every receiver -> sender copy of the combine; rank i on GPU i % gpus), next to one copy of the
+  // busiest GPU's bytes through the same event chain: whether the pattern itself (a fan-out, an incast
+  // into one GPU) costs more than its busiest GPU's bytes do. Reported beside the floor, not in it.
+  std::vector<ce_copy> dispatch_all, combine_all;
+  for (std::uint32_t s = 0; s < o.senders; ++s)
+    for (std::uint32_t r = 0; r < o.receivers; ++r) {
+      const int sg = static_cast<int>(s % static_cast<std::uint32_t>(gpus));
+      const int rg = static_cast<int>((o.senders + r) % static_cast<std::uint32_t>(gpus));
+      const std::size_t rows = p.tokens_for(s, r).size() * p.row;
+      dispatch_all.push_back({sg, rg, p.header_bytes() + rows});
+      if (rows != 0) combine_all.push_back({rg, sg, rows});
+    }
+  const double d_all_us = concurrent_copies_us(src_gpu, dispatch_all, kReps);
+  const double c_all_us = combine_all.empty() ? 0 : concurrent_copies_us(src_gpu, combine_all, kReps);
+  const double d_one_us = concurrent_copies_us(src_gpu, {{src_gpu, dst_gpu, dispatch_bytes}}, kReps);
+  const double c_one_us = concurrent_copies_us(src_gpu, {{dst_gpu, src_gpu, combine_bytes}}, kReps);
   return {{"floor_us", d_us + c_us},
+          {"pattern",
+           {{"dispatch_all_us", d_all_us},
+            {"combine_all_us", c_all_us},
+            {"dispatch_one_us", d_one_us},
+            {"combine_one_us", c_one_us},
+            {"dispatch_copies", dispatch_all.size()},
+            {"combine_copies", combine_all.size()}}},
           {"dispatch_bytes", dispatch_bytes},
           {"combine_bytes", combine_bytes},
           {"dispatch_us", d_us},

@@ -32,7 +32,7 @@ __device__ status wait_all(const round_args& a) {
 //   2. lane 0's fence.acq_rel.sys (fence_release) is cumulative: the warp's stores are ordered
 //      before everything lane 0 does after it, at system scope, the scope the peer reads at.
 //   3. the arrival is an acq_rel fetch_add on a device-scope counter; the fetch_adds of one round form a
-//      release sequence, so the lane that completes the count (old + n == seq * (rows + 1)) has
+//      release sequence, so the lane that completes the count (old + n == seq * items) has
 //      acquired every other warp's release from step 2, and with it all of their stores.
 //   4. that lane signals with st.release.sys (the coop_thread signal), again cumulative, so the
 //      signal is ordered after every row of every warp; the peer's wait_signal (ld.acquire.sys)
@@ -48,7 +48,7 @@ __device__ void arrive(const round_args& a, std::uint32_t p, std::uint32_t n, un
   detail::fence_release();
   const unsigned long long old = cuda::atomic_ref<unsigned long long, cuda::thread_scope_device>(a.arrivals[p])
                                      .fetch_add(n, cuda::std::memory_order_acq_rel);
-  if (old + n == a.seq * (d.rows + 1ull)) {
+  if (old + n == a.seq * std::uint64_t{d.items}) {
     record_failure(a.failure, signal(coop_thread{}, d.ep, d.region, d.sig_offset, a.seq, signal_op::set));
     atomicMax(&a.stamps[2], static_cast<unsigned long long>(now_ns()));
   }
@@ -67,7 +67,9 @@ __global__ void __launch_bounds__(kRoundThreads) round_kernel(round_args a) {
     status s = failed(a.failure) ? status::aborted : status::ok;
     if (s == status::ok && a.wait_before && (a.send || blockIdx.x == 0)) {
       s = wait_all(a);
-      if (blockIdx.x == 0) a.stamps[1] = now_ns();
+      const unsigned long long t = now_ns();
+      if (blockIdx.x == 0) a.stamps[1] = t;
+      atomicMax(&a.stamps[3], t);
     }
     block_status = static_cast<unsigned>(s);
   }
@@ -85,7 +87,7 @@ __global__ void __launch_bounds__(kRoundThreads) round_kernel(round_args a) {
     while (p + 1 < a.npeers && a.peers[p + 1].first_item <= begin) ++p;
     std::uint32_t done = 0;
     for (std::uint32_t k = begin; k < end; ++k) {
-      while (k >= a.peers[p].first_item + a.peers[p].rows + 1) {
+      while (k >= a.peers[p].first_item + a.peers[p].items) {
         if (done != 0) arrive(a, p, done, lane);
         done = 0;
         ++p;
@@ -96,7 +98,9 @@ __global__ void __launch_bounds__(kRoundThreads) round_kernel(round_args a) {
       if (j == 0) {
         if (d.hdr != nullptr) s = put(coop_warp{}, d.ep, d.region, d.hdr_offset, d.hdr, d.hdr_bytes);
       } else {
-        s = put(coop_warp{}, d.ep, d.region, d.rows_offset + (j - 1) * a.row, a.src + a.src_offset[k], a.row);
+        const std::uint32_t r0 = (j - 1) * a.rows_per_item;
+        const std::uint32_t n = min(a.rows_per_item, d.rows - r0);
+        s = put(coop_warp{}, d.ep, d.region, d.rows_offset + r0 * a.row, a.src + a.src_offset[k], n * a.row);
       }
       if (s != status::ok) {
         if (lane == 0) record_failure(a.failure, s);
@@ -109,7 +113,9 @@ __global__ void __launch_bounds__(kRoundThreads) round_kernel(round_args a) {
 
   if (a.wait_after && gw == 0 && lane == 0) {
     record_failure(a.failure, wait_all(a));
-    a.stamps[1] = now_ns();
+    const unsigned long long t = now_ns();
+    a.stamps[1] = t;
+    atomicMax(&a.stamps[3], t);
   }
 }
 

@@ -39,26 +39,31 @@ struct peer_desc {
   std::uint32_t hdr_bytes;
   std::uint32_t rows;        ///< rows to this peer
   std::uint32_t first_item;  ///< this peer's first item (its header item) in the rank's flat item list
-  std::uint32_t reserved;
+  std::uint32_t items;       ///< this peer's items a round: 1 + ceil(rows / round_args::rows_per_item)
 };
 static_assert(std::is_trivially_copyable_v<peer_desc>);
 static_assert(sizeof(peer_desc) == 136 && alignof(peer_desc) == 8);
 
 /// Arguments of one round. A rank's work is a flat list of items, peer by peer: per peer one header
-/// item (the header put, or nothing) and then one item per row. Each peer gets `rows + 1` items a
-/// round, so `arrivals[p]` reaches `seq * (rows + 1)` exactly when round `seq` is complete for it.
+/// item (the header put, or nothing) and then one item per `rows_per_item` rows (the last one may be
+/// shorter; more than one row per item needs rows that are contiguous in `src` as at the peer). Each
+/// peer gets `items` items a round, so `arrivals[p]` reaches `seq * items` exactly when round `seq` is
+/// complete for it.
+inline constexpr std::size_t kRoundStamps = 4;  ///< %globaltimer stamps per round, see round_args::stamps
 struct round_args {
   const peer_desc* peers;
   const std::uint64_t* src_offset;  ///< per item: the row's byte offset in `src` (header items: unused)
   const unsigned char* src;         ///< the rows this rank sends (local device memory)
   unsigned long long* arrivals;     ///< per peer: items done, cumulative over rounds (device memory)
-  /// this round's %globaltimer stamps: [0] first block's start (min), [1] when block 0's waits ended
-  /// (wait_before, or wait_after), [2] the last signal issued (max). The host sets [0] = ~0 and
-  /// [1] = [2] = 0 before the round.
+  /// this round's %globaltimer stamps (kRoundStamps): [0] first block's start (min), [1] when block 0's
+  /// waits ended (wait_before, or wait_after), [2] the last signal issued (max), [3] when the last waiting
+  /// thread's waits ended (max; with wait_before the last block to start its puts). The host sets
+  /// [0] = ~0 and the others 0 before the round.
   unsigned long long* stamps;
   int* failure;  ///< the first failing status of this rank (0: none); later rounds then do nothing
   std::uint64_t row, seq, timeout_ns;
   std::uint32_t npeers, items;
+  std::uint32_t rows_per_item;  ///< >= 1
   /// thread 0 of each block (of block 0 only when !send) waits for every peer's signal >= seq first
   std::uint32_t wait_before;
   std::uint32_t send;        ///< put the items; each peer is signalled (seq) once all of its items are in
