@@ -450,17 +450,14 @@ int main(int argc, char** argv) {
 
       if (sweep) {
         // {blocks per SM (0: the default), stages (1: registers, 3/4/6: cp.async ring), k_unroll, staged
-        // (token tiles in shared memory; k_unroll = weight steps in flight), staged_from_rows (auto pick),
-        // chunk_rows (64: the staged path with 64-row work items)}
+        // (token tiles in shared memory; k_unroll = weight steps in flight), staged_from_rows (auto pick)}
         const gg::grouped_swiglu_tuning variants[] = {
-            {4, 1, 2, 0, 0}, {3, 1, 2, 0, 0},  {2, 1, 2, 0, 0},     {3, 1, 4, 0, 0},    {0, 3, 0, 0, 0},
-            {0, 4, 0, 0, 0}, {0, 6, 0, 0, 0},  {2, 3, 0, 0, 0},     {0, 0, 2, 1, 0},    {3, 0, 2, 1, 0},
-            {0, 0, 3, 1, 0}, {0, 0, 0, 0, 16}, {0, 0, 2, 1, 0, 64}, {0, 0, 3, 1, 0, 64}};
+            {4, 1, 2, 0, 0}, {3, 1, 2, 0, 0}, {2, 1, 2, 0, 0}, {3, 1, 4, 0, 0}, {0, 3, 0, 0, 0}, {0, 4, 0, 0, 0},
+            {0, 6, 0, 0, 0}, {2, 3, 0, 0, 0}, {0, 0, 2, 1, 0}, {3, 0, 2, 1, 0}, {0, 0, 3, 1, 0}, {0, 0, 0, 0, 16}};
         nlohmann::json vj = nlohmann::json::array();
         std::vector<float> y_var(rows * H);
         for (const auto& t : variants) {
           const std::string name = t.staged_from_rows != 0 ? "auto>=" + std::to_string(t.staged_from_rows)
-                                   : t.chunk_rows == 64    ? "staged64 x" + std::to_string(t.k_unroll)
                                    : t.staged != 0         ? "staged x" + std::to_string(t.k_unroll)
                                    : t.stages == 1         ? "registers x" + std::to_string(t.k_unroll)
                                                            : "cp.async x" + std::to_string(t.stages);
@@ -495,7 +492,6 @@ int main(int argc, char** argv) {
                         {"k_unroll", t.k_unroll},
                         {"staged", t.staged},
                         {"staged_from_rows", t.staged_from_rows},
-                        {"chunk_rows", t.chunk_rows},
                         {"ctas_per_sm", t.ctas_per_sm},
                         {"us", sv.t_typical},
                         {"gbps", vg},

@@ -62,8 +62,7 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunkRows = 32;                // rows of one expert per work item (the staged path: 32 or 64)
-constexpr int kWideChunkRows = 64;            // the staged path's wide chunks (grouped_swiglu_tuning::chunk_rows)
+constexpr int kChunkRows = 32;                // rows of one expert per work item
 constexpr int kNTiles = kChunkRows / 8;       // mma n-tiles per chunk
 constexpr int kGateUpFeatures = 16 * kWarps;  // per item; each warp: 16 gate rows and the same 16 up rows
 constexpr int kDownFeatures = 32 * kWarps;    // per item; each warp: two 16-row tiles of down
@@ -123,7 +122,6 @@ struct kparams {
   std::uint32_t* error;
   int experts, hidden, inter, max_rows;
   int staged_from_rows;  // the auto kernels: staged path when rows >= this * active experts
-  int chunk_rows;        // rows per work item: kChunkRows, or kWideChunkRows for the wide staged kernels
 };
 
 // ---- device helpers -------------------------------------------------------------------------------
@@ -314,14 +312,10 @@ static_assert((kStageSteps & (kStageSteps - 1)) == 0);
 // Row stride in elements: 576 bytes, 64 modulo 128, so the two rows a quarter warp reads with LDS.128
 // (lanes 4g .. 4g+7: rows g and g+1, 64 bytes each) fall in different banks.
 constexpr int kStageLd = kStageK + 32;
-// For NT n-tiles (chunks of 8 NT rows): elements of one tile, bytes of two (bf16), 16-byte pieces of one.
-template <int NT>
-constexpr int kStageTile = NT * 8 * kStageLd;
-template <int NT>
-constexpr int kStageBytes = 2 * kStageTile<NT> * 2;
-template <int NT>
-constexpr int kStagePieces = NT * 8 * (kStageK / 8);
-static_assert(kStagePieces<kNTiles> % kThreads == 0);
+constexpr int kStageTile = kChunkRows * kStageLd;         // elements of one tile
+constexpr int kStageBytes = 2 * kStageTile * 2;           // two tiles, bf16
+constexpr int kStagePieces = kChunkRows * (kStageK / 8);  // 16-byte pieces of one full tile
+static_assert(kStagePieces % kThreads == 0);
 
 // 16 bytes, or zeros where src_bytes is 0 (rows past the chunk's last row, within its last n-tile).
 __device__ __forceinline__ void cp_async_cg_zfill(void* smem, const void* gmem, unsigned src_bytes) {
@@ -333,12 +327,11 @@ __device__ __forceinline__ void cp_async_cg_zfill(void* smem, const void* gmem, 
 
 // Whole block: tile `dst` <- rows 0 .. fill-1 of B, K elements k0 .. k0+len-1 (len a multiple of 32).
 // Consecutive threads copy consecutive 16 bytes of a row.
-template <int NT>
 __device__ __forceinline__ void stage_b_tile(__nv_bfloat16* dst, const __nv_bfloat16* b, int ld, int rows, int fill,
                                              int k0, int len) {
   const int pieces = len / 8;
 #pragma unroll
-  for (int i0 = 0; i0 < kStagePieces<NT>; i0 += kThreads) {
+  for (int i0 = 0; i0 < kStagePieces; i0 += kThreads) {
     const int i = i0 + static_cast<int>(threadIdx.x), r = i / (kStageK / 8), c = i % (kStageK / 8);
     if (r < fill && c < pieces)
       cp_async_cg_zfill(dst + r * kStageLd + 8 * c, b + static_cast<std::size_t>(min(r, rows - 1)) * ld + k0 + 8 * c,
@@ -362,12 +355,11 @@ __device__ __forceinline__ void load_a_step(const char* const (&a_lo)[2], std::s
 
 // The mmas of one K step, in the register path's order. `b_row`: this thread's token row g, element
 // 8t, of the tile that holds the step.
-template <int NT>
 __device__ __forceinline__ void mma_step(const a_step& r, const __nv_bfloat16* b_row, int step, int ntiles,
-                                         float (&acc)[2][NT][4]) {
+                                         float (&acc)[2][kNTiles][4]) {
   const int col = (step & (kStageSteps - 1)) * 32;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+  for (int nt = 0; nt < kNTiles; ++nt) {
     if (nt >= ntiles) continue;  // warp-uniform
     const uint4 bv = *reinterpret_cast<const uint4*>(b_row + nt * 8 * kStageLd + col);
 #pragma unroll
@@ -380,12 +372,11 @@ __device__ __forceinline__ void mma_step(const a_step& r, const __nv_bfloat16* b
 
 // Called by the whole block (it holds barriers); warps with live false only help stage B. A, B, ld,
 // rows and acc as for warp_gemm; `stage`: kStageBytes of shared memory. The weights go through a
-// register ring of D + 1 K steps: step i is computed while steps i+1 .. i+D are in flight. NT n-tiles:
-// chunks of up to 8 NT rows (kStageBytes<NT> of shared memory).
-template <int D, int NT>
+// register ring of D + 1 K steps: step i is computed while steps i+1 .. i+D are in flight.
+template <int D>
 __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a)[2], bool live, const __nv_bfloat16* b,
                                                   int ld, int K, int rows, __nv_bfloat16* stage,
-                                                  float (&acc)[2][NT][4]) {
+                                                  float (&acc)[2][kNTiles][4]) {
   constexpr int R = D + 1;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const char* a_lo[2];
@@ -398,8 +389,7 @@ __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a
 
   auto stage_tile = [&](int j) {
     if (j * kStageSteps < nk)
-      stage_b_tile<NT>(stage + (j & 1) * kStageTile<NT>, b, ld, rows, ntiles * 8, j * kStageK,
-                       min(kStageK, K - j * kStageK));
+      stage_b_tile(stage + (j & 1) * kStageTile, b, ld, rows, ntiles * 8, j * kStageK, min(kStageK, K - j * kStageK));
     cp_async_commit();  // always: at a tile's start, its group is the only one pending
   };
 
@@ -424,7 +414,7 @@ __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a
       }
       if (live) {  // warp-uniform
         if (i + D < nk) load_a_step(a_lo, a_hi_off, i + D, ring[(j + D) % R]);
-        mma_step<NT>(ring[j], b_row + ((i / kStageSteps) & 1) * kStageTile<NT>, i, ntiles, acc);
+        mma_step(ring[j], b_row + ((i / kStageSteps) & 1) * kStageTile, i, ntiles, acc);
       }
     }
   }
@@ -439,11 +429,10 @@ enum b_mode : int {
 };
 
 // Register budget (ptxas, no spills): the staged path with 2 steps in flight fits 128 registers (4 blocks
-// per SM), with 3 steps 166; the auto kernels hold the register path and the staged one: 168. Wide chunks
-// (64 rows: twice the accumulators) get 2 blocks per SM.
-template <int U, int B, int C>
+// per SM), with 3 steps 166; the auto kernels hold the register path and the staged one: 168.
+template <int U, int B>
 constexpr int min_blocks() {
-  return C > kChunkRows ? 2 : B == kBAuto || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
+  return B == kBAuto || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
 }
 
 __device__ __forceinline__ bool use_staged(int mode, const kparams& p, int n_active) {
@@ -459,7 +448,7 @@ struct work_item {
 // Item w of (active expert, tile, chunk), in that order: neighbouring blocks share an expert (its
 // activations stay in L2) and, for long groups, the same weight tile (its re-reads hit L2).
 __device__ __forceinline__ work_item find_item(long long w, int tiles, const std::int32_t* prefix, int n_active,
-                                               const active_entry* entries, int chunk_rows) {
+                                               const active_entry* entries) {
   int lo = 0, hi = n_active - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -473,8 +462,8 @@ __device__ __forceinline__ work_item find_item(long long w, int tiles, const std
   work_item it;
   it.e = entries[lo];
   it.tile = rem / chunks;
-  it.row0 = it.e.begin + (rem % chunks) * chunk_rows;
-  it.rows = min(chunk_rows, it.e.end - it.row0);
+  it.row0 = it.e.begin + (rem % chunks) * kChunkRows;
+  it.rows = min(kChunkRows, it.e.end - it.row0);
   return it;
 }
 
@@ -532,7 +521,7 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
       b = p.offsets[e];
       m = p.offsets[e + 1] - b;
     }
-    const int act = m > 0 ? 1 : 0, ch = (m + p.chunk_rows - 1) / p.chunk_rows;
+    const int act = m > 0 ? 1 : 0, ch = (m + kChunkRows - 1) / kChunkRows;
     int ia = act, ic = ch;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -585,11 +574,8 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
   }
 }
 
-// C: rows per work item (kChunkRows; kWideChunkRows for the staged path only).
-template <int U, int S, int B, int C = kChunkRows>
-__global__ void __launch_bounds__(kThreads, min_blocks<U, B, C>()) gate_up_kernel(kparams p) {
-  static_assert(C == kChunkRows || (C == kWideChunkRows && B == kBStaged));
-  constexpr int NT = C / 8;
+template <int U, int S, int B>
+__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(kparams p) {
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
   const int tiles = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
@@ -601,21 +587,17 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B, C>()) gate_up_kerne
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const work_item it = find_item(w, tiles, prefix, n_active, p.entries, C);
+    const work_item it = find_item(w, tiles, prefix, n_active, p.entries);
     const int f0 = it.tile * kGateUpFeatures + warp * 16;
     const bool live = f0 < p.inter;
     if (!live && !staged) continue;  // the staged path needs every warp at its barriers
     const std::size_t woff = static_cast<std::size_t>(live ? f0 : 0) * p.hidden;
     const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
-    float acc[2][NT][4] = {};
+    float acc[2][kNTiles][4] = {};
     const __nv_bfloat16* b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
-    if constexpr (C != kChunkRows) {
-      block_gemm_staged<U, NT>(a, live, b, p.hidden, p.hidden, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
-      if (!live) continue;
-    } else if constexpr (B != kBPerWarp) {
+    if constexpr (B != kBPerWarp) {
       if (staged)
-        block_gemm_staged<U, NT>(a, live, b, p.hidden, p.hidden, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring),
-                                 acc);
+        block_gemm_staged<U>(a, live, b, p.hidden, p.hidden, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
       else
         warp_gemm<2, U>(a, b, p.hidden, p.hidden, it.rows, acc);
       if (!live) continue;
@@ -623,7 +605,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B, C>()) gate_up_kerne
       warp_product<U, S>(a, b, p.hidden, p.hidden, it.rows, s_ring + warp * (S * kSlots * 32), acc);
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int tok = nt * 8 + 2 * t + (i & 1);
@@ -636,11 +618,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B, C>()) gate_up_kerne
   }
 }
 
-// C: rows per work item (kChunkRows; kWideChunkRows for the staged path only).
-template <int U, int S, int B, int C = kChunkRows>
-__global__ void __launch_bounds__(kThreads, min_blocks<U, B, C>()) down_kernel(kparams p) {
-  static_assert(C == kChunkRows || (C == kWideChunkRows && B == kBStaged));
-  constexpr int NT = C / 8;
+template <int U, int S, int B>
+__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kparams p) {
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
   const int tiles = (p.hidden + kDownFeatures - 1) / kDownFeatures;
@@ -652,21 +631,18 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B, C>()) down_kernel(k
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const work_item it = find_item(w, tiles, prefix, n_active, p.entries, C);
+    const work_item it = find_item(w, tiles, prefix, n_active, p.entries);
     const int f0 = it.tile * kDownFeatures + warp * 32;
     const bool live = f0 < p.hidden;
     if (!live && !staged) continue;  // the staged path needs every warp at its barriers
     const int fa = live ? f0 : 0;
     const __nv_bfloat16* a[2] = {it.e.down + static_cast<std::size_t>(fa) * p.inter,
                                  it.e.down + static_cast<std::size_t>(fa + 16) * p.inter};
-    float acc[2][NT][4] = {};
+    float acc[2][kNTiles][4] = {};
     const __nv_bfloat16* b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
-    if constexpr (C != kChunkRows) {
-      block_gemm_staged<U, NT>(a, live, b, p.inter, p.inter, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
-      if (!live) continue;
-    } else if constexpr (B != kBPerWarp) {
+    if constexpr (B != kBPerWarp) {
       if (staged)
-        block_gemm_staged<U, NT>(a, live, b, p.inter, p.inter, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
+        block_gemm_staged<U>(a, live, b, p.inter, p.inter, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
       else
         warp_gemm<2, U>(a, b, p.inter, p.inter, it.rows, acc);
       if (!live) continue;
@@ -674,7 +650,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B, C>()) down_kernel(k
       warp_product<U, S>(a, b, p.inter, p.inter, it.rows, s_ring + warp * (S * kSlots * 32), acc);
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int tok = nt * 8 + 2 * t + j;
@@ -725,30 +701,20 @@ status cuda_fail(cudaError_t e, int line, const char* what) noexcept {
 struct variant {
   void (*gate_up)(kparams);
   void (*down)(kparams);
-  int smem;        // dynamic shared memory (the cp.async ring, the staged token tiles)
-  int per_sm;      // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
-  int chunk_rows;  // rows per work item
+  int smem;    // dynamic shared memory (the cp.async ring, the staged token tiles)
+  int per_sm;  // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
 };
-constexpr int kVariants = 10;
+constexpr int kVariants = 8;
 const variant kVariantTable[kVariants] = {
-    // registers x2, x4
-    {gate_up_kernel<2, 0, kBPerWarp>, down_kernel<2, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm, kChunkRows},
-    {gate_up_kernel<4, 0, kBPerWarp>, down_kernel<4, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm, kChunkRows},
-    // cp.async ring of 3, 4, 6 steps
-    {gate_up_kernel<0, 3, kBPerWarp>, down_kernel<0, 3, kBPerWarp>, ring_bytes<3>(), 0, kChunkRows},
-    {gate_up_kernel<0, 4, kBPerWarp>, down_kernel<0, 4, kBPerWarp>, ring_bytes<4>(), 0, kChunkRows},
-    {gate_up_kernel<0, 6, kBPerWarp>, down_kernel<0, 6, kBPerWarp>, ring_bytes<6>(), 0, kChunkRows},
-    // staged, 2 and 3 steps in flight
-    {gate_up_kernel<2, 0, kBStaged>, down_kernel<2, 0, kBStaged>, kStageBytes<kNTiles>, 0, kChunkRows},
-    {gate_up_kernel<3, 0, kBStaged>, down_kernel<3, 0, kBStaged>, kStageBytes<kNTiles>, 0, kChunkRows},
+    {gate_up_kernel<2, 0, kBPerWarp>, down_kernel<2, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x2
+    {gate_up_kernel<4, 0, kBPerWarp>, down_kernel<4, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x4
+    {gate_up_kernel<0, 3, kBPerWarp>, down_kernel<0, 3, kBPerWarp>, ring_bytes<3>(), 0},  // cp.async ring of 3 steps
+    {gate_up_kernel<0, 4, kBPerWarp>, down_kernel<0, 4, kBPerWarp>, ring_bytes<4>(), 0},  // 4 steps
+    {gate_up_kernel<0, 6, kBPerWarp>, down_kernel<0, 6, kBPerWarp>, ring_bytes<6>(), 0},  // 6 steps
+    {gate_up_kernel<2, 0, kBStaged>, down_kernel<2, 0, kBStaged>, kStageBytes, 0},        // staged, 2 steps in flight
+    {gate_up_kernel<3, 0, kBStaged>, down_kernel<3, 0, kBStaged>, kStageBytes, 0},        // staged, 3 steps in flight
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
-    {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes<kNTiles>, kDefaultRegisterBlocksPerSm,
-     kChunkRows},
-    // staged with 64-row chunks, 2 and 3 steps in flight
-    {gate_up_kernel<2, 0, kBStaged, kWideChunkRows>, down_kernel<2, 0, kBStaged, kWideChunkRows>,
-     kStageBytes<kWideChunkRows / 8>, 0, kWideChunkRows},
-    {gate_up_kernel<3, 0, kBStaged, kWideChunkRows>, down_kernel<3, 0, kBStaged, kWideChunkRows>,
-     kStageBytes<kWideChunkRows / 8>, 0, kWideChunkRows},
+    {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
 };
 constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
 // The default: staged with 3 steps in flight, the fastest variant at every point of the H200 sweep of
@@ -756,16 +722,8 @@ constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
 // DeepSeek-V3 128 tokens 6567 vs 7441 us; docs/PERF.md).
 constexpr int kDefaultVariant = kStagedVariant + 1;
 constexpr int kAutoVariant = 7;
-constexpr int kWideVariant = 8;  // + 1 for 3 steps in flight
 
 int variant_index(const grouped_swiglu_tuning& t) {
-  if (t.chunk_rows != 0 && t.chunk_rows != 32 && t.chunk_rows != 64) return -1;
-  if (t.chunk_rows == 64) {  // the staged path only
-    if (t.staged_from_rows != 0 || t.stages > 1 || (t.stages == 1 && t.staged != 1) || t.staged > 1) return -1;
-    if (t.staged == 0 && t.stages == 0 && t.k_unroll == 0) return kWideVariant + 1;  // the default's pipeline
-    if (t.staged != 1) return -1;
-    return t.k_unroll == 0 || t.k_unroll == 2 ? kWideVariant : t.k_unroll == 3 ? kWideVariant + 1 : -1;
-  }
   if (t.staged_from_rows != 0)
     return t.staged == 0 && t.stages == 0 && (t.k_unroll == 0 || t.k_unroll == 2) ? kAutoVariant : -1;
   if (t.staged == 1) {
@@ -871,8 +829,7 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   const int vi = variant_index(tuning);
   GG_INVALID(vi < 0,
              "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4; staged 0 or 1 (with stages 0 or 1 and "
-             "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2; chunk_rows 0, 32 "
-             "or 64, and 64 only for the staged path (staged 1, or all of stages, k_unroll, staged 0)");
+             "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2");
   const variant& kern = kVariantTable[vi];
 
   int dev = 0;
@@ -900,10 +857,9 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   p.inter = static_cast<int>(s.inter);
   p.max_rows = static_cast<int>(s.max_rows);
   p.staged_from_rows = static_cast<int>(std::min<std::uint32_t>(tuning.staged_from_rows, 1u << 30));
-  p.chunk_rows = kern.chunk_rows;
 
   // Grids: every block resident, never more blocks than the most work items the capacity allows.
-  const long long max_chunks = static_cast<long long>(s.max_rows) / kern.chunk_rows + std::min(s.experts, s.max_rows);
+  const long long max_chunks = static_cast<long long>(s.max_rows) / kChunkRows + std::min(s.experts, s.max_rows);
   auto grid = [&](int occupancy, int tiles) {
     int per_sm = std::max(occupancy, 1);
     if (tuning.ctas_per_sm != 0)

@@ -104,11 +104,6 @@ struct grouped_swiglu_tuning {
   /// this many per active expert, else the default register path; 3 blocks per SM either way unless
   /// ctas_per_sm says otherwise. Needs staged 0, stages 0 and k_unroll 0 or 2. 0 = off (the default).
   std::uint32_t staged_from_rows = 0;
-  /// Rows of one expert per work item of the staged path: 0 or 32 = 32 rows (4 blocks of 4 warps per SM with
-  /// k_unroll 2, 3 with 3), 64 = 64 rows (2 blocks per SM: twice the accumulators), so that an expert with 33 .. 64
-  /// rows reads its weights once instead of twice. 64 needs the staged path (staged 1, or stages, k_unroll and
-  /// staged all 0: then k_unroll 3).
-  std::uint32_t chunk_rows = 0;
 };
 
 /// Workspace bytes for `s`: a small header, the compacted active-expert list (48 bytes per expert) and
