@@ -103,7 +103,8 @@ class server_impl final : public expert_server {
                                            .slots_bytes = slots_mem_->size(),
                                            .poll_ns = o_.device_poll_ns,
                                            .graph = o_.device_graph,
-                                           .shrink = o_.device_shrink},
+                                           .shrink = o_.device_shrink,
+                                           .put_blocks = o_.device_put_blocks},
                                           *step_, dstep_));
       for (std::uint32_t i = 0; i < slots_.size(); ++i) sync_slot(i);
     }

@@ -42,6 +42,8 @@ struct server_options {
   /// device_step: kernel shrinking, the grouped GEMM walks only the experts with rows (off: the ablation of
   /// issue #9, every local expert of a served layer is computed, with a padding row; same answers).
   bool device_shrink = true;
+  /// device_step: most blocks one answer is put with (server_step_config::put_blocks).
+  std::uint32_t device_put_blocks = 32;
   /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
   /// Called on the serving thread when a client gets a slot ("linked") or loses it ("left", with why).

@@ -54,6 +54,11 @@ int main(int argc, char** argv) {
   app.add_flag("--device-no-shrink", no_shrink,
                "with --device-step: no kernel shrinking (the ablation): the grouped GEMM computes every local "
                "expert of a served layer, empty ones on a padding row");
+  app.add_option("--device-put-blocks", o.device_put_blocks,
+                 "with --device-step: most blocks one answer is put with (several servers answering one client "
+                 "write into one GPU at once)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
   tool::checkpoint_args ckpt;
   ckpt.add(app, "experts");
   double drain_ms = 500;

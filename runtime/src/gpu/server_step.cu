@@ -31,7 +31,6 @@ constexpr unsigned kGatherBlocks = 2048;  // rows are walked with a stride: empt
 constexpr int kCombineThreads = 256;
 constexpr unsigned kCombineBlocks = 1024;
 constexpr int kPutThreads = 256;
-constexpr unsigned kPutBlocks = 32;  // most blocks one answer is put with (as expert_step)
 
 constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
 
@@ -457,6 +456,8 @@ class step_impl final : public server_step {
         std::uint64_t{sh.layers} * E > kGroupedSwigluMaxExperts)
       return EAAS_GPU_FAIL(status::invalid_argument,
                            "gpu server step: clients x tokens x topk must be 1 .. 2^30, local experts 1 .. 65535");
+    if (cfg_.put_blocks == 0 || cfg_.put_blocks > 1024)
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu server step: put_blocks must be 1 .. 1024");
     const slots_geometry geo = slots_geometry_for(C, T, sh.hidden, K);
     if (cfg_.slots == nullptr || cfg_.slots_bytes < geo.bytes || reinterpret_cast<std::uintptr_t>(cfg_.slots) % 16 != 0)
       return EAAS_GPU_FAIL(status::invalid_argument,
@@ -625,7 +626,7 @@ class step_impl final : public server_step {
     EAAS_CHECK(grouped_swiglu(gshape_, gemm_, ws_bytes_, stream_));
     k_combine<<<std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens), kCombineThreads, 0, stream_>>>(args_);
     const std::uint64_t most = sizeof(response_header) + std::uint64_t{cfg_.max_tokens} * cfg_.shape.hidden * 4;
-    k_answer<<<dim3(grid_put_blocks(most, kPutBlocks), C), kPutThreads, 0, stream_>>>(args_);
+    k_answer<<<dim3(grid_put_blocks(most, cfg_.put_blocks), C), kPutThreads, 0, stream_>>>(args_);
     EAAS_SSTEP_CUDA(cudaGetLastError());
     return status::ok;
   }

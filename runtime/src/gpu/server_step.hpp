@@ -119,6 +119,9 @@ struct server_step_config {
   bool graph = true;                ///< capture the round once and replay it
   /// Kernel shrinking: the grouped GEMM walks only the groups with rows. false: the ablation (see above).
   bool shrink = true;
+  /// Most blocks one answer is put with (1 .. 1024; at most one per 64 KiB). Several servers answering one
+  /// client write into one GPU at once; fewer writers each can be faster there (see docs/PERF.md).
+  std::uint32_t put_blocks = 32;
 };
 
 class server_step {
