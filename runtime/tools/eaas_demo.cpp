@@ -229,6 +229,12 @@ int main(int argc, char** argv) {
                "with --server-device-step: no kernel shrinking, the grouped GEMM computes every local expert of a "
                "served layer (the ablation; eaas-server --device-no-shrink)")
       ->needs(server_device_step_flag);
+  std::uint32_t server_put_blocks = 0;
+  app.add_option("--server-put-blocks", server_put_blocks,
+                 "with --server-device-step: most blocks each server puts one answer with (eaas-server "
+                 "--device-put-blocks; 0: the server's default)")
+      ->check(CLI::Range(0, 1024))
+      ->needs(server_device_step_flag);
   // Elasticity: open-loop clients on a trace, servers started by the autoscaler.
   std::string trace;
   double period_s = 60, peak_tps = 0, trough = 0.25, slo_ms = 1000, window_s = 0, capacity = 0, day_start_h = 0;
@@ -357,6 +363,8 @@ int main(int argc, char** argv) {
   if (server_device_step) server_extra.push_back("--device-step");
   if (server_no_graph) server_extra.push_back("--device-no-graph");
   if (server_no_shrink) server_extra.push_back("--device-no-shrink");
+  if (server_put_blocks != 0)
+    server_extra.insert(server_extra.end(), {"--device-put-blocks", std::to_string(server_put_blocks)});
   auto start_server = [&](position& p) {
     auto c = std::make_unique<child>();
     c->name = "s" + std::to_string(p.index) + (p.generation ? "." + std::to_string(p.generation) : "");
