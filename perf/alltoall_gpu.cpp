@@ -36,7 +36,8 @@ namespace eaas::perf::a2a {
 namespace {
 
 constexpr std::uint64_t kSecond = 1'000'000'000ull;
-constexpr std::uint32_t kBatch = 32;  // rounds queued behind one gate (well inside the launch queue)
+constexpr std::uint32_t kBatch = 32;      // rounds queued behind one gate (well inside the launch queue)
+constexpr unsigned kCombineWriters = 32;  // blocks writing into one GPU in the combine, over all receivers
 
 /// cudaMalloc'd array, freed on scope exit.
 template <class T>
@@ -268,9 +269,14 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
   EAAS_A2A_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const unsigned warps_per_block = kRoundThreads / 32;
   const unsigned asked = !sender && o.combine_blocks != 0 ? o.combine_blocks : o.blocks;
-  const unsigned blocks = asked != 0 ? asked
-                                     : std::clamp<unsigned>((items + warps_per_block - 1) / warps_per_block, 1u,
-                                                            static_cast<unsigned>(sms));
+  unsigned blocks = asked != 0 ? asked
+                               : std::clamp<unsigned>((items + warps_per_block - 1) / warps_per_block, 1u,
+                                                      static_cast<unsigned>(sms));
+  // The combine's writers: every receiver answers each sender at once, and more than ~32 blocks writing into
+  // one GPU together slow the whole pattern down (H200 x4: 1 x 3 at the Qwen3 shape 132 us with one block per 8
+  // rows, 49 us with 8 blocks per receiver; docs/PERF.md). So without --blocks / --combine-blocks a receiver
+  // uses 32 / receivers blocks, 8 .. 16.
+  if (!sender && asked == 0) blocks = std::min(blocks, std::clamp<unsigned>(kCombineWriters / o.receivers, 8u, 16u));
 
   const std::uint32_t total = o.warmup + o.iters + 2;  // checked, warm-up, timed, checked
   dev_array<unsigned long long> stamps(kRoundStamps * total);
