@@ -609,7 +609,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--combine-blocks", o.combine_blocks,
                  "nvlink: the receivers' kernel blocks, the combine's writers (0: as --blocks, or with --blocks 0 "
-                 "32 / receivers blocks, 8 .. 16: more writers into one GPU slow the combine down)")
+                 "16 blocks, 8 from 3 receivers: more writers into one GPU slow the combine down)")
       ->capture_default_str();
   app.add_option("--combine-rows", o.combine_rows,
                  "nvlink: rows per put in the combine (a warp's item; with --blocks 0 fewer items mean fewer blocks)")

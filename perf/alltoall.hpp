@@ -25,7 +25,7 @@ struct options {
   bool inject_error = false;  // tests: receiver 0 flips one byte of its first answer in the checked rounds
   // nvlink only
   std::uint32_t blocks = 0;           // kernel blocks per rank (0: enough for one row per warp, at most the SM count)
-  std::uint32_t combine_blocks = 0;   // receivers' kernel blocks (0: as `blocks`; both 0: 32 / receivers, 8 .. 16)
+  std::uint32_t combine_blocks = 0;   // receivers' kernel blocks (0: as `blocks`; both 0: 16, 8 from 3 receivers)
   std::uint32_t combine_rows = 1;     // rows per put in the combine (a receiver's answers to a sender are contiguous)
   bool nccl = true;                   // run the NCCL baseline in the same processes (when built with NCCL)
   std::uint64_t timeout_ms = 10'000;  // every device wait ends by then

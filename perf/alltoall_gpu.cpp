@@ -36,8 +36,9 @@ namespace eaas::perf::a2a {
 namespace {
 
 constexpr std::uint64_t kSecond = 1'000'000'000ull;
-constexpr std::uint32_t kBatch = 32;      // rounds queued behind one gate (well inside the launch queue)
-constexpr unsigned kCombineWriters = 32;  // blocks writing into one GPU in the combine, over all receivers
+constexpr std::uint32_t kBatch = 32;        // rounds queued behind one gate (well inside the launch queue)
+constexpr unsigned kCombineBlocksFew = 16;  // a receiver's combine blocks where 1 or 2 receivers answer
+constexpr unsigned kCombineBlocksMany = 8;  // ... where 3 or more do
 
 /// cudaMalloc'd array, freed on scope exit.
 template <class T>
@@ -272,11 +273,11 @@ void run_rank_nvlink(const options& o, const plan& p, const std::function<void(c
   unsigned blocks = asked != 0 ? asked
                                : std::clamp<unsigned>((items + warps_per_block - 1) / warps_per_block, 1u,
                                                       static_cast<unsigned>(sms));
-  // The combine's writers: every receiver answers each sender at once, and more than ~32 blocks writing into
-  // one GPU together slow the whole pattern down (H200 x4: 1 x 3 at the Qwen3 shape 132 us with one block per 8
-  // rows, 49 us with 8 blocks per receiver; docs/PERF.md). So without --blocks / --combine-blocks a receiver
-  // uses 32 / receivers blocks, 8 .. 16.
-  if (!sender && asked == 0) blocks = std::min(blocks, std::clamp<unsigned>(kCombineWriters / o.receivers, 8u, 16u));
+  // The combine's writers: every receiver answers each sender at once, and many blocks writing into one GPU
+  // together slow the whole pattern down (H200 x4, Qwen3 x 512, 1 x 3: 132 us with one block per 8 rows, 49 us
+  // with 8 blocks per receiver, 52 with 12, 59 with 16). So without --blocks / --combine-blocks a receiver uses
+  // 16 blocks (one or two receivers) or 8 (three or more); docs/PERF.md has the sweep.
+  if (!sender && asked == 0) blocks = std::min(blocks, o.receivers >= 3 ? kCombineBlocksMany : kCombineBlocksFew);
 
   const std::uint32_t total = o.warmup + o.iters + 2;  // checked, warm-up, timed, checked
   dev_array<unsigned long long> stamps(kRoundStamps * total);
