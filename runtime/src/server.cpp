@@ -457,10 +457,12 @@ class server_impl final : public expert_server {
     r.slot = i;
     const std::uint64_t base = slot_offset(i);
     // The commit word with acquire, then a private copy of the header (the client cannot change what was
-    // checked), then, for a committed request, everything else: all written before its commit.
+    // checked), then, for a committed request, everything else: all written before its commit. Each read
+    // that needs the owner's bytes is ordered after an acquire of the commit word by the wire itself (on a
+    // GPU one kernel reads both: a copy engine is outside the memory model, so a later copy would not be).
+    const std::uint64_t commit_at = base + offsetof(slot_header, commit);
     std::uint64_t committed = 0;
-    if (wire_->load_words(*slots_mem_, base + offsetof(slot_header, commit), 8, 1, &committed) != status::ok ||
-        wire_->read(*slots_mem_, base, &r.h, sizeof(r.h)) != status::ok) {
+    if (wire_->read_after_acquire(*slots_mem_, commit_at, base, &r.h, sizeof(r.h), &committed) != status::ok) {
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
       return slot_look::none;
     }
@@ -480,9 +482,13 @@ class server_impl final : public expert_server {
     const std::size_t n = std::size_t{r.h.tokens} * r.h.topk;
     r.ids.resize(n);
     r.weights.resize(n);
-    // The routing arrays follow each other: one read (one copy out of GPU memory) for both.
+    // The routing arrays follow each other: one read for both, after the commit word's acquire again (on a
+    // GPU the header's kernel has finished; this read is a new one). The word read here is at or after the
+    // one the header was taken on, so it orders these bytes after all the owner wrote before that commit.
     raw_.resize(l.end - l.expert_ids);
-    if (wire_->read(*slots_mem_, base + l.expert_ids, raw_.data(), raw_.size()) != status::ok) {
+    std::uint64_t again = 0;
+    if (wire_->read_after_acquire(*slots_mem_, commit_at, base + l.expert_ids, raw_.data(), raw_.size(), &again) !=
+        status::ok) {
       s.cur = before;  // not taken: read again at the next poll
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
       return slot_look::none;

@@ -43,6 +43,17 @@ class host_wire final : public wire {
     return status::ok;
   }
 
+  status read_after_acquire(const memory_region& r, std::uint64_t word_offset, std::uint64_t offset, void* dst,
+                            std::size_t bytes, std::uint64_t* word) override {
+    if (word_offset % 8 != 0 || !inside(r, word_offset, 8) || !inside(r, offset, bytes))
+      return EAAS_RT_FAIL(status::invalid_argument, "word at {} and {} bytes at {}: outside a region of {}",
+                          word_offset, bytes, offset, r.size());
+    *word = std::atomic_ref<const std::uint64_t>(*reinterpret_cast<const std::uint64_t*>(at(r, word_offset)))
+                .load(std::memory_order_acquire);
+    if (bytes) std::memcpy(dst, at(r, offset), bytes);
+    return status::ok;
+  }
+
   status store_word(memory_region& r, std::uint64_t offset, std::uint64_t value) override {
     if (offset % 8 != 0 || !inside(r, offset, 8))
       return EAAS_RT_FAIL(status::invalid_argument, "word at {} outside a region of {}", offset, r.size());

@@ -34,9 +34,19 @@ class wire {
 
   /// The 8-byte words at offset, offset + stride, ... (`count` of them) of a region of this process,
   /// into `out`: each read with acquire ordering on the host wire; on the gpu wire one copy-engine read
-  /// of the span, which the caller orders before its later reads by making them later copies.
+  /// of the span, which is outside the PTX memory model: it orders nothing. A reader that must see what
+  /// a peer published with a release store of a word uses read_after_acquire.
   virtual status load_words(const memory_region& r, std::uint64_t offset, std::uint64_t stride, std::uint32_t count,
                             std::uint64_t* out) = 0;
+
+  /// Loads the 8-byte word at `word_offset` of a region of this process with acquire (system scope) into
+  /// `*word`, then copies `bytes` at `offset` into `dst` (host memory), every byte read after that load:
+  /// a word found holding a value a peer stored with release shows the copy all that the peer wrote
+  /// before that store (or later). A private copy, as with read. On the gpu wire one kernel does both
+  /// (a copy engine would be outside the memory model); meant for small spans (a header, routing).
+  /// `invalid_argument` (nothing read) when the word is not aligned or either is outside the region.
+  virtual status read_after_acquire(const memory_region& r, std::uint64_t word_offset, std::uint64_t offset, void* dst,
+                                    std::size_t bytes, std::uint64_t* word) = 0;
 
   /// Stores `value` (release) into the 8-byte word at `offset` of a region of this process.
   virtual status store_word(memory_region& r, std::uint64_t offset, std::uint64_t value) = 0;

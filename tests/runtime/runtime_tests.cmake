@@ -7,7 +7,7 @@ target_link_libraries(eaas-evil-client PRIVATE eaas_moe)
 
 add_executable(eaas-runtime-tests ${CMAKE_CURRENT_LIST_DIR}/test_runtime.cpp ${CMAKE_CURRENT_LIST_DIR}/test_faults.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_autoscale.cpp ${CMAKE_CURRENT_LIST_DIR}/test_liar.cpp
-  ${CMAKE_CURRENT_LIST_DIR}/test_commit.cpp)
+  ${CMAKE_CURRENT_LIST_DIR}/test_commit.cpp ${CMAKE_CURRENT_LIST_DIR}/test_wire.cpp)
 target_link_libraries(eaas-runtime-tests PRIVATE eaas_test_main eaas_moe nlohmann_json::nlohmann_json)
 target_compile_definitions(eaas-runtime-tests PRIVATE
   EAAS_SERVER_BIN="$<TARGET_FILE:eaas-server>" EAAS_CLIENT_BIN="$<TARGET_FILE:eaas-client>"

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <cuda/atomic>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -52,16 +53,47 @@ __global__ void k_wait(device_endpoint ep, const std::uint64_t* word, cmp_op cmp
   out->seen = seen;
 }
 
+// read_after_acquire: the word at kWordAt of the lane's page-locked buffer, the bytes from kBytesAt.
+constexpr std::size_t kWordAt = 0, kBytesAt = 16;
+constexpr int kAcquireThreads = 1024;
+
+// One block: thread 0 loads the word with acquire, the barrier orders every thread's reads after that
+// load (as the device step's k_validate does), and the copy goes straight into mapped host memory, so that
+// no copy engine (outside the memory model) reads the slot. One block, so that one load orders every
+// byte (blocks loading the word each could see different values); a full one, so that a routing array of
+// thousands of tokens (4096 × top-8: 192 KiB) takes a dozen rounds of 16-byte loads.
+__global__ void k_read_after_acquire(const unsigned char* region, std::uint64_t word_offset, std::uint64_t offset,
+                                     std::uint64_t bytes, unsigned char* out) {
+  if (threadIdx.x == 0) {
+    auto* w = reinterpret_cast<std::uint64_t*>(const_cast<unsigned char*>(region) + word_offset);
+    *reinterpret_cast<std::uint64_t*>(out + kWordAt) =
+        cuda::atomic_ref<std::uint64_t, cuda::thread_scope_system>(*w).load(cuda::std::memory_order_acquire);
+  }
+  __syncthreads();
+  const unsigned char* src = region + offset;
+  unsigned char* dst = out + kBytesAt;
+  if ((reinterpret_cast<std::uintptr_t>(src) | bytes) % 16 == 0) {
+    for (std::uint64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x)
+      reinterpret_cast<uint4*>(dst)[i] = __ldcg(reinterpret_cast<const uint4*>(src) + i);
+  } else if ((reinterpret_cast<std::uintptr_t>(src) | bytes) % 8 == 0) {
+    for (std::uint64_t i = threadIdx.x; i < bytes / 8; i += blockDim.x)
+      reinterpret_cast<unsigned long long*>(dst)[i] = __ldcg(reinterpret_cast<const unsigned long long*>(src) + i);
+  } else {
+    for (std::uint64_t i = threadIdx.x; i < bytes; i += blockDim.x) dst[i] = __ldcg(src + i);
+  }
+}
+
 struct lane {
   cudaStream_t stream = nullptr;
   unsigned char* staging = nullptr;  // device
   std::size_t capacity = 0;
-  unsigned char* pinned = nullptr;   // page-locked host memory: copies at full PCIe speed, not through
-  std::size_t pinned_capacity = 0;   // the driver's pageable bounce path
-  unsigned int* arrivals = nullptr;  // device (the base of the words allocation)
-  int* result = nullptr;             // device
-  wait_out* wout = nullptr;          // device
-  bool poisoned = false;             // a CUDA call failed mid-way: not given back to the pool
+  unsigned char* pinned = nullptr;      // page-locked host memory: copies at full PCIe speed, not through
+  std::size_t pinned_capacity = 0;      // the driver's pageable bounce path
+  unsigned char* pinned_dev = nullptr;  // the same memory, as kernels address it (mapped)
+  unsigned int* arrivals = nullptr;     // device (the base of the words allocation)
+  int* result = nullptr;                // device
+  wait_out* wout = nullptr;             // device
+  bool poisoned = false;                // a CUDA call failed mid-way: not given back to the pool
   // Outgrown buffers, freed with the lane: cudaFree / cudaFreeHost synchronise the whole device, so
   // freeing them while another lane's wait kernel spins would stall this call for that wait.
   std::vector<void*> old_device, old_host;
@@ -119,6 +151,23 @@ class gpu_wire final : public wire {
     words_.resize((stride * (count - 1) + 8 + 7) / 8);
     EAAS_CHECK(read(r, offset, words_.data(), stride * (count - 1) + 8));
     for (std::uint32_t i = 0; i < count; ++i) out[i] = words_[i * (stride / 8)];
+    return status::ok;
+  }
+
+  status read_after_acquire(const memory_region& r, std::uint64_t word_offset, std::uint64_t offset, void* dst,
+                            std::size_t bytes, std::uint64_t* word) override {
+    if (word_offset % 8 != 0 || !inside(r, word_offset, 8) || !inside(r, offset, bytes))
+      return EAAS_GPU_FAIL(status::invalid_argument, "gpu wire: an acquired read outside its region");
+    held l(*this);
+    if (!l.ok()) return l.error;
+    // At least 64 KiB, so that a server's headers and routing arrays do not grow it call by call.
+    EAAS_CHECK(pinned(*l, std::max<std::size_t>(kBytesAt + bytes, 64u << 10)));
+    k_read_after_acquire<<<1, kAcquireThreads, 0, l->stream>>>(static_cast<const unsigned char*>(r.data()), word_offset,
+                                                               offset, bytes, l->pinned_dev);
+    EAAS_LANE_CUDA(cudaGetLastError());
+    EAAS_LANE_CUDA(cudaStreamSynchronize(l->stream));
+    std::memcpy(word, l->pinned + kWordAt, 8);
+    if (bytes) std::memcpy(dst, l->pinned + kBytesAt, bytes);
     return status::ok;
   }
 
@@ -276,8 +325,15 @@ class gpu_wire final : public wire {
     if (l.pinned_capacity >= bytes) return status::ok;
     unsigned char* grown = nullptr;
     EAAS_WIRE_CUDA(cudaMallocHost(&grown, bytes));
+    void* mapped = nullptr;
+    if (const cudaError_t e = cudaHostGetDevicePointer(&mapped, grown, 0); e != cudaSuccess) {
+      cudaFreeHost(grown);
+      return EAAS_GPU_FAIL(status::internal_error,
+                           std::string("gpu wire: cudaHostGetDevicePointer: ") + cudaGetErrorString(e));
+    }
     if (l.pinned) l.old_host.push_back(l.pinned);
     l.pinned = grown;
+    l.pinned_dev = static_cast<unsigned char*>(mapped);
     l.pinned_capacity = bytes;
     return status::ok;
   }
