@@ -17,6 +17,7 @@
 #include "eaas/eaas.hpp"
 #include "eaas/runtime/slot.hpp"
 #include "fail.hpp"
+#include "gpu/capture_lock.hpp"
 #include "gpu/client_step.hpp"
 #include "wire.hpp"
 
@@ -57,8 +58,11 @@ class client_impl final : public attention_client {
     if (connector_.joinable()) connector_.join();
     step_.reset();  // before the result regions its kernels read (none runs between forwards)
     watch_.reset();
-    servers_.clear();
-    ready_.clear();
+    {
+      const auto g = gpu_lock();
+      servers_.clear();
+      ready_.clear();
+    }
     dir_.reset();
   }
 
@@ -233,6 +237,7 @@ class client_impl final : public attention_client {
       std::lock_guard g(stats_mu_);
       stats_.requests += requests;
       stats_.graph_captures = step_->captures();
+      stats_.capture_retries = step_->capture_retries();
     }
     if (step_result_.complete) {
       out.swap(step_result_.out);
@@ -280,8 +285,9 @@ class client_impl final : public attention_client {
     auto it = servers_.find(id);
     if (it == servers_.end()) return;
     detail::note("[{}] dropping server {}: {}", o_.id, id, why);
-    it->second->link.ep->close();
+    std::unique_ptr<server_conn> c = std::move(it->second);
     servers_.erase(it);
+    retire(std::move(c));
     {
       std::lock_guard g(mu_);
       claimed_.erase(id);
@@ -309,7 +315,7 @@ class client_impl final : public attention_client {
       for (const auto& r : want) {
         claimed_.insert(r.id);
         lk.unlock();
-        std::unique_ptr<server_conn> c;
+        std::unique_ptr<server_conn> c;  // what connect() built, also when it failed
         const std::uint64_t t0 = eaas::now_ns();
         const status st = connect(r, c);
         if (eaas::now_ns() - t0 > 100'000'000ull)
@@ -324,16 +330,25 @@ class client_impl final : public attention_client {
           claimed_.erase(r.id);
           retry_at_[r.id] = eaas::now_ns() + 250'000'000ull;
         }
+        if (c) {  // not kept: freed without mu_ held (the GPU lock comes first)
+          lk.unlock();
+          retire(std::move(c));
+          lk.lock();
+        }
         if (stopping_) break;
       }
     }
   }
 
-  // Links to a server: hands it a result region, waits for its welcome, checks it.
-  status connect(const peer_record& rec, std::unique_ptr<server_conn>& out) {
-    auto c = std::make_unique<server_conn>();
+  // Links to a server: hands it a result region, waits for its welcome, checks it. `c` holds what was built,
+  // also on failure: the caller retires it.
+  status connect(const peer_record& rec, std::unique_ptr<server_conn>& c) {
+    c = std::make_unique<server_conn>();
     c->rec = rec;
-    EAAS_CHECK(ctx_->allocate(result_region_bytes(o_.max_tokens, o_.shape.hidden), wire_->kind(), c->result));
+    {
+      const auto g = gpu_lock();  // the allocation only: the link below waits on the registry and the server
+      EAAS_CHECK(ctx_->allocate(result_region_bytes(o_.max_tokens, o_.shape.hidden), wire_->kind(), c->result));
+    }
     handle_bytes h;
     EAAS_CHECK(c->result->export_handle(h));
     EAAS_CHECK(dir_->link(rec.id, {{"result", h}}, o_.link_timeout_ns, c->link));
@@ -365,8 +380,22 @@ class client_impl final : public attention_client {
                           rec.id, w.slot, w.hidden, w.layers, w.max_topk, w.local_experts);
     c->slots = slots->view();
     for (std::size_t i = 0; i < rec.experts.size(); ++i) c->local[rec.experts[i]] = static_cast<std::uint16_t>(i);
-    out = std::move(c);
     return status::ok;
+  }
+
+  // The GPU lock (gpu/capture_lock.hpp) where this client's result regions are device memory; none otherwise.
+  std::unique_lock<std::mutex> gpu_lock() const {
+    return o_.gpu >= 0 ? std::unique_lock(gpu::capture_mutex()) : std::unique_lock<std::mutex>();
+  }
+
+  // Closes a server's link and frees its result region. On a GPU that unmaps the server's slots (cudaIpc) and
+  // frees device memory: under the GPU lock, so that it never overlaps a capture of another device-step
+  // client of this process (double batching). The nvlink endpoint's close is local (no network).
+  void retire(std::unique_ptr<server_conn> c) {
+    if (!c) return;
+    const auto g = gpu_lock();
+    if (c->link.ep) c->link.ep->close();
+    c.reset();
   }
 
   // Takes the connector's new links; forgets servers that went offline.
@@ -609,6 +638,12 @@ class client_impl final : public attention_client {
   std::unique_ptr<watch> watch_;
   std::map<std::string, std::unique_ptr<server_conn>> servers_;
 
+  // Lock order. mu_ and stats_mu_ are never held together. The GPU lock (gpu_lock(): gpu::capture_mutex(),
+  // process-wide, also taken by the step's allocations and by every graph capture) is a leaf: taken with
+  // neither of them held (nor the micro-batched client's mutex, never held across an inner forward), no
+  // runtime lock taken under it (the library's own, inside the allocation or free, never wait for it), and
+  // held for those CUDA calls only, never across the registry, a link or a wait for a server.
+  //
   // Shared with the registry's watch thread and the connector thread.
   std::mutex mu_;
   std::condition_variable cv_;

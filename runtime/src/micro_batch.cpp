@@ -65,6 +65,7 @@ class micro_batched final : public attention_client {
     s.device_forwards = x.device_forwards + y.device_forwards;
     s.fallback_forwards = x.fallback_forwards + y.fallback_forwards;
     s.graph_captures = x.graph_captures + y.graph_captures;
+    s.capture_retries = x.capture_retries + y.capture_retries;
     s.micro_batches = mode_ == micro_batching::two ? 2 : decided() ? (prefer_two() ? 2 : 1) : 0;
     return s;
   }

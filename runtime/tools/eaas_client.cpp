@@ -408,6 +408,7 @@ int main(int argc, char** argv) {
         {"device_forwards", st.device_forwards},
         {"fallback_forwards", st.fallback_forwards},
         {"graph_captures", st.graph_captures},
+        {"capture_retries", st.capture_retries},
         {"micro_batches", st.micro_batches},
         {"requests", st.requests},
         {"trace", trace_result}});

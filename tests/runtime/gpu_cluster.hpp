@@ -13,6 +13,7 @@
 #include "client.hpp"
 #include "eaas/eaas.hpp"
 #include "gpu/client_step.hpp"
+#include "micro_batch.hpp"
 #include "procs.hpp"
 #include "wire.hpp"
 
@@ -24,6 +25,7 @@ struct gpu_client_options {
   bool graph = true;
   std::uint32_t max_tokens = 32;
   bool host_output = true;
+  runtime::micro_batching batching = runtime::micro_batching::one;  ///< two: two inner clients (double batching)
 };
 
 struct gpu_cluster {
@@ -70,7 +72,7 @@ struct gpu_cluster {
     o.request_timeout_ns = 2'000'000'000ull;
     o.relink_backoff_ns = 500'000'000ull;
     std::unique_ptr<runtime::attention_client> c;
-    REQUIRE_OK(runtime::attention_client::start(o, c));
+    REQUIRE_OK(runtime::start_micro_batched(o, g.batching, c));
     return c;
   }
 };

@@ -7,17 +7,24 @@
 #include <cuda_runtime.h>
 #include <signal.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
+#include <thread>
+#include <vector>
 
 #include "../common/doctest_main.hpp"
 #include "../common/require_ok.hpp"
 #include "client.hpp"
 #include "eaas/eaas.hpp"
 #include "gpu/client_step.hpp"
+#include "gpu/graph_capture.cuh"
 #include "gpu_cluster.hpp"
+#include "micro_batch.hpp"
 #include "procs.hpp"
 #include "reference.hpp"
 #include "wire.hpp"
@@ -246,6 +253,142 @@ TEST_CASE("GPU client step: answers left on the GPU; a server joins and leaves u
   CHECK(after.graph_captures == 1);   // the graph captured first served 2, 3 and 2 servers again
   CHECK(host->stats().graph_captures == 1);
   CHECK(forwards == 3 + during + 3);
+}
+
+// capture_graph's safety net: a capture invalidated once is begun again (counted), one invalidated every
+// time fails after one retry, and neither leaves the stream capturing or a stale error behind. The
+// invalidation here is a synchronisation of the capturing stream, illegal during its capture.
+TEST_CASE("GPU client step: a capture invalidated once is begun again; twice, it fails and the stream is usable") {
+  REQUIRE(cudaSetDevice(0) == cudaSuccess);
+  cudaStream_t s = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess);
+  constexpr std::size_t kBytes = 4096;
+  void* d = nullptr;
+  REQUIRE(cudaMalloc(&d, kBytes) == cudaSuccess);
+  int calls = 0;
+  // Fills d with `value`; spoils the capture on the first `spoil` calls (a failed launch check, as a step's).
+  auto fill = [&](int value, int spoil) {
+    return [&calls, &s, d, value, spoil]() -> status {
+      ++calls;
+      if (cudaMemsetAsync(d, value, kBytes, s) != cudaSuccess) return status::internal_error;
+      if (calls <= spoil && cudaStreamSynchronize(s) != cudaSuccess) return status::internal_error;
+      return status::ok;
+    };
+  };
+  auto run_and_read = [&](cudaGraphExec_t exec) {
+    std::vector<unsigned char> got(kBytes, 0);
+    REQUIRE(cudaGraphLaunch(exec, s) == cudaSuccess);
+    REQUIRE(cudaMemcpyAsync(got.data(), d, kBytes, cudaMemcpyDeviceToHost, s) == cudaSuccess);
+    REQUIRE(cudaStreamSynchronize(s) == cudaSuccess);
+    return got;
+  };
+  auto idle = [&] {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusActive;
+    return cudaStreamIsCapturing(s, &cs) == cudaSuccess && cs == cudaStreamCaptureStatusNone &&
+           cudaPeekAtLastError() == cudaSuccess;
+  };
+
+  std::uint32_t retries = 0;
+  cudaGraphExec_t exec = nullptr;
+  REQUIRE_OK(gpu::capture_graph("test", s, fill(0x5a, 1), exec, &retries));
+  CHECK(calls == 2);
+  CHECK(retries == 1);
+  CHECK(idle());
+  REQUIRE(exec != nullptr);
+  CHECK(run_and_read(exec) == std::vector<unsigned char>(kBytes, 0x5a));
+  cudaGraphExecDestroy(exec);
+
+  calls = 0;
+  exec = nullptr;
+  CHECK(gpu::capture_graph("test", s, fill(0x33, 1000), exec, &retries) == status::internal_error);
+  CHECK(calls == 2);    // begun again once, not more
+  CHECK(retries == 2);  // one more retry counted
+  CHECK(exec == nullptr);
+  CHECK(idle());
+
+  // Not sticky: the same stream captures and runs a graph again, with no retry.
+  calls = 0;
+  REQUIRE_OK(gpu::capture_graph("test", s, fill(0xc3, 0), exec, &retries));
+  CHECK(calls == 1);
+  CHECK(retries == 2);
+  CHECK(run_and_read(exec) == std::vector<unsigned char>(kBytes, 0xc3));
+  cudaGraphExecDestroy(exec);
+  cudaFree(d);
+  cudaStreamDestroy(s);
+}
+
+// docs/RUNTIME.md "Known limits": two device-step clients in one process (double batching) capture their
+// graphs on two threads while their connector threads allocate a result region for a server that joins, and
+// their forward threads free it when it leaves. Every forward here has a new token count, so both halves
+// capture again each time; joins and leaves go on meanwhile. A capture spoilt by an allocation or free would
+// make a forward fail: none may, and every output matches the reference.
+TEST_CASE("GPU client step: double batching captures while servers join and leave; no forward fails") {
+  gpu_cluster cl("cstepmb", kShape, kSeed);
+  cl.add("s0", 0, {"--placement", "0/2/1"});
+  cl.add("s1", 0, {"--placement", "1/2/1"});
+  auto c = cl.client("mb", {.batching = micro_batching::two});
+  REQUIRE_OK(c->wait_for_experts(1, 60'000'000'000ull));
+  const reference_model ref(kShape, kSeed, {});
+
+  // The forwards on their own thread (no doctest assertions there): what failed, and the worst error.
+  std::atomic<bool> stop{false};
+  std::uint64_t forwards = 0, failed = 0, checked = 0;
+  double worst = 0.0;
+  std::string first_error;
+  std::thread fw([&] {
+    const std::uint32_t sizes[] = {17, 20, 23, 26, 29, 32};  // halves 9+8, 10+10, 12+11, ...: all new each time
+    for (std::uint64_t i = 0; !stop.load(); ++i) {
+      const auto toks = random_tokens(sizes[i % std::size(sizes)], 1000 + i);
+      std::vector<float> got, want;
+      const status st = c->forward(toks, got);
+      ++forwards;
+      if (st != status::ok) {
+        if (failed++ == 0) first_error = std::string(last_error());
+        continue;
+      }
+      if (c->last_routing().size() != kShape.layers) continue;
+      ref.forward(toks, want, &c->last_routing());
+      worst = std::max(worst, rel_err(got, want, kShape.hidden));
+      ++checked;
+    }
+  });
+  struct stop_and_join {  // also when a REQUIRE below ends the test early
+    std::atomic<bool>& stop;
+    std::thread& t;
+    ~stop_and_join() {
+      stop = true;
+      if (t.joinable()) t.join();
+    }
+  } guard{stop, fw};
+  // Servers hosting every expert join, take traffic and leave gracefully, one after another.
+  const auto t0 = std::chrono::steady_clock::now();
+  int joined = 0;
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(8)) {
+    std::string id = "j";  // (not "j" + ...: GCC 12 warns falsely, -Wrestrict)
+    id += std::to_string(joined++);
+    cl.add(id, 0, {"--placement", "0/1/1"});
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));  // both halves link it (~0.2 s each)
+    REQUIRE(::kill(cl.servers.back()->sp.pid, SIGTERM) == 0);
+    CHECK(cl.servers.back()->next("stats", 30000).is_object());
+    CHECK(cl.servers.back()->wait() == 0);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the last leave reaches the clients
+  stop = true;
+  fw.join();
+
+  const client_stats st = c->stats();
+  INFO("first error: " << first_error);
+  MESSAGE(forwards << " forwards (" << st.device_forwards << " on the device path), " << joined
+                   << " servers joined and left, " << st.graph_captures << " captures, " << st.capture_retries
+                   << " capture retries, " << st.dropped_servers << " drops");
+  CHECK(joined >= 3);
+  CHECK(failed == 0);
+  CHECK(forwards > 50);
+  CHECK(checked == forwards);  // host output: both halves always give their rows and routing
+  CHECK(worst <= 1e-2);
+  CHECK(st.micro_batches == 2);
+  CHECK(st.graph_captures >= forwards);  // two halves, each a new token count every forward
+  CHECK(st.dropped_servers >= 2);        // a leave is seen by both inner clients
 }
 
 int main(int argc, char** argv) {

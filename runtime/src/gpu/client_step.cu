@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "capture_lock.hpp"
 #include "client_step.hpp"
 #include "cuda_fail.cuh"
 #include "dense_gpu.hpp"
@@ -23,12 +24,6 @@
 namespace eaas::runtime::gpu {
 
 namespace {
-
-// Held while a step object allocates, frees or captures (see forward()).
-std::mutex& setup_mutex() {
-  static std::mutex m;
-  return m;
-}
 
 constexpr const char* kWho = "gpu client step";
 #define EAAS_STEPC_CUDA(x) EAAS_GPU_CUDA(kWho, x)
@@ -376,6 +371,8 @@ class step_impl final : public client_step {
  public:
   explicit step_impl(const client_step_config& c) : cfg_(c) {}
   ~step_impl() override {
+    // Every free here, the buffers' too, while no other step object (or client) of this process captures.
+    std::lock_guard g(capture_mutex());
     cudaSetDevice(cfg_.device);
     drop_graph();
     if (stream_ != nullptr) {
@@ -384,6 +381,10 @@ class step_impl final : public client_step {
     }
     cudaFreeHost(table_host_);
     cudaFreeHost(back_host_);
+    dense_.reset();
+    for (device_buffer* b : {&table_, &jobs_, &mark_, &row_of_, &tok_, &staging_, &tokens_, &x_, &normed_, &ids_,
+                             &weights_, &asg_server_, &asg_local_, &stamps_})
+      release(*b);
   }
 
   status init() {
@@ -416,6 +417,7 @@ class step_impl final : public client_step {
   }
 
   std::uint32_t captures() const override { return captures_; }
+  std::uint32_t capture_retries() const override { return capture_retries_; }
   const float* device_out() const override { return x_.as<float>(); }
 
   status forward(std::span<const std::uint32_t> tokens, std::span<step_server> servers, step_result& r) override {
@@ -440,14 +442,11 @@ class step_impl final : public client_step {
       R = std::max<std::uint32_t>(R, static_cast<std::uint32_t>(hosts_[e].size()));
     }
     EAAS_STEPC_CUDA(cudaSetDevice(cfg_.device));
-    {
-      // Reallocation (cudaFree, device-wide syncs) in one step object would invalidate a capture another one
-      // is making on another thread (double batching runs two in one process): one at a time.
-      std::lock_guard g(setup_mutex());
-      EAAS_CHECK(fit(S, R));
-      // Captured before this forward's copies are queued (capture records only what follows it).
-      if (cfg_.graph && (exec_ == nullptr || graph_tokens_ != T)) EAAS_CHECK(capture(T));
-    }
+    // Both take capture_mutex() when they have work to do; a forward that reuses its buffers and graph takes
+    // no lock.
+    EAAS_CHECK(fit(S, R));
+    // Captured before this forward's copies are queued (capture records only what follows it).
+    if (cfg_.graph && (exec_ == nullptr || graph_tokens_ != T)) EAAS_CHECK(capture(T));
     // The tables, and the tokens after them, through the pinned mirror.
     const table_layout tl = table_for(cap_, rcap_, sh.experts);
     std::memset(table_host_, 0, tl.bytes);
@@ -543,6 +542,9 @@ class step_impl final : public client_step {
   // Buffers for S servers and R replicas per expert; grown (and the graph dropped) when they do not fit.
   status fit(std::uint32_t S, std::uint32_t R) {
     if (S <= cap_ && R <= rcap_) return status::ok;
+    // cudaFree and device-wide syncs would invalidate a capture another thread makes (double batching runs
+    // two step objects in one process; the client's connector allocates result regions): one at a time.
+    std::lock_guard g(capture_mutex());
     drop_graph();
     if (stream_ != nullptr) EAAS_STEPC_CUDA(cudaStreamSynchronize(stream_));  // nothing in flight uses them
     cap_ = std::max({S, 2 * cap_, 4u});
@@ -564,10 +566,15 @@ class step_impl final : public client_step {
   }
 
   static status realloc(device_buffer& b, std::size_t bytes) {
-    if (b.p != nullptr) EAAS_STEPC_CUDA(cudaFree(b.p));
+    EAAS_STEPC_CUDA(release(b));
+    return b.alloc(bytes);
+  }
+
+  static cudaError_t release(device_buffer& b) {
+    const cudaError_t e = b.p != nullptr ? cudaFree(b.p) : cudaSuccess;
     b.p = nullptr;
     b.bytes = 0;
-    return b.alloc(bytes);
+    return e;
   }
 
   void drop_graph() {
@@ -577,9 +584,12 @@ class step_impl final : public client_step {
   }
 
   status capture(std::uint32_t T) {
-    drop_graph();
+    {
+      std::lock_guard g(capture_mutex());  // the old graph's memory is freed (capture_graph takes it again)
+      drop_graph();
+    }
     const auto one_forward = [this, T] { return enqueue(T); };
-    EAAS_CHECK(capture_graph(kWho, stream_, one_forward, exec_));
+    EAAS_CHECK(capture_graph(kWho, stream_, one_forward, exec_, &capture_retries_));  // takes capture_mutex()
     graph_tokens_ = T;
     captures_++;
     return status::ok;
@@ -643,7 +653,7 @@ class step_impl final : public client_step {
   std::size_t back_bytes_ = 0;
   std::vector<std::vector<std::pair<std::int32_t, std::uint32_t>>> hosts_;
   cudaGraphExec_t exec_ = nullptr;
-  std::uint32_t graph_tokens_ = 0, captures_ = 0;
+  std::uint32_t graph_tokens_ = 0, captures_ = 0, capture_retries_ = 0;
 };
 
 }  // namespace
@@ -651,7 +661,7 @@ class step_impl final : public client_step {
 status client_step::create(const client_step_config& cfg, std::unique_ptr<client_step>& out) {
   auto s = std::make_unique<step_impl>(cfg);
   {
-    std::lock_guard g(setup_mutex());
+    std::lock_guard g(capture_mutex());  // its allocations and syncs: never during another thread's capture
     EAAS_CHECK(s->init());
   }
   out = std::move(s);

@@ -149,6 +149,9 @@ class client_step {
   /// Graph captures so far (0 without graph).
   virtual std::uint32_t captures() const = 0;
 
+  /// Captures begun again after another CUDA call of this process invalidated them (capture_graph), so far.
+  virtual std::uint32_t capture_retries() const = 0;
+
   /// The last forward's hidden states on the device (tokens × hidden fp32, row-major), valid until the next
   /// forward; right only where that forward's result was `complete`.
   virtual const float* device_out() const = 0;
