@@ -349,7 +349,7 @@ int main(int argc, char** argv) {
   std::vector<std::unique_ptr<child>> retired;  // killed or left servers, still to be reaped
   std::vector<child> cli(clients);
   std::map<std::string, std::uint64_t> ready_ns, first_ns;
-  std::map<std::string, json> server_stats, progress, results;
+  std::map<std::string, json> server_stats, server_ready, progress, results;
   std::vector<json> failovers;
   std::vector<kill_record> kills;
   server_timeline alive;
@@ -359,7 +359,14 @@ int main(int argc, char** argv) {
   // What every server gets beyond the common arguments, started here or by the autoscaler. A client's forward
   // is one request per server and layer where it fits (larger ones the client splits).
   std::vector<std::string> server_extra;
-  if (tokens > 512) server_extra.insert(server_extra.end(), {"--max-tokens", std::to_string(tokens)});
+  if (tokens > 512) {
+    // A server sizes every client slot for its most tokens: at 4096 tokens, 16 slots (the server's default) are
+    // hundreds of MiB per server. Slots for the clients that exist (two each with double batching), and two
+    // to spare for a restarted client whose old slot has not lapsed yet.
+    const std::uint32_t slots = std::min<std::uint32_t>(clients * (micro == "1" ? 1u : 2u) + 2u, 16u);
+    server_extra.insert(server_extra.end(),
+                        {"--max-tokens", std::to_string(tokens), "--max-clients", std::to_string(slots)});
+  }
   if (server_device_step) server_extra.push_back("--device-step");
   if (server_no_graph) server_extra.push_back("--device-no-graph");
   if (server_no_shrink) server_extra.push_back("--device-no-shrink");
@@ -399,7 +406,12 @@ int main(int argc, char** argv) {
   };
   auto on_line = [&](child& c, const json& j) {
     const std::string type = j.value("type", "");
-    if (type == "ready") ready_ns[c.name] = j.value("ready_ns", 0ull);
+    if (type == "ready") {
+      ready_ns[c.name] = j.value("ready_ns", 0ull);
+      server_ready[c.name] = {{"slots", j.value("slots", 0u)},
+                              {"max_tokens", j.value("max_tokens", 0u)},
+                              {"slots_bytes", j.value("slots_bytes", 0ull)}};
+    }
     if (type == "first_answer") first_ns[c.name] = j.value("ns", 0ull);
     if (type == "stats") server_stats[c.name] = j;
     if (type == "progress") progress[c.name] = j;
@@ -717,6 +729,7 @@ int main(int argc, char** argv) {
   fleet_json["removes"] = std::count_if(scale_events.begin(), scale_events.end(),
                                         [](const json& e) { return e.value("action", "") == "remove"; });
   fleet_json["scale_events"] = scale_events;
+  fleet_json["slots"] = server_ready;  // per server: client slots, most tokens per request, the region's bytes
   summary["servers"] = fleet_json;
   if (!trace.empty()) {
     std::uint64_t forwards = 0, over = 0, unserved = 0;

@@ -9,6 +9,7 @@
 
 #include "../common/require_ok.hpp"
 #include "eaas/eaas.hpp"
+#include "eaas/runtime/slot.hpp"
 #include "procs.hpp"
 
 using namespace eaas;
@@ -63,6 +64,30 @@ TEST_CASE("faults: servers that leave gracefully lose nothing (no request needs 
   REQUIRE(j["kills"].size() >= 2);
   for (const auto& k : j["kills"]) CHECK(k.value("client_failovers", -1) == 0);
   for (const auto& [id, c] : j["clients"].items()) CHECK(c.value("resent_entries", -1) == 0);
+}
+
+TEST_CASE("eaas-demo above 512 tokens: each server's slots are sized for the clients there are, outputs exact") {
+  // Servers size every client slot for their most tokens; at large batches the demo asks for the slots its
+  // clients need (two spare) instead of the server's default 16.
+  std::vector<std::string> args = {"--cpu",  "--hidden",  "64",       "--inter", "96",       "--experts", "12",
+                                   "--topk", "3",         "--layers", "2",       "--tokens", "600",       "--servers",
+                                   "2",      "--clients", "2",        "--steps", "2"};
+  int rc = -1;
+  const json j = test::demo_summary(EAAS_DEMO_BIN, args, rc);
+  CHECK(rc == 0);
+  REQUIRE(j.is_object());
+  CHECK(j.value("ok", false));
+  CHECK(j.value("max_rel_err", 1.0) <= 1e-5);
+  const json slots = j["servers"].value("slots", json::object());
+  REQUIRE(slots.size() == 2);
+  const auto geo = runtime::slots_geometry_for(4, 600, 64, 3);
+  for (const auto& [id, s] : slots.items()) {
+    CAPTURE(id);
+    CHECK(s.value("slots", 0u) == 4u);  // 2 clients + 2 spare
+    CHECK(s.value("max_tokens", 0u) == 600u);
+    CHECK(s.value("slots_bytes", 0ull) == geo.bytes);
+    CHECK(geo.bytes < runtime::slots_geometry_for(16, 600, 64, 3).bytes / 3);
+  }
 }
 
 TEST_CASE("faults: a SIGKILLed client's slot is released; a new client then works") {
