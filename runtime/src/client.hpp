@@ -67,7 +67,7 @@ struct client_stats {
   std::uint64_t device_forwards = 0;    ///< forwards computed on the device path (device_step)
   std::uint64_t fallback_forwards = 0;  ///< device-path forwards a server failed, computed again on the host path
   std::uint64_t graph_captures = 0;     ///< CUDA graph captures of the device path
-  std::uint64_t capture_retries = 0;    ///< captures begun again after an invalidation (gpu/graph_capture.cuh)
+  std::uint64_t capture_retries = 0;    ///< captures begun again after an invalidation, or forwards run uncaptured
   std::uint32_t micro_batches = 1;      ///< micro-batches per forward (micro_batch.hpp; 0: still choosing)
 };
 

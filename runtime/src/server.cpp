@@ -493,6 +493,10 @@ class server_impl final : public expert_server {
       detail::note("[{}] cannot read slot {}: {}", o_.id, i, last_error());
       return slot_look::none;
     }
+    if (again != committed) {  // the owner committed anew between the two reads: header and routing may differ
+      s.cur = before;          // not taken: the next poll reads the newer request whole
+      return slot_look::none;
+    }
     std::memcpy(r.ids.data(), raw_.data(), n * 2);
     std::memcpy(r.weights.data(), raw_.data() + (l.weights - l.expert_ids), n * 4);
     r.err = validate_routing(r.h, lim, r.ids.data(), r.weights.data());

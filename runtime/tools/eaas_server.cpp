@@ -43,22 +43,26 @@ int main(int argc, char** argv) {
   app.add_option("--max-tokens", o.max_tokens, "most tokens per request")->capture_default_str();
   app.add_option("--gpu", o.gpu, "serve on this CUDA device (slots in GPU memory, GPU experts; GPU clients only)")
       ->capture_default_str();
-  app.add_flag("--device-step", o.device_step,
-               "with --gpu: the whole poll round on the GPU (poll, checks, regrouping, experts, answers), one CUDA "
-               "graph per round");
+  auto* device_step =
+      app.add_flag("--device-step", o.device_step,
+                   "with --gpu: the whole poll round on the GPU (poll, checks, regrouping, experts, answers), one CUDA "
+                   "graph per round");
   double poll_us = double(o.device_poll_ns) / 1e3;
   app.add_option("--device-poll-us", poll_us, "with --device-step: a round's longest wait on the GPU for a request")
       ->capture_default_str();
   bool no_graph = false;
-  app.add_flag("--device-no-graph", no_graph, "with --device-step: launch the round's kernels instead of a graph");
+  app.add_flag("--device-no-graph", no_graph, "with --device-step: launch the round's kernels instead of a graph")
+      ->needs(device_step);
   bool no_shrink = false;
   app.add_flag("--device-no-shrink", no_shrink,
                "with --device-step: no kernel shrinking (the ablation): the grouped GEMM computes every local "
-               "expert of a served layer, empty ones on a padding row");
+               "expert of a served layer, empty ones on a padding row")
+      ->needs(device_step);
   app.add_option("--device-put-blocks", o.device_put_blocks,
                  "with --device-step: most blocks one answer is put with (several servers answering one client "
                  "write into one GPU at once)")
       ->check(CLI::Range(1, 1024))
+      ->needs(device_step)
       ->capture_default_str();
   tool::checkpoint_args ckpt;
   ckpt.add(app, "experts");

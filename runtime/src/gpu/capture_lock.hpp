@@ -18,7 +18,9 @@ namespace eaas::runtime::gpu {
 /// attention client (its result regions and links, client.cpp). A leaf lock: take it with no other runtime
 /// lock held and no runtime lock under it (the library's own, inside an allocation or free, never wait for
 /// it); hold it for the CUDA calls only, never across a network or registry call. Not recursive:
-/// capture_graph takes it itself.
+/// capture_graph takes it itself. Those calls may wait for GPU work in flight (an allocation's device sync,
+/// cudaFree), e.g. the other half's forward under double batching: a join can then delay that half's next
+/// capture by up to one forward. Bounded, never a deadlock (every wait on the GPU has a deadline).
 std::mutex& capture_mutex();
 
 }  // namespace eaas::runtime::gpu

@@ -417,7 +417,7 @@ class step_impl final : public client_step {
   }
 
   std::uint32_t captures() const override { return captures_; }
-  std::uint32_t capture_retries() const override { return capture_retries_; }
+  std::uint32_t capture_retries() const override { return capture_retries_ + uncaptured_; }
   const float* device_out() const override { return x_.as<float>(); }
 
   status forward(std::span<const std::uint32_t> tokens, std::span<step_server> servers, step_result& r) override {
@@ -445,8 +445,18 @@ class step_impl final : public client_step {
     // Both take capture_mutex() when they have work to do; a forward that reuses its buffers and graph takes
     // no lock.
     EAAS_CHECK(fit(S, R));
-    // Captured before this forward's copies are queued (capture records only what follows it).
-    if (cfg_.graph && (exec_ == nullptr || graph_tokens_ != T)) EAAS_CHECK(capture(T));
+    // Captured before this forward's copies are queued (capture records only what follows it). A capture that
+    // fails even when begun again (spoilt twice by another thread's CUDA call outside capture_mutex(), e.g. a
+    // link's IPC mapping) does not fail the forward: its kernels run uncaptured this once, and the next forward
+    // captures again (exec_ stays null). A real CUDA failure then shows in the uncaptured launches.
+    bool replay = cfg_.graph;
+    if (cfg_.graph && (exec_ == nullptr || graph_tokens_ != T)) {
+      if (const status st = capture(T); st != status::ok) {
+        if (st != status::internal_error) return st;
+        replay = false;
+        uncaptured_++;
+      }
+    }
     // The tables, and the tokens after them, through the pinned mirror.
     const table_layout tl = table_for(cap_, rcap_, sh.experts);
     std::memset(table_host_, 0, tl.bytes);
@@ -479,7 +489,7 @@ class step_impl final : public client_step {
     std::memcpy(tok_host, tokens.data(), std::size_t{T} * 4);
     EAAS_STEPC_CUDA(cudaMemcpyAsync(table_.p, table_host_, tl.bytes, cudaMemcpyHostToDevice, stream_));
     EAAS_STEPC_CUDA(cudaMemcpyAsync(tokens_.p, tok_host, std::size_t{T} * 4, cudaMemcpyHostToDevice, stream_));
-    if (cfg_.graph) {
+    if (replay) {
       EAAS_STEPC_CUDA(cudaGraphLaunch(exec_, stream_));
     } else {
       EAAS_CHECK(enqueue(T));
@@ -653,7 +663,7 @@ class step_impl final : public client_step {
   std::size_t back_bytes_ = 0;
   std::vector<std::vector<std::pair<std::int32_t, std::uint32_t>>> hosts_;
   cudaGraphExec_t exec_ = nullptr;
-  std::uint32_t graph_tokens_ = 0, captures_ = 0, capture_retries_ = 0;
+  std::uint32_t graph_tokens_ = 0, captures_ = 0, capture_retries_ = 0, uncaptured_ = 0;
 };
 
 }  // namespace

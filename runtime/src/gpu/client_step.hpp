@@ -149,7 +149,8 @@ class client_step {
   /// Graph captures so far (0 without graph).
   virtual std::uint32_t captures() const = 0;
 
-  /// Captures begun again after another CUDA call of this process invalidated them (capture_graph), so far.
+  /// Captures begun again after another CUDA call of this process invalidated them (capture_graph), plus
+  /// forwards run uncaptured because the capture failed again, so far.
   virtual std::uint32_t capture_retries() const = 0;
 
   /// The last forward's hidden states on the device (tokens × hidden fp32, row-major), valid until the next

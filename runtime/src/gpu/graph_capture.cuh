@@ -34,8 +34,10 @@ inline bool leave_failed_capture(cudaStream_t stream) {
 /// when enqueue fails; the graph is destroyed once instantiated or on failure (the executable graph does not
 /// need it). A capture invalidated all the same (cudaErrorStreamCaptureInvalidated: some other CUDA call of
 /// this process that does not take the lock) is begun again once, so `enqueue` must only queue work; each
-/// such retry adds one to `*retries` (when given). On failure `exec` is untouched and the status is
-/// enqueue's, or internal_error with `who` (the caller, for last_error()), the CUDA call and its message.
+/// such retry adds one to `*retries` (when given). A launch of enqueue's own that fails inside the capture
+/// invalidates it as well: that also spends the retry (and counts), and its failure, repeated, is returned. On failure
+/// `exec` is untouched and the status is enqueue's, or internal_error with `who` (the caller, for last_error()), the
+/// CUDA call and its message.
 template <class Enqueue>
 status capture_graph(const char* who, cudaStream_t stream, Enqueue&& enqueue, cudaGraphExec_t& exec,
                      std::uint32_t* retries = nullptr) {
