@@ -435,6 +435,23 @@ constexpr int min_blocks() {
   return B == kBAuto || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
 }
 
+// One work item's product, the same for both GEMM kernels (K = ld: the rows of A and B are contiguous). The
+// staged path is called by the whole block (warps with live false only help stage B); the per-warp paths by
+// live warps only.
+template <int U, int S, int B>
+__device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2], bool live, bool staged,
+                                             const __nv_bfloat16* b, int K, int rows, uint4* s_ring, int warp,
+                                             float (&acc)[2][kNTiles][4]) {
+  if constexpr (B != kBPerWarp) {
+    if (staged)
+      block_gemm_staged<U>(a, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
+    else
+      warp_gemm<2, U>(a, b, K, K, rows, acc);
+  } else {
+    warp_product<U, S>(a, b, K, K, rows, s_ring + warp * (S * kSlots * 32), acc);
+  }
+}
+
 __device__ __forceinline__ bool use_staged(int mode, const kparams& p, int n_active) {
   return mode == kBStaged || (mode == kBAuto && static_cast<long long>(p.hdr->rows) >=
                                                     static_cast<long long>(p.staged_from_rows) * n_active);
@@ -595,15 +612,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(k
     const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
     float acc[2][kNTiles][4] = {};
     const __nv_bfloat16* b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
-    if constexpr (B != kBPerWarp) {
-      if (staged)
-        block_gemm_staged<U>(a, live, b, p.hidden, p.hidden, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
-      else
-        warp_gemm<2, U>(a, b, p.hidden, p.hidden, it.rows, acc);
-      if (!live) continue;
-    } else {
-      warp_product<U, S>(a, b, p.hidden, p.hidden, it.rows, s_ring + warp * (S * kSlots * 32), acc);
-    }
+    item_product<U, S, B>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, acc);
+    if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
@@ -640,15 +650,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kpar
                                  it.e.down + static_cast<std::size_t>(fa + 16) * p.inter};
     float acc[2][kNTiles][4] = {};
     const __nv_bfloat16* b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
-    if constexpr (B != kBPerWarp) {
-      if (staged)
-        block_gemm_staged<U>(a, live, b, p.inter, p.inter, it.rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
-      else
-        warp_gemm<2, U>(a, b, p.inter, p.inter, it.rows, acc);
-      if (!live) continue;
-    } else {
-      warp_product<U, S>(a, b, p.inter, p.inter, it.rows, s_ring + warp * (S * kSlots * 32), acc);
-    }
+    item_product<U, S, B>(a, live, staged, b, p.inter, it.rows, s_ring, warp, acc);
+    if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
