@@ -132,6 +132,8 @@ class server_impl final : public expert_server {
         },
         watch_));
     stats_.ready_ns = eaas::now_ns();
+    stats_.slots = o_.max_clients;
+    stats_.slots_bytes = geo_.bytes;
     return status::ok;
   }
 

@@ -68,6 +68,8 @@ struct server_stats {
   std::uint64_t device_rounds = 0;    ///< device step: GPU rounds run (with or without requests)
   std::uint32_t graph_captures = 0;   ///< device step: CUDA graph captures of the round (1 once it ran)
   std::uint64_t padded_rows = 0;      ///< device step without shrinking: padding rows computed
+  std::uint32_t slots = 0;            ///< client slots (max_clients), each sized for max_tokens
+  std::uint64_t slots_bytes = 0;      ///< the slots region's size
 };
 
 class expert_server {

@@ -14,7 +14,6 @@
 #include <cstdio>
 
 #include "eaas/runtime/safetensors.hpp"
-#include "eaas/runtime/slot.hpp"
 #include "server.hpp"
 #include "tool_common.hpp"
 
@@ -113,14 +112,12 @@ int main(int argc, char** argv) {
   std::signal(SIGINT, on_signal);
   std::unique_ptr<expert_server> srv;
   if (status s = expert_server::start(o, srv); s != status::ok) return tool::fail("eaas-server", "start", s);
-  const runtime::slots_geometry geo =
-      runtime::slots_geometry_for(o.max_clients, o.max_tokens, o.shape.hidden, o.shape.topk);
+  const server_stats ready = srv->stats();
   std::printf(
       "{\"type\":\"ready\",\"id\":\"%s\",\"experts\":%zu,\"pid\":%d,\"ready_ns\":%llu,\"slots\":%u,\"max_tokens\":%u,"
       "\"slots_bytes\":%llu}\n",
-      o.id.c_str(), o.experts.size(), static_cast<int>(::getpid()),
-      static_cast<unsigned long long>(srv->stats().ready_ns), o.max_clients, o.max_tokens,
-      static_cast<unsigned long long>(geo.bytes));
+      o.id.c_str(), o.experts.size(), static_cast<int>(::getpid()), static_cast<unsigned long long>(ready.ready_ns),
+      ready.slots, o.max_tokens, static_cast<unsigned long long>(ready.slots_bytes));
   std::fflush(stdout);
   const status s = srv->serve(g_stop);
   const server_stats st = srv->stats();
