@@ -715,10 +715,20 @@ class server_impl final : public expert_server {
       stats_.graph_captures = dstep_->captures();
       stats_.padded_rows += sum.head->padded_rows;
       if (answers != 0) {
+        const gpu::server_round_head& h = *sum.head;
+        const auto span = [](std::uint64_t from, std::uint64_t to) { return from != 0 && to > from ? to - from : 0; };
+        const std::uint64_t wait = span(h.stamp_poll, h.stamp_seen);
+        stats_.round_wait_ns += wait;
+        stats_.round_front_ns += span(h.stamp_seen, h.stamp_gather);
+        stats_.round_gemm_ns += span(h.stamp_gather, h.stamp_combine);
+        stats_.round_back_ns += span(h.stamp_combine, h.stamp_done);
+        stats_.round_gap_ns += span(last_round_done_, h.stamp_poll);
+        if (h.stamp_seen != 0 && wait < kLateRoundNs) stats_.late_rounds++;
         stats_.tokens += sum.head->tokens;
         stats_.compute_ns += static_cast<std::uint64_t>(ns);
         stats_.batches++;
       }
+      last_round_done_ = sum.head->stamp_done;
     }
     // Last: an answer that did not arrive releases its slot (which changes slots_).
     for (const auto& [i, err, put] : round_answers_)
@@ -741,6 +751,10 @@ class server_impl final : public expert_server {
   std::unique_ptr<lease_keeper> load_keeper_;
   std::uint64_t window_start_ = 0, window_polls_ = 0, window_requests_ = 0;
   std::vector<std::uint64_t> window_pairs_;  // per local expert
+  // The device step: the last round's end on the GPU's clock, and how short a poll's wait must be for its
+  // request to have been waiting already (one pass over the slots takes well under this).
+  std::uint64_t last_round_done_ = 0;
+  static constexpr std::uint64_t kLateRoundNs = 2'000;
 
   std::mutex mu_;
   std::vector<peer_link> incoming_;

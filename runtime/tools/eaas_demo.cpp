@@ -664,6 +664,14 @@ int main(int argc, char** argv) {
     std::printf("server %-6s %8llu requests, %8llu tokens computed, %6llu refused, expert math %.0f ms\n",
                 c->name.c_str(), st.value("requests", 0ull), st.value("tokens", 0ull), st.value("refused", 0ull),
                 st.value("compute_ms", 0.0));
+    if (st.value("device_rounds", 0ull) != 0 && st.contains("round_us")) {
+      const json& ru = st["round_us"];
+      std::printf(
+          "       %-6s device rounds that answered, mean us: wait %.1f, validate..scatter %.1f, gather+GEMM %.1f, "
+          "combine+answer %.1f, gap before the round %.1f; request already waiting in %llu of %llu\n",
+          "", ru.value("wait", 0.0), ru.value("front", 0.0), ru.value("gemm", 0.0), ru.value("back", 0.0),
+          ru.value("gap", 0.0), st.value("late_rounds", 0ull), st.value("batches", 0ull));
+    }
   }
   if (!kills.empty()) {
     std::printf("\nfault injection: %zu servers got SIG%s\n", kills.size(), kill_signal.c_str());
@@ -730,6 +738,13 @@ int main(int argc, char** argv) {
                                         [](const json& e) { return e.value("action", "") == "remove"; });
   fleet_json["scale_events"] = scale_events;
   fleet_json["slots"] = server_ready;  // per server: client slots, most tokens per request, the region's bytes
+  // Per server with the device step: where its answering rounds' time went (mean us) and how many found
+  // their request already waiting.
+  for (const auto& [name, st] : server_stats)
+    if (st.value("device_rounds", 0ull) != 0 && st.contains("round_us"))
+      fleet_json["rounds"][name] = {{"us", st["round_us"]},
+                                    {"late", st.value("late_rounds", 0ull)},
+                                    {"answering", st.value("batches", 0ull)}};
   summary["servers"] = fleet_json;
   if (!trace.empty()) {
     std::uint64_t forwards = 0, over = 0, unserved = 0;

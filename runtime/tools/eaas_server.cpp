@@ -121,17 +121,24 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   const status s = srv->serve(g_stop);
   const server_stats st = srv->stats();
+  // Device-step round timing: mean microseconds per round that answered.
+  const auto per_batch_us = [&st](std::uint64_t ns) {
+    return st.batches != 0 ? double(ns) * 1e-3 / double(st.batches) : 0.0;
+  };
   std::printf(
       "{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_"
       "ms\":%.1f,"
       "\"ready_ns\":%llu,\"first_served_ns\":%llu,\"ignored\":%llu,\"device_rounds\":%llu,\"graph_captures\":%u,"
-      "\"padded_rows\":%llu}\n",
+      "\"padded_rows\":%llu,\"round_us\":{\"wait\":%.1f,\"front\":%.1f,\"gemm\":%.1f,\"back\":%.1f,\"gap\":%.1f},"
+      "\"late_rounds\":%llu}\n",
       o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
       static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches),
       double(st.compute_ns) * 1e-6, static_cast<unsigned long long>(st.ready_ns),
       static_cast<unsigned long long>(st.first_served_ns), static_cast<unsigned long long>(st.ignored),
       static_cast<unsigned long long>(st.device_rounds), st.graph_captures,
-      static_cast<unsigned long long>(st.padded_rows));
+      static_cast<unsigned long long>(st.padded_rows), per_batch_us(st.round_wait_ns), per_batch_us(st.round_front_ns),
+      per_batch_us(st.round_gemm_ns), per_batch_us(st.round_back_ns), per_batch_us(st.round_gap_ns),
+      static_cast<unsigned long long>(st.late_rounds));
   std::fflush(stdout);
   if (s != status::ok) return tool::fail("eaas-server", "serve", s);
   return 0;

@@ -227,6 +227,20 @@ TEST_CASE("GPU server step: one graph, replayed while clients link and leave (a 
   CHECK(st.value("graph_captures", 0) == 1);  // never captured again
   CHECK(st.value("refused", -1) == 0);
   CHECK(st.value("requests", 0) >= (3 + 3 + 3 + 3 + 3) * kShape.layers);  // one per layer and forward at least
+  // The rounds' device stamps: every answering round spent time validating, computing and answering, all of it
+  // within the host's view of the round (launch to synchronisation, compute_ms); the late rounds are some of them.
+  const json ru = st.value("round_us", json::object());
+  const double batches = st.value("batches", 0.0);
+  REQUIRE(batches > 0);
+  CHECK(ru.value("front", 0.0) > 0);
+  CHECK(ru.value("gemm", 0.0) > 0);
+  CHECK(ru.value("back", 0.0) > 0);
+  CHECK(ru.value("wait", -1.0) >= 0);
+  CHECK(ru.value("gap", 0.0) > 0);
+  const double device_us =
+      (ru.value("wait", 0.0) + ru.value("front", 0.0) + ru.value("gemm", 0.0) + ru.value("back", 0.0)) * batches;
+  CHECK(device_us <= st.value("compute_ms", 0.0) * 1e3 * 1.02 + 50.0);
+  CHECK(st.value("late_rounds", batches + 1) <= batches);
   // (No "ignored" count is expected: welcome() zeroes a slot's signal word before handing it to c.)
 }
 

@@ -111,7 +111,11 @@ __device__ std::int32_t block_scan(std::int32_t v, std::int32_t* s_warp, std::in
 // One block.
 __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
   __shared__ std::uint64_t s_until;
-  if (threadIdx.x == 0) s_until = eaas::now_ns() + a.poll_ns;
+  if (threadIdx.x == 0) {
+    const std::uint64_t t = eaas::now_ns();
+    a.head->stamp_poll = t;
+    s_until = t + a.poll_ns;
+  }
   __syncthreads();
   const std::uint64_t until = s_until;
   for (;;) {
@@ -125,7 +129,11 @@ __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
       if (v != a.st[i].last_sig && v != a.st[i].ignored_sig) found = 1;
     }
     const int expired = threadIdx.x == 0 && eaas::now_ns() >= until ? 1 : 0;
-    if (__syncthreads_or(found | expired) != 0) return;
+    if (__syncthreads_or(found) != 0) {
+      if (threadIdx.x == 0) a.head->stamp_seen = eaas::now_ns();
+      return;
+    }
+    if (__syncthreads_or(expired) != 0) return;
     __nanosleep(100);
   }
 }
@@ -339,6 +347,7 @@ __global__ void __launch_bounds__(kPairThreads) k_scatter(round_args a) {
 // x[r] = bf16(activation row of row r) (zeros for a padding row), rows walked with a stride. The conversion is
 // expert_step's.
 __global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_gather = eaas::now_ns();
   const std::int32_t total = a.offsets[a.groups];
   const std::uint32_t rows = total < 0 ? 0u : min(static_cast<std::uint32_t>(total), a.max_rows);
   const std::uint32_t h = a.hidden;
@@ -369,6 +378,7 @@ __global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
 // Each token's answer row = the sum of its rows of y in k order (expert_step's order), into its slot's
 // staging after the response header.
 __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_combine = eaas::now_ns();
   const std::uint32_t tokens = a.head->tokens, h = a.hidden, K = a.topk;
   for (std::uint32_t g = blockIdx.x; g < tokens; g += gridDim.x) {
     const std::uint32_t i = a.tok_slot[g];
@@ -422,6 +432,9 @@ __global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
                    .result = &st.put_result};
   grid_put_signal(j, blockIdx.x, gridDim.x);
 }
+
+// After every answer: the round's last stamp.
+__global__ void k_stamp_done(round_args a) { a.head->stamp_done = eaas::now_ns(); }
 
 template <class T>
 struct dev_buf {
@@ -627,6 +640,7 @@ class step_impl final : public server_step {
     k_combine<<<std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens), kCombineThreads, 0, stream_>>>(args_);
     const std::uint64_t most = sizeof(response_header) + std::uint64_t{cfg_.max_tokens} * cfg_.shape.hidden * 4;
     k_answer<<<dim3(grid_put_blocks(most, cfg_.put_blocks), C), kPutThreads, 0, stream_>>>(args_);
+    k_stamp_done<<<1, 1, 0, stream_>>>(args_);
     EAAS_SSTEP_CUDA(cudaGetLastError());
     return status::ok;
   }

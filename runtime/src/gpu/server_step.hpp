@@ -96,7 +96,14 @@ struct server_round_head {
   std::uint32_t active_groups;  ///< (layer, local expert) groups with rows
   std::uint32_t gemm_error;     ///< grouped_swiglu_error bits (0: the GEMM ran)
   std::uint32_t padded_rows;    ///< padding rows computed (0 with shrinking)
-  std::uint32_t reserved[11];
+  std::uint32_t reserved;
+  // Where the round's time went, on the device's clock (%globaltimer, ns): each stamp is taken by the first
+  // thread of the kernel named (stamp_seen: 0 when the poll's deadline passed with no request).
+  std::uint64_t stamp_poll;     ///< the poll began
+  std::uint64_t stamp_seen;     ///< the poll saw a request
+  std::uint64_t stamp_gather;   ///< the gather began (validation, counts, scan and scatter are done)
+  std::uint64_t stamp_combine;  ///< the combine began (the grouped GEMM is done)
+  std::uint64_t stamp_done;     ///< every answer was put and signalled
 };
 static_assert(std::is_trivially_copyable_v<server_round_head> && sizeof(server_round_head) == 64);
 
