@@ -42,6 +42,26 @@ __global__ void fetch_add_kernel(device_endpoint ep, remote_view t, std::uint64_
   if (s != status::ok || q != status::ok) *out = s != status::ok ? s : q;
 }
 
+// Every thread stores words i, i + stride, ... (value word_value(i)) of [off, off + 8 * words) through the
+// pointer peer_pointer gives; thread 0 also records what it gives for bad ranges and views.
+__global__ void peer_pointer_kernel(device_endpoint ep, remote_view v, std::uint64_t off, std::uint32_t words,
+                                    std::uint64_t* probes) {
+  auto* p = static_cast<std::uint64_t*>(peer_pointer(ep, v, off, std::uint64_t{words} * 8));
+  const unsigned i0 = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
+  if (p != nullptr)
+    for (unsigned i = i0; i < words; i += stride) p[i] = peer_word_value(i);
+  if (i0 != 0) return;
+  remote_view forged = v;
+  forged.magic ^= 1;
+  remote_view other = v;
+  other.owner_id ^= 1;
+  probes[0] = reinterpret_cast<std::uint64_t>(p);
+  probes[1] = reinterpret_cast<std::uint64_t>(peer_pointer(ep, v, v.size - 8, 16));  // one word past the end
+  probes[2] = reinterpret_cast<std::uint64_t>(peer_pointer(ep, forged, off, 8));
+  probes[3] = reinterpret_cast<std::uint64_t>(peer_pointer(ep, other, off, 8));
+  probes[4] = reinterpret_cast<std::uint64_t>(peer_pointer(ep, v, v.size, 0));  // empty, at the end: fine
+}
+
 // The sender's group fills the payload words with i (in shared memory), then puts them and signals i.
 template <class Coop>
 __global__ void order_send(device_endpoint ep, remote_view payload, remote_view sig, std::uint64_t iters,
@@ -222,6 +242,20 @@ status launch_fetch_add(int device, const device_endpoint& ep, const remote_view
   CU(cudaGetLastError());
   CU(cudaDeviceSynchronize());
   return fetch(r, result);
+}
+
+status launch_peer_pointer(int device, const device_endpoint& ep, const remote_view& v, std::uint64_t off,
+                           std::uint32_t words, unsigned blocks, std::uint64_t (&probes)[5]) {
+  CU(cudaSetDevice(device));
+  std::uint64_t* dev = nullptr;
+  CU(cudaMalloc(reinterpret_cast<void**>(&dev), sizeof(probes)));
+  peer_pointer_kernel<<<blocks, 256>>>(ep, v, off, words, dev);
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  if (e == cudaSuccess) e = cudaMemcpy(probes, dev, sizeof(probes), cudaMemcpyDeviceToHost);
+  cudaFree(dev);
+  CU(e);
+  return status::ok;
 }
 
 status run_ordering(int sender_device, const device_endpoint& ep, const remote_view& payload, const remote_view& sig,

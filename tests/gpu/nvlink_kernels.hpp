@@ -27,6 +27,14 @@ status launch_put_signal(int device, scope s, const device_endpoint& ep, const r
 status launch_fetch_add(int device, const device_endpoint& ep, const remote_view& t, std::uint64_t off, int blocks,
                         int threads, std::uint64_t* fetched_dev, status& result);
 
+/// The words peer_pointer_kernel stores (word i).
+EAAS_HOST_DEVICE constexpr std::uint64_t peer_word_value(std::uint64_t i) { return 0x9E3779B97F4A7C15ull * (i + 1); }
+/// `blocks` x 256 threads of `device` store `words` u64 words (peer_word_value) at `off` of the peer's region
+/// through peer_pointer. probes: what it gave for that range, for one word past the region's end, for a
+/// forged view, for a view registered by someone else, and for an empty range at the end.
+status launch_peer_pointer(int device, const device_endpoint& ep, const remote_view& v, std::uint64_t off,
+                           std::uint32_t words, unsigned blocks, std::uint64_t (&probes)[5]);
+
 struct order_result {
   std::uint64_t checks = 0, in_flight = 0, violations = 0, last = 0;
   status sender = status::internal_error, receiver = status::internal_error;

@@ -235,6 +235,33 @@ TEST_CASE("nvlink: fetch_add from many blocks sums exactly and hands out every v
   }
 }
 
+TEST_CASE("nvlink: peer_pointer's stores from many blocks land at the peer; bad ranges and views get none") {
+  for (auto [ga, gb] : configs()) {
+    gpu_pair p(ga, gb);
+    constexpr std::uint64_t kOff = 4096;
+    constexpr std::uint32_t kWords = 300'000;  // 2.4 MB
+    REQUIRE_CUDA(cudaSetDevice(gb));
+    REQUIRE_CUDA(cudaMemset(p.b_bytes(), 0, kRegion));
+    const remote_view v = p.rb_from_a->view();
+    std::uint64_t probes[5] = {};
+    REQUIRE_OK(launch_peer_pointer(ga, p.ab->view(), v, kOff, kWords, 132, probes));
+    CHECK(probes[0] == v.addr + kOff);  // the mapping of B's region in A's address space, at the offset
+    CHECK(probes[1] == 0);
+    CHECK(probes[2] == 0);
+    CHECK(probes[3] == 0);
+    CHECK(probes[4] == v.addr + v.size);
+    std::vector<std::uint64_t> got(kRegion / 8);
+    REQUIRE_CUDA(cudaSetDevice(gb));
+    REQUIRE_CUDA(cudaMemcpy(got.data(), p.b_bytes(), kRegion, cudaMemcpyDeviceToHost));
+    std::uint64_t wrong = 0;
+    for (std::uint64_t i = 0; i < got.size(); ++i) {
+      const std::uint64_t w = i * 8 >= kOff && i * 8 < kOff + std::uint64_t{kWords} * 8 ? i - kOff / 8 : ~0ull;
+      wrong += got[i] != (w == ~0ull ? 0 : peer_word_value(w));
+    }
+    CHECK(wrong == 0);  // every word of the range written, nothing around it
+  }
+}
+
 TEST_CASE("nvlink: a put_signal/wait loop captured in a CUDA graph replays correctly") {
   for (auto [ga, gb] : configs()) {
     gpu_pair p(ga, gb);

@@ -262,3 +262,30 @@ TEST_CASE("connect refuses a peer that offers no common transport") {
   std::unique_ptr<eaas::memory_region> mr;
   CHECK(b->allocate(4096, mr) == status::unsupported);
 }
+
+TEST_CASE("peer_pointer gives a mapped pointer inside the region, and nothing for a bad view, range or endpoint") {
+  loopback lb(4096);
+  const auto ep = lb.ep->view();
+  const auto rv = lb.remote->view();
+  auto* p = static_cast<unsigned char*>(eaas::peer_pointer(ep, rv, 128, 256));
+  REQUIRE(p != nullptr);
+  // Stores through it land at the region's bytes 128 .. 383, and a get reads them back.
+  for (int i = 0; i < 256; ++i) p[i] = static_cast<unsigned char>(i * 7 + 1);
+  for (int i = 0; i < 256; ++i) CHECK(lb.bytes()[128 + i] == static_cast<unsigned char>(i * 7 + 1));
+  unsigned char back[256];
+  REQUIRE_OK(eaas::get(coop_thread{}, ep, rv, 128, back, sizeof(back)));
+  CHECK(std::memcmp(back, lb.bytes() + 128, sizeof(back)) == 0);
+  // The whole region, and an empty range at its end, are fine; one byte past it is not.
+  CHECK(eaas::peer_pointer(ep, rv, 0, 4096) == static_cast<void*>(p - 128));
+  CHECK(eaas::peer_pointer(ep, rv, 4096, 0) != nullptr);
+  CHECK(eaas::peer_pointer(ep, rv, 4095, 2) == nullptr);
+  CHECK(eaas::peer_pointer(ep, rv, ~std::uint64_t{0} - 8, 16) == nullptr);
+  auto forged = rv;
+  forged.magic ^= 1;
+  CHECK(eaas::peer_pointer(ep, forged, 0, 8) == nullptr);
+  auto other = rv;
+  other.owner_id ^= 1;  // registered by someone else than this endpoint's peer
+  CHECK(eaas::peer_pointer(ep, other, 0, 8) == nullptr);
+  lb.ep->close();
+  CHECK(eaas::peer_pointer(ep, rv, 0, 8) == nullptr);  // a closed endpoint
+}

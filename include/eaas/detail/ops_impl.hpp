@@ -218,6 +218,18 @@ EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep) {
   return status::unsupported;
 }
 
+EAAS_HOST_DEVICE void* peer_pointer(const device_endpoint& ep, const remote_view& v, std::uint64_t offset,
+                                    std::size_t bytes) {
+  if (detail::check_endpoint_fast(ep) != status::ok) return nullptr;
+  if (detail::check_remote(ep, v, offset, bytes, 1) != status::ok) return nullptr;
+#if EAAS_DEVICE_CODE
+  const bool mapped = ep.transport == transport_kind::nvlink;
+#else
+  const bool mapped = ep.transport == transport_kind::shm;
+#endif
+  return mapped ? reinterpret_cast<void*>(static_cast<std::uintptr_t>(v.addr + offset)) : nullptr;
+}
+
 namespace detail {
 
 // `ep` may be null: a plain context wait. `until_ns` == 0 means "now + relative_ns", with "now"

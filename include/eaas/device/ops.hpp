@@ -85,6 +85,18 @@ EAAS_HOST_DEVICE status fence(Coop, const device_endpoint& ep);
 template <class Coop>
 EAAS_HOST_DEVICE status quiet(Coop, const device_endpoint& ep);
 
+/// A pointer through which the caller's own loads and stores reach bytes [offset, offset + bytes) of the
+/// peer's region `v`, for transports where the peer's memory is mapped into the caller's address space:
+/// nvlink in device code (the region is CUDA-IPC mapped into this GPU), shm on the host. nullptr where there is
+/// none (ibgda, nvlink from the host, shm from device code) or where a check fails (the same view and range
+/// checks as a put of `bytes` at `offset`). What it is for: producing data straight into the peer (a combine
+/// whose sums go out over NVLink as they are computed) instead of into a local buffer that a put then copies.
+/// Stores through it are the caller's plain stores, not ops: `fence` / `quiet` do not cover another thread's
+/// stores, so make them visible as grid_put.cuh does (block barrier, then a system-scope release by the thread
+/// that signals, after every storing block has arrived).
+EAAS_HOST_DEVICE void* peer_pointer(const device_endpoint& ep, const remote_view& v, std::uint64_t offset,
+                                    std::size_t bytes);
+
 /// Bounded wait until `compare(*sig, cmp, value)` holds for a local signal word (8-byte aligned).
 /// Ends with ok / timeout / aborted. The value last seen goes to `*observed` when it is non-null.
 /// Acquire semantics: payload that a put_signal ordered before the signal is visible after `ok`.

@@ -215,8 +215,17 @@ __global__ void __launch_bounds__(kScanThreads)
   j.seq = seq;
 }
 
-// Blocks (s, y): server s's request in its staging buffer: the header (block y 0), rows y, y + Y, ...
-// (bf16 activations, then the token's k entries: the local id where the entry went to s, else kNoExpert).
+// Where server s's request payload (everything after the header) is written: straight into its slot when the
+// slot is mapped here (peer_pointer, nvlink), else into the staging buffer. k_pack and k_send both ask, with the
+// same arguments, so they agree.
+__device__ __forceinline__ unsigned char* direct_payload(const dev_server& sv, const slot_layout& l) {
+  return static_cast<unsigned char*>(peer_pointer(sv.ep, sv.slots, sv.slot_offset, l.end));
+}
+
+// Blocks (s, y): server s's request: the header (block y 0) in its staging buffer, rows y, y + Y, ... (bf16
+// activations, then the token's k entries: the local id where the entry went to s, else kNoExpert) straight
+// into the server's slot over NVLink (direct_payload), or into staging after the header. The slot's previous
+// request was answered before this forward went on, so the server reads nothing there until k_send commits.
 __global__ void __launch_bounds__(kPackThreads)
     k_pack(dev_tables tb, const dev_job* jobs, const std::int32_t* tok, const std::int32_t* asg_server,
            const std::uint32_t* asg_local, const float* weights, const __nv_bfloat16* normed, std::uint32_t tokens,
@@ -229,6 +238,8 @@ __global__ void __launch_bounds__(kPackThreads)
   const std::uint32_t n = j.tokens;
   const slot_layout l = layout_for(n, hidden, topk, dtype::bf16);
   unsigned char* st = staging + std::uint64_t{s} * stage_stride;
+  unsigned char* const direct = direct_payload(tb.server[s], l);
+  unsigned char* const out = direct != nullptr ? direct : st;
   if (blockIdx.y == 0 && threadIdx.x == 0) {
     slot_header h{};
     h.magic = kSlotMagic;
@@ -244,13 +255,13 @@ __global__ void __launch_bounds__(kPackThreads)
     *reinterpret_cast<slot_header*>(st) = h;
   }
   const std::int32_t* list = tok + std::size_t{s} * tokens;
-  auto* ids_out = reinterpret_cast<std::uint16_t*>(st + l.expert_ids);
-  auto* w_out = reinterpret_cast<float*>(st + l.weights);
+  auto* ids_out = reinterpret_cast<std::uint16_t*>(out + l.expert_ids);
+  auto* w_out = reinterpret_cast<float*>(out + l.weights);
   const std::uint32_t vecs = hidden / 8;  // 16-byte vectors of bf16 per row (hidden % 8 == 0)
   for (std::uint32_t r = blockIdx.y; r < n; r += gridDim.y) {
     const auto t = static_cast<std::uint32_t>(list[r]);
     const uint4* src = reinterpret_cast<const uint4*>(normed + std::size_t{t} * hidden);
-    uint4* dst = reinterpret_cast<uint4*>(st + l.activations + std::uint64_t{r} * hidden * 2);
+    uint4* dst = reinterpret_cast<uint4*>(out + l.activations + std::uint64_t{r} * hidden * 2);
     for (std::uint32_t v = threadIdx.x; v < vecs; v += blockDim.x) dst[v] = src[v];
     for (std::uint32_t k = threadIdx.x; k < topk; k += blockDim.x) {
       const std::size_t ent = std::size_t{t} * topk + k;
@@ -259,10 +270,15 @@ __global__ void __launch_bounds__(kPackThreads)
       w_out[std::size_t{r} * topk + k] = mine ? weights[ent] : 0.0f;
     }
   }
+  // The block's stores to the peer, then one system-scope fence: k_send's commit and signal (stream-ordered
+  // after this kernel, system-scope releases) publish them (grid_put.cuh's argument).
+  __syncthreads();
+  if (threadIdx.x == 0) __threadfence_system();
 }
 
-// Blocks (s, y): server s's staging buffer into its slot, then its sequence word = seq (grid_put.cuh:
-// the last block to arrive writes the header, its commit word last, then signals and quiets; slot.hpp).
+// Blocks (s, y): server s's staging buffer into its slot (the header alone where k_pack wrote the payload
+// there), then its sequence word = seq (grid_put.cuh: the last block to arrive writes the header, its commit
+// word last, then signals and quiets; slot.hpp).
 __global__ void __launch_bounds__(kSendThreads)
     k_send(dev_tables tb, dev_job* jobs, std::uint32_t hidden, std::uint32_t topk, const unsigned char* staging,
            std::uint64_t stage_stride) {
@@ -277,7 +293,7 @@ __global__ void __launch_bounds__(kSendThreads)
                    .dst = sv.slots,
                    .dst_offset = sv.slot_offset,
                    .src = staging + std::uint64_t{s} * stage_stride,
-                   .bytes = l.end,
+                   .bytes = direct_payload(sv, l) != nullptr ? sizeof(slot_header) : l.end,
                    .sig = sv.slots,
                    .sig_offset = sv.sig_offset,
                    .value = seq,

@@ -32,6 +32,9 @@ constexpr int kCombineThreads = 256;
 constexpr unsigned kCombineBlocks = 1024;
 constexpr int kPutThreads = 256;
 
+// The answer's layout: the staging copy of a slot's answer is the result region from kResponse on.
+static_assert(kResponse + sizeof(response_header) == kOutputs);
+
 constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
 
 struct row_src {
@@ -64,6 +67,9 @@ struct round_args {
   const float* y;             // [max_rows × hidden]
   unsigned char* staging;     // [clients × stage_stride]: each slot's answer (response header, outputs)
   std::uint64_t stage_stride;
+  // [clients]: where a served request's outputs go straight into the client's result region (peer_pointer at
+  // kOutputs, nvlink), or 0: into staging, and the answer's put copies them.
+  unsigned long long* direct;
   unsigned int* arrivals;  // [clients]
   std::uint32_t clients, max_tokens, hidden, topk, layers, local, groups, max_rows;
   std::uint32_t pad;  // 1: no kernel shrinking (the ablation): a served layer's empty groups get a padding row
@@ -208,9 +214,28 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
     float* wts = a.wts + base;
     const auto* id_src = reinterpret_cast<const unsigned short*>(slot_at(a, i) + l.expert_ids);
     const auto* w_src = reinterpret_cast<const float*>(slot_at(a, i) + l.weights);
-    for (std::uint32_t j = threadIdx.x; j < n; j += blockDim.x) {
-      ids[j] = __ldcg(id_src + j);
-      wts[j] = __ldcg(w_src + j);
+    // kCopyUnroll entries per thread at a time, every load issued before any store: the slot's words are an
+    // HBM round trip away, and one entry per iteration left 16 of them back to back at 512 tokens x 8.
+    constexpr std::uint32_t kCopyUnroll = 8;
+    for (std::uint32_t j0 = threadIdx.x; j0 < n; j0 += kCopyUnroll * blockDim.x) {
+      std::uint16_t idv[kCopyUnroll];
+      float wv[kCopyUnroll];
+#pragma unroll
+      for (std::uint32_t u = 0; u < kCopyUnroll; ++u) {
+        const std::uint32_t j = j0 + u * blockDim.x;
+        if (j < n) {
+          idv[u] = __ldcg(id_src + j);
+          wv[u] = __ldcg(w_src + j);
+        }
+      }
+#pragma unroll
+      for (std::uint32_t u = 0; u < kCopyUnroll; ++u) {
+        const std::uint32_t j = j0 + u * blockDim.x;
+        if (j < n) {
+          ids[j] = idv[u];
+          wts[j] = wv[u];
+        }
+      }
     }
     __syncthreads();
     // validate_routing token by token (one token's entries are its own); the host's sequential check
@@ -237,6 +262,10 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
   if (threadIdx.x != 0) return;
   const auto verdict = static_cast<slot_verdict>(st.verdict);
   if (verdict != slot_verdict::served && verdict != slot_verdict::refused) return;
+  a.direct[i] = 0;
+  if (verdict == slot_verdict::served)
+    a.direct[i] = reinterpret_cast<unsigned long long>(peer_pointer(
+        a.cfg[i].ep, a.cfg[i].result, kOutputs, std::uint64_t{st.tokens} * a.hidden * 4));
   response_header rh{};
   rh.magic = kSlotMagic;
   rh.version = kSlotVersion;
@@ -375,18 +404,22 @@ __global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
   }
 }
 
-// Each token's answer row = the sum of its rows of y in k order (expert_step's order), into its slot's
-// staging after the response header.
+// Each token's answer row = the sum of its rows of y in k order (expert_step's order): straight into the
+// client's result region where the slot has a direct pointer (the NVLink writes overlap the reads of y, and
+// the answer's put then moves the response header alone), else into its slot's staging after the response
+// header. Nothing is written when the grouped GEMM refused its plan (no answer goes out then).
 __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
   if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_combine = eaas::now_ns();
+  if (a.head->gemm_error != 0) return;
   const std::uint32_t tokens = a.head->tokens, h = a.hidden, K = a.topk;
   for (std::uint32_t g = blockIdx.x; g < tokens; g += gridDim.x) {
     const std::uint32_t i = a.tok_slot[g];
     if (i >= a.clients) continue;  // cannot happen: every served token was given its slot
     const std::uint32_t t = g - a.tok_base[i];
     const std::int32_t* rows = a.tok_rows + std::size_t{g} * K;
-    float4* out = reinterpret_cast<float4*>(a.staging + std::size_t{i} * a.stage_stride + sizeof(response_header) +
-                                            std::size_t{t} * h * 4);
+    unsigned char* const base = a.direct[i] != 0 ? reinterpret_cast<unsigned char*>(a.direct[i])
+                                                 : a.staging + std::size_t{i} * a.stage_stride + sizeof(response_header);
+    float4* out = reinterpret_cast<float4*>(base + std::size_t{t} * h * 4);
     for (std::uint32_t j = threadIdx.x; j < h / 4; j += blockDim.x) {
       float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
       for (std::uint32_t k = 0; k < K; ++k) {
@@ -401,6 +434,10 @@ __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
       out[j] = acc;
     }
   }
+  // The block's stores to peers, then one system-scope fence: the answer kernel's signal (stream-ordered
+  // after this kernel, itself a system-scope release) publishes them (grid_put.cuh's argument).
+  __syncthreads();
+  if (threadIdx.x == 0) __threadfence_system();
 }
 
 // Block (x, i): slot i's answer, if it has one: put and signalled from gridDim.x blocks. A served
@@ -415,7 +452,7 @@ __global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
       if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS(&st.put_result, 0, static_cast<int>(status::internal_error));
       return;
     }
-    bytes += std::uint64_t{st.tokens} * a.hidden * 4;
+    if (a.direct[i] == 0) bytes += std::uint64_t{st.tokens} * a.hidden * 4;  // else the combine wrote them
   } else if (verdict != slot_verdict::refused) {
     return;
   }
@@ -508,6 +545,7 @@ class step_impl final : public server_step {
     EAAS_CHECK(y_.alloc(std::size_t{max_rows_} * sh.hidden));
     EAAS_CHECK(staging_.alloc(std::size_t{C} * stage_stride_));
     EAAS_CHECK(arrivals_.alloc(C));
+    EAAS_CHECK(direct_.alloc(C));
     gshape_ = {.experts = groups_, .hidden = sh.hidden, .inter = sh.inter, .max_rows = max_rows_};
     ws_bytes_ = grouped_swiglu_workspace_bytes(gshape_);
     EAAS_CHECK(ws_.alloc((ws_bytes_ + 15) / 16));
@@ -540,6 +578,7 @@ class step_impl final : public server_step {
                        .y = y_.p,
                        .staging = staging_.p,
                        .stage_stride = stage_stride_,
+                       .direct = direct_.p,
                        .arrivals = arrivals_.p,
                        .clients = C,
                        .max_tokens = T,
@@ -660,6 +699,7 @@ class step_impl final : public server_step {
   dev_buf<row_src> src_;
   dev_buf<__nv_bfloat16> x_;
   dev_buf<unsigned char> staging_;
+  dev_buf<unsigned long long> direct_;
   dev_buf<unsigned int> arrivals_;
   dev_buf<uint4> ws_;
   grouped_swiglu_shape gshape_{};
