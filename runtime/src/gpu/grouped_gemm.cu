@@ -353,50 +353,38 @@ __device__ __forceinline__ void load_a_step(const char* const (&a_lo)[2], std::s
   }
 }
 
-// The mmas of one K step for an item of N n-tiles, with the same sums as the register path: each
-// accumulator still gets the step's first k half, then its second. Straight-line code (N is known for the
-// whole item), software-pipelined over the n-tiles: the first halves of tile nt go before the second halves
-// of tile nt - 1, so an accumulator's two dependent mmas are three others apart instead of back to back
-// (ncu, Qwen3 x 512: dependent-issue waits and the NOPs ptxas put between them were 30 % of the kernel's
-// stall samples), while only two tiles' token fragments are live. `b_row`: this thread's token row g,
-// element 8t, of the tile that holds the step.
-template <int N>
-__device__ __forceinline__ void mma_step(const a_step& r, const __nv_bfloat16* b_row, int step,
+// The mmas of one K step, in the register path's order. `b_row`: this thread's token row g, element
+// 8t, of the tile that holds the step.
+__device__ __forceinline__ void mma_step(const a_step& r, const __nv_bfloat16* b_row, int step, int ntiles,
                                          float (&acc)[2][kNTiles][4]) {
   const int col = (step & (kStageSteps - 1)) * 32;
-  const auto first = [&](int nt, const uint4& bv) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) mma_bf16(acc[mt][nt], r.lo[mt].x, r.hi[mt].x, r.lo[mt].y, r.hi[mt].y, bv.x, bv.y);
-  };
-  const auto second = [&](int nt, const uint4& bv) {
+  for (int nt = 0; nt < kNTiles; ++nt) {
+    if (nt >= ntiles) continue;  // warp-uniform
+    const uint4 bv = *reinterpret_cast<const uint4*>(b_row + nt * 8 * kStageLd + col);
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) mma_bf16(acc[mt][nt], r.lo[mt].z, r.hi[mt].z, r.lo[mt].w, r.hi[mt].w, bv.z, bv.w);
-  };
-  uint4 prev = *reinterpret_cast<const uint4*>(b_row + col);
-  first(0, prev);
-#pragma unroll
-  for (int nt = 1; nt < N; ++nt) {
-    const uint4 cur = *reinterpret_cast<const uint4*>(b_row + nt * 8 * kStageLd + col);
-    first(nt, cur);
-    second(nt - 1, prev);
-    prev = cur;
+    for (int mt = 0; mt < 2; ++mt) {
+      mma_bf16(acc[mt][nt], r.lo[mt].x, r.hi[mt].x, r.lo[mt].y, r.hi[mt].y, bv.x, bv.y);
+      mma_bf16(acc[mt][nt], r.lo[mt].z, r.hi[mt].z, r.lo[mt].w, r.hi[mt].w, bv.z, bv.w);
+    }
   }
-  second(N - 1, prev);
 }
 
-// N: the item's n-tiles, (rows + 7) / 8 (block_gemm_staged picks the instance).
-template <int D, int N>
-__device__ __forceinline__ void block_gemm_staged_n(const __nv_bfloat16* const (&a)[2], bool live,
-                                                    const __nv_bfloat16* b, int ld, int K, int rows,
-                                                    __nv_bfloat16* stage, float (&acc)[2][kNTiles][4]) {
-  constexpr int R = D + 1, ntiles = N;
+// Called by the whole block (it holds barriers); warps with live false only help stage B. A, B, ld,
+// rows and acc as for warp_gemm; `stage`: kStageBytes of shared memory. The weights go through a
+// register ring of D + 1 K steps: step i is computed while steps i+1 .. i+D are in flight.
+template <int D>
+__device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a)[2], bool live, const __nv_bfloat16* b,
+                                                  int ld, int K, int rows, __nv_bfloat16* stage,
+                                                  float (&acc)[2][kNTiles][4]) {
+  constexpr int R = D + 1;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const char* a_lo[2];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
     a_lo[mt] = reinterpret_cast<const char*>(a[mt] + static_cast<std::size_t>(g) * ld + 8 * t);
   const std::size_t a_hi_off = static_cast<std::size_t>(8) * ld * 2;
-  const int nk = K / 32;
+  const int ntiles = (rows + 7) / 8, nk = K / 32;
   const __nv_bfloat16* b_row = stage + g * kStageLd + 8 * t;
 
   auto stage_tile = [&](int j) {
@@ -426,33 +414,11 @@ __device__ __forceinline__ void block_gemm_staged_n(const __nv_bfloat16* const (
       }
       if (live) {  // warp-uniform
         if (i + D < nk) load_a_step(a_lo, a_hi_off, i + D, ring[(j + D) % R]);
-        mma_step<N>(ring[j], b_row + ((i / kStageSteps) & 1) * kStageTile, i, acc);
+        mma_step(ring[j], b_row + ((i / kStageSteps) & 1) * kStageTile, i, ntiles, acc);
       }
     }
   }
   __syncthreads();  // every warp is done with the tiles before the next item restages them
-}
-
-// The staged product of one item: block_gemm_staged_n for its n-tile count (block-uniform; rows >= 1).
-template <int D>
-__device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a)[2], bool live, const __nv_bfloat16* b,
-                                                  int ld, int K, int rows, __nv_bfloat16* stage,
-                                                  float (&acc)[2][kNTiles][4]) {
-  static_assert(kNTiles == 4);
-  switch ((rows + 7) / 8) {
-    case 1:
-      block_gemm_staged_n<D, 1>(a, live, b, ld, K, rows, stage, acc);
-      break;
-    case 2:
-      block_gemm_staged_n<D, 2>(a, live, b, ld, K, rows, stage, acc);
-      break;
-    case 3:
-      block_gemm_staged_n<D, 3>(a, live, b, ld, K, rows, stage, acc);
-      break;
-    default:
-      block_gemm_staged_n<D, 4>(a, live, b, ld, K, rows, stage, acc);
-      break;
-  }
 }
 
 // Which product a kernel runs (template argument of the GEMM kernels).
