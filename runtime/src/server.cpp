@@ -104,7 +104,8 @@ class server_impl final : public expert_server {
                                            .poll_ns = o_.device_poll_ns,
                                            .graph = o_.device_graph,
                                            .shrink = o_.device_shrink,
-                                           .put_blocks = o_.device_put_blocks},
+                                           .put_blocks = o_.device_put_blocks,
+                                           .batch_window_ns = o_.device_batch_window_ns},
                                           *step_, dstep_));
       for (std::uint32_t i = 0; i < slots_.size(); ++i) sync_slot(i);
     }

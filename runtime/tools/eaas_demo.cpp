@@ -235,6 +235,12 @@ int main(int argc, char** argv) {
                  "--device-put-blocks; 0: the server's default)")
       ->check(CLI::Range(0, 1024))
       ->needs(server_device_step_flag);
+  double server_batch_window_us = -1;
+  app.add_option("--server-batch-window-us", server_batch_window_us,
+                 "with --server-device-step: how long each server waits for the other clients in step before a round "
+                 "(eaas-server --device-batch-window-us; 0: off; default: the server's)")
+      ->check(CLI::Range(0.0, 1e6))
+      ->needs(server_device_step_flag);
   // Elasticity: open-loop clients on a trace, servers started by the autoscaler.
   std::string trace;
   double period_s = 60, peak_tps = 0, trough = 0.25, slo_ms = 1000, window_s = 0, capacity = 0, day_start_h = 0;
@@ -372,6 +378,11 @@ int main(int argc, char** argv) {
   if (server_no_shrink) server_extra.push_back("--device-no-shrink");
   if (server_put_blocks != 0)
     server_extra.insert(server_extra.end(), {"--device-put-blocks", std::to_string(server_put_blocks)});
+  if (server_batch_window_us >= 0) {
+    char w[32];
+    std::snprintf(w, sizeof(w), "%g", server_batch_window_us);
+    server_extra.insert(server_extra.end(), {"--device-batch-window-us", w});
+  }
   auto start_server = [&](position& p) {
     auto c = std::make_unique<child>();
     c->name = "s" + std::to_string(p.index) + (p.generation ? "." + std::to_string(p.generation) : "");

@@ -63,6 +63,13 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1024))
       ->needs(device_step)
       ->capture_default_str();
+  double batch_window_us = double(o.device_batch_window_ns) * 1e-3;
+  app.add_option("--device-batch-window-us", batch_window_us,
+                 "with --device-step: once a request is seen, wait up to this long for the other clients served in "
+                 "the last two rounds, and answer them in the same round (0: off)")
+      ->check(CLI::Range(0.0, 1e6))
+      ->needs(device_step)
+      ->capture_default_str();
   tool::checkpoint_args ckpt;
   ckpt.add(app, "experts");
   double drain_ms = 500;
@@ -73,6 +80,7 @@ int main(int argc, char** argv) {
   o.device_poll_ns = static_cast<std::uint64_t>(std::max(poll_us, 1.0) * 1e3);
   o.device_graph = !no_graph;
   o.device_shrink = !no_shrink;
+  o.device_batch_window_ns = static_cast<std::uint64_t>(batch_window_us * 1e3);
   o.on_first_answer = [](std::uint64_t ns) {
     std::printf("{\"type\":\"first_answer\",\"ns\":%llu}\n", static_cast<unsigned long long>(ns));
     std::fflush(stdout);

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <thread>
 
 #include "../common/doctest_main.hpp"
 #include "../common/require_ok.hpp"
@@ -274,4 +275,48 @@ int main(int argc, char** argv) {
   return eaas::test::run_tests(argc, argv, [] {
     return runtime::cuda_device_count() == 0 ? "no CUDA device: skipping the GPU server step tests" : nullptr;
   });
+}
+
+TEST_CASE("GPU server step: clients in step share a round; a stopped client delays at most two rounds") {
+  // A batch window far longer than anything the test does between requests, so that the round counts are
+  // exact: a waited-for client always comes (or never does) within it.
+  constexpr double kWindowS = 0.4;
+  gpu_cluster cl("sstepbw", kShape, kSeed);
+  proc& srv = cl.add("s", 0, {"--device-step", "--max-clients", "2", "--device-batch-window-us", "400000"});
+  const reference_model ref(kShape, kSeed, {});
+  std::vector<float> got_a, got_b;
+  auto a = cl.client("a", {});
+  auto b = cl.client("b", {});
+  REQUIRE_OK(a->wait_for_experts(1, 60'000'000'000ull));
+  REQUIRE_OK(b->wait_for_experts(1, 60'000'000'000ull));
+  const auto seconds_of = [&](attention_client& c, const std::vector<std::uint32_t>& toks, std::vector<float>& got) {
+    const auto t0 = std::chrono::steady_clock::now();
+    checked_forward(c, ref, toks, got);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  // a alone: nobody else was ever served, so no round waits (3 rounds, one per layer). (First forwards also
+  // load modules and capture, so only lower bounds are asserted on them.)
+  seconds_of(*a, random_tokens(20, 1), got_a);
+  // b alone: a was served in the last two rounds that saw a request, so b's first two rounds each wait the
+  // whole window for a; its third does not (3 rounds).
+  const double b_alone = seconds_of(*b, random_tokens(20, 2), got_b);
+  CHECK(b_alone >= 2 * kWindowS);
+  // Both at once, b starting 0.1 s after a: a's first request waits for b (served in the last round), and from
+  // then on they are in step (3 rounds for 6 requests). a's forward takes at least the 0.1 s it waited for b.
+  double a_both = 0;
+  std::thread ta([&] { a_both = seconds_of(*a, random_tokens(24, 3), got_a); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const double b_both = seconds_of(*b, random_tokens(24, 4), got_b);
+  ta.join();
+  CHECK(a_both >= 0.1);
+  CHECK(a_both < kWindowS);
+  CHECK(b_both < kWindowS);
+  a.reset();
+  b.reset();
+  const json st = stop_and_stats(srv);
+  REQUIRE(st.is_object());
+  CHECK(st.value("requests", 0) == 3 + 3 + 6);
+  CHECK(st.value("batches", 0) == 3 + 3 + 3);  // answering rounds: the last forward's six requests took three
+  CHECK(st.value("tokens", 0) == 3 * (20 + 20 + 24 + 24));
+  CHECK(st.value("refused", -1) == 0);
 }

@@ -74,6 +74,8 @@ struct round_args {
   std::uint32_t clients, max_tokens, hidden, topk, layers, local, groups, max_rows;
   std::uint32_t pad;  // 1: no kernel shrinking (the ablation): a served layer's empty groups get a padding row
   std::uint64_t poll_ns;
+  std::uint64_t batch_window_ns;
+  std::uint32_t* round_no;  // rounds that saw a request so far (k_poll counts them; 0 before the first)
 };
 
 __device__ __forceinline__ std::uint64_t sig_word(const round_args& a, std::uint32_t i) {
@@ -113,10 +115,18 @@ __device__ std::int32_t block_scan(std::int32_t v, std::int32_t* s_warp, std::in
   return before + inc - v;
 }
 
-// Until a used slot's word differs from its last_sig (and from its ignored_sig), or poll_ns passed.
-// One block.
+// A slot whose word holds a request not taken yet (differs from last_sig and from ignored_sig).
+__device__ __forceinline__ bool has_request(const round_args& a, std::uint32_t i) {
+  const std::uint64_t v = sig_word(a, i);
+  return v != a.st[i].last_sig && v != a.st[i].ignored_sig;
+}
+
+// Until a used slot's word differs from its last_sig (and from its ignored_sig), or poll_ns passed. Then,
+// with a batch window, until every used slot served in the last two rounds has a request too, or the window
+// (from the first request seen) passed. One block.
 __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
   __shared__ std::uint64_t s_until;
+  __shared__ std::uint32_t s_round;
   if (threadIdx.x == 0) {
     const std::uint64_t t = eaas::now_ns();
     a.head->stamp_poll = t;
@@ -129,16 +139,31 @@ __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
     // A word still holding a value no new request explained (a foreign write already ignored) does not
     // end the wait (it would end every round's at once); k_validate still looks at it, so an owner's
     // request that happens to carry the same value waits for the deadline at most.
-    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
-      if (a.cfg[i].used == 0) continue;
-      const std::uint64_t v = sig_word(a, i);
-      if (v != a.st[i].last_sig && v != a.st[i].ignored_sig) found = 1;
-    }
+    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x)
+      if (a.cfg[i].used != 0 && has_request(a, i)) found = 1;
     const int expired = threadIdx.x == 0 && eaas::now_ns() >= until ? 1 : 0;
-    if (__syncthreads_or(found) != 0) {
-      if (threadIdx.x == 0) a.head->stamp_seen = eaas::now_ns();
-      return;
+    if (__syncthreads_or(found) != 0) break;
+    if (__syncthreads_or(expired) != 0) return;
+    __nanosleep(100);
+  }
+  if (threadIdx.x == 0) {
+    const std::uint64_t t = eaas::now_ns();
+    a.head->stamp_seen = t;
+    s_until = t + a.batch_window_ns;
+    s_round = ++*a.round_no;  // only this kernel writes it: rounds that saw a request, this one included
+  }
+  __syncthreads();
+  if (a.batch_window_ns == 0) return;
+  const std::uint64_t window_end = s_until, round = s_round;
+  for (;;) {
+    int missing = 0;
+    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
+      const std::uint32_t served = a.st[i].served_round;
+      const bool recent = served != 0 && static_cast<std::uint32_t>(round) - served <= 2;
+      if (a.cfg[i].used != 0 && recent && !has_request(a, i)) missing = 1;
     }
+    if (__syncthreads_or(missing) == 0) return;
+    const int expired = threadIdx.x == 0 && eaas::now_ns() >= window_end ? 1 : 0;
     if (__syncthreads_or(expired) != 0) return;
     __nanosleep(100);
   }
@@ -253,6 +278,7 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
         st.error = static_cast<std::uint32_t>(validate_routing(one, lim, ids + t * h.topk, wts + t * h.topk));
       } else {
         st.verdict = static_cast<std::uint32_t>(slot_verdict::served);
+        st.served_round = *a.round_no;  // this round's number (k_poll counted it: a request was seen)
         st.tokens = h.tokens;
         st.layer = h.layer;
         a.hdr[i] = h;
@@ -545,6 +571,7 @@ class step_impl final : public server_step {
     EAAS_CHECK(y_.alloc(std::size_t{max_rows_} * sh.hidden));
     EAAS_CHECK(staging_.alloc(std::size_t{C} * stage_stride_));
     EAAS_CHECK(arrivals_.alloc(C));
+    EAAS_CHECK(round_no_.alloc(1));
     EAAS_CHECK(direct_.alloc(C));
     gshape_ = {.experts = groups_, .hidden = sh.hidden, .inter = sh.inter, .max_rows = max_rows_};
     ws_bytes_ = grouped_swiglu_workspace_bytes(gshape_);
@@ -589,7 +616,9 @@ class step_impl final : public server_step {
                        .groups = groups_,
                        .max_rows = max_rows_,
                        .pad = cfg_.shrink ? 0u : 1u,
-                       .poll_ns = cfg_.poll_ns};
+                       .poll_ns = cfg_.poll_ns,
+                       .batch_window_ns = cfg_.batch_window_ns,
+                       .round_no = round_no_.p};
     gemm_ = grouped_swiglu_args{.x = x_.p,
                                 .offsets = offsets_.p,
                                 .row_weight = row_weight_.p,
@@ -701,6 +730,7 @@ class step_impl final : public server_step {
   dev_buf<unsigned char> staging_;
   dev_buf<unsigned long long> direct_;
   dev_buf<unsigned int> arrivals_;
+  dev_buf<std::uint32_t> round_no_;
   dev_buf<uint4> ws_;
   grouped_swiglu_shape gshape_{};
   grouped_swiglu_args gemm_{};

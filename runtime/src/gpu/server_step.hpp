@@ -8,7 +8,9 @@
 //   poll      one block: acquire loads of every used slot's signal word until one differs from last_sig
 //             (and from ignored_sig: slot_cursor), or a short deadline passes
 //             (poll_ns): the host gets the GPU back often enough for its bookkeeping (links, leaves,
-//             revocations, dead clients)
+//             revocations, dead clients). Then, for up to batch_window_ns, it waits for the other slots
+//             served in the last two rounds that saw a request to send too, so that clients in step are
+//             answered in one round (one read of the experts' weights for all of them) instead of taking turns
 //   validate  one block per slot whose word differs from last_sig: the header's commit word read with
 //             acquire, the header copied out of the slot (a private copy: the peer can still write
 //             there), look_at_slot (slot.hpp: another grant's write is ignored, never answered; a request
@@ -84,7 +86,8 @@ struct server_slot_state {
   std::uint32_t tokens;       ///< tokens computed (served)
   std::uint32_t layer;        ///< the request's layer (served)
   int put_result;             ///< the answer's put: 0 (ok) or the status that failed it
-  std::uint32_t reserved[3];
+  std::uint32_t served_round;  ///< the round that last served this slot (0: none since it was assigned)
+  std::uint32_t reserved[2];
 };
 static_assert(std::is_trivially_copyable_v<server_slot_state>);
 static_assert(sizeof(server_slot_state) == 64 && offsetof(server_slot_state, put_result) == 48);
@@ -129,6 +132,12 @@ struct server_step_config {
   /// Most blocks one answer is put with (1 .. 1024; at most one per 64 KiB). Several servers answering one
   /// client write into one GPU at once; fewer writers each can be faster there (see docs/PERF.md).
   std::uint32_t put_blocks = 32;
+  /// Batching across clients: once a request is seen, the poll waits up to this long for every other slot
+  /// served in the last two rounds that saw a request to send as well (0: off, each round takes what is
+  /// there). Clients that run in step then share one round, and the experts' weights are read once for all
+  /// of them; a client that has stopped delays at most the next two rounds by this much (a slot that is
+  /// given back or reassigned starts with no history).
+  std::uint64_t batch_window_ns = 30'000;
 };
 
 class server_step {
