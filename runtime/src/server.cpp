@@ -105,7 +105,8 @@ class server_impl final : public expert_server {
                                            .graph = o_.device_graph,
                                            .shrink = o_.device_shrink,
                                            .put_blocks = o_.device_put_blocks,
-                                           .batch_window_ns = o_.device_batch_window_ns},
+                                           .batch_window_ns = o_.device_batch_window_ns,
+                                           .direct_answers = o_.device_direct_answers},
                                           *step_, dstep_));
       for (std::uint32_t i = 0; i < slots_.size(); ++i) sync_slot(i);
     }

@@ -46,6 +46,8 @@ struct server_options {
   std::uint32_t device_put_blocks = 32;
   /// device_step: batching across clients (server_step_config::batch_window_ns; 0: off).
   std::uint64_t device_batch_window_ns = 30'000;
+  /// device_step: answers written straight into the clients' result regions (server_step_config::direct_answers).
+  bool device_direct_answers = false;
   /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
   /// Called on the serving thread when a client gets a slot ("linked") or loses it ("left", with why).

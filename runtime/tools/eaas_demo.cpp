@@ -241,6 +241,11 @@ int main(int argc, char** argv) {
                  "(eaas-server --device-batch-window-us; 0: off; default: the server's)")
       ->check(CLI::Range(0.0, 1e6))
       ->needs(server_device_step_flag);
+  bool server_direct_answers = false;
+  app.add_flag("--server-direct-answers", server_direct_answers,
+               "with --server-device-step: servers write answers straight into the clients' GPUs (eaas-server "
+               "--device-direct-answers)")
+      ->needs(server_device_step_flag);
   // Elasticity: open-loop clients on a trace, servers started by the autoscaler.
   std::string trace;
   double period_s = 60, peak_tps = 0, trough = 0.25, slo_ms = 1000, window_s = 0, capacity = 0, day_start_h = 0;
@@ -378,6 +383,7 @@ int main(int argc, char** argv) {
   if (server_no_shrink) server_extra.push_back("--device-no-shrink");
   if (server_put_blocks != 0)
     server_extra.insert(server_extra.end(), {"--device-put-blocks", std::to_string(server_put_blocks)});
+  if (server_direct_answers) server_extra.push_back("--device-direct-answers");
   if (server_batch_window_us >= 0) {
     char w[32];
     std::snprintf(w, sizeof(w), "%g", server_batch_window_us);

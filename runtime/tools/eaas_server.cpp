@@ -70,6 +70,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1e6))
       ->needs(device_step)
       ->capture_default_str();
+  app.add_flag("--device-direct-answers", o.device_direct_answers,
+               "with --device-step: the combine writes each answer straight into the client's GPU (one copy fewer; "
+               "every combine block writes there)")
+      ->needs(device_step);
   tool::checkpoint_args ckpt;
   ckpt.add(app, "experts");
   double drain_ms = 500;

@@ -97,12 +97,13 @@ TEST_CASE("GPU server step: device-step servers serve device-path and host-path 
 TEST_CASE("GPU server step: answers are the host path's, bit for bit (fp32 and bf16 requests, shrinking on and off)") {
   // Three single-server clusters on the same weights: a host-path server, a device-step server and one
   // without kernel shrinking (every local expert of a served layer computed, empty ones on a padding row) that
-  // also puts each answer with 3 blocks instead of up to 32 (--device-put-blocks).
+  // also writes its answers straight into the clients' result regions (--device-direct-answers; its puts carry
+  // the header alone, with 3 blocks instead of up to 32: --device-put-blocks).
   // The same forwards through each (one server: its answer is the whole MoE output) must give the same bits.
   gpu_cluster host_cl("sstepbh", kShape, kSeed), dev_cl("sstepbd", kShape, kSeed), pad_cl("sstepbp", kShape, kSeed);
   host_cl.add("h", 0, {});
   dev_cl.add("d", 0, {"--device-step"});
-  pad_cl.add("p", 0, {"--device-step", "--device-no-shrink", "--device-put-blocks", "3"});
+  pad_cl.add("p", 0, {"--device-step", "--device-no-shrink", "--device-put-blocks", "3", "--device-direct-answers"});
   const reference_model ref(kShape, kSeed, {});
   constexpr std::uint64_t kSteps = 5;
   for (const bool device_clients : {false, true}) {  // host-path clients send fp32 rows, device-path bf16

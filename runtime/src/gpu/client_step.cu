@@ -254,11 +254,16 @@ __global__ void __launch_bounds__(kPackThreads)
     h.grant = tb.server[s].grant;
     *reinterpret_cast<slot_header*>(st) = h;
   }
+  // Straight into the slot, at most kSendBlocks blocks write into one server's GPU, as many as the staged send
+  // puts with: more writers into one GPU at once slow every transfer into it (docs/PERF.md, the all-to-all's
+  // combine).
+  const unsigned ny = direct != nullptr ? min(gridDim.y, kSendBlocks) : gridDim.y;
+  if (blockIdx.y >= ny) return;  // block-uniform
   const std::int32_t* list = tok + std::size_t{s} * tokens;
   auto* ids_out = reinterpret_cast<std::uint16_t*>(out + l.expert_ids);
   auto* w_out = reinterpret_cast<float*>(out + l.weights);
   const std::uint32_t vecs = hidden / 8;  // 16-byte vectors of bf16 per row (hidden % 8 == 0)
-  for (std::uint32_t r = blockIdx.y; r < n; r += gridDim.y) {
+  for (std::uint32_t r = blockIdx.y; r < n; r += ny) {
     const auto t = static_cast<std::uint32_t>(list[r]);
     const uint4* src = reinterpret_cast<const uint4*>(normed + std::size_t{t} * hidden);
     uint4* dst = reinterpret_cast<uint4*>(out + l.activations + std::uint64_t{r} * hidden * 2);

@@ -68,13 +68,14 @@ struct round_args {
   unsigned char* staging;     // [clients × stage_stride]: each slot's answer (response header, outputs)
   std::uint64_t stage_stride;
   // [clients]: where a served request's outputs go straight into the client's result region (peer_pointer at
-  // kOutputs, nvlink), or 0: into staging, and the answer's put copies them.
+  // kOutputs, nvlink; with direct_answers only), or 0: into staging, and the answer's put copies them.
   unsigned long long* direct;
   unsigned int* arrivals;  // [clients]
   std::uint32_t clients, max_tokens, hidden, topk, layers, local, groups, max_rows;
   std::uint32_t pad;  // 1: no kernel shrinking (the ablation): a served layer's empty groups get a padding row
   std::uint64_t poll_ns;
   std::uint64_t batch_window_ns;
+  std::uint32_t direct_answers;  // server_step_config::direct_answers
   std::uint32_t* round_no;  // rounds that saw a request so far (k_poll counts them; 0 before the first)
 };
 
@@ -289,7 +290,7 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
   const auto verdict = static_cast<slot_verdict>(st.verdict);
   if (verdict != slot_verdict::served && verdict != slot_verdict::refused) return;
   a.direct[i] = 0;
-  if (verdict == slot_verdict::served)
+  if (verdict == slot_verdict::served && a.direct_answers != 0)
     a.direct[i] = reinterpret_cast<unsigned long long>(peer_pointer(
         a.cfg[i].ep, a.cfg[i].result, kOutputs, std::uint64_t{st.tokens} * a.hidden * 4));
   response_header rh{};
@@ -618,6 +619,7 @@ class step_impl final : public server_step {
                        .pad = cfg_.shrink ? 0u : 1u,
                        .poll_ns = cfg_.poll_ns,
                        .batch_window_ns = cfg_.batch_window_ns,
+                       .direct_answers = cfg_.direct_answers ? 1u : 0u,
                        .round_no = round_no_.p};
     gemm_ = grouped_swiglu_args{.x = x_.p,
                                 .offsets = offsets_.p,

@@ -138,6 +138,12 @@ struct server_step_config {
   /// of them; a client that has stopped delays at most the next two rounds by this much (a slot that is
   /// given back or reassigned starts with no history).
   std::uint64_t batch_window_ns = 30'000;
+  /// The combine writes each answer straight into the client's result region (nvlink: peer_pointer) and the
+  /// answer's put moves the header alone. Off (the default): the combine writes a local staging copy that at
+  /// most put_blocks blocks put. On saves a copy and overlaps the NVLink writes with the combine's reads, but
+  /// every combine block then writes into the client's GPU: with several servers answering one client at once
+  /// that is many writers into one GPU, the pattern that slows every transfer into it (docs/PERF.md).
+  bool direct_answers = false;
 };
 
 class server_step {
