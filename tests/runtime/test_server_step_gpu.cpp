@@ -281,8 +281,9 @@ int main(int argc, char** argv) {
 TEST_CASE("GPU server step: clients in step share a round; a stopped client delays at most two rounds") {
   // A batch window far longer than anything the test does between requests, so that the round counts are
   // exact: a waited-for client always comes (or never does) within it. Every forward has 20 tokens, so that
-  // the clients' graphs are captured in their first forwards only (a capture can take longer than the 0.1 s
-  // offset below: on H200 x2, 24 tokens in the last forwards made a's first request wait past the window).
+  // the clients' graphs are captured in their first forwards only (on H200 x2, last forwards of 24 tokens, which
+  // both clients recapture under one process-wide lock, gave 10 rounds instead of 9; the capture is the likely
+  // cause, not an established one).
   constexpr double kWindowS = 1.0;
   gpu_cluster cl("sstepbw", kShape, kSeed);
   proc& srv = cl.add("s", 0, {"--device-step", "--max-clients", "2", "--device-batch-window-us", "1000000"});
