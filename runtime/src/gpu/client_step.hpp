@@ -11,11 +11,13 @@
 //   scan     per server: a prefix scan over its tokens (row of each token, the token list, the count),
 //            all on the device; a server with no tokens gets no request; one given more than its
 //            max_tokens, or whose request would not fit its slot, gets none and is marked failed
-//   pack     per server, the request (slot_header with seq = ++counter, bf16 rows, local ids with
-//            kNoExpert padding, weights) into a local staging buffer
-//   send     grid_put_signal of the staging buffer into the server's slot over NVLink, the header as its
-//            head: the header's commit word only after every other byte, the slot's sequence word set to
-//            seq after that (grid_put.cuh's argument; slot.hpp's commit record)
+//   pack     per server, the request's payload (bf16 rows, local ids with kNoExpert padding, weights)
+//            straight into the server's slot over NVLink (peer_pointer; at most 32 blocks per server), and
+//            its header (slot_header with seq = ++counter) into a local staging buffer; where the slot is
+//            not mapped here, the whole request into staging
+//   send     grid_put_signal of the header (or of the whole staged request) into the server's slot, the
+//            header as its head: the header's commit word only after every other byte, the slot's sequence
+//            word set to seq after that (grid_put.cuh's argument; slot.hpp's commit record)
 //   wait     per server a bounded wait_signal on its result signal >= seq (slices, so that a revoked
 //            slot ends it early), then the response header is checked on the device
 //   combine  x[t] += Σ over servers, in table order, of the answer row of t (fp32, read in the local

@@ -27,7 +27,8 @@
 //   scatter   each pair's row = offsets[group] + rank: its activation row, router weight, combine slot
 //   gather    rows into x (bf16), grouped_swiglu (counts read on the device), combine (k order, fp32)
 //   answer    grid_put_signal per answered slot: response header and outputs, then the request's seq;
-//             a refused request gets its error header alone
+//             a refused request gets its error header alone (with direct_answers the combine wrote the
+//             outputs straight into the client's result region, and the put carries the header alone)
 //
 // Same answers as the host path (expert_step::run): the same bf16 rounding of the rows, the same
 // per-row GEMM, the same combine order. Rows of a group may sit in another order (atomics), which does
