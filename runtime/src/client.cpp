@@ -228,14 +228,16 @@ class client_impl final : public attention_client {
     if (std::find(covered.begin(), covered.end(), false) != covered.end()) return status::ok;
     const std::uint64_t t0 = eaas::now_ns();
     EAAS_CHECK(step_->forward(tokens, step_servers_, step_result_));
-    std::uint64_t requests = 0;
+    std::uint64_t requests = 0, direct = 0;
     for (std::size_t i = 0; i < step_conns_.size(); ++i) {
       step_conns_[i]->seq = step_servers_[i].seq;
       requests += step_result_.outcomes[i].requests;
+      direct += step_result_.outcomes[i].direct_requests;
     }
     {
       std::lock_guard g(stats_mu_);
       stats_.requests += requests;
+      stats_.direct_requests += direct;
       stats_.graph_captures = step_->captures();
       stats_.capture_retries = step_->capture_retries();
     }

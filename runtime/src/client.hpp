@@ -65,6 +65,7 @@ struct client_stats {
   std::uint64_t dropped_servers = 0;    ///< servers dropped for silence, death or leaving
   std::uint64_t resent_entries = 0;     ///< (token, expert) entries sent again to a replica
   std::uint64_t device_forwards = 0;    ///< forwards computed on the device path (device_step)
+  std::uint64_t direct_requests = 0;    ///< device path: requests packed straight into the server's slot
   std::uint64_t fallback_forwards = 0;  ///< device-path forwards a server failed, computed again on the host path
   std::uint64_t graph_captures = 0;     ///< CUDA graph captures of the device path
   std::uint64_t capture_retries = 0;    ///< captures begun again after an invalidation, or forwards run uncaptured

@@ -684,16 +684,20 @@ class server_impl final : public expert_server {
       hi = i + 1;
     }
     window_polls_++;
-    if (hi == 0) return false;  // no client: no round (the GPU stays idle)
+    if (hi == 0) {  // no client: no round (the GPU stays idle), and no gap to count across the idle time
+      last_round_done_ = 0;
+      return false;
+    }
     const auto t0 = std::chrono::steady_clock::now();
     gpu::server_round_summary sum;
     if (const status st = dstep_->round(hi, sum); st != status::ok) {
       failed_ = st;
+      last_round_done_ = 0;
       detail::note("[{}] the GPU round failed: {}", o_.id, last_error());
       return false;
     }
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
-    std::uint32_t answers = 0, ignored = 0;
+    std::uint32_t answers = 0, ignored = 0, direct = 0;
     round_answers_.clear();
     for (std::uint32_t i = 0; i < hi; ++i) {
       client_slot& s = slots_[i];
@@ -704,6 +708,7 @@ class server_impl final : public expert_server {
       if (v == gpu::slot_verdict::ignored) ignored++;
       if (v != gpu::slot_verdict::served && v != gpu::slot_verdict::refused) continue;
       answers++;
+      if (v == gpu::slot_verdict::served && d.direct != 0) direct++;
       round_answers_.push_back({i, d.error, d.put_result});
     }
     for (std::size_t e = 0; e < sum.pairs.size() && e < window_pairs_.size(); ++e) window_pairs_[e] += sum.pairs[e];
@@ -721,7 +726,10 @@ class server_impl final : public expert_server {
         const auto span = [](std::uint64_t from, std::uint64_t to) { return from != 0 && to > from ? to - from : 0; };
         const std::uint64_t wait = span(h.stamp_poll, h.stamp_seen);
         stats_.round_wait_ns += wait;
-        stats_.round_front_ns += span(h.stamp_seen, h.stamp_gather);
+        stats_.round_window_ns += h.window_ns;
+        stats_.round_front_ns += span(h.stamp_seen, h.stamp_gather) - std::min<std::uint64_t>(
+                                                                          h.window_ns, span(h.stamp_seen, h.stamp_gather));
+        stats_.direct_answers += direct;
         stats_.round_gemm_ns += span(h.stamp_gather, h.stamp_combine);
         stats_.round_back_ns += span(h.stamp_combine, h.stamp_done);
         stats_.round_gap_ns += span(last_round_done_, h.stamp_poll);

@@ -411,6 +411,7 @@ int main(int argc, char** argv) {
         {"capture_retries", st.capture_retries},
         {"micro_batches", st.micro_batches},
         {"requests", st.requests},
+        {"direct_requests", st.direct_requests},
         {"trace", trace_result}});
   return 0;
 }

@@ -386,7 +386,7 @@ int main(int argc, char** argv) {
   if (server_direct_answers) server_extra.push_back("--device-direct-answers");
   if (server_batch_window_us >= 0) {
     char w[32];
-    std::snprintf(w, sizeof(w), "%g", server_batch_window_us);
+    std::snprintf(w, sizeof(w), "%.17g", server_batch_window_us);
     server_extra.insert(server_extra.end(), {"--device-batch-window-us", w});
   }
   auto start_server = [&](position& p) {
@@ -684,9 +684,10 @@ int main(int argc, char** argv) {
     if (st.value("device_rounds", 0ull) != 0 && st.contains("round_us")) {
       const json& ru = st["round_us"];
       std::printf(
-          "       %-6s device rounds that answered, mean us: wait %.1f, validate..scatter %.1f, gather+GEMM %.1f, "
-          "combine+answer %.1f, gap before the round %.1f; request already waiting in %llu of %llu\n",
-          "", ru.value("wait", 0.0), ru.value("front", 0.0), ru.value("gemm", 0.0), ru.value("back", 0.0),
+          "       %-6s device rounds that answered, mean us: wait %.1f, batch window %.1f, validate..scatter %.1f, "
+          "gather+GEMM %.1f, combine+answer %.1f, gap before the round %.1f; request already waiting in %llu of %llu\n",
+          "", ru.value("wait", 0.0), ru.value("window", 0.0), ru.value("front", 0.0), ru.value("gemm", 0.0),
+          ru.value("back", 0.0),
           ru.value("gap", 0.0), st.value("late_rounds", 0ull), st.value("batches", 0ull));
     }
   }

@@ -141,16 +141,17 @@ int main(int argc, char** argv) {
       "{\"type\":\"stats\",\"id\":\"%s\",\"requests\":%llu,\"refused\":%llu,\"tokens\":%llu,\"batches\":%llu,\"compute_"
       "ms\":%.1f,"
       "\"ready_ns\":%llu,\"first_served_ns\":%llu,\"ignored\":%llu,\"device_rounds\":%llu,\"graph_captures\":%u,"
-      "\"padded_rows\":%llu,\"round_us\":{\"wait\":%.1f,\"front\":%.1f,\"gemm\":%.1f,\"back\":%.1f,\"gap\":%.1f},"
-      "\"late_rounds\":%llu}\n",
+      "\"padded_rows\":%llu,\"round_us\":{\"wait\":%.1f,\"window\":%.1f,\"front\":%.1f,\"gemm\":%.1f,\"back\":%.1f,"
+      "\"gap\":%.1f},\"late_rounds\":%llu,\"direct_answers\":%llu}\n",
       o.id.c_str(), static_cast<unsigned long long>(st.requests), static_cast<unsigned long long>(st.refused),
       static_cast<unsigned long long>(st.tokens), static_cast<unsigned long long>(st.batches),
       double(st.compute_ns) * 1e-6, static_cast<unsigned long long>(st.ready_ns),
       static_cast<unsigned long long>(st.first_served_ns), static_cast<unsigned long long>(st.ignored),
       static_cast<unsigned long long>(st.device_rounds), st.graph_captures,
-      static_cast<unsigned long long>(st.padded_rows), per_batch_us(st.round_wait_ns), per_batch_us(st.round_front_ns),
-      per_batch_us(st.round_gemm_ns), per_batch_us(st.round_back_ns), per_batch_us(st.round_gap_ns),
-      static_cast<unsigned long long>(st.late_rounds));
+      static_cast<unsigned long long>(st.padded_rows), per_batch_us(st.round_wait_ns), per_batch_us(st.round_window_ns),
+      per_batch_us(st.round_front_ns), per_batch_us(st.round_gemm_ns), per_batch_us(st.round_back_ns),
+      per_batch_us(st.round_gap_ns), static_cast<unsigned long long>(st.late_rounds),
+      static_cast<unsigned long long>(st.direct_answers));
   std::fflush(stdout);
   if (s != status::ok) return tool::fail("eaas-server", "serve", s);
   return 0;

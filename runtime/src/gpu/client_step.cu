@@ -52,8 +52,10 @@ struct dev_state {
   std::uint32_t layer;     // the layer that failed
   std::uint32_t detail;    // slot_error or status
   std::uint32_t requests;  // sent in this forward
+  std::uint32_t direct;    // of those, packed straight into the server's slot (direct_payload)
+  std::uint32_t reserved;
 };
-static_assert(std::is_trivially_copyable_v<dev_state> && sizeof(dev_state) == 24);
+static_assert(std::is_trivially_copyable_v<dev_state> && sizeof(dev_state) == 32);
 
 struct dev_server {
   device_endpoint ep;
@@ -126,6 +128,13 @@ __device__ __forceinline__ void fail_server(const dev_tables& tb, std::uint32_t 
 }
 
 __global__ void k_stamp(std::uint64_t* at) { *at = eaas::now_ns(); }
+
+// Where server s's request payload (everything after the header) is written: straight into its slot when the
+// slot is mapped here (peer_pointer, nvlink), else into the staging buffer. k_pack and k_send both ask, with the
+// same arguments, so they agree.
+__device__ __forceinline__ unsigned char* direct_payload(const dev_server& sv, const slot_layout& l) {
+  return static_cast<unsigned char*>(peer_pointer(sv.ep, sv.slots, sv.slot_offset, l.end));
+}
 
 // Entry i = (t, k): its server is replica (t + e) mod nrep[e] of expert e; mark[server × T + t] = 1.
 __global__ void __launch_bounds__(kAssignThreads)
@@ -212,14 +221,8 @@ __global__ void __launch_bounds__(kScanThreads)
   const std::uint64_t seq = tb.state[s].seq + 1;
   tb.state[s].seq = seq;
   tb.state[s].requests++;
+  if (direct_payload(sv, l) != nullptr) tb.state[s].direct++;
   j.seq = seq;
-}
-
-// Where server s's request payload (everything after the header) is written: straight into its slot when the
-// slot is mapped here (peer_pointer, nvlink), else into the staging buffer. k_pack and k_send both ask, with the
-// same arguments, so they agree.
-__device__ __forceinline__ unsigned char* direct_payload(const dev_server& sv, const slot_layout& l) {
-  return static_cast<unsigned char*>(peer_pointer(sv.ep, sv.slots, sv.slot_offset, l.end));
 }
 
 // Blocks (s, y): server s's request: the header (block y 0) in its staging buffer, rows y, y + Y, ... (bf16
@@ -275,10 +278,14 @@ __global__ void __launch_bounds__(kPackThreads)
       w_out[std::size_t{r} * topk + k] = mine ? weights[ent] : 0.0f;
     }
   }
-  // The block's stores to the peer, then one system-scope fence: k_send's commit and signal (stream-ordered
-  // after this kernel, system-scope releases) publish them (grid_put.cuh's argument).
-  __syncthreads();
-  if (threadIdx.x == 0) __threadfence_system();
+  // The block's stores to the peer, then one system-scope fence that completes before the block (hence this
+  // kernel) does: k_send's commit and signal, a later kernel of the stream and system-scope releases, publish
+  // them; the kernel boundary stands for grid_put's arrival counter (so k_pack and k_send must stay two
+  // kernels, without programmatic dependent launch between them).
+  if (direct != nullptr) {  // block-uniform
+    __syncthreads();
+    if (threadIdx.x == 0) __threadfence_system();
+  }
 }
 
 // Blocks (s, y): server s's staging buffer into its slot (the header alone where k_pack wrote the payload
@@ -562,6 +569,7 @@ class step_impl final : public client_step {
       o.detail = state[s].detail;
       o.seq = state[s].seq;
       o.requests = state[s].requests;
+      o.direct_requests = state[s].direct;
       servers[s].seq = o.seq;
       any = any || o.fail != step_fail::none;
     }

@@ -13,8 +13,8 @@
 //            max_tokens, or whose request would not fit its slot, gets none and is marked failed
 //   pack     per server, the request's payload (bf16 rows, local ids with kNoExpert padding, weights)
 //            straight into the server's slot over NVLink (peer_pointer; at most 32 blocks per server), and
-//            its header (slot_header with seq = ++counter) into a local staging buffer; where the slot is
-//            not mapped here, the whole request into staging
+//            its header (slot_header with seq = ++counter) into a local staging buffer; where peer_pointer
+//            gives none (a check fails), the whole request into staging, and the send's put reports it
 //   send     grid_put_signal of the header (or of the whole staged request) into the server's slot, the
 //            header as its head: the header's commit word only after every other byte, the slot's sequence
 //            word set to seq after that (grid_put.cuh's argument; slot.hpp's commit record)
@@ -125,6 +125,7 @@ struct step_outcome {
   std::uint32_t detail = 0;    ///< slot_error for `refused`, a status for `not_delivered`
   std::uint64_t seq = 0;       ///< its request counter after the forward
   std::uint32_t requests = 0;  ///< requests sent to it in this forward
+  std::uint32_t direct_requests = 0;  ///< of those, packed straight into its slot over NVLink (peer_pointer)
 };
 
 /// What one forward left.

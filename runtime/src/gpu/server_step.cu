@@ -76,7 +76,7 @@ struct round_args {
   std::uint64_t poll_ns;
   std::uint64_t batch_window_ns;
   std::uint32_t direct_answers;  // server_step_config::direct_answers
-  std::uint32_t* round_no;  // rounds that saw a request so far (k_poll counts them; 0 before the first)
+  std::uint32_t* round_no;  // rounds that served a request so far (k_scan counts them); this one is *round_no + 1
 };
 
 __device__ __forceinline__ std::uint64_t sig_word(const round_args& a, std::uint32_t i) {
@@ -123,11 +123,11 @@ __device__ __forceinline__ bool has_request(const round_args& a, std::uint32_t i
 }
 
 // Until a used slot's word differs from its last_sig (and from its ignored_sig), or poll_ns passed. Then,
-// with a batch window, until every used slot served in the last two rounds has a request too, or the window
-// (from the first request seen) passed. One block.
+// with a batch window, until every used slot served in the last two rounds that served anything has a request
+// too, or the window (from the first request seen) passed. One block. (A request that lands after the deadline
+// and before k_validate is still served, without the window: it only loses batching for that round.)
 __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
   __shared__ std::uint64_t s_until;
-  __shared__ std::uint32_t s_round;
   if (threadIdx.x == 0) {
     const std::uint64_t t = eaas::now_ns();
     a.head->stamp_poll = t;
@@ -151,21 +151,27 @@ __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
     const std::uint64_t t = eaas::now_ns();
     a.head->stamp_seen = t;
     s_until = t + a.batch_window_ns;
-    s_round = ++*a.round_no;  // only this kernel writes it: rounds that saw a request, this one included
   }
   __syncthreads();
   if (a.batch_window_ns == 0) return;
-  const std::uint64_t window_end = s_until, round = s_round;
+  const std::uint64_t seen = s_until - a.batch_window_ns, window_end = s_until;
+  const std::uint32_t round = *a.round_no + 1;  // this round's number, if it serves anything
   for (;;) {
     int missing = 0;
     for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
       const std::uint32_t served = a.st[i].served_round;
-      const bool recent = served != 0 && static_cast<std::uint32_t>(round) - served <= 2;
+      const bool recent = served != 0 && round - served <= 2;
       if (a.cfg[i].used != 0 && recent && !has_request(a, i)) missing = 1;
     }
-    if (__syncthreads_or(missing) == 0) return;
     const int expired = threadIdx.x == 0 && eaas::now_ns() >= window_end ? 1 : 0;
-    if (__syncthreads_or(expired) != 0) return;
+    const int done = __syncthreads_or(missing) == 0 ? 1 : 0;
+    if (done != 0 || __syncthreads_or(expired) != 0) {
+      if (threadIdx.x == 0) {
+        const std::uint64_t waited = eaas::now_ns() - seen;
+        a.head->window_ns = waited > 0xFFFFFFFFull ? 0xFFFFFFFFu : static_cast<std::uint32_t>(waited);
+      }
+      return;
+    }
     __nanosleep(100);
   }
 }
@@ -184,6 +190,7 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
     st.error = 0;
     st.tokens = 0;
     st.put_result = 0;
+    st.direct = 0;
     const server_slot_config& c = a.cfg[i];
     const std::uint64_t v = c.used != 0 ? sig_word(a, i) : st.last_sig;
     if (v != st.last_sig) {
@@ -279,7 +286,7 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
         st.error = static_cast<std::uint32_t>(validate_routing(one, lim, ids + t * h.topk, wts + t * h.topk));
       } else {
         st.verdict = static_cast<std::uint32_t>(slot_verdict::served);
-        st.served_round = *a.round_no;  // this round's number (k_poll counted it: a request was seen)
+        st.served_round = *a.round_no + 1;  // this round's number (k_scan counts it: it serves a request)
         st.tokens = h.tokens;
         st.layer = h.layer;
         a.hdr[i] = h;
@@ -293,6 +300,7 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
   if (verdict == slot_verdict::served && a.direct_answers != 0)
     a.direct[i] = reinterpret_cast<unsigned long long>(peer_pointer(
         a.cfg[i].ep, a.cfg[i].result, kOutputs, std::uint64_t{st.tokens} * a.hidden * 4));
+  st.direct = a.direct[i] != 0 ? 1u : 0u;
   response_header rh{};
   rh.magic = kSlotMagic;
   rh.version = kSlotVersion;
@@ -359,6 +367,7 @@ __global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
     }
   }
   if (threadIdx.x == 0) {
+    if (tokens > 0) ++*a.round_no;  // a round that serves something (k_poll's recency counts these)
     a.offsets[a.groups] = rows;
     a.head->tokens = static_cast<std::uint32_t>(tokens);
     a.head->rows = static_cast<std::uint32_t>(rows - padded);
@@ -461,10 +470,13 @@ __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
       out[j] = acc;
     }
   }
-  // The block's stores to peers, then one system-scope fence: the answer kernel's signal (stream-ordered
-  // after this kernel, itself a system-scope release) publishes them (grid_put.cuh's argument).
-  __syncthreads();
-  if (threadIdx.x == 0) __threadfence_system();
+  // With direct answers, the block's stores to peers, then one system-scope fence that completes before the
+  // block (hence this kernel) does: the answer kernel's signal, a later kernel of the stream and a system-scope
+  // release, publishes them; the kernel boundary stands for grid_put's arrival counter.
+  if (a.direct_answers != 0) {  // grid-uniform
+    __syncthreads();
+    if (threadIdx.x == 0) __threadfence_system();
+  }
 }
 
 // Block (x, i): slot i's answer, if it has one: put and signalled from gridDim.x blocks. A served

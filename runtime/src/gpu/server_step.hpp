@@ -9,7 +9,7 @@
 //             (and from ignored_sig: slot_cursor), or a short deadline passes
 //             (poll_ns): the host gets the GPU back often enough for its bookkeeping (links, leaves,
 //             revocations, dead clients). Then, for up to batch_window_ns, it waits for the other slots
-//             served in the last two rounds that saw a request to send too, so that clients in step are
+//             served in the last two rounds that served a request to send too, so that clients in step are
 //             answered in one round (one read of the experts' weights for all of them) instead of taking turns
 //   validate  one block per slot whose word differs from last_sig: the header's commit word read with
 //             acquire, the header copied out of the slot (a private copy: the peer can still write
@@ -88,7 +88,8 @@ struct server_slot_state {
   std::uint32_t layer;        ///< the request's layer (served)
   int put_result;             ///< the answer's put: 0 (ok) or the status that failed it
   std::uint32_t served_round;  ///< the round that last served this slot (0: none since it was assigned)
-  std::uint32_t reserved[2];
+  std::uint32_t direct;        ///< served: 1 when the combine wrote the outputs straight into the client
+  std::uint32_t reserved;
 };
 static_assert(std::is_trivially_copyable_v<server_slot_state>);
 static_assert(sizeof(server_slot_state) == 64 && offsetof(server_slot_state, put_result) == 48);
@@ -100,7 +101,7 @@ struct server_round_head {
   std::uint32_t active_groups;  ///< (layer, local expert) groups with rows
   std::uint32_t gemm_error;     ///< grouped_swiglu_error bits (0: the GEMM ran)
   std::uint32_t padded_rows;    ///< padding rows computed (0 with shrinking)
-  std::uint32_t reserved;
+  std::uint32_t window_ns;      ///< how long the poll then waited for other clients (batch_window_ns)
   // Where the round's time went, on the device's clock (%globaltimer, ns): each stamp is taken by the first
   // thread of the kernel named (stamp_seen: 0 when the poll's deadline passed with no request).
   std::uint64_t stamp_poll;     ///< the poll began
@@ -134,7 +135,7 @@ struct server_step_config {
   /// client write into one GPU at once; fewer writers each can be faster there (see docs/PERF.md).
   std::uint32_t put_blocks = 32;
   /// Batching across clients: once a request is seen, the poll waits up to this long for every other slot
-  /// served in the last two rounds that saw a request to send as well (0: off, each round takes what is
+  /// served in the last two rounds that served a request to send as well (0: off, each round takes what is
   /// there). Clients that run in step then share one round, and the experts' weights are read once for all
   /// of them; a client that has stopped delays at most the next two rounds by this much (a slot that is
   /// given back or reassigned starts with no history).
