@@ -266,6 +266,23 @@ int main(int argc, char** argv) {
     EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(wg, per * 2, m.experts, pg, st));
     EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(wu, per * 2, m.experts, pu, st));
     EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(wd, per * 2, m.experts, pd, st));
+    // The same weights in the tiled layout (grouped_swiglu_layout::tiled), for the tiled variants of --sweep.
+    __nv_bfloat16 *tg = nullptr, *tu = nullptr, *td = nullptr;
+    const void **ptg = nullptr, **ptu = nullptr, **ptd = nullptr;
+    if (sweep) {
+      tg = dalloc<__nv_bfloat16>(E * per);
+      tu = dalloc<__nv_bfloat16>(E * per);
+      td = dalloc<__nv_bfloat16>(E * per);
+      for (std::size_t e = 0; e < E; ++e) {
+        EAAS_PERF_CHECK(gg::grouped_swiglu_tile(wg + e * per, tg + e * per, m.inter, m.hidden, st));
+        EAAS_PERF_CHECK(gg::grouped_swiglu_tile(wu + e * per, tu + e * per, m.inter, m.hidden, st));
+        EAAS_PERF_CHECK(gg::grouped_swiglu_tile(wd + e * per, td + e * per, m.hidden, m.inter, st));
+      }
+      ptg = dalloc<const void*>(E), ptu = dalloc<const void*>(E), ptd = dalloc<const void*>(E);
+      EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(tg, per * 2, m.experts, ptg, st));
+      EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(tu, per * 2, m.experts, ptu, st));
+      EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(td, per * 2, m.experts, ptd, st));
+    }
     auto* offsets = dalloc<std::int32_t>(E + 1);
     auto* rw = dalloc<float>(max_rows);
     auto* y = dalloc<float>(max_rows * H);
@@ -320,8 +337,13 @@ int main(int argc, char** argv) {
       a.y = y;
       a.workspace = ws;
       a.error = err;
-      auto run_ours = [&](const gg::grouped_swiglu_tuning& t) {
-        return capture(st, [&] { EAAS_PERF_CHECK(gg::grouped_swiglu(shape, a, ws_bytes, st, t)); });
+      gg::grouped_swiglu_args a_tiled = a;
+      a_tiled.gate = ptg;
+      a_tiled.up = ptu;
+      a_tiled.down = ptd;
+      a_tiled.layout = gg::grouped_swiglu_layout::tiled;
+      auto run_ours = [&](const gg::grouped_swiglu_tuning& t, bool tiled = false) {
+        return capture(st, [&] { EAAS_PERF_CHECK(gg::grouped_swiglu(shape, tiled ? a_tiled : a, ws_bytes, st, t)); });
       };
 
       // --- validate: eaas vs the CPU reference on sampled rows --------------------------------------
@@ -451,17 +473,23 @@ int main(int argc, char** argv) {
       if (sweep) {
         // {blocks per SM (0: the default), stages (1: registers, 3/4/6: cp.async ring), k_unroll, staged
         // (token tiles in shared memory; k_unroll = weight steps in flight), staged_from_rows (auto pick)}
+        // ..., then {tiled_steps, tiled_depth}: the tiled layout (weights by bulk copies into shared memory).
         const gg::grouped_swiglu_tuning variants[] = {
-            {4, 1, 2, 0, 0}, {3, 1, 2, 0, 0}, {2, 1, 2, 0, 0}, {3, 1, 4, 0, 0}, {0, 3, 0, 0, 0}, {0, 4, 0, 0, 0},
-            {0, 6, 0, 0, 0}, {2, 3, 0, 0, 0}, {0, 0, 2, 1, 0}, {3, 0, 2, 1, 0}, {0, 0, 3, 1, 0}, {0, 0, 0, 0, 16}};
+            {4, 1, 2, 0, 0},       {3, 1, 2, 0, 0},       {2, 1, 2, 0, 0},       {3, 1, 4, 0, 0},
+            {0, 3, 0, 0, 0},       {0, 4, 0, 0, 0},       {0, 6, 0, 0, 0},       {2, 3, 0, 0, 0},
+            {0, 0, 2, 1, 0},       {3, 0, 2, 1, 0},       {0, 0, 3, 1, 0},       {0, 0, 0, 0, 16},
+            {0, 0, 0, 0, 0, 2, 4}, {0, 0, 0, 0, 0, 1, 8}, {0, 0, 0, 0, 0, 2, 3}, {0, 0, 0, 0, 0, 4, 3},
+            {0, 0, 0, 0, 0, 2, 6}};
         nlohmann::json vj = nlohmann::json::array();
         std::vector<float> y_var(rows * H);
         for (const auto& t : variants) {
-          const std::string name = t.staged_from_rows != 0 ? "auto>=" + std::to_string(t.staged_from_rows)
-                                   : t.staged != 0         ? "staged x" + std::to_string(t.k_unroll)
-                                   : t.stages == 1         ? "registers x" + std::to_string(t.k_unroll)
-                                                           : "cp.async x" + std::to_string(t.stages);
-          cudaGraphExec_t ge = run_ours(t);
+          const bool tiled = t.tiled_steps != 0;
+          const std::string name = tiled ? "tiled " + std::to_string(t.tiled_steps) + "x" + std::to_string(t.tiled_depth)
+                                   : t.staged_from_rows != 0 ? "auto>=" + std::to_string(t.staged_from_rows)
+                                   : t.staged != 0           ? "staged x" + std::to_string(t.k_unroll)
+                                   : t.stages == 1           ? "registers x" + std::to_string(t.k_unroll)
+                                                             : "cp.async x" + std::to_string(t.stages);
+          cudaGraphExec_t ge = run_ours(t, tiled);
           // Validated like the default: the sampled CPU reference (#wrong), and every row against the default.
           EAAS_CU(cudaMemsetAsync(y, 0xFF, max_rows * H * 4, st));
           EAAS_CU(cudaGraphLaunch(ge, st));
@@ -492,6 +520,8 @@ int main(int argc, char** argv) {
                         {"k_unroll", t.k_unroll},
                         {"staged", t.staged},
                         {"staged_from_rows", t.staged_from_rows},
+                        {"tiled_steps", t.tiled_steps},
+                        {"tiled_depth", t.tiled_depth},
                         {"ctas_per_sm", t.ctas_per_sm},
                         {"us", sv.t_typical},
                         {"gbps", vg},
@@ -506,7 +536,9 @@ int main(int argc, char** argv) {
     for (void* p : {static_cast<void*>(wg), static_cast<void*>(wu), static_cast<void*>(wd), static_cast<void*>(x),
                     static_cast<void*>(pg), static_cast<void*>(pu), static_cast<void*>(pd), static_cast<void*>(offsets),
                     static_cast<void*>(rw), static_cast<void*>(y), static_cast<void*>(err), ws, static_cast<void*>(bg),
-                    static_cast<void*>(bu), static_cast<void*>(bh), static_cast<void*>(by)})
+                    static_cast<void*>(bu), static_cast<void*>(bh), static_cast<void*>(by), static_cast<void*>(tg),
+                    static_cast<void*>(tu), static_cast<void*>(td), static_cast<void*>(ptg), static_cast<void*>(ptu),
+                    static_cast<void*>(ptd)})
       EAAS_CU(cudaFree(p));
   }
   const double copy_after = copy_bandwidth(st, std::size_t(copy_mib) << 20, std::max(reps, 10));

@@ -145,14 +145,16 @@ void reference(const problem& p, std::vector<double>& ref, std::vector<double>& 
   }
 }
 
-// Device copies of a problem, with per-expert weight allocations (or one stacked tensor each).
+// Device copies of a problem, with per-expert weight allocations (or one stacked tensor each), the weights
+// row-major or in the tiled layout (converted on the device by grouped_swiglu_tile).
 struct device_problem {
   dev_buf x, offsets, row_weight, y, ws, error;
   dev_buf gate_ptrs, up_ptrs, down_ptrs;
   std::vector<std::unique_ptr<dev_buf>> owned;
   std::size_t ws_bytes;
+  bool tiled;
 
-  device_problem(const problem& p, bool stacked)
+  device_problem(const problem& p, bool stacked, bool tiled_weights = false)
       : x(p.x.size() * 2),
         offsets(p.offsets.size() * 4),
         row_weight(p.row_weight.size() * 4),
@@ -162,7 +164,8 @@ struct device_problem {
         gate_ptrs(p.shape.experts * sizeof(void*)),
         up_ptrs(p.shape.experts * sizeof(void*)),
         down_ptrs(p.shape.experts * sizeof(void*)),
-        ws_bytes(grouped_swiglu_workspace_bytes(p.shape)) {
+        ws_bytes(grouped_swiglu_workspace_bytes(p.shape)),
+        tiled(tiled_weights) {
     upload(x, p.x);
     upload(offsets, p.offsets);
     if (!p.row_weight.empty()) upload(row_weight, p.row_weight);
@@ -170,18 +173,29 @@ struct device_problem {
     const std::size_t E = p.shape.experts, n = std::size_t{p.shape.hidden} * p.shape.inter;
     const std::vector<std::vector<std::uint16_t>>* mats[3] = {&p.gate, &p.up, &p.down};
     const dev_buf* ptrs[3] = {&gate_ptrs, &up_ptrs, &down_ptrs};
+    // [rows, cols] of gate, up, down
+    const std::uint32_t dims[3][2] = {{p.shape.inter, p.shape.hidden}, {p.shape.inter, p.shape.hidden},
+                                      {p.shape.hidden, p.shape.inter}};
     for (int m = 0; m < 3; ++m) {
+      // Tiled: the row-major bytes go to a staging buffer, grouped_swiglu_tile writes them to the weights'.
+      const dev_buf staging(tiled ? n * 2 : 0);
+      auto put = [&](char* dst, const std::vector<std::uint16_t>& w) {
+        REQUIRE_CUDA(cudaMemcpy(tiled ? staging.p : dst, w.data(), n * 2, cudaMemcpyHostToDevice));
+        if (tiled) {
+          REQUIRE_OK(grouped_swiglu_tile(staging.p, dst, dims[m][0], dims[m][1], nullptr));
+          REQUIRE_CUDA(cudaDeviceSynchronize());
+        }
+      };
       if (stacked) {
         auto& buf = owned.emplace_back(std::make_unique<dev_buf>(E * n * 2));
-        for (std::size_t e = 0; e < E; ++e)
-          REQUIRE_CUDA(cudaMemcpy(buf->as<char>() + e * n * 2, (*mats[m])[e].data(), n * 2, cudaMemcpyHostToDevice));
+        for (std::size_t e = 0; e < E; ++e) put(buf->as<char>() + e * n * 2, (*mats[m])[e]);
         REQUIRE_OK(grouped_swiglu_expert_pointers(buf->p, n * 2, static_cast<std::uint32_t>(E),
                                                   ptrs[m]->as<const void*>(), nullptr));
       } else {
         std::vector<const void*> host_ptrs;
         for (std::size_t e = 0; e < E; ++e) {
           auto& buf = owned.emplace_back(std::make_unique<dev_buf>(n * 2));
-          upload(*buf, (*mats[m])[e]);
+          put(buf->as<char>(), (*mats[m])[e]);
           host_ptrs.push_back(buf->p);
         }
         upload(*ptrs[m], host_ptrs);
@@ -201,6 +215,7 @@ struct device_problem {
     a.y = y.as<float>();
     a.workspace = ws.p;
     a.error = error.as<std::uint32_t>();
+    a.layout = tiled ? grouped_swiglu_layout::tiled : grouped_swiglu_layout::row_major;
     return a;
   }
 
@@ -397,6 +412,93 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("grouped_swiglu_tile: the device writes the host's tiled index; bad arguments are refused") {
+  constexpr std::uint32_t rows = 48, cols = 96;
+  std::vector<std::uint16_t> src(std::size_t{rows} * cols);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::uint16_t>(i * 2654435761u >> 7);
+  const dev_buf d_src(src.size() * 2), d_dst(src.size() * 2);
+  REQUIRE_CUDA(cudaMemcpy(d_src.p, src.data(), src.size() * 2, cudaMemcpyHostToDevice));
+  REQUIRE_CUDA(cudaMemset(d_dst.p, 0xFF, src.size() * 2));
+  REQUIRE_OK(grouped_swiglu_tile(d_src.p, d_dst.p, rows, cols, nullptr));
+  std::vector<std::uint16_t> dst(src.size());
+  REQUIRE_CUDA(cudaMemcpy(dst.data(), d_dst.p, dst.size() * 2, cudaMemcpyDeviceToHost));
+  std::size_t misplaced = 0;
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t c = 0; c < cols; ++c) misplaced += dst[grouped_swiglu_tiled_index(r, c, cols)] != src[r * cols + c];
+  CHECK(misplaced == 0);
+
+  CHECK(grouped_swiglu_tile(d_src.p, d_dst.p, 40, cols, nullptr) == status::invalid_argument);  // rows % 16
+  CHECK(grouped_swiglu_tile(d_src.p, d_dst.p, rows, 80, nullptr) == status::invalid_argument);  // cols % 32
+  CHECK(grouped_swiglu_tile(d_src.p, d_dst.p, 0, cols, nullptr) == status::invalid_argument);
+  CHECK(grouped_swiglu_tile(nullptr, d_dst.p, rows, cols, nullptr) == status::invalid_argument);
+  CHECK(grouped_swiglu_tile(d_src.p, d_src.p, rows, cols, nullptr) == status::invalid_argument);
+  CHECK(grouped_swiglu_tile(d_src.as<char>() + 8, d_dst.p, rows, cols, nullptr) == status::invalid_argument);
+}
+
+TEST_CASE("grouped_swiglu: tiled weights give the row-major default's outputs bit for bit, at every copy depth") {
+  // The shapes and counts of the staged test (K tails, tiles of one or two steps, a single K step, half-full
+  // feature tiles, inactive experts). The tiled path reads the weights through bulk copies into shared memory
+  // but feeds the tensor cores the same fragments in the same order as the row-major default (the staged
+  // path), so every output must be the same float, and rows outside the groups keep the poison.
+  struct shape_case {
+    std::uint32_t hidden, inter;
+    std::size_t random_experts;
+  };
+  const shape_case shapes[] = {{2048, 768, 0}, {544, 96, 6}, {288, 320, 6}, {32, 32, 6}};
+  const std::vector<int> edges = {1, 0, 7, 16, 33, 64, 0, 5, 23, 40};
+  // {blocks per SM, ..., tiled_steps, tiled_depth}; one block per SM: every block walks many work items and
+  // its mbarriers go through many phases.
+  std::vector<grouped_swiglu_tuning> tunings;
+  for (const auto& [steps, depth] : {std::pair<std::uint32_t, std::uint32_t>{0, 0}, {2, 4}, {1, 8}, {2, 3}, {4, 3},
+                                    {2, 6}})
+    for (std::uint32_t per_sm : {0u, 1u}) tunings.push_back({per_sm, 0, 0, 0, 0, steps, depth});
+  std::mt19937_64 rng(31);
+  for (const auto& sc : shapes) {
+    CAPTURE(sc.hidden);
+    CAPTURE(sc.inter);
+    std::vector<int> counts = edges;
+    const auto more = random_counts(sc.random_experts, 70, 0.3, rng);
+    counts.insert(counts.end(), more.begin(), more.end());
+    const problem p = make_problem(sc.hidden, sc.inter, counts, 3, 5, true, rng());
+    std::vector<double> ref, mag;
+    reference(p, ref, mag);
+    for (const bool stacked : {false, true}) {
+      CAPTURE(stacked);
+      const device_problem rm(p, stacked), tl(p, stacked, true);
+      auto run = [&](const device_problem& d, const grouped_swiglu_tuning& t) {
+        d.poison_y(p);
+        REQUIRE_OK(grouped_swiglu(p.shape, d.args(true), d.ws_bytes, nullptr, t));
+        REQUIRE_CUDA(cudaDeviceSynchronize());
+        CHECK(read_error(d) == 0);
+        return download_y(p, d);
+      };
+      const std::vector<float> y_default = run(rm, {});
+      const verdict v = compare(p, y_default, ref, mag);
+      INFO(v.first);
+      REQUIRE(v.wrong == 0);
+      REQUIRE(v.stray == 0);
+      for (const auto& t : tunings) {
+        CAPTURE(t.ctas_per_sm);
+        CAPTURE(t.tiled_steps);
+        CAPTURE(t.tiled_depth);
+        const std::vector<float> y = run(tl, t);
+        std::size_t differ = 0;
+        for (std::size_t i = 0; i < y.size(); ++i) differ += std::memcmp(&y[i], &y_default[i], 4) != 0;
+        CHECK(differ == 0);
+      }
+      // The same tiled bytes read as row-major are a different matrix: the sums must change (the layout is
+      // honoured, not ignored).
+      grouped_swiglu_args wrong = tl.args(true);
+      wrong.layout = grouped_swiglu_layout::row_major;
+      tl.poison_y(p);
+      REQUIRE_OK(grouped_swiglu(p.shape, wrong, tl.ws_bytes, nullptr));
+      REQUIRE_CUDA(cudaDeviceSynchronize());
+      const verdict w = compare(p, download_y(p, tl), ref, mag);
+      CHECK(w.wrong > 0);
+    }
+  }
+}
+
 TEST_CASE("grouped_swiglu: one expert holds every row (a prefill-sized group)") {
   std::vector<int> counts(8, 0);
   counts[5] = 300;
@@ -503,6 +605,19 @@ TEST_CASE("grouped_swiglu: the host refuses bad arguments, the device refuses ba
           status::invalid_argument);  // staged and a cp.async ring
     CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 2, 0}) ==
           status::invalid_argument);
+    // Tiled knobs with row-major weights, row-major knobs or an unknown depth with tiled weights, a bad layout.
+    CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 2, 4}) ==
+          status::invalid_argument);
+    grouped_swiglu_args tiled = good;
+    tiled.layout = grouped_swiglu_layout::tiled;
+    CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 1, 0}) ==
+          status::invalid_argument);
+    CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 2, 5}) ==
+          status::invalid_argument);
+    CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 3, 0}) ==
+          status::invalid_argument);
+    tiled.layout = static_cast<grouped_swiglu_layout>(2);
+    CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr) == status::invalid_argument);
     CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 1, 16}) ==
           status::invalid_argument);  // the automatic pick is its own kernel
     CHECK(!last_error().empty());

@@ -421,18 +421,142 @@ __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a
   __syncthreads();  // every warp is done with the tiles before the next item restages them
 }
 
+// The tiled path (grouped_swiglu_layout::tiled). Each 16-row tile of a weight matrix is stored as its K
+// steps one after another, 1 KiB each, in the order the threads take them: the 16 bytes of lane l = 4g + t
+// at l * 16 (row g, elements 8t .. 8t+7) and at 512 + l * 16 (row g + 8). A warp's weights for D K steps
+// are two contiguous ranges (one per A tile), so one elected lane moves them with two bulk copies (TMA)
+// into the warp's ring in shared memory, completing on an mbarrier; the lanes read their pieces back with
+// consecutive, conflict-free LDS.128. No register holds a weight in flight, so the ring can keep
+// kTiledDepth copies (many more bytes than the register ring) in flight per warp. The tokens are staged
+// per block exactly as on the staged path, and the mmas run in the same order: the same sums, bit for bit.
+constexpr int kTiledStepBytes = 1024;
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(std::uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+// Arrives (the barrier's one arrival per phase) and announces `bytes` of bulk copies for this phase.
+__device__ __forceinline__ void mbar_arrive_expect(std::uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(std::uint64_t* bar, unsigned parity) {
+  unsigned done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+// Global -> this block's shared memory, `bytes` (a multiple of 16) counted on `bar` when they land.
+__device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, unsigned bytes, std::uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(smem)),
+      "l"(gmem), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+// Orders this thread's earlier shared-memory reads (made visible to it by __syncwarp) before bulk copies
+// it issues next into the same bytes.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Shared memory of the tiled path: the token tiles, then per warp a ring of R slots of 2 A tiles x D K
+// steps, then per warp R mbarriers.
+template <int D, int R>
+__host__ __device__ constexpr int tiled_bars_offset() {
+  return kStageBytes + kWarps * R * 2 * D * kTiledStepBytes;
+}
+template <int D, int R>
+__host__ __device__ constexpr int tiled_smem_bytes() {
+  return tiled_bars_offset<D, R>() + kWarps * R * 8;
+}
+
+// Called by the whole block; warps with live false only help stage B. `a`: the warp's two A tiles in the
+// tiled layout; B, ld, K, rows and acc as for block_gemm_staged. `ring` and `bars`: this warp's; `uses`:
+// copies this warp has waited for so far (slot = uses % R, phase parity = (uses / R) & 1), kept across
+// work items. Every copy issued here is waited for here, so the ring is idle between items.
+template <int D, int R>
+__device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool live, const __nv_bfloat16* b, int ld,
+                                                 int K, int rows, __nv_bfloat16* stage, char* ring,
+                                                 std::uint64_t* bars, unsigned& uses, float (&acc)[2][kNTiles][4]) {
+  static_assert(kStageSteps % D == 0, "a copy never straddles two token tiles");
+  constexpr int kSlotBytes = 2 * D * kTiledStepBytes;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ntiles = (rows + 7) / 8, nk = K / 32, ncopies = (nk + D - 1) / D;
+  const __nv_bfloat16* b_row = stage + g * kStageLd + 8 * t;
+
+  auto stage_tile = [&](int j) {
+    if (j * kStageSteps < nk)
+      stage_b_tile(stage + (j & 1) * kStageTile, b, ld, rows, ntiles * 8, j * kStageK, min(kStageK, K - j * kStageK));
+    cp_async_commit();  // always: at a tile's start, its group is the only one pending
+  };
+  auto issue = [&](int c) {  // one lane: copy c (K steps c*D ..) into its slot
+    const unsigned slot = (uses + c) % R;
+    const unsigned bytes = static_cast<unsigned>(min(D, nk - c * D)) * kTiledStepBytes;
+    char* dst = ring + slot * kSlotBytes;
+    const std::size_t src = static_cast<std::size_t>(c) * D * kTiledStepBytes;
+    mbar_arrive_expect(bars + slot, 2 * bytes);
+    bulk_copy(dst, a[0] + src, bytes, bars + slot);
+    bulk_copy(dst + D * kTiledStepBytes, a[1] + src, bytes, bars + slot);
+  };
+
+  stage_tile(0);
+  if (live && lane == 0)
+    for (int c = 0; c < R && c < ncopies; ++c) issue(c);
+  for (int c = 0; c < ncopies; ++c) {
+    const int i0 = c * D;
+    if ((i0 & (kStageSteps - 1)) == 0) {
+      // A token tile starts: wait for it, and let every warp finish the previous tile before its buffer
+      // is refilled with the next one.
+      cp_async_wait<0>();
+      __syncthreads();
+      stage_tile(i0 / kStageSteps + 1);
+    }
+    if (!live) continue;  // warp-uniform
+    const unsigned u = uses + c, slot = u % R;
+    while (!mbar_try_wait(bars + slot, (u / R) & 1)) {
+    }
+    const char* piece = ring + slot * kSlotBytes + lane * 16;
+    a_step s[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const char* p = piece + (mt * D + d) * kTiledStepBytes;
+        s[d].lo[mt] = *reinterpret_cast<const uint4*>(p);
+        s[d].hi[mt] = *reinterpret_cast<const uint4*>(p + 512);
+      }
+    }
+    const __nv_bfloat16* tile = b_row + ((i0 / kStageSteps) & 1) * kStageTile;
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+      if (i0 + d < nk) mma_step(s[d], tile, i0 + d, ntiles, acc);
+    if (c + R < ncopies) {
+      __syncwarp();  // every lane has read the slot (its values are in registers)
+      if (lane == 0) {
+        fence_proxy_async();
+        issue(c + R);
+      }
+    }
+  }
+  if (live) uses += static_cast<unsigned>(ncopies);
+  __syncthreads();  // every warp is done with the token tiles before the next item restages them
+}
+
 // Which product a kernel runs (template argument of the GEMM kernels).
 enum b_mode : int {
   kBPerWarp = 0,  // register path or cp.async ring: every warp loads its own token fragments
   kBStaged = 1,   // block_gemm_staged
   kBAuto = 2,     // staged when the call's mean rows per active expert >= kparams::staged_from_rows
+  kBTiled = 3,    // block_gemm_tiled (weights in the tiled layout); U = K steps per copy, S = copies in flight
 };
 
 // Register budget (ptxas, no spills): the staged path with 2 steps in flight fits 128 registers (4 blocks
 // per SM), with 3 steps 166; the auto kernels hold the register path and the staged one: 168.
 template <int U, int B>
 constexpr int min_blocks() {
-  return B == kBAuto || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
+  return B == kBAuto || B == kBTiled || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
 }
 
 // One work item's product, the same for both GEMM kernels (K = ld: the rows of A and B are contiguous). The
@@ -441,8 +565,14 @@ constexpr int min_blocks() {
 template <int U, int S, int B>
 __device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2], bool live, bool staged,
                                              const __nv_bfloat16* b, int K, int rows, uint4* s_ring, int warp,
-                                             float (&acc)[2][kNTiles][4]) {
-  if constexpr (B != kBPerWarp) {
+                                             unsigned& uses, float (&acc)[2][kNTiles][4]) {
+  if constexpr (B == kBTiled) {
+    auto* smem = reinterpret_cast<char*>(s_ring);
+    const char* at[2] = {reinterpret_cast<const char*>(a[0]), reinterpret_cast<const char*>(a[1])};
+    block_gemm_tiled<U, S>(at, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(smem),
+                           smem + kStageBytes + warp * S * 2 * U * kTiledStepBytes,
+                           reinterpret_cast<std::uint64_t*>(smem + tiled_bars_offset<U, S>()) + warp * S, uses, acc);
+  } else if constexpr (B != kBPerWarp) {
     if (staged)
       block_gemm_staged<U>(a, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
     else
@@ -453,7 +583,7 @@ __device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2],
 }
 
 __device__ __forceinline__ bool use_staged(int mode, const kparams& p, int n_active) {
-  return mode == kBStaged || (mode == kBAuto && static_cast<long long>(p.hdr->rows) >=
+  return mode == kBStaged || mode == kBTiled || (mode == kBAuto && static_cast<long long>(p.hdr->rows) >=
                                                     static_cast<long long>(p.staged_from_rows) * n_active);
 }
 
@@ -482,6 +612,20 @@ __device__ __forceinline__ work_item find_item(long long w, int tiles, const std
   it.row0 = it.e.begin + (rem % chunks) * kChunkRows;
   it.rows = min(kChunkRows, it.e.end - it.row0);
   return it;
+}
+
+// The tiled path: each warp's lane 0 initialises the warp's S mbarriers (one arrival per phase); the
+// __syncthreads in setup_items publishes them before any copy is issued.
+template <int U, int S, int B>
+__device__ __forceinline__ void init_tiled(uint4* s_ring) {
+  if constexpr (B == kBTiled) {
+    if ((threadIdx.x & 31) == 0) {
+      auto* bars = reinterpret_cast<std::uint64_t*>(reinterpret_cast<char*>(s_ring) + tiled_bars_offset<U, S>()) +
+                   (threadIdx.x >> 5) * S;
+      for (int r = 0; r < S; ++r) mbar_init(bars + r);
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+  }
 }
 
 // Loads the header and (when it fits) the chunk prefix into shared memory. False: no work here.
@@ -599,6 +743,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(k
   int n_active;
   long long total;
   const std::int32_t* prefix;
+  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
+  init_tiled<U, S, B>(s_ring);
   if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
@@ -612,7 +758,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(k
     const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
     float acc[2][kNTiles][4] = {};
     const __nv_bfloat16* b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
-    item_product<U, S, B>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, acc);
+    item_product<U, S, B>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, uses, acc);
     if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
@@ -636,6 +782,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kpar
   int n_active;
   long long total;
   const std::int32_t* prefix;
+  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
+  init_tiled<U, S, B>(s_ring);
   if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
@@ -650,7 +798,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kpar
                                  it.e.down + static_cast<std::size_t>(fa + 16) * p.inter};
     float acc[2][kNTiles][4] = {};
     const __nv_bfloat16* b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
-    item_product<U, S, B>(a, live, staged, b, p.inter, it.rows, s_ring, warp, acc);
+    item_product<U, S, B>(a, live, staged, b, p.inter, it.rows, s_ring, warp, uses, acc);
     if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
@@ -668,6 +816,18 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kpar
         }
       }
     }
+  }
+}
+
+// dst = src [rows, cols] in the tiled layout; one thread per 16-byte piece of dst.
+__global__ void tile_kernel(const uint4* src, uint4* dst, std::uint32_t rows, std::uint32_t cols) {
+  const std::size_t pieces = static_cast<std::size_t>(rows) * cols / 8;
+  for (std::size_t q = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; q < pieces;
+       q += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    const std::size_t block = q / 64, steps = cols / 32;
+    const int in = static_cast<int>(q % 64), half = in / 32, lane = in % 32;
+    const std::size_t row = block / steps * 16 + half * 8 + lane / 4, col = block % steps * 32 + (lane % 4) * 8;
+    dst[q] = src[(row * cols + col) / 8];
   }
 }
 
@@ -707,7 +867,7 @@ struct variant {
   int smem;    // dynamic shared memory (the cp.async ring, the staged token tiles)
   int per_sm;  // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
 };
-constexpr int kVariants = 8;
+constexpr int kVariants = 13;
 const variant kVariantTable[kVariants] = {
     {gate_up_kernel<2, 0, kBPerWarp>, down_kernel<2, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x2
     {gate_up_kernel<4, 0, kBPerWarp>, down_kernel<4, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x4
@@ -718,7 +878,18 @@ const variant kVariantTable[kVariants] = {
     {gate_up_kernel<3, 0, kBStaged>, down_kernel<3, 0, kBStaged>, kStageBytes, 0},        // staged, 3 steps in flight
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
     {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
+    // Tiled weights: K steps per copy x copies in flight per warp.
+    {gate_up_kernel<2, 4, kBTiled>, down_kernel<2, 4, kBTiled>, tiled_smem_bytes<2, 4>(), 0},
+    {gate_up_kernel<1, 8, kBTiled>, down_kernel<1, 8, kBTiled>, tiled_smem_bytes<1, 8>(), 0},
+    {gate_up_kernel<2, 3, kBTiled>, down_kernel<2, 3, kBTiled>, tiled_smem_bytes<2, 3>(), 0},
+    {gate_up_kernel<4, 3, kBTiled>, down_kernel<4, 3, kBTiled>, tiled_smem_bytes<4, 3>(), 0},
+    {gate_up_kernel<2, 6, kBTiled>, down_kernel<2, 6, kBTiled>, tiled_smem_bytes<2, 6>(), 0},
 };
+struct tiled_variant {
+  int steps, depth;
+};
+constexpr int kTiledVariant = 8;  // the first; the default
+constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {{2, 4}, {1, 8}, {2, 3}, {4, 3}, {2, 6}};
 constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
 // The default: staged with 3 steps in flight, the fastest variant at every point of the H200 sweep of
 // 2026-11-28 (eaas-grouped-gemm-bench --sweep; Qwen3-30B-A3B 512 tokens 557 vs 643 us for registers x2,
@@ -726,7 +897,17 @@ constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
 constexpr int kDefaultVariant = kStagedVariant + 1;
 constexpr int kAutoVariant = 7;
 
-int variant_index(const grouped_swiglu_tuning& t) {
+int variant_index(const grouped_swiglu_tuning& t, bool tiled) {
+  if (tiled) {
+    if (t.stages != 0 || t.k_unroll != 0 || t.staged != 0 || t.staged_from_rows != 0) return -1;
+    if (t.tiled_steps == 0 && t.tiled_depth == 0) return kTiledVariant;
+    for (int v = 0; v < kVariants - kTiledVariant; ++v)
+      if (static_cast<int>(t.tiled_steps) == kTiledVariants[v].steps &&
+          static_cast<int>(t.tiled_depth) == kTiledVariants[v].depth)
+        return kTiledVariant + v;
+    return -1;
+  }
+  if (t.tiled_steps != 0 || t.tiled_depth != 0) return -1;
   if (t.staged_from_rows != 0)
     return t.staged == 0 && t.stages == 0 && (t.k_unroll == 0 || t.k_unroll == 2) ? kAutoVariant : -1;
   if (t.staged == 1) {
@@ -829,10 +1010,16 @@ status grouped_swiglu_check(const grouped_swiglu_shape& s, const grouped_swiglu_
 status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& a, std::size_t workspace_bytes,
                       CUstream_st* stream, const grouped_swiglu_tuning& tuning) noexcept {
   if (const status st = grouped_swiglu_check(s, a, workspace_bytes); st != status::ok) return st;
-  const int vi = variant_index(tuning);
+  const bool tiled = a.layout == grouped_swiglu_layout::tiled;
+  GG_INVALID(!tiled && a.layout != grouped_swiglu_layout::row_major, "layout must be row_major or tiled");
+  const int vi = variant_index(tuning, tiled);
+  GG_INVALID(vi < 0 && tiled,
+             "tuning for the tiled layout: stages, k_unroll, staged and staged_from_rows must be 0; (tiled_steps, "
+             "tiled_depth) one of (0, 0), (2, 4), (1, 8), (2, 3), (4, 3), (2, 6)");
   GG_INVALID(vi < 0,
              "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4; staged 0 or 1 (with stages 0 or 1 and "
-             "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2");
+             "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2; tiled_steps "
+             "and tiled_depth only with the tiled layout");
   const variant& kern = kVariantTable[vi];
 
   int dev = 0;
@@ -879,6 +1066,20 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   kern.gate_up<<<grid_gu, kThreads, kern.smem, stream>>>(p);
   GG_CUDA(cudaGetLastError());
   kern.down<<<grid_dn, kThreads, kern.smem, stream>>>(p);
+  GG_CUDA(cudaGetLastError());
+  return status::ok;
+}
+
+status grouped_swiglu_tile(const void* src, void* dst, std::uint32_t rows, std::uint32_t cols,
+                           CUstream_st* stream) noexcept {
+  GG_INVALID(src == nullptr || dst == nullptr || src == dst, "tile: null or identical pointers");
+  GG_INVALID(rows == 0 || rows % 16 != 0 || cols == 0 || cols % 32 != 0,
+             "tile: rows must be a nonzero multiple of 16 and cols of 32");
+  GG_INVALID((reinterpret_cast<std::uintptr_t>(src) & 15) != 0 || (reinterpret_cast<std::uintptr_t>(dst) & 15) != 0,
+             "tile: src and dst must be 16-byte aligned");
+  const std::size_t pieces = std::size_t{rows} * cols / 8;
+  const unsigned blocks = static_cast<unsigned>(std::min<std::size_t>((pieces + 255) / 256, 4096));
+  tile_kernel<<<blocks, 256, 0, stream>>>(static_cast<const uint4*>(src), static_cast<uint4*>(dst), rows, cols);
   GG_CUDA(cudaGetLastError());
   return status::ok;
 }

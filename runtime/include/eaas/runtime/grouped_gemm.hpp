@@ -70,6 +70,23 @@ enum grouped_swiglu_error : std::uint32_t {
   kGroupedSwigluBadWeights = 2u,  ///< an expert with rows has a null or non-16-byte-aligned weight pointer
 };
 
+/// How the weight matrices lie in memory (grouped_swiglu_args::layout).
+enum class grouped_swiglu_layout : std::uint32_t {
+  row_major = 0,  ///< nn.Linear's [out, in], row-major, as in checkpoints
+  /// grouped_swiglu_tiled_index: each 16-row tile of a matrix is its 32-column K steps one after another, 1 KiB
+  /// each, in the order the tensor-core fragments take them; the GEMMs move a warp's weights with bulk copies
+  /// (TMA) into shared memory. Convert with grouped_swiglu_tile (device) or grouped_swiglu_tiled_index (host).
+  tiled = 1,
+};
+
+/// Where element (row, col) of a [rows, cols] matrix lies in the tiled layout (element index; rows a
+/// multiple of 16, cols a multiple of 32, as for every weight matrix grouped_swiglu accepts).
+constexpr std::size_t grouped_swiglu_tiled_index(std::size_t row, std::size_t col, std::size_t cols) noexcept {
+  const std::size_t block = row / 16 * (cols / 32) + col / 32;  // (16-row tile, K step): 1 KiB
+  const std::size_t piece = (row % 16) / 8 * 32 + (row % 8) * 4 + (col % 32) / 8;  // 16 bytes
+  return (block * 64 + piece) * 8 + col % 8;
+}
+
 /// Device pointers of one call. All must stay valid until the work queued on the stream has run.
 struct grouped_swiglu_args {
   const void* x = nullptr;                ///< bf16 [max_rows, hidden], row-major, 16-byte aligned
@@ -81,6 +98,9 @@ struct grouped_swiglu_args {
   float* y = nullptr;                     ///< fp32 [max_rows, hidden]; rows outside every group are not written
   void* workspace = nullptr;              ///< grouped_swiglu_workspace_bytes(shape) bytes, 16-byte aligned
   std::uint32_t* error = nullptr;         ///< device word or null: grouped_swiglu_error bits are OR-ed in
+  /// Layout of every gate, up and down matrix (the device cannot tell them apart: tiled weights given as
+  /// row_major, or the reverse, give wrong sums, never an out-of-bounds access).
+  grouped_swiglu_layout layout = grouped_swiglu_layout::row_major;
 };
 
 /// Optional knobs for benchmarks and tuning; the defaults (zeros) are what the server uses.
@@ -104,6 +124,11 @@ struct grouped_swiglu_tuning {
   /// this many per active expert, else the default register path; 3 blocks per SM either way unless
   /// ctas_per_sm says otherwise. Needs staged 0, stages 0 and k_unroll 0 or 2. 0 = off (the default).
   std::uint32_t staged_from_rows = 0;
+  /// Tiled layout only (the others must then be 0): K steps (32 columns) per bulk copy and copies in flight per
+  /// warp, one of (2, 4), (1, 8), (2, 3), (4, 3), (2, 6); (0, 0) = the default, (2, 4). Blocks per SM: all
+  /// that fit in shared memory (each warp's ring holds 2 x 16 rows x steps x depth x 32 columns).
+  std::uint32_t tiled_steps = 0;
+  std::uint32_t tiled_depth = 0;
 };
 
 /// Workspace bytes for `s`: a small header, the compacted active-expert list (48 bytes per expert) and
@@ -127,6 +152,12 @@ status grouped_swiglu_check(const grouped_swiglu_shape& s, const grouped_swiglu_
 /// fails (with CUDA's message in last_error()).
 status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& a, std::size_t workspace_bytes,
                       CUstream_st* stream, const grouped_swiglu_tuning& tuning = {}) noexcept;
+
+/// Queues dst = src in the tiled layout: src a row-major bf16 [rows, cols] matrix, dst as many bytes, not
+/// overlapping it (rows a nonzero multiple of 16, cols of 32, both 16-byte aligned). `invalid_argument`
+/// otherwise, `internal_error` when the launch fails.
+status grouped_swiglu_tile(const void* src, void* dst, std::uint32_t rows, std::uint32_t cols,
+                           CUstream_st* stream) noexcept;
 
 /// Queues out[e] = base + e * stride_bytes for e < experts (device array `out`): the per-expert
 /// pointer array of a contiguous [E, rows, cols] weight tensor. `invalid_argument` for a null pointer
