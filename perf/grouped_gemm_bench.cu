@@ -479,12 +479,13 @@ int main(int argc, char** argv) {
             {0, 3, 0, 0, 0},       {0, 4, 0, 0, 0},       {0, 6, 0, 0, 0},       {2, 3, 0, 0, 0},
             {0, 0, 2, 1, 0},       {3, 0, 2, 1, 0},       {0, 0, 3, 1, 0},       {0, 0, 0, 0, 16},
             {0, 0, 0, 0, 0, 2, 4}, {0, 0, 0, 0, 0, 1, 8}, {0, 0, 0, 0, 0, 2, 3}, {0, 0, 0, 0, 0, 4, 3},
-            {0, 0, 0, 0, 0, 2, 6}};
+            {0, 0, 0, 0, 0, 2, 6}, {0, 0, 0, 0, 0, 2, 3, 64}, {0, 0, 0, 0, 0, 2, 4, 64}, {0, 0, 0, 0, 0, 1, 8, 64}};
         nlohmann::json vj = nlohmann::json::array();
         std::vector<float> y_var(rows * H);
         for (const auto& t : variants) {
           const bool tiled = t.tiled_steps != 0;
-          const std::string name = tiled ? "tiled " + std::to_string(t.tiled_steps) + "x" + std::to_string(t.tiled_depth)
+          const std::string name = tiled ? "tiled " + std::to_string(t.tiled_steps) + "x" + std::to_string(t.tiled_depth) +
+                                               (t.tiled_rows == 64 ? " r64" : "")
                                    : t.staged_from_rows != 0 ? "auto>=" + std::to_string(t.staged_from_rows)
                                    : t.staged != 0           ? "staged x" + std::to_string(t.k_unroll)
                                    : t.stages == 1           ? "registers x" + std::to_string(t.k_unroll)
@@ -522,6 +523,7 @@ int main(int argc, char** argv) {
                         {"staged_from_rows", t.staged_from_rows},
                         {"tiled_steps", t.tiled_steps},
                         {"tiled_depth", t.tiled_depth},
+                        {"tiled_rows", t.tiled_rows},
                         {"ctas_per_sm", t.ctas_per_sm},
                         {"us", sv.t_typical},
                         {"gbps", vg},

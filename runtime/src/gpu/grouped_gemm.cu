@@ -62,7 +62,7 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunkRows = 32;                // rows of one expert per work item
+constexpr int kChunkRows = 32;                // rows of one expert per work item (64 on the tiled path's 64-row kernels)
 constexpr int kNTiles = kChunkRows / 8;       // mma n-tiles per chunk
 constexpr int kGateUpFeatures = 16 * kWarps;  // per item; each warp: 16 gate rows and the same 16 up rows
 constexpr int kDownFeatures = 32 * kWarps;    // per item; each warp: two 16-row tiles of down
@@ -122,6 +122,7 @@ struct kparams {
   std::uint32_t* error;
   int experts, hidden, inter, max_rows;
   int staged_from_rows;  // the auto kernels: staged path when rows >= this * active experts
+  int chunk_rows;        // rows per work item of the GEMM kernels launched with prep (32 or 64)
 };
 
 // ---- device helpers -------------------------------------------------------------------------------
@@ -306,16 +307,28 @@ constexpr int ring_bytes() {
 
 // The staged path: the chunk's token rows go to shared memory once per block and K tile, the weights
 // through a per-thread register ring that keeps U K steps in flight while one is computed.
-constexpr int kStageK = 256;  // K elements per tile of the token operand
-constexpr int kStageSteps = kStageK / 32;
-static_assert((kStageSteps & (kStageSteps - 1)) == 0);
-// Row stride in elements: 576 bytes, 64 modulo 128, so the two rows a quarter warp reads with LDS.128
-// (lanes 4g .. 4g+7: rows g and g+1, 64 bytes each) fall in different banks.
-constexpr int kStageLd = kStageK + 32;
-constexpr int kStageTile = kChunkRows * kStageLd;         // elements of one tile
-constexpr int kStageBytes = 2 * kStageTile * 2;           // two tiles, bf16
-constexpr int kStagePieces = kChunkRows * (kStageK / 8);  // 16-byte pieces of one full tile
-static_assert(kStagePieces % kThreads == 0);
+// Geometry of the token tiles: NT n-tiles (8 rows each) per chunk, K elements per tile.
+template <int NT, int K>
+struct stage_geom {
+  static constexpr int kNT = NT;
+  static constexpr int kRows = 8 * NT;
+  static constexpr int kK = K;
+  static constexpr int kSteps = K / 32;
+  static_assert((kSteps & (kSteps - 1)) == 0);
+  // Row stride in elements: K + 32, i.e. 64 bytes modulo 128 for K = 128 and 256, so the two rows a quarter
+  // warp reads with LDS.128 (lanes 4g .. 4g+7: rows g and g+1, 64 bytes each) fall in different banks.
+  static constexpr int kLd = K + 32;
+  static constexpr int kTile = kRows * kLd;         // elements of one tile
+  static constexpr int kBytes = 2 * kTile * 2;      // two tiles, bf16
+  static constexpr int kPieces = kRows * (K / 8);  // 16-byte pieces of one full tile
+  static_assert(kPieces % kThreads == 0);
+};
+using geom32 = stage_geom<kNTiles, 256>;  // the staged path's, and the tiled path's with 32-row chunks
+using geom64 = stage_geom<8, 128>;        // the tiled path's with 64-row chunks (half as wide: the same bytes)
+constexpr int kStageK = geom32::kK;
+constexpr int kStageSteps = geom32::kSteps;
+constexpr int kStageTile = geom32::kTile;
+constexpr int kStageBytes = geom32::kBytes;
 
 // 16 bytes, or zeros where src_bytes is 0 (rows past the chunk's last row, within its last n-tile).
 __device__ __forceinline__ void cp_async_cg_zfill(void* smem, const void* gmem, unsigned src_bytes) {
@@ -327,14 +340,15 @@ __device__ __forceinline__ void cp_async_cg_zfill(void* smem, const void* gmem, 
 
 // Whole block: tile `dst` <- rows 0 .. fill-1 of B, K elements k0 .. k0+len-1 (len a multiple of 32).
 // Consecutive threads copy consecutive 16 bytes of a row.
+template <class G>
 __device__ __forceinline__ void stage_b_tile(__nv_bfloat16* dst, const __nv_bfloat16* b, int ld, int rows, int fill,
                                              int k0, int len) {
   const int pieces = len / 8;
 #pragma unroll
-  for (int i0 = 0; i0 < kStagePieces; i0 += kThreads) {
-    const int i = i0 + static_cast<int>(threadIdx.x), r = i / (kStageK / 8), c = i % (kStageK / 8);
+  for (int i0 = 0; i0 < G::kPieces; i0 += kThreads) {
+    const int i = i0 + static_cast<int>(threadIdx.x), r = i / (G::kK / 8), c = i % (G::kK / 8);
     if (r < fill && c < pieces)
-      cp_async_cg_zfill(dst + r * kStageLd + 8 * c, b + static_cast<std::size_t>(min(r, rows - 1)) * ld + k0 + 8 * c,
+      cp_async_cg_zfill(dst + r * G::kLd + 8 * c, b + static_cast<std::size_t>(min(r, rows - 1)) * ld + k0 + 8 * c,
                         r < rows ? 16u : 0u);
   }
 }
@@ -355,13 +369,14 @@ __device__ __forceinline__ void load_a_step(const char* const (&a_lo)[2], std::s
 
 // The mmas of one K step, in the register path's order. `b_row`: this thread's token row g, element
 // 8t, of the tile that holds the step.
+template <class G>
 __device__ __forceinline__ void mma_step(const a_step& r, const __nv_bfloat16* b_row, int step, int ntiles,
-                                         float (&acc)[2][kNTiles][4]) {
-  const int col = (step & (kStageSteps - 1)) * 32;
+                                         float (&acc)[2][G::kNT][4]) {
+  const int col = (step & (G::kSteps - 1)) * 32;
 #pragma unroll
-  for (int nt = 0; nt < kNTiles; ++nt) {
+  for (int nt = 0; nt < G::kNT; ++nt) {
     if (nt >= ntiles) continue;  // warp-uniform
-    const uint4 bv = *reinterpret_cast<const uint4*>(b_row + nt * 8 * kStageLd + col);
+    const uint4 bv = *reinterpret_cast<const uint4*>(b_row + nt * 8 * G::kLd + col);
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
       mma_bf16(acc[mt][nt], r.lo[mt].x, r.hi[mt].x, r.lo[mt].y, r.hi[mt].y, bv.x, bv.y);
@@ -385,11 +400,11 @@ __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a
     a_lo[mt] = reinterpret_cast<const char*>(a[mt] + static_cast<std::size_t>(g) * ld + 8 * t);
   const std::size_t a_hi_off = static_cast<std::size_t>(8) * ld * 2;
   const int ntiles = (rows + 7) / 8, nk = K / 32;
-  const __nv_bfloat16* b_row = stage + g * kStageLd + 8 * t;
+  const __nv_bfloat16* b_row = stage + g * geom32::kLd + 8 * t;
 
   auto stage_tile = [&](int j) {
     if (j * kStageSteps < nk)
-      stage_b_tile(stage + (j & 1) * kStageTile, b, ld, rows, ntiles * 8, j * kStageK, min(kStageK, K - j * kStageK));
+      stage_b_tile<geom32>(stage + (j & 1) * kStageTile, b, ld, rows, ntiles * 8, j * kStageK, min(kStageK, K - j * kStageK));
     cp_async_commit();  // always: at a tile's start, its group is the only one pending
   };
 
@@ -414,7 +429,7 @@ __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a
       }
       if (live) {  // warp-uniform
         if (i + D < nk) load_a_step(a_lo, a_hi_off, i + D, ring[(j + D) % R]);
-        mma_step(ring[j], b_row + ((i / kStageSteps) & 1) * kStageTile, i, ntiles, acc);
+        mma_step<geom32>(ring[j], b_row + ((i / kStageSteps) & 1) * kStageTile, i, ntiles, acc);
       }
     }
   }
@@ -463,32 +478,32 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 
 // Shared memory of the tiled path: the token tiles, then per warp a ring of R slots of 2 A tiles x D K
 // steps, then per warp R mbarriers.
-template <int D, int R>
+template <int D, int R, class G>
 __host__ __device__ constexpr int tiled_bars_offset() {
-  return kStageBytes + kWarps * R * 2 * D * kTiledStepBytes;
+  return G::kBytes + kWarps * R * 2 * D * kTiledStepBytes;
 }
-template <int D, int R>
+template <int D, int R, class G>
 __host__ __device__ constexpr int tiled_smem_bytes() {
-  return tiled_bars_offset<D, R>() + kWarps * R * 8;
+  return tiled_bars_offset<D, R, G>() + kWarps * R * 8;
 }
 
 // Called by the whole block; warps with live false only help stage B. `a`: the warp's two A tiles in the
 // tiled layout; B, ld, K, rows and acc as for block_gemm_staged. `ring` and `bars`: this warp's; `uses`:
 // copies this warp has waited for so far (slot = uses % R, phase parity = (uses / R) & 1), kept across
 // work items. Every copy issued here is waited for here, so the ring is idle between items.
-template <int D, int R>
+template <int D, int R, class G>
 __device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool live, const __nv_bfloat16* b, int ld,
                                                  int K, int rows, __nv_bfloat16* stage, char* ring,
-                                                 std::uint64_t* bars, unsigned& uses, float (&acc)[2][kNTiles][4]) {
-  static_assert(kStageSteps % D == 0, "a copy never straddles two token tiles");
+                                                 std::uint64_t* bars, unsigned& uses, float (&acc)[2][G::kNT][4]) {
+  static_assert(G::kSteps % D == 0, "a copy never straddles two token tiles");
   constexpr int kSlotBytes = 2 * D * kTiledStepBytes;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ntiles = (rows + 7) / 8, nk = K / 32, ncopies = (nk + D - 1) / D;
-  const __nv_bfloat16* b_row = stage + g * kStageLd + 8 * t;
+  const __nv_bfloat16* b_row = stage + g * G::kLd + 8 * t;
 
   auto stage_tile = [&](int j) {
-    if (j * kStageSteps < nk)
-      stage_b_tile(stage + (j & 1) * kStageTile, b, ld, rows, ntiles * 8, j * kStageK, min(kStageK, K - j * kStageK));
+    if (j * G::kSteps < nk)
+      stage_b_tile<G>(stage + (j & 1) * G::kTile, b, ld, rows, ntiles * 8, j * G::kK, min(G::kK, K - j * G::kK));
     cp_async_commit();  // always: at a tile's start, its group is the only one pending
   };
   auto issue = [&](int c) {  // one lane: copy c (K steps c*D ..) into its slot
@@ -506,12 +521,12 @@ __device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool
     for (int c = 0; c < R && c < ncopies; ++c) issue(c);
   for (int c = 0; c < ncopies; ++c) {
     const int i0 = c * D;
-    if ((i0 & (kStageSteps - 1)) == 0) {
+    if ((i0 & (G::kSteps - 1)) == 0) {
       // A token tile starts: wait for it, and let every warp finish the previous tile before its buffer
       // is refilled with the next one.
       cp_async_wait<0>();
       __syncthreads();
-      stage_tile(i0 / kStageSteps + 1);
+      stage_tile(i0 / G::kSteps + 1);
     }
     if (!live) continue;  // warp-uniform
     const unsigned u = uses + c, slot = u % R;
@@ -528,10 +543,10 @@ __device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool
         s[d].hi[mt] = *reinterpret_cast<const uint4*>(p + 512);
       }
     }
-    const __nv_bfloat16* tile = b_row + ((i0 / kStageSteps) & 1) * kStageTile;
+    const __nv_bfloat16* tile = b_row + ((i0 / G::kSteps) & 1) * G::kTile;
 #pragma unroll
     for (int d = 0; d < D; ++d)
-      if (i0 + d < nk) mma_step(s[d], tile, i0 + d, ntiles, acc);
+      if (i0 + d < nk) mma_step<G>(s[d], tile, i0 + d, ntiles, acc);
     if (c + R < ncopies) {
       __syncwarp();  // every lane has read the slot (its values are in registers)
       if (lane == 0) {
@@ -562,16 +577,23 @@ constexpr int min_blocks() {
 // One work item's product, the same for both GEMM kernels (K = ld: the rows of A and B are contiguous). The
 // staged path is called by the whole block (warps with live false only help stage B); the per-warp paths by
 // live warps only.
-template <int U, int S, int B>
+// The token-tile geometry of a kernel with NT n-tiles per chunk.
+template <int NT>
+using geom_of = std::conditional_t<NT == 8, geom64, geom32>;
+
+template <int U, int S, int B, int NT>
 __device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2], bool live, bool staged,
                                              const __nv_bfloat16* b, int K, int rows, uint4* s_ring, int warp,
-                                             unsigned& uses, float (&acc)[2][kNTiles][4]) {
+                                             unsigned& uses, float (&acc)[2][NT][4]) {
+  static_assert(NT == kNTiles || B == kBTiled, "64-row chunks only on the tiled path");
   if constexpr (B == kBTiled) {
+    using G = geom_of<NT>;
     auto* smem = reinterpret_cast<char*>(s_ring);
     const char* at[2] = {reinterpret_cast<const char*>(a[0]), reinterpret_cast<const char*>(a[1])};
-    block_gemm_tiled<U, S>(at, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(smem),
-                           smem + kStageBytes + warp * S * 2 * U * kTiledStepBytes,
-                           reinterpret_cast<std::uint64_t*>(smem + tiled_bars_offset<U, S>()) + warp * S, uses, acc);
+    block_gemm_tiled<U, S, G>(at, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(smem),
+                              smem + G::kBytes + warp * S * 2 * U * kTiledStepBytes,
+                              reinterpret_cast<std::uint64_t*>(smem + tiled_bars_offset<U, S, G>()) + warp * S, uses,
+                              acc);
   } else if constexpr (B != kBPerWarp) {
     if (staged)
       block_gemm_staged<U>(a, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
@@ -592,8 +614,9 @@ struct work_item {
   int row0, rows, tile;
 };
 
-// Item w of (active expert, tile, chunk), in that order: neighbouring blocks share an expert (its
+// Item w of (active expert, tile, chunk of CR rows), in that order: neighbouring blocks share an expert (its
 // activations stay in L2) and, for long groups, the same weight tile (its re-reads hit L2).
+template <int CR>
 __device__ __forceinline__ work_item find_item(long long w, int tiles, const std::int32_t* prefix, int n_active,
                                                const active_entry* entries) {
   int lo = 0, hi = n_active - 1;
@@ -609,18 +632,19 @@ __device__ __forceinline__ work_item find_item(long long w, int tiles, const std
   work_item it;
   it.e = entries[lo];
   it.tile = rem / chunks;
-  it.row0 = it.e.begin + (rem % chunks) * kChunkRows;
-  it.rows = min(kChunkRows, it.e.end - it.row0);
+  it.row0 = it.e.begin + (rem % chunks) * CR;
+  it.rows = min(CR, it.e.end - it.row0);
   return it;
 }
 
 // The tiled path: each warp's lane 0 initialises the warp's S mbarriers (one arrival per phase); the
 // __syncthreads in setup_items publishes them before any copy is issued.
-template <int U, int S, int B>
+template <int U, int S, int B, int NT>
 __device__ __forceinline__ void init_tiled(uint4* s_ring) {
   if constexpr (B == kBTiled) {
     if ((threadIdx.x & 31) == 0) {
-      auto* bars = reinterpret_cast<std::uint64_t*>(reinterpret_cast<char*>(s_ring) + tiled_bars_offset<U, S>()) +
+      auto* bars = reinterpret_cast<std::uint64_t*>(reinterpret_cast<char*>(s_ring) +
+                                                    tiled_bars_offset<U, S, geom_of<NT>>()) +
                    (threadIdx.x >> 5) * S;
       for (int r = 0; r < S; ++r) mbar_init(bars + r);
       asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -682,7 +706,7 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
       b = p.offsets[e];
       m = p.offsets[e + 1] - b;
     }
-    const int act = m > 0 ? 1 : 0, ch = (m + kChunkRows - 1) / kChunkRows;
+    const int act = m > 0 ? 1 : 0, ch = (m + p.chunk_rows - 1) / p.chunk_rows;
     int ia = act, ic = ch;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -735,7 +759,7 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
   }
 }
 
-template <int U, int S, int B>
+template <int U, int S, int B, int NT = kNTiles>
 __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(kparams p) {
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
@@ -744,24 +768,24 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(k
   long long total;
   const std::int32_t* prefix;
   unsigned uses = 0;  // the tiled path's copies waited for (per warp)
-  init_tiled<U, S, B>(s_ring);
+  init_tiled<U, S, B, NT>(s_ring);
   if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const work_item it = find_item(w, tiles, prefix, n_active, p.entries);
+    const work_item it = find_item<8 * NT>(w, tiles, prefix, n_active, p.entries);
     const int f0 = it.tile * kGateUpFeatures + warp * 16;
     const bool live = f0 < p.inter;
     if (!live && !staged) continue;  // the staged path needs every warp at its barriers
     const std::size_t woff = static_cast<std::size_t>(live ? f0 : 0) * p.hidden;
     const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
-    float acc[2][kNTiles][4] = {};
+    float acc[2][NT][4] = {};
     const __nv_bfloat16* b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
-    item_product<U, S, B>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, uses, acc);
+    item_product<U, S, B, NT>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, uses, acc);
     if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int tok = nt * 8 + 2 * t + (i & 1);
@@ -774,7 +798,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(k
   }
 }
 
-template <int U, int S, int B>
+template <int U, int S, int B, int NT = kNTiles>
 __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kparams p) {
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
@@ -783,25 +807,25 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kpar
   long long total;
   const std::int32_t* prefix;
   unsigned uses = 0;  // the tiled path's copies waited for (per warp)
-  init_tiled<U, S, B>(s_ring);
+  init_tiled<U, S, B, NT>(s_ring);
   if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const work_item it = find_item(w, tiles, prefix, n_active, p.entries);
+    const work_item it = find_item<8 * NT>(w, tiles, prefix, n_active, p.entries);
     const int f0 = it.tile * kDownFeatures + warp * 32;
     const bool live = f0 < p.hidden;
     if (!live && !staged) continue;  // the staged path needs every warp at its barriers
     const int fa = live ? f0 : 0;
     const __nv_bfloat16* a[2] = {it.e.down + static_cast<std::size_t>(fa) * p.inter,
                                  it.e.down + static_cast<std::size_t>(fa + 16) * p.inter};
-    float acc[2][kNTiles][4] = {};
+    float acc[2][NT][4] = {};
     const __nv_bfloat16* b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
-    item_product<U, S, B>(a, live, staged, b, p.inter, it.rows, s_ring, warp, uses, acc);
+    item_product<U, S, B, NT>(a, live, staged, b, p.inter, it.rows, s_ring, warp, uses, acc);
     if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int tok = nt * 8 + 2 * t + j;
@@ -866,8 +890,9 @@ struct variant {
   void (*down)(kparams);
   int smem;    // dynamic shared memory (the cp.async ring, the staged token tiles)
   int per_sm;  // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
+  int chunk_rows = kChunkRows;
 };
-constexpr int kVariants = 13;
+constexpr int kVariants = 16;
 const variant kVariantTable[kVariants] = {
     {gate_up_kernel<2, 0, kBPerWarp>, down_kernel<2, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x2
     {gate_up_kernel<4, 0, kBPerWarp>, down_kernel<4, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x4
@@ -879,17 +904,22 @@ const variant kVariantTable[kVariants] = {
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
     {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
     // Tiled weights: K steps per copy x copies in flight per warp.
-    {gate_up_kernel<2, 4, kBTiled>, down_kernel<2, 4, kBTiled>, tiled_smem_bytes<2, 4>(), 0},
-    {gate_up_kernel<1, 8, kBTiled>, down_kernel<1, 8, kBTiled>, tiled_smem_bytes<1, 8>(), 0},
-    {gate_up_kernel<2, 3, kBTiled>, down_kernel<2, 3, kBTiled>, tiled_smem_bytes<2, 3>(), 0},
-    {gate_up_kernel<4, 3, kBTiled>, down_kernel<4, 3, kBTiled>, tiled_smem_bytes<4, 3>(), 0},
-    {gate_up_kernel<2, 6, kBTiled>, down_kernel<2, 6, kBTiled>, tiled_smem_bytes<2, 6>(), 0},
+    {gate_up_kernel<2, 4, kBTiled>, down_kernel<2, 4, kBTiled>, tiled_smem_bytes<2, 4, geom32>(), 0},
+    {gate_up_kernel<1, 8, kBTiled>, down_kernel<1, 8, kBTiled>, tiled_smem_bytes<1, 8, geom32>(), 0},
+    {gate_up_kernel<2, 3, kBTiled>, down_kernel<2, 3, kBTiled>, tiled_smem_bytes<2, 3, geom32>(), 0},
+    {gate_up_kernel<4, 3, kBTiled>, down_kernel<4, 3, kBTiled>, tiled_smem_bytes<4, 3, geom32>(), 0},
+    {gate_up_kernel<2, 6, kBTiled>, down_kernel<2, 6, kBTiled>, tiled_smem_bytes<2, 6, geom32>(), 0},
+    // The same with 64-row work items (each expert's weights read once for up to 64 of its rows).
+    {gate_up_kernel<2, 3, kBTiled, 8>, down_kernel<2, 3, kBTiled, 8>, tiled_smem_bytes<2, 3, geom64>(), 0, 64},
+    {gate_up_kernel<2, 4, kBTiled, 8>, down_kernel<2, 4, kBTiled, 8>, tiled_smem_bytes<2, 4, geom64>(), 0, 64},
+    {gate_up_kernel<1, 8, kBTiled, 8>, down_kernel<1, 8, kBTiled, 8>, tiled_smem_bytes<1, 8, geom64>(), 0, 64},
 };
 struct tiled_variant {
-  int steps, depth;
+  int steps, depth, rows;
 };
 constexpr int kTiledVariant = 8;  // the first; the default
-constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {{2, 4}, {1, 8}, {2, 3}, {4, 3}, {2, 6}};
+constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {
+    {2, 4, 32}, {1, 8, 32}, {2, 3, 32}, {4, 3, 32}, {2, 6, 32}, {2, 3, 64}, {2, 4, 64}, {1, 8, 64}};
 constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
 // The default: staged with 3 steps in flight, the fastest variant at every point of the H200 sweep of
 // 2026-11-28 (eaas-grouped-gemm-bench --sweep; Qwen3-30B-A3B 512 tokens 557 vs 643 us for registers x2,
@@ -900,14 +930,15 @@ constexpr int kAutoVariant = 7;
 int variant_index(const grouped_swiglu_tuning& t, bool tiled) {
   if (tiled) {
     if (t.stages != 0 || t.k_unroll != 0 || t.staged != 0 || t.staged_from_rows != 0) return -1;
-    if (t.tiled_steps == 0 && t.tiled_depth == 0) return kTiledVariant;
+    if (t.tiled_steps == 0 && t.tiled_depth == 0 && t.tiled_rows == 0) return kTiledVariant;
     for (int v = 0; v < kVariants - kTiledVariant; ++v)
       if (static_cast<int>(t.tiled_steps) == kTiledVariants[v].steps &&
-          static_cast<int>(t.tiled_depth) == kTiledVariants[v].depth)
+          static_cast<int>(t.tiled_depth) == kTiledVariants[v].depth &&
+          static_cast<int>(t.tiled_rows == 0 ? 32 : t.tiled_rows) == kTiledVariants[v].rows)
         return kTiledVariant + v;
     return -1;
   }
-  if (t.tiled_steps != 0 || t.tiled_depth != 0) return -1;
+  if (t.tiled_steps != 0 || t.tiled_depth != 0 || t.tiled_rows != 0) return -1;
   if (t.staged_from_rows != 0)
     return t.staged == 0 && t.stages == 0 && (t.k_unroll == 0 || t.k_unroll == 2) ? kAutoVariant : -1;
   if (t.staged == 1) {
@@ -1015,11 +1046,12 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   const int vi = variant_index(tuning, tiled);
   GG_INVALID(vi < 0 && tiled,
              "tuning for the tiled layout: stages, k_unroll, staged and staged_from_rows must be 0; (tiled_steps, "
-             "tiled_depth) one of (0, 0), (2, 4), (1, 8), (2, 3), (4, 3), (2, 6)");
+             "tiled_depth) one of (2, 4), (1, 8), (2, 3), (4, 3), (2, 6) with tiled_rows 0 or 32, or (2, 3), (2, 4), "
+             "(1, 8) with tiled_rows 64, or all three 0");
   GG_INVALID(vi < 0,
              "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4; staged 0 or 1 (with stages 0 or 1 and "
              "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2; tiled_steps "
-             "and tiled_depth only with the tiled layout");
+             "tiled_depth and tiled_rows only with the tiled layout");
   const variant& kern = kVariantTable[vi];
 
   int dev = 0;
@@ -1047,9 +1079,10 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   p.inter = static_cast<int>(s.inter);
   p.max_rows = static_cast<int>(s.max_rows);
   p.staged_from_rows = static_cast<int>(std::min<std::uint32_t>(tuning.staged_from_rows, 1u << 30));
+  p.chunk_rows = kern.chunk_rows;
 
   // Grids: every block resident, never more blocks than the most work items the capacity allows.
-  const long long max_chunks = static_cast<long long>(s.max_rows) / kChunkRows + std::min(s.experts, s.max_rows);
+  const long long max_chunks = static_cast<long long>(s.max_rows) / kern.chunk_rows + std::min(s.experts, s.max_rows);
   auto grid = [&](int occupancy, int tiles) {
     int per_sm = std::max(occupancy, 1);
     if (tuning.ctas_per_sm != 0)

@@ -125,10 +125,13 @@ struct grouped_swiglu_tuning {
   /// ctas_per_sm says otherwise. Needs staged 0, stages 0 and k_unroll 0 or 2. 0 = off (the default).
   std::uint32_t staged_from_rows = 0;
   /// Tiled layout only (the others must then be 0): K steps (32 columns) per bulk copy and copies in flight per
-  /// warp, one of (2, 4), (1, 8), (2, 3), (4, 3), (2, 6); (0, 0) = the default, (2, 4). Blocks per SM: all
+  /// warp, one of (2, 4), (1, 8), (2, 3), (4, 3), (2, 6) with 32-row work items (tiled_rows 0 or 32), or
+  /// (2, 3), (2, 4), (1, 8) with 64-row work items (tiled_rows 64: an expert's weights are read once for up to
+  /// 64 of its rows, twice the accumulators); all three 0 = the default, (2, 4) x 32 rows. Blocks per SM: all
   /// that fit in shared memory (each warp's ring holds 2 x 16 rows x steps x depth x 32 columns).
   std::uint32_t tiled_steps = 0;
   std::uint32_t tiled_depth = 0;
+  std::uint32_t tiled_rows = 0;
 };
 
 /// Workspace bytes for `s`: a small header, the compacted active-expert list (48 bytes per expert) and
