@@ -5,11 +5,12 @@
 //   cublas   per-expert cublasGemmEx (bf16 inputs, fp32 compute) over the active experts only:
 //            gate and up into fp32, one silu*mul kernel into bf16 h, down into fp32 y; the whole loop is
 //            captured in one CUDA graph, so host launch cost is not counted against it
-// Our op is captured in a CUDA graph too (its three launches). Both are validated before they are
+// Our op is captured in a CUDA graph too (its three launches), with the weights in the tiled layout and the
+// default tuning, as the expert server and the monolithic baseline run it. Both are validated before they are
 // timed: eaas against a CPU double-precision reference on sampled rows (#wrong) and against cuBLAS on
 // every row (max_rel_diff). With --sweep every variant of the kernel (grouped_swiglu_tuning) is held to
 // the same sampled reference (#wrong) and compared with the default's output on every row before it is
-// timed; a variant that fails fails the run.
+// timed (row-major variants read a row-major copy of the same weights); a variant that fails fails the run.
 //
 // Bytes moved by the op (the numerator of every GB/s column): the weights of the active experts
 // (3 * hidden * inter * 2 bytes each) + x read (bf16) + y written (fp32) + h written and read (bf16).
@@ -266,10 +267,11 @@ int main(int argc, char** argv) {
     EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(wg, per * 2, m.experts, pg, st));
     EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(wu, per * 2, m.experts, pu, st));
     EAAS_PERF_CHECK(gg::grouped_swiglu_expert_pointers(wd, per * 2, m.experts, pd, st));
-    // The same weights in the tiled layout (grouped_swiglu_layout::tiled), for the tiled variants of --sweep.
+    // The same weights in the tiled layout (grouped_swiglu_layout::tiled), which the expert server and the
+    // monolithic baseline use; the row-major ones for the row-major variants of --sweep and for cuBLAS.
     __nv_bfloat16 *tg = nullptr, *tu = nullptr, *td = nullptr;
     const void **ptg = nullptr, **ptu = nullptr, **ptd = nullptr;
-    if (sweep) {
+    {
       tg = dalloc<__nv_bfloat16>(E * per);
       tu = dalloc<__nv_bfloat16>(E * per);
       td = dalloc<__nv_bfloat16>(E * per);
@@ -342,13 +344,13 @@ int main(int argc, char** argv) {
       a_tiled.up = ptu;
       a_tiled.down = ptd;
       a_tiled.layout = gg::grouped_swiglu_layout::tiled;
-      auto run_ours = [&](const gg::grouped_swiglu_tuning& t, bool tiled = false) {
+      auto run_ours = [&](const gg::grouped_swiglu_tuning& t, bool tiled) {
         return capture(st, [&] { EAAS_PERF_CHECK(gg::grouped_swiglu(shape, tiled ? a_tiled : a, ws_bytes, st, t)); });
       };
 
       // --- validate: eaas vs the CPU reference on sampled rows --------------------------------------
       EAAS_CU(cudaMemsetAsync(y, 0xFF, max_rows * H * 4, st));
-      cudaGraphExec_t ours = run_ours({});
+      cudaGraphExec_t ours = run_ours({}, true);  // the servers' choice: tiled weights, default tuning
       EAAS_CU(cudaGraphLaunch(ours, st));
       EAAS_CU(cudaStreamSynchronize(st));
       std::uint32_t err_bits = 0;
@@ -475,17 +477,19 @@ int main(int argc, char** argv) {
         // (token tiles in shared memory; k_unroll = weight steps in flight), staged_from_rows (auto pick)}
         // ..., then {tiled_steps, tiled_depth}: the tiled layout (weights by bulk copies into shared memory).
         const gg::grouped_swiglu_tuning variants[] = {
-            {4, 1, 2, 0, 0},       {3, 1, 2, 0, 0},       {2, 1, 2, 0, 0},       {3, 1, 4, 0, 0},
-            {0, 3, 0, 0, 0},       {0, 4, 0, 0, 0},       {0, 6, 0, 0, 0},       {2, 3, 0, 0, 0},
-            {0, 0, 2, 1, 0},       {3, 0, 2, 1, 0},       {0, 0, 3, 1, 0},       {0, 0, 0, 0, 16},
-            {0, 0, 0, 0, 0, 2, 4}, {0, 0, 0, 0, 0, 1, 8}, {0, 0, 0, 0, 0, 2, 3}, {0, 0, 0, 0, 0, 4, 3},
-            {0, 0, 0, 0, 0, 2, 6}, {0, 0, 0, 0, 0, 2, 3, 64}, {0, 0, 0, 0, 0, 2, 4, 64}, {0, 0, 0, 0, 0, 1, 8, 64}};
+            {4, 1, 2, 0, 0},           {3, 1, 2, 0, 0},           {2, 1, 2, 0, 0},           {3, 1, 4, 0, 0},
+            {0, 3, 0, 0, 0},           {0, 4, 0, 0, 0},           {0, 6, 0, 0, 0},           {2, 3, 0, 0, 0},
+            {0, 0, 2, 1, 0},           {3, 0, 2, 1, 0},           {0, 0, 3, 1, 0},           {0, 0, 0, 0, 16},
+            {0, 0, 0, 0, 0, 2, 3, 0},  {0, 0, 0, 0, 0, 2, 4, 32}, {0, 0, 0, 0, 0, 1, 8, 32}, {0, 0, 0, 0, 0, 2, 3, 32},
+            {0, 0, 0, 0, 0, 4, 3, 32}, {0, 0, 0, 0, 0, 2, 6, 32}, {0, 0, 0, 0, 0, 2, 3, 64}, {0, 0, 0, 0, 0, 2, 4, 64},
+            {0, 0, 0, 0, 0, 1, 8, 64}};
         nlohmann::json vj = nlohmann::json::array();
         std::vector<float> y_var(rows * H);
         for (const auto& t : variants) {
-          const bool tiled = t.tiled_steps != 0;
-          const std::string name = tiled ? "tiled " + std::to_string(t.tiled_steps) + "x" + std::to_string(t.tiled_depth) +
-                                               (t.tiled_rows == 64 ? " r64" : "")
+          const bool tiled = t.tiled_steps != 0 || t.tiled_depth != 0 || t.tiled_rows != 0;
+          const std::string name = tiled ? "tiled " + std::to_string(t.tiled_steps) + "x" +
+                                               std::to_string(t.tiled_depth) +
+                                               (t.tiled_rows == 0 ? " auto" : " r" + std::to_string(t.tiled_rows))
                                    : t.staged_from_rows != 0 ? "auto>=" + std::to_string(t.staged_from_rows)
                                    : t.staged != 0           ? "staged x" + std::to_string(t.k_unroll)
                                    : t.stages == 1           ? "registers x" + std::to_string(t.k_unroll)
@@ -535,12 +539,13 @@ int main(int argc, char** argv) {
       }
       points.push_back(pj);
     }
-    for (void* p : {static_cast<void*>(wg), static_cast<void*>(wu), static_cast<void*>(wd), static_cast<void*>(x),
-                    static_cast<void*>(pg), static_cast<void*>(pu), static_cast<void*>(pd), static_cast<void*>(offsets),
-                    static_cast<void*>(rw), static_cast<void*>(y), static_cast<void*>(err), ws, static_cast<void*>(bg),
-                    static_cast<void*>(bu), static_cast<void*>(bh), static_cast<void*>(by), static_cast<void*>(tg),
-                    static_cast<void*>(tu), static_cast<void*>(td), static_cast<void*>(ptg), static_cast<void*>(ptu),
-                    static_cast<void*>(ptd)})
+    for (void* p :
+         {static_cast<void*>(wg),  static_cast<void*>(wu), static_cast<void*>(wd),  static_cast<void*>(x),
+          static_cast<void*>(pg),  static_cast<void*>(pu), static_cast<void*>(pd),  static_cast<void*>(offsets),
+          static_cast<void*>(rw),  static_cast<void*>(y),  static_cast<void*>(err), ws,
+          static_cast<void*>(bg),  static_cast<void*>(bu), static_cast<void*>(bh),  static_cast<void*>(by),
+          static_cast<void*>(tg),  static_cast<void*>(tu), static_cast<void*>(td),  static_cast<void*>(ptg),
+          static_cast<void*>(ptu), static_cast<void*>(ptd)})
       EAAS_CU(cudaFree(p));
   }
   const double copy_after = copy_bandwidth(st, std::size_t(copy_mib) << 20, std::max(reps, 10));

@@ -174,8 +174,8 @@ struct device_problem {
     const std::vector<std::vector<std::uint16_t>>* mats[3] = {&p.gate, &p.up, &p.down};
     const dev_buf* ptrs[3] = {&gate_ptrs, &up_ptrs, &down_ptrs};
     // [rows, cols] of gate, up, down
-    const std::uint32_t dims[3][2] = {{p.shape.inter, p.shape.hidden}, {p.shape.inter, p.shape.hidden},
-                                      {p.shape.hidden, p.shape.inter}};
+    const std::uint32_t dims[3][2] = {
+        {p.shape.inter, p.shape.hidden}, {p.shape.inter, p.shape.hidden}, {p.shape.hidden, p.shape.inter}};
     for (int m = 0; m < 3; ++m) {
       // Tiled: the row-major bytes go to a staging buffer, grouped_swiglu_tile writes them to the weights'.
       const dev_buf staging(tiled ? n * 2 : 0);
@@ -424,7 +424,8 @@ TEST_CASE("grouped_swiglu_tile: the device writes the host's tiled index; bad ar
   REQUIRE_CUDA(cudaMemcpy(dst.data(), d_dst.p, dst.size() * 2, cudaMemcpyDeviceToHost));
   std::size_t misplaced = 0;
   for (std::size_t r = 0; r < rows; ++r)
-    for (std::size_t c = 0; c < cols; ++c) misplaced += dst[grouped_swiglu_tiled_index(r, c, cols)] != src[r * cols + c];
+    for (std::size_t c = 0; c < cols; ++c)
+      misplaced += dst[grouped_swiglu_tiled_index(r, c, cols)] != src[r * cols + c];
   CHECK(misplaced == 0);
 
   CHECK(grouped_swiglu_tile(d_src.p, d_dst.p, 40, cols, nullptr) == status::invalid_argument);  // rows % 16
@@ -448,58 +449,62 @@ TEST_CASE("grouped_swiglu: tiled weights give the row-major default's outputs bi
   const std::vector<int> edges = {1, 0, 7, 16, 33, 64, 0, 5, 23, 40};
   // {blocks per SM, ..., tiled_steps, tiled_depth, tiled_rows}; one block per SM: every block walks many work
   // items and its mbarriers go through many phases. 64-row items: 33, 40 and 64 rows in one item, 70 in two.
+  // Rows 0 (and the all-zero default): the device picks 64-row items for the first count set below (about 30
+  // rows per active expert) and 32-row items for the second (at most 12).
   std::vector<grouped_swiglu_tuning> tunings;
-  const std::uint32_t tiled[][3] = {{0, 0, 0},  {2, 4, 0},  {1, 8, 32}, {2, 3, 0},
-                                    {4, 3, 32}, {2, 6, 0},  {2, 3, 64}, {2, 4, 64}, {1, 8, 64}};
+  const std::uint32_t tiled[][3] = {{0, 0, 0},  {2, 3, 0},  {2, 4, 32}, {1, 8, 32}, {2, 3, 32},
+                                    {4, 3, 32}, {2, 6, 32}, {2, 3, 64}, {2, 4, 64}, {1, 8, 64}};
   for (const auto& v : tiled)
     for (std::uint32_t per_sm : {0u, 1u}) tunings.push_back({per_sm, 0, 0, 0, 0, v[0], v[1], v[2]});
   std::mt19937_64 rng(31);
-  for (const auto& sc : shapes) {
-    CAPTURE(sc.hidden);
-    CAPTURE(sc.inter);
-    std::vector<int> counts = edges;
-    const auto more = random_counts(sc.random_experts, 70, 0.3, rng);
-    counts.insert(counts.end(), more.begin(), more.end());
-    const problem p = make_problem(sc.hidden, sc.inter, counts, 3, 5, true, rng());
-    std::vector<double> ref, mag;
-    reference(p, ref, mag);
-    for (const bool stacked : {false, true}) {
-      CAPTURE(stacked);
-      const device_problem rm(p, stacked), tl(p, stacked, true);
-      auto run = [&](const device_problem& d, const grouped_swiglu_tuning& t) {
-        d.poison_y(p);
-        REQUIRE_OK(grouped_swiglu(p.shape, d.args(true), d.ws_bytes, nullptr, t));
+  for (const auto& sc : shapes)
+    for (const bool small : {false, true}) {
+      CAPTURE(sc.hidden);
+      CAPTURE(sc.inter);
+      CAPTURE(small);
+      std::vector<int> counts = small ? random_counts(10, 12, 0.2, rng) : edges;
+      const auto more = random_counts(sc.random_experts, small ? 12 : 70, 0.3, rng);
+      counts.insert(counts.end(), more.begin(), more.end());
+      const problem p = make_problem(sc.hidden, sc.inter, counts, 3, 5, true, rng());
+      std::vector<double> ref, mag;
+      reference(p, ref, mag);
+      for (const bool stacked : {false, true}) {
+        CAPTURE(stacked);
+        const device_problem rm(p, stacked), tl(p, stacked, true);
+        auto run = [&](const device_problem& d, const grouped_swiglu_tuning& t) {
+          d.poison_y(p);
+          REQUIRE_OK(grouped_swiglu(p.shape, d.args(true), d.ws_bytes, nullptr, t));
+          REQUIRE_CUDA(cudaDeviceSynchronize());
+          CHECK(read_error(d) == 0);
+          return download_y(p, d);
+        };
+        const std::vector<float> y_default = run(rm, {});
+        const verdict v = compare(p, y_default, ref, mag);
+        INFO(v.first);
+        REQUIRE(v.wrong == 0);
+        REQUIRE(v.stray == 0);
+        for (const auto& t : tunings) {
+          CAPTURE(t.ctas_per_sm);
+          CAPTURE(t.tiled_steps);
+          CAPTURE(t.tiled_depth);
+          CAPTURE(t.tiled_rows);
+          const std::vector<float> y = run(tl, t);
+          std::size_t differ = 0;
+          for (std::size_t i = 0; i < y.size(); ++i) differ += std::memcmp(&y[i], &y_default[i], 4) != 0;
+          CHECK(differ == 0);
+        }
+        // The same tiled bytes read as row-major are a different matrix, so the sums must change (the layout is
+        // honoured, not ignored), except where both K sizes are 32: one K step, where the layout is row-major.
+        if (sc.hidden == 32 && sc.inter == 32) continue;
+        grouped_swiglu_args wrong = tl.args(true);
+        wrong.layout = grouped_swiglu_layout::row_major;
+        tl.poison_y(p);
+        REQUIRE_OK(grouped_swiglu(p.shape, wrong, tl.ws_bytes, nullptr));
         REQUIRE_CUDA(cudaDeviceSynchronize());
-        CHECK(read_error(d) == 0);
-        return download_y(p, d);
-      };
-      const std::vector<float> y_default = run(rm, {});
-      const verdict v = compare(p, y_default, ref, mag);
-      INFO(v.first);
-      REQUIRE(v.wrong == 0);
-      REQUIRE(v.stray == 0);
-      for (const auto& t : tunings) {
-        CAPTURE(t.ctas_per_sm);
-        CAPTURE(t.tiled_steps);
-        CAPTURE(t.tiled_depth);
-        CAPTURE(t.tiled_rows);
-        const std::vector<float> y = run(tl, t);
-        std::size_t differ = 0;
-        for (std::size_t i = 0; i < y.size(); ++i) differ += std::memcmp(&y[i], &y_default[i], 4) != 0;
-        CHECK(differ == 0);
+        const verdict w = compare(p, download_y(p, tl), ref, mag);
+        CHECK(w.wrong > 0);
       }
-      // The same tiled bytes read as row-major are a different matrix, so the sums must change (the layout is
-      // honoured, not ignored), except where both K sizes are 32: one K step, where the layout is row-major.
-      if (sc.hidden == 32 && sc.inter == 32) continue;
-      grouped_swiglu_args wrong = tl.args(true);
-      wrong.layout = grouped_swiglu_layout::row_major;
-      tl.poison_y(p);
-      REQUIRE_OK(grouped_swiglu(p.shape, wrong, tl.ws_bytes, nullptr));
-      REQUIRE_CUDA(cudaDeviceSynchronize());
-      const verdict w = compare(p, download_y(p, tl), ref, mag);
-      CHECK(w.wrong > 0);
     }
-  }
 }
 
 TEST_CASE("grouped_swiglu: one expert holds every row (a prefill-sized group)") {
@@ -620,6 +625,8 @@ TEST_CASE("grouped_swiglu: the host refuses bad arguments, the device refuses ba
     CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 3, 0}) ==
           status::invalid_argument);
     CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 2, 6, 64}) ==
+          status::invalid_argument);
+    CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 2, 4, 0}) ==
           status::invalid_argument);
     CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 2, 4, 48}) ==
           status::invalid_argument);

@@ -32,8 +32,9 @@ TEST_CASE("tiled layout: a permutation of every element, for several shapes") {
   }
 }
 
-TEST_CASE("tiled layout: one 1 KiB block per 16 rows x 32 columns, a lane's 8 elements of rows g and g + 8 at 16 l "
-          "and 512 + 16 l bytes") {
+TEST_CASE(
+    "tiled layout: one 1 KiB block per 16 rows x 32 columns, a lane's 8 elements of rows g and g + 8 at 16 l "
+    "and 512 + 16 l bytes") {
   constexpr std::size_t cols = 96, steps = cols / 32;
   for (std::size_t tile = 0; tile < 3; ++tile)
     for (std::size_t step = 0; step < steps; ++step)

@@ -129,7 +129,8 @@ class step_impl final : public expert_step {
     EAAS_STEP_CUDA(cudaSetDevice(device));
     EAAS_STEP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
-    // Weights: [group][gate, up, down], bf16, filled by upload().
+    // Weights: [group][gate, up, down], bf16 in the grouped GEMM's tiled layout (its fastest: bulk copies into
+    // shared memory), filled by upload().
     const std::size_t mat = std::size_t{shape.hidden} * shape.inter;
     EAAS_CHECK(weights_.alloc(std::size_t{groups_} * 3 * mat));
     std::vector<const void*> gate(groups_), up(groups_), down(groups_);
@@ -175,12 +176,16 @@ class step_impl final : public expert_step {
     if (layer >= shape_.layers || e >= local_)
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: upload of an expert outside the shape");
     const std::vector<float>* m[3] = {&w.gate, &w.up, &w.down};
+    const std::size_t cols[3] = {shape_.hidden, shape_.hidden, shape_.inter};  // gate, up [inter, hidden]; down
     std::vector<std::uint16_t> tmp(mat);
     EAAS_STEP_CUDA(cudaSetDevice(device_));
     for (int k = 0; k < 3; ++k) {
       if (m[k]->size() != mat)
         return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: a matrix has the wrong size");
-      for (std::size_t j = 0; j < mat; ++j) tmp[j] = f32_to_bf16((*m[k])[j]);
+      const std::size_t nc = cols[k], nr = mat / nc;
+      for (std::size_t r = 0; r < nr; ++r)
+        for (std::size_t c = 0; c < nc; ++c)
+          tmp[grouped_swiglu_tiled_index(r, c, nc)] = f32_to_bf16((*m[k])[r * nc + c]);
       EAAS_STEP_CUDA(cudaMemcpy(weights_.p + ((std::size_t{layer} * local_ + e) * 3 + k) * mat, tmp.data(), mat * 2,
                                 cudaMemcpyHostToDevice));
     }
@@ -270,7 +275,8 @@ class step_impl final : public expert_step {
                                   .down = down_.p,
                                   .y = y_.p,
                                   .workspace = ws_.p,
-                                  .error = error_.p};
+                                  .error = error_.p,
+                                  .layout = grouped_swiglu_layout::tiled};
       EAAS_CHECK(grouped_swiglu(gshape_, a, ws_bytes_, s));
     }
     k_combine<<<static_cast<unsigned>(tokens + reqs.size()), 256, 0, s>>>(
@@ -293,7 +299,7 @@ class step_impl final : public expert_step {
   }
 
   expert_weights_device device_weights() const override {
-    return {.gate = gate_.p, .up = up_.p, .down = down_.p, .groups = groups_};
+    return {.gate = gate_.p, .up = up_.p, .down = down_.p, .groups = groups_, .layout = grouped_swiglu_layout::tiled};
   }
 
  private:

@@ -20,6 +20,7 @@
 
 #include "eaas/common/status.hpp"
 #include "eaas/common/views.hpp"
+#include "eaas/runtime/grouped_gemm.hpp"
 #include "eaas/runtime/model.hpp"
 #include "eaas/runtime/slot.hpp"
 
@@ -49,6 +50,7 @@ struct expert_weights_device {
   const void* const* up = nullptr;    ///< the same for up
   const void* const* down = nullptr;  ///< and down (bf16 [hidden, inter])
   std::uint32_t groups = 0;           ///< layers × local experts; group = layer * local_experts + local expert
+  grouped_swiglu_layout layout = grouped_swiglu_layout::tiled;  ///< how the matrices lie (grouped_gemm.hpp)
 };
 
 class expert_step {

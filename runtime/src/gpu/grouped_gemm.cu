@@ -62,8 +62,8 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunkRows = 32;                // rows of one expert per work item (64 on the tiled path's 64-row kernels)
-constexpr int kNTiles = kChunkRows / 8;       // mma n-tiles per chunk
+constexpr int kChunkRows = 32;           // rows of one expert per work item (64 on the tiled path's 64-row kernels)
+constexpr int kNTiles = kChunkRows / 8;  // mma n-tiles per chunk
 constexpr int kGateUpFeatures = 16 * kWarps;  // per item; each warp: 16 gate rows and the same 16 up rows
 constexpr int kDownFeatures = 32 * kWarps;    // per item; each warp: two 16-row tiles of down
 constexpr int kSmemExperts = 1024;            // active lists up to this long are searched in shared memory
@@ -76,9 +76,10 @@ constexpr int kDefaultRegisterBlocksPerSm = 3;
 
 struct ws_header {
   std::int32_t n_active;
-  std::int32_t total_chunks;
+  std::int32_t total_chunks;  // 32-row chunks of the active experts
   std::uint32_t error;
-  std::int32_t rows;  // offsets[E] - offsets[0]: the rows of all groups
+  std::int32_t rows;            // offsets[E] - offsets[0]: the rows of all groups
+  std::int32_t total_chunks64;  // 64-row chunks (the tiled path's 64-row items)
 };
 
 // One active expert, as the GEMM kernels see it (written by prep: they never re-read offsets).
@@ -93,7 +94,7 @@ struct alignas(16) active_entry {
 static_assert(sizeof(active_entry) == 48);
 
 struct ws_layout {
-  std::size_t entries, prefix, h, total;
+  std::size_t entries, prefix, prefix64, h, total;
 };
 
 constexpr std::size_t round256(std::size_t v) { return (v + 255) / 256 * 256; }
@@ -102,7 +103,8 @@ ws_layout layout(const grouped_swiglu_shape& s) {
   ws_layout l{};
   l.entries = 256;  // after the header
   l.prefix = l.entries + round256(std::size_t{s.experts} * sizeof(active_entry));
-  l.h = l.prefix + round256((std::size_t{s.experts} + 1) * sizeof(std::int32_t));
+  l.prefix64 = l.prefix + round256((std::size_t{s.experts} + 1) * sizeof(std::int32_t));
+  l.h = l.prefix64 + round256((std::size_t{s.experts} + 1) * sizeof(std::int32_t));
   l.total = l.h + round256(std::size_t{s.max_rows} * s.inter * sizeof(__nv_bfloat16));
   return l;
 }
@@ -117,12 +119,13 @@ struct kparams {
   float* y;
   ws_header* hdr;
   active_entry* entries;
-  std::int32_t* prefix;  // chunk prefix over the active list, n_active + 1 entries
+  std::int32_t* prefix;    // 32-row chunk prefix over the active list, n_active + 1 entries
+  std::int32_t* prefix64;  // the same in 64-row chunks
   __nv_bfloat16* h;
   std::uint32_t* error;
   int experts, hidden, inter, max_rows;
-  int staged_from_rows;  // the auto kernels: staged path when rows >= this * active experts
-  int chunk_rows;        // rows per work item of the GEMM kernels launched with prep (32 or 64)
+  int staged_from_rows;   // the auto kernels: staged path when rows >= this * active experts
+  int tiled64_from_rows;  // the tiled auto kernels: 64-row items when rows >= this * active experts
 };
 
 // ---- device helpers -------------------------------------------------------------------------------
@@ -318,8 +321,8 @@ struct stage_geom {
   // Row stride in elements: K + 32, i.e. 64 bytes modulo 128 for K = 128 and 256, so the two rows a quarter
   // warp reads with LDS.128 (lanes 4g .. 4g+7: rows g and g+1, 64 bytes each) fall in different banks.
   static constexpr int kLd = K + 32;
-  static constexpr int kTile = kRows * kLd;         // elements of one tile
-  static constexpr int kBytes = 2 * kTile * 2;      // two tiles, bf16
+  static constexpr int kTile = kRows * kLd;        // elements of one tile
+  static constexpr int kBytes = 2 * kTile * 2;     // two tiles, bf16
   static constexpr int kPieces = kRows * (K / 8);  // 16-byte pieces of one full tile
   static_assert(kPieces % kThreads == 0);
 };
@@ -404,7 +407,8 @@ __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a
 
   auto stage_tile = [&](int j) {
     if (j * kStageSteps < nk)
-      stage_b_tile<geom32>(stage + (j & 1) * kStageTile, b, ld, rows, ntiles * 8, j * kStageK, min(kStageK, K - j * kStageK));
+      stage_b_tile<geom32>(stage + (j & 1) * kStageTile, b, ld, rows, ntiles * 8, j * kStageK,
+                           min(kStageK, K - j * kStageK));
     cp_async_commit();  // always: at a tile's start, its group is the only one pending
   };
 
@@ -458,11 +462,10 @@ __device__ __forceinline__ void mbar_arrive_expect(std::uint64_t* bar, unsigned 
 }
 __device__ __forceinline__ bool mbar_try_wait(std::uint64_t* bar, unsigned parity) {
   unsigned done;
-  asm volatile(
-      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-      : "=r"(done)
-      : "r"(smem_addr(bar)), "r"(parity)
-      : "memory");
+  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+               : "=r"(done)
+               : "r"(smem_addr(bar)), "r"(parity)
+               : "memory");
   return done != 0;
 }
 // Global -> this block's shared memory, `bytes` (a multiple of 16) counted on `bar` when they land.
@@ -476,15 +479,16 @@ __device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, unsigned
 // it issues next into the same bytes.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// Shared memory of the tiled path: the token tiles, then per warp a ring of R slots of 2 A tiles x D K
-// steps, then per warp R mbarriers.
-template <int D, int R, class G>
+// Shared memory of the tiled path: the token tiles (room for either chunk size: one kernel may run both),
+// then per warp a ring of R slots of 2 A tiles x D K steps, then per warp R mbarriers.
+constexpr int kTiledStageArea = geom32::kBytes > geom64::kBytes ? geom32::kBytes : geom64::kBytes;
+template <int D, int R>
 __host__ __device__ constexpr int tiled_bars_offset() {
-  return G::kBytes + kWarps * R * 2 * D * kTiledStepBytes;
+  return kTiledStageArea + kWarps * R * 2 * D * kTiledStepBytes;
 }
-template <int D, int R, class G>
+template <int D, int R>
 __host__ __device__ constexpr int tiled_smem_bytes() {
-  return tiled_bars_offset<D, R, G>() + kWarps * R * 8;
+  return tiled_bars_offset<D, R>() + kWarps * R * 8;
 }
 
 // Called by the whole block; warps with live false only help stage B. `a`: the warp's two A tiles in the
@@ -493,8 +497,8 @@ __host__ __device__ constexpr int tiled_smem_bytes() {
 // work items. Every copy issued here is waited for here, so the ring is idle between items.
 template <int D, int R, class G>
 __device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool live, const __nv_bfloat16* b, int ld,
-                                                 int K, int rows, __nv_bfloat16* stage, char* ring,
-                                                 std::uint64_t* bars, unsigned& uses, float (&acc)[2][G::kNT][4]) {
+                                                 int K, int rows, __nv_bfloat16* stage, char* ring, std::uint64_t* bars,
+                                                 unsigned& uses, float (&acc)[2][G::kNT][4]) {
   static_assert(G::kSteps % D == 0, "a copy never straddles two token tiles");
   constexpr int kSlotBytes = 2 * D * kTiledStepBytes;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -591,9 +595,8 @@ __device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2],
     auto* smem = reinterpret_cast<char*>(s_ring);
     const char* at[2] = {reinterpret_cast<const char*>(a[0]), reinterpret_cast<const char*>(a[1])};
     block_gemm_tiled<U, S, G>(at, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(smem),
-                              smem + G::kBytes + warp * S * 2 * U * kTiledStepBytes,
-                              reinterpret_cast<std::uint64_t*>(smem + tiled_bars_offset<U, S, G>()) + warp * S, uses,
-                              acc);
+                              smem + kTiledStageArea + warp * S * 2 * U * kTiledStepBytes,
+                              reinterpret_cast<std::uint64_t*>(smem + tiled_bars_offset<U, S>()) + warp * S, uses, acc);
   } else if constexpr (B != kBPerWarp) {
     if (staged)
       block_gemm_staged<U>(a, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
@@ -605,8 +608,9 @@ __device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2],
 }
 
 __device__ __forceinline__ bool use_staged(int mode, const kparams& p, int n_active) {
-  return mode == kBStaged || mode == kBTiled || (mode == kBAuto && static_cast<long long>(p.hdr->rows) >=
-                                                    static_cast<long long>(p.staged_from_rows) * n_active);
+  return mode == kBStaged || mode == kBTiled ||
+         (mode == kBAuto &&
+          static_cast<long long>(p.hdr->rows) >= static_cast<long long>(p.staged_from_rows) * n_active);
 }
 
 struct work_item {
@@ -639,12 +643,11 @@ __device__ __forceinline__ work_item find_item(long long w, int tiles, const std
 
 // The tiled path: each warp's lane 0 initialises the warp's S mbarriers (one arrival per phase); the
 // __syncthreads in setup_items publishes them before any copy is issued.
-template <int U, int S, int B, int NT>
+template <int U, int S, int B>
 __device__ __forceinline__ void init_tiled(uint4* s_ring) {
   if constexpr (B == kBTiled) {
     if ((threadIdx.x & 31) == 0) {
-      auto* bars = reinterpret_cast<std::uint64_t*>(reinterpret_cast<char*>(s_ring) +
-                                                    tiled_bars_offset<U, S, geom_of<NT>>()) +
+      auto* bars = reinterpret_cast<std::uint64_t*>(reinterpret_cast<char*>(s_ring) + tiled_bars_offset<U, S>()) +
                    (threadIdx.x >> 5) * S;
       for (int r = 0; r < S; ++r) mbar_init(bars + r);
       asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -652,15 +655,16 @@ __device__ __forceinline__ void init_tiled(uint4* s_ring) {
   }
 }
 
-// Loads the header and (when it fits) the chunk prefix into shared memory. False: no work here.
+// Loads the header and (when it fits) the prefix of NT * 8-row chunks into shared memory. False: no work here.
+template <int NT>
 __device__ __forceinline__ bool setup_items(const kparams& p, int tiles, std::int32_t* s_prefix, int& n_active,
                                             long long& total, const std::int32_t*& prefix) {
   n_active = p.hdr->n_active;
-  total = static_cast<long long>(p.hdr->total_chunks) * tiles;
+  total = static_cast<long long>(NT == 8 ? p.hdr->total_chunks64 : p.hdr->total_chunks) * tiles;
   if (blockIdx.x >= total) return false;  // whole block: uniform
-  prefix = p.prefix;
+  prefix = NT == 8 ? p.prefix64 : p.prefix;
   if (n_active <= kSmemExperts) {
-    for (int i = threadIdx.x; i <= n_active; i += blockDim.x) s_prefix[i] = p.prefix[i];
+    for (int i = threadIdx.x; i <= n_active; i += blockDim.x) s_prefix[i] = prefix[i];
     prefix = s_prefix;
   }
   __syncthreads();
@@ -670,7 +674,7 @@ __device__ __forceinline__ bool setup_items(const kparams& p, int tiles, std::in
 // ---- kernels --------------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
-  __shared__ std::int32_t s_scan[2][32];
+  __shared__ std::int32_t s_scan[3][32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
   bool bad_offsets = false, bad_weights = false;
@@ -691,14 +695,15 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
     if (tid == 0) {
       const std::uint32_t bits =
           (any_bad_offsets ? kGroupedSwigluBadOffsets : 0u) | (any_bad_weights ? kGroupedSwigluBadWeights : 0u);
-      *p.hdr = ws_header{0, 0, bits, 0};
+      *p.hdr = ws_header{0, 0, bits, 0, 0};
       if (p.error != nullptr) atomicOr(p.error, bits);
     }
     return;
   }
 
-  // Exclusive scans of (active, chunks) over the experts, one block-wide pass per blockDim experts.
-  int carry_active = 0, carry_chunks = 0;
+  // Exclusive scans of (active, 32-row chunks, 64-row chunks) over the experts, one block-wide pass per
+  // blockDim experts.
+  int carry[3] = {0, 0, 0};
   for (int base = 0; base < p.experts; base += blockDim.x) {
     const int e = base + tid;
     int b = 0, m = 0;
@@ -706,40 +711,37 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
       b = p.offsets[e];
       m = p.offsets[e + 1] - b;
     }
-    const int act = m > 0 ? 1 : 0, ch = (m + p.chunk_rows - 1) / p.chunk_rows;
-    int ia = act, ic = ch;
+    const int mine[3] = {m > 0 ? 1 : 0, (m + 31) / 32, (m + 63) / 64};
+    int incl[3] = {mine[0], mine[1], mine[2]};
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const int va = __shfl_up_sync(0xffffffffu, ia, o), vc = __shfl_up_sync(0xffffffffu, ic, o);
-      if (lane >= o) {
-        ia += va;
-        ic += vc;
+#pragma unroll
+      for (int q = 0; q < 3; ++q) {
+        const int v = __shfl_up_sync(0xffffffffu, incl[q], o);
+        if (lane >= o) incl[q] += v;
       }
     }
-    if (lane == 31) {
-      s_scan[0][warp] = ia;
-      s_scan[1][warp] = ic;
-    }
+    if (lane == 31)
+      for (int q = 0; q < 3; ++q) s_scan[q][warp] = incl[q];
     __syncthreads();
     if (warp == 0) {
-      int wa = lane < nwarps ? s_scan[0][lane] : 0, wc = lane < nwarps ? s_scan[1][lane] : 0;
 #pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int va = __shfl_up_sync(0xffffffffu, wa, o), vc = __shfl_up_sync(0xffffffffu, wc, o);
-        if (lane >= o) {
-          wa += va;
-          wc += vc;
+      for (int q = 0; q < 3; ++q) {
+        int w = lane < nwarps ? s_scan[q][lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int v = __shfl_up_sync(0xffffffffu, w, o);
+          if (lane >= o) w += v;
         }
-      }
-      if (lane < nwarps) {
-        s_scan[0][lane] = wa;
-        s_scan[1][lane] = wc;
+        if (lane < nwarps) s_scan[q][lane] = w;
       }
     }
     __syncthreads();
-    const int before_a = warp > 0 ? s_scan[0][warp - 1] : 0, before_c = warp > 0 ? s_scan[1][warp - 1] : 0;
-    if (act) {
-      const int pos = carry_active + before_a + ia - act;
+    int excl[3];
+#pragma unroll
+    for (int q = 0; q < 3; ++q) excl[q] = carry[q] + (warp > 0 ? s_scan[q][warp - 1] : 0) + incl[q] - mine[q];
+    if (mine[0] != 0) {
+      const int pos = excl[0];
       p.entries[pos] = active_entry{static_cast<const __nv_bfloat16*>(p.gate[e]),
                                     static_cast<const __nv_bfloat16*>(p.up[e]),
                                     static_cast<const __nv_bfloat16*>(p.down[e]),
@@ -747,29 +749,28 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
                                     b + m,
                                     e,
                                     0};
-      p.prefix[pos] = carry_chunks + before_c + ic - ch;
+      p.prefix[pos] = excl[1];
+      p.prefix64[pos] = excl[2];
     }
-    carry_active += s_scan[0][nwarps - 1];
-    carry_chunks += s_scan[1][nwarps - 1];
+#pragma unroll
+    for (int q = 0; q < 3; ++q) carry[q] += s_scan[q][nwarps - 1];
     __syncthreads();  // s_scan is rewritten by the next pass
   }
   if (tid == 0) {
-    p.prefix[carry_active] = carry_chunks;
-    *p.hdr = ws_header{carry_active, carry_chunks, 0, p.offsets[p.experts] - p.offsets[0]};
+    p.prefix[carry[0]] = carry[1];
+    p.prefix64[carry[0]] = carry[2];
+    *p.hdr = ws_header{carry[0], carry[1], 0, p.offsets[p.experts] - p.offsets[0], carry[2]};
   }
 }
 
-template <int U, int S, int B, int NT = kNTiles>
-__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(kparams p) {
-  __shared__ std::int32_t s_prefix[kSmemExperts + 1];
-  extern __shared__ uint4 s_ring[];
+// The work items of one gate/up kernel with NT n-tiles (8 rows each) per item.
+template <int U, int S, int B, int NT>
+__device__ __forceinline__ void gate_up_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring, unsigned& uses) {
   const int tiles = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
   int n_active;
   long long total;
   const std::int32_t* prefix;
-  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
-  init_tiled<U, S, B, NT>(s_ring);
-  if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
+  if (!setup_items<NT>(p, tiles, s_prefix, n_active, total, prefix)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
@@ -798,17 +799,14 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(k
   }
 }
 
-template <int U, int S, int B, int NT = kNTiles>
-__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kparams p) {
-  __shared__ std::int32_t s_prefix[kSmemExperts + 1];
-  extern __shared__ uint4 s_ring[];
+// The work items of one down kernel with NT n-tiles (8 rows each) per item.
+template <int U, int S, int B, int NT>
+__device__ __forceinline__ void down_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring, unsigned& uses) {
   const int tiles = (p.hidden + kDownFeatures - 1) / kDownFeatures;
   int n_active;
   long long total;
   const std::int32_t* prefix;
-  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
-  init_tiled<U, S, B, NT>(s_ring);
-  if (!setup_items(p, tiles, s_prefix, n_active, total, prefix)) return;
+  if (!setup_items<NT>(p, tiles, s_prefix, n_active, total, prefix)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
@@ -841,6 +839,42 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kpar
       }
     }
   }
+}
+
+// The tiled auto kernels (NT 0): 64-row items when the call's rows are at least p.tiled64_from_rows per
+// active expert (prep's header), else 32-row items.
+__device__ __forceinline__ bool use_64_rows(const kparams& p) {
+  return static_cast<long long>(p.hdr->rows) >= static_cast<long long>(p.tiled64_from_rows) * p.hdr->n_active;
+}
+
+template <int U, int S, int B, int NT = kNTiles>
+__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(kparams p) {
+  static_assert(NT != 0 || B == kBTiled);
+  __shared__ std::int32_t s_prefix[kSmemExperts + 1];
+  extern __shared__ uint4 s_ring[];
+  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
+  init_tiled<U, S, B>(s_ring);
+  if constexpr (NT != 0)
+    gate_up_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
+  else if (use_64_rows(p))  // grid-uniform
+    gate_up_items<U, S, B, 8>(p, s_prefix, s_ring, uses);
+  else
+    gate_up_items<U, S, B, kNTiles>(p, s_prefix, s_ring, uses);
+}
+
+template <int U, int S, int B, int NT = kNTiles>
+__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kparams p) {
+  static_assert(NT != 0 || B == kBTiled);
+  __shared__ std::int32_t s_prefix[kSmemExperts + 1];
+  extern __shared__ uint4 s_ring[];
+  unsigned uses = 0;
+  init_tiled<U, S, B>(s_ring);
+  if constexpr (NT != 0)
+    down_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
+  else if (use_64_rows(p))
+    down_items<U, S, B, 8>(p, s_prefix, s_ring, uses);
+  else
+    down_items<U, S, B, kNTiles>(p, s_prefix, s_ring, uses);
 }
 
 // dst = src [rows, cols] in the tiled layout; one thread per 16-byte piece of dst.
@@ -890,9 +924,8 @@ struct variant {
   void (*down)(kparams);
   int smem;    // dynamic shared memory (the cp.async ring, the staged token tiles)
   int per_sm;  // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
-  int chunk_rows = kChunkRows;
 };
-constexpr int kVariants = 16;
+constexpr int kVariants = 17;
 const variant kVariantTable[kVariants] = {
     {gate_up_kernel<2, 0, kBPerWarp>, down_kernel<2, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x2
     {gate_up_kernel<4, 0, kBPerWarp>, down_kernel<4, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x4
@@ -904,22 +937,29 @@ const variant kVariantTable[kVariants] = {
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
     {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
     // Tiled weights: K steps per copy x copies in flight per warp.
-    {gate_up_kernel<2, 4, kBTiled>, down_kernel<2, 4, kBTiled>, tiled_smem_bytes<2, 4, geom32>(), 0},
-    {gate_up_kernel<1, 8, kBTiled>, down_kernel<1, 8, kBTiled>, tiled_smem_bytes<1, 8, geom32>(), 0},
-    {gate_up_kernel<2, 3, kBTiled>, down_kernel<2, 3, kBTiled>, tiled_smem_bytes<2, 3, geom32>(), 0},
-    {gate_up_kernel<4, 3, kBTiled>, down_kernel<4, 3, kBTiled>, tiled_smem_bytes<4, 3, geom32>(), 0},
-    {gate_up_kernel<2, 6, kBTiled>, down_kernel<2, 6, kBTiled>, tiled_smem_bytes<2, 6, geom32>(), 0},
+    // Tiled weights, 2 K steps per copy, 3 in flight, the rows per item picked on the device: the default.
+    {gate_up_kernel<2, 3, kBTiled, 0>, down_kernel<2, 3, kBTiled, 0>, tiled_smem_bytes<2, 3>(), 0},
+    // Tiled, fixed: K steps per copy x copies in flight, 32-row items.
+    {gate_up_kernel<2, 4, kBTiled>, down_kernel<2, 4, kBTiled>, tiled_smem_bytes<2, 4>(), 0},
+    {gate_up_kernel<1, 8, kBTiled>, down_kernel<1, 8, kBTiled>, tiled_smem_bytes<1, 8>(), 0},
+    {gate_up_kernel<2, 3, kBTiled>, down_kernel<2, 3, kBTiled>, tiled_smem_bytes<2, 3>(), 0},
+    {gate_up_kernel<4, 3, kBTiled>, down_kernel<4, 3, kBTiled>, tiled_smem_bytes<4, 3>(), 0},
+    {gate_up_kernel<2, 6, kBTiled>, down_kernel<2, 6, kBTiled>, tiled_smem_bytes<2, 6>(), 0},
     // The same with 64-row work items (each expert's weights read once for up to 64 of its rows).
-    {gate_up_kernel<2, 3, kBTiled, 8>, down_kernel<2, 3, kBTiled, 8>, tiled_smem_bytes<2, 3, geom64>(), 0, 64},
-    {gate_up_kernel<2, 4, kBTiled, 8>, down_kernel<2, 4, kBTiled, 8>, tiled_smem_bytes<2, 4, geom64>(), 0, 64},
-    {gate_up_kernel<1, 8, kBTiled, 8>, down_kernel<1, 8, kBTiled, 8>, tiled_smem_bytes<1, 8, geom64>(), 0, 64},
+    {gate_up_kernel<2, 3, kBTiled, 8>, down_kernel<2, 3, kBTiled, 8>, tiled_smem_bytes<2, 3>(), 0},
+    {gate_up_kernel<2, 4, kBTiled, 8>, down_kernel<2, 4, kBTiled, 8>, tiled_smem_bytes<2, 4>(), 0},
+    {gate_up_kernel<1, 8, kBTiled, 8>, down_kernel<1, 8, kBTiled, 8>, tiled_smem_bytes<1, 8>(), 0},
 };
 struct tiled_variant {
-  int steps, depth, rows;
+  int steps, depth, rows;  // rows 0: picked on the device
 };
 constexpr int kTiledVariant = 8;  // the first; the default
 constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {
-    {2, 4, 32}, {1, 8, 32}, {2, 3, 32}, {4, 3, 32}, {2, 6, 32}, {2, 3, 64}, {2, 4, 64}, {1, 8, 64}};
+    {2, 3, 0}, {2, 4, 32}, {1, 8, 32}, {2, 3, 32}, {4, 3, 32}, {2, 6, 32}, {2, 3, 64}, {2, 4, 64}, {1, 8, 64}};
+// The default's pick: 64-row items from this many rows per active expert. Measured on an H200 (2026-11-28,
+// eaas-grouped-gemm-bench --sweep, Qwen3-30B-A3B): 32-row items won at 16 rows per expert (364 vs 399 us at
+// 256 tokens), 64-row items at 32 (431 vs 543 us at 512 tokens).
+constexpr int kTiled64FromRows = 24;
 constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
 // The default: staged with 3 steps in flight, the fastest variant at every point of the H200 sweep of
 // 2026-11-28 (eaas-grouped-gemm-bench --sweep; Qwen3-30B-A3B 512 tokens 557 vs 643 us for registers x2,
@@ -934,7 +974,7 @@ int variant_index(const grouped_swiglu_tuning& t, bool tiled) {
     for (int v = 0; v < kVariants - kTiledVariant; ++v)
       if (static_cast<int>(t.tiled_steps) == kTiledVariants[v].steps &&
           static_cast<int>(t.tiled_depth) == kTiledVariants[v].depth &&
-          static_cast<int>(t.tiled_rows == 0 ? 32 : t.tiled_rows) == kTiledVariants[v].rows)
+          static_cast<int>(t.tiled_rows) == kTiledVariants[v].rows)
         return kTiledVariant + v;
     return -1;
   }
@@ -1046,8 +1086,8 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   const int vi = variant_index(tuning, tiled);
   GG_INVALID(vi < 0 && tiled,
              "tuning for the tiled layout: stages, k_unroll, staged and staged_from_rows must be 0; (tiled_steps, "
-             "tiled_depth) one of (2, 4), (1, 8), (2, 3), (4, 3), (2, 6) with tiled_rows 0 or 32, or (2, 3), (2, 4), "
-             "(1, 8) with tiled_rows 64, or all three 0");
+             "tiled_depth, tiled_rows) one of (0, 0, 0), (2, 3, 0), (2, 4, 32), (1, 8, 32), (2, 3, 32), (4, 3, 32), "
+             "(2, 6, 32), (2, 3, 64), (2, 4, 64), (1, 8, 64)");
   GG_INVALID(vi < 0,
              "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4; staged 0 or 1 (with stages 0 or 1 and "
              "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2; tiled_steps "
@@ -1079,10 +1119,11 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   p.inter = static_cast<int>(s.inter);
   p.max_rows = static_cast<int>(s.max_rows);
   p.staged_from_rows = static_cast<int>(std::min<std::uint32_t>(tuning.staged_from_rows, 1u << 30));
-  p.chunk_rows = kern.chunk_rows;
+  p.tiled64_from_rows = kTiled64FromRows;
+  p.prefix64 = reinterpret_cast<std::int32_t*>(ws + l.prefix64);
 
   // Grids: every block resident, never more blocks than the most work items the capacity allows.
-  const long long max_chunks = static_cast<long long>(s.max_rows) / kern.chunk_rows + std::min(s.experts, s.max_rows);
+  const long long max_chunks = static_cast<long long>(s.max_rows) / kChunkRows + std::min(s.experts, s.max_rows);
   auto grid = [&](int occupancy, int tiles) {
     int per_sm = std::max(occupancy, 1);
     if (tuning.ctas_per_sm != 0)

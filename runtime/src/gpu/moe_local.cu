@@ -214,7 +214,10 @@ class moe_impl final : public moe_local {
     const std::vector<float>* src[3] = {&w.gate, &w.up, &w.down};
     char* dst[3] = {gate_.as<char>() + off, up_.as<char>() + off, down_.as<char>() + off};
     for (int m = 0; m < 3; ++m) {
-      for (std::size_t i = 0; i < per_expert_; ++i) b[i] = f32_to_bf16((*src[m])[i]);
+      const std::size_t nc = m < 2 ? shape_.hidden : shape_.inter, nr = per_expert_ / nc;
+      for (std::size_t r = 0; r < nr; ++r)
+        for (std::size_t c = 0; c < nc; ++c)
+          b[grouped_swiglu_tiled_index(r, c, nc)] = f32_to_bf16((*src[m])[r * nc + c]);
       EAAS_MOE_CUDA(cudaMemcpy(dst[m], b.data(), per_expert_ * 2, cudaMemcpyHostToDevice));
     }
     EAAS_MOE_CUDA(cudaDeviceSynchronize());  // a pageable copy may return before its DMA lands
@@ -226,16 +229,27 @@ class moe_impl final : public moe_local {
     if (total_experts == 0 ? first_expert != 0 : std::size_t{first_expert} + E > total)
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu monolithic moe: fill_random: experts outside the model");
     const float s_in = 1.0f / std::sqrt(float(shape_.hidden)), s_down = 1.0f / std::sqrt(float(shape_.inter));
-    const std::size_t n = E * per_expert_;  // one layer's experts here
-    for (std::size_t l = 0; l < shape_.layers; ++l) {
-      const std::size_t here = l * n, global = (l * total + first_expert) * per_expert_;
-      k_fill_uniform_bf16<<<4096, 256>>>(gate_.as<__nv_bfloat16>() + here, n, global, d_key(seed, 1), s_in);
-      EAAS_MOE_CUDA(cudaGetLastError());
-      k_fill_uniform_bf16<<<4096, 256>>>(up_.as<__nv_bfloat16>() + here, n, global, d_key(seed, 2), s_in);
-      EAAS_MOE_CUDA(cudaGetLastError());
-      k_fill_uniform_bf16<<<4096, 256>>>(down_.as<__nv_bfloat16>() + here, n, global, d_key(seed, 3), s_down);
-      EAAS_MOE_CUDA(cudaGetLastError());
-    }
+    // Each matrix is drawn row-major into a scratch buffer (the values depend on the row-major index) and
+    // tiled into place.
+    device_buffer scratch;
+    EAAS_CHECK(scratch.alloc(per_expert_ * 2));
+    const std::uint32_t h = shape_.hidden, f = shape_.inter;
+    for (std::size_t l = 0; l < shape_.layers; ++l)
+      for (std::size_t e = 0; e < E; ++e) {
+        const std::size_t here = (l * E + e) * per_expert_, global = ((l * total + first_expert) + e) * per_expert_;
+        struct {
+          device_buffer* dst;
+          std::uint64_t which;
+          float scale;
+          std::uint32_t rows, cols;
+        } const mats[3] = {{&gate_, 1, s_in, f, h}, {&up_, 2, s_in, f, h}, {&down_, 3, s_down, h, f}};
+        for (const auto& m : mats) {
+          k_fill_uniform_bf16<<<1024, 256>>>(scratch.as<__nv_bfloat16>(), per_expert_, global, d_key(seed, m.which),
+                                             m.scale);
+          EAAS_MOE_CUDA(cudaGetLastError());
+          EAAS_CHECK(grouped_swiglu_tile(scratch.p, m.dst->as<__nv_bfloat16>() + here, m.rows, m.cols, nullptr));
+        }
+      }
     EAAS_MOE_CUDA(cudaDeviceSynchronize());
     return status::ok;
   }
@@ -280,6 +294,7 @@ class moe_impl final : public moe_local {
     a.y = y_.as<float>();
     a.workspace = ws_.p;
     a.error = error_.as<std::uint32_t>();
+    a.layout = grouped_swiglu_layout::tiled;  // upload and fill_random write the tiled layout
     EAAS_CHECK(grouped_swiglu(gg_shape_, a, ws_bytes_, stream));
     k_combine<<<n, kCombineThreads, 0, stream>>>(pair_row_.as<std::int32_t>(), topk, y_.as<float>(), h, x);
     EAAS_MOE_CUDA(cudaGetLastError());

@@ -76,7 +76,7 @@ struct round_args {
   std::uint64_t poll_ns;
   std::uint64_t batch_window_ns;
   std::uint32_t direct_answers;  // server_step_config::direct_answers
-  std::uint32_t* round_no;  // rounds that served a request so far (k_scan counts them); this one is *round_no + 1
+  std::uint32_t* round_no;       // rounds that served a request so far (k_scan counts them); this one is *round_no + 1
 };
 
 __device__ __forceinline__ std::uint64_t sig_word(const round_args& a, std::uint32_t i) {
@@ -298,8 +298,8 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
   if (verdict != slot_verdict::served && verdict != slot_verdict::refused) return;
   a.direct[i] = 0;
   if (verdict == slot_verdict::served && a.direct_answers != 0)
-    a.direct[i] = reinterpret_cast<unsigned long long>(peer_pointer(
-        a.cfg[i].ep, a.cfg[i].result, kOutputs, std::uint64_t{st.tokens} * a.hidden * 4));
+    a.direct[i] = reinterpret_cast<unsigned long long>(
+        peer_pointer(a.cfg[i].ep, a.cfg[i].result, kOutputs, std::uint64_t{st.tokens} * a.hidden * 4));
   st.direct = a.direct[i] != 0 ? 1u : 0u;
   response_header rh{};
   rh.magic = kSlotMagic;
@@ -453,8 +453,9 @@ __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
     if (i >= a.clients) continue;  // cannot happen: every served token was given its slot
     const std::uint32_t t = g - a.tok_base[i];
     const std::int32_t* rows = a.tok_rows + std::size_t{g} * K;
-    unsigned char* const base = a.direct[i] != 0 ? reinterpret_cast<unsigned char*>(a.direct[i])
-                                                 : a.staging + std::size_t{i} * a.stage_stride + sizeof(response_header);
+    unsigned char* const base = a.direct[i] != 0
+                                    ? reinterpret_cast<unsigned char*>(a.direct[i])
+                                    : a.staging + std::size_t{i} * a.stage_stride + sizeof(response_header);
     float4* out = reinterpret_cast<float4*>(base + std::size_t{t} * h * 4);
     for (std::uint32_t j = threadIdx.x; j < h / 4; j += blockDim.x) {
       float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -641,7 +642,8 @@ class step_impl final : public server_step {
                                 .down = w.down,
                                 .y = y_.p,
                                 .workspace = ws_.p,
-                                .error = &args_.head->gemm_error};
+                                .error = &args_.head->gemm_error,
+                                .layout = w.layout};
     EAAS_CHECK(grouped_swiglu_check(gshape_, gemm_, ws_bytes_));
     EAAS_SSTEP_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
     // One eager round with every slot unused, before any capture: this module's kernels and the grouped GEMM

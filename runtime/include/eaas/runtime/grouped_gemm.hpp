@@ -82,7 +82,7 @@ enum class grouped_swiglu_layout : std::uint32_t {
 /// Where element (row, col) of a [rows, cols] matrix lies in the tiled layout (element index; rows a
 /// multiple of 16, cols a multiple of 32, as for every weight matrix grouped_swiglu accepts).
 constexpr std::size_t grouped_swiglu_tiled_index(std::size_t row, std::size_t col, std::size_t cols) noexcept {
-  const std::size_t block = row / 16 * (cols / 32) + col / 32;  // (16-row tile, K step): 1 KiB
+  const std::size_t block = row / 16 * (cols / 32) + col / 32;                     // (16-row tile, K step): 1 KiB
   const std::size_t piece = (row % 16) / 8 * 32 + (row % 8) * 4 + (col % 32) / 8;  // 16 bytes
   return (block * 64 + piece) * 8 + col % 8;
 }
@@ -124,11 +124,11 @@ struct grouped_swiglu_tuning {
   /// this many per active expert, else the default register path; 3 blocks per SM either way unless
   /// ctas_per_sm says otherwise. Needs staged 0, stages 0 and k_unroll 0 or 2. 0 = off (the default).
   std::uint32_t staged_from_rows = 0;
-  /// Tiled layout only (the others must then be 0): K steps (32 columns) per bulk copy and copies in flight per
-  /// warp, one of (2, 4), (1, 8), (2, 3), (4, 3), (2, 6) with 32-row work items (tiled_rows 0 or 32), or
-  /// (2, 3), (2, 4), (1, 8) with 64-row work items (tiled_rows 64: an expert's weights are read once for up to
-  /// 64 of its rows, twice the accumulators); all three 0 = the default, (2, 4) x 32 rows. Blocks per SM: all
-  /// that fit in shared memory (each warp's ring holds 2 x 16 rows x steps x depth x 32 columns).
+  /// Tiled layout only (the others must then be 0): K steps (32 columns) per bulk copy, copies in flight per
+  /// warp and rows per work item. (steps, depth) (2, 4), (1, 8), (2, 3), (4, 3) or (2, 6) with rows 32; (2, 3),
+  /// (2, 4) or (1, 8) with rows 64 (an expert's weights are read once for up to 64 of its rows, with twice the
+  /// accumulators); (2, 3) with rows 0: the device picks 64-row items from 24 rows per active expert, else
+  /// 32 (the default, also what all three 0 mean). Blocks per SM: all that fit in shared memory.
   std::uint32_t tiled_steps = 0;
   std::uint32_t tiled_depth = 0;
   std::uint32_t tiled_rows = 0;
