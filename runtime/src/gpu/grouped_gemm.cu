@@ -37,6 +37,14 @@
 //                        so the same sums.
 //   auto (tuning::staged_from_rows)  one kernel holding the register path and the staged one; the
 //                        device picks per call (the mean rows per active expert, from prep's header).
+//   tiled (grouped_swiglu_layout::tiled; what the server runs)  the weights are stored in the fragment order
+//                        the threads take them, 16 rows x 32 columns per KiB, so a warp's weights for a few K
+//                        steps are two contiguous ranges: one lane moves them with bulk copies (TMA) into a
+//                        per-warp shared-memory ring that keeps 3 copies in flight on mbarriers, and no
+//                        register holds a weight in flight. Tokens are staged as on the staged path. Work
+//                        items hold 32 or 64 rows of an expert; both kernels are launched and the device runs
+//                        the one prep's counts pick (64 from 24 rows per active expert: an expert's weights
+//                        are then read once for up to 64 of its rows). Same mma order, so the same sums.
 //
 // Raw PTX (the mma and the streaming load) stays in this file: it is private to this kernel, and the
 // library's detail/ptx.cuh is the device vocabulary's, not the runtime's.
@@ -841,40 +849,35 @@ __device__ __forceinline__ void down_items(const kparams& p, std::int32_t* s_pre
   }
 }
 
-// The tiled auto kernels (NT 0): 64-row items when the call's rows are at least p.tiled64_from_rows per
-// active expert (prep's header), else 32-row items.
+// The tiled path's pick between 64- and 32-row items: 64 when the call's rows are at least
+// p.tiled64_from_rows per active expert (prep's header). Both kernels are launched; the other one returns at
+// once. (One kernel holding both paths measured 3-5 % slower on the 32-row one: 168 registers instead of 120.)
 __device__ __forceinline__ bool use_64_rows(const kparams& p) {
   return static_cast<long long>(p.hdr->rows) >= static_cast<long long>(p.tiled64_from_rows) * p.hdr->n_active;
 }
 
-template <int U, int S, int B, int NT = kNTiles>
+template <int U, int S, int B, int NT = kNTiles, bool PICKED = false>
 __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(kparams p) {
-  static_assert(NT != 0 || B == kBTiled);
+  static_assert(!PICKED || B == kBTiled);
+  if constexpr (PICKED)
+    if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
   unsigned uses = 0;  // the tiled path's copies waited for (per warp)
   init_tiled<U, S, B>(s_ring);
-  if constexpr (NT != 0)
-    gate_up_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
-  else if (use_64_rows(p))  // grid-uniform
-    gate_up_items<U, S, B, 8>(p, s_prefix, s_ring, uses);
-  else
-    gate_up_items<U, S, B, kNTiles>(p, s_prefix, s_ring, uses);
+  gate_up_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
 }
 
-template <int U, int S, int B, int NT = kNTiles>
+template <int U, int S, int B, int NT = kNTiles, bool PICKED = false>
 __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kparams p) {
-  static_assert(NT != 0 || B == kBTiled);
+  static_assert(!PICKED || B == kBTiled);
+  if constexpr (PICKED)
+    if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
-  unsigned uses = 0;
+  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
   init_tiled<U, S, B>(s_ring);
-  if constexpr (NT != 0)
-    down_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
-  else if (use_64_rows(p))
-    down_items<U, S, B, 8>(p, s_prefix, s_ring, uses);
-  else
-    down_items<U, S, B, kNTiles>(p, s_prefix, s_ring, uses);
+  down_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
 }
 
 // dst = src [rows, cols] in the tiled layout; one thread per 16-byte piece of dst.
@@ -924,6 +927,9 @@ struct variant {
   void (*down)(kparams);
   int smem;    // dynamic shared memory (the cp.async ring, the staged token tiles)
   int per_sm;  // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
+  // The other kernels of a picked pair (each launched right after its partner; one of the two returns at once).
+  void (*gate_up_alt)(kparams) = nullptr;
+  void (*down_alt)(kparams) = nullptr;
 };
 constexpr int kVariants = 17;
 const variant kVariantTable[kVariants] = {
@@ -938,7 +944,8 @@ const variant kVariantTable[kVariants] = {
     {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
     // Tiled weights: K steps per copy x copies in flight per warp.
     // Tiled weights, 2 K steps per copy, 3 in flight, the rows per item picked on the device: the default.
-    {gate_up_kernel<2, 3, kBTiled, 0>, down_kernel<2, 3, kBTiled, 0>, tiled_smem_bytes<2, 3>(), 0},
+    {gate_up_kernel<2, 3, kBTiled, kNTiles, true>, down_kernel<2, 3, kBTiled, kNTiles, true>, tiled_smem_bytes<2, 3>(),
+     0, gate_up_kernel<2, 3, kBTiled, 8, true>, down_kernel<2, 3, kBTiled, 8, true>},
     // Tiled, fixed: K steps per copy x copies in flight, 32-row items.
     {gate_up_kernel<2, 4, kBTiled>, down_kernel<2, 4, kBTiled>, tiled_smem_bytes<2, 4>(), 0},
     {gate_up_kernel<1, 8, kBTiled>, down_kernel<1, 8, kBTiled>, tiled_smem_bytes<1, 8>(), 0},
@@ -1023,12 +1030,19 @@ status limits_for(int dev, device_limits& out) {
   GG_CUDA(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev));
   for (int v = 0; v < kVariants; ++v) {
     const variant& k = kVariantTable[v];
-    if (k.smem > 0) {
-      GG_CUDA(cudaFuncSetAttribute(k.gate_up, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
-      GG_CUDA(cudaFuncSetAttribute(k.down, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
+    // A picked pair's grid is the smaller of the two kernels' residency.
+    int* occ[2] = {&l.gate_up[v], &l.down[v]};
+    void (*const fns[2][2])(kparams) = {{k.gate_up, k.gate_up_alt}, {k.down, k.down_alt}};
+    for (int f = 0; f < 2; ++f) {
+      *occ[f] = 1 << 30;
+      for (void (*fn)(kparams) : fns[f]) {
+        if (fn == nullptr) continue;
+        if (k.smem > 0) GG_CUDA(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
+        int n = 0;
+        GG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kThreads, k.smem));
+        *occ[f] = std::min(*occ[f], n);
+      }
     }
-    GG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&l.gate_up[v], k.gate_up, kThreads, k.smem));
-    GG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&l.down[v], k.down, kThreads, k.smem));
   }
   if (dev >= 0 && dev < kMaxDevices) {
     int expected = 0;
@@ -1139,8 +1153,16 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   GG_CUDA(cudaGetLastError());
   kern.gate_up<<<grid_gu, kThreads, kern.smem, stream>>>(p);
   GG_CUDA(cudaGetLastError());
+  if (kern.gate_up_alt != nullptr) {
+    kern.gate_up_alt<<<grid_gu, kThreads, kern.smem, stream>>>(p);
+    GG_CUDA(cudaGetLastError());
+  }
   kern.down<<<grid_dn, kThreads, kern.smem, stream>>>(p);
   GG_CUDA(cudaGetLastError());
+  if (kern.down_alt != nullptr) {
+    kern.down_alt<<<grid_dn, kThreads, kern.smem, stream>>>(p);
+    GG_CUDA(cudaGetLastError());
+  }
   return status::ok;
 }
 

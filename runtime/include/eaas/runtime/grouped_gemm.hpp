@@ -23,19 +23,13 @@
 /// down), so that experts may live in separate allocations; a contiguous [E, ...] tensor is the special
 /// case `base + e * stride` (grouped_swiglu_expert_pointers fills such an array).
 ///
-/// Speed (eaas-grouped-gemm-bench --sweep on one H200; copy bandwidth 4.24 TB/s counting read + written
-/// bytes; bytes moved = the active experts' weights + x + y + h; defaults, i.e. registers, 3 blocks/SM):
-///   Qwen3-30B-A3B (2048/768, 128 experts, top-8):  64 tokens 3.91 TB/s (92% of copy, 7.3x cuBLAS per
-///     expert), 128: 3.84 (91%, 7.0x), 256: 3.03 (72%, 5.3x), 512: 2.03 (48%, 3.2x; ~32 rows/expert)
-///   DeepSeek-V3 (7168/2048, 256 experts, top-8):   32 tokens 4.24 TB/s (100%, 1.6x), 128: 3.07 (72%, 1.2x)
-/// At a few rows per expert the op runs at the copy bandwidth; from ~16 rows per expert it falls behind
-/// (likely the register path's compute phase leaving the memory pipe idle). The cp.async ring
-/// (grouped_swiglu_tuning::stages) is meant for that range; it is tested but was not yet measured.
-/// The staged path (grouped_swiglu_tuning::staged: token tiles shared by the block in shared memory,
-/// weights through a per-thread register ring) was faster at every point of the sweep of 2026-11-28
-/// (H200, same run: Qwen3 512 tokens 557 us = 54% of copy vs 643 us for the register path, 256: 413 vs
-/// 425 us, 128: 343 vs 388 us; DeepSeek-V3 128: 6567 us = 79% vs 7441 us) and is the default since: the
-/// figures above are the register path's (stages 1).
+/// Weights may be row-major (as in checkpoints) or in a tiled layout (grouped_swiglu_layout) that the GEMMs
+/// read with bulk copies (TMA) into shared memory; the expert server and the monolithic baseline store them
+/// tiled. Speed with tiled weights and the default tuning (eaas-grouped-gemm-bench, one H200, 2026-11-28; copy
+/// bandwidth ~4.2 TB/s counting read + written bytes; bytes = the active experts' weights + x + y + h; docs/PERF.md
+/// has the runs): Qwen3-30B-A3B (2048/768, 128 experts, top-8) 64 tokens 81 %, 128: 80 %, 256: 78 %, 512: 69 %
+/// of copy (4.7-6.4x cuBLAS per expert); DeepSeek-V3 (7168/2048, 256 experts) 32 and 128 tokens: 93 %. The
+/// row-major default (the staged path) is 1-5 % faster at 64-128 tokens and 1.3x slower at 512.
 ///
 /// Available where eaas was built with CUDA (EAAS_WITH_CUDA in eaas/config.hpp).
 ///
