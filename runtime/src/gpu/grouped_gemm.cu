@@ -499,66 +499,38 @@ __host__ __device__ constexpr int tiled_smem_bytes() {
   return tiled_bars_offset<D, R>() + kWarps * R * 8;
 }
 
-// What the tiled path carries from one work item to the next: copies waited for (`uses`: slot = uses % R, phase
-// parity = (uses / R) & 1) and copies of the coming item already issued (`prefetched`, copies 0 ..) per warp; the
-// buffer of the coming item's first token tile and whether it was staged already (block-uniform).
-struct tiled_carry {
-  unsigned uses = 0;
-  int prefetched = 0;
-  int bpar = 0;
-  bool b_ready = false;
-};
-
-// The block's next work item, as block_gemm_tiled prefetches it (valid false: there is none).
-struct tiled_next {
-  const char* a[2];
-  const __nv_bfloat16* b;
-  int rows;
-  bool live, valid;
-};
-
 // Called by the whole block; warps with live false only help stage B. `a`: the warp's two A tiles in the
-// tiled layout; B, ld, K, rows and acc as for block_gemm_staged. `ring` and `bars`: this warp's. Once this
-// item's last copies are in flight, the slots it frees are refilled with the next item's first copies, and
-// its last token tile's turn stages the next item's first one, so a new item starts with its weights and
-// tokens on the way (K is the same for every item of a kernel). Every copy issued is waited for, by this
-// item or the next one the block runs.
+// tiled layout; B, ld, K, rows and acc as for block_gemm_staged. `ring` and `bars`: this warp's; `uses`:
+// copies this warp has waited for so far (slot = uses % R, phase parity = (uses / R) & 1), kept across
+// work items. Every copy issued here is waited for here, so the ring is idle between items.
 template <int D, int R, class G>
 __device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool live, const __nv_bfloat16* b, int ld,
                                                  int K, int rows, __nv_bfloat16* stage, char* ring, std::uint64_t* bars,
-                                                 tiled_carry& cy, const tiled_next& nx, float (&acc)[2][G::kNT][4]) {
+                                                 unsigned& uses, float (&acc)[2][G::kNT][4]) {
   static_assert(G::kSteps % D == 0, "a copy never straddles two token tiles");
   constexpr int kSlotBytes = 2 * D * kTiledStepBytes;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ntiles = (rows + 7) / 8, nk = K / 32, ncopies = (nk + D - 1) / D;
-  const int nbt = (nk + G::kSteps - 1) / G::kSteps;  // token tiles
   const __nv_bfloat16* b_row = stage + g * G::kLd + 8 * t;
 
-  auto stage_b = [&](int j) {  // token tile j of this item; j == nbt: the next item's first
-    __nv_bfloat16* dst = stage + ((j + cy.bpar) & 1) * G::kTile;
-    if (j < nbt)
-      stage_b_tile<G>(dst, b, ld, rows, ntiles * 8, j * G::kK, min(G::kK, K - j * G::kK));
-    else if (nx.valid)
-      stage_b_tile<G>(dst, nx.b, ld, nx.rows, (nx.rows + 7) / 8 * 8, 0, min(G::kK, K));
+  auto stage_tile = [&](int j) {
+    if (j * G::kSteps < nk)
+      stage_b_tile<G>(stage + (j & 1) * G::kTile, b, ld, rows, ntiles * 8, j * G::kK, min(G::kK, K - j * G::kK));
     cp_async_commit();  // always: at a tile's start, its group is the only one pending
   };
-  // One lane: copy c (K steps c*D ..) of the item whose tiles are `src`, `ahead` copies after this item's first.
-  auto issue = [&](const char* const(&src)[2], int ahead, int c) {
-    const unsigned slot = (cy.uses + ahead) % R;
+  auto issue = [&](int c) {  // one lane: copy c (K steps c*D ..) into its slot
+    const unsigned slot = (uses + c) % R;
     const unsigned bytes = static_cast<unsigned>(min(D, nk - c * D)) * kTiledStepBytes;
     char* dst = ring + slot * kSlotBytes;
-    const std::size_t off = static_cast<std::size_t>(c) * D * kTiledStepBytes;
+    const std::size_t src = static_cast<std::size_t>(c) * D * kTiledStepBytes;
     mbar_arrive_expect(bars + slot, 2 * bytes);
-    bulk_copy(dst, src[0] + off, bytes, bars + slot);
-    bulk_copy(dst + D * kTiledStepBytes, src[1] + off, bytes, bars + slot);
+    bulk_copy(dst, a[0] + src, bytes, bars + slot);
+    bulk_copy(dst + D * kTiledStepBytes, a[1] + src, bytes, bars + slot);
   };
 
-  if (!cy.b_ready) stage_b(0);
+  stage_tile(0);
   if (live && lane == 0)
-    for (int c = cy.prefetched; c < R && c < ncopies; ++c) issue(a, c, c);
-  // The next item's copies go into the slots this item's last R copies free (only when it has R or more:
-  // then they are its copies 0 .. R-1, in order).
-  const bool prefetch = live && nx.valid && nx.live && ncopies >= R;
+    for (int c = 0; c < R && c < ncopies; ++c) issue(c);
   for (int c = 0; c < ncopies; ++c) {
     const int i0 = c * D;
     if ((i0 & (G::kSteps - 1)) == 0) {
@@ -566,10 +538,10 @@ __device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool
       // is refilled with the next one.
       cp_async_wait<0>();
       __syncthreads();
-      stage_b(i0 / G::kSteps + 1);
+      stage_tile(i0 / G::kSteps + 1);
     }
     if (!live) continue;  // warp-uniform
-    const unsigned u = cy.uses + c, slot = u % R;
+    const unsigned u = uses + c, slot = u % R;
     while (!mbar_try_wait(bars + slot, (u / R) & 1)) {
     }
     const char* piece = ring + slot * kSlotBytes + lane * 16;
@@ -583,25 +555,19 @@ __device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool
         s[d].hi[mt] = *reinterpret_cast<const uint4*>(p + 512);
       }
     }
-    const __nv_bfloat16* tile = b_row + ((i0 / G::kSteps + cy.bpar) & 1) * G::kTile;
+    const __nv_bfloat16* tile = b_row + ((i0 / G::kSteps) & 1) * G::kTile;
 #pragma unroll
     for (int d = 0; d < D; ++d)
       if (i0 + d < nk) mma_step<G>(s[d], tile, i0 + d, ntiles, acc);
-    if (c + R < ncopies || prefetch) {
+    if (c + R < ncopies) {
       __syncwarp();  // every lane has read the slot (its values are in registers)
       if (lane == 0) {
         fence_proxy_async();
-        if (c + R < ncopies)
-          issue(a, c + R, c + R);
-        else
-          issue(nx.a, c + R, c + R - ncopies);
+        issue(c + R);
       }
     }
   }
-  if (live) cy.uses += static_cast<unsigned>(ncopies);
-  cy.prefetched = prefetch ? R : 0;
-  cy.bpar = (cy.bpar + nbt) & 1;
-  cy.b_ready = nx.valid;
+  if (live) uses += static_cast<unsigned>(ncopies);
   __syncthreads();  // every warp is done with the token tiles before the next item restages them
 }
 
@@ -617,8 +583,7 @@ enum b_mode : int {
 // per SM), with 3 steps 166; the auto kernels hold the register path and the staged one: 168.
 template <int U, int B>
 constexpr int min_blocks() {
-  // The tiled kernels' shared memory (token tiles and the ring) allows two blocks per SM at most.
-  return B == kBTiled ? 2 : B == kBAuto || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
+  return B == kBAuto || B == kBTiled || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
 }
 
 // One work item's product, the same for both GEMM kernels (K = ld: the rows of A and B are contiguous). The
@@ -631,7 +596,7 @@ using geom_of = std::conditional_t<NT == 8, geom64, geom32>;
 template <int U, int S, int B, int NT>
 __device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2], bool live, bool staged,
                                              const __nv_bfloat16* b, int K, int rows, uint4* s_ring, int warp,
-                                             tiled_carry& cy, const tiled_next& nx, float (&acc)[2][NT][4]) {
+                                             unsigned& uses, float (&acc)[2][NT][4]) {
   static_assert(NT == kNTiles || B == kBTiled, "64-row chunks only on the tiled path");
   if constexpr (B == kBTiled) {
     using G = geom_of<NT>;
@@ -639,8 +604,7 @@ __device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2],
     const char* at[2] = {reinterpret_cast<const char*>(a[0]), reinterpret_cast<const char*>(a[1])};
     block_gemm_tiled<U, S, G>(at, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(smem),
                               smem + kTiledStageArea + warp * S * 2 * U * kTiledStepBytes,
-                              reinterpret_cast<std::uint64_t*>(smem + tiled_bars_offset<U, S>()) + warp * S, cy, nx,
-                              acc);
+                              reinterpret_cast<std::uint64_t*>(smem + tiled_bars_offset<U, S>()) + warp * S, uses, acc);
   } else if constexpr (B != kBPerWarp) {
     if (staged)
       block_gemm_staged<U>(a, live, b, K, K, rows, reinterpret_cast<__nv_bfloat16*>(s_ring), acc);
@@ -809,7 +773,7 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
 
 // The work items of one gate/up kernel with NT n-tiles (8 rows each) per item.
 template <int U, int S, int B, int NT>
-__device__ __forceinline__ void gate_up_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring) {
+__device__ __forceinline__ void gate_up_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring, unsigned& uses) {
   const int tiles = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
   int n_active;
   long long total;
@@ -818,43 +782,16 @@ __device__ __forceinline__ void gate_up_items(const kparams& p, std::int32_t* s_
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
-  // This warp's weight tiles (gate, up: 16 rows each) and the item's tokens.
-  auto operands = [&](const work_item& it, const __nv_bfloat16*(&a)[2], bool& live, const __nv_bfloat16*& b) {
-    const int f0 = it.tile * kGateUpFeatures + warp * 16;
-    live = f0 < p.inter;
-    const std::size_t woff = static_cast<std::size_t>(live ? f0 : 0) * p.hidden;
-    a[0] = it.e.gate + woff;
-    a[1] = it.e.up + woff;
-    b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
-  };
-  tiled_carry cy;
-  work_item next{};
-  if constexpr (B == kBTiled) next = find_item<8 * NT>(blockIdx.x, tiles, prefix, n_active, p.entries);
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    tiled_next nx{};  // the tiled path prefetches the block's next item (the others keep nothing across items)
-    work_item it;
-    if constexpr (B == kBTiled) {
-      it = next;
-      nx.valid = w + gridDim.x < total;  // block-uniform
-      if (nx.valid) {
-        next = find_item<8 * NT>(w + gridDim.x, tiles, prefix, n_active, p.entries);
-        const __nv_bfloat16* na[2];
-        operands(next, na, nx.live, nx.b);
-        nx.a[0] = reinterpret_cast<const char*>(na[0]);
-        nx.a[1] = reinterpret_cast<const char*>(na[1]);
-        nx.rows = next.rows;
-      }
-    } else {
-      it = find_item<8 * NT>(w, tiles, prefix, n_active, p.entries);
-    }
+    const work_item it = find_item<8 * NT>(w, tiles, prefix, n_active, p.entries);
     const int f0 = it.tile * kGateUpFeatures + warp * 16;
-    const __nv_bfloat16* a[2];
-    const __nv_bfloat16* b;
-    bool live;
-    operands(it, a, live, b);
+    const bool live = f0 < p.inter;
     if (!live && !staged) continue;  // the staged path needs every warp at its barriers
+    const std::size_t woff = static_cast<std::size_t>(live ? f0 : 0) * p.hidden;
+    const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
     float acc[2][NT][4] = {};
-    item_product<U, S, B, NT>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, cy, nx, acc);
+    const __nv_bfloat16* b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
+    item_product<U, S, B, NT>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, uses, acc);
     if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -872,7 +809,7 @@ __device__ __forceinline__ void gate_up_items(const kparams& p, std::int32_t* s_
 
 // The work items of one down kernel with NT n-tiles (8 rows each) per item.
 template <int U, int S, int B, int NT>
-__device__ __forceinline__ void down_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring) {
+__device__ __forceinline__ void down_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring, unsigned& uses) {
   const int tiles = (p.hidden + kDownFeatures - 1) / kDownFeatures;
   int n_active;
   long long total;
@@ -881,43 +818,17 @@ __device__ __forceinline__ void down_items(const kparams& p, std::int32_t* s_pre
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
 
-  // This warp's weight tiles (two 16-row tiles of down) and the item's intermediate rows.
-  auto operands = [&](const work_item& it, const __nv_bfloat16*(&a)[2], bool& live, const __nv_bfloat16*& b) {
-    const int f0 = it.tile * kDownFeatures + warp * 32;
-    live = f0 < p.hidden;
-    const int fa = live ? f0 : 0;
-    a[0] = it.e.down + static_cast<std::size_t>(fa) * p.inter;
-    a[1] = it.e.down + static_cast<std::size_t>(fa + 16) * p.inter;
-    b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
-  };
-  tiled_carry cy;
-  work_item next{};
-  if constexpr (B == kBTiled) next = find_item<8 * NT>(blockIdx.x, tiles, prefix, n_active, p.entries);
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    tiled_next nx{};  // the tiled path prefetches the block's next item (the others keep nothing across items)
-    work_item it;
-    if constexpr (B == kBTiled) {
-      it = next;
-      nx.valid = w + gridDim.x < total;  // block-uniform
-      if (nx.valid) {
-        next = find_item<8 * NT>(w + gridDim.x, tiles, prefix, n_active, p.entries);
-        const __nv_bfloat16* na[2];
-        operands(next, na, nx.live, nx.b);
-        nx.a[0] = reinterpret_cast<const char*>(na[0]);
-        nx.a[1] = reinterpret_cast<const char*>(na[1]);
-        nx.rows = next.rows;
-      }
-    } else {
-      it = find_item<8 * NT>(w, tiles, prefix, n_active, p.entries);
-    }
+    const work_item it = find_item<8 * NT>(w, tiles, prefix, n_active, p.entries);
     const int f0 = it.tile * kDownFeatures + warp * 32;
-    const __nv_bfloat16* a[2];
-    const __nv_bfloat16* b;
-    bool live;
-    operands(it, a, live, b);
+    const bool live = f0 < p.hidden;
     if (!live && !staged) continue;  // the staged path needs every warp at its barriers
+    const int fa = live ? f0 : 0;
+    const __nv_bfloat16* a[2] = {it.e.down + static_cast<std::size_t>(fa) * p.inter,
+                                 it.e.down + static_cast<std::size_t>(fa + 16) * p.inter};
     float acc[2][NT][4] = {};
-    item_product<U, S, B, NT>(a, live, staged, b, p.inter, it.rows, s_ring, warp, cy, nx, acc);
+    const __nv_bfloat16* b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
+    item_product<U, S, B, NT>(a, live, staged, b, p.inter, it.rows, s_ring, warp, uses, acc);
     if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -952,8 +863,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(k
     if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
+  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
   init_tiled<U, S, B>(s_ring);
-  gate_up_items<U, S, B, NT>(p, s_prefix, s_ring);
+  gate_up_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
 }
 
 template <int U, int S, int B, int NT = kNTiles, bool PICKED = false>
@@ -963,8 +875,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kpar
     if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
+  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
   init_tiled<U, S, B>(s_ring);
-  down_items<U, S, B, NT>(p, s_prefix, s_ring);
+  down_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
 }
 
 // dst = src [rows, cols] in the tiled layout; one thread per 16-byte piece of dst.
