@@ -433,6 +433,8 @@ TEST_CASE("grouped_swiglu_tile: the device writes the host's tiled index; bad ar
   CHECK(grouped_swiglu_tile(d_src.p, d_dst.p, 0, cols, nullptr) == status::invalid_argument);
   CHECK(grouped_swiglu_tile(nullptr, d_dst.p, rows, cols, nullptr) == status::invalid_argument);
   CHECK(grouped_swiglu_tile(d_src.p, d_src.p, rows, cols, nullptr) == status::invalid_argument);
+  CHECK(grouped_swiglu_tile(d_src.p, d_src.as<char>() + 1024, rows, cols, nullptr) == status::invalid_argument);
+  CHECK(grouped_swiglu_tile(d_dst.as<char>() + 4096, d_dst.p, rows, cols, nullptr) == status::invalid_argument);
   CHECK(grouped_swiglu_tile(d_src.as<char>() + 8, d_dst.p, rows, cols, nullptr) == status::invalid_argument);
 }
 

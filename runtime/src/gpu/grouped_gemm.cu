@@ -1168,9 +1168,12 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
 
 status grouped_swiglu_tile(const void* src, void* dst, std::uint32_t rows, std::uint32_t cols,
                            CUstream_st* stream) noexcept {
-  GG_INVALID(src == nullptr || dst == nullptr || src == dst, "tile: null or identical pointers");
+  GG_INVALID(src == nullptr || dst == nullptr, "tile: null pointer");
   GG_INVALID(rows == 0 || rows % 16 != 0 || cols == 0 || cols % 32 != 0,
              "tile: rows must be a nonzero multiple of 16 and cols of 32");
+  const auto s0 = reinterpret_cast<std::uintptr_t>(src), d0 = reinterpret_cast<std::uintptr_t>(dst);
+  const std::size_t bytes = std::size_t{rows} * cols * 2;
+  GG_INVALID(s0 < d0 + bytes && d0 < s0 + bytes, "tile: src and dst overlap");
   GG_INVALID((reinterpret_cast<std::uintptr_t>(src) & 15) != 0 || (reinterpret_cast<std::uintptr_t>(dst) & 15) != 0,
              "tile: src and dst must be 16-byte aligned");
   const std::size_t pieces = std::size_t{rows} * cols / 8;
