@@ -856,8 +856,9 @@ __device__ __forceinline__ bool use_64_rows(const kparams& p) {
   return static_cast<long long>(p.hdr->rows) >= static_cast<long long>(p.tiled64_from_rows) * p.hdr->n_active;
 }
 
-template <int U, int S, int B, int NT = kNTiles, bool PICKED = false>
-__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(kparams p) {
+// The two products' kernels: the gate/up one (DOWN false) and the down one.
+template <bool DOWN, int U, int S, int B, int NT = kNTiles, bool PICKED = false>
+__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) product_kernel(kparams p) {
   static_assert(!PICKED || B == kBTiled);
   if constexpr (PICKED)
     if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
@@ -865,19 +866,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) gate_up_kernel(k
   extern __shared__ uint4 s_ring[];
   unsigned uses = 0;  // the tiled path's copies waited for (per warp)
   init_tiled<U, S, B>(s_ring);
-  gate_up_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
-}
-
-template <int U, int S, int B, int NT = kNTiles, bool PICKED = false>
-__global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) down_kernel(kparams p) {
-  static_assert(!PICKED || B == kBTiled);
-  if constexpr (PICKED)
-    if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
-  __shared__ std::int32_t s_prefix[kSmemExperts + 1];
-  extern __shared__ uint4 s_ring[];
-  unsigned uses = 0;  // the tiled path's copies waited for (per warp)
-  init_tiled<U, S, B>(s_ring);
-  down_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
+  if constexpr (DOWN)
+    down_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
+  else
+    gate_up_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
 }
 
 // dst = src [rows, cols] in the tiled layout; one thread per 16-byte piece of dst.
@@ -933,29 +925,34 @@ struct variant {
 };
 constexpr int kVariants = 17;
 const variant kVariantTable[kVariants] = {
-    {gate_up_kernel<2, 0, kBPerWarp>, down_kernel<2, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x2
-    {gate_up_kernel<4, 0, kBPerWarp>, down_kernel<4, 0, kBPerWarp>, 0, kDefaultRegisterBlocksPerSm},  // registers x4
-    {gate_up_kernel<0, 3, kBPerWarp>, down_kernel<0, 3, kBPerWarp>, ring_bytes<3>(), 0},  // cp.async ring of 3 steps
-    {gate_up_kernel<0, 4, kBPerWarp>, down_kernel<0, 4, kBPerWarp>, ring_bytes<4>(), 0},  // 4 steps
-    {gate_up_kernel<0, 6, kBPerWarp>, down_kernel<0, 6, kBPerWarp>, ring_bytes<6>(), 0},  // 6 steps
-    {gate_up_kernel<2, 0, kBStaged>, down_kernel<2, 0, kBStaged>, kStageBytes, 0},        // staged, 2 steps in flight
-    {gate_up_kernel<3, 0, kBStaged>, down_kernel<3, 0, kBStaged>, kStageBytes, 0},        // staged, 3 steps in flight
+    {product_kernel<false, 2, 0, kBPerWarp>, product_kernel<true, 2, 0, kBPerWarp>, 0,
+     kDefaultRegisterBlocksPerSm},  // registers x2
+    {product_kernel<false, 4, 0, kBPerWarp>, product_kernel<true, 4, 0, kBPerWarp>, 0,
+     kDefaultRegisterBlocksPerSm},  // registers x4
+    {product_kernel<false, 0, 3, kBPerWarp>, product_kernel<true, 0, 3, kBPerWarp>, ring_bytes<3>(),
+     0},  // cp.async ring of 3 steps
+    {product_kernel<false, 0, 4, kBPerWarp>, product_kernel<true, 0, 4, kBPerWarp>, ring_bytes<4>(), 0},  // 4 steps
+    {product_kernel<false, 0, 6, kBPerWarp>, product_kernel<true, 0, 6, kBPerWarp>, ring_bytes<6>(), 0},  // 6 steps
+    {product_kernel<false, 2, 0, kBStaged>, product_kernel<true, 2, 0, kBStaged>, kStageBytes,
+     0},  // staged, 2 steps in flight
+    {product_kernel<false, 3, 0, kBStaged>, product_kernel<true, 3, 0, kBStaged>, kStageBytes,
+     0},  // staged, 3 steps in flight
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
-    {gate_up_kernel<2, 0, kBAuto>, down_kernel<2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
-    // Tiled weights: K steps per copy x copies in flight per warp.
+    {product_kernel<false, 2, 0, kBAuto>, product_kernel<true, 2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
     // Tiled weights, 2 K steps per copy, 3 in flight, the rows per item picked on the device: the default.
-    {gate_up_kernel<2, 3, kBTiled, kNTiles, true>, down_kernel<2, 3, kBTiled, kNTiles, true>, tiled_smem_bytes<2, 3>(),
-     0, gate_up_kernel<2, 3, kBTiled, 8, true>, down_kernel<2, 3, kBTiled, 8, true>},
+    {product_kernel<false, 2, 3, kBTiled, kNTiles, true>, product_kernel<true, 2, 3, kBTiled, kNTiles, true>,
+     tiled_smem_bytes<2, 3>(), 0, product_kernel<false, 2, 3, kBTiled, 8, true>,
+     product_kernel<true, 2, 3, kBTiled, 8, true>},
     // Tiled, fixed: K steps per copy x copies in flight, 32-row items.
-    {gate_up_kernel<2, 4, kBTiled>, down_kernel<2, 4, kBTiled>, tiled_smem_bytes<2, 4>(), 0},
-    {gate_up_kernel<1, 8, kBTiled>, down_kernel<1, 8, kBTiled>, tiled_smem_bytes<1, 8>(), 0},
-    {gate_up_kernel<2, 3, kBTiled>, down_kernel<2, 3, kBTiled>, tiled_smem_bytes<2, 3>(), 0},
-    {gate_up_kernel<4, 3, kBTiled>, down_kernel<4, 3, kBTiled>, tiled_smem_bytes<4, 3>(), 0},
-    {gate_up_kernel<2, 6, kBTiled>, down_kernel<2, 6, kBTiled>, tiled_smem_bytes<2, 6>(), 0},
+    {product_kernel<false, 2, 4, kBTiled>, product_kernel<true, 2, 4, kBTiled>, tiled_smem_bytes<2, 4>(), 0},
+    {product_kernel<false, 1, 8, kBTiled>, product_kernel<true, 1, 8, kBTiled>, tiled_smem_bytes<1, 8>(), 0},
+    {product_kernel<false, 2, 3, kBTiled>, product_kernel<true, 2, 3, kBTiled>, tiled_smem_bytes<2, 3>(), 0},
+    {product_kernel<false, 4, 3, kBTiled>, product_kernel<true, 4, 3, kBTiled>, tiled_smem_bytes<4, 3>(), 0},
+    {product_kernel<false, 2, 6, kBTiled>, product_kernel<true, 2, 6, kBTiled>, tiled_smem_bytes<2, 6>(), 0},
     // The same with 64-row work items (each expert's weights read once for up to 64 of its rows).
-    {gate_up_kernel<2, 3, kBTiled, 8>, down_kernel<2, 3, kBTiled, 8>, tiled_smem_bytes<2, 3>(), 0},
-    {gate_up_kernel<2, 4, kBTiled, 8>, down_kernel<2, 4, kBTiled, 8>, tiled_smem_bytes<2, 4>(), 0},
-    {gate_up_kernel<1, 8, kBTiled, 8>, down_kernel<1, 8, kBTiled, 8>, tiled_smem_bytes<1, 8>(), 0},
+    {product_kernel<false, 2, 3, kBTiled, 8>, product_kernel<true, 2, 3, kBTiled, 8>, tiled_smem_bytes<2, 3>(), 0},
+    {product_kernel<false, 2, 4, kBTiled, 8>, product_kernel<true, 2, 4, kBTiled, 8>, tiled_smem_bytes<2, 4>(), 0},
+    {product_kernel<false, 1, 8, kBTiled, 8>, product_kernel<true, 1, 8, kBTiled, 8>, tiled_smem_bytes<1, 8>(), 0},
 };
 struct tiled_variant {
   int steps, depth, rows;  // rows 0: picked on the device
