@@ -133,7 +133,7 @@ struct kparams {
   std::uint32_t* error;
   int experts, hidden, inter, max_rows;
   int staged_from_rows;   // the auto kernels: staged path when rows >= this * active experts
-  int tiled64_from_rows;  // the tiled auto kernels: 64-row items when rows >= this * active experts
+  int tiled64_from_rows;  // the tiled default's pair: 64-row items when rows >= this * active experts
 };
 
 // ---- device helpers -------------------------------------------------------------------------------
@@ -453,8 +453,9 @@ __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a
 // at l * 16 (row g, elements 8t .. 8t+7) and at 512 + l * 16 (row g + 8). A warp's weights for D K steps
 // are two contiguous ranges (one per A tile), so one elected lane moves them with two bulk copies (TMA)
 // into the warp's ring in shared memory, completing on an mbarrier; the lanes read their pieces back with
-// consecutive, conflict-free LDS.128. No register holds a weight in flight, so the ring can keep
-// kTiledDepth copies (many more bytes than the register ring) in flight per warp. The tokens are staged
+// consecutive, conflict-free LDS.128. No register holds a weight in flight, so the ring can keep R copies
+// (more bytes than the register ring) in flight per warp. The waits on the mbarriers have no deadline, like
+// cp.async's: a bulk copy from memory the prep kernel checked either lands or faults the kernel. The tokens are staged
 // per block exactly as on the staged path, and the mmas run in the same order: the same sums, bit for bit.
 constexpr int kTiledStepBytes = 1024;
 
@@ -487,8 +488,8 @@ __device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, unsigned
 // it issues next into the same bytes.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// Shared memory of the tiled path: the token tiles (room for either chunk size: one kernel may run both),
-// then per warp a ring of R slots of 2 A tiles x D K steps, then per warp R mbarriers.
+// Shared memory of the tiled path: the token tiles (room for either chunk size, so that every tiled kernel has
+// the same layout), then per warp a ring of R slots of 2 A tiles x D K steps, then per warp R mbarriers.
 constexpr int kTiledStageArea = geom32::kBytes > geom64::kBytes ? geom32::kBytes : geom64::kBytes;
 template <int D, int R>
 __host__ __device__ constexpr int tiled_bars_offset() {
