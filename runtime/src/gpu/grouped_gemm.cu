@@ -455,7 +455,8 @@ __device__ __forceinline__ void block_gemm_staged(const __nv_bfloat16* const (&a
 // into the warp's ring in shared memory, completing on an mbarrier; the lanes read their pieces back with
 // consecutive, conflict-free LDS.128. No register holds a weight in flight, so the ring can keep R copies
 // (more bytes than the register ring) in flight per warp. The waits on the mbarriers have no deadline, like
-// cp.async's: a bulk copy from memory the prep kernel checked either lands or faults the kernel. The tokens are staged
+// cp.async's: a bulk copy either lands or faults the kernel (prep has checked the pointers for null and
+// alignment only). The tokens are staged
 // per block exactly as on the staged path, and the mmas run in the same order: the same sums, bit for bit.
 constexpr int kTiledStepBytes = 1024;
 
