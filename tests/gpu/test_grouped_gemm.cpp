@@ -279,6 +279,15 @@ std::uint32_t read_error(const device_problem& d) {
   return e;
 }
 
+// One call with router weights and `t` over a poisoned y (no error bits expected); y downloaded.
+std::vector<float> run_tuned(const problem& p, const device_problem& d, const grouped_swiglu_tuning& t) {
+  d.poison_y(p);
+  REQUIRE_OK(grouped_swiglu(p.shape, d.args(true), d.ws_bytes, nullptr, t));
+  REQUIRE_CUDA(cudaDeviceSynchronize());
+  CHECK(read_error(d) == 0);
+  return download_y(p, d);
+}
+
 void run_and_check(const problem& p, bool stacked, const grouped_swiglu_tuning& tuning = {}) {
   device_problem d(p, stacked);
   d.poison_y(p);
@@ -373,14 +382,7 @@ TEST_CASE(
     const device_problem d(p, false);
     const std::size_t inside = std::size_t(p.offsets.back() - p.offsets.front()) * p.shape.hidden;
 
-    auto run = [&](const grouped_swiglu_tuning& t) {
-      d.poison_y(p);
-      REQUIRE_OK(grouped_swiglu(p.shape, d.args(true), d.ws_bytes, nullptr, t));
-      REQUIRE_CUDA(cudaDeviceSynchronize());
-      CHECK(read_error(d) == 0);
-      return download_y(p, d);
-    };
-    const std::vector<float> y_default = run({});
+    const std::vector<float> y_default = run_tuned(p, d, {});
     {
       const verdict v = compare(p, y_default, ref, mag);
       INFO(v.first);
@@ -394,7 +396,7 @@ TEST_CASE(
       CAPTURE(t.k_unroll);
       CAPTURE(t.staged);
       CAPTURE(t.staged_from_rows);
-      const std::vector<float> y = run(t);
+      const std::vector<float> y = run_tuned(p, d, t);
       const verdict v = compare(p, y, ref, mag);
       INFO(v.first);
       CHECK(v.checked == inside);
@@ -473,14 +475,7 @@ TEST_CASE("grouped_swiglu: tiled weights give the row-major default's outputs bi
       for (const bool stacked : {false, true}) {
         CAPTURE(stacked);
         const device_problem rm(p, stacked), tl(p, stacked, true);
-        auto run = [&](const device_problem& d, const grouped_swiglu_tuning& t) {
-          d.poison_y(p);
-          REQUIRE_OK(grouped_swiglu(p.shape, d.args(true), d.ws_bytes, nullptr, t));
-          REQUIRE_CUDA(cudaDeviceSynchronize());
-          CHECK(read_error(d) == 0);
-          return download_y(p, d);
-        };
-        const std::vector<float> y_default = run(rm, {});
+        const std::vector<float> y_default = run_tuned(p, rm, {});
         const verdict v = compare(p, y_default, ref, mag);
         INFO(v.first);
         REQUIRE(v.wrong == 0);
@@ -490,7 +485,7 @@ TEST_CASE("grouped_swiglu: tiled weights give the row-major default's outputs bi
           CAPTURE(t.tiled_steps);
           CAPTURE(t.tiled_depth);
           CAPTURE(t.tiled_rows);
-          const std::vector<float> y = run(tl, t);
+          const std::vector<float> y = run_tuned(p, tl, t);
           std::size_t differ = 0;
           for (std::size_t i = 0; i < y.size(); ++i) differ += std::memcmp(&y[i], &y_default[i], 4) != 0;
           CHECK(differ == 0);

@@ -182,10 +182,7 @@ class step_impl final : public expert_step {
     for (int k = 0; k < 3; ++k) {
       if (m[k]->size() != mat)
         return EAAS_GPU_FAIL(status::invalid_argument, "gpu experts: a matrix has the wrong size");
-      const std::size_t nc = cols[k], nr = mat / nc;
-      for (std::size_t r = 0; r < nr; ++r)
-        for (std::size_t c = 0; c < nc; ++c)
-          tmp[grouped_swiglu_tiled_index(r, c, nc)] = f32_to_bf16((*m[k])[r * nc + c]);
+      f32_to_bf16_tiled(m[k]->data(), mat / cols[k], cols[k], tmp.data());
       EAAS_STEP_CUDA(cudaMemcpy(weights_.p + ((std::size_t{layer} * local_ + e) * 3 + k) * mat, tmp.data(), mat * 2,
                                 cudaMemcpyHostToDevice));
     }

@@ -214,10 +214,8 @@ class moe_impl final : public moe_local {
     const std::vector<float>* src[3] = {&w.gate, &w.up, &w.down};
     char* dst[3] = {gate_.as<char>() + off, up_.as<char>() + off, down_.as<char>() + off};
     for (int m = 0; m < 3; ++m) {
-      const std::size_t nc = m < 2 ? shape_.hidden : shape_.inter, nr = per_expert_ / nc;
-      for (std::size_t r = 0; r < nr; ++r)
-        for (std::size_t c = 0; c < nc; ++c)
-          b[grouped_swiglu_tiled_index(r, c, nc)] = f32_to_bf16((*src[m])[r * nc + c]);
+      const std::size_t cols = m < 2 ? shape_.hidden : shape_.inter;  // gate, up [inter, hidden]; down
+      f32_to_bf16_tiled(src[m]->data(), per_expert_ / cols, cols, b.data());
       EAAS_MOE_CUDA(cudaMemcpy(dst[m], b.data(), per_expert_ * 2, cudaMemcpyHostToDevice));
     }
     EAAS_MOE_CUDA(cudaDeviceSynchronize());  // a pageable copy may return before its DMA lands
