@@ -74,7 +74,9 @@ constexpr int kChunkRows = 32;           // rows of one expert per work item (64
 constexpr int kNTiles = kChunkRows / 8;  // mma n-tiles per chunk
 constexpr int kGateUpFeatures = 16 * kWarps;  // per item; each warp: 16 gate rows and the same 16 up rows
 constexpr int kDownFeatures = 32 * kWarps;    // per item; each warp: two 16-row tiles of down
-constexpr int kSmemExperts = 1024;            // active lists up to this long are searched in shared memory
+// Active lists up to this long are searched in shared memory (DeepSeek-V3's 256 experts; longer lists are searched
+// in global memory). 1 KiB: with 4 KiB the tiled path's 64-row kernel with 1-step copies fit 2 blocks per SM, not 3.
+constexpr int kSmemExperts = 256;
 constexpr int kPrepThreads = 1024;
 constexpr int kBlocksPerSm = 4;  // what __launch_bounds__ asks registers for
 // Blocks per SM the register path runs with by default. Measured on an H200 (eaas-grouped-gemm-bench
@@ -681,9 +683,26 @@ __device__ __forceinline__ bool setup_items(const kparams& p, int tiles, std::in
   return true;
 }
 
+// Programmatic dependent launch (sm_90+). The GEMM kernels are launched with programmatic stream serialization,
+// so each may start while the kernel before it (prep, or the other kernel of the pair, or gate/up) still runs;
+// before reading anything that kernel wrote, every thread waits here for it to complete and flush. The wait is
+// transitive (the kernel before waited for its own predecessor before completing), and every thread of every
+// GEMM kernel passes it before it exits. Then it lets the next kernel launch: its blocks become resident as this
+// kernel's blocks retire, so the launch latency between the kernels is hidden. No-ops before sm_90 and for
+// launches without the attribute (prep's is a plain launch: it waits for whatever the stream held before).
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ---- kernels --------------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // gate/up may launch; it waits for prep
+#endif
   __shared__ std::int32_t s_scan[3][32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
@@ -862,12 +881,13 @@ __device__ __forceinline__ bool use_64_rows(const kparams& p) {
 template <bool DOWN, int U, int S, int B, int NT = kNTiles, bool PICKED = false>
 __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) product_kernel(kparams p) {
   static_assert(!PICKED || B == kBTiled);
-  if constexpr (PICKED)
-    if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
   unsigned uses = 0;  // the tiled path's copies waited for (per warp)
-  init_tiled<U, S, B>(s_ring);
+  init_tiled<U, S, B>(s_ring);  // shared memory only: may run before the previous kernel is done
+  wait_for_previous_kernel();
+  if constexpr (PICKED)
+    if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
   if constexpr (DOWN)
     down_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
   else
@@ -925,7 +945,7 @@ struct variant {
   void (*gate_up_alt)(kparams) = nullptr;
   void (*down_alt)(kparams) = nullptr;
 };
-constexpr int kVariants = 17;
+constexpr int kVariants = 19;
 const variant kVariantTable[kVariants] = {
     {product_kernel<false, 2, 0, kBPerWarp>, product_kernel<true, 2, 0, kBPerWarp>, 0,
      kDefaultRegisterBlocksPerSm},  // registers x2
@@ -951,17 +971,20 @@ const variant kVariantTable[kVariants] = {
     {product_kernel<false, 2, 3, kBTiled>, product_kernel<true, 2, 3, kBTiled>, tiled_smem_bytes<2, 3>(), 0},
     {product_kernel<false, 4, 3, kBTiled>, product_kernel<true, 4, 3, kBTiled>, tiled_smem_bytes<4, 3>(), 0},
     {product_kernel<false, 2, 6, kBTiled>, product_kernel<true, 2, 6, kBTiled>, tiled_smem_bytes<2, 6>(), 0},
+    {product_kernel<false, 1, 4, kBTiled>, product_kernel<true, 1, 4, kBTiled>, tiled_smem_bytes<1, 4>(), 0},
     // The same with 64-row work items (each expert's weights read once for up to 64 of its rows).
     {product_kernel<false, 2, 3, kBTiled, 8>, product_kernel<true, 2, 3, kBTiled, 8>, tiled_smem_bytes<2, 3>(), 0},
     {product_kernel<false, 2, 4, kBTiled, 8>, product_kernel<true, 2, 4, kBTiled, 8>, tiled_smem_bytes<2, 4>(), 0},
     {product_kernel<false, 1, 8, kBTiled, 8>, product_kernel<true, 1, 8, kBTiled, 8>, tiled_smem_bytes<1, 8>(), 0},
+    {product_kernel<false, 1, 4, kBTiled, 8>, product_kernel<true, 1, 4, kBTiled, 8>, tiled_smem_bytes<1, 4>(), 0},
 };
 struct tiled_variant {
   int steps, depth, rows;  // rows 0: picked on the device
 };
 constexpr int kTiledVariant = 8;  // the first; the default
 constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {
-    {2, 3, 0}, {2, 4, 32}, {1, 8, 32}, {2, 3, 32}, {4, 3, 32}, {2, 6, 32}, {2, 3, 64}, {2, 4, 64}, {1, 8, 64}};
+    {2, 3, 0},  {2, 4, 32}, {1, 8, 32}, {2, 3, 32}, {4, 3, 32},
+    {2, 6, 32}, {1, 4, 32}, {2, 3, 64}, {2, 4, 64}, {1, 8, 64}, {1, 4, 64}};
 // The default's pick: 64-row items from this many rows per active expert. Measured on an H200 (2026-11-28,
 // eaas-grouped-gemm-bench --sweep, Qwen3-30B-A3B): 32-row items won at 16 rows per expert (364 vs 399 us at
 // 256 tokens), 64-row items at 32 (431 vs 543 us at 512 tokens).
@@ -1013,6 +1036,7 @@ int variant_index(const grouped_swiglu_tuning& t, bool tiled) {
 // stream capture).
 struct device_limits {
   int sms = 0;
+  bool pdl = false;  // programmatic dependent launch (compute capability 9.0+)
   int gate_up[kVariants] = {};
   int down[kVariants] = {};
 };
@@ -1027,6 +1051,9 @@ status limits_for(int dev, device_limits& out) {
   }
   device_limits l;
   GG_CUDA(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev));
+  int major = 0;
+  GG_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  l.pdl = major >= 9;
   for (int v = 0; v < kVariants; ++v) {
     const variant& k = kVariantTable[v];
     // A picked pair's grid is the smaller of the two kernels' residency.
@@ -1100,7 +1127,7 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   GG_INVALID(vi < 0 && tiled,
              "tuning for the tiled layout: stages, k_unroll, staged and staged_from_rows must be 0; (tiled_steps, "
              "tiled_depth, tiled_rows) one of (0, 0, 0), (2, 3, 0), (2, 4, 32), (1, 8, 32), (2, 3, 32), (4, 3, 32), "
-             "(2, 6, 32), (2, 3, 64), (2, 4, 64), (1, 8, 64)");
+             "(2, 6, 32), (1, 4, 32), (2, 3, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64)");
   GG_INVALID(vi < 0,
              "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4; staged 0 or 1 (with stages 0 or 1 and "
              "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2; tiled_steps "
@@ -1150,17 +1177,24 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
 
   prep_kernel<<<1, kPrepThreads, 0, stream>>>(p);
   GG_CUDA(cudaGetLastError());
-  kern.gate_up<<<grid_gu, kThreads, kern.smem, stream>>>(p);
-  GG_CUDA(cudaGetLastError());
-  if (kern.gate_up_alt != nullptr) {
-    kern.gate_up_alt<<<grid_gu, kThreads, kern.smem, stream>>>(p);
-    GG_CUDA(cudaGetLastError());
-  }
-  kern.down<<<grid_dn, kThreads, kern.smem, stream>>>(p);
-  GG_CUDA(cudaGetLastError());
-  if (kern.down_alt != nullptr) {
-    kern.down_alt<<<grid_dn, kThreads, kern.smem, stream>>>(p);
-    GG_CUDA(cudaGetLastError());
+  // The GEMM kernels in order, each allowed to launch while its predecessor runs (wait_for_previous_kernel).
+  cudaLaunchAttribute pdl{};
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  const struct {
+    void (*fn)(kparams);
+    unsigned grid;
+  } launches[4] = {{kern.gate_up, grid_gu}, {kern.gate_up_alt, grid_gu}, {kern.down, grid_dn}, {kern.down_alt, grid_dn}};
+  for (const auto& k : launches) {
+    if (k.fn == nullptr) continue;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(k.grid);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = static_cast<std::size_t>(kern.smem);
+    cfg.stream = stream;
+    cfg.attrs = &pdl;
+    cfg.numAttrs = lim.pdl ? 1 : 0;
+    GG_CUDA(cudaLaunchKernelEx(&cfg, k.fn, p));
   }
   return status::ok;
 }
