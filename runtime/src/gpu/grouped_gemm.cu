@@ -40,11 +40,12 @@
 //   tiled (grouped_swiglu_layout::tiled; what the server runs)  the weights are stored in the fragment order
 //                        the threads take them, 16 rows x 32 columns per KiB, so a warp's weights for a few K
 //                        steps are two contiguous ranges: one lane moves them with bulk copies (TMA) into a
-//                        per-warp shared-memory ring that keeps 3 copies in flight on mbarriers, and no
+//                        per-warp shared-memory ring that keeps 3 or 4 copies in flight on mbarriers, and no
 //                        register holds a weight in flight. Tokens are staged as on the staged path. Work
 //                        items hold 32 or 64 rows of an expert; both kernels are launched and the device runs
 //                        the one prep's counts pick (64 from 24 rows per active expert: an expert's weights
-//                        are then read once for up to 64 of its rows). Same mma order, so the same sums.
+//                        are then read once for up to 64 of its rows; 1-step copies, 4 in flight, so that 3
+//                        blocks fit an SM). Same mma order, so the same sums.
 //
 // Raw PTX (the mma and the streaming load) stays in this file: it is private to this kernel, and the
 // library's detail/ptx.cuh is the device vocabulary's, not the runtime's.
@@ -941,11 +942,13 @@ struct variant {
   void (*down)(kparams);
   int smem;    // dynamic shared memory (the cp.async ring, the staged token tiles)
   int per_sm;  // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
-  // The other kernels of a picked pair (each launched right after its partner; one of the two returns at once).
+  // The other kernels of a picked pair (each launched right after its partner; one of the two returns at once),
+  // with their own shared memory and grid.
   void (*gate_up_alt)(kparams) = nullptr;
   void (*down_alt)(kparams) = nullptr;
+  int smem_alt = 0;
 };
-constexpr int kVariants = 19;
+constexpr int kVariants = 15;
 const variant kVariantTable[kVariants] = {
     {product_kernel<false, 2, 0, kBPerWarp>, product_kernel<true, 2, 0, kBPerWarp>, 0,
      kDefaultRegisterBlocksPerSm},  // registers x2
@@ -961,33 +964,29 @@ const variant kVariantTable[kVariants] = {
      0},  // staged, 3 steps in flight
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
     {product_kernel<false, 2, 0, kBAuto>, product_kernel<true, 2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
-    // Tiled weights, 2 K steps per copy, 3 in flight, the rows per item picked on the device: the default.
+    // Tiled weights, the rows per item picked on the device: the default. 32-row items with 2 K steps per copy and
+    // 3 in flight (2 blocks per SM), 64-row items with 1 K step per copy and 4 in flight (3 blocks per SM).
     {product_kernel<false, 2, 3, kBTiled, kNTiles, true>, product_kernel<true, 2, 3, kBTiled, kNTiles, true>,
-     tiled_smem_bytes<2, 3>(), 0, product_kernel<false, 2, 3, kBTiled, 8, true>,
-     product_kernel<true, 2, 3, kBTiled, 8, true>},
+     tiled_smem_bytes<2, 3>(), 0, product_kernel<false, 1, 4, kBTiled, 8, true>,
+     product_kernel<true, 1, 4, kBTiled, 8, true>, tiled_smem_bytes<1, 4>()},
     // Tiled, fixed: K steps per copy x copies in flight, 32-row items.
     {product_kernel<false, 2, 4, kBTiled>, product_kernel<true, 2, 4, kBTiled>, tiled_smem_bytes<2, 4>(), 0},
     {product_kernel<false, 1, 8, kBTiled>, product_kernel<true, 1, 8, kBTiled>, tiled_smem_bytes<1, 8>(), 0},
     {product_kernel<false, 2, 3, kBTiled>, product_kernel<true, 2, 3, kBTiled>, tiled_smem_bytes<2, 3>(), 0},
-    {product_kernel<false, 4, 3, kBTiled>, product_kernel<true, 4, 3, kBTiled>, tiled_smem_bytes<4, 3>(), 0},
-    {product_kernel<false, 2, 6, kBTiled>, product_kernel<true, 2, 6, kBTiled>, tiled_smem_bytes<2, 6>(), 0},
     {product_kernel<false, 1, 4, kBTiled>, product_kernel<true, 1, 4, kBTiled>, tiled_smem_bytes<1, 4>(), 0},
     // The same with 64-row work items (each expert's weights read once for up to 64 of its rows).
     {product_kernel<false, 2, 3, kBTiled, 8>, product_kernel<true, 2, 3, kBTiled, 8>, tiled_smem_bytes<2, 3>(), 0},
-    {product_kernel<false, 2, 4, kBTiled, 8>, product_kernel<true, 2, 4, kBTiled, 8>, tiled_smem_bytes<2, 4>(), 0},
-    {product_kernel<false, 1, 8, kBTiled, 8>, product_kernel<true, 1, 8, kBTiled, 8>, tiled_smem_bytes<1, 8>(), 0},
     {product_kernel<false, 1, 4, kBTiled, 8>, product_kernel<true, 1, 4, kBTiled, 8>, tiled_smem_bytes<1, 4>(), 0},
 };
 struct tiled_variant {
-  int steps, depth, rows;  // rows 0: picked on the device
+  int steps, depth, rows;  // all 0: the default pair, rows picked on the device
 };
 constexpr int kTiledVariant = 8;  // the first; the default
-constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {
-    {2, 3, 0},  {2, 4, 32}, {1, 8, 32}, {2, 3, 32}, {4, 3, 32},
-    {2, 6, 32}, {1, 4, 32}, {2, 3, 64}, {2, 4, 64}, {1, 8, 64}, {1, 4, 64}};
-// The default's pick: 64-row items from this many rows per active expert. Measured on an H200 (2026-11-28,
-// eaas-grouped-gemm-bench --sweep, Qwen3-30B-A3B): 32-row items won at 16 rows per expert (364 vs 399 us at
-// 256 tokens), 64-row items at 32 (431 vs 543 us at 512 tokens).
+constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {{0, 0, 0},  {2, 4, 32}, {1, 8, 32}, {2, 3, 32},
+                                                                     {1, 4, 32}, {2, 3, 64}, {1, 4, 64}};
+// The default's pick: 64-row items from this many rows per active expert. Measured on an H200 (2026-11-29,
+// eaas-grouped-gemm-bench --sweep, Qwen3-30B-A3B): 32-row items won at 16 rows per expert (361 vs 369 us at
+// 256 tokens), 64-row items at 32 (400 vs 544 us at 512 tokens).
 constexpr int kTiled64FromRows = 24;
 constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
 // The default: staged with 3 steps in flight, the fastest variant at every point of the H200 sweep of
@@ -999,7 +998,6 @@ constexpr int kAutoVariant = 7;
 int variant_index(const grouped_swiglu_tuning& t, bool tiled) {
   if (tiled) {
     if (t.stages != 0 || t.k_unroll != 0 || t.staged != 0 || t.staged_from_rows != 0) return -1;
-    if (t.tiled_steps == 0 && t.tiled_depth == 0 && t.tiled_rows == 0) return kTiledVariant;
     for (int v = 0; v < kVariants - kTiledVariant; ++v)
       if (static_cast<int>(t.tiled_steps) == kTiledVariants[v].steps &&
           static_cast<int>(t.tiled_depth) == kTiledVariants[v].depth &&
@@ -1037,9 +1035,21 @@ int variant_index(const grouped_swiglu_tuning& t, bool tiled) {
 struct device_limits {
   int sms = 0;
   bool pdl = false;  // programmatic dependent launch (compute capability 9.0+)
-  int gate_up[kVariants] = {};
-  int down[kVariants] = {};
+  int occupancy[kVariants][4] = {};  // gate_up, gate_up_alt, down, down_alt (0 where the variant has none)
 };
+
+// A variant's kernels in launch order, with their dynamic shared memory.
+struct launch_entry {
+  void (*fn)(kparams);
+  int smem;
+  bool down;
+};
+void launch_order(const variant& k, launch_entry (&out)[4]) {
+  out[0] = {k.gate_up, k.smem, false};
+  out[1] = {k.gate_up_alt, k.smem_alt, false};
+  out[2] = {k.down, k.smem, true};
+  out[3] = {k.down_alt, k.smem_alt, true};
+}
 
 status limits_for(int dev, device_limits& out) {
   constexpr int kMaxDevices = 64;
@@ -1055,19 +1065,13 @@ status limits_for(int dev, device_limits& out) {
   GG_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   l.pdl = major >= 9;
   for (int v = 0; v < kVariants; ++v) {
-    const variant& k = kVariantTable[v];
-    // A picked pair's grid is the smaller of the two kernels' residency.
-    int* occ[2] = {&l.gate_up[v], &l.down[v]};
-    void (*const fns[2][2])(kparams) = {{k.gate_up, k.gate_up_alt}, {k.down, k.down_alt}};
-    for (int f = 0; f < 2; ++f) {
-      *occ[f] = 1 << 30;
-      for (void (*fn)(kparams) : fns[f]) {
-        if (fn == nullptr) continue;
-        if (k.smem > 0) GG_CUDA(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
-        int n = 0;
-        GG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kThreads, k.smem));
-        *occ[f] = std::min(*occ[f], n);
-      }
+    launch_entry ks[4];
+    launch_order(kVariantTable[v], ks);
+    for (int f = 0; f < 4; ++f) {
+      if (ks[f].fn == nullptr) continue;
+      if (ks[f].smem > 0)
+        GG_CUDA(cudaFuncSetAttribute(ks[f].fn, cudaFuncAttributeMaxDynamicSharedMemorySize, ks[f].smem));
+      GG_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&l.occupancy[v][f], ks[f].fn, kThreads, ks[f].smem));
     }
   }
   if (dev >= 0 && dev < kMaxDevices) {
@@ -1126,8 +1130,8 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   const int vi = variant_index(tuning, tiled);
   GG_INVALID(vi < 0 && tiled,
              "tuning for the tiled layout: stages, k_unroll, staged and staged_from_rows must be 0; (tiled_steps, "
-             "tiled_depth, tiled_rows) one of (0, 0, 0), (2, 3, 0), (2, 4, 32), (1, 8, 32), (2, 3, 32), (4, 3, 32), "
-             "(2, 6, 32), (1, 4, 32), (2, 3, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64)");
+             "tiled_depth, tiled_rows) one of (0, 0, 0), (2, 4, 32), (1, 8, 32), (2, 3, 32), (1, 4, 32), (2, 3, 64), "
+             "(1, 4, 64)");
   GG_INVALID(vi < 0,
              "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4; staged 0 or 1 (with stages 0 or 1 and "
              "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2; tiled_steps "
@@ -1172,8 +1176,8 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
       per_sm = std::min(per_sm, kern.per_sm);
     return static_cast<unsigned>(std::max(1LL, std::min(static_cast<long long>(lim.sms) * per_sm, max_chunks * tiles)));
   };
-  const unsigned grid_gu = grid(lim.gate_up[vi], (p.inter + kGateUpFeatures - 1) / kGateUpFeatures);
-  const unsigned grid_dn = grid(lim.down[vi], (p.hidden + kDownFeatures - 1) / kDownFeatures);
+  const int tiles_gu = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
+  const int tiles_dn = (p.hidden + kDownFeatures - 1) / kDownFeatures;
 
   prep_kernel<<<1, kPrepThreads, 0, stream>>>(p);
   GG_CUDA(cudaGetLastError());
@@ -1181,20 +1185,18 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   cudaLaunchAttribute pdl{};
   pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   pdl.val.programmaticStreamSerializationAllowed = 1;
-  const struct {
-    void (*fn)(kparams);
-    unsigned grid;
-  } launches[4] = {{kern.gate_up, grid_gu}, {kern.gate_up_alt, grid_gu}, {kern.down, grid_dn}, {kern.down_alt, grid_dn}};
-  for (const auto& k : launches) {
-    if (k.fn == nullptr) continue;
+  launch_entry ks[4];
+  launch_order(kern, ks);
+  for (int f = 0; f < 4; ++f) {
+    if (ks[f].fn == nullptr) continue;
     cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(k.grid);
+    cfg.gridDim = dim3(grid(lim.occupancy[vi][f], ks[f].down ? tiles_dn : tiles_gu));
     cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = static_cast<std::size_t>(kern.smem);
+    cfg.dynamicSmemBytes = static_cast<std::size_t>(ks[f].smem);
     cfg.stream = stream;
     cfg.attrs = &pdl;
     cfg.numAttrs = lim.pdl ? 1 : 0;
-    GG_CUDA(cudaLaunchKernelEx(&cfg, k.fn, p));
+    GG_CUDA(cudaLaunchKernelEx(&cfg, ks[f].fn, p));
   }
   return status::ok;
 }

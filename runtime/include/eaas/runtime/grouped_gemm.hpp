@@ -119,10 +119,10 @@ struct grouped_swiglu_tuning {
   /// ctas_per_sm says otherwise. Needs staged 0, stages 0 and k_unroll 0 or 2. 0 = off (the default).
   std::uint32_t staged_from_rows = 0;
   /// Tiled layout only (the others must then be 0): K steps (32 columns) per bulk copy, copies in flight per
-  /// warp and rows per work item. (steps, depth) (2, 4), (1, 8), (2, 3), (4, 3), (2, 6) or (1, 4) with rows 32;
-  /// (2, 3), (2, 4), (1, 8) or (1, 4) with rows 64 (an expert's weights are read once for up to 64 of its rows,
-  /// with twice the accumulators); (2, 3) with rows 0: the device picks 64-row items from 24 rows per active expert, else
-  /// 32 (the default, also what all three 0 mean). Blocks per SM: all that fit in shared memory.
+  /// warp and rows per work item. (steps, depth) (2, 4), (1, 8), (2, 3) or (1, 4) with rows 32; (2, 3) or (1, 4)
+  /// with rows 64 (an expert's weights are read once for up to 64 of its rows, with twice the accumulators).
+  /// All three 0, the default: the device picks, per call, 64-row items (1, 4) from 24 rows per active expert,
+  /// else 32-row items (2, 3). Blocks per SM: all that fit (2 for (2, 3), 3 for (1, 4)).
   std::uint32_t tiled_steps = 0;
   std::uint32_t tiled_depth = 0;
   std::uint32_t tiled_rows = 0;
