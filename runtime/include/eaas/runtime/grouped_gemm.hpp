@@ -25,11 +25,11 @@
 ///
 /// Weights may be row-major (as in checkpoints) or in a tiled layout (grouped_swiglu_layout) that the GEMMs
 /// read with bulk copies (TMA) into shared memory; the expert server and the monolithic baseline store them
-/// tiled. Speed with tiled weights and the default tuning (eaas-grouped-gemm-bench, one H200, 2026-11-28; copy
-/// bandwidth 4.23 TB/s counting read + written bytes; bytes = the active experts' weights + x + y + h;
-/// docs/PERF.md "Session 8"): Qwen3-30B-A3B (2048/768, 128 experts, top-8) 64 tokens 86 %, 128: 84 %, 256: 80 %,
-/// 512: 69 % of copy (4.7-6.8x cuBLAS per expert); DeepSeek-V3 (7168/2048, 256 experts) 32 and 128 tokens: 97 %
-/// (1.6x). The row-major default (the staged path) is 3-4 % faster at 64-128 tokens and 1.27x slower at 512.
+/// tiled. Speed with tiled weights and the default tuning (eaas-grouped-gemm-bench, one H200, 2026-11-29; copy
+/// bandwidth 4.26 TB/s counting read + written bytes; bytes = the active experts' weights + x + y + h;
+/// docs/PERF.md "Session 9"): Qwen3-30B-A3B (2048/768, 128 experts, top-8) 64 tokens 85 %, 128: 83 %, 256: 79 %,
+/// 512: 74 % of copy (5.0-6.7x cuBLAS per expert); DeepSeek-V3 (7168/2048, 256 experts) 32 and 128 tokens: 95 %
+/// (1.55x). The row-major default (the staged path) is 3-4 % faster at 64-128 tokens and 1.37x slower at 512.
 ///
 /// Available where eaas was built with CUDA (EAAS_WITH_CUDA in eaas/config.hpp).
 ///
