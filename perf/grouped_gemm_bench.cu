@@ -476,18 +476,20 @@ int main(int argc, char** argv) {
         // {blocks per SM (0: the default), stages (1: registers, 3/4/6: cp.async ring), k_unroll, staged
         // (token tiles in shared memory; k_unroll = weight steps in flight), staged_from_rows (auto pick)}
         // ..., then {tiled_steps, tiled_depth, tiled_rows}: the tiled layout (weights by bulk copies into shared
-        // memory), fixed rows per item (the default picks 32 or 64 on the device).
+        // memory), fixed rows per item (the default picks 32 or 64 on the device), one kernel for both products;
+        // last, the default's pair with gate/up and down as two kernels (tiled_two_kernels).
         const gg::grouped_swiglu_tuning variants[] = {
             {4, 1, 2, 0, 0},           {3, 1, 2, 0, 0},           {2, 1, 2, 0, 0},           {3, 1, 4, 0, 0},
             {0, 3, 0, 0, 0},           {0, 4, 0, 0, 0},           {0, 6, 0, 0, 0},           {2, 3, 0, 0, 0},
             {0, 0, 2, 1, 0},           {3, 0, 2, 1, 0},           {0, 0, 3, 1, 0},           {0, 0, 0, 0, 16},
             {0, 0, 0, 0, 0, 2, 4, 32}, {0, 0, 0, 0, 0, 1, 8, 32}, {0, 0, 0, 0, 0, 2, 3, 32}, {0, 0, 0, 0, 0, 1, 4, 32},
-            {0, 0, 0, 0, 0, 2, 3, 64}, {0, 0, 0, 0, 0, 1, 4, 64}};
+            {0, 0, 0, 0, 0, 2, 3, 64}, {0, 0, 0, 0, 0, 1, 4, 64}, {0, 0, 0, 0, 0, 0, 0, 0, 1}};
         nlohmann::json vj = nlohmann::json::array();
         std::vector<float> y_var(rows * H);
         for (const auto& t : variants) {
-          const bool tiled = t.tiled_steps != 0 || t.tiled_depth != 0 || t.tiled_rows != 0;
-          const std::string name = tiled ? "tiled " + std::to_string(t.tiled_steps) + "x" +
+          const bool tiled = t.tiled_steps != 0 || t.tiled_depth != 0 || t.tiled_rows != 0 || t.tiled_two_kernels != 0;
+          const std::string name = t.tiled_two_kernels != 0 ? "tiled picked, 2 kernels"
+                                   : tiled ? "tiled " + std::to_string(t.tiled_steps) + "x" +
                                                std::to_string(t.tiled_depth) + " r" + std::to_string(t.tiled_rows)
                                    : t.staged_from_rows != 0 ? "auto>=" + std::to_string(t.staged_from_rows)
                                    : t.staged != 0           ? "staged x" + std::to_string(t.k_unroll)
@@ -527,6 +529,7 @@ int main(int argc, char** argv) {
                         {"tiled_steps", t.tiled_steps},
                         {"tiled_depth", t.tiled_depth},
                         {"tiled_rows", t.tiled_rows},
+                        {"tiled_two_kernels", t.tiled_two_kernels},
                         {"ctas_per_sm", t.ctas_per_sm},
                         {"us", sv.t_typical},
                         {"gbps", vg},

@@ -456,9 +456,11 @@ TEST_CASE("grouped_swiglu: tiled weights give the row-major default's outputs bi
   // Rows 0 (and the all-zero default): the device picks 64-row items for the first count set below (about 30
   // rows per active expert) and 32-row items for the second (at most 12).
   std::vector<grouped_swiglu_tuning> tunings;
-  const std::uint32_t tiled[][3] = {{0, 0, 0}, {2, 4, 32}, {1, 8, 32}, {2, 3, 32}, {1, 4, 32}, {2, 3, 64}, {1, 4, 64}};
+  // The last field: gate/up and down as two kernels (the others run both in one kernel, through a work queue).
+  const std::uint32_t tiled[][4] = {{0, 0, 0, 0},  {0, 0, 0, 1},  {2, 4, 32, 0}, {1, 8, 32, 0},
+                                    {2, 3, 32, 0}, {1, 4, 32, 0}, {2, 3, 64, 0}, {1, 4, 64, 0}};
   for (const auto& v : tiled)
-    for (std::uint32_t per_sm : {0u, 1u}) tunings.push_back({per_sm, 0, 0, 0, 0, v[0], v[1], v[2]});
+    for (std::uint32_t per_sm : {0u, 1u}) tunings.push_back({per_sm, 0, 0, 0, 0, v[0], v[1], v[2], v[3]});
   std::mt19937_64 rng(31);
   for (const auto& sc : shapes)
     for (const bool small : {false, true}) {
@@ -484,6 +486,7 @@ TEST_CASE("grouped_swiglu: tiled weights give the row-major default's outputs bi
           CAPTURE(t.tiled_steps);
           CAPTURE(t.tiled_depth);
           CAPTURE(t.tiled_rows);
+          CAPTURE(t.tiled_two_kernels);
           const std::vector<float> y = run_tuned(p, tl, t);
           std::size_t differ = 0;
           for (std::size_t i = 0; i < y.size(); ++i) differ += std::memcmp(&y[i], &y_default[i], 4) != 0;
@@ -626,6 +629,12 @@ TEST_CASE("grouped_swiglu: the host refuses bad arguments, the device refuses ba
           status::invalid_argument);
     CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 2, 3, 0}) ==
           status::invalid_argument);  // rows 0 (the device's pick) only as the all-zero default
+    CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 2, 3, 32, 1}) ==
+          status::invalid_argument);  // two kernels only for the default pair
+    CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 0, 0, 0, 2}) ==
+          status::invalid_argument);
+    CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 0, 0, 0, 1}) ==
+          status::invalid_argument);  // a tiled knob with row-major weights
     CHECK(grouped_swiglu(p.shape, tiled, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 2, 4, 48}) ==
           status::invalid_argument);
     CHECK(grouped_swiglu(p.shape, good, d.ws_bytes, nullptr, grouped_swiglu_tuning{0, 0, 0, 0, 0, 0, 0, 64}) ==

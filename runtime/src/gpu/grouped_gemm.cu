@@ -1,6 +1,6 @@
 // The grouped SwiGLU GEMM of the expert server (contract: eaas/runtime/grouped_gemm.hpp).
 //
-// Three launches, all with host-fixed arguments:
+// Launches with host-fixed arguments only:
 //   prep     one block: validates offsets and the active experts' weight pointers, compacts the
 //            active experts into a list (with their rows and a prefix sum of their 32-row chunks)
 //   gate_up  h[r, j] = silu(gate_e[j] · x_r) * (up_e[j] · x_r), bf16, for work items
@@ -8,6 +8,8 @@
 //   down     y[r, i] = w_r * (down_e[i] · h_r), fp32, for work items (active expert, 128 features, chunk)
 // The GEMM grids are sized to the device (every block resident) and walk the work items with a
 // stride, so nothing depends on the host knowing the counts, and inactive experts never get a block.
+// The tiled path's default runs gate_up and down in one kernel whose blocks take the items of both from
+// a queue (fused_items): no kernel boundary and no per-product tail.
 //
 // The products use mma.sync m16n8k16 (bf16 in, fp32 accumulate) "swapped": the weight rows (output
 // features) are the 16-row A operand and the tokens are the 8-column B operand, so 1..8 rows of an
@@ -91,6 +93,7 @@ struct ws_header {
   std::uint32_t error;
   std::int32_t rows;            // offsets[E] - offsets[0]: the rows of all groups
   std::int32_t total_chunks64;  // 64-row chunks (the tiled path's 64-row items)
+  std::uint32_t next_item;      // the fused kernels' work queue: the next item to claim
 };
 
 // One active expert, as the GEMM kernels see it (written by prep: they never re-read offsets).
@@ -105,8 +108,13 @@ struct alignas(16) active_entry {
 static_assert(sizeof(active_entry) == 48);
 
 struct ws_layout {
-  std::size_t entries, prefix, prefix64, h, total;
+  std::size_t entries, prefix, prefix64, ready, h, total;
 };
+
+// Chunks (of 32 rows; of 64 there are fewer) the capacity allows at most: one partial chunk per expert with rows.
+constexpr std::size_t max_chunks(const grouped_swiglu_shape& s) {
+  return std::size_t{s.max_rows} / kChunkRows + std::min(s.experts, s.max_rows);
+}
 
 constexpr std::size_t round256(std::size_t v) { return (v + 255) / 256 * 256; }
 
@@ -115,7 +123,8 @@ ws_layout layout(const grouped_swiglu_shape& s) {
   l.entries = 256;  // after the header
   l.prefix = l.entries + round256(std::size_t{s.experts} * sizeof(active_entry));
   l.prefix64 = l.prefix + round256((std::size_t{s.experts} + 1) * sizeof(std::int32_t));
-  l.h = l.prefix64 + round256((std::size_t{s.experts} + 1) * sizeof(std::int32_t));
+  l.ready = l.prefix64 + round256((std::size_t{s.experts} + 1) * sizeof(std::int32_t));
+  l.h = l.ready + round256(max_chunks(s) * sizeof(std::int32_t));
   l.total = l.h + round256(std::size_t{s.max_rows} * s.inter * sizeof(__nv_bfloat16));
   return l;
 }
@@ -132,9 +141,10 @@ struct kparams {
   active_entry* entries;
   std::int32_t* prefix;    // 32-row chunk prefix over the active list, n_active + 1 entries
   std::int32_t* prefix64;  // the same in 64-row chunks
+  std::int32_t* ready;     // the fused kernels: gate/up items finished per chunk (prep zeroes the call's chunks)
   __nv_bfloat16* h;
   std::uint32_t* error;
-  int experts, hidden, inter, max_rows;
+  int experts, hidden, inter, max_rows, max_chunks;
   int staged_from_rows;   // the auto kernels: staged path when rows >= this * active experts
   int tiled64_from_rows;  // the tiled default's pair: 64-row items when rows >= this * active experts
 };
@@ -629,6 +639,7 @@ __device__ __forceinline__ bool use_staged(int mode, const kparams& p, int n_act
 struct work_item {
   active_entry e;
   int row0, rows, tile;
+  int chunk;  // index of the item's chunk over all active experts (prefix order)
 };
 
 // Item w of (active expert, tile, chunk of CR rows), in that order: neighbouring blocks share an expert (its
@@ -651,11 +662,12 @@ __device__ __forceinline__ work_item find_item(long long w, int tiles, const std
   it.tile = rem / chunks;
   it.row0 = it.e.begin + (rem % chunks) * CR;
   it.rows = min(CR, it.e.end - it.row0);
+  it.chunk = prefix[lo] + rem % chunks;
   return it;
 }
 
 // The tiled path: each warp's lane 0 initialises the warp's S mbarriers (one arrival per phase); the
-// __syncthreads in setup_items publishes them before any copy is issued.
+// __syncthreads in setup_items (fused_items: its first) publishes them before any copy is issued.
 template <int U, int S, int B>
 __device__ __forceinline__ void init_tiled(uint4* s_ring) {
   if constexpr (B == kBTiled) {
@@ -725,7 +737,7 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
     if (tid == 0) {
       const std::uint32_t bits =
           (any_bad_offsets ? kGroupedSwigluBadOffsets : 0u) | (any_bad_weights ? kGroupedSwigluBadWeights : 0u);
-      *p.hdr = ws_header{0, 0, bits, 0, 0};
+      *p.hdr = ws_header{0, 0, bits, 0, 0, 0};
       if (p.error != nullptr) atomicOr(p.error, bits);
     }
     return;
@@ -786,87 +798,145 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
     for (int q = 0; q < 3; ++q) carry[q] += s_scan[q][nwarps - 1];
     __syncthreads();  // s_scan is rewritten by the next pass
   }
+  // The fused kernels' per-chunk counters, for the chunks this call has (32-row ones; 64-row ones are fewer).
+  for (int c = tid; c < carry[1]; c += blockDim.x) p.ready[c] = 0;
   if (tid == 0) {
     p.prefix[carry[0]] = carry[1];
     p.prefix64[carry[0]] = carry[2];
-    *p.hdr = ws_header{carry[0], carry[1], 0, p.offsets[p.experts] - p.offsets[0], carry[2]};
+    *p.hdr = ws_header{carry[0], carry[1], 0, p.offsets[p.experts] - p.offsets[0], carry[2], 0};
   }
 }
 
-// The work items of one gate/up kernel with NT n-tiles (8 rows each) per item.
+// One gate/up work item: h[rows, 64 features] = silu(gate · x) * (up · x). Called by the whole block on the
+// staged and tiled paths, by every warp on the per-warp paths (dead warps return at once there).
 template <int U, int S, int B, int NT>
-__device__ __forceinline__ void gate_up_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring, unsigned& uses) {
-  const int tiles = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
-  int n_active;
-  long long total;
-  const std::int32_t* prefix;
-  if (!setup_items<NT>(p, tiles, s_prefix, n_active, total, prefix)) return;
+__device__ __forceinline__ void gate_up_item(const kparams& p, const work_item& it, bool staged, uint4* s_ring,
+                                             unsigned& uses) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const bool staged = use_staged(B, p, n_active);  // grid-uniform
+  const int f0 = it.tile * kGateUpFeatures + warp * 16;
+  const bool live = f0 < p.inter;
+  if (!live && !staged) return;  // the staged and tiled paths need every warp at their barriers
+  const std::size_t woff = static_cast<std::size_t>(live ? f0 : 0) * p.hidden;
+  const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
+  float acc[2][NT][4] = {};
+  const __nv_bfloat16* b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
+  item_product<U, S, B, NT>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, uses, acc);
+  if (!live) return;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tok = nt * 8 + 2 * t + (i & 1);
+      if (tok >= it.rows) continue;
+      const float gv = acc[0][nt][i], uv = acc[1][nt][i];
+      const float hv = gv / (1.0f + __expf(-gv)) * uv;
+      p.h[static_cast<std::size_t>(it.row0 + tok) * p.inter + f0 + g + 8 * (i >> 1)] = __float2bfloat16_rn(hv);
+    }
+  }
+}
 
-  for (long long w = blockIdx.x; w < total; w += gridDim.x) {
-    const work_item it = find_item<8 * NT>(w, tiles, prefix, n_active, p.entries);
-    const int f0 = it.tile * kGateUpFeatures + warp * 16;
-    const bool live = f0 < p.inter;
-    if (!live && !staged) continue;  // the staged path needs every warp at its barriers
-    const std::size_t woff = static_cast<std::size_t>(live ? f0 : 0) * p.hidden;
-    const __nv_bfloat16* a[2] = {it.e.gate + woff, it.e.up + woff};
-    float acc[2][NT][4] = {};
-    const __nv_bfloat16* b = p.x + static_cast<std::size_t>(it.row0) * p.hidden;
-    item_product<U, S, B, NT>(a, live, staged, b, p.hidden, it.rows, s_ring, warp, uses, acc);
-    if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
+// One down work item: y[rows, 128 features] = w_r * (down · h_r). Called as gate_up_item.
+template <int U, int S, int B, int NT>
+__device__ __forceinline__ void down_item(const kparams& p, const work_item& it, bool staged, uint4* s_ring,
+                                          unsigned& uses) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int f0 = it.tile * kDownFeatures + warp * 32;
+  const bool live = f0 < p.hidden;
+  if (!live && !staged) return;
+  const int fa = live ? f0 : 0;
+  const __nv_bfloat16* a[2] = {it.e.down + static_cast<std::size_t>(fa) * p.inter,
+                               it.e.down + static_cast<std::size_t>(fa + 16) * p.inter};
+  float acc[2][NT][4] = {};
+  const __nv_bfloat16* b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
+  item_product<U, S, B, NT>(a, live, staged, b, p.inter, it.rows, s_ring, warp, uses, acc);
+  if (!live) return;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int tok = nt * 8 + 2 * t + (i & 1);
-        if (tok >= it.rows) continue;
-        const float gv = acc[0][nt][i], uv = acc[1][nt][i];
-        const float hv = gv / (1.0f + __expf(-gv)) * uv;
-        p.h[static_cast<std::size_t>(it.row0 + tok) * p.inter + f0 + g + 8 * (i >> 1)] = __float2bfloat16_rn(hv);
+    for (int j = 0; j < 2; ++j) {
+      const int tok = nt * 8 + 2 * t + j;
+      if (tok >= it.rows) continue;
+      const int row = it.row0 + tok;
+      const float scale = p.row_weight != nullptr ? p.row_weight[row] : 1.0f;
+      float* yr = p.y + static_cast<std::size_t>(row) * p.hidden + f0 + g;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        yr[mt * 16] = acc[mt][nt][j] * scale;
+        yr[mt * 16 + 8] = acc[mt][nt][2 + j] * scale;
       }
     }
   }
 }
 
-// The work items of one down kernel with NT n-tiles (8 rows each) per item.
-template <int U, int S, int B, int NT>
-__device__ __forceinline__ void down_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring, unsigned& uses) {
-  const int tiles = (p.hidden + kDownFeatures - 1) / kDownFeatures;
+// The work items of one product (gate/up or down) with NT n-tiles (8 rows each) per item, walked with the
+// grid's stride.
+template <bool DOWN, int U, int S, int B, int NT>
+__device__ __forceinline__ void product_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring,
+                                              unsigned& uses) {
+  const int tiles = DOWN ? (p.hidden + kDownFeatures - 1) / kDownFeatures
+                         : (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
   int n_active;
   long long total;
   const std::int32_t* prefix;
   if (!setup_items<NT>(p, tiles, s_prefix, n_active, total, prefix)) return;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const bool staged = use_staged(B, p, n_active);  // grid-uniform
-
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
     const work_item it = find_item<8 * NT>(w, tiles, prefix, n_active, p.entries);
-    const int f0 = it.tile * kDownFeatures + warp * 32;
-    const bool live = f0 < p.hidden;
-    if (!live && !staged) continue;  // the staged path needs every warp at its barriers
-    const int fa = live ? f0 : 0;
-    const __nv_bfloat16* a[2] = {it.e.down + static_cast<std::size_t>(fa) * p.inter,
-                                 it.e.down + static_cast<std::size_t>(fa + 16) * p.inter};
-    float acc[2][NT][4] = {};
-    const __nv_bfloat16* b = p.h + static_cast<std::size_t>(it.row0) * p.inter;
-    item_product<U, S, B, NT>(a, live, staged, b, p.inter, it.rows, s_ring, warp, uses, acc);
-    if (!live) continue;  // staged only: the per-warp paths skipped dead warps above
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int tok = nt * 8 + 2 * t + j;
-        if (tok >= it.rows) continue;
-        const int row = it.row0 + tok;
-        const float scale = p.row_weight != nullptr ? p.row_weight[row] : 1.0f;
-        float* yr = p.y + static_cast<std::size_t>(row) * p.hidden + f0 + g;
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          yr[mt * 16] = acc[mt][nt][j] * scale;
-          yr[mt * 16 + 8] = acc[mt][nt][2 + j] * scale;
+    if constexpr (DOWN)
+      down_item<U, S, B, NT>(p, it, staged, s_ring, uses);
+    else
+      gate_up_item<U, S, B, NT>(p, it, staged, s_ring, uses);
+  }
+}
+
+// Both products in one kernel (the tiled path's default): the blocks claim work items one at a time from a queue
+// in the workspace (zeroed by prep), all gate/up items first, then all down items, each in find_item's order. A
+// finished gate/up item counts itself on its chunk (release); a down item first waits (acquire) until its chunk's
+// count is the gate/up tile count, i.e. the chunk's h is complete. No wait can deadlock: a down item is claimed
+// only after every gate/up item has been claimed, and a claimed gate/up item is being computed by a running block
+// that waits for nothing; so, like the mbarrier waits, this wait has no deadline. Waits are rare: the first down
+// items belong to the first experts, whose gate/up items were claimed first. There is no kernel boundary between
+// the products, and no tail per product: a block that finishes early takes the next item, of either product.
+template <int U, int S, int NT>
+__device__ __forceinline__ void fused_items(const kparams& p, std::int32_t* s_prefix, uint4* s_ring, unsigned& uses) {
+  __shared__ std::uint32_t s_item;
+  const int tiles_gu = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
+  const int tiles_dn = (p.hidden + kDownFeatures - 1) / kDownFeatures;
+  const int n_active = p.hdr->n_active;
+  const long long chunks = NT == 8 ? p.hdr->total_chunks64 : p.hdr->total_chunks;
+  const long long total_gu = chunks * tiles_gu, total = total_gu + chunks * tiles_dn;
+  const std::int32_t* prefix = NT == 8 ? p.prefix64 : p.prefix;
+  if (n_active <= kSmemExperts) {
+    for (int i = threadIdx.x; i <= n_active; i += blockDim.x) s_prefix[i] = prefix[i];
+    prefix = s_prefix;
+  }
+  for (;;) {
+    __syncthreads();  // s_prefix is loaded; every thread has read the previous s_item
+    if (threadIdx.x == 0) s_item = atomicAdd(&p.hdr->next_item, 1u);
+    __syncthreads();
+    const long long w = s_item;
+    if (w >= total) return;  // block-uniform
+    if (w < total_gu) {
+      const work_item it = find_item<8 * NT>(w, tiles_gu, prefix, n_active, p.entries);
+      gate_up_item<U, S, kBTiled, NT>(p, it, true, s_ring, uses);
+      __syncthreads();  // every warp's h stores are done
+      if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(p.ready + it.chunk, 1);
+      }
+    } else {
+      const work_item it = find_item<8 * NT>(w - total_gu, tiles_dn, prefix, n_active, p.entries);
+      if (threadIdx.x == 0) {
+        const std::int32_t* r = p.ready + it.chunk;
+        for (;;) {
+          std::int32_t v;
+          asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(r) : "memory");
+          if (v >= tiles_gu) break;
+          __nanosleep(100);
         }
       }
+      __syncthreads();  // the chunk's h is visible to the whole block (cp.async.cg reads it from L2)
+      down_item<U, S, kBTiled, NT>(p, it, true, s_ring, uses);
     }
   }
 }
@@ -878,10 +948,11 @@ __device__ __forceinline__ bool use_64_rows(const kparams& p) {
   return static_cast<long long>(p.hdr->rows) >= static_cast<long long>(p.tiled64_from_rows) * p.hdr->n_active;
 }
 
-// The two products' kernels: the gate/up one (DOWN false) and the down one.
-template <bool DOWN, int U, int S, int B, int NT = kNTiles, bool PICKED = false>
+// The GEMM kernels: PHASE 0 gate/up, 1 down, 2 both (fused_items; tiled path only).
+template <int PHASE, int U, int S, int B, int NT = kNTiles, bool PICKED = false>
 __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) product_kernel(kparams p) {
   static_assert(!PICKED || B == kBTiled);
+  static_assert(PHASE != 2 || B == kBTiled);
   __shared__ std::int32_t s_prefix[kSmemExperts + 1];
   extern __shared__ uint4 s_ring[];
   unsigned uses = 0;  // the tiled path's copies waited for (per warp)
@@ -889,10 +960,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) product_kernel(k
   wait_for_previous_kernel();
   if constexpr (PICKED)
     if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
-  if constexpr (DOWN)
-    down_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
+  if constexpr (PHASE == 2)
+    fused_items<U, S, NT>(p, s_prefix, s_ring, uses);
   else
-    gate_up_items<U, S, B, NT>(p, s_prefix, s_ring, uses);
+    product_items<PHASE == 1, U, S, B, NT>(p, s_prefix, s_ring, uses);
 }
 
 // dst = src [rows, cols] in the tiled layout; one thread per 16-byte piece of dst.
@@ -938,7 +1009,7 @@ status cuda_fail(cudaError_t e, int line, const char* what) noexcept {
 
 // The kernel variants (grouped_swiglu_tuning::stages / k_unroll / staged / staged_from_rows pick one).
 struct variant {
-  void (*gate_up)(kparams);
+  void (*gate_up)(kparams);  // with down null: both products (fused_items)
   void (*down)(kparams);
   int smem;    // dynamic shared memory (the cp.async ring, the staged token tiles)
   int per_sm;  // blocks per SM without tuning::ctas_per_sm; 0 = all that fit
@@ -948,42 +1019,48 @@ struct variant {
   void (*down_alt)(kparams) = nullptr;
   int smem_alt = 0;
 };
-constexpr int kVariants = 15;
+constexpr int kVariants = 16;
 const variant kVariantTable[kVariants] = {
-    {product_kernel<false, 2, 0, kBPerWarp>, product_kernel<true, 2, 0, kBPerWarp>, 0,
+    {product_kernel<0, 2, 0, kBPerWarp>, product_kernel<1, 2, 0, kBPerWarp>, 0,
      kDefaultRegisterBlocksPerSm},  // registers x2
-    {product_kernel<false, 4, 0, kBPerWarp>, product_kernel<true, 4, 0, kBPerWarp>, 0,
+    {product_kernel<0, 4, 0, kBPerWarp>, product_kernel<1, 4, 0, kBPerWarp>, 0,
      kDefaultRegisterBlocksPerSm},  // registers x4
-    {product_kernel<false, 0, 3, kBPerWarp>, product_kernel<true, 0, 3, kBPerWarp>, ring_bytes<3>(),
+    {product_kernel<0, 0, 3, kBPerWarp>, product_kernel<1, 0, 3, kBPerWarp>, ring_bytes<3>(),
      0},  // cp.async ring of 3 steps
-    {product_kernel<false, 0, 4, kBPerWarp>, product_kernel<true, 0, 4, kBPerWarp>, ring_bytes<4>(), 0},  // 4 steps
-    {product_kernel<false, 0, 6, kBPerWarp>, product_kernel<true, 0, 6, kBPerWarp>, ring_bytes<6>(), 0},  // 6 steps
-    {product_kernel<false, 2, 0, kBStaged>, product_kernel<true, 2, 0, kBStaged>, kStageBytes,
+    {product_kernel<0, 0, 4, kBPerWarp>, product_kernel<1, 0, 4, kBPerWarp>, ring_bytes<4>(), 0},  // 4 steps
+    {product_kernel<0, 0, 6, kBPerWarp>, product_kernel<1, 0, 6, kBPerWarp>, ring_bytes<6>(), 0},  // 6 steps
+    {product_kernel<0, 2, 0, kBStaged>, product_kernel<1, 2, 0, kBStaged>, kStageBytes,
      0},  // staged, 2 steps in flight
-    {product_kernel<false, 3, 0, kBStaged>, product_kernel<true, 3, 0, kBStaged>, kStageBytes,
+    {product_kernel<0, 3, 0, kBStaged>, product_kernel<1, 3, 0, kBStaged>, kStageBytes,
      0},  // staged, 3 steps in flight
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
-    {product_kernel<false, 2, 0, kBAuto>, product_kernel<true, 2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
-    // Tiled weights, the rows per item picked on the device: the default. 32-row items with 2 K steps per copy and
-    // 3 in flight (2 blocks per SM), 64-row items with 1 K step per copy and 4 in flight (3 blocks per SM).
-    {product_kernel<false, 2, 3, kBTiled, kNTiles, true>, product_kernel<true, 2, 3, kBTiled, kNTiles, true>,
-     tiled_smem_bytes<2, 3>(), 0, product_kernel<false, 1, 4, kBTiled, 8, true>,
-     product_kernel<true, 1, 4, kBTiled, 8, true>, tiled_smem_bytes<1, 4>()},
-    // Tiled, fixed: K steps per copy x copies in flight, 32-row items.
-    {product_kernel<false, 2, 4, kBTiled>, product_kernel<true, 2, 4, kBTiled>, tiled_smem_bytes<2, 4>(), 0},
-    {product_kernel<false, 1, 8, kBTiled>, product_kernel<true, 1, 8, kBTiled>, tiled_smem_bytes<1, 8>(), 0},
-    {product_kernel<false, 2, 3, kBTiled>, product_kernel<true, 2, 3, kBTiled>, tiled_smem_bytes<2, 3>(), 0},
-    {product_kernel<false, 1, 4, kBTiled>, product_kernel<true, 1, 4, kBTiled>, tiled_smem_bytes<1, 4>(), 0},
+    {product_kernel<0, 2, 0, kBAuto>, product_kernel<1, 2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
+    // Tiled weights, both products in one kernel, the rows per item picked on the device: the default. 32-row items
+    // with 2 K steps per copy and 3 in flight (2 blocks per SM), 64-row items with 1 K step per copy and 4 in
+    // flight (3 blocks per SM).
+    {product_kernel<2, 2, 3, kBTiled, kNTiles, true>, nullptr, tiled_smem_bytes<2, 3>(), 0,
+     product_kernel<2, 1, 4, kBTiled, 8, true>, nullptr, tiled_smem_bytes<1, 4>()},
+    // The same pair with gate/up and down as separate kernels (tuning::tiled_two_kernels).
+    {product_kernel<0, 2, 3, kBTiled, kNTiles, true>, product_kernel<1, 2, 3, kBTiled, kNTiles, true>,
+     tiled_smem_bytes<2, 3>(), 0, product_kernel<0, 1, 4, kBTiled, 8, true>,
+     product_kernel<1, 1, 4, kBTiled, 8, true>, tiled_smem_bytes<1, 4>()},
+    // Tiled, fixed (one kernel): K steps per copy x copies in flight, 32-row items.
+    {product_kernel<2, 2, 4, kBTiled>, nullptr, tiled_smem_bytes<2, 4>(), 0},
+    {product_kernel<2, 1, 8, kBTiled>, nullptr, tiled_smem_bytes<1, 8>(), 0},
+    {product_kernel<2, 2, 3, kBTiled>, nullptr, tiled_smem_bytes<2, 3>(), 0},
+    {product_kernel<2, 1, 4, kBTiled>, nullptr, tiled_smem_bytes<1, 4>(), 0},
     // The same with 64-row work items (each expert's weights read once for up to 64 of its rows).
-    {product_kernel<false, 2, 3, kBTiled, 8>, product_kernel<true, 2, 3, kBTiled, 8>, tiled_smem_bytes<2, 3>(), 0},
-    {product_kernel<false, 1, 4, kBTiled, 8>, product_kernel<true, 1, 4, kBTiled, 8>, tiled_smem_bytes<1, 4>(), 0},
+    {product_kernel<2, 2, 3, kBTiled, 8>, nullptr, tiled_smem_bytes<2, 3>(), 0},
+    {product_kernel<2, 1, 4, kBTiled, 8>, nullptr, tiled_smem_bytes<1, 4>(), 0},
 };
 struct tiled_variant {
   int steps, depth, rows;  // all 0: the default pair, rows picked on the device
+  int two_kernels;
 };
 constexpr int kTiledVariant = 8;  // the first; the default
-constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {{0, 0, 0},  {2, 4, 32}, {1, 8, 32}, {2, 3, 32},
-                                                                     {1, 4, 32}, {2, 3, 64}, {1, 4, 64}};
+constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {
+    {0, 0, 0, 0},  {0, 0, 0, 1},  {2, 4, 32, 0}, {1, 8, 32, 0},
+    {2, 3, 32, 0}, {1, 4, 32, 0}, {2, 3, 64, 0}, {1, 4, 64, 0}};
 // The default's pick: 64-row items from this many rows per active expert. Measured on an H200 (2026-11-29,
 // eaas-grouped-gemm-bench --sweep, Qwen3-30B-A3B): 32-row items won at 16 rows per expert (361 vs 369 us at
 // 256 tokens), 64-row items at 32 (400 vs 544 us at 512 tokens).
@@ -1001,11 +1078,12 @@ int variant_index(const grouped_swiglu_tuning& t, bool tiled) {
     for (int v = 0; v < kVariants - kTiledVariant; ++v)
       if (static_cast<int>(t.tiled_steps) == kTiledVariants[v].steps &&
           static_cast<int>(t.tiled_depth) == kTiledVariants[v].depth &&
-          static_cast<int>(t.tiled_rows) == kTiledVariants[v].rows)
+          static_cast<int>(t.tiled_rows) == kTiledVariants[v].rows &&
+          static_cast<int>(t.tiled_two_kernels) == kTiledVariants[v].two_kernels)
         return kTiledVariant + v;
     return -1;
   }
-  if (t.tiled_steps != 0 || t.tiled_depth != 0 || t.tiled_rows != 0) return -1;
+  if (t.tiled_steps != 0 || t.tiled_depth != 0 || t.tiled_rows != 0 || t.tiled_two_kernels != 0) return -1;
   if (t.staged_from_rows != 0)
     return t.staged == 0 && t.stages == 0 && (t.k_unroll == 0 || t.k_unroll == 2) ? kAutoVariant : -1;
   if (t.staged == 1) {
@@ -1038,17 +1116,18 @@ struct device_limits {
   int occupancy[kVariants][4] = {};  // gate_up, gate_up_alt, down, down_alt (0 where the variant has none)
 };
 
-// A variant's kernels in launch order, with their dynamic shared memory.
+// A variant's kernels in launch order, with their dynamic shared memory and the products they run.
 struct launch_entry {
   void (*fn)(kparams);
   int smem;
-  bool down;
+  int phase;  // as product_kernel's PHASE
 };
 void launch_order(const variant& k, launch_entry (&out)[4]) {
-  out[0] = {k.gate_up, k.smem, false};
-  out[1] = {k.gate_up_alt, k.smem_alt, false};
-  out[2] = {k.down, k.smem, true};
-  out[3] = {k.down_alt, k.smem_alt, true};
+  const int first = k.down == nullptr ? 2 : 0;
+  out[0] = {k.gate_up, k.smem, first};
+  out[1] = {k.gate_up_alt, k.smem_alt, first};
+  out[2] = {k.down, k.smem, 1};
+  out[3] = {k.down_alt, k.smem_alt, 1};
 }
 
 status limits_for(int dev, device_limits& out) {
@@ -1096,9 +1175,10 @@ status grouped_swiglu_check(const grouped_swiglu_shape& s, const grouped_swiglu_
   GG_INVALID(s.inter == 0 || s.inter % kGroupedSwigluAlign != 0, "inter must be a nonzero multiple of 32");
   GG_INVALID(s.max_rows == 0 || s.max_rows > (1u << 30), "max_rows must be 1 .. 2^30");
   // Every element index must fit in 63 bits (it does) and every work-item count in an int32.
-  const std::uint64_t chunks = std::uint64_t{s.max_rows} / kChunkRows + std::min(s.experts, s.max_rows) + 1;
-  const std::uint64_t tiles = std::max<std::uint64_t>((s.inter + kGateUpFeatures - 1) / kGateUpFeatures,
-                                                      (s.hidden + kDownFeatures - 1) / kDownFeatures);
+  // (The fused kernels queue both products' items: the sum of the two.)
+  const std::uint64_t chunks = max_chunks(s) + 1;
+  const std::uint64_t tiles =
+      std::uint64_t{(s.inter + kGateUpFeatures - 1) / kGateUpFeatures} + (s.hidden + kDownFeatures - 1) / kDownFeatures;
   GG_INVALID(chunks * tiles >= (1ull << 31), "shape too large (work items exceed 2^31)");
   GG_INVALID(s.hidden > (1u << 20) || s.inter > (1u << 20), "hidden and inter must be at most 2^20");
   GG_INVALID(a.x == nullptr || a.offsets == nullptr || a.gate == nullptr || a.up == nullptr || a.down == nullptr ||
@@ -1131,11 +1211,11 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   GG_INVALID(vi < 0 && tiled,
              "tuning for the tiled layout: stages, k_unroll, staged and staged_from_rows must be 0; (tiled_steps, "
              "tiled_depth, tiled_rows) one of (0, 0, 0), (2, 4, 32), (1, 8, 32), (2, 3, 32), (1, 4, 32), (2, 3, 64), "
-             "(1, 4, 64)");
+             "(1, 4, 64); tiled_two_kernels 1 only with (0, 0, 0)");
   GG_INVALID(vi < 0,
              "tuning: stages must be 0, 1, 3, 4 or 6 and k_unroll 0, 2 or 4; staged 0 or 1 (with stages 0 or 1 and "
              "k_unroll 0, 2 or 3); staged_from_rows only with staged 0, stages 0 and k_unroll 0 or 2; tiled_steps "
-             "tiled_depth and tiled_rows only with the tiled layout");
+             "tiled_depth, tiled_rows and tiled_two_kernels only with the tiled layout");
   const variant& kern = kVariantTable[vi];
 
   int dev = 0;
@@ -1165,16 +1245,18 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   p.staged_from_rows = static_cast<int>(std::min<std::uint32_t>(tuning.staged_from_rows, 1u << 30));
   p.tiled64_from_rows = kTiled64FromRows;
   p.prefix64 = reinterpret_cast<std::int32_t*>(ws + l.prefix64);
+  p.ready = reinterpret_cast<std::int32_t*>(ws + l.ready);
+  p.max_chunks = static_cast<int>(max_chunks(s));
 
   // Grids: every block resident, never more blocks than the most work items the capacity allows.
-  const long long max_chunks = static_cast<long long>(s.max_rows) / kChunkRows + std::min(s.experts, s.max_rows);
   auto grid = [&](int occupancy, int tiles) {
     int per_sm = std::max(occupancy, 1);
     if (tuning.ctas_per_sm != 0)
       per_sm = std::min(per_sm, static_cast<int>(tuning.ctas_per_sm));
     else if (kern.per_sm != 0)
       per_sm = std::min(per_sm, kern.per_sm);
-    return static_cast<unsigned>(std::max(1LL, std::min(static_cast<long long>(lim.sms) * per_sm, max_chunks * tiles)));
+    return static_cast<unsigned>(
+        std::max(1LL, std::min(static_cast<long long>(lim.sms) * per_sm, static_cast<long long>(p.max_chunks) * tiles)));
   };
   const int tiles_gu = (p.inter + kGateUpFeatures - 1) / kGateUpFeatures;
   const int tiles_dn = (p.hidden + kDownFeatures - 1) / kDownFeatures;
@@ -1190,7 +1272,8 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   for (int f = 0; f < 4; ++f) {
     if (ks[f].fn == nullptr) continue;
     cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(grid(lim.occupancy[vi][f], ks[f].down ? tiles_dn : tiles_gu));
+    const int tiles = ks[f].phase == 0 ? tiles_gu : ks[f].phase == 1 ? tiles_dn : tiles_gu + tiles_dn;
+    cfg.gridDim = dim3(grid(lim.occupancy[vi][f], tiles));
     cfg.blockDim = dim3(kThreads);
     cfg.dynamicSmemBytes = static_cast<std::size_t>(ks[f].smem);
     cfg.stream = stream;

@@ -126,10 +126,13 @@ struct grouped_swiglu_tuning {
   std::uint32_t tiled_steps = 0;
   std::uint32_t tiled_depth = 0;
   std::uint32_t tiled_rows = 0;
+  /// Tiled layout, with the three above 0: 1 runs gate/up and down as two kernels, one after the other, instead of
+  /// one kernel whose blocks take the work items of both from a queue (the default).
+  std::uint32_t tiled_two_kernels = 0;
 };
 
-/// Workspace bytes for `s`: a small header, the compacted active-expert list (48 bytes per expert) and
-/// the intermediate h, bf16 [max_rows, inter]. Fixed for a shape, so it can be allocated once.
+/// Workspace bytes for `s`: a small header, the compacted active-expert list (48 bytes per expert), a counter
+/// per 32-row chunk of the capacity and the intermediate h, bf16 [max_rows, inter]. Fixed for a shape, so it can be allocated once.
 std::size_t grouped_swiglu_workspace_bytes(const grouped_swiglu_shape& s) noexcept;
 
 /// Checks what the host can check: the shape's limits, non-null and aligned pointers, the workspace
