@@ -46,8 +46,8 @@
 //                        register holds a weight in flight. Tokens are staged as on the staged path. Work
 //                        items hold 32 or 64 rows of an expert; both kernels are launched and the device runs
 //                        the one prep's counts pick (64 from 24 rows per active expert: an expert's weights
-//                        are then read once for up to 64 of its rows; 1-step copies, 4 in flight, so that 3
-//                        blocks fit an SM). Same mma order, so the same sums.
+//                        are then read once for up to 64 of its rows); both with 1-step copies, 4 in flight,
+//                        so that 3 blocks fit an SM. Same mma order, so the same sums.
 //
 // Raw PTX (the mma and the streaming load) stays in this file: it is private to this kernel, and the
 // library's detail/ptx.cuh is the device vocabulary's, not the runtime's.
@@ -1035,14 +1035,15 @@ const variant kVariantTable[kVariants] = {
      0},  // staged, 3 steps in flight
     // The device picks registers x2 or staged with 2 steps in flight; 3 blocks per SM (its registers).
     {product_kernel<0, 2, 0, kBAuto>, product_kernel<1, 2, 0, kBAuto>, kStageBytes, kDefaultRegisterBlocksPerSm},
-    // Tiled weights, both products in one kernel, the rows per item picked on the device: the default. 32-row items
-    // with 2 K steps per copy and 3 in flight (2 blocks per SM), 64-row items with 1 K step per copy and 4 in
-    // flight (3 blocks per SM).
-    {product_kernel<2, 2, 3, kBTiled, kNTiles, true>, nullptr, tiled_smem_bytes<2, 3>(), 0,
+    // Tiled weights, both products in one kernel, the rows per item picked on the device: the default. 32- and
+    // 64-row items, each with 1 K step per copy and 4 copies in flight (3 blocks per SM). Measured on an H200
+    // (2026-11-29, eaas-grouped-gemm-bench --sweep, one kernel): 1 x 4 beat 2 x 3 by 1 % at 32 rows (Qwen3 64-256
+    // tokens, DeepSeek-V3 32 and 128) and by 19 % at 64 rows (Qwen3 512 tokens: 373 vs 459 us).
+    {product_kernel<2, 1, 4, kBTiled, kNTiles, true>, nullptr, tiled_smem_bytes<1, 4>(), 0,
      product_kernel<2, 1, 4, kBTiled, 8, true>, nullptr, tiled_smem_bytes<1, 4>()},
     // The same pair with gate/up and down as separate kernels (tuning::tiled_two_kernels).
-    {product_kernel<0, 2, 3, kBTiled, kNTiles, true>, product_kernel<1, 2, 3, kBTiled, kNTiles, true>,
-     tiled_smem_bytes<2, 3>(), 0, product_kernel<0, 1, 4, kBTiled, 8, true>,
+    {product_kernel<0, 1, 4, kBTiled, kNTiles, true>, product_kernel<1, 1, 4, kBTiled, kNTiles, true>,
+     tiled_smem_bytes<1, 4>(), 0, product_kernel<0, 1, 4, kBTiled, 8, true>,
      product_kernel<1, 1, 4, kBTiled, 8, true>, tiled_smem_bytes<1, 4>()},
     // Tiled, fixed (one kernel): K steps per copy x copies in flight, 32-row items.
     {product_kernel<2, 2, 4, kBTiled>, nullptr, tiled_smem_bytes<2, 4>(), 0},
@@ -1062,8 +1063,8 @@ constexpr tiled_variant kTiledVariants[kVariants - kTiledVariant] = {
     {0, 0, 0, 0},  {0, 0, 0, 1},  {2, 4, 32, 0}, {1, 8, 32, 0},
     {2, 3, 32, 0}, {1, 4, 32, 0}, {2, 3, 64, 0}, {1, 4, 64, 0}};
 // The default's pick: 64-row items from this many rows per active expert. Measured on an H200 (2026-11-29,
-// eaas-grouped-gemm-bench --sweep, Qwen3-30B-A3B): 32-row items won at 16 rows per expert (361 vs 369 us at
-// 256 tokens), 64-row items at 32 (400 vs 544 us at 512 tokens).
+// eaas-grouped-gemm-bench --sweep, Qwen3-30B-A3B, one kernel, 1 x 4): 32-row items won at 16 rows per expert
+// (332 vs 348 us at 256 tokens), 64-row items at 32 (373 vs 433 us at 512 tokens).
 constexpr int kTiled64FromRows = 24;
 constexpr int kStagedVariant = 5;  // + 1 for 3 steps in flight
 // The default: staged with 3 steps in flight, the fastest variant at every point of the H200 sweep of

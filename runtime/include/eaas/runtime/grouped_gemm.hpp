@@ -121,13 +121,13 @@ struct grouped_swiglu_tuning {
   /// Tiled layout only (the others must then be 0): K steps (32 columns) per bulk copy, copies in flight per
   /// warp and rows per work item. (steps, depth) (2, 4), (1, 8), (2, 3) or (1, 4) with rows 32; (2, 3) or (1, 4)
   /// with rows 64 (an expert's weights are read once for up to 64 of its rows, with twice the accumulators).
-  /// All three 0, the default: the device picks, per call, 64-row items (1, 4) from 24 rows per active expert,
-  /// else 32-row items (2, 3). Blocks per SM: all that fit (2 for (2, 3), 3 for (1, 4)).
+  /// All three 0, the default: (1, 4) with rows picked by the device, per call: 64 from 24 rows per active
+  /// expert, else 32. Blocks per SM: all that fit (2 for (2, 3), (2, 4) and (1, 8); 3 for (1, 4)).
   std::uint32_t tiled_steps = 0;
   std::uint32_t tiled_depth = 0;
   std::uint32_t tiled_rows = 0;
-  /// Tiled layout, with the three above 0: 1 runs gate/up and down as two kernels, one after the other, instead of
-  /// one kernel whose blocks take the work items of both from a queue (the default).
+  /// Tiled layout, with the three above 0: 1 runs the default's gate/up and down as two kernels, one after the
+  /// other, instead of one kernel whose blocks take the work items of both from a queue (the default).
   std::uint32_t tiled_two_kernels = 0;
 };
 
