@@ -26,10 +26,10 @@
 /// Weights may be row-major (as in checkpoints) or in a tiled layout (grouped_swiglu_layout) that the GEMMs
 /// read with bulk copies (TMA) into shared memory; the expert server and the monolithic baseline store them
 /// tiled. Speed with tiled weights and the default tuning (eaas-grouped-gemm-bench, one H200, 2026-11-29; copy
-/// bandwidth 4.26 TB/s counting read + written bytes; bytes = the active experts' weights + x + y + h;
-/// docs/PERF.md "Session 9"): Qwen3-30B-A3B (2048/768, 128 experts, top-8) 64 tokens 85 %, 128: 83 %, 256: 79 %,
-/// 512: 74 % of copy (5.0-6.7x cuBLAS per expert); DeepSeek-V3 (7168/2048, 256 experts) 32 and 128 tokens: 95 %
-/// (1.55x). The row-major default (the staged path) is 3-4 % faster at 64-128 tokens and 1.37x slower at 512.
+/// bandwidth 4.23 TB/s counting read + written bytes; bytes = the active experts' weights + x + y + h;
+/// docs/PERF.md "Session 9"): Qwen3-30B-A3B (2048/768, 128 experts, top-8) 64 tokens 92 %, 128: 91 %, 256: 88 %,
+/// 512: 80 % of copy (5.4-7.3x cuBLAS per expert); DeepSeek-V3 (7168/2048, 256 experts) 32 and 128 tokens: 100
+/// and 99 % (1.6x). The row-major default (the staged path) is 1.04x slower at 64 tokens and 1.49x at 512.
 ///
 /// Available where eaas was built with CUDA (EAAS_WITH_CUDA in eaas/config.hpp).
 ///
