@@ -6,7 +6,7 @@
 //   gate_up  h[r, j] = silu(gate_e[j] · x_r) * (up_e[j] · x_r), bf16, for work items
 //            (active expert, 64 features, 32-row chunk)
 //   down     y[r, i] = w_r * (down_e[i] · h_r), fp32, for work items (active expert, 128 features, chunk)
-// The GEMM grids are sized to the device (every block resident) and walk the work items with a
+// The GEMM grids are sized to the device (as many blocks as fit at once) and walk the work items with a
 // stride, so nothing depends on the host knowing the counts, and inactive experts never get a block.
 // The tiled path's default runs gate_up and down in one kernel whose blocks take the items of both from
 // a queue (fused_items): no kernel boundary and no per-product tail.
@@ -20,7 +20,7 @@
 // 2t+9} (first mma: elements 0-3, second: 4-7). No shared memory or ldmatrix is needed, and every
 // weight byte is loaded exactly once per chunk.
 //
-// Two ways to keep enough weight bytes in flight (grouped_swiglu_tuning::stages):
+// Ways to keep enough weight bytes in flight (grouped_swiglu_tuning):
 //   registers (default)  each warp loads 2 or 4 K steps straight into registers, then computes; 3 blocks
 //                        of 4 warps per SM. Measured on an H200 (see the report in grouped_gemm.hpp).
 //   cp.async ring        each warp keeps a ring of 3, 4 or 6 K steps in flight in shared memory and
@@ -544,8 +544,12 @@ __device__ __forceinline__ void block_gemm_tiled(const char* const (&a)[2], bool
   };
 
   stage_tile(0);
-  if (live && lane == 0)
+  if (live && lane == 0) {
+    // The slots were last read by the lanes (generic proxy) in this warp's previous item, ordered before this by
+    // that item's closing __syncthreads; order those reads before the bulk copies (async proxy) too.
+    fence_proxy_async();
     for (int c = 0; c < R && c < ncopies; ++c) issue(c);
+  }
   for (int c = 0; c < ncopies; ++c) {
     const int i0 = c * D;
     if ((i0 & (G::kSteps - 1)) == 0) {
@@ -601,13 +605,13 @@ constexpr int min_blocks() {
   return B == kBAuto || B == kBTiled || (B == kBStaged && U >= 3) ? 3 : kBlocksPerSm;
 }
 
-// One work item's product, the same for both GEMM kernels (K = ld: the rows of A and B are contiguous). The
-// staged path is called by the whole block (warps with live false only help stage B); the per-warp paths by
-// live warps only.
 // The token-tile geometry of a kernel with NT n-tiles per chunk.
 template <int NT>
 using geom_of = std::conditional_t<NT == 8, geom64, geom32>;
 
+// One work item's product, the same for both products (K = ld: the rows of A and B are contiguous). The staged
+// and tiled paths are called by the whole block (warps with live false only help stage B); the per-warp paths by
+// live warps only.
 template <int U, int S, int B, int NT>
 __device__ __forceinline__ void item_product(const __nv_bfloat16* const (&a)[2], bool live, bool staged,
                                              const __nv_bfloat16* b, int K, int rows, uint4* s_ring, int warp,
@@ -1007,7 +1011,8 @@ status cuda_fail(cudaError_t e, int line, const char* what) noexcept {
     if (cond) return fail(status::invalid_argument, __LINE__, "grouped_swiglu: " msg); \
   } while (0)
 
-// The kernel variants (grouped_swiglu_tuning::stages / k_unroll / staged / staged_from_rows pick one).
+// The kernel variants (grouped_swiglu_tuning's stages / k_unroll / staged / staged_from_rows, or with tiled weights
+// its tiled_* fields, pick one).
 struct variant {
   void (*gate_up)(kparams);  // with down null: both products (fused_items)
   void (*down)(kparams);
@@ -1249,7 +1254,8 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
   p.ready = reinterpret_cast<std::int32_t*>(ws + l.ready);
   p.max_chunks = static_cast<int>(max_chunks(s));
 
-  // Grids: every block resident, never more blocks than the most work items the capacity allows.
+  // Grids: as many blocks as fit the device at once (nothing relies on all being resident), never more than the
+  // most work items the capacity allows.
   auto grid = [&](int occupancy, int tiles) {
     int per_sm = std::max(occupancy, 1);
     if (tuning.ctas_per_sm != 0)

@@ -12,12 +12,12 @@
 /// two products (it is the second product's tensor-core operand, as in common MoE kernels).
 ///
 /// The per-expert row counts are read ON THE DEVICE, from `offsets`: the host passes only the shape and
-/// the capacity `max_rows`. One call is three kernel launches with fixed arguments, so it can be
-/// captured in a CUDA graph once and replayed with different counts. Experts with no rows cost nothing
-/// beyond one pass over `offsets`: a first kernel compacts the active experts into a list in the
-/// workspace, and the GEMM kernels walk (active expert, output tile, 32-row chunk) work items with a
-/// grid sized to the device, so each weight byte of an active expert is read once per 32 of its rows
-/// (once, at decode sizes).
+/// the capacity `max_rows`. One call is a few kernel launches with fixed arguments (three with tiled
+/// weights and the default tuning), so it can be captured in a CUDA graph once and replayed with different
+/// counts. Experts with no rows cost nothing beyond one pass over `offsets`: a first kernel compacts the
+/// active experts into a list in the workspace, and the GEMM kernels walk (active expert, output tile, chunk
+/// of 32 or 64 rows) work items with a grid sized to the device, so each weight byte of an active expert is
+/// read once per chunk of its rows (once, at decode sizes).
 ///
 /// Expert weights are given as device arrays of E device pointers (one array each for gate, up and
 /// down), so that experts may live in separate allocations; a contiguous [E, ...] tensor is the special
