@@ -684,6 +684,18 @@ __device__ __forceinline__ void init_tiled(uint4* s_ring) {
   }
 }
 
+// The prefix of NT * 8-row chunks, copied into shared memory when it fits (visible after the caller's next
+// __syncthreads); returns where to search it.
+template <int NT>
+__device__ __forceinline__ const std::int32_t* load_prefix(const kparams& p, int n_active, std::int32_t* s_prefix) {
+  const std::int32_t* prefix = NT == 8 ? p.prefix64 : p.prefix;
+  if (n_active <= kSmemExperts) {
+    for (int i = threadIdx.x; i <= n_active; i += blockDim.x) s_prefix[i] = prefix[i];
+    prefix = s_prefix;
+  }
+  return prefix;
+}
+
 // Loads the header and (when it fits) the prefix of NT * 8-row chunks into shared memory. False: no work here.
 template <int NT>
 __device__ __forceinline__ bool setup_items(const kparams& p, int tiles, std::int32_t* s_prefix, int& n_active,
@@ -691,11 +703,7 @@ __device__ __forceinline__ bool setup_items(const kparams& p, int tiles, std::in
   n_active = p.hdr->n_active;
   total = static_cast<long long>(NT == 8 ? p.hdr->total_chunks64 : p.hdr->total_chunks) * tiles;
   if (blockIdx.x >= total) return false;  // whole block: uniform
-  prefix = NT == 8 ? p.prefix64 : p.prefix;
-  if (n_active <= kSmemExperts) {
-    for (int i = threadIdx.x; i <= n_active; i += blockDim.x) s_prefix[i] = prefix[i];
-    prefix = s_prefix;
-  }
+  prefix = load_prefix<NT>(p, n_active, s_prefix);
   __syncthreads();
   return true;
 }
@@ -909,11 +917,7 @@ __device__ __forceinline__ void fused_items(const kparams& p, std::int32_t* s_pr
   const int n_active = p.hdr->n_active;
   const long long chunks = NT == 8 ? p.hdr->total_chunks64 : p.hdr->total_chunks;
   const long long total_gu = chunks * tiles_gu, total = total_gu + chunks * tiles_dn;
-  const std::int32_t* prefix = NT == 8 ? p.prefix64 : p.prefix;
-  if (n_active <= kSmemExperts) {
-    for (int i = threadIdx.x; i <= n_active; i += blockDim.x) s_prefix[i] = prefix[i];
-    prefix = s_prefix;
-  }
+  const std::int32_t* prefix = load_prefix<NT>(p, n_active, s_prefix);
   for (;;) {
     __syncthreads();  // s_prefix is loaded; every thread has read the previous s_item
     if (threadIdx.x == 0) s_item = atomicAdd(&p.hdr->next_item, 1u);
