@@ -523,6 +523,10 @@ int main(int argc, char** argv) {
                  "tokens*topk, lossless")
       ->capture_default_str();
   app.add_option("--json", json, "write results as JSON to this file");
+  bool no_pdl = false;
+  app.add_flag("--no-pdl", no_pdl,
+               "one GPU: plain launches instead of programmatic dependent launch between each layer's MoE kernels "
+               "(the ablation)");
   CLI11_PARSE(app, argc, argv);
 
 #if !EAAS_MONO_WITH_NCCL
@@ -586,6 +590,9 @@ int main(int argc, char** argv) {
     EAAS_PERF_CHECK(rt::gpu::monolithic_gpu::create(0, shape, opts, rt::synthetic_dense_weights(shape, seed, opts),
                                                     max_tokens, mono));
     EAAS_PERF_CHECK(mono->moe().fill_random(seed));
+    mono->moe().set_pdl(!no_pdl);
+    std::printf("# %s: MoE kernels %s\n", md.name.c_str(),
+                no_pdl ? "with plain launches (--no-pdl)" : "with programmatic dependent launch where the GPU has it");
 
     for (const std::uint32_t T : tokens_sel) {
       std::mt19937_64 rng(seed * 1000003u + T);

@@ -94,7 +94,8 @@ class client_impl final : public attention_client {
                                         .max_tokens = o_.max_tokens,
                                         .request_timeout_ns = o_.request_timeout_ns,
                                         .graph = o_.graph,
-                                        .host_output = o_.host_output};
+                                        .host_output = o_.host_output,
+                                        .pdl = o_.pdl};
       EAAS_CHECK(o_.make_device_step(cfg, step_));
     }
     EAAS_CHECK(context::create({.name = o_.id, .cuda_device = o_.gpu}, ctx_));

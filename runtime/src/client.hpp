@@ -49,6 +49,8 @@ struct client_options {
   /// them and the routing to the host; `out` and last_routing() stay empty for such forwards. A forward that
   /// fell back to the host path fills `out` as usual (device_output() is then null).
   bool host_output = true;
+  /// With device_step: programmatic dependent launch within each layer's round (client_step_config::pdl).
+  bool pdl = true;
   /// Builds the device step: gpu::make_client_step, from the eaas_client_gpu library (kept out of eaas_moe
   /// so that servers need not load cuBLAS). Required with device_step.
   std::function<status(const gpu::client_step_config&, std::unique_ptr<gpu::client_step>&)> make_device_step;

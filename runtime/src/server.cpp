@@ -106,7 +106,9 @@ class server_impl final : public expert_server {
                                            .shrink = o_.device_shrink,
                                            .put_blocks = o_.device_put_blocks,
                                            .batch_window_ns = o_.device_batch_window_ns,
-                                           .direct_answers = o_.device_direct_answers},
+                                           .direct_answers = o_.device_direct_answers,
+                                           .pipeline = o_.device_pipeline,
+                                           .pdl = o_.device_pdl},
                                           *step_, dstep_));
       for (std::uint32_t i = 0; i < slots_.size(); ++i) sync_slot(i);
     }
@@ -171,6 +173,7 @@ class server_impl final : public expert_server {
         if (now - last_work >= o_.drain_quiet_ns || now - left_at >= o_.drain_max_ns) break;
       }
     }
+    if (failed_ == status::ok) (void)drain_device();  // the pipelined round in flight: accounted, not dropped
     for (std::uint32_t i = 0; i < slots_.size(); ++i)
       release(i, failed_ != status::ok ? "server failed" : "server left");
     return failed_;
@@ -684,11 +687,11 @@ class server_impl final : public expert_server {
       hi = i + 1;
     }
     window_polls_++;
-    if (hi == 0) {  // no client: no round (the GPU stays idle), and no gap to count across the idle time
+    if (hi == 0) {  // no client: no new round (the GPU goes idle), and no gap to count across the idle time
+      const bool any = drain_device();
       last_round_done_ = 0;
-      return false;
+      return any;
     }
-    const auto t0 = std::chrono::steady_clock::now();
     gpu::server_round_summary sum;
     if (const status st = dstep_->round(hi, sum); st != status::ok) {
       failed_ = st;
@@ -696,10 +699,37 @@ class server_impl final : public expert_server {
       detail::note("[{}] the GPU round failed: {}", o_.id, last_error());
       return false;
     }
-    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    return account_round(sum, hi);
+#else
+    return false;
+#endif
+  }
+
+  // The device step's round in flight (pipelined rounds), reported and accounted; none is launched after it.
+  // Before the host stops polling: no client left, or the server leaves. True if it answered.
+  bool drain_device() {
+#if EAAS_MOE_WITH_GPU
+    if (!dstep_ || !dstep_->in_flight()) return false;
+    gpu::server_round_summary sum;
+    if (const status st = dstep_->drain(static_cast<std::uint32_t>(slots_.size()), sum); st != status::ok) {
+      failed_ = st;
+      detail::note("[{}] the GPU round failed: {}", o_.id, last_error());
+      return false;
+    }
+    return account_round(sum, static_cast<std::uint32_t>(slots_.size()));
+#else
+    return false;
+#endif
+  }
+
+#if EAAS_MOE_WITH_GPU
+  // A device round's summary (slots 0 .. hi - 1) into the protocol state, the stats and the failure handling,
+  // as the host path's poll does. True if it answered.
+  bool account_round(const gpu::server_round_summary& sum, std::uint32_t hi) {
+    const std::uint64_t ns = sum.host_ns;
     std::uint32_t answers = 0, ignored = 0, direct = 0;
     round_answers_.clear();
-    for (std::uint32_t i = 0; i < hi; ++i) {
+    for (std::uint32_t i = 0; i < hi && i < sum.slots.size(); ++i) {
       client_slot& s = slots_[i];
       if (!s.used) continue;
       const gpu::server_slot_state& d = sum.slots[i];
@@ -744,10 +774,8 @@ class server_impl final : public expert_server {
     for (const auto& [i, err, put] : round_answers_)
       answered(i, static_cast<slot_error>(err), static_cast<status>(put));
     return answers != 0;
-#else
-    return false;
-#endif
   }
+#endif
 
   server_options o_;
   std::vector<std::vector<expert_weights>> weights_;  // [layer][local expert]

@@ -48,6 +48,10 @@ struct server_options {
   std::uint64_t device_batch_window_ns = 30'000;
   /// device_step: answers written straight into the clients' result regions (server_step_config::direct_answers).
   bool device_direct_answers = false;
+  /// device_step: the next round queued before the host reads the last one back (server_step_config::pipeline).
+  bool device_pipeline = true;
+  /// device_step: programmatic dependent launch between a round's kernels (server_step_config::pdl).
+  bool device_pdl = true;
   /// Loads one expert's weights (e.g. from safetensors); null: synthetic from `seed`.
   std::function<status(std::uint32_t layer, std::uint32_t expert, expert_weights&)> load;
   /// Called on the serving thread when a client gets a slot ("linked") or loses it ("left", with why).

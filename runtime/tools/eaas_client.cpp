@@ -166,6 +166,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--graph", o.graph, "with --device-step: capture the forward once in a CUDA graph, replay it")
       ->needs(device_step);
+  bool no_pdl = false;
+  app.add_flag("--no-pdl", no_pdl,
+               "with --device-step: plain launches instead of programmatic dependent launch in each layer's round "
+               "(the ablation)")
+      ->needs(device_step);
   tool::checkpoint_args ckpt;
   ckpt.add(app, "routers (and, with --verify, the reference's experts)");
   trace_args ta;
@@ -195,6 +200,7 @@ int main(int argc, char** argv) {
   // Without --verify nothing here reads the answers: on the device path they stay on the GPU, as in a serving
   // engine (no read-back of tokens x hidden x 4 bytes per forward).
   o.host_output = verify || !o.device_step;
+  o.pdl = !no_pdl;
   if (input_seed == 0) input_seed = std::hash<std::string>{}(o.id);
 
   checkpoint ck;

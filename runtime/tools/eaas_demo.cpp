@@ -241,6 +241,14 @@ int main(int argc, char** argv) {
                  "(eaas-server --device-batch-window-us; 0: off; default: the server's)")
       ->check(CLI::Range(0.0, 1e6))
       ->needs(server_device_step_flag);
+  bool no_pdl = false, server_no_pipeline = false;
+  app.add_flag("--no-pdl", no_pdl,
+               "plain launches instead of programmatic dependent launch in the device-step clients' and servers' "
+               "rounds (the ablation; eaas-client --no-pdl, eaas-server --device-no-pdl)");
+  app.add_flag("--server-no-pipeline", server_no_pipeline,
+               "with --server-device-step: each round launched only after the host read the last one back (the "
+               "ablation; eaas-server --device-no-pipeline)")
+      ->needs(server_device_step_flag);
   bool server_direct_answers = false;
   app.add_flag("--server-direct-answers", server_direct_answers,
                "with --server-device-step: servers write answers straight into the clients' GPUs (eaas-server "
@@ -384,6 +392,8 @@ int main(int argc, char** argv) {
   if (server_put_blocks != 0)
     server_extra.insert(server_extra.end(), {"--device-put-blocks", std::to_string(server_put_blocks)});
   if (server_direct_answers) server_extra.push_back("--device-direct-answers");
+  if (server_no_pipeline) server_extra.push_back("--device-no-pipeline");
+  if (no_pdl && server_device_step) server_extra.push_back("--device-no-pdl");
   if (server_batch_window_us >= 0) {
     char w[32];
     std::snprintf(w, sizeof(w), "%.17g", server_batch_window_us);
@@ -519,6 +529,7 @@ int main(int argc, char** argv) {
     if (device_step) args.push_back("--device-step");
     if (micro != "1") args.insert(args.end(), {"--micro-batches", micro});
     if (graph) args.push_back("--graph");
+    if (no_pdl && device_step) args.push_back("--no-pdl");
     if (!spawn(client_bin, args, cli[i])) {
       std::fprintf(stderr, "eaas-demo: cannot start %s\n", client_bin.c_str());
       stop_all(SIGKILL);

@@ -74,6 +74,14 @@ int main(int argc, char** argv) {
                "with --device-step: the combine writes each answer straight into the client's GPU (one copy fewer; "
                "every combine block writes there)")
       ->needs(device_step);
+  bool no_pipeline = false;
+  app.add_flag("--device-no-pipeline", no_pipeline,
+               "with --device-step: launch each round only after the host read the last one back (the ablation)")
+      ->needs(device_step);
+  bool no_pdl = false;
+  app.add_flag("--device-no-pdl", no_pdl,
+               "with --device-step: plain launches instead of programmatic dependent launch in a round (the ablation)")
+      ->needs(device_step);
   tool::checkpoint_args ckpt;
   ckpt.add(app, "experts");
   double drain_ms = 500;
@@ -84,6 +92,8 @@ int main(int argc, char** argv) {
   o.device_poll_ns = static_cast<std::uint64_t>(std::max(poll_us, 1.0) * 1e3);
   o.device_graph = !no_graph;
   o.device_shrink = !no_shrink;
+  o.device_pipeline = !no_pipeline;
+  o.device_pdl = !no_pdl;
   o.device_batch_window_ns = static_cast<std::uint64_t>(batch_window_us * 1e3);
   o.on_first_answer = [](std::uint64_t ns) {
     std::printf("{\"type\":\"first_answer\",\"ns\":%llu}\n", static_cast<unsigned long long>(ns));

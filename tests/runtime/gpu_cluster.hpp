@@ -25,6 +25,7 @@ struct gpu_client_options {
   bool graph = true;
   std::uint32_t max_tokens = 32;
   bool host_output = true;
+  bool pdl = true;  ///< programmatic dependent launch in the device step (false: plain launches)
   runtime::micro_batching batching = runtime::micro_batching::one;  ///< two: two inner clients (double batching)
 };
 
@@ -68,6 +69,7 @@ struct gpu_cluster {
     o.device_step = g.device_step;
     o.graph = g.device_step && g.graph;
     o.host_output = g.host_output;
+    o.pdl = g.pdl;
     if (g.device_step) o.make_device_step = runtime::gpu::make_client_step;
     o.request_timeout_ns = 2'000'000'000ull;
     o.relink_backoff_ns = 500'000'000ull;

@@ -20,6 +20,7 @@
 #include "eaas/device/grid_put.cuh"
 #include "eaas/runtime/slot.hpp"
 #include "graph_capture.cuh"
+#include "pdl.cuh"
 
 namespace eaas::runtime::gpu {
 
@@ -127,7 +128,10 @@ __device__ __forceinline__ void fail_server(const dev_tables& tb, std::uint32_t 
   raise_flag(&tb.head->failed);
 }
 
-__global__ void k_stamp(std::uint64_t* at) { *at = eaas::now_ns(); }
+__global__ void k_stamp(std::uint64_t* at) {
+  pdl_enter();
+  *at = eaas::now_ns();
+}
 
 // Where server s's request payload (everything after the header) is written: straight into its slot when the
 // slot is mapped here (peer_pointer, nvlink), else into the staging buffer. k_pack and k_send both ask, with the
@@ -140,6 +144,7 @@ __device__ __forceinline__ unsigned char* direct_payload(const dev_server& sv, c
 __global__ void __launch_bounds__(kAssignThreads)
     k_assign(dev_tables tb, const std::uint32_t* ids, std::uint32_t tokens, std::uint32_t topk, std::uint32_t experts,
              std::uint32_t rcap, std::uint8_t* mark, std::int32_t* asg_server, std::uint32_t* asg_local) {
+  pdl_enter();
   const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= tokens * topk) return;
   const std::uint32_t t = i / topk, e = ids[i];
@@ -161,21 +166,25 @@ __global__ void __launch_bounds__(kAssignThreads)
 }
 
 // Block s: server s's tokens in order (row_of[s × T + t]: its row, or -1; tok[s × T + row] = t), then
-// whether it gets a request this layer, and its seq.
+// whether it gets a request this layer, and its seq. Each mark is cleared once read: k_assign only marks
+// servers below head->servers, every one of which has its block here, so the marks are all zero again for the
+// next layer (and forward) without a memset of their own.
 __global__ void __launch_bounds__(kScanThreads)
-    k_scan(dev_tables tb, dev_job* jobs, const std::uint8_t* mark, std::uint32_t tokens, std::uint32_t hidden,
+    k_scan(dev_tables tb, dev_job* jobs, std::uint8_t* mark, std::uint32_t tokens, std::uint32_t hidden,
            std::uint32_t topk, std::uint32_t layer, std::int32_t* row_of, std::int32_t* tok) {
+  pdl_enter();
   const std::uint32_t s = blockIdx.x;
   if (s >= tb.head->servers) return;  // block-uniform
   __shared__ std::int32_t s_warp[kScanThreads / 32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const std::uint8_t* m = mark + std::size_t{s} * tokens;
+  std::uint8_t* m = mark + std::size_t{s} * tokens;
   std::int32_t* rows = row_of + std::size_t{s} * tokens;
   std::int32_t* list = tok + std::size_t{s} * tokens;
   std::int32_t carry = 0;
   for (std::uint32_t base = 0; base < tokens; base += kScanThreads) {
     const std::uint32_t t = base + tid;
     const std::int32_t v = t < tokens && m[t] != 0 ? 1 : 0;
+    if (v != 0) m[t] = 0;
     std::int32_t inc = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -234,6 +243,7 @@ __global__ void __launch_bounds__(kPackThreads)
            const std::uint32_t* asg_local, const float* weights, const __nv_bfloat16* normed, std::uint32_t tokens,
            std::uint32_t hidden, std::uint32_t topk, std::uint32_t layer, unsigned char* staging,
            std::uint64_t stage_stride) {
+  pdl_enter();
   const std::uint32_t s = blockIdx.x;
   if (s >= tb.head->servers) return;
   const dev_job j = jobs[s];
@@ -281,7 +291,8 @@ __global__ void __launch_bounds__(kPackThreads)
   // The block's stores to the peer, then one system-scope fence that completes before the block (hence this
   // kernel) does: k_send's commit and signal, a later kernel of the stream and system-scope releases, publish
   // them; the kernel boundary stands for grid_put's arrival counter (so k_pack and k_send must stay two
-  // kernels, without programmatic dependent launch between them).
+  // kernels; with programmatic dependent launch k_send's pdl_wait is that boundary: it returns once this
+  // kernel has completed and its writes are visible).
   if (direct != nullptr) {  // block-uniform
     __syncthreads();
     if (threadIdx.x == 0) __threadfence_system();
@@ -294,6 +305,7 @@ __global__ void __launch_bounds__(kPackThreads)
 __global__ void __launch_bounds__(kSendThreads)
     k_send(dev_tables tb, dev_job* jobs, std::uint32_t hidden, std::uint32_t topk, const unsigned char* staging,
            std::uint64_t stage_stride) {
+  pdl_enter();
   const std::uint32_t s = blockIdx.x;
   if (s >= tb.head->servers) return;  // uniform over the server's blocks: all arrive, or none
   dev_job& jb = jobs[s];
@@ -318,8 +330,9 @@ __global__ void __launch_bounds__(kSendThreads)
 
 // Block s (thread 0): waits for server s's answer (bounded), checks its header. The acquire of the
 // wait orders this thread's reads of the header after the server's writes; the combine (a later kernel)
-// reads the rows after this kernel ended.
+// reads the rows after this kernel ended. It spins: it does not let the combine's blocks in early (pdl.cuh).
 __global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, std::uint64_t timeout_ns) {
+  pdl_wait();
   const std::uint32_t s = blockIdx.x;
   if (s >= tb.head->servers || threadIdx.x != 0) return;
   const dev_job j = jobs[s];
@@ -371,6 +384,7 @@ __global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, 
 __global__ void __launch_bounds__(kCombineThreads)
     k_combine(dev_tables tb, const dev_job* jobs, const std::int32_t* row_of, std::uint32_t tokens,
               std::uint32_t hidden, float* x) {
+  pdl_enter();
   const std::uint32_t t = blockIdx.x, servers = tb.head->servers, vecs = hidden / 4;
   float4* xr = reinterpret_cast<float4*>(x + std::size_t{t} * hidden);
   for (std::uint32_t v = threadIdx.x; v < vecs; v += blockDim.x) {
@@ -428,6 +442,7 @@ class step_impl final : public client_step {
     EAAS_CHECK(dense_gpu::create(cfg_.device, sh, cfg_.dense, *cfg_.weights, cfg_.max_tokens, dense_));
     cfg_.weights = nullptr;  // the caller's, read only here
     EAAS_STEPC_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    pdl_ = cfg_.pdl && pdl_supported(cfg_.device);
     const std::size_t T = cfg_.max_tokens, H = sh.hidden, K = sh.topk, L = sh.layers;
     EAAS_CHECK(tokens_.alloc(T * 4));
     EAAS_CHECK(x_.alloc(T * H * 4));
@@ -660,21 +675,22 @@ class step_impl final : public client_step {
       float* w = weights_.as<float>() + l * TM * K;
       EAAS_CHECK(dense_->attention(l, T, x, normed, stream_));
       EAAS_CHECK(dense_->route(l, T, normed, ids, w, stream_));
-      k_stamp<<<1, 1, 0, stream_>>>(stamps + 2 * l);
-      EAAS_STEPC_CUDA(cudaMemsetAsync(mark_.p, 0, std::size_t{cap_} * T, stream_));
-      k_assign<<<(T * K + kAssignThreads - 1) / kAssignThreads, kAssignThreads, 0, stream_>>>(
-          tb, ids, T, K, sh.experts, rcap_, mark_.as<std::uint8_t>(), asg_server_.as<std::int32_t>(),
-          asg_local_.as<std::uint32_t>());
-      k_scan<<<cap_, kScanThreads, 0, stream_>>>(tb, jobs, mark_.as<std::uint8_t>(), T, H, K, l,
-                                                 row_of_.as<std::int32_t>(), tok_.as<std::int32_t>());
-      k_pack<<<dim3(cap_, std::min(kPackBlocks, T)), kPackThreads, 0, stream_>>>(
-          tb, jobs, tok_.as<std::int32_t>(), asg_server_.as<std::int32_t>(), asg_local_.as<std::uint32_t>(), w, normed,
-          T, H, K, l, staging_.as<unsigned char>(), stage_stride_);
-      k_send<<<dim3(cap_, kSendBlocks), kSendThreads, 0, stream_>>>(tb, jobs, H, K, staging_.as<unsigned char>(),
-                                                                    stage_stride_);
-      k_wait<<<cap_, 32, 0, stream_>>>(tb, jobs, l, cfg_.request_timeout_ns);
-      k_combine<<<T, kCombineThreads, 0, stream_>>>(tb, jobs, row_of_.as<std::int32_t>(), T, H, x);
-      k_stamp<<<1, 1, 0, stream_>>>(stamps + 2 * l + 1);
+      // The layer's round as one chain of launches (pdl.cuh); the marks were left zero by the last scan.
+      const bool p = pdl_;
+      EAAS_STEPC_CUDA(launch(stream_, p, k_stamp, 1, 1, 0, stamps + 2 * l));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_assign, (T * K + kAssignThreads - 1) / kAssignThreads, kAssignThreads, 0, tb,
+                             ids, T, K, sh.experts, rcap_, mark_.as<std::uint8_t>(), asg_server_.as<std::int32_t>(),
+                             asg_local_.as<std::uint32_t>()));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_scan, cap_, kScanThreads, 0, tb, jobs, mark_.as<std::uint8_t>(), T, H, K, l,
+                             row_of_.as<std::int32_t>(), tok_.as<std::int32_t>()));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_pack, dim3(cap_, std::min(kPackBlocks, T)), kPackThreads, 0, tb, jobs,
+                             tok_.as<std::int32_t>(), asg_server_.as<std::int32_t>(), asg_local_.as<std::uint32_t>(),
+                             w, normed, T, H, K, l, staging_.as<unsigned char>(), stage_stride_));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_send, dim3(cap_, kSendBlocks), kSendThreads, 0, tb, jobs, H, K,
+                             staging_.as<unsigned char>(), stage_stride_));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_wait, cap_, 32, 0, tb, jobs, l, cfg_.request_timeout_ns));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_combine, T, kCombineThreads, 0, tb, jobs, row_of_.as<std::int32_t>(), T, H, x));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_stamp, 1, 1, 0, stamps + 2 * l + 1));
       EAAS_STEPC_CUDA(cudaGetLastError());
     }
     return status::ok;
@@ -685,6 +701,7 @@ class step_impl final : public client_step {
   cudaStream_t stream_ = nullptr;
   std::uint32_t cap_ = 0, rcap_ = 0;
   std::uint64_t stage_stride_ = 0;
+  bool pdl_ = false;  // cfg_.pdl where the device supports it
   device_buffer table_, jobs_, mark_, row_of_, tok_, staging_;
   device_buffer tokens_, x_, normed_, ids_, weights_, asg_server_, asg_local_, stamps_;
   unsigned char* table_host_ = nullptr;  // pinned: the table, then the tokens

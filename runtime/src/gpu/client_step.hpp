@@ -61,6 +61,10 @@ struct client_step_config {
   /// on the device (device_out()); a serving engine's next kernels read them there, and a forward costs no
   /// PCIe read-back and no host copy (T x hidden x 4 bytes: 4 MiB at Qwen3 x 512 tokens).
   bool host_output = true;
+  /// Launch each layer's round of small kernels with programmatic dependent launch (pdl.cuh; compute
+  /// capability 9.0+, ignored before): each kernel's launch overlaps the one before it. false: plain launches
+  /// (the ablation; same results).
+  bool pdl = true;
 };
 
 /// One linked server, as the client knows it.

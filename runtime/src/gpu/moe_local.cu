@@ -13,6 +13,7 @@
 #include "dense_gpu_detail.cuh"
 #include "eaas/runtime/grouped_gemm.hpp"
 #include "moe_local.hpp"
+#include "pdl.cuh"
 
 namespace eaas::runtime::gpu {
 namespace {
@@ -27,6 +28,7 @@ constexpr int kCombineThreads = 256;
 // rank[i] = the position of pair i within its expert's rows (arrival order), -1 for an id out of range.
 __global__ void k_count(const std::uint32_t* ids, std::uint32_t pairs, std::uint32_t experts, std::int32_t* counts,
                         std::int32_t* rank) {
+  pdl_enter();
   const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= pairs) return;
   const std::uint32_t e = ids[i];
@@ -35,10 +37,12 @@ __global__ void k_count(const std::uint32_t* ids, std::uint32_t pairs, std::uint
 
 // One block: offsets = exclusive scan of the rows per expert (count, or max(count, 1) with padding),
 // offsets[experts] = the total; the compacted list of active experts and its length; with padding,
-// the padding row of each empty expert (token -1, weight 0). Passes of blockDim experts, with a carry.
+// the padding row of each empty expert (token -1, weight 0). Passes of blockDim experts, with a carry. Each
+// count is zeroed once read, ready for the next layer's k_count (the buffer starts zeroed).
 __global__ void __launch_bounds__(kScanThreads)
-    k_scan(const std::int32_t* counts, std::uint32_t experts, int pad, std::int32_t* offsets, std::int32_t* row_token,
+    k_scan(std::int32_t* counts, std::uint32_t experts, int pad, std::int32_t* offsets, std::int32_t* row_token,
            float* row_weight, std::int32_t* n_active, std::int32_t* active) {
+  pdl_enter();
   __shared__ std::int32_t s_warp[2][32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   std::int32_t carry_rows = 0, carry_active = 0;
@@ -46,6 +50,7 @@ __global__ void __launch_bounds__(kScanThreads)
     const std::uint32_t e = base + tid;
     const bool in = e < experts;
     const std::int32_t c = in ? counts[e] : 0;
+    if (in && c != 0) counts[e] = 0;
     const std::int32_t act = c > 0 ? 1 : 0;
     const std::int32_t rows = pad && in && c == 0 ? 1 : c;
     std::int32_t ir = rows, ia = act;  // inclusive scans within the warp
@@ -103,6 +108,7 @@ __global__ void __launch_bounds__(kScanThreads)
 __global__ void k_scatter(const std::uint32_t* ids, const float* weights, const std::int32_t* rank,
                           const std::int32_t* offsets, std::uint32_t pairs, std::uint32_t topk, std::int32_t* pair_row,
                           std::int32_t* row_token, float* row_weight) {
+  pdl_enter();
   const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= pairs) return;
   const std::int32_t r = rank[i];
@@ -119,6 +125,7 @@ __global__ void k_scatter(const std::uint32_t* ids, const float* weights, const 
 // One block per row of the capacity; rows at or past offsets[experts] are outside every group and left alone.
 __global__ void k_gather(const std::int32_t* total, const std::int32_t* row_token, const __nv_bfloat16* normed,
                          std::uint32_t hidden, __nv_bfloat16* x) {
+  pdl_enter();
   const std::int32_t r = static_cast<std::int32_t>(blockIdx.x);
   if (r >= *total) return;
   const std::int32_t tok = row_token[r];
@@ -134,6 +141,7 @@ __global__ void k_gather(const std::int32_t* total, const std::int32_t* row_toke
 // One block per token: x[t] += Σ_k y[pair_row[t, k]] (router weights already applied), k in order.
 __global__ void k_combine(const std::int32_t* pair_row, std::uint32_t topk, const float* y, std::uint32_t hidden,
                           float* x) {
+  pdl_enter();
   add_topk_rows(pair_row + std::size_t{blockIdx.x} * topk, topk, y, hidden, x + std::size_t{blockIdx.x} * hidden);
 }
 
@@ -164,6 +172,7 @@ class moe_impl final : public moe_local {
     pairs_cap_ = std::size_t{max_tokens_} * shape_.topk;
     rows_cap_ = pairs_cap_ + E;
     EAAS_MOE_CUDA(cudaSetDevice(device_));
+    pdl_ = pdl_supported(device_);
     per_expert_ = h * f;  // elements of gate, up or down
     EAAS_CHECK(gate_.alloc(L * E * per_expert_ * 2));
     EAAS_CHECK(up_.alloc(L * E * per_expert_ * 2));
@@ -201,6 +210,7 @@ class moe_impl final : public moe_local {
   }
 
   const model_shape& shape() const override { return shape_; }
+  void set_pdl(bool on) override { pdl_ = on && pdl_supported(device_); }
   const std::int32_t* active_counts() const override { return n_active_.as<std::int32_t>(); }
   const std::int32_t* active_experts() const override { return active_.as<std::int32_t>(); }
   const std::uint32_t* error_word() const override { return error_.as<std::uint32_t>(); }
@@ -262,25 +272,21 @@ class moe_impl final : public moe_local {
     const std::uint32_t E = shape_.experts, h = shape_.hidden, topk = shape_.topk;
     const std::uint32_t pairs = n * topk;
     const unsigned pair_blocks = (pairs + kPairThreads - 1) / kPairThreads;
-    EAAS_MOE_CUDA(cudaMemsetAsync(counts_.p, 0, std::size_t{E} * 4, stream));
-    k_count<<<pair_blocks, kPairThreads, 0, stream>>>(ids, pairs, E, counts_.as<std::int32_t>(),
-                                                      rank_.as<std::int32_t>());
-    EAAS_MOE_CUDA(cudaGetLastError());
-    k_scan<<<1, kScanThreads, 0, stream>>>(counts_.as<std::int32_t>(), E, shrink ? 0 : 1, offsets_.as<std::int32_t>(),
-                                           row_token_.as<std::int32_t>(), row_weight_.as<float>(),
-                                           n_active_.as<std::int32_t>() + layer,
-                                           active_.as<std::int32_t>() + std::size_t{layer} * E);
-    EAAS_MOE_CUDA(cudaGetLastError());
-    k_scatter<<<pair_blocks, kPairThreads, 0, stream>>>(
-        ids, weights, rank_.as<std::int32_t>(), offsets_.as<std::int32_t>(), pairs, topk, pair_row_.as<std::int32_t>(),
-        row_token_.as<std::int32_t>(), row_weight_.as<float>());
-    EAAS_MOE_CUDA(cudaGetLastError());
+    // One chain of launches (pdl.cuh); the counts were left zero by the last scan.
+    const bool p = pdl_;
+    EAAS_MOE_CUDA(launch(stream, p, k_count, pair_blocks, kPairThreads, 0, ids, pairs, E, counts_.as<std::int32_t>(),
+                         rank_.as<std::int32_t>()));
+    EAAS_MOE_CUDA(launch(stream, p, k_scan, 1, kScanThreads, 0, counts_.as<std::int32_t>(), E, shrink ? 0 : 1,
+                         offsets_.as<std::int32_t>(), row_token_.as<std::int32_t>(), row_weight_.as<float>(),
+                         n_active_.as<std::int32_t>() + layer, active_.as<std::int32_t>() + std::size_t{layer} * E));
+    EAAS_MOE_CUDA(launch(stream, p, k_scatter, pair_blocks, kPairThreads, 0, ids, weights, rank_.as<std::int32_t>(),
+                         offsets_.as<std::int32_t>(), pairs, topk, pair_row_.as<std::int32_t>(),
+                         row_token_.as<std::int32_t>(), row_weight_.as<float>()));
     // At most pairs rows, plus one padding row per expert without shrinking.
     const unsigned gather_blocks = pairs + (shrink ? 0u : E);
-    k_gather<<<gather_blocks, kGatherThreads, 0, stream>>>(
-        offsets_.as<std::int32_t>() + E, row_token_.as<std::int32_t>(), static_cast<const __nv_bfloat16*>(normed), h,
-        x_.as<__nv_bfloat16>());
-    EAAS_MOE_CUDA(cudaGetLastError());
+    EAAS_MOE_CUDA(launch(stream, p, k_gather, gather_blocks, kGatherThreads, 0, offsets_.as<std::int32_t>() + E,
+                         row_token_.as<std::int32_t>(), static_cast<const __nv_bfloat16*>(normed), h,
+                         x_.as<__nv_bfloat16>()));
     const void* const* ptrs = ptrs_.as<const void*>() + std::size_t{layer} * 3 * E;
     grouped_swiglu_args a;
     a.x = x_.p;
@@ -294,8 +300,7 @@ class moe_impl final : public moe_local {
     a.error = error_.as<std::uint32_t>();
     a.layout = grouped_swiglu_layout::tiled;  // upload and fill_random write the tiled layout
     EAAS_CHECK(grouped_swiglu(gg_shape_, a, ws_bytes_, stream));
-    k_combine<<<n, kCombineThreads, 0, stream>>>(pair_row_.as<std::int32_t>(), topk, y_.as<float>(), h, x);
-    EAAS_MOE_CUDA(cudaGetLastError());
+    EAAS_MOE_CUDA(launch(stream, p, k_combine, n, kCombineThreads, 0, pair_row_.as<std::int32_t>(), topk, y_.as<float>(), h, x));
     return status::ok;
   }
 
@@ -308,6 +313,7 @@ class moe_impl final : public moe_local {
   model_shape shape_;
   std::uint32_t max_tokens_;
   std::size_t pairs_cap_ = 0, rows_cap_ = 0, per_expert_ = 0, ws_bytes_ = 0;
+  bool pdl_ = false;
   grouped_swiglu_shape gg_shape_{};
   device_buffer gate_, up_, down_, ptrs_;
   device_buffer counts_, rank_, offsets_, pair_row_, row_token_, row_weight_, x_, y_, ws_, error_, n_active_, active_;

@@ -44,6 +44,11 @@ class moe_local {
 
   virtual const model_shape& shape() const = 0;
 
+  /// Programmatic dependent launch between a layer's kernels (pdl.cuh; on by default where the device has
+  /// it, compute capability 9.0+): each kernel's launch overlaps the one before it. Off: plain launches (the
+  /// ablation; same results). Not while a run is being queued or captured.
+  virtual void set_pdl(bool on) = 0;
+
   /// Rounds one expert's fp32 weights to bf16 and copies them to the GPU (synchronous).
   virtual status upload(std::uint32_t layer, std::uint32_t expert, const expert_weights& w) = 0;
   /// Fills every expert with pseudo-random bf16 weights generated on the GPU, uniform in ±1/sqrt(fan-in)

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <cuda/atomic>
 #include <string>
@@ -13,6 +14,7 @@
 #include "eaas/device/grid_put.cuh"
 #include "eaas/runtime/grouped_gemm.hpp"
 #include "graph_capture.cuh"
+#include "pdl.cuh"
 #include "server_step.hpp"
 
 namespace eaas::runtime::gpu {
@@ -48,9 +50,10 @@ struct round_args {
   const unsigned char* slots;  // the slots region: signal words at i * 64, slot i at slots_base + i * slot_stride
   std::uint64_t slots_base, slot_stride;
   const server_slot_config* cfg;  // [clients]
-  server_slot_state* st;          // [clients]
+  server_slot_state* st;          // [clients]: the slots' state, kept across rounds (read back after each)
   server_round_head* head;
   std::uint32_t* pairs;       // [local]
+  std::uint32_t head_words;   // the words of head and pairs (zeroed by the poll)
   slot_header* hdr;           // [clients]: private copies of the served requests' headers
   std::uint16_t* ids;         // [clients × max_tokens × topk]: private copies of the routing
   float* wts;                 // same
@@ -126,8 +129,17 @@ __device__ __forceinline__ bool has_request(const round_args& a, std::uint32_t i
 // with a batch window, until every used slot served in the last two rounds that served anything has a request
 // too, or the window (from the first request seen) passed. One block. (A request that lands after the deadline
 // and before k_validate is still served, without the window: it only loses batching for that round.)
+// It first zeroes the round's head, pair counts and group counts (and the served-layer flags without
+// shrinking), which the host's read-back of the round before has copied out. It spins: it does not let the
+// validation's blocks in early (pdl.cuh).
 __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
+  pdl_wait();
   __shared__ std::uint64_t s_until;
+  for (std::uint32_t w = threadIdx.x; w < a.head_words; w += blockDim.x) reinterpret_cast<std::uint32_t*>(a.head)[w] = 0;
+  for (std::uint32_t g = threadIdx.x; g < a.groups; g += blockDim.x) a.counts[g] = 0;
+  if (a.pad != 0)
+    for (std::uint32_t l = threadIdx.x; l < a.layers; l += blockDim.x) a.layer_live[l] = 0;
+  __syncthreads();
   if (threadIdx.x == 0) {
     const std::uint64_t t = eaas::now_ns();
     a.head->stamp_poll = t;
@@ -178,6 +190,7 @@ __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
 
 // Block i: slot i's new request, if any, read and checked as the host path's read_request does.
 __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
+  pdl_enter();
   const std::uint32_t i = blockIdx.x;
   __shared__ slot_header s_h;
   __shared__ slot_limits s_lim;
@@ -313,6 +326,7 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
 
 // Block (i, y): rows per (layer, local expert) of slot i's served request; each entry's rank in its group.
 __global__ void __launch_bounds__(kPairThreads) k_count(round_args a) {
+  pdl_enter();
   const std::uint32_t i = blockIdx.x;
   if (a.st[i].verdict != static_cast<std::uint32_t>(slot_verdict::served)) return;
   const slot_header& h = a.hdr[i];
@@ -335,6 +349,7 @@ __global__ void __launch_bounds__(kPairThreads) k_count(round_args a) {
 // zero activation row with weight 0, in no token's rows: computed, never combined nor answered), so the
 // grouped GEMM visits every local expert of that layer, as a grouped GEMM over a fixed expert list would.
 __global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
+  pdl_enter();
   __shared__ std::int32_t s_warp[32];
   std::int32_t carry = 0, total = 0;
   for (std::uint32_t b = 0; b < a.clients; b += blockDim.x) {
@@ -379,6 +394,7 @@ __global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
 // Block (i, y): each (token, k) of slot i's served request gets its row (or -1); each row its source
 // activation row and router weight; each token its slot.
 __global__ void __launch_bounds__(kPairThreads) k_scatter(round_args a) {
+  pdl_enter();
   const std::uint32_t i = blockIdx.x;
   if (a.st[i].verdict != static_cast<std::uint32_t>(slot_verdict::served)) return;
   const slot_header& h = a.hdr[i];
@@ -412,6 +428,7 @@ __global__ void __launch_bounds__(kPairThreads) k_scatter(round_args a) {
 // x[r] = bf16(activation row of row r) (zeros for a padding row), rows walked with a stride. The conversion is
 // expert_step's.
 __global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
+  pdl_enter();
   if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_gather = eaas::now_ns();
   const std::int32_t total = a.offsets[a.groups];
   const std::uint32_t rows = total < 0 ? 0u : min(static_cast<std::uint32_t>(total), a.max_rows);
@@ -445,6 +462,7 @@ __global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
 // the answer's put then moves the response header alone), else into its slot's staging after the response
 // header. Nothing is written when the grouped GEMM refused its plan (no answer goes out then).
 __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
+  pdl_enter();
   if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_combine = eaas::now_ns();
   if (a.head->gemm_error != 0) return;
   const std::uint32_t tokens = a.head->tokens, h = a.hidden, K = a.topk;
@@ -483,6 +501,7 @@ __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
 // Block (x, i): slot i's answer, if it has one: put and signalled from gridDim.x blocks. A served
 // request whose GEMM did not run (the plan was refused) gets no answer: its put_result says why.
 __global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
+  pdl_enter();
   const std::uint32_t i = blockIdx.y;
   server_slot_state& st = a.st[i];
   const auto verdict = static_cast<slot_verdict>(st.verdict);
@@ -511,7 +530,10 @@ __global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
 }
 
 // After every answer: the round's last stamp.
-__global__ void k_stamp_done(round_args a) { a.head->stamp_done = eaas::now_ns(); }
+__global__ void k_stamp_done(round_args a) {
+  pdl_enter();
+  a.head->stamp_done = eaas::now_ns();
+}
 
 template <class T>
 struct dev_buf {
@@ -532,8 +554,11 @@ class step_impl final : public server_step {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
-    cudaFreeHost(back_host_);
-    cudaFreeHost(up_host_);
+    for (launched_round& r : rounds_) {
+      if (r.done != nullptr) cudaEventDestroy(r.done);
+      cudaFreeHost(r.back);
+      cudaFreeHost(r.up);
+    }
   }
 
   status init(const expert_step& experts) {
@@ -568,7 +593,8 @@ class step_impl final : public server_step {
     EAAS_SSTEP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     const std::size_t CTK = std::size_t{C} * T * K;
     EAAS_CHECK(cfg_dev_.alloc(C));
-    EAAS_CHECK(back_.alloc(back_bytes_));
+    EAAS_CHECK(back_.alloc(states_at_));
+    EAAS_CHECK(st_.alloc(C));
     EAAS_CHECK(hdr_.alloc(C));
     EAAS_CHECK(ids_.alloc(CTK));
     EAAS_CHECK(wts_.alloc(CTK));
@@ -590,19 +616,29 @@ class step_impl final : public server_step {
     gshape_ = {.experts = groups_, .hidden = sh.hidden, .inter = sh.inter, .max_rows = max_rows_};
     ws_bytes_ = grouped_swiglu_workspace_bytes(gshape_);
     EAAS_CHECK(ws_.alloc((ws_bytes_ + 15) / 16));
-    // The host's side of the tables: per slot, its configuration then its state (uploaded from here).
-    EAAS_SSTEP_CUDA(cudaMallocHost(&up_host_, (sizeof(server_slot_config) + sizeof(server_slot_state)) * C));
-    EAAS_SSTEP_CUDA(cudaMallocHost(&back_host_, back_bytes_));
-    std::memset(back_host_, 0, back_bytes_);
+    // Per launch, alternating (two rounds are in flight at most): the pinned uploads of the slots set before
+    // it, its read-back, the event after the read-back, the slots' epochs at its launch.
+    pdl_ = cfg_.pdl && pdl_supported(cfg_.device);
+    for (launched_round& r : rounds_) {
+      EAAS_SSTEP_CUDA(cudaMallocHost(&r.up, (sizeof(server_slot_config) + sizeof(server_slot_state)) * C));
+      EAAS_SSTEP_CUDA(cudaMallocHost(&r.back, back_bytes_));
+      std::memset(r.back, 0, back_bytes_);
+      EAAS_SSTEP_CUDA(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
+      r.epochs.assign(C, 0);
+    }
+    set_cfg_.assign(C, server_slot_config{});
+    set_st_.assign(C, server_slot_state{});
     pending_.assign(C, 0);
+    epochs_.assign(C, 0);
     auto* back = back_.p;
     args_ = round_args{.slots = static_cast<const unsigned char*>(cfg_.slots),
                        .slots_base = geo.slots_base,
                        .slot_stride = geo.slot_stride,
                        .cfg = cfg_dev_.p,
-                       .st = reinterpret_cast<server_slot_state*>(back + states_at_),
+                       .st = st_.p,
                        .head = reinterpret_cast<server_round_head*>(back),
                        .pairs = reinterpret_cast<std::uint32_t*>(back + pairs_at_),
+                       .head_words = static_cast<std::uint32_t>(states_at_ / 4),
                        .hdr = hdr_.p,
                        .ids = ids_.p,
                        .wts = wts_.p,
@@ -659,39 +695,26 @@ class step_impl final : public server_step {
     st.last_sig = s.last_sig;
     st.expected = s.expected;
     st.ignored_sig = s.ignored_sig;
-    auto* at = up_host_ + (sizeof(server_slot_config) + sizeof(server_slot_state)) * i;
-    std::memcpy(at, &c, sizeof(c));
-    std::memcpy(at + sizeof(c), &st, sizeof(st));
+    set_cfg_[i] = c;
+    set_st_[i] = st;
     pending_[i] = 1;
+    epochs_[i]++;
   }
 
   status round(std::uint32_t read_slots, server_round_summary& out) override {
-    if (read_slots > cfg_.max_clients) read_slots = cfg_.max_clients;
     EAAS_SSTEP_CUDA(cudaSetDevice(cfg_.device));
-    // Captured before this round's copies are queued (the graph holds only the round itself).
-    if (cfg_.graph && exec_ == nullptr) EAAS_CHECK(capture());
-    // The slots the host changed since the last round: configuration and protocol state. The pinned
-    // source is not touched again before the round's synchronisation below.
-    for (std::uint32_t i = 0; i < cfg_.max_clients; ++i) {
-      if (pending_[i] == 0) continue;
-      pending_[i] = 0;
-      const auto* at = up_host_ + (sizeof(server_slot_config) + sizeof(server_slot_state)) * i;
-      EAAS_SSTEP_CUDA(cudaMemcpyAsync(cfg_dev_.p + i, at, sizeof(server_slot_config), cudaMemcpyHostToDevice, stream_));
-      EAAS_SSTEP_CUDA(cudaMemcpyAsync(args_.st + i, at + sizeof(server_slot_config), sizeof(server_slot_state),
-                                      cudaMemcpyHostToDevice, stream_));
-    }
-    if (cfg_.graph) {
-      EAAS_SSTEP_CUDA(cudaGraphLaunch(exec_, stream_));
-    } else {
-      EAAS_CHECK(enqueue());
-    }
-    const std::size_t bytes = states_at_ + sizeof(server_slot_state) * read_slots;
-    EAAS_SSTEP_CUDA(cudaMemcpyAsync(back_host_, back_.p, bytes, cudaMemcpyDeviceToHost, stream_));
-    EAAS_SSTEP_CUDA(cudaStreamSynchronize(stream_));
-    out.head = reinterpret_cast<const server_round_head*>(back_host_);
-    out.pairs = {reinterpret_cast<const std::uint32_t*>(back_host_ + pairs_at_), cfg_.local_experts};
-    out.slots = {reinterpret_cast<const server_slot_state*>(back_host_ + states_at_), read_slots};
-    return status::ok;
+    if (cfg_.pipeline && in_flight_ == 0) EAAS_CHECK(launch_round());
+    EAAS_CHECK(launch_round());
+    return collect(read_slots, out);
+  }
+
+  bool in_flight() const override { return in_flight_ != 0; }
+
+  status drain(std::uint32_t read_slots, server_round_summary& out) override {
+    out = server_round_summary{};
+    if (in_flight_ == 0) return status::ok;
+    EAAS_SSTEP_CUDA(cudaSetDevice(cfg_.device));
+    return collect(read_slots, out);
   }
 
   std::uint32_t captures() const override { return captures_; }
@@ -704,27 +727,75 @@ class step_impl final : public server_step {
     return status::ok;
   }
 
+  // Queues the next round: the slots set since the last launch (uploaded from this launch's pinned buffer,
+  // which the host does not touch again before the round after next), the round, its read-back and its event.
+  status launch_round() {
+    launched_round& r = rounds_[launched_ % 2];
+    const std::uint32_t C = cfg_.max_clients;
+    // Captured before this round's copies are queued (the graph holds only the round itself).
+    if (cfg_.graph && exec_ == nullptr) EAAS_CHECK(capture());
+    for (std::uint32_t i = 0; i < C; ++i) {
+      if (pending_[i] == 0) continue;
+      pending_[i] = 0;
+      auto* at = r.up + (sizeof(server_slot_config) + sizeof(server_slot_state)) * i;
+      std::memcpy(at, &set_cfg_[i], sizeof(server_slot_config));
+      std::memcpy(at + sizeof(server_slot_config), &set_st_[i], sizeof(server_slot_state));
+      EAAS_SSTEP_CUDA(cudaMemcpyAsync(cfg_dev_.p + i, at, sizeof(server_slot_config), cudaMemcpyHostToDevice, stream_));
+      EAAS_SSTEP_CUDA(cudaMemcpyAsync(st_.p + i, at + sizeof(server_slot_config), sizeof(server_slot_state),
+                                      cudaMemcpyHostToDevice, stream_));
+    }
+    r.epochs = epochs_;
+    r.at = std::chrono::steady_clock::now();
+    if (cfg_.graph) {
+      EAAS_SSTEP_CUDA(cudaGraphLaunch(exec_, stream_));
+    } else {
+      EAAS_CHECK(enqueue());
+    }
+    EAAS_SSTEP_CUDA(cudaMemcpyAsync(r.back, back_.p, states_at_, cudaMemcpyDeviceToHost, stream_));
+    EAAS_SSTEP_CUDA(cudaMemcpyAsync(r.back + states_at_, st_.p, sizeof(server_slot_state) * C, cudaMemcpyDeviceToHost,
+                                    stream_));
+    EAAS_SSTEP_CUDA(cudaEventRecord(r.done, stream_));
+    launched_++;
+    in_flight_++;
+    return status::ok;
+  }
+
+  // Waits for the oldest round in flight and reports it. A slot set after that round was launched is
+  // reported as set (its state, verdict none): what the round did with its previous configuration is moot.
+  status collect(std::uint32_t read_slots, server_round_summary& out) {
+    launched_round& r = rounds_[(launched_ - in_flight_) % 2];
+    EAAS_SSTEP_CUDA(cudaEventSynchronize(r.done));
+    in_flight_--;
+    auto* slots = reinterpret_cast<server_slot_state*>(r.back + states_at_);
+    for (std::uint32_t i = 0; i < cfg_.max_clients; ++i)
+      if (r.epochs[i] != epochs_[i]) slots[i] = set_st_[i];
+    out.head = reinterpret_cast<const server_round_head*>(r.back);
+    out.pairs = {reinterpret_cast<const std::uint32_t*>(r.back + pairs_at_), cfg_.local_experts};
+    out.slots = {slots, std::min(read_slots, cfg_.max_clients)};
+    out.host_ns = static_cast<std::uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - r.at).count());
+    return status::ok;
+  }
+
   // One round as work on stream_: no host synchronisation, fixed launch shapes (capturable).
   status enqueue() {
     const std::uint32_t C = cfg_.max_clients;
     const unsigned pair_blocks =
         std::min<unsigned>(kPairBlocks, (cfg_.max_tokens * cfg_.shape.topk + kPairThreads - 1) / kPairThreads);
-    // The round's head and per-expert pair counts, and the group counts, start at zero.
-    EAAS_SSTEP_CUDA(cudaMemsetAsync(back_.p, 0, states_at_, stream_));
-    EAAS_SSTEP_CUDA(cudaMemsetAsync(counts_.p, 0, std::size_t{groups_} * 4, stream_));
-    if (!cfg_.shrink) EAAS_SSTEP_CUDA(cudaMemsetAsync(layer_live_.p, 0, std::size_t{cfg_.shape.layers} * 4, stream_));
-    k_poll<<<1, kPollThreads, 0, stream_>>>(args_);
-    k_validate<<<C, kValidateThreads, 0, stream_>>>(args_);
-    k_count<<<dim3(C, pair_blocks), kPairThreads, 0, stream_>>>(args_);
-    k_scan<<<1, kScanThreads, 0, stream_>>>(args_);
-    k_scatter<<<dim3(C, pair_blocks), kPairThreads, 0, stream_>>>(args_);
-    k_gather<<<std::min(kGatherBlocks, max_rows_), kGatherThreads, 0, stream_>>>(args_);
-    EAAS_SSTEP_CUDA(cudaGetLastError());
+    // One chain of launches (pdl.cuh); the poll zeroes the round's head and counts first.
+    const bool p = pdl_;
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_poll, 1, kPollThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_validate, C, kValidateThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_count, dim3(C, pair_blocks), kPairThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_scan, 1, kScanThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_scatter, dim3(C, pair_blocks), kPairThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_gather, std::min(kGatherBlocks, max_rows_), kGatherThreads, 0, args_));
     EAAS_CHECK(grouped_swiglu(gshape_, gemm_, ws_bytes_, stream_));
-    k_combine<<<std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens), kCombineThreads, 0, stream_>>>(args_);
+    EAAS_SSTEP_CUDA(
+        launch(stream_, p, k_combine, std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens), kCombineThreads, 0, args_));
     const std::uint64_t most = sizeof(response_header) + std::uint64_t{cfg_.max_tokens} * cfg_.shape.hidden * 4;
-    k_answer<<<dim3(grid_put_blocks(most, cfg_.put_blocks), C), kPutThreads, 0, stream_>>>(args_);
-    k_stamp_done<<<1, 1, 0, stream_>>>(args_);
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_answer, dim3(grid_put_blocks(most, cfg_.put_blocks), C), kPutThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_stamp_done, 1, 1, 0, args_));
     EAAS_SSTEP_CUDA(cudaGetLastError());
     return status::ok;
   }
@@ -735,7 +806,8 @@ class step_impl final : public server_step {
   std::size_t pairs_at_ = 0, states_at_ = 0, back_bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   dev_buf<server_slot_config> cfg_dev_;
-  dev_buf<unsigned char> back_;  // head, pairs, slot states (read back in one copy)
+  dev_buf<unsigned char> back_;  // head and pairs (zeroed by every round's poll, read back after it)
+  dev_buf<server_slot_state> st_;
   dev_buf<slot_header> hdr_;
   dev_buf<std::uint16_t> ids_;
   dev_buf<float> wts_, row_weight_, y_;
@@ -752,9 +824,23 @@ class step_impl final : public server_step {
   grouped_swiglu_args gemm_{};
   std::size_t ws_bytes_ = 0;
   round_args args_{};
-  unsigned char* up_host_ = nullptr;    // pinned: per slot, configuration and state to upload
-  unsigned char* back_host_ = nullptr;  // pinned: what a round reads back
+  bool pdl_ = false;  // cfg_.pdl where the device supports it
+  struct launched_round {
+    unsigned char* up = nullptr;    // pinned: per slot, configuration and state uploaded before it
+    unsigned char* back = nullptr;  // pinned: its read-back (head, pairs, then every slot's state)
+    cudaEvent_t done = nullptr;     // after the read-back
+    std::vector<std::uint32_t> epochs;  // epochs_ at its launch
+    std::chrono::steady_clock::time_point at;  // its launch
+  };
+  launched_round rounds_[2];
+  std::uint64_t launched_ = 0;  // rounds launched; the last in_flight_ of them not yet collected
+  std::uint32_t in_flight_ = 0;
+  // The host's side of the tables: per slot, the configuration and state last set, whether they wait for the
+  // next launch, and how often the slot was set (a round launched before the last set_slot does not report it).
+  std::vector<server_slot_config> set_cfg_;
+  std::vector<server_slot_state> set_st_;
   std::vector<std::uint8_t> pending_;
+  std::vector<std::uint32_t> epochs_;
   cudaGraphExec_t exec_ = nullptr;
   std::uint32_t captures_ = 0;
 };

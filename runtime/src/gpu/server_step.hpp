@@ -40,6 +40,16 @@
 // the round's verdicts, in one copy (server_round_summary). Nothing in the graph depends on which slots
 // are used: clients come and go without a new capture.
 //
+// Pipelined rounds (the default): round() queues the next round behind the one running before it waits for
+// that one, so the GPU goes from one round's answers straight into the next round's poll instead of waiting
+// for the host to read the summary back and launch again (20-26 us per round in docs/PERF.md, on the
+// critical path whenever the next request is already there). A summary then describes the round launched
+// one call earlier. The slots the host sets while a round is in flight take effect from the next round
+// launched; the in-flight round's summary reports such a slot as untouched, with the state it was set to
+// (what that round did with the slot's previous configuration is not reported: the host gave the slot
+// away or took it back in between). The kernels of a round are launched with programmatic dependent launch
+// (pdl.cuh): each one's launch overlaps the kernel before it.
+//
 // Plain C++ header; implemented in server_step.cu.
 
 #include <cstddef>
@@ -117,6 +127,7 @@ struct server_round_summary {
   const server_round_head* head = nullptr;
   std::span<const std::uint32_t> pairs;      ///< per local expert: pairs computed this round
   std::span<const server_slot_state> slots;  ///< slots 0 .. the `read_slots` given to round()
+  std::uint64_t host_ns = 0;  ///< on the host's clock, from the round's launch to its summary (its whole span)
 };
 
 struct server_step_config {
@@ -146,6 +157,11 @@ struct server_step_config {
   /// every combine block then writes into the client's GPU: with several servers answering one client at once
   /// that is many writers into one GPU, the pattern that slows every transfer into it (docs/PERF.md).
   bool direct_answers = false;
+  /// Queue the next round before waiting for the current one (see above). false: round() launches one
+  /// round and returns its own summary (the ablation, and for callers that need a round's summary at once).
+  bool pipeline = true;
+  /// Programmatic dependent launch between the round's kernels (compute capability 9.0+; ignored before).
+  bool pdl = true;
 };
 
 class server_step {
@@ -160,8 +176,18 @@ class server_step {
   virtual void set_slot(std::uint32_t i, const server_slot_config& c, const server_slot_state& s) = 0;
 
   /// One round (see above); returns when it has finished, with slots 0 .. read_slots - 1 (at most
-  /// max_clients) read back. An error means CUDA failed: the object is then unusable.
+  /// max_clients) in the summary. With pipeline, the round launched by the previous call is the one that
+  /// finished and is reported, and this call's round stays in flight. An error means CUDA failed: the object
+  /// is then unusable.
   virtual status round(std::uint32_t read_slots, server_round_summary& out) = 0;
+
+  /// Whether a round is in flight (pipeline: after any round() until drain()).
+  virtual bool in_flight() const = 0;
+
+  /// Waits for the round in flight and reports it as round() does (slots 0 .. read_slots - 1), launching
+  /// none: before the host stops polling (no client left, or leaving). Without a round in flight it reports
+  /// nothing (`out` empty, head null).
+  virtual status drain(std::uint32_t read_slots, server_round_summary& out) = 0;
 
   /// Graph captures so far (1 with graph after the first round, 0 without).
   virtual std::uint32_t captures() const = 0;
