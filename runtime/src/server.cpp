@@ -672,7 +672,7 @@ class server_impl final : public expert_server {
   }
 
   // One round of the device step: the GPU polls, checks, computes and answers; here, before it, the
-  // clients that died give their slots back, and after it the round's summary (one copy) feeds the
+  // clients that died give their slots back, and after it the round's summary (in pinned memory) feeds the
   // protocol state, the stats and the failure handling, as the host path's poll does. True if it answered.
   bool poll_device() {
 #if EAAS_MOE_WITH_GPU

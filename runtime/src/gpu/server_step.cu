@@ -33,6 +33,7 @@ constexpr unsigned kGatherBlocks = 2048;  // rows are walked with a stride: empt
 constexpr int kCombineThreads = 256;
 constexpr unsigned kCombineBlocks = 1024;
 constexpr int kPutThreads = 256;
+constexpr int kSummaryThreads = 256;
 
 // The answer's layout: the staging copy of a slot's answer is the result region from kResponse on.
 static_assert(kResponse + sizeof(response_header) == kOutputs);
@@ -80,6 +81,10 @@ struct round_args {
   std::uint64_t batch_window_ns;
   std::uint32_t direct_answers;  // server_step_config::direct_answers
   std::uint32_t* round_no;       // rounds that served a request so far (k_scan counts them); this one is *round_no + 1
+  // The round's summary goes straight to the host: head and pairs (head_words words), then the slots' states,
+  // into the pinned buffer of this launch's parity (launches so far, *launch_no, the host's count too).
+  unsigned char* summary[2];
+  std::uint32_t* launch_no;
 };
 
 __device__ __forceinline__ std::uint64_t sig_word(const round_args& a, std::uint32_t i) {
@@ -529,10 +534,25 @@ __global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
   grid_put_signal(j, blockIdx.x, gridDim.x);
 }
 
-// After every answer: the round's last stamp.
-__global__ void k_stamp_done(round_args a) {
+// After every answer: the round's last stamp, then the round's summary (head, pairs, the slots' states) written
+// into the host's pinned buffer for this launch, so that no copy follows the round on the stream (the next
+// round's poll starts right after this kernel). The host reads it once the event after the round completed.
+__global__ void __launch_bounds__(kSummaryThreads) k_summary(round_args a) {
   pdl_enter();
-  a.head->stamp_done = eaas::now_ns();
+  __shared__ unsigned char* s_to;
+  if (threadIdx.x == 0) {
+    a.head->stamp_done = eaas::now_ns();
+    const std::uint32_t n = *a.launch_no;
+    *a.launch_no = n + 1;
+    s_to = a.summary[n & 1];
+  }
+  __syncthreads();  // the stamp (global memory) is visible to the block after the barrier
+  auto* to = reinterpret_cast<uint4*>(s_to);
+  const auto* head = reinterpret_cast<const uint4*>(a.head);
+  const std::uint32_t head_vecs = a.head_words / 4, state_vecs = a.clients * sizeof(server_slot_state) / 16;
+  for (std::uint32_t i = threadIdx.x; i < head_vecs; i += blockDim.x) to[i] = head[i];
+  const auto* st = reinterpret_cast<const uint4*>(a.st);
+  for (std::uint32_t i = threadIdx.x; i < state_vecs; i += blockDim.x) to[head_vecs + i] = st[i];
 }
 
 template <class T>
@@ -612,6 +632,7 @@ class step_impl final : public server_step {
     EAAS_CHECK(staging_.alloc(std::size_t{C} * stage_stride_));
     EAAS_CHECK(arrivals_.alloc(C));
     EAAS_CHECK(round_no_.alloc(1));
+    EAAS_CHECK(launch_no_.alloc(1));
     EAAS_CHECK(direct_.alloc(C));
     gshape_ = {.experts = groups_, .hidden = sh.hidden, .inter = sh.inter, .max_rows = max_rows_};
     ws_bytes_ = grouped_swiglu_workspace_bytes(gshape_);
@@ -621,7 +642,7 @@ class step_impl final : public server_step {
     pdl_ = cfg_.pdl && pdl_supported(cfg_.device);
     for (launched_round& r : rounds_) {
       EAAS_SSTEP_CUDA(cudaMallocHost(&r.up, (sizeof(server_slot_config) + sizeof(server_slot_state)) * C));
-      EAAS_SSTEP_CUDA(cudaMallocHost(&r.back, back_bytes_));
+      EAAS_SSTEP_CUDA(cudaHostAlloc(&r.back, back_bytes_, cudaHostAllocMapped));
       std::memset(r.back, 0, back_bytes_);
       EAAS_SSTEP_CUDA(cudaEventCreateWithFlags(&r.done, cudaEventDisableTiming));
       r.epochs.assign(C, 0);
@@ -669,7 +690,11 @@ class step_impl final : public server_step {
                        .poll_ns = cfg_.poll_ns,
                        .batch_window_ns = cfg_.batch_window_ns,
                        .direct_answers = cfg_.direct_answers ? 1u : 0u,
-                       .round_no = round_no_.p};
+                       .round_no = round_no_.p,
+                       .summary = {nullptr, nullptr},
+                       .launch_no = launch_no_.p};
+    for (int b = 0; b < 2; ++b)
+      EAAS_SSTEP_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&args_.summary[b]), rounds_[b].back, 0));
     gemm_ = grouped_swiglu_args{.x = x_.p,
                                 .offsets = offsets_.p,
                                 .row_weight = row_weight_.p,
@@ -686,6 +711,9 @@ class step_impl final : public server_step {
     // (whose launch limits are queried on first use) are then never first used inside a capture.
     EAAS_CHECK(enqueue());
     EAAS_SSTEP_CUDA(cudaStreamSynchronize(stream_));
+    // That round counted itself: the first launched round is number 0 again (summary parity).
+    EAAS_SSTEP_CUDA(cudaMemset(launch_no_.p, 0, sizeof(std::uint32_t)));
+    EAAS_SSTEP_CUDA(cudaDeviceSynchronize());
     return status::ok;
   }
 
@@ -728,7 +756,8 @@ class step_impl final : public server_step {
   }
 
   // Queues the next round: the slots set since the last launch (uploaded from this launch's pinned buffer,
-  // which the host does not touch again before the round after next), the round, its read-back and its event.
+  // which the host does not touch again before the round after next), the round (which writes its summary
+  // into r.back) and its event.
   status launch_round() {
     launched_round& r = rounds_[launched_ % 2];
     const std::uint32_t C = cfg_.max_clients;
@@ -751,10 +780,7 @@ class step_impl final : public server_step {
     } else {
       EAAS_CHECK(enqueue());
     }
-    EAAS_SSTEP_CUDA(cudaMemcpyAsync(r.back, back_.p, states_at_, cudaMemcpyDeviceToHost, stream_));
-    EAAS_SSTEP_CUDA(cudaMemcpyAsync(r.back + states_at_, st_.p, sizeof(server_slot_state) * C, cudaMemcpyDeviceToHost,
-                                    stream_));
-    EAAS_SSTEP_CUDA(cudaEventRecord(r.done, stream_));
+    EAAS_SSTEP_CUDA(cudaEventRecord(r.done, stream_));  // the round's last kernel wrote its summary into r.back
     launched_++;
     in_flight_++;
     return status::ok;
@@ -795,7 +821,7 @@ class step_impl final : public server_step {
         launch(stream_, p, k_combine, std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens), kCombineThreads, 0, args_));
     const std::uint64_t most = sizeof(response_header) + std::uint64_t{cfg_.max_tokens} * cfg_.shape.hidden * 4;
     EAAS_SSTEP_CUDA(launch(stream_, p, k_answer, dim3(grid_put_blocks(most, cfg_.put_blocks), C), kPutThreads, 0, args_));
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_stamp_done, 1, 1, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_summary, 1, kSummaryThreads, 0, args_));
     EAAS_SSTEP_CUDA(cudaGetLastError());
     return status::ok;
   }
@@ -806,7 +832,7 @@ class step_impl final : public server_step {
   std::size_t pairs_at_ = 0, states_at_ = 0, back_bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   dev_buf<server_slot_config> cfg_dev_;
-  dev_buf<unsigned char> back_;  // head and pairs (zeroed by every round's poll, read back after it)
+  dev_buf<unsigned char> back_;  // head and pairs (zeroed by every round's poll, summarised by k_summary)
   dev_buf<server_slot_state> st_;
   dev_buf<slot_header> hdr_;
   dev_buf<std::uint16_t> ids_;
@@ -818,7 +844,7 @@ class step_impl final : public server_step {
   dev_buf<unsigned char> staging_;
   dev_buf<unsigned long long> direct_;
   dev_buf<unsigned int> arrivals_;
-  dev_buf<std::uint32_t> round_no_;
+  dev_buf<std::uint32_t> round_no_, launch_no_;
   dev_buf<uint4> ws_;
   grouped_swiglu_shape gshape_{};
   grouped_swiglu_args gemm_{};
@@ -827,7 +853,7 @@ class step_impl final : public server_step {
   bool pdl_ = false;  // cfg_.pdl where the device supports it
   struct launched_round {
     unsigned char* up = nullptr;    // pinned: per slot, configuration and state uploaded before it
-    unsigned char* back = nullptr;  // pinned: its read-back (head, pairs, then every slot's state)
+    unsigned char* back = nullptr;  // pinned, mapped: its summary (head, pairs, then every slot's state)
     cudaEvent_t done = nullptr;     // after the read-back
     std::vector<std::uint32_t> epochs;  // epochs_ at its launch
     std::chrono::steady_clock::time_point at;  // its launch

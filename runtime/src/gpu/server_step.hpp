@@ -29,6 +29,8 @@
 //   answer    grid_put_signal per answered slot: response header and outputs, then the request's seq;
 //             a refused request gets its error header alone (with direct_answers the combine wrote the
 //             outputs straight into the client's result region, and the put carries the header alone)
+//   summary   one block: the round's last stamp, then its head, pair counts and slot states into the host's
+//             pinned buffer for this launch (two, alternating)
 //
 // Same answers as the host path (expert_step::run): the same bf16 rounding of the rows, the same
 // per-row GEMM, the same combine order. Rows of a group may sit in another order (atomics), which does
@@ -36,8 +38,9 @@
 //
 // The tables live in device memory: the per-slot configuration (endpoint, result region, grant, token
 // limit), written by the host when a client links or leaves; the per-slot state (last signal handled,
-// expected seq, last ignored signal), owned by the device during a round and read back after it, with
-// the round's verdicts, in one copy (server_round_summary). Nothing in the graph depends on which slots
+// expected seq, last ignored signal), owned by the device during a round; the round's last kernel writes it,
+// with the round's verdicts, stamps and counts, into pinned host memory (server_round_summary), so that no
+// copy sits between one round and the next on the stream. Nothing in the graph depends on which slots
 // are used: clients come and go without a new capture.
 //
 // Pipelined rounds (the default): round() queues the next round behind the one running before it waits for
