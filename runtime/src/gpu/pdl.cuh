@@ -10,7 +10,10 @@
 // the next kernel's blocks are set up while this one runs, instead of after it drained. A kernel that is short
 // also calls pdl_release() (pdl_enter() does both), so that its successor's blocks can be made resident at
 // once; a kernel that spins on a peer (the server's poll, the client's wait) does not, so that its successor's
-// blocks do not sit on the SMs for the whole wait, where another process's kernels may need them.
+// blocks do not sit on the SMs for the whole wait, where another process's kernels may need them. A kernel
+// whose few blocks each move much data (the server's answer puts) launches plainly: made resident early, its
+// blocks are placed wherever the kernel before left room, several to an SM, and copy at a fraction of the
+// bandwidth once it ends (docs/PERF.md, session 10).
 //
 // Without the attribute (pdl false, or a device before 9.0) both calls are no-ops and the launch is a plain one.
 
