@@ -532,6 +532,7 @@ int main(int argc, char** argv) {
 #if !EAAS_MONO_WITH_NCCL
   if (gpus != 1) die("--gpus " + std::to_string(gpus) + ": this build has no NCCL", status::unsupported);
 #endif
+  if (no_pdl && gpus != 1) die("--no-pdl: one GPU only (the expert-parallel path launches plainly)", status::invalid_argument);
   if (gpus == 0) die("--gpus must be >= 1", status::invalid_argument);
   if (layers == 0 || reps < 1 || warm < 0 || tokens_sel.empty() || vocab == 0)
     die("bad --layers/--reps/--warmup/--tokens/--vocab", status::invalid_argument);

@@ -57,6 +57,10 @@ class server_impl final : public expert_server {
     watch_.reset();  // no callback runs after these return
     dir_.reset();
     load_keeper_.reset();
+#if EAAS_MOE_WITH_GPU
+    dstep_.reset();  // waits for the rounds in flight, which may use the retired links
+#endif
+    retired_.clear();
   }
 
   status init() {
@@ -251,6 +255,11 @@ class server_impl final : public expert_server {
     // links again instead of waiting for answers. Best effort: it may be dead.
     if (s.ep && s.result && s.ep->state() == endpoint_state::connected)
       (void)wire_->signal(*s.ep, s.result->view(), kWelcomeSig, kRevoked);
+#if EAAS_MOE_WITH_GPU
+    // A device round in flight (pipelined rounds) holds views of this endpoint and result region: they live
+    // until every round launched so far has been reported.
+    if (dstep_ && dstep_->in_flight()) retired_.push_back({std::move(s.ep), std::move(s.result), dstep_->launched()});
+#endif
     s = client_slot{};
     sync_slot(i);
     set_clients();
@@ -726,7 +735,7 @@ class server_impl final : public expert_server {
   // A device round's summary (slots 0 .. hi - 1) into the protocol state, the stats and the failure handling,
   // as the host path's poll does. True if it answered.
   bool account_round(const gpu::server_round_summary& sum, std::uint32_t hi) {
-    const std::uint64_t ns = sum.host_ns;
+    std::erase_if(retired_, [&](const retired_link& r) { return dstep_->collected() >= r.until; });
     std::uint32_t answers = 0, ignored = 0, direct = 0;
     round_answers_.clear();
     for (std::uint32_t i = 0; i < hi && i < sum.slots.size(); ++i) {
@@ -765,7 +774,7 @@ class server_impl final : public expert_server {
         stats_.round_gap_ns += span(last_round_done_, h.stamp_poll);
         if (h.stamp_seen != 0 && wait < kLateRoundNs) stats_.late_rounds++;
         stats_.tokens += sum.head->tokens;
-        stats_.compute_ns += static_cast<std::uint64_t>(ns);
+        stats_.compute_ns += span(h.stamp_seen, h.stamp_done);  // the device's time on it (rounds do not overlap)
         stats_.batches++;
       }
       last_round_done_ = sum.head->stamp_done;
@@ -809,6 +818,14 @@ class server_impl final : public expert_server {
   std::vector<unsigned char> out_, raw_;
   std::vector<std::uint64_t> sigs_;
   std::unique_ptr<wire> wire_;
+  // Links of released slots that a device round in flight may still use (see release()), freed once every
+  // round launched before the release was reported (`until`: the step's launched() then).
+  struct retired_link {
+    std::unique_ptr<endpoint> ep;
+    std::unique_ptr<remote_region> result;
+    std::uint64_t until = 0;
+  };
+  std::vector<retired_link> retired_;
 #if EAAS_MOE_WITH_GPU
   std::unique_ptr<gpu::expert_step> step_;
   std::unique_ptr<gpu::server_step> dstep_;

@@ -69,7 +69,9 @@ struct server_stats {
   std::uint64_t ignored = 0;          ///< not answered: written by a client that no longer owns the slot
   std::uint64_t tokens = 0;           ///< tokens computed
   std::uint64_t batches = 0;          ///< poll rounds that computed something
-  std::uint64_t compute_ns = 0;       ///< time spent in the expert math
+  /// Time spent in the expert math (device step: on the GPU's clock, from a round's request seen to its answers
+  /// done, summed over the answering rounds; rounds do not overlap, so this never exceeds the time served).
+  std::uint64_t compute_ns = 0;
   std::uint32_t clients = 0;          ///< slots in use now
   std::uint64_t ready_ns = 0;         ///< steady_clock time when it was registered, weights resident
   std::uint64_t first_served_ns = 0;  ///< steady_clock time of its first answer (0: none yet)

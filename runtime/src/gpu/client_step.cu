@@ -493,6 +493,9 @@ class step_impl final : public client_step {
     if (servers.empty() || servers.size() > (1u << 16))
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu client step: 1 .. 65536 servers");
     const auto S = static_cast<std::uint32_t>(servers.size());
+    if (broken_)
+      return EAAS_GPU_FAIL(status::internal_error,
+                           "gpu client step: an earlier forward failed mid-launch (its marks are not known to be clear)");
     // Each expert's hosts, in the order of `servers`.
     hosts_.assign(sh.experts, {});
     for (std::uint32_t s = 0; s < S; ++s)
@@ -556,7 +559,10 @@ class step_impl final : public client_step {
     if (replay) {
       EAAS_STEPC_CUDA(cudaGraphLaunch(exec_, stream_));
     } else {
+      // A launch that fails between a layer's k_assign and its k_scan leaves marks set: no forward after it.
+      broken_ = true;
       EAAS_CHECK(enqueue(T));
+      broken_ = false;
     }
     // Back: head and states (into the mirror), stamps, and with host_output the hidden states and routing.
     const std::size_t H = sh.hidden, K = sh.topk, L = sh.layers, TM = cfg_.max_tokens;
@@ -722,7 +728,8 @@ class step_impl final : public client_step {
   cudaStream_t stream_ = nullptr;
   std::uint32_t cap_ = 0, rcap_ = 0;
   std::uint64_t stage_stride_ = 0;
-  bool pdl_ = false;  // cfg_.pdl where the device supports it
+  bool pdl_ = false;     // cfg_.pdl where the device supports it
+  bool broken_ = false;  // a forward's launches failed part way (see forward())
   device_buffer table_, jobs_, mark_, row_of_, tok_, staging_;
   device_buffer tokens_, x_, normed_, ids_, weights_, asg_server_, asg_local_, stamps_;
   unsigned char* table_host_ = nullptr;  // pinned: the table, then the tokens

@@ -141,7 +141,7 @@ __global__ void k_gather(const std::int32_t* total, const std::int32_t* row_toke
 // One block per token: x[t] += Σ_k y[pair_row[t, k]] (router weights already applied), k in order.
 __global__ void k_combine(const std::int32_t* pair_row, std::uint32_t topk, const float* y, std::uint32_t hidden,
                           float* x) {
-  pdl_enter();
+  pdl_wait();  // the layer's last kernel: what the caller launches next waits for all of it
   add_topk_rows(pair_row + std::size_t{blockIdx.x} * topk, topk, y, hidden, x + std::size_t{blockIdx.x} * hidden);
 }
 
@@ -172,7 +172,8 @@ class moe_impl final : public moe_local {
     pairs_cap_ = std::size_t{max_tokens_} * shape_.topk;
     rows_cap_ = pairs_cap_ + E;
     EAAS_MOE_CUDA(cudaSetDevice(device_));
-    pdl_ = pdl_supported(device_);
+    pdl_ok_ = pdl_supported(device_);
+    pdl_ = pdl_ok_;
     per_expert_ = h * f;  // elements of gate, up or down
     EAAS_CHECK(gate_.alloc(L * E * per_expert_ * 2));
     EAAS_CHECK(up_.alloc(L * E * per_expert_ * 2));
@@ -210,7 +211,7 @@ class moe_impl final : public moe_local {
   }
 
   const model_shape& shape() const override { return shape_; }
-  void set_pdl(bool on) override { pdl_ = on && pdl_supported(device_); }
+  void set_pdl(bool on) override { pdl_ = on && pdl_ok_; }
   const std::int32_t* active_counts() const override { return n_active_.as<std::int32_t>(); }
   const std::int32_t* active_experts() const override { return active_.as<std::int32_t>(); }
   const std::uint32_t* error_word() const override { return error_.as<std::uint32_t>(); }
@@ -272,7 +273,12 @@ class moe_impl final : public moe_local {
     const std::uint32_t E = shape_.experts, h = shape_.hidden, topk = shape_.topk;
     const std::uint32_t pairs = n * topk;
     const unsigned pair_blocks = (pairs + kPairThreads - 1) / kPairThreads;
-    // One chain of launches (pdl.cuh); the counts were left zero by the last scan.
+    // One chain of launches (pdl.cuh); the counts were left zero by the last scan, unless a launch failed
+    // between the count and the scan: then this object refuses every later run.
+    if (broken_)
+      return EAAS_GPU_FAIL(status::internal_error,
+                           "gpu monolithic moe: an earlier run failed mid-layer (its group counts are not known to be zero)");
+    broken_ = true;  // until the whole chain is queued
     const bool p = pdl_;
     EAAS_MOE_CUDA(launch(stream, p, k_count, pair_blocks, kPairThreads, 0, ids, pairs, E, counts_.as<std::int32_t>(),
                          rank_.as<std::int32_t>()));
@@ -301,6 +307,7 @@ class moe_impl final : public moe_local {
     a.layout = grouped_swiglu_layout::tiled;  // upload and fill_random write the tiled layout
     EAAS_CHECK(grouped_swiglu(gg_shape_, a, ws_bytes_, stream));
     EAAS_MOE_CUDA(launch(stream, p, k_combine, n, kCombineThreads, 0, pair_row_.as<std::int32_t>(), topk, y_.as<float>(), h, x));
+    broken_ = false;
     return status::ok;
   }
 
@@ -313,7 +320,8 @@ class moe_impl final : public moe_local {
   model_shape shape_;
   std::uint32_t max_tokens_;
   std::size_t pairs_cap_ = 0, rows_cap_ = 0, per_expert_ = 0, ws_bytes_ = 0;
-  bool pdl_ = false;
+  bool pdl_ok_ = false, pdl_ = false;
+  bool broken_ = false;  // a launch failed mid-layer: the group counts may not be zero any more
   grouped_swiglu_shape gg_shape_{};
   device_buffer gate_, up_, down_, ptrs_;
   device_buffer counts_, rank_, offsets_, pair_row_, row_token_, row_weight_, x_, y_, ws_, error_, n_active_, active_;

@@ -40,11 +40,21 @@ __device__ __forceinline__ void pdl_enter() {
   pdl_release();
 }
 
-/// Whether `device` can launch with programmatic stream serialization (compute capability 9.0+).
-inline bool pdl_supported(int device) {
+namespace {
+
+__global__ void pdl_probe() {}
+
+/// Whether kernels of this file can launch with programmatic stream serialization on `device` (the current
+/// device): compute capability 9.0+, and this file's kernels built from PTX for 9.0+ (a build for an older
+/// architecture run through the JIT has pdl_wait() compiled out, and must launch plainly). Call once, at set-up.
+bool pdl_supported(int device) {
   int major = 0;
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+  cudaFuncAttributes fa{};
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9 &&
+         cudaFuncGetAttributes(&fa, pdl_probe) == cudaSuccess && fa.ptxVersion >= 90;
 }
+
+}  // namespace
 
 /// `kernel<<<grid, block, smem, stream>>>(args...)`, with programmatic stream serialization when `pdl`.
 template <class... Params, class... Args>

@@ -4,7 +4,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <cuda/atomic>
 #include <string>
@@ -51,7 +50,7 @@ struct round_args {
   const unsigned char* slots;  // the slots region: signal words at i * 64, slot i at slots_base + i * slot_stride
   std::uint64_t slots_base, slot_stride;
   const server_slot_config* cfg;  // [clients]
-  server_slot_state* st;          // [clients]: the slots' state, kept across rounds (read back after each)
+  server_slot_state* st;          // [clients]: the slots' state, kept across rounds (k_summary copies it out)
   server_round_head* head;
   std::uint32_t* pairs;       // [local]
   std::uint32_t head_words;   // the words of head and pairs (zeroed by the poll)
@@ -135,7 +134,7 @@ __device__ __forceinline__ bool has_request(const round_args& a, std::uint32_t i
 // too, or the window (from the first request seen) passed. One block. (A request that lands after the deadline
 // and before k_validate is still served, without the window: it only loses batching for that round.)
 // It first zeroes the round's head, pair counts and group counts (and the served-layer flags without
-// shrinking), which the host's read-back of the round before has copied out. It spins: it does not let the
+// shrinking), which the round before has written out in its summary. It spins: it does not let the
 // validation's blocks in early (pdl.cuh).
 __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
   pdl_wait();
@@ -638,7 +637,8 @@ class step_impl final : public server_step {
     ws_bytes_ = grouped_swiglu_workspace_bytes(gshape_);
     EAAS_CHECK(ws_.alloc((ws_bytes_ + 15) / 16));
     // Per launch, alternating (two rounds are in flight at most): the pinned uploads of the slots set before
-    // it, its read-back, the event after the read-back, the slots' epochs at its launch.
+    // it, its summary (written by its last kernel: mapped memory), the event after it, the slots' epochs at
+    // its launch.
     pdl_ = cfg_.pdl && pdl_supported(cfg_.device);
     for (launched_round& r : rounds_) {
       EAAS_SSTEP_CUDA(cudaMallocHost(&r.up, (sizeof(server_slot_config) + sizeof(server_slot_state)) * C));
@@ -737,6 +737,8 @@ class step_impl final : public server_step {
   }
 
   bool in_flight() const override { return in_flight_ != 0; }
+  std::uint64_t launched() const override { return launched_; }
+  std::uint64_t collected() const override { return launched_ - in_flight_; }
 
   status drain(std::uint32_t read_slots, server_round_summary& out) override {
     out = server_round_summary{};
@@ -774,7 +776,6 @@ class step_impl final : public server_step {
                                       cudaMemcpyHostToDevice, stream_));
     }
     r.epochs = epochs_;
-    r.at = std::chrono::steady_clock::now();
     if (cfg_.graph) {
       EAAS_SSTEP_CUDA(cudaGraphLaunch(exec_, stream_));
     } else {
@@ -798,8 +799,6 @@ class step_impl final : public server_step {
     out.head = reinterpret_cast<const server_round_head*>(r.back);
     out.pairs = {reinterpret_cast<const std::uint32_t*>(r.back + pairs_at_), cfg_.local_experts};
     out.slots = {slots, std::min(read_slots, cfg_.max_clients)};
-    out.host_ns = static_cast<std::uint64_t>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - r.at).count());
     return status::ok;
   }
 
@@ -857,9 +856,8 @@ class step_impl final : public server_step {
   struct launched_round {
     unsigned char* up = nullptr;    // pinned: per slot, configuration and state uploaded before it
     unsigned char* back = nullptr;  // pinned, mapped: its summary (head, pairs, then every slot's state)
-    cudaEvent_t done = nullptr;     // after the read-back
+    cudaEvent_t done = nullptr;     // after the round (its summary is in `back` once this completed)
     std::vector<std::uint32_t> epochs;  // epochs_ at its launch
-    std::chrono::steady_clock::time_point at;  // its launch
   };
   launched_round rounds_[2];
   std::uint64_t launched_ = 0;  // rounds launched; the last in_flight_ of them not yet collected

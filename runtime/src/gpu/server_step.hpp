@@ -7,8 +7,8 @@
 // One round, as kernels on one stream:
 //   poll      one block: acquire loads of every used slot's signal word until one differs from last_sig
 //             (and from ignored_sig: slot_cursor), or a short deadline passes
-//             (poll_ns): the host gets the GPU back often enough for its bookkeeping (links, leaves,
-//             revocations, dead clients). Then, for up to batch_window_ns, it waits for the other slots
+//             (poll_ns): the host reads a summary often enough for its bookkeeping (links, leaves,
+//             revocations, dead clients; what it changes takes effect from the next round launched). Then, for up to batch_window_ns, it waits for the other slots
 //             served in the last two rounds that served a request to send too, so that clients in step are
 //             answered in one round (one read of the experts' weights for all of them) instead of taking turns
 //   validate  one block per slot whose word differs from last_sig: the header's commit word read with
@@ -125,12 +125,11 @@ struct server_round_head {
 };
 static_assert(std::is_trivially_copyable_v<server_round_head> && sizeof(server_round_head) == 64);
 
-/// A round's read-back (views into the step's pinned host buffer, valid until the next round).
+/// A round's summary (views into the step's pinned host buffer, valid until the next round() or drain()).
 struct server_round_summary {
   const server_round_head* head = nullptr;
   std::span<const std::uint32_t> pairs;      ///< per local expert: pairs computed this round
   std::span<const server_slot_state> slots;  ///< slots 0 .. the `read_slots` given to round()
-  std::uint64_t host_ns = 0;  ///< on the host's clock, from the round's launch to its summary (its whole span)
 };
 
 struct server_step_config {
@@ -175,7 +174,8 @@ class server_step {
   virtual ~server_step() = default;
 
   /// Host side of the tables: slot i's configuration and protocol state (last_sig, expected,
-  /// ignored_sig; the rest is ignored), uploaded at the start of the next round. Call between rounds.
+  /// ignored_sig; the rest is ignored), uploaded before the next round launched (with pipeline, the round in
+  /// flight keeps the previous configuration: see launched()). Call between round() / drain() calls.
   virtual void set_slot(std::uint32_t i, const server_slot_config& c, const server_slot_state& s) = 0;
 
   /// One round (see above); returns when it has finished, with slots 0 .. read_slots - 1 (at most
@@ -186,6 +186,11 @@ class server_step {
 
   /// Whether a round is in flight (pipeline: after any round() until drain()).
   virtual bool in_flight() const = 0;
+  /// Rounds launched so far, and how many of them were reported (by round() or drain()). A round launched
+  /// before a set_slot() may still use the slot's previous endpoint and result region until it is reported:
+  /// the caller keeps them alive until collected() reaches the launched() it saw when it set the slot.
+  virtual std::uint64_t launched() const = 0;
+  virtual std::uint64_t collected() const = 0;
 
   /// Waits for the round in flight and reports it as round() does (slots 0 .. read_slots - 1), launching
   /// none: before the host stops polling (no client left, or leaving). Without a round in flight it reports
