@@ -310,6 +310,39 @@ TEST_CASE("monolithic GPU: shrinking on and off give bit-identical outputs (only
   }
 }
 
+namespace {
+
+// Captures one forward of T tokens in a CUDA graph and replays it `rounds` times for b's tokens and then a's
+// (the hidden states poisoned before each replay): every replay must give the eager forward's bits and routing.
+void check_replays(monolithic_gpu& m, std::uint32_t T, bool shrink, cudaStream_t s, const std::vector<std::uint32_t>& a,
+                   const forward_out& ea, const std::vector<std::uint32_t>& b, const forward_out& eb, int rounds) {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  const status captured = m.forward(T, shrink, s);
+  CUDA_OK(cudaStreamEndCapture(s, &graph));
+  REQUIRE_OK(captured);
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  const std::size_t n = std::size_t{T} * kShape.hidden;
+  for (int round = 0; round < rounds; ++round)
+    for (const auto* toks : {&b, &a}) {
+      CUDA_OK(cudaMemsetAsync(const_cast<float*>(m.hidden_states()), 0xff, n * 4, s));  // NaN unless rewritten
+      CUDA_OK(cudaMemcpyAsync(m.tokens(), toks->data(), T * 4, cudaMemcpyHostToDevice, s));
+      CUDA_OK(cudaGraphLaunch(exec, s));
+      CUDA_OK(cudaStreamSynchronize(s));
+      const auto got = download(m.hidden_states(), n);
+      const forward_out& want = toks == &a ? ea : eb;
+      CHECK(std::memcmp(got.data(), want.hidden.data(), n * 4) == 0);
+      for (std::uint32_t l = 0; l < kShape.layers; ++l)
+        CHECK(download(m.ids(l), std::size_t{T} * kShape.topk) == want.routes[l].ids);
+    }
+  CHECK(download(m.moe().error_word(), 1)[0] == 0u);
+  CUDA_OK(cudaGraphExecDestroy(exec));
+  CUDA_OK(cudaGraphDestroy(graph));
+}
+
+}  // namespace
+
 TEST_CASE("monolithic GPU: programmatic dependent launch on and off give bit-identical outputs, eager and in a graph") {
   // Each MoE kernel waits for its predecessor before touching memory (pdl.cuh), and the group counts are zeroed
   // by the scan that read them: forwards in a row, plain or overlapped launches, eager or captured, all agree.
@@ -327,27 +360,7 @@ TEST_CASE("monolithic GPU: programmatic dependent launch on and off give bit-ide
     CHECK(std::memcmp(on_a.hidden.data(), plain_a.hidden.data(), on_a.hidden.size() * 4) == 0);
     CHECK(on_a.active == plain_a.active);
   }
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  CUDA_OK(cudaStreamBeginCapture(st.s, cudaStreamCaptureModeThreadLocal));
-  const status captured = m->forward(T, true, st.s);
-  CUDA_OK(cudaStreamEndCapture(st.s, &graph));
-  REQUIRE_OK(captured);
-  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-  const std::size_t n = std::size_t{T} * kShape.hidden;
-  for (int round = 0; round < 3; ++round)
-    for (const auto* toks : {&b, &a}) {
-      CUDA_OK(cudaMemsetAsync(const_cast<float*>(m->hidden_states()), 0xff, n * 4, st.s));  // NaN unless rewritten
-      CUDA_OK(cudaMemcpyAsync(m->tokens(), toks->data(), T * 4, cudaMemcpyHostToDevice, st.s));
-      CUDA_OK(cudaGraphLaunch(exec, st.s));
-      CUDA_OK(cudaStreamSynchronize(st.s));
-      const auto got = download(m->hidden_states(), n);
-      const auto& want = toks == &a ? plain_a.hidden : plain_b.hidden;
-      CHECK(std::memcmp(got.data(), want.data(), n * 4) == 0);
-    }
-  CHECK(download(m->moe().error_word(), 1)[0] == 0u);
-  CUDA_OK(cudaGraphExecDestroy(exec));
-  CUDA_OK(cudaGraphDestroy(graph));
+  check_replays(*m, T, true, st.s, a, plain_a, b, plain_b, 3);  // PDL on inside the graph too
 }
 
 TEST_CASE("monolithic GPU: a forward captured in a CUDA graph and replayed with new token ids equals an eager one") {
@@ -360,31 +373,7 @@ TEST_CASE("monolithic GPU: a forward captured in a CUDA graph and replayed with 
     const forward_out ea = run_forward(*m, kShape, a, shrink, st.s);
     const forward_out eb = run_forward(*m, kShape, b, shrink, st.s);
     REQUIRE(rel_err(ea.hidden, eb.hidden) > 0.1);  // different tokens, different outputs
-
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    CUDA_OK(cudaStreamBeginCapture(st.s, cudaStreamCaptureModeThreadLocal));
-    const status captured = m->forward(T, shrink, st.s);
-    CUDA_OK(cudaStreamEndCapture(st.s, &graph));
-    REQUIRE_OK(captured);
-    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-
-    const std::size_t n = std::size_t{T} * kShape.hidden;
-    for (int round = 0; round < 2; ++round)
-      for (const auto* toks : {&b, &a}) {
-        CUDA_OK(cudaMemsetAsync(const_cast<float*>(m->hidden_states()), 0xff, n * 4, st.s));  // NaN unless rewritten
-        CUDA_OK(cudaMemcpyAsync(m->tokens(), toks->data(), T * 4, cudaMemcpyHostToDevice, st.s));
-        CUDA_OK(cudaGraphLaunch(exec, st.s));
-        CUDA_OK(cudaStreamSynchronize(st.s));
-        const auto got = download(m->hidden_states(), n);
-        const auto& want = toks == &a ? ea.hidden : eb.hidden;
-        CHECK(std::memcmp(got.data(), want.data(), n * 4) == 0);
-        for (std::uint32_t l = 0; l < kShape.layers; ++l)
-          CHECK(download(m->ids(l), std::size_t{T} * kShape.topk) == (toks == &a ? ea : eb).routes[l].ids);
-      }
-    CHECK(download(m->moe().error_word(), 1)[0] == 0u);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
+    check_replays(*m, T, shrink, st.s, a, ea, b, eb, 2);
   }
 }
 
