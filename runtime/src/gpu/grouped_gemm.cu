@@ -67,6 +67,7 @@
 
 #include "eaas/host/error.hpp"
 #include "eaas/runtime/grouped_gemm.hpp"
+#include "pdl.cuh"
 
 namespace eaas::runtime::gpu {
 namespace {
@@ -708,26 +709,18 @@ __device__ __forceinline__ bool setup_items(const kparams& p, int tiles, std::in
   return true;
 }
 
-// Programmatic dependent launch (sm_90+). The GEMM kernels are launched with programmatic stream serialization,
+// Programmatic dependent launch (pdl.cuh). The GEMM kernels are launched with programmatic stream serialization,
 // so each may start while the kernel before it (prep, or the other kernel of the pair, or gate/up) still runs;
-// before reading anything that kernel wrote, every thread waits here for it to complete and flush. The wait is
-// transitive (the kernel before waited for its own predecessor before completing), and every thread of every
-// GEMM kernel passes it before it exits. Then it lets the next kernel launch: its blocks become resident as this
-// kernel's blocks retire, so the launch latency between the kernels is hidden. No-ops before sm_90 and for
-// launches without the attribute (prep's is a plain launch: it waits for whatever the stream held before).
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
+// before reading anything that kernel wrote, every thread waits for it to complete and flush (pdl_enter). The
+// wait is transitive (the kernel before waited for its own predecessor before completing), and every thread of
+// every GEMM kernel passes it before it exits. Then it lets the next kernel launch: its blocks become resident as
+// this kernel's blocks retire, so the launch latency between the kernels is hidden. Prep's is a plain launch: it
+// waits for whatever the stream held before.
 
 // ---- kernels --------------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kPrepThreads) prep_kernel(kparams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // gate/up may launch; it waits for prep
-#endif
+  pdl_release();  // gate/up may launch; it waits for prep
   __shared__ std::int32_t s_scan[3][32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
 
@@ -965,7 +958,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<U, B>()) product_kernel(k
   extern __shared__ uint4 s_ring[];
   unsigned uses = 0;  // the tiled path's copies waited for (per warp)
   init_tiled<U, S, B>(s_ring);  // shared memory only: may run before the previous kernel is done
-  wait_for_previous_kernel();
+  pdl_enter();
   if constexpr (PICKED)
     if (use_64_rows(p) != (NT == 8)) return;  // grid-uniform: the other kernel of the pair runs
   if constexpr (PHASE == 2)
@@ -1122,7 +1115,7 @@ int variant_index(const grouped_swiglu_tuning& t, bool tiled) {
 // stream capture).
 struct device_limits {
   int sms = 0;
-  bool pdl = false;  // programmatic dependent launch (compute capability 9.0+)
+  bool pdl = false;  // programmatic dependent launch (pdl_supported)
   int occupancy[kVariants][4] = {};  // gate_up, gate_up_alt, down, down_alt (0 where the variant has none)
 };
 
@@ -1150,9 +1143,7 @@ status limits_for(int dev, device_limits& out) {
   }
   device_limits l;
   GG_CUDA(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, dev));
-  int major = 0;
-  GG_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  l.pdl = major >= 9;
+  l.pdl = pdl_supported(dev);
   for (int v = 0; v < kVariants; ++v) {
     launch_entry ks[4];
     launch_order(kVariantTable[v], ks);
@@ -1274,23 +1265,14 @@ status grouped_swiglu(const grouped_swiglu_shape& s, const grouped_swiglu_args& 
 
   prep_kernel<<<1, kPrepThreads, 0, stream>>>(p);
   GG_CUDA(cudaGetLastError());
-  // The GEMM kernels in order, each allowed to launch while its predecessor runs (wait_for_previous_kernel).
-  cudaLaunchAttribute pdl{};
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
+  // The GEMM kernels in order, each allowed to launch while its predecessor runs (pdl_enter).
   launch_entry ks[4];
   launch_order(kern, ks);
   for (int f = 0; f < 4; ++f) {
     if (ks[f].fn == nullptr) continue;
-    cudaLaunchConfig_t cfg{};
     const int tiles = ks[f].phase == 0 ? tiles_gu : ks[f].phase == 1 ? tiles_dn : tiles_gu + tiles_dn;
-    cfg.gridDim = dim3(grid(lim.occupancy[vi][f], tiles));
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = static_cast<std::size_t>(ks[f].smem);
-    cfg.stream = stream;
-    cfg.attrs = &pdl;
-    cfg.numAttrs = lim.pdl ? 1 : 0;
-    GG_CUDA(cudaLaunchKernelEx(&cfg, ks[f].fn, p));
+    GG_CUDA(launch(stream, lim.pdl, ks[f].fn, dim3(grid(lim.occupancy[vi][f], tiles)), dim3(kThreads),
+                   static_cast<std::size_t>(ks[f].smem), p));
   }
   return status::ok;
 }
