@@ -766,10 +766,10 @@ class server_impl final : public expert_server {
         const std::uint64_t wait = span(h.stamp_poll, h.stamp_seen);
         stats_.round_wait_ns += wait;
         stats_.round_window_ns += h.window_ns;
-        const std::uint64_t seen_to_gather = span(h.stamp_seen, h.stamp_gather);  // the window, then validation..
-        stats_.round_front_ns += seen_to_gather - std::min<std::uint64_t>(h.window_ns, seen_to_gather);
+        const std::uint64_t seen_to_place = span(h.stamp_seen, h.stamp_place);  // the window, then validation..
+        stats_.round_front_ns += seen_to_place - std::min<std::uint64_t>(h.window_ns, seen_to_place);
         stats_.direct_answers += direct;
-        stats_.round_gemm_ns += span(h.stamp_gather, h.stamp_combine);
+        stats_.round_gemm_ns += span(h.stamp_place, h.stamp_combine);
         stats_.round_back_ns += span(h.stamp_combine, h.stamp_done);
         stats_.round_gap_ns += span(last_round_done_, h.stamp_poll);
         if (h.stamp_seen != 0 && wait < kLateRoundNs) stats_.late_rounds++;

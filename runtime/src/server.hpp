@@ -82,7 +82,7 @@ struct server_stats {
   std::uint64_t slots_bytes = 0;      ///< the slots region's size
   /// Device step: where the time of the rounds that answered went (sums over those rounds, ns, from the
   /// round's device stamps): waiting for the first request, the batch window (waiting for other clients),
-  /// validation to scatter, gather and grouped GEMM, combine and answers; and the gap from the end of the round
+  /// validation, counts and scan (front), placement and grouped GEMM, combine and answers; and the gap from the end of the round
   /// before to this round's poll (the host's read-back and launch). late_rounds: rounds whose request was
   /// already there when the poll began. direct_answers: answers the combine wrote straight into the client.
   std::uint64_t round_wait_ns = 0, round_window_ns = 0, round_front_ns = 0, round_gemm_ns = 0, round_back_ns = 0,

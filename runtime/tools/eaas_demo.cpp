@@ -695,8 +695,8 @@ int main(int argc, char** argv) {
     if (st.value("device_rounds", 0ull) != 0 && st.contains("round_us")) {
       const json& ru = st["round_us"];
       std::printf(
-          "       %-6s device rounds that answered, mean us: wait %.1f, batch window %.1f, validate..scatter %.1f, "
-          "gather+GEMM %.1f, combine+answer %.1f, gap before the round %.1f; request already waiting in %llu of %llu\n",
+          "       %-6s device rounds that answered, mean us: wait %.1f, batch window %.1f, validate..scan %.1f, "
+          "place+GEMM %.1f, combine+answer %.1f, gap before the round %.1f; request already waiting in %llu of %llu\n",
           "", ru.value("wait", 0.0), ru.value("window", 0.0), ru.value("front", 0.0), ru.value("gemm", 0.0),
           ru.value("back", 0.0),
           ru.value("gap", 0.0), st.value("late_rounds", 0ull), st.value("batches", 0ull));

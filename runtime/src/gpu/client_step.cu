@@ -29,13 +29,13 @@ namespace {
 constexpr const char* kWho = "gpu client step";
 #define EAAS_STEPC_CUDA(x) EAAS_GPU_CUDA(kWho, x)
 
-constexpr int kAssignThreads = 256;
-constexpr int kScanThreads = 256;
+constexpr int kDispatchThreads = 1024;
+constexpr std::uint32_t kRouteUnroll = 8;  // routing entries a dispatch thread looks up at a time
 constexpr int kPackThreads = 128;
-constexpr unsigned kPackBlocks = 64;  // blocks per server packing its rows
+// Blocks per server writing its request into the server's GPU: more writers into one GPU at once slow every
+// transfer into it (docs/PERF.md, the all-to-all's combine).
+constexpr unsigned kPackBlocks = 32;
 constexpr std::uint32_t kPackUnroll = 8;  // 16-byte vectors each packing thread has in flight
-constexpr int kSendThreads = 256;
-constexpr unsigned kSendBlocks = 32;  // blocks per server putting its request (grid_put_signal)
 constexpr int kCombineThreads = 128;
 constexpr std::uint64_t kWaitSliceNs = 1'000'000;  // between checks for a revoked slot
 
@@ -76,7 +76,7 @@ struct dev_route {
 };
 static_assert(sizeof(dev_route) == 8);
 
-// One server's request in the current layer (device only; rewritten by every layer's scan).
+// One server's request in the current layer (device only; rewritten by every layer's dispatch).
 struct dev_job {
   std::uint64_t seq;      // 0: no request this layer
   std::uint32_t tokens;   // distinct tokens for it
@@ -129,63 +129,70 @@ __device__ __forceinline__ void fail_server(const dev_tables& tb, std::uint32_t 
   raise_flag(&tb.head->failed);
 }
 
-__global__ void k_stamp(std::uint64_t* at) {
-  pdl_enter();
-  *at = eaas::now_ns();
-}
-
-// Where server s's request payload (everything after the header) is written: straight into its slot when the
-// slot is mapped here (peer_pointer, nvlink), else into the staging buffer. k_pack and k_send both ask, with the
-// same arguments, so they agree.
+// Where server s's request payload (everything after the header) is written: straight into its slot, mapped here
+// (peer_pointer, nvlink). Null where that is not so (not nvlink, or the slot's view fails its checks): a request
+// can then not be delivered at all (grid_put puts over nvlink only, and its put would fail the same check), and
+// k_dispatch reports it undelivered without sending. k_dispatch and k_pack both ask, with the same arguments, so
+// they agree.
 __device__ __forceinline__ unsigned char* direct_payload(const dev_server& sv, const slot_layout& l) {
   return static_cast<unsigned char*>(peer_pointer(sv.ep, sv.slots, sv.slot_offset, l.end));
 }
 
-// Entry i = (t, k): its server is replica (t + e) mod nrep[e] of expert e; mark[server × T + t] = 1.
-__global__ void __launch_bounds__(kAssignThreads)
-    k_assign(dev_tables tb, const std::uint32_t* ids, std::uint32_t tokens, std::uint32_t topk, std::uint32_t experts,
-             std::uint32_t rcap, std::uint8_t* mark, std::int32_t* asg_server, std::uint32_t* asg_local) {
+// Block s, for server s, with block 0 stamping the layer's start: first the layer's routing, each entry (t, k)
+// going to replica (t + e) mod nrep[e] of expert e; the block whose server holds that replica records it
+// (asg_server, asg_local), and block 0 records an entry with no valid replica (-1, and the forward fails: the
+// host checked that every expert has a server, so that is a router bug, not a server's). Then server s's
+// tokens in order (row_of[s × T + t]: its row, or -1; tok[s × T + row] = t), whether it gets a request this
+// layer, and its seq. Every block reads the whole routing: one kernel instead of an assignment kernel and a
+// scan kernel that would meet through a buffer of marks. A request that cannot be packed straight into the
+// server's slot is not sent: its put_result says why (k_wait reports it undelivered).
+__global__ void __launch_bounds__(kDispatchThreads)
+    k_dispatch(dev_tables tb, dev_job* jobs, const std::uint32_t* ids, std::uint32_t tokens, std::uint32_t hidden,
+               std::uint32_t topk, std::uint32_t experts, std::uint32_t rcap, std::uint32_t layer,
+               std::int32_t* asg_server, std::uint32_t* asg_local, std::int32_t* row_of, std::int32_t* tok,
+               std::uint64_t* stamp) {
   pdl_enter();
-  const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= tokens * topk) return;
-  const std::uint32_t t = i / topk, e = ids[i];
-  const std::uint32_t n = e < experts ? tb.nrep[e] : 0;
-  if (n == 0 || n > rcap) {  // the host checked that every expert has a server: a router bug, not a server's
-    asg_server[i] = -1;
-    raise_flag(&tb.head->failed);
-    return;
-  }
-  const dev_route r = tb.route[std::size_t{e} * rcap + (t + e) % n];
-  if (r.server < 0 || static_cast<std::uint32_t>(r.server) >= tb.head->servers) {
-    asg_server[i] = -1;
-    raise_flag(&tb.head->failed);
-    return;
-  }
-  asg_server[i] = r.server;
-  asg_local[i] = r.local;
-  mark[std::size_t(r.server) * tokens + t] = 1;
-}
-
-// Block s: server s's tokens in order (row_of[s × T + t]: its row, or -1; tok[s × T + row] = t), then
-// whether it gets a request this layer, and its seq. Each mark is cleared once read: k_assign only marks
-// servers below head->servers, every one of which has its block here, so the marks are all zero again for the
-// next layer (and forward) without a memset of their own.
-__global__ void __launch_bounds__(kScanThreads)
-    k_scan(dev_tables tb, dev_job* jobs, std::uint8_t* mark, std::uint32_t tokens, std::uint32_t hidden,
-           std::uint32_t topk, std::uint32_t layer, std::int32_t* row_of, std::int32_t* tok) {
-  pdl_enter();
-  const std::uint32_t s = blockIdx.x;
-  if (s >= tb.head->servers) return;  // block-uniform
-  __shared__ std::int32_t s_warp[kScanThreads / 32];
+  const std::uint32_t s = blockIdx.x, servers = tb.head->servers;
+  if (s == 0 && threadIdx.x == 0) *stamp = eaas::now_ns();
+  if (s >= servers) return;  // block-uniform
+  __shared__ std::int32_t s_warp[kDispatchThreads / 32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  std::uint8_t* m = mark + std::size_t{s} * tokens;
   std::int32_t* rows = row_of + std::size_t{s} * tokens;
   std::int32_t* list = tok + std::size_t{s} * tokens;
   std::int32_t carry = 0;
-  for (std::uint32_t base = 0; base < tokens; base += kScanThreads) {
+  int bad = 0;  // an entry with no valid replica (every block sees every entry)
+  for (std::uint32_t base = 0; base < tokens; base += kDispatchThreads) {
     const std::uint32_t t = base + tid;
-    const std::int32_t v = t < tokens && m[t] != 0 ? 1 : 0;
-    if (v != 0) m[t] = 0;
+    std::int32_t v = 0;
+    // The token's entries kRouteUnroll at a time, each step's loads (ids, then replica counts, then routes)
+    // issued together: three dependent round trips per step, not per entry.
+    for (std::uint32_t k0 = 0; t < tokens && k0 < topk; k0 += kRouteUnroll) {
+      std::uint32_t e[kRouteUnroll], n[kRouteUnroll];
+      dev_route r[kRouteUnroll];
+#pragma unroll
+      for (std::uint32_t u = 0; u < kRouteUnroll; ++u) e[u] = k0 + u < topk ? ids[std::size_t{t} * topk + k0 + u] : 0;
+#pragma unroll
+      for (std::uint32_t u = 0; u < kRouteUnroll; ++u) n[u] = k0 + u < topk && e[u] < experts ? tb.nrep[e[u]] : 0;
+#pragma unroll
+      for (std::uint32_t u = 0; u < kRouteUnroll; ++u)
+        r[u] = n[u] != 0 && n[u] <= rcap ? tb.route[std::size_t{e[u]} * rcap + (t + e[u]) % n[u]] : dev_route{-1, 0};
+#pragma unroll
+      for (std::uint32_t u = 0; u < kRouteUnroll; ++u) {
+        if (k0 + u >= topk) continue;
+        const std::size_t i = std::size_t{t} * topk + k0 + u;
+        if (r[u].server < 0 || static_cast<std::uint32_t>(r[u].server) >= servers) {
+          bad = 1;
+          if (s == 0) {
+            asg_server[i] = -1;
+            raise_flag(&tb.head->failed);
+          }
+        } else if (static_cast<std::uint32_t>(r[u].server) == s) {
+          asg_server[i] = r[u].server;
+          asg_local[i] = r[u].local;
+          v = 1;
+        }
+      }
+    }
     std::int32_t inc = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -196,7 +203,7 @@ __global__ void __launch_bounds__(kScanThreads)
     __syncthreads();
     std::int32_t before = 0, total = 0;
 #pragma unroll
-    for (int w = 0; w < kScanThreads / 32; ++w) {
+    for (int w = 0; w < kDispatchThreads / 32; ++w) {
       before += w < warp ? s_warp[w] : 0;
       total += s_warp[w];
     }
@@ -208,6 +215,9 @@ __global__ void __launch_bounds__(kScanThreads)
     carry += total;
     __syncthreads();  // s_warp is rewritten by the next pass
   }
+  // No server gets a request in a layer with a bad entry (as the flag block 0 raises says; this block cannot
+  // wait for block 0's store, but it has seen the same entries).
+  if (__syncthreads_or(bad) != 0) carry = 0;
   if (tid != 0) return;
   dev_job& j = jobs[s];
   j.seq = 0;
@@ -231,35 +241,42 @@ __global__ void __launch_bounds__(kScanThreads)
   const std::uint64_t seq = tb.state[s].seq + 1;
   tb.state[s].seq = seq;
   tb.state[s].requests++;
-  if (direct_payload(sv, l) != nullptr) tb.state[s].direct++;
+  if (direct_payload(sv, l) != nullptr)
+    tb.state[s].direct++;
+  else  // not sent; k_wait reports it (not_delivered)
+    j.put_result = static_cast<int>(sv.ep.transport != transport_kind::nvlink ? status::unsupported
+                                                                              : status::invalid_argument);
   j.seq = seq;
 }
 
 // Blocks (s, y): server s's request: the header (block y 0) in its staging buffer, the rows split over the
 // blocks (bf16 activations, then the token's k entries: the local id where the entry went to s, else kNoExpert) straight
-// into the server's slot over NVLink (direct_payload), or into staging after the header. The slot's previous
-// request was answered before this forward went on, so the server reads nothing there until k_send commits.
+// into the server's slot over NVLink (direct_payload). The slot's previous request was answered before this
+// forward went on, so the server reads nothing there until the request is committed, by the server's last block
+// to finish here (grid_put_signal with the header alone as its head).
 __global__ void __launch_bounds__(kPackThreads)
-    k_pack(dev_tables tb, const dev_job* jobs, const std::int32_t* tok, const std::int32_t* asg_server,
+    k_pack(dev_tables tb, dev_job* jobs, const std::int32_t* tok, const std::int32_t* asg_server,
            const std::uint32_t* asg_local, const float* weights, const __nv_bfloat16* normed, std::uint32_t tokens,
            std::uint32_t hidden, std::uint32_t topk, std::uint32_t layer, unsigned char* staging,
            std::uint64_t stage_stride) {
   pdl_enter();
   const std::uint32_t s = blockIdx.x;
   if (s >= tb.head->servers) return;
-  const dev_job j = jobs[s];
-  if (j.seq == 0) return;
-  const std::uint32_t n = j.tokens;
+  dev_job& jb = jobs[s];
+  const std::uint64_t seq = jb.seq;
+  // Uniform over the server's blocks: both were written by k_dispatch (only the commit below changes put_result,
+  // after every block of the server has read it).
+  if (seq == 0 || jb.put_result != 0) return;
+  const std::uint32_t n = jb.tokens;
   const slot_layout l = layout_for(n, hidden, topk, dtype::bf16);
   unsigned char* st = staging + std::uint64_t{s} * stage_stride;
-  unsigned char* const direct = direct_payload(tb.server[s], l);
-  unsigned char* const out = direct != nullptr ? direct : st;
+  unsigned char* const out = direct_payload(tb.server[s], l);  // not null: k_dispatch checked it
   if (blockIdx.y == 0 && threadIdx.x == 0) {
     slot_header h{};
     h.magic = kSlotMagic;
     h.version = kSlotVersion;
     h.type = static_cast<std::uint16_t>(dtype::bf16);
-    h.seq = j.seq;
+    h.seq = seq;
     h.layer = layer;
     h.tokens = n;
     h.hidden = hidden;
@@ -268,11 +285,7 @@ __global__ void __launch_bounds__(kPackThreads)
     h.grant = tb.server[s].grant;
     *reinterpret_cast<slot_header*>(st) = h;
   }
-  // Straight into the slot, at most kSendBlocks blocks write into one server's GPU, as many as the staged send
-  // puts with: more writers into one GPU at once slow every transfer into it (docs/PERF.md, the all-to-all's
-  // combine).
-  const unsigned ny = direct != nullptr ? min(gridDim.y, kSendBlocks) : gridDim.y;
-  if (blockIdx.y >= ny) return;  // block-uniform
+  const unsigned ny = gridDim.y;
   const std::int32_t* list = tok + std::size_t{s} * tokens;
   auto* ids_out = reinterpret_cast<std::uint16_t*>(out + l.expert_ids);
   auto* w_out = reinterpret_cast<float*>(out + l.weights);
@@ -309,36 +322,15 @@ __global__ void __launch_bounds__(kPackThreads)
     ids_out[q] = mine ? static_cast<std::uint16_t>(asg_local[ent]) : kNoExpert;
     w_out[q] = mine ? weights[ent] : 0.0f;
   }
-  // The block's stores to the peer, then one system-scope fence that completes before the block (hence this
-  // kernel) does: k_send's commit and signal, a later kernel of the stream and system-scope releases, publish
-  // them; the kernel boundary stands for grid_put's arrival counter (so k_pack and k_send must stay two
-  // kernels; with programmatic dependent launch k_send's pdl_wait is that boundary: it returns once this
-  // kernel has completed and its writes are visible).
-  if (direct != nullptr) {  // block-uniform
-    __syncthreads();
-    if (threadIdx.x == 0) __threadfence_system();
-  }
-}
-
-// Blocks (s, y): server s's staging buffer into its slot (the header alone where k_pack wrote the payload
-// there), then its sequence word = seq (grid_put.cuh: the last block to arrive writes the header, its commit
-// word last, then signals and quiets; slot.hpp).
-__global__ void __launch_bounds__(kSendThreads)
-    k_send(dev_tables tb, dev_job* jobs, std::uint32_t hidden, std::uint32_t topk, const unsigned char* staging,
-           std::uint64_t stage_stride) {
-  pdl_enter();
-  const std::uint32_t s = blockIdx.x;
-  if (s >= tb.head->servers) return;  // uniform over the server's blocks: all arrive, or none
-  dev_job& jb = jobs[s];
-  const std::uint64_t seq = jb.seq;
-  if (seq == 0) return;
+  // The commit: each block's stores, a system-scope fence and its arrival; the last of the server's blocks to
+  // arrive writes the header (from staging, where block 0 put it), its commit word last, then the signal
+  // (grid_put.cuh).
   const dev_server& sv = tb.server[s];
-  const slot_layout l = layout_for(jb.tokens, hidden, topk, dtype::bf16);
   const grid_put g{.ep = sv.ep,
                    .dst = sv.slots,
                    .dst_offset = sv.slot_offset,
-                   .src = staging + std::uint64_t{s} * stage_stride,
-                   .bytes = direct_payload(sv, l) != nullptr ? sizeof(slot_header) : l.end,
+                   .src = st,
+                   .bytes = sizeof(slot_header),
                    .sig = sv.slots,
                    .sig_offset = sv.sig_offset,
                    .value = seq,
@@ -346,7 +338,7 @@ __global__ void __launch_bounds__(kSendThreads)
                    .result = &jb.put_result,
                    .head = sizeof(slot_header),
                    .commit = slot_commit(seq, sv.grant)};
-  grid_put_signal(g, blockIdx.y, gridDim.y);
+  grid_put_signal(g, blockIdx.y, ny);
 }
 
 // Block s (thread 0): waits for server s's answer (bounded), checks its header. The acquire of the
@@ -401,10 +393,11 @@ __global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, 
     fail_server(tb, s, step_fail::bad_answer, layer, rh->tokens);
 }
 
-// Block t: x[t] += Σ over the servers that answered this layer, in table order, of their row for t.
+// Block t: x[t] += Σ over the servers that answered this layer, in table order, of their row for t. The last
+// block to finish stamps the layer's end (ticket: a device word, 0 again after).
 __global__ void __launch_bounds__(kCombineThreads)
     k_combine(dev_tables tb, const dev_job* jobs, const std::int32_t* row_of, std::uint32_t tokens,
-              std::uint32_t hidden, float* x) {
+              std::uint32_t hidden, float* x, unsigned int* ticket, std::uint64_t* stamp) {
   pdl_enter();
   const std::uint32_t t = blockIdx.x, servers = tb.head->servers, vecs = hidden / 4;
   float4* xr = reinterpret_cast<float4*>(x + std::size_t{t} * hidden);
@@ -428,6 +421,12 @@ __global__ void __launch_bounds__(kCombineThreads)
     o.w += acc.w;
     xr[v] = o;
   }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*ticket);
+  if (done.fetch_add(1, cuda::std::memory_order_relaxed) + 1 != gridDim.x) return;
+  done.store(0, cuda::std::memory_order_relaxed);
+  *stamp = eaas::now_ns();
 }
 
 class step_impl final : public client_step {
@@ -445,7 +444,7 @@ class step_impl final : public client_step {
     cudaFreeHost(table_host_);
     cudaFreeHost(back_host_);
     dense_.reset();
-    for (device_buffer* b : {&table_, &jobs_, &mark_, &row_of_, &tok_, &staging_, &tokens_, &x_, &normed_, &ids_,
+    for (device_buffer* b : {&table_, &jobs_, &ticket_, &row_of_, &tok_, &staging_, &tokens_, &x_, &normed_, &ids_,
                              &weights_, &asg_server_, &asg_local_, &stamps_})
       release(*b);
   }
@@ -473,9 +472,10 @@ class step_impl final : public client_step {
     EAAS_CHECK(asg_server_.alloc(T * K * 4));
     EAAS_CHECK(asg_local_.alloc(T * K * 4));
     EAAS_CHECK(stamps_.alloc(L * 2 * 8));
+    EAAS_CHECK(ticket_.alloc(4));
     back_bytes_ = T * H * 4 + 2 * L * T * K * 4 + L * 2 * 8;
     EAAS_STEPC_CUDA(cudaMallocHost(&back_host_, back_bytes_));
-    stage_stride_ = (layout_for(cfg_.max_tokens, sh.hidden, sh.topk, dtype::bf16).end + 255) & ~std::uint64_t{255};
+    stage_stride_ = 256;  // each server's request header: the commit's source
     EAAS_STEPC_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
     return status::ok;
   }
@@ -493,9 +493,6 @@ class step_impl final : public client_step {
     if (servers.empty() || servers.size() > (1u << 16))
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu client step: 1 .. 65536 servers");
     const auto S = static_cast<std::uint32_t>(servers.size());
-    if (broken_)
-      return EAAS_GPU_FAIL(status::internal_error,
-                           "gpu client step: an earlier forward failed mid-launch (its marks are not known to be clear)");
     // Each expert's hosts, in the order of `servers`.
     hosts_.assign(sh.experts, {});
     for (std::uint32_t s = 0; s < S; ++s)
@@ -559,10 +556,7 @@ class step_impl final : public client_step {
     if (replay) {
       EAAS_STEPC_CUDA(cudaGraphLaunch(exec_, stream_));
     } else {
-      // A launch that fails between a layer's k_assign and its k_scan leaves marks set: no forward after it.
-      broken_ = true;
       EAAS_CHECK(enqueue(T));
-      broken_ = false;
     }
     // Back: head and states (into the mirror), stamps, and with host_output the hidden states and routing.
     const std::size_t H = sh.hidden, K = sh.topk, L = sh.layers, TM = cfg_.max_tokens;
@@ -637,7 +631,6 @@ class step_impl final : public client_step {
     table_host_ = nullptr;
     EAAS_STEPC_CUDA(cudaMallocHost(&table_host_, tl.bytes + T * 4));
     EAAS_CHECK(realloc(jobs_, sizeof(dev_job) * cap_));
-    EAAS_CHECK(realloc(mark_, std::size_t{cap_} * T));
     EAAS_CHECK(realloc(row_of_, std::size_t{cap_} * T * 4));
     EAAS_CHECK(realloc(tok_, std::size_t{cap_} * T * 4));
     EAAS_CHECK(realloc(staging_, std::size_t{cap_} * stage_stride_));
@@ -702,22 +695,20 @@ class step_impl final : public client_step {
       float* w = weights_.as<float>() + l * TM * K;
       EAAS_CHECK(dense_->attention(l, T, x, normed, stream_));
       EAAS_CHECK(dense_->route(l, T, normed, ids, w, stream_));
-      // The layer's round as one chain of launches (pdl.cuh); the marks were left zero by the last scan.
+      // The layer's round as one chain of launches (pdl.cuh).
       const bool p = pdl_;
-      EAAS_STEPC_CUDA(launch(stream_, p, k_stamp, 1, 1, 0, stamps + 2 * l));
-      EAAS_STEPC_CUDA(launch(stream_, p, k_assign, (T * K + kAssignThreads - 1) / kAssignThreads, kAssignThreads, 0, tb,
-                             ids, T, K, sh.experts, rcap_, mark_.as<std::uint8_t>(), asg_server_.as<std::int32_t>(),
-                             asg_local_.as<std::uint32_t>()));
-      EAAS_STEPC_CUDA(launch(stream_, p, k_scan, cap_, kScanThreads, 0, tb, jobs, mark_.as<std::uint8_t>(), T, H, K, l,
-                             row_of_.as<std::int32_t>(), tok_.as<std::int32_t>()));
-      EAAS_STEPC_CUDA(launch(stream_, p, k_pack, dim3(cap_, std::min(kPackBlocks, T)), kPackThreads, 0, tb, jobs,
-                             tok_.as<std::int32_t>(), asg_server_.as<std::int32_t>(), asg_local_.as<std::uint32_t>(),
-                             w, normed, T, H, K, l, staging_.as<unsigned char>(), stage_stride_));
-      EAAS_STEPC_CUDA(launch(stream_, p, k_send, dim3(cap_, kSendBlocks), kSendThreads, 0, tb, jobs, H, K,
-                             staging_.as<unsigned char>(), stage_stride_));
+      auto* asg_server = asg_server_.as<std::int32_t>();
+      auto* asg_local = asg_local_.as<std::uint32_t>();
+      auto* row_of = row_of_.as<std::int32_t>();
+      auto* tok = tok_.as<std::int32_t>();
+      auto* staging = staging_.as<unsigned char>();
+      EAAS_STEPC_CUDA(launch(stream_, p, k_dispatch, cap_, kDispatchThreads, 0, tb, jobs, ids, T, H, K, sh.experts, rcap_,
+                             l, asg_server, asg_local, row_of, tok, stamps + 2 * l));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_pack, dim3(cap_, std::min(kPackBlocks, T)), kPackThreads, 0, tb, jobs, tok,
+                             asg_server, asg_local, w, normed, T, H, K, l, staging, stage_stride_));
       EAAS_STEPC_CUDA(launch(stream_, p, k_wait, cap_, 32, 0, tb, jobs, l, cfg_.request_timeout_ns));
-      EAAS_STEPC_CUDA(launch(stream_, p, k_combine, T, kCombineThreads, 0, tb, jobs, row_of_.as<std::int32_t>(), T, H, x));
-      EAAS_STEPC_CUDA(launch(stream_, p, k_stamp, 1, 1, 0, stamps + 2 * l + 1));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_combine, T, kCombineThreads, 0, tb, jobs, row_of, T, H, x,
+                             ticket_.as<unsigned int>(), stamps + 2 * l + 1));
       EAAS_STEPC_CUDA(cudaGetLastError());
     }
     return status::ok;
@@ -729,8 +720,8 @@ class step_impl final : public client_step {
   std::uint32_t cap_ = 0, rcap_ = 0;
   std::uint64_t stage_stride_ = 0;
   bool pdl_ = false;     // cfg_.pdl where the device supports it
-  bool broken_ = false;  // a forward's launches failed part way (see forward())
-  device_buffer table_, jobs_, mark_, row_of_, tok_, staging_;
+  device_buffer table_, jobs_, row_of_, tok_, staging_;
+  device_buffer ticket_;  // k_combine's
   device_buffer tokens_, x_, normed_, ids_, weights_, asg_server_, asg_local_, stamps_;
   unsigned char* table_host_ = nullptr;  // pinned: the table, then the tokens
   unsigned char* back_host_ = nullptr;   // pinned: what a forward reads back

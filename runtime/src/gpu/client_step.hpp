@@ -4,24 +4,29 @@
 // part (dense_gpu) and every MoE layer's dispatch, wait and combine as kernels on one stream, with no
 // host synchronisation inside a forward, so that a whole forward can be captured once in a CUDA graph.
 //
-// One MoE layer, after the router left ids and weights on the device:
-//   assign   each (token, k) entry goes to a server hosting its expert: replica (t + e) mod replicas of
+// One MoE layer, after the router left ids and weights on the device, as four kernels (five where a server's
+// request may not go straight into its slot):
+//   dispatch each (token, k) entry goes to a server hosting its expert: replica (t + e) mod replicas of
 //            the routing table (global expert -> up to R (server, local id) pairs), as the host path's
-//            first choice
-//   scan     per server: a prefix scan over its tokens (row of each token, the token list, the count),
-//            all on the device; a server with no tokens gets no request; one given more than its
-//            max_tokens, or whose request would not fit its slot, gets none and is marked failed
+//            first choice; then per server (a block each, reading the whole routing) a prefix scan over its
+//            tokens (row of each token, the token list, the count), all on the device; a server with no
+//            tokens gets no request; one given more than its max_tokens, or whose request would not fit its
+//            slot, gets none and is marked failed
 //   pack     per server, the request's payload (bf16 rows, local ids with kNoExpert padding, weights)
 //            straight into the server's slot over NVLink (peer_pointer; at most 32 blocks per server), and
-//            its header (slot_header with seq = ++counter) into a local staging buffer; where peer_pointer
-//            gives none (a check fails), the whole request into staging, and the send's put reports it
-//   send     grid_put_signal of the header (or of the whole staged request) into the server's slot, the
-//            header as its head: the header's commit word only after every other byte, the slot's sequence
-//            word set to seq after that (grid_put.cuh's argument; slot.hpp's commit record)
+//            its header (slot_header with seq = ++counter) into a local staging buffer; then its last block to
+//            finish commits: grid_put_signal of the header as its head, the header's commit word only after
+//            every other byte, the slot's sequence word set to seq after that (grid_put.cuh's argument;
+//            slot.hpp's commit record)
+//   send     only where some server is not over NVLink (the graph then holds it): where peer_pointer gives
+//            none (a check fails), the whole request goes into staging and this put moves it, committed as
+//            above (it reports the failure); without this kernel such a request is not sent and reported
+//            undelivered
 //   wait     per server a bounded wait_signal on its result signal >= seq (slices, so that a revoked
 //            slot ends it early), then the response header is checked on the device
 //   combine  x[t] += Σ over servers, in table order, of the answer row of t (fp32, read in the local
-//            result region): deterministic
+//            result region): deterministic; its last block stamps the layer's end (the dispatch stamps its
+//            start)
 // A failure (no answer in time, dead peer, slot revoked, error or malformed answer, overflow) is
 // written into the server's outcome word; later layers of the same forward send nothing (the host
 // recomputes that forward on its own path anyway), so a failed forward costs one timeout at most.

@@ -3,7 +3,9 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cuda/atomic>
 #include <string>
 #include <vector>
 
@@ -21,35 +23,26 @@ namespace {
 #define EAAS_MOE_CUDA(x) EAAS_GPU_CUDA("gpu monolithic moe", x)
 
 constexpr int kPairThreads = 256;
-constexpr int kScanThreads = 1024;
-constexpr int kGatherThreads = 128;
+constexpr int kPlaceThreads = 128;
+constexpr unsigned kPlaceBlocks = 2048;   // a warp per pair, walked with the grid's stride
+constexpr std::uint32_t kCopyUnroll = 8;  // 16-byte vectors a lane has in flight in a row copy
 constexpr int kCombineThreads = 256;
 
-// rank[i] = the position of pair i within its expert's rows (arrival order), -1 for an id out of range.
-__global__ void k_count(const std::uint32_t* ids, std::uint32_t pairs, std::uint32_t experts, std::int32_t* counts,
-                        std::int32_t* rank) {
-  pdl_enter();
-  const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= pairs) return;
-  const std::uint32_t e = ids[i];
-  rank[i] = e < experts ? atomicAdd(&counts[e], 1) : -1;
-}
-
-// One block: offsets = exclusive scan of the rows per expert (count, or max(count, 1) with padding),
-// offsets[experts] = the total; the compacted list of active experts and its length; with padding,
-// the padding row of each empty expert (token -1, weight 0). Passes of blockDim experts, with a carry. Each
-// count is zeroed once read, ready for the next layer's k_count (the buffer starts zeroed).
-__global__ void __launch_bounds__(kScanThreads)
-    k_scan(std::int32_t* counts, std::uint32_t experts, int pad, std::int32_t* offsets, std::int32_t* row_token,
-           float* row_weight, std::int32_t* n_active, std::int32_t* active) {
-  pdl_enter();
+// Run by k_count's last block: offsets = exclusive scan of the rows per expert (count, or max(count, 1) with
+// padding), offsets[experts] = the total; the compacted list of active experts and its length; with padding,
+// the padding row of each empty expert (zeros, weight 0). Passes of blockDim experts, with a carry. Each count is
+// read from L2 (the other blocks' atomics) and zeroed once read, ready for the next layer's k_count (the buffer
+// starts zeroed).
+__device__ void scan_groups(std::int32_t* counts, std::uint32_t experts, int pad, std::int32_t* offsets,
+                            float* row_weight, __nv_bfloat16* x, std::uint32_t hidden, std::int32_t* n_active,
+                            std::int32_t* active) {
   __shared__ std::int32_t s_warp[2][32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   std::int32_t carry_rows = 0, carry_active = 0;
   for (std::uint32_t base = 0; base < experts; base += blockDim.x) {
     const std::uint32_t e = base + tid;
     const bool in = e < experts;
-    const std::int32_t c = in ? counts[e] : 0;
+    const std::int32_t c = in ? __ldcg(counts + e) : 0;
     if (in && c != 0) counts[e] = 0;
     const std::int32_t act = c > 0 ? 1 : 0;
     const std::int32_t rows = pad && in && c == 0 ? 1 : c;
@@ -90,8 +83,9 @@ __global__ void __launch_bounds__(kScanThreads)
       if (act != 0) {
         active[pos] = static_cast<std::int32_t>(e);
       } else if (pad) {
-        row_token[row0] = -1;
         row_weight[row0] = 0.0f;
+        auto* xr = reinterpret_cast<uint4*>(x + std::size_t(row0) * hidden);
+        for (std::uint32_t j = 0; j < hidden / 8; ++j) xr[j] = make_uint4(0, 0, 0, 0);
       }
     }
     carry_rows += s_warp[0][nwarps - 1];
@@ -104,38 +98,60 @@ __global__ void __launch_bounds__(kScanThreads)
   }
 }
 
-// pair_row[i] = the row of pair i in group order (-1: skipped); that row's token and router weight.
-__global__ void k_scatter(const std::uint32_t* ids, const float* weights, const std::int32_t* rank,
-                          const std::int32_t* offsets, std::uint32_t pairs, std::uint32_t topk, std::int32_t* pair_row,
-                          std::int32_t* row_token, float* row_weight) {
+// rank[i] = the position of pair i within its expert's rows (arrival order), -1 for an id out of range. The last
+// block to finish (ticket: a device word, 0 again after) then scans (scan_groups): one kernel where a count
+// kernel and a one-block scan kernel met at a kernel boundary.
+__global__ void __launch_bounds__(kPairThreads)
+    k_count(const std::uint32_t* ids, std::uint32_t pairs, std::uint32_t experts, std::int32_t* counts,
+            std::int32_t* rank, unsigned int* ticket, int pad, std::int32_t* offsets, float* row_weight,
+            __nv_bfloat16* x, std::uint32_t hidden, std::int32_t* n_active, std::int32_t* active) {
   pdl_enter();
   const std::uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= pairs) return;
-  const std::int32_t r = rank[i];
-  if (r < 0) {
-    pair_row[i] = -1;
-    return;
+  if (i < pairs) {
+    const std::uint32_t e = ids[i];
+    rank[i] = e < experts ? atomicAdd(&counts[e], 1) : -1;
   }
-  const std::int32_t row = offsets[ids[i]] + r;
-  pair_row[i] = row;
-  row_token[row] = static_cast<std::int32_t>(i / topk);
-  row_weight[row] = weights[i];
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*ticket);
+    s_last = done.fetch_add(1, cuda::std::memory_order_acq_rel) + 1 == gridDim.x ? 1 : 0;
+    if (s_last != 0) done.store(0, cuda::std::memory_order_relaxed);
+  }
+  __syncthreads();
+  if (s_last != 0) scan_groups(counts, experts, pad, offsets, row_weight, x, hidden, n_active, active);
 }
 
-// One block per row of the capacity; rows at or past offsets[experts] are outside every group and left alone.
-__global__ void k_gather(const std::int32_t* total, const std::int32_t* row_token, const __nv_bfloat16* normed,
-                         std::uint32_t hidden, __nv_bfloat16* x) {
+// pair_row[i] = the row of pair i in group order (-1: skipped); that row's router weight, and the pair's token
+// row copied into x. A warp per pair, the pairs walked with the grid's stride; the lanes copy the row,
+// kCopyUnroll 16-byte vectors each in flight.
+__global__ void __launch_bounds__(kPlaceThreads)
+    k_place(const std::uint32_t* ids, const float* weights, const std::int32_t* rank, const std::int32_t* offsets,
+            std::uint32_t pairs, std::uint32_t topk, const __nv_bfloat16* normed, std::uint32_t hidden,
+            std::int32_t* pair_row, float* row_weight, __nv_bfloat16* x) {
   pdl_enter();
-  const std::int32_t r = static_cast<std::int32_t>(blockIdx.x);
-  if (r >= *total) return;
-  const std::int32_t tok = row_token[r];
-  uint4* dst = reinterpret_cast<uint4*>(x + std::size_t(r) * hidden);
-  if (tok < 0) {
-    for (std::uint32_t j = threadIdx.x; j < hidden / 8; j += blockDim.x) dst[j] = make_uint4(0, 0, 0, 0);
-    return;
+  const std::uint32_t lane = threadIdx.x & 31, warps = gridDim.x * (blockDim.x / 32);
+  for (std::uint32_t i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < pairs; i += warps) {
+    const std::int32_t r = rank[i];
+    const std::int32_t row = r < 0 ? -1 : offsets[ids[i]] + r;
+    if (lane == 0) {
+      pair_row[i] = row;
+      if (row >= 0) row_weight[row] = weights[i];
+    }
+    if (row < 0) continue;  // warp-uniform
+    const auto* in = reinterpret_cast<const uint4*>(normed + std::size_t{i / topk} * hidden);
+    auto* out = reinterpret_cast<uint4*>(x + std::size_t(row) * hidden);
+    const std::uint32_t vecs = hidden / 8;
+    for (std::uint32_t j0 = lane; j0 < vecs; j0 += 32 * kCopyUnroll) {
+      uint4 v[kCopyUnroll];
+#pragma unroll
+      for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
+        if (j0 + 32 * u < vecs) v[u] = in[j0 + 32 * u];
+#pragma unroll
+      for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
+        if (j0 + 32 * u < vecs) out[j0 + 32 * u] = v[u];
+    }
   }
-  const uint4* src = reinterpret_cast<const uint4*>(normed + std::size_t(tok) * hidden);
-  for (std::uint32_t j = threadIdx.x; j < hidden / 8; j += blockDim.x) dst[j] = src[j];
 }
 
 // One block per token: x[t] += Σ_k y[pair_row[t, k]] (router weights already applied), k in order.
@@ -193,7 +209,7 @@ class moe_impl final : public moe_local {
     EAAS_CHECK(rank_.alloc(pairs_cap_ * 4));
     EAAS_CHECK(offsets_.alloc((E + 1) * 4));
     EAAS_CHECK(pair_row_.alloc(pairs_cap_ * 4));
-    EAAS_CHECK(row_token_.alloc(rows_cap_ * 4));
+    EAAS_CHECK(ticket_.alloc(4));
     EAAS_CHECK(row_weight_.alloc(rows_cap_ * 4));
     EAAS_CHECK(x_.alloc(rows_cap_ * h * 2));
     EAAS_CHECK(y_.alloc(rows_cap_ * h * 4));
@@ -273,26 +289,17 @@ class moe_impl final : public moe_local {
     const std::uint32_t E = shape_.experts, h = shape_.hidden, topk = shape_.topk;
     const std::uint32_t pairs = n * topk;
     const unsigned pair_blocks = (pairs + kPairThreads - 1) / kPairThreads;
-    // One chain of launches (pdl.cuh); the counts were left zero by the last scan, unless a launch failed
-    // between the count and the scan: then this object refuses every later run.
-    if (broken_)
-      return EAAS_GPU_FAIL(status::internal_error,
-                           "gpu monolithic moe: an earlier run failed mid-layer (its group counts are not known to be zero)");
-    broken_ = true;  // until the whole chain is queued
+    // One chain of launches (pdl.cuh); the counts were left zero by the last layer's scan (the count kernel's
+    // last block), the ticket by its last block.
     const bool p = pdl_;
     EAAS_MOE_CUDA(launch(stream, p, k_count, pair_blocks, kPairThreads, 0, ids, pairs, E, counts_.as<std::int32_t>(),
-                         rank_.as<std::int32_t>()));
-    EAAS_MOE_CUDA(launch(stream, p, k_scan, 1, kScanThreads, 0, counts_.as<std::int32_t>(), E, shrink ? 0 : 1,
-                         offsets_.as<std::int32_t>(), row_token_.as<std::int32_t>(), row_weight_.as<float>(),
+                         rank_.as<std::int32_t>(), ticket_.as<unsigned int>(), shrink ? 0 : 1,
+                         offsets_.as<std::int32_t>(), row_weight_.as<float>(), x_.as<__nv_bfloat16>(), h,
                          n_active_.as<std::int32_t>() + layer, active_.as<std::int32_t>() + std::size_t{layer} * E));
-    EAAS_MOE_CUDA(launch(stream, p, k_scatter, pair_blocks, kPairThreads, 0, ids, weights, rank_.as<std::int32_t>(),
-                         offsets_.as<std::int32_t>(), pairs, topk, pair_row_.as<std::int32_t>(),
-                         row_token_.as<std::int32_t>(), row_weight_.as<float>()));
-    // At most pairs rows, plus one padding row per expert without shrinking.
-    const unsigned gather_blocks = pairs + (shrink ? 0u : E);
-    EAAS_MOE_CUDA(launch(stream, p, k_gather, gather_blocks, kGatherThreads, 0, offsets_.as<std::int32_t>() + E,
-                         row_token_.as<std::int32_t>(), static_cast<const __nv_bfloat16*>(normed), h,
-                         x_.as<__nv_bfloat16>()));
+    EAAS_MOE_CUDA(launch(stream, p, k_place, std::min(kPlaceBlocks, (pairs + 3) / 4), kPlaceThreads, 0, ids, weights,
+                         rank_.as<std::int32_t>(), offsets_.as<std::int32_t>(), pairs, topk,
+                         static_cast<const __nv_bfloat16*>(normed), h, pair_row_.as<std::int32_t>(),
+                         row_weight_.as<float>(), x_.as<__nv_bfloat16>()));
     const void* const* ptrs = ptrs_.as<const void*>() + std::size_t{layer} * 3 * E;
     grouped_swiglu_args a;
     a.x = x_.p;
@@ -307,7 +314,6 @@ class moe_impl final : public moe_local {
     a.layout = grouped_swiglu_layout::tiled;  // upload and fill_random write the tiled layout
     EAAS_CHECK(grouped_swiglu(gg_shape_, a, ws_bytes_, stream));
     EAAS_MOE_CUDA(launch(stream, p, k_combine, n, kCombineThreads, 0, pair_row_.as<std::int32_t>(), topk, y_.as<float>(), h, x));
-    broken_ = false;
     return status::ok;
   }
 
@@ -321,10 +327,9 @@ class moe_impl final : public moe_local {
   std::uint32_t max_tokens_;
   std::size_t pairs_cap_ = 0, rows_cap_ = 0, per_expert_ = 0, ws_bytes_ = 0;
   bool pdl_ok_ = false, pdl_ = false;
-  bool broken_ = false;  // a launch failed mid-layer: the group counts may not be zero any more
   grouped_swiglu_shape gg_shape_{};
   device_buffer gate_, up_, down_, ptrs_;
-  device_buffer counts_, rank_, offsets_, pair_row_, row_token_, row_weight_, x_, y_, ws_, error_, n_active_, active_;
+  device_buffer counts_, rank_, offsets_, pair_row_, ticket_, row_weight_, x_, y_, ws_, error_, n_active_, active_;
 };
 
 class monolithic_impl final : public monolithic_gpu {

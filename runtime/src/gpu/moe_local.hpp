@@ -4,15 +4,16 @@
 // MoE layer is a local regrouping plus the grouped GEMM (no communication).
 //
 // One MoE layer, from device-side routing (ids, weights: tokens × topk), as kernels on one stream:
-//   1. count      rows per expert (atomics; each (token, k) pair gets its rank within its expert)
-//   2. scan       one block: exclusive prefix scan of the counts into offsets[E+1], and the compacted
-//                 list of active experts ("kernel shrinking": built on the device, never read by the host)
-//   3. scatter    each pair's row = offsets[expert] + rank; row -> (token, router weight)
-//   4. gather     x rows (bf16) in group order from the normed activations
-//   5. grouped_swiglu over the groups (grouped_gemm.hpp): its counts are read on the device and its work
+//   1. count      rows per expert (atomics; each (token, k) pair gets its rank within its expert); the
+//                 last block to finish scans: exclusive prefix scan of the counts into offsets[E+1], and the
+//                 compacted list of active experts ("kernel shrinking": built on the device, never read by
+//                 the host)
+//   2. place      a warp per pair: its row = offsets[expert] + rank, that row's router weight, and its x row
+//                 (bf16) copied from the normed activations
+//   3. grouped_swiglu over the groups (grouped_gemm.hpp): its counts are read on the device and its work
 //                 list walks only the active experts; the router weight is applied per row
-//   6. combine    x[token] += Σ_k y[row of (token, k)], k in order (deterministic)
-// Without shrinking (the ablation), step 2 gives every empty expert one padding row (zeros, weight 0,
+//   4. combine    x[token] += Σ_k y[row of (token, k)], k in order (deterministic)
+// Without shrinking (the ablation), the scan gives every empty expert one padding row (zeros, weight 0,
 // never combined), so the grouped GEMM visits every expert and reads all of its weights, as a grouped
 // GEMM over a fixed expert list would. Each row's result is the same either way (rows are independent
 // and the products sum over K in a fixed order), so both modes give bit-identical outputs.

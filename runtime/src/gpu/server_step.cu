@@ -22,35 +22,38 @@ namespace {
 constexpr const char* kWho = "gpu server step";
 #define EAAS_SSTEP_CUDA(x) EAAS_GPU_CUDA(kWho, x)
 
-constexpr int kPollThreads = 128;
-constexpr int kValidateThreads = 256;
-constexpr int kPairThreads = 256;
-constexpr unsigned kPairBlocks = 16;  // per slot: blocks sharing its (token, k) entries
-constexpr int kScanThreads = 1024;
-constexpr int kGatherThreads = 128;
-constexpr unsigned kGatherBlocks = 2048;  // rows are walked with a stride: empty rounds cost one wave
+constexpr int kFrontThreads = 512;
+// At most: the slots are walked with the grid's stride (a block's share is at most kFrontThreads slots: max_clients
+// is at most 4096). All of them must be resident at once (the gate): a few SMs hold them.
+constexpr unsigned kFrontBlocks = 32;
+constexpr std::uint32_t kHistExperts = 2048;  // local experts counted in shared memory first (more: global atomics)
+constexpr int kPlaceThreads = 128;
+constexpr unsigned kPlaceWarps = kPlaceThreads / 32;
+constexpr unsigned kPlaceBlocks = 2048;  // a warp per pair, walked with a stride: empty rounds cost one wave
+constexpr std::uint32_t kCopyUnroll = 8;  // loads a thread has in flight in a copy (all issued before any store)
 constexpr int kCombineThreads = 256;
 constexpr unsigned kCombineBlocks = 1024;
 constexpr int kPutThreads = 256;
-constexpr int kSummaryThreads = 256;
+
+// The round's words for syncing blocks of one kernel (each 0 between rounds: its last user resets it).
+enum : std::uint32_t {
+  kGate = 0,         // the front's block 0 sets it once the poll has ended; the others wait for it
+  kFrontTicket = 1,  // the front's blocks done with their slots; the last one scans
+  kBackTicket = 2,   // the blocks done with the combine (direct answers) or the answers; the last one summarises
+  kSyncWords = 4
+};
 
 // The answer's layout: the staging copy of a slot's answer is the result region from kResponse on.
 static_assert(kResponse + sizeof(response_header) == kOutputs);
 
 constexpr std::size_t align64(std::size_t n) { return (n + 63) & ~std::size_t{63}; }
 
-struct row_src {
-  std::uint64_t addr;  // device address of the token's activation row; 0: a padding row (zeros)
-  std::uint32_t bf16;
-  std::uint32_t pad;
-};
-
 // What every kernel of a round reads (by value; the pointers are fixed for the object's life).
 struct round_args {
   const unsigned char* slots;  // the slots region: signal words at i * 64, slot i at slots_base + i * slot_stride
   std::uint64_t slots_base, slot_stride;
   const server_slot_config* cfg;  // [clients]
-  server_slot_state* st;          // [clients]: the slots' state, kept across rounds (k_summary copies it out)
+  server_slot_state* st;          // [clients]: the slots' state, kept across rounds (the summary copies it out)
   server_round_head* head;
   std::uint32_t* pairs;       // [local]
   std::uint32_t head_words;   // the words of head and pairs (zeroed by the poll)
@@ -64,7 +67,7 @@ struct round_args {
   std::uint32_t* tok_base;    // [clients]: the served requests' first token in the round
   std::uint32_t* tok_slot;    // [clients × max_tokens]: each token's slot
   std::int32_t* tok_rows;     // [clients × max_tokens × topk]: each (token, k)'s row (-1: none)
-  row_src* src;               // [max_rows]
+  std::int32_t* pad_row;      // [groups]: without shrinking, each group's padding row (-1: none)
   float* row_weight;          // [max_rows]
   __nv_bfloat16* x;           // [max_rows × hidden]
   const float* y;             // [max_rows × hidden]
@@ -74,12 +77,13 @@ struct round_args {
   // kOutputs, nvlink; with direct_answers only), or 0: into staging, and the answer's put copies them.
   unsigned long long* direct;
   unsigned int* arrivals;  // [clients]
+  unsigned int* sync;      // [kSyncWords]
   std::uint32_t clients, max_tokens, hidden, topk, layers, local, groups, max_rows;
   std::uint32_t pad;  // 1: no kernel shrinking (the ablation): a served layer's empty groups get a padding row
   std::uint64_t poll_ns;
   std::uint64_t batch_window_ns;
   std::uint32_t direct_answers;  // server_step_config::direct_answers
-  std::uint32_t* round_no;       // rounds that served a request so far (k_scan counts them); this one is *round_no + 1
+  std::uint32_t* round_no;       // rounds that served a request so far (the scan counts them); this one is *round_no + 1
   // The round's summary goes straight to the host: head and pairs (head_words words), then the slots' states,
   // into the pinned buffer of this launch's parity (launches so far, *launch_no, the host's count too).
   unsigned char* summary[2];
@@ -93,6 +97,26 @@ __device__ __forceinline__ std::uint64_t sig_word(const round_args& a, std::uint
 
 __device__ __forceinline__ const unsigned char* slot_at(const round_args& a, std::uint32_t i) {
   return a.slots + a.slots_base + std::uint64_t{i} * a.slot_stride;
+}
+
+__device__ __forceinline__ cuda::atomic_ref<unsigned int, cuda::thread_scope_device> sync_word(const round_args& a,
+                                                                                              std::uint32_t w) {
+  return cuda::atomic_ref<unsigned int, cuda::thread_scope_device>(a.sync[w]);
+}
+
+// Thread 0's arrival at `ticket` after the block's writes (a fence of `scope`, then an acq_rel add); true, for
+// every thread of the block, in the last of `blocks` blocks to arrive, which then sees every block's writes.
+// Every thread calls it.
+template <cuda::thread_scope Scope>
+__device__ bool last_to_arrive(const round_args& a, std::uint32_t ticket, unsigned blocks) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    cuda::atomic_thread_fence(cuda::std::memory_order_release, Scope);
+    s_last = sync_word(a, ticket).fetch_add(1, cuda::std::memory_order_acq_rel) + 1 == blocks ? 1 : 0;
+  }
+  __syncthreads();
+  return s_last != 0;
 }
 
 // Exclusive scan of `v` over the block (blockDim.x a multiple of 32); `total` gets the block's sum.
@@ -129,16 +153,14 @@ __device__ __forceinline__ bool has_request(const round_args& a, std::uint32_t i
   return v != a.st[i].last_sig && v != a.st[i].ignored_sig;
 }
 
-// Until a used slot's word differs from its last_sig (and from its ignored_sig), or poll_ns passed. Then,
-// with a batch window, until every used slot served in the last two rounds that served anything has a request
-// too, or the window (from the first request seen) passed. One block. (A request that lands after the deadline
-// and before k_validate is still served, without the window: it only loses batching for that round.)
-// It first zeroes the round's head, pair counts and group counts (and the served-layer flags without
-// shrinking), which the round before has written out in its summary. It spins: it does not let the
-// validation's blocks in early (pdl.cuh).
-__global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
-  pdl_wait();
-  __shared__ std::uint64_t s_until;
+// Block 0 of the front. First it zeroes the round's head, pair counts and group counts (and the served-layer
+// flags without shrinking), which the round before has written out in its summary. Then it waits until a used
+// slot's word differs from its last_sig (and from its ignored_sig), or poll_ns passed; then, with a batch
+// window, until every used slot served in the last two rounds that served anything has a request too, or the
+// window (from the first request seen) passed. (A request that lands after the deadline and before its slot is
+// validated is still served, without the window: it only loses batching for that round.) Every thread calls
+// it; every return is block-uniform.
+__device__ void poll(const round_args& a, std::uint64_t& s_until) {
   for (std::uint32_t w = threadIdx.x; w < a.head_words; w += blockDim.x) reinterpret_cast<std::uint32_t*>(a.head)[w] = 0;
   for (std::uint32_t g = threadIdx.x; g < a.groups; g += blockDim.x) a.counts[g] = 0;
   if (a.pad != 0)
@@ -154,7 +176,7 @@ __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
   for (;;) {
     int found = 0;
     // A word still holding a value no new request explained (a foreign write already ignored) does not
-    // end the wait (it would end every round's at once); k_validate still looks at it, so an owner's
+    // end the wait (it would end every round's at once); the validation still looks at it, so an owner's
     // request that happens to carry the same value waits for the deadline at most.
     for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x)
       if (a.cfg[i].used != 0 && has_request(a, i)) found = 1;
@@ -192,17 +214,24 @@ __global__ void __launch_bounds__(kPollThreads) k_poll(round_args a) {
   }
 }
 
-// Block i: slot i's new request, if any, read and checked as the host path's read_request does.
-__global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
-  pdl_enter();
-  const std::uint32_t i = blockIdx.x;
-  __shared__ slot_header s_h;
-  __shared__ slot_limits s_lim;
-  __shared__ std::uint32_t s_go, s_bad;
+struct front_smem {
+  slot_header h;
+  slot_limits lim;
+  std::uint64_t until;
+  std::uint32_t go, bad, n;
+  std::uint32_t list[kFrontThreads];  // the block's slots with a new word
+  std::int32_t warp[32];
+  std::int32_t hist[kHistExperts];  // per local expert: entries of the slot's request, then their group's base
+};
+
+// Slot i's new request, if any, read and checked as the host path's read_request does, then counted: its
+// (layer, local expert) groups' rows, each entry's rank in its group. The whole block calls it.
+__device__ void take_slot(const round_args& a, std::uint32_t i, front_smem& s) {
   server_slot_state& st = a.st[i];
+  const bool hist = a.local <= kHistExperts;
   if (threadIdx.x == 0) {
-    s_go = 0;
-    s_bad = 0xFFFFFFFFu;
+    s.go = 0;
+    s.bad = 0xFFFFFFFFu;
     st.verdict = static_cast<std::uint32_t>(slot_verdict::none);
     st.error = 0;
     st.tokens = 0;
@@ -245,28 +274,31 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
           st.verdict = static_cast<std::uint32_t>(slot_verdict::refused);
           st.error = static_cast<std::uint32_t>(err);
         } else {
-          s_go = 1;
+          s.go = 1;
         }
-        s_h = h;
-        s_lim = lim;
+        s.h = h;
+        s.lim = lim;
       }
     }
   }
+  if (hist)
+    for (std::uint32_t e = threadIdx.x; e < a.local; e += blockDim.x) s.hist[e] = 0;
   __syncthreads();
-  if (s_go != 0) {  // block-uniform
-    const slot_header h = s_h;
-    const slot_limits lim = s_lim;
+  if (s.go != 0) {  // block-uniform
+    const slot_header h = s.h;
+    const slot_limits lim = s.lim;
     // Checked above: tokens <= max_tokens, topk <= this->topk, the layout inside the slot.
     const slot_layout l = layout_for(h.tokens, h.hidden, h.topk, static_cast<dtype>(h.type));
     const std::uint32_t n = h.tokens * h.topk;
     const std::size_t base = std::size_t{i} * a.max_tokens * a.topk;
     std::uint16_t* ids = a.ids + base;
     float* wts = a.wts + base;
+    std::int32_t* rank = a.rank + base;
     const auto* id_src = reinterpret_cast<const unsigned short*>(slot_at(a, i) + l.expert_ids);
     const auto* w_src = reinterpret_cast<const float*>(slot_at(a, i) + l.weights);
-    // kCopyUnroll entries per thread at a time, every load issued before any store: the slot's words are an
-    // HBM round trip away, and one entry per iteration left 16 of them back to back at 512 tokens x 8.
-    constexpr std::uint32_t kCopyUnroll = 8;
+    // The routing copied, kCopyUnroll entries per thread at a time (the slot's words are an HBM round trip
+    // away); with the shared histogram, each entry's rank among the slot's entries of its expert, counted as
+    // it is copied (a request refused below leaves ranks nothing reads).
     for (std::uint32_t j0 = threadIdx.x; j0 < n; j0 += kCopyUnroll * blockDim.x) {
       std::uint16_t idv[kCopyUnroll];
       float wv[kCopyUnroll];
@@ -284,6 +316,7 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
         if (j < n) {
           ids[j] = idv[u];
           wts[j] = wv[u];
+          if (hist) rank[j] = idv[u] < a.local ? atomicAdd(&s.hist[idv[u]], 1) : -1;
         }
       }
     }
@@ -294,73 +327,84 @@ __global__ void __launch_bounds__(kValidateThreads) k_validate(round_args a) {
     one.tokens = 1;
     for (std::uint32_t t = threadIdx.x; t < h.tokens; t += blockDim.x)
       if (validate_routing(one, lim, ids + std::size_t{t} * h.topk, wts + std::size_t{t} * h.topk) != slot_error::none)
-        atomicMin(&s_bad, t);
+        atomicMin(&s.bad, t);
     __syncthreads();
+    if (s.bad == 0xFFFFFFFFu) {  // block-uniform: served; its rows counted into the round's groups
+      std::int32_t* counts = a.counts + std::size_t{h.layer} * a.local;
+      if (hist) {
+        for (std::uint32_t e = threadIdx.x; e < a.local; e += blockDim.x) {
+          const std::int32_t c = s.hist[e];
+          if (c == 0) continue;
+          s.hist[e] = atomicAdd(counts + e, c);
+          atomicAdd(a.pairs + e, static_cast<std::uint32_t>(c));
+        }
+        __syncthreads();
+        for (std::uint32_t j = threadIdx.x; j < n; j += blockDim.x) {
+          const std::int32_t r = rank[j];
+          if (r >= 0) rank[j] = r + s.hist[ids[j]];
+        }
+      } else {
+        for (std::uint32_t j = threadIdx.x; j < n; j += blockDim.x) {
+          const std::uint32_t e = ids[j];
+          if (e >= a.local) {  // kNoExpert (validate_routing let nothing else through)
+            rank[j] = -1;
+            continue;
+          }
+          rank[j] = atomicAdd(counts + e, 1);
+          atomicAdd(a.pairs + e, 1u);
+        }
+      }
+      if (a.pad != 0 && threadIdx.x == 0) a.layer_live[h.layer] = 1;
+    }
     if (threadIdx.x == 0) {
-      if (s_bad != 0xFFFFFFFFu) {
-        const std::size_t t = s_bad;
+      if (s.bad != 0xFFFFFFFFu) {
+        const std::size_t t = s.bad;
         st.verdict = static_cast<std::uint32_t>(slot_verdict::refused);
         st.error = static_cast<std::uint32_t>(validate_routing(one, lim, ids + t * h.topk, wts + t * h.topk));
       } else {
         st.verdict = static_cast<std::uint32_t>(slot_verdict::served);
-        st.served_round = *a.round_no + 1;  // this round's number (k_scan counts it: it serves a request)
+        st.served_round = *a.round_no + 1;  // this round's number (the scan counts it: it serves a request)
         st.tokens = h.tokens;
         st.layer = h.layer;
         a.hdr[i] = h;
       }
     }
   }
-  if (threadIdx.x != 0) return;
-  const auto verdict = static_cast<slot_verdict>(st.verdict);
-  if (verdict != slot_verdict::served && verdict != slot_verdict::refused) return;
-  a.direct[i] = 0;
-  if (verdict == slot_verdict::served && a.direct_answers != 0)
-    a.direct[i] = reinterpret_cast<unsigned long long>(
-        peer_pointer(a.cfg[i].ep, a.cfg[i].result, kOutputs, std::uint64_t{st.tokens} * a.hidden * 4));
-  st.direct = a.direct[i] != 0 ? 1u : 0u;
-  response_header rh{};
-  rh.magic = kSlotMagic;
-  rh.version = kSlotVersion;
-  rh.type = static_cast<std::uint16_t>(dtype::f32);
-  rh.seq = st.seq;
-  rh.error = st.error;
-  rh.tokens = verdict == slot_verdict::served ? st.tokens : 0;
-  *reinterpret_cast<response_header*>(a.staging + std::size_t{i} * a.stage_stride) = rh;
-}
-
-// Block (i, y): rows per (layer, local expert) of slot i's served request; each entry's rank in its group.
-__global__ void __launch_bounds__(kPairThreads) k_count(round_args a) {
-  pdl_enter();
-  const std::uint32_t i = blockIdx.x;
-  if (a.st[i].verdict != static_cast<std::uint32_t>(slot_verdict::served)) return;
-  const slot_header& h = a.hdr[i];
-  const std::uint32_t n = h.tokens * h.topk, layer = h.layer;
-  const std::size_t base = std::size_t{i} * a.max_tokens * a.topk;
-  if (a.pad != 0 && blockIdx.y == 0 && threadIdx.x == 0) a.layer_live[layer] = 1;
-  for (std::uint32_t j = blockIdx.y * blockDim.x + threadIdx.x; j < n; j += gridDim.y * blockDim.x) {
-    const std::uint32_t e = a.ids[base + j];
-    if (e >= a.local) {  // kNoExpert (validate_routing let nothing else through)
-      a.rank[base + j] = -1;
-      continue;
+  if (threadIdx.x == 0) {
+    const auto verdict = static_cast<slot_verdict>(st.verdict);
+    if (verdict == slot_verdict::served || verdict == slot_verdict::refused) {
+      a.direct[i] = 0;
+      if (verdict == slot_verdict::served && a.direct_answers != 0)
+        a.direct[i] = reinterpret_cast<unsigned long long>(
+            peer_pointer(a.cfg[i].ep, a.cfg[i].result, kOutputs, std::uint64_t{st.tokens} * a.hidden * 4));
+      st.direct = a.direct[i] != 0 ? 1u : 0u;
+      response_header rh{};
+      rh.magic = kSlotMagic;
+      rh.version = kSlotVersion;
+      rh.type = static_cast<std::uint16_t>(dtype::f32);
+      rh.seq = st.seq;
+      rh.error = st.error;
+      rh.tokens = verdict == slot_verdict::served ? st.tokens : 0;
+      *reinterpret_cast<response_header*>(a.staging + std::size_t{i} * a.stage_stride) = rh;
     }
-    a.rank[base + j] = atomicAdd(&a.counts[layer * a.local + e], 1);
-    atomicAdd(&a.pairs[e], 1u);
   }
+  __syncthreads();  // s is reused for the next slot
 }
 
-// One block: the served requests' first tokens (slot order), the groups' offsets, the active groups.
-// Without shrinking (pad), every empty group of a layer that served a request gets one padding row (a
-// zero activation row with weight 0, in no token's rows: computed, never combined nor answered), so the
-// grouped GEMM visits every local expert of that layer, as a grouped GEMM over a fixed expert list would.
-__global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
-  pdl_enter();
-  __shared__ std::int32_t s_warp[32];
+// Run by the front's last block, once every slot is taken: the served requests' first tokens (slot order), the
+// groups' offsets, the active groups. Without shrinking (pad), every empty group of a layer that served a
+// request gets one padding row (a zero activation row, zeroed by the placement, with weight 0, in no token's
+// rows: computed, never combined nor answered), so the grouped GEMM visits every local expert of that layer, as a grouped GEMM over a
+// fixed expert list would. What the other blocks wrote is read from L2 (__ldcg): this SM's L1 may hold older
+// copies.
+__device__ void scan(const round_args& a, std::int32_t* s_warp) {
   std::int32_t carry = 0, total = 0;
   for (std::uint32_t b = 0; b < a.clients; b += blockDim.x) {
     const std::uint32_t i = b + threadIdx.x;
-    const std::int32_t v = i < a.clients && a.st[i].verdict == static_cast<std::uint32_t>(slot_verdict::served)
-                               ? static_cast<std::int32_t>(a.st[i].tokens)
-                               : 0;
+    const std::int32_t v =
+        i < a.clients && __ldcg(&a.st[i].verdict) == static_cast<std::uint32_t>(slot_verdict::served)
+            ? static_cast<std::int32_t>(__ldcg(&a.st[i].tokens))
+            : 0;
     const std::int32_t ex = block_scan(v, s_warp, total);
     if (i < a.clients) a.tok_base[i] = static_cast<std::uint32_t>(carry + ex);
     carry += total;
@@ -369,13 +413,13 @@ __global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
   std::int32_t rows = 0, active = 0, padded = 0;
   for (std::uint32_t b = 0; b < a.groups; b += blockDim.x) {
     const std::uint32_t g = b + threadIdx.x;
-    const std::int32_t c = g < a.groups ? a.counts[g] : 0;
-    const std::int32_t pad = a.pad != 0 && g < a.groups && c == 0 && a.layer_live[g / a.local] != 0 ? 1 : 0;
+    const std::int32_t c = g < a.groups ? __ldcg(a.counts + g) : 0;
+    const std::int32_t pad = a.pad != 0 && g < a.groups && c == 0 && __ldcg(a.layer_live + g / a.local) != 0 ? 1 : 0;
     const std::int32_t ex = block_scan(c + pad, s_warp, total);
     if (g < a.groups) a.offsets[g] = rows + ex;
-    if (pad != 0) {
-      a.src[rows + ex] = row_src{0, 0, 0};
-      a.row_weight[rows + ex] = 0.0f;
+    if (a.pad != 0 && g < a.groups) {
+      a.pad_row[g] = pad != 0 ? rows + ex : -1;  // zeroed by the placement
+      if (pad != 0) a.row_weight[rows + ex] = 0.0f;
     }
     rows += total;
     (void)block_scan(c > 0 ? 1 : 0, s_warp, total);
@@ -386,7 +430,7 @@ __global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
     }
   }
   if (threadIdx.x == 0) {
-    if (tokens > 0) ++*a.round_no;  // a round that serves something (k_poll's recency counts these)
+    if (tokens > 0) ++*a.round_no;  // a round that serves something (the poll's recency counts these)
     a.offsets[a.groups] = rows;
     a.head->tokens = static_cast<std::uint32_t>(tokens);
     a.head->rows = static_cast<std::uint32_t>(rows - padded);
@@ -395,149 +439,154 @@ __global__ void __launch_bounds__(kScanThreads) k_scan(round_args a) {
   }
 }
 
-// Block (i, y): each (token, k) of slot i's served request gets its row (or -1); each row its source
-// activation row and router weight; each token its slot.
-__global__ void __launch_bounds__(kPairThreads) k_scatter(round_args a) {
+// The round's front, one kernel: block 0 polls (above) while the others wait at the gate; then every block
+// takes its slots (validation and counting, one slot at a time, the slots walked with the grid's stride); the
+// last block to finish scans. It spins: it lets the placement's blocks in only once the poll has ended (pdl.cuh).
+// The gate needs every block resident at once: at most kFrontBlocks blocks, which a few SMs hold; should another
+// process's kernels fill the GPU meanwhile, block 0 starts once they retire (its waiters hold too little to keep
+// it out).
+__global__ void __launch_bounds__(kFrontThreads) k_front(round_args a) {
+  pdl_wait();
+  __shared__ front_smem s;
+  if (blockIdx.x == 0) {
+    poll(a, s.until);
+    __syncthreads();  // the zeroed head and counts, before the gate opens
+    if (threadIdx.x == 0) {
+      __threadfence();
+      sync_word(a, kGate).store(1, cuda::std::memory_order_release);
+    }
+  } else if (threadIdx.x == 0) {
+    while (sync_word(a, kGate).load(cuda::std::memory_order_acquire) == 0) __nanosleep(100);
+  }
+  __syncthreads();
+  pdl_release();
+  // The block's share of the slots, one thread each: a slot whose word has not changed only has its last
+  // round's outcome cleared; the block then takes the others one at a time (take_slot reads the word again).
+  if (threadIdx.x == 0) s.n = 0;
+  __syncthreads();
+  if (const std::uint32_t i = blockIdx.x + threadIdx.x * gridDim.x; i < a.clients) {
+    server_slot_state& st = a.st[i];
+    if (a.cfg[i].used != 0 && sig_word(a, i) != st.last_sig) {
+      s.list[atomicAdd(&s.n, 1u)] = i;
+    } else {
+      st.verdict = static_cast<std::uint32_t>(slot_verdict::none);
+      st.error = 0;
+      st.tokens = 0;
+      st.put_result = 0;
+      st.direct = 0;
+    }
+  }
+  __syncthreads();
+  for (std::uint32_t q = 0; q < s.n; ++q) take_slot(a, s.list[q], s);
+  if (!last_to_arrive<cuda::thread_scope_device>(a, kFrontTicket, gridDim.x)) return;
+  scan(a, s.warp);
+  if (threadIdx.x == 0) {
+    sync_word(a, kGate).store(0, cuda::std::memory_order_relaxed);  // every block has passed it
+    sync_word(a, kFrontTicket).store(0, cuda::std::memory_order_relaxed);
+  }
+}
+
+// The slot holding the round's token g: the last slot whose first token is at most g (the slots before and
+// after it in the scan that served nothing have no tokens).
+__device__ __forceinline__ std::uint32_t slot_of(const round_args& a, std::uint32_t g) {
+  std::uint32_t lo = 0, hi = a.clients;
+  while (hi - lo > 1) {
+    const std::uint32_t mid = (lo + hi) / 2;
+    if (a.tok_base[mid] <= g)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// Each (token, k) pair of the served requests gets its row (or -1), its row its router weight and its activation
+// row (bf16; an f32 row is converted as expert_step does), each token its slot. A warp per pair, the pairs walked
+// with the grid's stride; the warp's lanes copy the row, kCopyUnroll 16-byte vectors each in flight. Without
+// shrinking, the padding rows are zeroed (a warp per group).
+__global__ void __launch_bounds__(kPlaceThreads) k_place(round_args a) {
   pdl_enter();
-  const std::uint32_t i = blockIdx.x;
-  if (a.st[i].verdict != static_cast<std::uint32_t>(slot_verdict::served)) return;
-  const slot_header& h = a.hdr[i];
-  const std::uint32_t K = a.topk, n = h.tokens * K, first = a.tok_base[i];
-  const std::size_t base = std::size_t{i} * a.max_tokens * a.topk;
-  const bool bf16 = h.type == static_cast<std::uint16_t>(dtype::bf16);
-  const std::uint64_t row_bytes = std::uint64_t{a.hidden} * (bf16 ? 2 : 4);
-  const auto act = reinterpret_cast<std::uint64_t>(slot_at(a, i) + sizeof(slot_header));  // layout_for's activations
-  for (std::uint32_t j = blockIdx.y * blockDim.x + threadIdx.x; j < n; j += gridDim.y * blockDim.x) {
-    const std::uint32_t t = j / K, k = j % K;
-    const std::size_t tok = std::size_t{first} + t;
-    if (k == 0) a.tok_slot[tok] = i;
+  if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_place = eaas::now_ns();
+  const std::uint32_t K = a.topk, h = a.hidden, lane = threadIdx.x & 31;
+  const std::uint64_t pairs = std::uint64_t{a.head->tokens} * K;
+  const std::uint64_t warps = std::uint64_t{gridDim.x} * (blockDim.x / 32);
+  const std::uint64_t first = std::uint64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32;
+  if (a.pad != 0) {  // grid-uniform
+    for (std::uint64_t g = first; g < a.groups; g += warps) {
+      const std::int32_t row = a.pad_row[g];
+      if (row < 0) continue;
+      auto* out = reinterpret_cast<uint4*>(a.x + std::size_t(row) * h);
+      for (std::uint32_t j = lane; j < h / 8; j += 32) out[j] = make_uint4(0, 0, 0, 0);
+    }
+  }
+  for (std::uint64_t p = first; p < pairs; p += warps) {
+    const auto g = static_cast<std::uint32_t>(p / K), k = static_cast<std::uint32_t>(p % K);
+    const std::uint32_t i = slot_of(a, g);
+    const slot_header& hd = a.hdr[i];
+    const std::uint32_t t = g - a.tok_base[i];
     std::int32_t row = -1;
-    if (k < h.topk) {
-      const std::size_t e_at = base + std::size_t{t} * h.topk + k;
+    const unsigned char* src = nullptr;
+    if (k < hd.topk) {
+      const std::size_t e_at = std::size_t{i} * a.max_tokens * K + std::size_t{t} * hd.topk + k;
       const std::int32_t r = a.rank[e_at];
       const std::uint32_t e = a.ids[e_at];
       if (r >= 0 && e < a.local) {
-        const std::int64_t at = std::int64_t{a.offsets[h.layer * a.local + e]} + r;
+        const std::int64_t at = std::int64_t{a.offsets[hd.layer * a.local + e]} + r;
         if (at >= 0 && at < std::int64_t{a.max_rows}) {
           row = static_cast<std::int32_t>(at);
-          a.src[row] = {act + t * row_bytes, bf16 ? 1u : 0u, 0};
-          a.row_weight[row] = a.wts[e_at];
+          const std::uint64_t row_bytes = std::uint64_t{h} * (hd.type == static_cast<std::uint16_t>(dtype::bf16) ? 2 : 4);
+          src = slot_at(a, i) + sizeof(slot_header) + t * row_bytes;  // layout_for's activations
+          if (lane == 0) a.row_weight[row] = a.wts[e_at];
         }
       }
     }
-    a.tok_rows[tok * K + k] = row;
-  }
-}
-
-// x[r] = bf16(activation row of row r) (zeros for a padding row), rows walked with a stride. The conversion is
-// expert_step's.
-__global__ void __launch_bounds__(kGatherThreads) k_gather(round_args a) {
-  pdl_enter();
-  if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_gather = eaas::now_ns();
-  const std::int32_t total = a.offsets[a.groups];
-  const std::uint32_t rows = total < 0 ? 0u : min(static_cast<std::uint32_t>(total), a.max_rows);
-  const std::uint32_t h = a.hidden;
-  for (std::uint32_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const row_src s = a.src[r];
-    __nv_bfloat16* dst = a.x + std::size_t{r} * h;
-    if (s.addr == 0) {
-      for (std::uint32_t j = threadIdx.x; j < h / 8; j += blockDim.x)
-        reinterpret_cast<uint4*>(dst)[j] = make_uint4(0, 0, 0, 0);
-    } else if (s.bf16) {
-      const uint4* in = reinterpret_cast<const uint4*>(s.addr);
-      uint4* out = reinterpret_cast<uint4*>(dst);
-      for (std::uint32_t j = threadIdx.x; j < h / 8; j += blockDim.x) out[j] = in[j];
+    if (lane == 0) {
+      if (k == 0) a.tok_slot[g] = i;
+      a.tok_rows[std::size_t{g} * K + k] = row;
+    }
+    if (row < 0) continue;  // warp-uniform
+    __nv_bfloat16* dst = a.x + std::size_t(row) * h;
+    if (hd.type == static_cast<std::uint16_t>(dtype::bf16)) {
+      const auto* in = reinterpret_cast<const uint4*>(src);
+      auto* out = reinterpret_cast<uint4*>(dst);
+      const std::uint32_t vecs = h / 8;
+      for (std::uint32_t j0 = lane; j0 < vecs; j0 += 32 * kCopyUnroll) {
+        uint4 v[kCopyUnroll];
+#pragma unroll
+        for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
+          if (j0 + 32 * u < vecs) v[u] = __ldcg(in + j0 + 32 * u);
+#pragma unroll
+        for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
+          if (j0 + 32 * u < vecs) out[j0 + 32 * u] = v[u];
+      }
     } else {
-      const float4* in = reinterpret_cast<const float4*>(s.addr);
-      for (std::uint32_t j = threadIdx.x; j < h / 4; j += blockDim.x) {
-        const float4 v = in[j];
-        __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-        uint2 packed;
-        memcpy(&packed.x, &lo, 4);
-        memcpy(&packed.y, &hi, 4);
-        reinterpret_cast<uint2*>(dst)[j] = packed;
+      const auto* in = reinterpret_cast<const float4*>(src);
+      auto* out = reinterpret_cast<uint2*>(dst);
+      const std::uint32_t vecs = h / 4;
+      for (std::uint32_t j0 = lane; j0 < vecs; j0 += 32 * kCopyUnroll) {
+        float4 v[kCopyUnroll];
+#pragma unroll
+        for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
+          if (j0 + 32 * u < vecs) v[u] = __ldcg(in + j0 + 32 * u);
+#pragma unroll
+        for (std::uint32_t u = 0; u < kCopyUnroll; ++u) {
+          if (j0 + 32 * u >= vecs) continue;
+          __nv_bfloat162 lo = __floats2bfloat162_rn(v[u].x, v[u].y), hi = __floats2bfloat162_rn(v[u].z, v[u].w);
+          uint2 packed;
+          memcpy(&packed.x, &lo, 4);
+          memcpy(&packed.y, &hi, 4);
+          out[j0 + 32 * u] = packed;
+        }
       }
     }
   }
 }
 
-// Each token's answer row = the sum of its rows of y in k order (expert_step's order): straight into the
-// client's result region where the slot has a direct pointer (the NVLink writes overlap the reads of y, and
-// the answer's put then moves the response header alone), else into its slot's staging after the response
-// header. Nothing is written when the grouped GEMM refused its plan (no answer goes out then).
-__global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
-  pdl_enter();
-  if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_combine = eaas::now_ns();
-  if (a.head->gemm_error != 0) return;
-  const std::uint32_t tokens = a.head->tokens, h = a.hidden, K = a.topk;
-  for (std::uint32_t g = blockIdx.x; g < tokens; g += gridDim.x) {
-    const std::uint32_t i = a.tok_slot[g];
-    if (i >= a.clients) continue;  // cannot happen: every served token was given its slot
-    const std::uint32_t t = g - a.tok_base[i];
-    const std::int32_t* rows = a.tok_rows + std::size_t{g} * K;
-    unsigned char* const base = a.direct[i] != 0
-                                    ? reinterpret_cast<unsigned char*>(a.direct[i])
-                                    : a.staging + std::size_t{i} * a.stage_stride + sizeof(response_header);
-    float4* out = reinterpret_cast<float4*>(base + std::size_t{t} * h * 4);
-    for (std::uint32_t j = threadIdx.x; j < h / 4; j += blockDim.x) {
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (std::uint32_t k = 0; k < K; ++k) {
-        const std::int32_t r = rows[k];
-        if (r < 0) continue;
-        const float4 v = reinterpret_cast<const float4*>(a.y + std::size_t(r) * h)[j];
-        acc.x += v.x;
-        acc.y += v.y;
-        acc.z += v.z;
-        acc.w += v.w;
-      }
-      out[j] = acc;
-    }
-  }
-  // With direct answers, the block's stores to peers, then one system-scope fence that completes before the
-  // block (hence this kernel) does: the answer kernel's signal, a later kernel of the stream and a system-scope
-  // release, publishes them; the kernel boundary stands for grid_put's arrival counter.
-  if (a.direct_answers != 0) {  // grid-uniform
-    __syncthreads();
-    if (threadIdx.x == 0) __threadfence_system();
-  }
-}
-
-// Block (x, i): slot i's answer, if it has one: put and signalled from gridDim.x blocks. A served
-// request whose GEMM did not run (the plan was refused) gets no answer: its put_result says why.
-__global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
-  pdl_enter();
-  const std::uint32_t i = blockIdx.y;
-  server_slot_state& st = a.st[i];
-  const auto verdict = static_cast<slot_verdict>(st.verdict);
-  std::uint64_t bytes = sizeof(response_header);
-  if (verdict == slot_verdict::served) {
-    if (a.head->gemm_error != 0) {
-      if (blockIdx.x == 0 && threadIdx.x == 0) atomicCAS(&st.put_result, 0, static_cast<int>(status::internal_error));
-      return;
-    }
-    if (a.direct[i] == 0) bytes += std::uint64_t{st.tokens} * a.hidden * 4;  // else the combine wrote them
-  } else if (verdict != slot_verdict::refused) {
-    return;
-  }
-  const server_slot_config& c = a.cfg[i];
-  const grid_put j{.ep = c.ep,
-                   .dst = c.result,
-                   .dst_offset = kResponse,
-                   .src = a.staging + std::size_t{i} * a.stage_stride,
-                   .bytes = bytes,
-                   .sig = c.result,
-                   .sig_offset = kResultSig,
-                   .value = st.seq,
-                   .arrivals = a.arrivals + i,
-                   .result = &st.put_result};
-  grid_put_signal(j, blockIdx.x, gridDim.x);
-}
-
-// After every answer: the round's last stamp, then the round's summary (head, pairs, the slots' states) written
-// into the host's pinned buffer for this launch, so that no copy follows the round on the stream (the next
-// round's poll starts right after this kernel). The host reads it once the event after the round completed.
-__global__ void __launch_bounds__(kSummaryThreads) k_summary(round_args a) {
-  pdl_enter();
+// After every answer, by one whole block: the round's last stamp, then the round's summary (head, pairs, the
+// slots' states) written into the host's pinned buffer for this launch, so that no copy follows the round on the
+// stream (the next round's poll starts right after). The host reads it once the event after the round
+// completed. What other blocks of the kernel wrote is read from L2.
+__device__ void summarize(const round_args& a) {
   __shared__ unsigned char* s_to;
   if (threadIdx.x == 0) {
     a.head->stamp_done = eaas::now_ns();
@@ -549,9 +598,122 @@ __global__ void __launch_bounds__(kSummaryThreads) k_summary(round_args a) {
   auto* to = reinterpret_cast<uint4*>(s_to);
   const auto* head = reinterpret_cast<const uint4*>(a.head);
   const std::uint32_t head_vecs = a.head_words / 4, state_vecs = a.clients * sizeof(server_slot_state) / 16;
-  for (std::uint32_t i = threadIdx.x; i < head_vecs; i += blockDim.x) to[i] = head[i];
+  for (std::uint32_t i = threadIdx.x; i < head_vecs; i += blockDim.x) to[i] = __ldcg(head + i);
   const auto* st = reinterpret_cast<const uint4*>(a.st);
-  for (std::uint32_t i = threadIdx.x; i < state_vecs; i += blockDim.x) to[head_vecs + i] = st[i];
+  for (std::uint32_t i = threadIdx.x; i < state_vecs; i += blockDim.x) to[head_vecs + i] = __ldcg(st + i);
+}
+
+// Slot i's answer as a grid_put (its staging copy: response header, then the outputs unless the combine wrote
+// them straight into the client's region), or false when it has none. A served request whose GEMM did not run
+// (the plan was refused) gets no answer: its put_result says why (set once, by `first`).
+__device__ bool answer_of(const round_args& a, std::uint32_t i, bool first, grid_put& j) {
+  server_slot_state& st = a.st[i];
+  const auto verdict = static_cast<slot_verdict>(st.verdict);
+  std::uint64_t bytes = sizeof(response_header);
+  if (verdict == slot_verdict::served) {
+    if (a.head->gemm_error != 0) {
+      if (first) atomicCAS(&st.put_result, 0, static_cast<int>(status::internal_error));
+      return false;
+    }
+    if (a.direct[i] == 0) bytes += std::uint64_t{st.tokens} * a.hidden * 4;
+  } else if (verdict != slot_verdict::refused) {
+    return false;
+  }
+  const server_slot_config& c = a.cfg[i];
+  j = grid_put{.ep = c.ep,
+               .dst = c.result,
+               .dst_offset = kResponse,
+               .src = a.staging + std::size_t{i} * a.stage_stride,
+               .bytes = bytes,
+               .sig = c.result,
+               .sig_offset = kResultSig,
+               .value = st.seq,
+               .arrivals = a.arrivals + i,
+               .result = &st.put_result};
+  return true;
+}
+
+// Each token's answer row = the sum of its rows of y in k order (expert_step's order): straight into the
+// client's result region where the slot has a direct pointer (the NVLink writes overlap the reads of y), else
+// into its slot's staging after the response header. Nothing is written when the grouped GEMM refused its plan
+// (no answer goes out then). With direct answers the last block to finish then answers every slot (a response
+// header and the signal per slot, one thread each; a slot that got no direct pointer is put whole by the block)
+// and writes the round's summary: no kernel follows the combine in the round.
+__global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
+  pdl_enter();
+  if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_combine = eaas::now_ns();
+  if (a.head->gemm_error == 0) {
+    const std::uint32_t tokens = a.head->tokens, h = a.hidden, K = a.topk;
+    for (std::uint32_t g = blockIdx.x; g < tokens; g += gridDim.x) {
+      const std::uint32_t i = a.tok_slot[g];
+      if (i >= a.clients) continue;  // cannot happen: every served token was given its slot
+      const std::uint32_t t = g - a.tok_base[i];
+      const std::int32_t* rows = a.tok_rows + std::size_t{g} * K;
+      unsigned char* const base = a.direct[i] != 0
+                                      ? reinterpret_cast<unsigned char*>(a.direct[i])
+                                      : a.staging + std::size_t{i} * a.stage_stride + sizeof(response_header);
+      float4* out = reinterpret_cast<float4*>(base + std::size_t{t} * h * 4);
+      for (std::uint32_t j = threadIdx.x; j < h / 4; j += blockDim.x) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (std::uint32_t k = 0; k < K; ++k) {
+          const std::int32_t r = rows[k];
+          if (r < 0) continue;
+          const float4 v = reinterpret_cast<const float4*>(a.y + std::size_t(r) * h)[j];
+          acc.x += v.x;
+          acc.y += v.y;
+          acc.z += v.z;
+          acc.w += v.w;
+        }
+        out[j] = acc;
+      }
+    }
+  }
+  if (a.direct_answers == 0) return;  // grid-uniform: k_answer puts the staged answers
+  // The block's stores to peers, then a system-scope fence and the arrival (last_to_arrive): the last block
+  // has acquired every block's release, and its signals (st.release.sys, cumulative) publish them.
+  if (!last_to_arrive<cuda::thread_scope_system>(a, kBackTicket, gridDim.x)) return;
+  __shared__ int s_whole;
+  if (threadIdx.x == 0) s_whole = 0;
+  __syncthreads();
+  for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
+    grid_put j;
+    if (!answer_of(a, i, true, j)) continue;
+    if (j.ep.transport != transport_kind::nvlink) {  // grid_put's transports (the server links no other)
+      atomicCAS(j.result, 0, static_cast<int>(status::unsupported));
+      continue;
+    }
+    if (j.bytes != sizeof(response_header)) {  // outputs in staging: put by the whole block below
+      s_whole = 1;
+      continue;
+    }
+    __threadfence_system();
+    status s = put_signal(coop_thread{}, j.ep, j.dst, j.dst_offset, j.src, j.bytes, j.sig, j.sig_offset, j.value,
+                          signal_op::set);
+    if (s == status::ok) s = quiet(coop_thread{}, j.ep);
+    if (s != status::ok) atomicCAS(j.result, 0, static_cast<int>(s));
+  }
+  __syncthreads();
+  if (s_whole != 0) {  // block-uniform
+    for (std::uint32_t i = 0; i < a.clients; ++i) {
+      grid_put j;
+      if (answer_of(a, i, false, j) && j.bytes != sizeof(response_header)) grid_put_signal(j, 0, 1);
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  summarize(a);
+  if (threadIdx.x == 0) sync_word(a, kBackTicket).store(0, cuda::std::memory_order_relaxed);
+}
+
+// Staged answers. Block (x, i): slot i's answer, if it has one: put and signalled from gridDim.x blocks. The
+// last block to finish writes the round's summary.
+__global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
+  pdl_enter();
+  grid_put j;
+  if (answer_of(a, blockIdx.y, blockIdx.x == 0 && threadIdx.x == 0, j)) grid_put_signal(j, blockIdx.x, gridDim.x);
+  if (!last_to_arrive<cuda::thread_scope_device>(a, kBackTicket, gridDim.x * gridDim.y)) return;
+  summarize(a);
+  if (threadIdx.x == 0) sync_word(a, kBackTicket).store(0, cuda::std::memory_order_relaxed);
 }
 
 template <class T>
@@ -590,6 +752,9 @@ class step_impl final : public server_step {
         std::uint64_t{sh.layers} * E > kGroupedSwigluMaxExperts)
       return EAAS_GPU_FAIL(status::invalid_argument,
                            "gpu server step: clients x tokens x topk must be 1 .. 2^30, local experts 1 .. 65535");
+    if (C > kFrontBlocks * kFrontThreads)
+      return EAAS_GPU_FAIL(status::invalid_argument,
+                           "gpu server step: at most " + std::to_string(kFrontBlocks * kFrontThreads) + " clients");
     if (cfg_.put_blocks == 0 || cfg_.put_blocks > 1024)
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu server step: put_blocks must be 1 .. 1024");
     const slots_geometry geo = slots_geometry_for(C, T, sh.hidden, K);
@@ -624,12 +789,13 @@ class step_impl final : public server_step {
     EAAS_CHECK(tok_base_.alloc(C));
     EAAS_CHECK(tok_slot_.alloc(std::size_t{C} * T));
     EAAS_CHECK(tok_rows_.alloc(CTK));
-    EAAS_CHECK(src_.alloc(max_rows_));
+    EAAS_CHECK(pad_row_.alloc(groups_));
     EAAS_CHECK(row_weight_.alloc(max_rows_));
     EAAS_CHECK(x_.alloc(std::size_t{max_rows_} * sh.hidden));
     EAAS_CHECK(y_.alloc(std::size_t{max_rows_} * sh.hidden));
     EAAS_CHECK(staging_.alloc(std::size_t{C} * stage_stride_));
     EAAS_CHECK(arrivals_.alloc(C));
+    EAAS_CHECK(sync_.alloc(kSyncWords));
     EAAS_CHECK(round_no_.alloc(1));
     EAAS_CHECK(launch_no_.alloc(1));
     EAAS_CHECK(direct_.alloc(C));
@@ -670,7 +836,7 @@ class step_impl final : public server_step {
                        .tok_base = tok_base_.p,
                        .tok_slot = tok_slot_.p,
                        .tok_rows = tok_rows_.p,
-                       .src = src_.p,
+                       .pad_row = pad_row_.p,
                        .row_weight = row_weight_.p,
                        .x = x_.p,
                        .y = y_.p,
@@ -678,6 +844,7 @@ class step_impl final : public server_step {
                        .stage_stride = stage_stride_,
                        .direct = direct_.p,
                        .arrivals = arrivals_.p,
+                       .sync = sync_.p,
                        .clients = C,
                        .max_tokens = T,
                        .hidden = sh.hidden,
@@ -805,25 +972,25 @@ class step_impl final : public server_step {
   // One round as work on stream_: no host synchronisation, fixed launch shapes (capturable).
   status enqueue() {
     const std::uint32_t C = cfg_.max_clients;
-    const unsigned pair_blocks =
-        std::min<unsigned>(kPairBlocks, (cfg_.max_tokens * cfg_.shape.topk + kPairThreads - 1) / kPairThreads);
-    // One chain of launches (pdl.cuh); the poll zeroes the round's head and counts first.
+    const std::uint64_t max_pairs = std::uint64_t{C} * cfg_.max_tokens * cfg_.shape.topk;
+    // One chain of launches (pdl.cuh): the front (poll, validation, counts, scan), the placement, the grouped
+    // GEMM, the combine (with direct answers, also the answers and the summary), the staged answers' puts.
     const bool p = pdl_;
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_poll, 1, kPollThreads, 0, args_));
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_validate, C, kValidateThreads, 0, args_));
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_count, dim3(C, pair_blocks), kPairThreads, 0, args_));
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_scan, 1, kScanThreads, 0, args_));
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_scatter, dim3(C, pair_blocks), kPairThreads, 0, args_));
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_gather, std::min(kGatherBlocks, max_rows_), kGatherThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_front, std::min(C, kFrontBlocks), kFrontThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_place,
+                           static_cast<unsigned>(std::min<std::uint64_t>(kPlaceBlocks, (max_pairs + kPlaceWarps - 1) / kPlaceWarps)),
+                           kPlaceThreads, 0, args_));
     EAAS_CHECK(grouped_swiglu(gshape_, gemm_, ws_bytes_, stream_));
     EAAS_SSTEP_CUDA(
         launch(stream_, p, k_combine, std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens), kCombineThreads, 0, args_));
-    const std::uint64_t most = sizeof(response_header) + std::uint64_t{cfg_.max_tokens} * cfg_.shape.hidden * 4;
-    // The answers' puts launch plainly (pdl.cuh: a few blocks that each move much data must not be placed while
-    // the combine still fills the SMs: H200 x1, 4096 tokens, combine + answer took 274 us so, 143 us plain).
-    EAAS_SSTEP_CUDA(
-        launch(stream_, false, k_answer, dim3(grid_put_blocks(most, cfg_.put_blocks), C), kPutThreads, 0, args_));
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_summary, 1, kSummaryThreads, 0, args_));
+    if (!cfg_.direct_answers) {
+      const std::uint64_t most = sizeof(response_header) + std::uint64_t{cfg_.max_tokens} * cfg_.shape.hidden * 4;
+      // The answers' puts launch plainly (pdl.cuh: a few blocks that each move much data must not be placed
+      // while the combine still fills the SMs: H200 x1, 4096 tokens, combine + answer took 274 us so, 143 us
+      // plain).
+      EAAS_SSTEP_CUDA(
+          launch(stream_, false, k_answer, dim3(grid_put_blocks(most, cfg_.put_blocks), C), kPutThreads, 0, args_));
+    }
     EAAS_SSTEP_CUDA(cudaGetLastError());
     return status::ok;
   }
@@ -834,18 +1001,17 @@ class step_impl final : public server_step {
   std::size_t pairs_at_ = 0, states_at_ = 0, back_bytes_ = 0;
   cudaStream_t stream_ = nullptr;
   dev_buf<server_slot_config> cfg_dev_;
-  dev_buf<unsigned char> back_;  // head and pairs (zeroed by every round's poll, summarised by k_summary)
+  dev_buf<unsigned char> back_;  // head and pairs (zeroed by every round's poll, then summarised)
   dev_buf<server_slot_state> st_;
   dev_buf<slot_header> hdr_;
   dev_buf<std::uint16_t> ids_;
   dev_buf<float> wts_, row_weight_, y_;
-  dev_buf<std::int32_t> rank_, counts_, offsets_, tok_rows_;
+  dev_buf<std::int32_t> rank_, counts_, offsets_, tok_rows_, pad_row_;
   dev_buf<std::uint32_t> tok_base_, tok_slot_, layer_live_;
-  dev_buf<row_src> src_;
   dev_buf<__nv_bfloat16> x_;
   dev_buf<unsigned char> staging_;
   dev_buf<unsigned long long> direct_;
-  dev_buf<unsigned int> arrivals_;
+  dev_buf<unsigned int> arrivals_, sync_;
   dev_buf<std::uint32_t> round_no_, launch_no_;
   dev_buf<uint4> ws_;
   grouped_swiglu_shape gshape_{};

@@ -4,33 +4,39 @@
 // signal words to the answers in the clients' result regions with no host round trip in between, so that
 // a round is one CUDA graph, captured once and replayed.
 //
-// One round, as kernels on one stream:
-//   poll      one block: acquire loads of every used slot's signal word until one differs from last_sig
-//             (and from ignored_sig: slot_cursor), or a short deadline passes
-//             (poll_ns): the host reads a summary often enough for its bookkeeping (links, leaves,
-//             revocations, dead clients; what it changes takes effect from the next round launched). Then, for up to batch_window_ns, it waits for the other slots
-//             served in the last two rounds that served a request to send too, so that clients in step are
-//             answered in one round (one read of the experts' weights for all of them) instead of taking turns
-//   validate  one block per slot whose word differs from last_sig: the header's commit word read with
-//             acquire, the header copied out of the slot (a private copy: the peer can still write
-//             there), look_at_slot (slot.hpp: another grant's write is ignored, never answered; a request
-//             is taken once committed, whatever the word holds, and the seq taken last never again),
-//             validate_request against the slot's limits and expected seq (consumed exactly as the host
-//             path does), the routing arrays copied, validate_routing per token (the first failing
-//             token's error, as the host's sequential check reports); the response header staged
-//   count     (layer, local expert) row counts of the accepted requests (atomics: each pair's rank)
-//   scan      one block: the accepted requests' token bases (slot order) and the groups' offsets; the
-//             grouped GEMM compacts the active groups from them (kernel shrinking), on the device
-//             (without shrinking, the ablation: each empty group of a layer with a served request gets one
-//             padding row, zeros with weight 0 that no token uses, so the GEMM visits all of that layer's
-//             local experts and reads their weights; answers are the same bits either way)
-//   scatter   each pair's row = offsets[group] + rank: its activation row, router weight, combine slot
-//   gather    rows into x (bf16), grouped_swiglu (counts read on the device), combine (k order, fp32)
-//   answer    grid_put_signal per answered slot: response header and outputs, then the request's seq;
-//             a refused request gets its error header alone (with direct_answers the combine wrote the
-//             outputs straight into the client's result region, and the put carries the header alone)
-//   summary   one block: the round's last stamp, then its head, pair counts and slot states into the host's
-//             pinned buffer for this launch (two, alternating)
+// One round, as kernels on one stream (front, place, the grouped GEMM's, combine, and answer unless the answers
+// are direct):
+//   front     block 0 polls: acquire loads of every used slot's signal word until one differs from last_sig
+//             (and from ignored_sig: slot_cursor), or a short deadline passes (poll_ns): the host reads a
+//             summary often enough for its bookkeeping (links, leaves, revocations, dead clients; what it
+//             changes takes effect from the next round launched). Then, for up to batch_window_ns, it waits for
+//             the other slots served in the last two rounds that served a request to send too, so that clients
+//             in step are answered in one round (one read of the experts' weights for all of them) instead of
+//             taking turns. The other blocks wait for it at a gate. Then each block takes its slots (the slots
+//             walked with the grid's stride), one whose word differs from last_sig as follows: the header's
+//             commit word read with acquire, the header copied out of the slot (a private copy: the peer can
+//             still write there), look_at_slot (slot.hpp: another grant's write is ignored, never answered; a
+//             request is taken once committed, whatever the word holds, and the seq taken last never again),
+//             validate_request against the slot's limits and expected seq (consumed exactly as the host path
+//             does), the routing arrays copied, validate_routing per token (the first failing token's error, as
+//             the host's sequential check reports), the response header staged; an accepted request's rows
+//             counted per (layer, local expert) group (a shared-memory histogram, then one atomic per group:
+//             each entry's rank in its group). The last block to finish scans: the accepted requests' token
+//             bases (slot order) and the groups' offsets; the grouped GEMM compacts the active groups from them
+//             (kernel shrinking), on the device (without shrinking, the ablation: each empty group of a layer
+//             with a served request gets one padding row, zeros with weight 0 that no token uses, so the GEMM
+//             visits all of that layer's local experts and reads their weights; answers are the same bits
+//             either way)
+//   place     a warp per (token, k) pair: its row = offsets[group] + rank, that row's router weight, and its
+//             activation row copied into x (bf16)
+//   grouped_swiglu (counts read on the device)
+//   combine   each token's answer row (k order, fp32). With direct_answers it writes straight into the client's
+//             result region, and its last block to finish answers every slot (response header, then the
+//             request's seq; a refused request gets its error header alone) and writes the summary
+//   answer    (staged answers only) grid_put_signal per answered slot: response header and outputs, then the
+//             request's seq; the last block to finish writes the summary
+//   summary   (by the round's last block, above) the round's last stamp, then its head, pair counts and slot
+//             states into the host's pinned buffer for this launch (two, alternating)
 //
 // Same answers as the host path (expert_step::run): the same bf16 rounding of the rows, the same
 // per-row GEMM, the same combine order. Rows of a group may sit in another order (atomics), which does
@@ -116,10 +122,11 @@ struct server_round_head {
   std::uint32_t padded_rows;    ///< padding rows computed (0 with shrinking)
   std::uint32_t window_ns;      ///< how long the poll then waited for other clients (batch_window_ns)
   // Where the round's time went, on the device's clock (%globaltimer, ns): each stamp is taken by the first
-  // thread of the kernel named (stamp_seen: 0 when the poll's deadline passed with no request).
+  // thread of the step named, stamp_done by the last block of the round's last kernel (stamp_seen: 0 when the
+  // poll's deadline passed with no request).
   std::uint64_t stamp_poll;     ///< the poll began
   std::uint64_t stamp_seen;     ///< the poll saw a request
-  std::uint64_t stamp_gather;   ///< the gather began (validation, counts, scan and scatter are done)
+  std::uint64_t stamp_place;    ///< the placement began (validation, counts and the scan are done)
   std::uint64_t stamp_combine;  ///< the combine began (the grouped GEMM is done)
   std::uint64_t stamp_done;     ///< every answer was put and signalled
 };

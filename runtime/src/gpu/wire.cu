@@ -58,7 +58,7 @@ constexpr std::size_t kWordAt = 0, kBytesAt = 16;
 constexpr int kAcquireThreads = 1024;
 
 // One block: thread 0 loads the word with acquire, the barrier orders every thread's reads after that
-// load (as the device step's k_validate does), and the copy goes straight into mapped host memory, so that
+// load (as the device step's front does for a slot), and the copy goes straight into mapped host memory, so that
 // no copy engine (outside the memory model) reads the slot. One block, so that one load orders every
 // byte (blocks loading the word each could see different values); a full one, so that a routing array of
 // thousands of tokens (4096 × top-8: 192 KiB) takes a dozen rounds of 16-byte loads.
