@@ -250,6 +250,12 @@ class client_impl final : public attention_client {
       std::lock_guard g(stats_mu_);
       stats_.forwards++;
       stats_.device_forwards++;
+      for (const gpu::layer_phases& ph : step_result_.phases) {
+        stats_.device_layers++;
+        stats_.device_send_ns += ph.send_ns;
+        stats_.device_round_ns += ph.round_ns;
+        stats_.device_combine_ns += ph.combine_ns;
+      }
       done = true;
       return status::ok;
     }

@@ -72,6 +72,10 @@ struct client_stats {
   std::uint64_t graph_captures = 0;     ///< CUDA graph captures of the device path
   std::uint64_t capture_retries = 0;    ///< captures begun again after an invalidation, or forwards run uncaptured
   std::uint32_t micro_batches = 1;      ///< micro-batches per forward (micro_batch.hpp; 0: still choosing)
+  /// Device path: where the completed forwards' MoE layers spent their time on the GPU (sums, ns, device
+  /// stamps): dispatch to every request committed, then to the last answer seen, then to the combine's end.
+  std::uint64_t device_layers = 0;
+  std::uint64_t device_send_ns = 0, device_round_ns = 0, device_combine_ns = 0;
 };
 
 /// A server dropped while it held work, and that work answered by replicas.

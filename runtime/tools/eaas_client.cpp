@@ -418,6 +418,10 @@ int main(int argc, char** argv) {
         {"micro_batches", st.micro_batches},
         {"requests", st.requests},
         {"direct_requests", st.direct_requests},
+        {"device_layer_us",
+         {{"send", st.device_layers != 0 ? double(st.device_send_ns) * 1e-3 / double(st.device_layers) : 0.0},
+          {"round", st.device_layers != 0 ? double(st.device_round_ns) * 1e-3 / double(st.device_layers) : 0.0},
+          {"combine", st.device_layers != 0 ? double(st.device_combine_ns) * 1e-3 / double(st.device_layers) : 0.0}}},
         {"trace", trace_result}});
   return 0;
 }

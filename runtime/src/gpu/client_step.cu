@@ -38,6 +38,9 @@ constexpr unsigned kPackBlocks = 32;
 constexpr std::uint32_t kPackUnroll = 8;  // 16-byte vectors each packing thread has in flight
 constexpr int kCombineThreads = 128;
 constexpr std::uint64_t kWaitSliceNs = 1'000'000;  // between checks for a revoked slot
+// Device stamps per layer (%globaltimer): the dispatch began, the wait began (the requests are committed), the
+// last answer was seen, the combine ended.
+enum : std::uint32_t { kStampDispatch = 0, kStampWait = 1, kStampAnswered = 2, kStampDone = 3, kStamps = 4 };
 
 // What the device reads, uploaded before every forward (one copy), in this order, each part 64-byte
 // aligned: head, state[cap], server[cap], nrep[experts], route[experts × rcap].
@@ -153,7 +156,10 @@ __global__ void __launch_bounds__(kDispatchThreads)
                std::uint64_t* stamp) {
   pdl_enter();
   const std::uint32_t s = blockIdx.x, servers = tb.head->servers;
-  if (s == 0 && threadIdx.x == 0) *stamp = eaas::now_ns();
+  if (s == 0 && threadIdx.x == 0) {
+    stamp[kStampDispatch] = eaas::now_ns();
+    stamp[kStampAnswered] = 0;  // k_wait's blocks raise it to their answer's time
+  }
   if (s >= servers) return;  // block-uniform
   __shared__ std::int32_t s_warp[kDispatchThreads / 32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -344,9 +350,11 @@ __global__ void __launch_bounds__(kPackThreads)
 // Block s (thread 0): waits for server s's answer (bounded), checks its header. The acquire of the
 // wait orders this thread's reads of the header after the server's writes; the combine (a later kernel)
 // reads the rows after this kernel ended. It spins: it does not let the combine's blocks in early (pdl.cuh).
-__global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, std::uint64_t timeout_ns) {
+__global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, std::uint64_t timeout_ns,
+                       std::uint64_t* stamp) {
   pdl_wait();
   const std::uint32_t s = blockIdx.x;
+  if (s == 0 && threadIdx.x == 0) stamp[kStampWait] = eaas::now_ns();
   if (s >= tb.head->servers || threadIdx.x != 0) return;
   const dev_job j = jobs[s];
   if (j.seq == 0) return;
@@ -365,7 +373,11 @@ __global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, 
   const std::uint64_t start = eaas::now_ns();
   for (;;) {
     const status st = wait_signal(sv.ep, sig, cmp_op::ge, j.seq, timeout{kWaitSliceNs});
-    if (st == status::ok) break;
+    if (st == status::ok) {
+      atomicMax(reinterpret_cast<unsigned long long*>(stamp + kStampAnswered),
+                static_cast<unsigned long long>(eaas::now_ns()));
+      break;
+    }
     if (st != status::timeout) {
       fail_server(tb, s, st == status::aborted ? step_fail::aborted : step_fail::peer_gone, layer,
                   static_cast<std::uint32_t>(st));
@@ -471,9 +483,9 @@ class step_impl final : public client_step {
     EAAS_CHECK(weights_.alloc(L * T * K * 4));
     EAAS_CHECK(asg_server_.alloc(T * K * 4));
     EAAS_CHECK(asg_local_.alloc(T * K * 4));
-    EAAS_CHECK(stamps_.alloc(L * 2 * 8));
+    EAAS_CHECK(stamps_.alloc(L * kStamps * 8));
     EAAS_CHECK(ticket_.alloc(4));
-    back_bytes_ = T * H * 4 + 2 * L * T * K * 4 + L * 2 * 8;
+    back_bytes_ = T * H * 4 + 2 * L * T * K * 4 + L * kStamps * 8;
     EAAS_STEPC_CUDA(cudaMallocHost(&back_host_, back_bytes_));
     stage_stride_ = 256;  // each server's request header: the commit's source
     EAAS_STEPC_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
@@ -564,7 +576,7 @@ class step_impl final : public client_step {
     EAAS_STEPC_CUDA(cudaMemcpyAsync(table_host_, table_.p, tl.server, cudaMemcpyDeviceToHost, stream_));
     unsigned char* b = back_host_;
     const std::size_t stamps_at = T * H * 4 + 2 * L * T * K * 4;
-    EAAS_STEPC_CUDA(cudaMemcpyAsync(b + stamps_at, stamps_.p, L * 2 * 8, cudaMemcpyDeviceToHost, stream_));
+    EAAS_STEPC_CUDA(cudaMemcpyAsync(b + stamps_at, stamps_.p, L * kStamps * 8, cudaMemcpyDeviceToHost, stream_));
     if (full) {
       EAAS_STEPC_CUDA(cudaMemcpyAsync(b, x_.p, T * H * 4, cudaMemcpyDeviceToHost, stream_));
       for (std::size_t l = 0; l < L; ++l) {
@@ -591,10 +603,17 @@ class step_impl final : public client_step {
       r.layers.clear();
     }
     r.layer_ns.resize(L);
+    r.phases.resize(L);
     for (std::size_t l = 0; l < L; ++l) {
-      std::uint64_t st[2];
-      std::memcpy(st, b + stamps_at + l * 16, 16);
-      r.layer_ns[l] = st[1] > st[0] ? st[1] - st[0] : 0;
+      std::uint64_t st[kStamps];
+      std::memcpy(st, b + stamps_at + l * kStamps * 8, sizeof(st));
+      const auto span = [](std::uint64_t from, std::uint64_t to) { return from != 0 && to > from ? to - from : 0; };
+      r.layer_ns[l] = span(st[kStampDispatch], st[kStampDone]);
+      // No answer seen (no request in this layer): the whole layer is sending and combining.
+      const std::uint64_t answered = st[kStampAnswered] != 0 ? st[kStampAnswered] : st[kStampWait];
+      r.phases[l] = layer_phases{.send_ns = span(st[kStampDispatch], st[kStampWait]),
+                                 .round_ns = span(st[kStampWait], answered),
+                                 .combine_ns = span(answered, st[kStampDone])};
     }
     r.outcomes.resize(S);
     bool any = false;
@@ -703,12 +722,13 @@ class step_impl final : public client_step {
       auto* tok = tok_.as<std::int32_t>();
       auto* staging = staging_.as<unsigned char>();
       EAAS_STEPC_CUDA(launch(stream_, p, k_dispatch, cap_, kDispatchThreads, 0, tb, jobs, ids, T, H, K, sh.experts, rcap_,
-                             l, asg_server, asg_local, row_of, tok, stamps + 2 * l));
+                             l, asg_server, asg_local, row_of, tok, stamps + kStamps * l));
       EAAS_STEPC_CUDA(launch(stream_, p, k_pack, dim3(cap_, std::min(kPackBlocks, T)), kPackThreads, 0, tb, jobs, tok,
                              asg_server, asg_local, w, normed, T, H, K, l, staging, stage_stride_));
-      EAAS_STEPC_CUDA(launch(stream_, p, k_wait, cap_, 32, 0, tb, jobs, l, cfg_.request_timeout_ns));
+      EAAS_STEPC_CUDA(
+          launch(stream_, p, k_wait, cap_, 32, 0, tb, jobs, l, cfg_.request_timeout_ns, stamps + kStamps * l));
       EAAS_STEPC_CUDA(launch(stream_, p, k_combine, T, kCombineThreads, 0, tb, jobs, row_of, T, H, x,
-                             ticket_.as<unsigned int>(), stamps + 2 * l + 1));
+                             ticket_.as<unsigned int>(), stamps + kStamps * l + kStampDone));
       EAAS_STEPC_CUDA(cudaGetLastError());
     }
     return status::ok;

@@ -138,10 +138,18 @@ struct step_outcome {
 };
 
 /// What one forward left.
+/// Where one MoE layer's time went on the client's GPU (device clock, ns).
+struct layer_phases {
+  std::uint64_t send_ns = 0;     ///< dispatch began .. every request committed (the wait began)
+  std::uint64_t round_ns = 0;    ///< .. the last answer seen: the servers' time and both detections
+  std::uint64_t combine_ns = 0;  ///< .. the combine ended
+};
+
 struct step_result {
   std::vector<float> out;                ///< hidden states, tokens × hidden (empty without host_output)
   std::vector<runtime::routing> layers;  ///< each layer's routing, as computed on the device (ditto)
   std::vector<std::uint64_t> layer_ns;   ///< each MoE layer's round trip (dispatch to combine, device clock)
+  std::vector<layer_phases> phases;      ///< the same, split
   std::vector<step_outcome> outcomes;    ///< one per server, in the order given
   bool complete = false;                 ///< no server failed and the table covered every entry: `out` is right
 };
