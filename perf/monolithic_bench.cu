@@ -20,6 +20,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -102,6 +103,24 @@ std::vector<double> time_loop(cudaStream_t st, int warm, int reps, const std::fu
     us.push_back(ms * 1e3);
   }
   for (auto& e : ev) EAAS_CU(cudaEventDestroy(e));
+  return us;
+}
+
+// Per-step times (µs, host clock) of `reps` decode-loop steps after `warm` untimed ones: each step uploads its
+// tokens, runs `body`, reads a token's worth of output per token back and waits for it, as a serving loop must
+// (the next step's tokens come from this one's output). Both buffers are pinned host memory.
+std::vector<double> step_loop(cudaStream_t st, int warm, int reps, const std::function<void()>& body,
+                              std::uint32_t* d_tokens, const std::uint32_t* h_tokens, const float* d_out, float* h_out,
+                              std::uint32_t T) {
+  std::vector<double> us;
+  for (int i = 0; i < warm + reps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    EAAS_CU(cudaMemcpyAsync(d_tokens, h_tokens, std::size_t{T} * 4, cudaMemcpyHostToDevice, st));
+    body();
+    EAAS_CU(cudaMemcpyAsync(h_out, d_out, std::size_t{T} * 4, cudaMemcpyDeviceToHost, st));
+    EAAS_CU(cudaStreamSynchronize(st));
+    if (i >= warm) us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  }
   return us;
 }
 
@@ -567,11 +586,14 @@ int main(int argc, char** argv) {
       "# forward = embed + %u x (attention stand-in (cost %u) + rmsnorm + router + local MoE); times in us: %d\n"
       "#   back-to-back forwards after %d untimed; tok/s = tokens / t_typical (median); layer_us = t_typical /\n"
       "#   layers; tok/s@depth = tokens / (layer_us x the model's MoE layers); active = experts with rows per\n"
-      "#   layer (mean); #wrong = outputs not bit-equal across eager / graph / unshrunk, or not finite\n",
-      layers, attention_cost, reps, warm);
-  std::printf("%-14s %6s %6s %5s %6s %10s %10s %10s %10s %10s %12s %12s %7s %6s\n", "#model", "layers", "tokens",
-              "graph", "shrink", "t_min", "t_typical", "t_avg", "p99", "layer_us", "tok/s", "tok/s@depth", "active",
-              "#wrong");
+      "#   layer (mean); #wrong = outputs not bit-equal across eager / graph / unshrunk, or not finite;\n"
+      "#   step_us = median of %d decode-loop steps, each synchronized on the host (tokens up, forward, T x 4 bytes\n"
+      "#   of output back, wait: what a serving loop pays per step, host turn included); step tok/s = tokens /\n"
+      "#   step_us\n",
+      layers, attention_cost, reps, warm, reps);
+  std::printf("%-14s %6s %6s %5s %6s %10s %10s %10s %10s %10s %12s %12s %7s %6s %10s %12s\n", "#model", "layers",
+              "tokens", "graph", "shrink", "t_min", "t_typical", "t_avg", "p99", "layer_us", "tok/s", "tok/s@depth",
+              "active", "#wrong", "step_us", "step tok/s");
   nlohmann::json out = {{"tool", "eaas-monolithic"},        {"date", today_utc()}, {"gpu", prop.name},
                         {"sms", prop.multiProcessorCount},  {"gpus", gpus},        {"layers", layers},
                         {"attention_cost", attention_cost}, {"vocab", vocab},      {"reps", reps}};
@@ -600,6 +622,11 @@ int main(int argc, char** argv) {
       std::vector<std::uint32_t> toks(T);
       for (auto& v : toks) v = static_cast<std::uint32_t>(rng() % vocab);
       EAAS_CU(cudaMemcpyAsync(mono->tokens(), toks.data(), T * sizeof(std::uint32_t), cudaMemcpyHostToDevice, st));
+      std::uint32_t* h_tokens = nullptr;  // pinned, for the decode-loop steps
+      float* h_out = nullptr;
+      EAAS_CU(cudaMallocHost(&h_tokens, std::size_t{T} * 4));
+      EAAS_CU(cudaMallocHost(&h_out, std::size_t{T} * 4));
+      std::memcpy(h_tokens, toks.data(), std::size_t{T} * 4);
       const std::size_t n = std::size_t{T} * md.hidden;
 
       // Validate: eager (shrink on) is the reference; unshrunk and graph replays must match it bit for bit.
@@ -634,16 +661,23 @@ int main(int argc, char** argv) {
           all_ok = all_ok && wrong == 0;
 
           const latency_stats s = summarize(time_loop(st, warm, reps, body));
+          const latency_stats step = summarize(
+              step_loop(st, warm, reps, body, mono->tokens(), h_tokens, mono->hidden_states(), h_out, T));
           if (exec != nullptr) EAAS_CU(cudaGraphExecDestroy(exec));
           point p = point_of(md, layers, T, graph, shrink, s, wrong);
-          std::printf("%-14s %6u %6u %5d %6d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %12.0f %7.1f %6zu\n",
+          const double step_tps = static_cast<double>(T) / (step.t_typical * 1e-6);
+          std::printf("%-14s %6u %6u %5d %6d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %12.0f %7.1f %6zu %10.1f %12.0f\n",
                       md.name.c_str(), layers, T, graph ? 1 : 0, shrink ? 1 : 0, s.t_min, s.t_typical, s.t_avg, s.p99,
-                      p.layer_us, p.tps, p.tps_depth, active_mean, wrong);
+                      p.layer_us, p.tps, p.tps_depth, active_mean, wrong, step.t_typical, step_tps);
+          p.json["step_time"] = to_json(0, step);
+          p.json["tokens_per_s_step"] = step_tps;
           std::fflush(stdout);
           p.json["active_experts_per_layer"] = active_mean;
           p.json["grouped_gemm_error"] = err;
           points.push_back(std::move(p.json));
         }
+      EAAS_CU(cudaFreeHost(h_tokens));
+      EAAS_CU(cudaFreeHost(h_out));
     }
   }
   out["points"] = points;

@@ -406,10 +406,13 @@ __global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, 
 }
 
 // Block t: x[t] += Σ over the servers that answered this layer, in table order, of their row for t. The last
-// block to finish stamps the layer's end (ticket: a device word, 0 again after).
+// block to finish stamps the layer's end (ticket: a device word, 0 again after); in the forward's last layer it
+// then writes the forward's summary into the host's mapped pinned buffer: the table's head and states
+// (head_bytes from tb.head), then every layer's stamps (stamp_words from `stamps`). No copy follows the forward.
 __global__ void __launch_bounds__(kCombineThreads)
     k_combine(dev_tables tb, const dev_job* jobs, const std::int32_t* row_of, std::uint32_t tokens,
-              std::uint32_t hidden, float* x, unsigned int* ticket, std::uint64_t* stamp) {
+              std::uint32_t hidden, float* x, unsigned int* ticket, std::uint64_t* stamp, unsigned char* summary,
+              std::uint32_t head_bytes, const std::uint64_t* stamps, std::uint32_t stamp_words) {
   pdl_enter();
   const std::uint32_t t = blockIdx.x, servers = tb.head->servers, vecs = hidden / 4;
   float4* xr = reinterpret_cast<float4*>(x + std::size_t{t} * hidden);
@@ -433,12 +436,25 @@ __global__ void __launch_bounds__(kCombineThreads)
     o.w += acc.w;
     xr[v] = o;
   }
+  __shared__ int s_last;
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*ticket);
-  if (done.fetch_add(1, cuda::std::memory_order_relaxed) + 1 != gridDim.x) return;
-  done.store(0, cuda::std::memory_order_relaxed);
-  *stamp = eaas::now_ns();
+  if (threadIdx.x == 0) {
+    cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*ticket);
+    s_last = done.fetch_add(1, cuda::std::memory_order_relaxed) + 1 == gridDim.x ? 1 : 0;
+    if (s_last != 0) {
+      done.store(0, cuda::std::memory_order_relaxed);
+      *stamp = eaas::now_ns();
+    }
+  }
+  __syncthreads();
+  if (s_last == 0 || summary == nullptr) return;
+  // Written by earlier kernels (and this block's thread 0): read from L2.
+  const auto* from = reinterpret_cast<const unsigned int*>(tb.head);
+  auto* to = reinterpret_cast<unsigned int*>(summary);
+  for (std::uint32_t w = threadIdx.x; w < head_bytes / 4; w += blockDim.x) to[w] = __ldcg(from + w);
+  auto* to_stamps = reinterpret_cast<unsigned long long*>(summary + head_bytes);
+  for (std::uint32_t w = threadIdx.x; w < stamp_words; w += blockDim.x)
+    to_stamps[w] = __ldcg(reinterpret_cast<const unsigned long long*>(stamps) + w);
 }
 
 class step_impl final : public client_step {
@@ -454,9 +470,10 @@ class step_impl final : public client_step {
       cudaStreamDestroy(stream_);
     }
     cudaFreeHost(table_host_);
+    cudaFreeHost(summary_host_);
     cudaFreeHost(back_host_);
     dense_.reset();
-    for (device_buffer* b : {&table_, &jobs_, &ticket_, &row_of_, &tok_, &staging_, &tokens_, &x_, &normed_, &ids_,
+    for (device_buffer* b : {&table_, &jobs_, &ticket_, &row_of_, &tok_, &staging_, &x_, &normed_, &ids_,
                              &weights_, &asg_server_, &asg_local_, &stamps_})
       release(*b);
   }
@@ -476,7 +493,6 @@ class step_impl final : public client_step {
     EAAS_STEPC_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     pdl_ = cfg_.pdl && pdl_supported(cfg_.device);
     const std::size_t T = cfg_.max_tokens, H = sh.hidden, K = sh.topk, L = sh.layers;
-    EAAS_CHECK(tokens_.alloc(T * 4));
     EAAS_CHECK(x_.alloc(T * H * 4));
     EAAS_CHECK(normed_.alloc(T * H * 2));
     EAAS_CHECK(ids_.alloc(L * T * K * 4));
@@ -485,7 +501,7 @@ class step_impl final : public client_step {
     EAAS_CHECK(asg_local_.alloc(T * K * 4));
     EAAS_CHECK(stamps_.alloc(L * kStamps * 8));
     EAAS_CHECK(ticket_.alloc(4));
-    back_bytes_ = T * H * 4 + 2 * L * T * K * 4 + L * kStamps * 8;
+    back_bytes_ = T * H * 4 + 2 * L * T * K * 4;
     EAAS_STEPC_CUDA(cudaMallocHost(&back_host_, back_bytes_));
     stage_stride_ = 256;  // each server's request header: the commit's source
     EAAS_STEPC_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
@@ -506,7 +522,8 @@ class step_impl final : public client_step {
       return EAAS_GPU_FAIL(status::invalid_argument, "gpu client step: 1 .. 65536 servers");
     const auto S = static_cast<std::uint32_t>(servers.size());
     // Each expert's hosts, in the order of `servers`.
-    hosts_.assign(sh.experts, {});
+    hosts_.resize(sh.experts);
+    for (auto& h : hosts_) h.clear();  // keeps their capacity: no allocation per forward
     for (std::uint32_t s = 0; s < S; ++s)
       for (const auto& [e, local] : servers[s].experts)
         if (e < sh.experts) hosts_[e].push_back({static_cast<std::int32_t>(s), local});
@@ -563,20 +580,19 @@ class step_impl final : public client_step {
     }
     auto* tok_host = reinterpret_cast<std::uint32_t*>(table_host_ + tl.bytes);
     std::memcpy(tok_host, tokens.data(), std::size_t{T} * 4);
-    EAAS_STEPC_CUDA(cudaMemcpyAsync(table_.p, table_host_, tl.bytes, cudaMemcpyHostToDevice, stream_));
-    EAAS_STEPC_CUDA(cudaMemcpyAsync(tokens_.p, tok_host, std::size_t{T} * 4, cudaMemcpyHostToDevice, stream_));
+    // One copy: the tokens sit right after the table on the device too.
+    EAAS_STEPC_CUDA(
+        cudaMemcpyAsync(table_.p, table_host_, tl.bytes + std::size_t{T} * 4, cudaMemcpyHostToDevice, stream_));
     if (replay) {
       EAAS_STEPC_CUDA(cudaGraphLaunch(exec_, stream_));
     } else {
       EAAS_CHECK(enqueue(T));
     }
-    // Back: head and states (into the mirror), stamps, and with host_output the hidden states and routing.
+    // Back: the head, states and stamps are in summary_host_ once the forward completed (its last kernel wrote
+    // them); with host_output the hidden states and routing are copied.
     const std::size_t H = sh.hidden, K = sh.topk, L = sh.layers, TM = cfg_.max_tokens;
     const bool full = cfg_.host_output;
-    EAAS_STEPC_CUDA(cudaMemcpyAsync(table_host_, table_.p, tl.server, cudaMemcpyDeviceToHost, stream_));
     unsigned char* b = back_host_;
-    const std::size_t stamps_at = T * H * 4 + 2 * L * T * K * 4;
-    EAAS_STEPC_CUDA(cudaMemcpyAsync(b + stamps_at, stamps_.p, L * kStamps * 8, cudaMemcpyDeviceToHost, stream_));
     if (full) {
       EAAS_STEPC_CUDA(cudaMemcpyAsync(b, x_.p, T * H * 4, cudaMemcpyDeviceToHost, stream_));
       for (std::size_t l = 0; l < L; ++l) {
@@ -602,11 +618,13 @@ class step_impl final : public client_step {
       r.out.clear();
       r.layers.clear();
     }
+    const auto* done_head = reinterpret_cast<const dev_head*>(summary_host_);
+    const auto* done_state = reinterpret_cast<const dev_state*>(summary_host_ + tl.state);
     r.layer_ns.resize(L);
     r.phases.resize(L);
     for (std::size_t l = 0; l < L; ++l) {
       std::uint64_t st[kStamps];
-      std::memcpy(st, b + stamps_at + l * kStamps * 8, sizeof(st));
+      std::memcpy(st, summary_host_ + tl.server + l * kStamps * 8, sizeof(st));
       const auto span = [](std::uint64_t from, std::uint64_t to) { return from != 0 && to > from ? to - from : 0; };
       r.layer_ns[l] = span(st[kStampDispatch], st[kStampDone]);
       // No answer seen (no request in this layer): the whole layer is sending and combining.
@@ -619,16 +637,17 @@ class step_impl final : public client_step {
     bool any = false;
     for (std::uint32_t s = 0; s < S; ++s) {
       step_outcome& o = r.outcomes[s];
-      o.fail = static_cast<step_fail>(state[s].fail);
-      o.layer = state[s].layer;
-      o.detail = state[s].detail;
-      o.seq = state[s].seq;
-      o.requests = state[s].requests;
-      o.direct_requests = state[s].direct;
+      const dev_state& d = done_state[s];
+      o.fail = static_cast<step_fail>(d.fail);
+      o.layer = d.layer;
+      o.detail = d.detail;
+      o.seq = d.seq;
+      o.requests = d.requests;
+      o.direct_requests = d.direct;
       servers[s].seq = o.seq;
       any = any || o.fail != step_fail::none;
     }
-    r.complete = head->failed == 0 && !any;
+    r.complete = done_head->failed == 0 && !any;
     return status::ok;
   }
 
@@ -645,10 +664,16 @@ class step_impl final : public client_step {
     rcap_ = std::max({R, rcap_, 2u});
     const std::size_t T = cfg_.max_tokens;
     const table_layout tl = table_for(cap_, rcap_, cfg_.shape.experts);
-    EAAS_CHECK(realloc(table_, tl.bytes));
+    EAAS_CHECK(realloc(table_, tl.bytes + T * 4));  // the table, then the tokens
     if (table_host_ != nullptr) EAAS_STEPC_CUDA(cudaFreeHost(table_host_));
     table_host_ = nullptr;
     EAAS_STEPC_CUDA(cudaMallocHost(&table_host_, tl.bytes + T * 4));
+    if (summary_host_ != nullptr) EAAS_STEPC_CUDA(cudaFreeHost(summary_host_));
+    summary_host_ = nullptr;
+    const std::size_t summary_bytes = tl.server + std::size_t{cfg_.shape.layers} * kStamps * 8;
+    EAAS_STEPC_CUDA(cudaHostAlloc(&summary_host_, summary_bytes, cudaHostAllocMapped));
+    std::memset(summary_host_, 0, summary_bytes);
+    EAAS_STEPC_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&summary_dev_), summary_host_, 0));
     EAAS_CHECK(realloc(jobs_, sizeof(dev_job) * cap_));
     EAAS_CHECK(realloc(row_of_, std::size_t{cap_} * T * 4));
     EAAS_CHECK(realloc(tok_, std::size_t{cap_} * T * 4));
@@ -708,7 +733,8 @@ class step_impl final : public client_step {
     auto* normed = normed_.as<__nv_bfloat16>();
     auto* jobs = jobs_.as<dev_job>();
     auto* stamps = stamps_.as<std::uint64_t>();
-    EAAS_CHECK(dense_->embed(tokens_.as<std::uint32_t>(), T, x, stream_));
+    const table_layout tl = table_for(cap_, rcap_, sh.experts);
+    EAAS_CHECK(dense_->embed(reinterpret_cast<const std::uint32_t*>(table_.as<unsigned char>() + tl.bytes), T, x, stream_));
     for (std::uint32_t l = 0; l < sh.layers; ++l) {
       std::uint32_t* ids = ids_.as<std::uint32_t>() + l * TM * K;
       float* w = weights_.as<float>() + l * TM * K;
@@ -728,7 +754,9 @@ class step_impl final : public client_step {
       EAAS_STEPC_CUDA(
           launch(stream_, p, k_wait, cap_, 32, 0, tb, jobs, l, cfg_.request_timeout_ns, stamps + kStamps * l));
       EAAS_STEPC_CUDA(launch(stream_, p, k_combine, T, kCombineThreads, 0, tb, jobs, row_of, T, H, x,
-                             ticket_.as<unsigned int>(), stamps + kStamps * l + kStampDone));
+                             ticket_.as<unsigned int>(), stamps + kStamps * l + kStampDone,
+                             l + 1 == sh.layers ? summary_dev_ : nullptr, static_cast<std::uint32_t>(tl.server), stamps,
+                             sh.layers * kStamps));
       EAAS_STEPC_CUDA(cudaGetLastError());
     }
     return status::ok;
@@ -742,8 +770,12 @@ class step_impl final : public client_step {
   bool pdl_ = false;     // cfg_.pdl where the device supports it
   device_buffer table_, jobs_, row_of_, tok_, staging_;
   device_buffer ticket_;  // k_combine's
-  device_buffer tokens_, x_, normed_, ids_, weights_, asg_server_, asg_local_, stamps_;
+  device_buffer x_, normed_, ids_, weights_, asg_server_, asg_local_, stamps_;
   unsigned char* table_host_ = nullptr;  // pinned: the table, then the tokens
+  // Pinned and mapped: a forward's summary (the table's head and states, then the stamps), written by its last
+  // kernel; summary_dev_ is its device address.
+  unsigned char* summary_host_ = nullptr;
+  unsigned char* summary_dev_ = nullptr;
   unsigned char* back_host_ = nullptr;   // pinned: what a forward reads back
   std::size_t back_bytes_ = 0;
   std::vector<std::vector<std::pair<std::int32_t, std::uint32_t>>> hosts_;

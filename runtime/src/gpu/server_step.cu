@@ -587,6 +587,12 @@ __global__ void __launch_bounds__(kPlaceThreads) k_place(round_args a) {
 // stream (the next round's poll starts right after). The host reads it once the event after the round
 // completed. What other blocks of the kernel wrote is read from L2.
 __device__ void summarize(const round_args& a) {
+  // The served requests that get no answer (the grouped GEMM refused its plan): their put_result says why.
+  if (a.head->gemm_error != 0)
+    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x)
+      if (a.st[i].verdict == static_cast<std::uint32_t>(slot_verdict::served))
+        atomicCAS(&a.st[i].put_result, 0, static_cast<int>(status::internal_error));
+  __syncthreads();
   __shared__ unsigned char* s_to;
   if (threadIdx.x == 0) {
     a.head->stamp_done = eaas::now_ns();
@@ -605,16 +611,13 @@ __device__ void summarize(const round_args& a) {
 
 // Slot i's answer as a grid_put (its staging copy: response header, then the outputs unless the combine wrote
 // them straight into the client's region), or false when it has none. A served request whose GEMM did not run
-// (the plan was refused) gets no answer: its put_result says why (set once, by `first`).
-__device__ bool answer_of(const round_args& a, std::uint32_t i, bool first, grid_put& j) {
+// (the plan was refused) gets no answer (unanswered() says why).
+__device__ bool answer_of(const round_args& a, std::uint32_t i, grid_put& j) {
   server_slot_state& st = a.st[i];
   const auto verdict = static_cast<slot_verdict>(st.verdict);
   std::uint64_t bytes = sizeof(response_header);
   if (verdict == slot_verdict::served) {
-    if (a.head->gemm_error != 0) {
-      if (first) atomicCAS(&st.put_result, 0, static_cast<int>(status::internal_error));
-      return false;
-    }
+    if (a.head->gemm_error != 0) return false;
     if (a.direct[i] == 0) bytes += std::uint64_t{st.tokens} * a.hidden * 4;
   } else if (verdict != slot_verdict::refused) {
     return false;
@@ -669,15 +672,18 @@ __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
     }
   }
   if (a.direct_answers == 0) return;  // grid-uniform: k_answer puts the staged answers
-  // The block's stores to peers, then a system-scope fence and the arrival (last_to_arrive): the last block
-  // has acquired every block's release, and its signals (st.release.sys, cumulative) publish them.
-  if (!last_to_arrive<cuda::thread_scope_system>(a, kBackTicket, gridDim.x)) return;
+  // The blocks that combined a token (block 0 at least), each after its stores to peers, a system-scope fence
+  // and the arrival (last_to_arrive): the last block has acquired every block's release, and its signals
+  // (st.release.sys, cumulative) publish them. The others wrote nothing: no fence, no arrival.
+  const unsigned arrivers = a.head->gemm_error == 0 ? max(1u, min(gridDim.x, a.head->tokens)) : 1u;
+  if (blockIdx.x >= arrivers) return;  // block-uniform
+  if (!last_to_arrive<cuda::thread_scope_system>(a, kBackTicket, arrivers)) return;
   __shared__ int s_whole;
   if (threadIdx.x == 0) s_whole = 0;
   __syncthreads();
   for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
     grid_put j;
-    if (!answer_of(a, i, true, j)) continue;
+    if (!answer_of(a, i, j)) continue;
     if (j.ep.transport != transport_kind::nvlink) {  // grid_put's transports (the server links no other)
       atomicCAS(j.result, 0, static_cast<int>(status::unsupported));
       continue;
@@ -696,7 +702,7 @@ __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
   if (s_whole != 0) {  // block-uniform
     for (std::uint32_t i = 0; i < a.clients; ++i) {
       grid_put j;
-      if (answer_of(a, i, false, j) && j.bytes != sizeof(response_header)) grid_put_signal(j, 0, 1);
+      if (answer_of(a, i, j) && j.bytes != sizeof(response_header)) grid_put_signal(j, 0, 1);
       __syncthreads();
     }
   }
@@ -706,12 +712,24 @@ __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
 }
 
 // Staged answers. Block (x, i): slot i's answer, if it has one: put and signalled from gridDim.x blocks. The
-// last block to finish writes the round's summary.
+// last block to finish writes the round's summary: the blocks of the slots with an answer arrive (block (0, 0)
+// too where no slot has one), the others return at once.
 __global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
   pdl_enter();
   grid_put j;
-  if (answer_of(a, blockIdx.y, blockIdx.x == 0 && threadIdx.x == 0, j)) grid_put_signal(j, blockIdx.x, gridDim.x);
-  if (!last_to_arrive<cuda::thread_scope_device>(a, kBackTicket, gridDim.x * gridDim.y)) return;
+  const bool mine = answer_of(a, blockIdx.y, j);
+  if (mine) grid_put_signal(j, blockIdx.x, gridDim.x);
+  __shared__ unsigned s_answers;  // slots with an answer (each block counts them: a few loads)
+  if (threadIdx.x == 0) s_answers = 0;
+  __syncthreads();
+  for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
+    grid_put unused;
+    if (answer_of(a, i, unused)) atomicAdd(&s_answers, 1u);
+  }
+  __syncthreads();
+  const unsigned answers = s_answers;
+  if (!(mine || (answers == 0 && blockIdx.x == 0 && blockIdx.y == 0))) return;  // block-uniform
+  if (!last_to_arrive<cuda::thread_scope_device>(a, kBackTicket, answers == 0 ? 1u : answers * gridDim.x)) return;
   summarize(a);
   if (threadIdx.x == 0) sync_word(a, kBackTicket).store(0, cuda::std::memory_order_relaxed);
 }
