@@ -173,15 +173,29 @@ __device__ void poll(const round_args& a, std::uint64_t& s_until) {
   }
   __syncthreads();
   const std::uint64_t until = s_until;
+  const std::uint32_t round = *a.round_no + 1;  // this round's number, if it serves anything
+  // A used slot served in one of the last two rounds that served anything: the batch window waits for it.
+  const auto recent = [&](std::uint32_t i) {
+    const std::uint32_t served = a.st[i].served_round;
+    return a.cfg[i].used != 0 && served != 0 && round - served <= 2;
+  };
+  bool missing = false;
   for (;;) {
-    int found = 0;
+    int found = 0, absent = 0;
     // A word still holding a value no new request explained (a foreign write already ignored) does not
     // end the wait (it would end every round's at once); the validation still looks at it, so an owner's
-    // request that happens to carry the same value waits for the deadline at most.
-    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x)
-      if (a.cfg[i].used != 0 && has_request(a, i)) found = 1;
+    // request that happens to carry the same value waits for the deadline at most. The same pass sees
+    // whether the window would wait for anyone.
+    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
+      const bool has = a.cfg[i].used != 0 && has_request(a, i);
+      if (has) found = 1;
+      if (!has && recent(i)) absent = 1;
+    }
     const int expired = threadIdx.x == 0 && eaas::now_ns() >= until ? 1 : 0;
-    if (__syncthreads_or(found) != 0) break;
+    if (__syncthreads_or(found) != 0) {
+      missing = __syncthreads_or(absent) != 0;
+      break;
+    }
     if (__syncthreads_or(expired) != 0) return;
     __nanosleep(100);
   }
@@ -191,18 +205,14 @@ __device__ void poll(const round_args& a, std::uint64_t& s_until) {
     s_until = t + a.batch_window_ns;
   }
   __syncthreads();
-  if (a.batch_window_ns == 0) return;
+  if (a.batch_window_ns == 0 || !missing) return;  // block-uniform; nobody to wait for: window_ns stays 0
   const std::uint64_t seen = s_until - a.batch_window_ns, window_end = s_until;
-  const std::uint32_t round = *a.round_no + 1;  // this round's number, if it serves anything
   for (;;) {
-    int missing = 0;
-    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
-      const std::uint32_t served = a.st[i].served_round;
-      const bool recent = served != 0 && round - served <= 2;
-      if (a.cfg[i].used != 0 && recent && !has_request(a, i)) missing = 1;
-    }
+    int waiting = 0;
+    for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x)
+      if (recent(i) && !has_request(a, i)) waiting = 1;
     const int expired = threadIdx.x == 0 && eaas::now_ns() >= window_end ? 1 : 0;
-    const int done = __syncthreads_or(missing) == 0 ? 1 : 0;
+    const int done = __syncthreads_or(waiting) == 0 ? 1 : 0;
     if (done != 0 || __syncthreads_or(expired) != 0) {
       if (threadIdx.x == 0) {
         const std::uint64_t waited = eaas::now_ns() - seen;
