@@ -31,11 +31,13 @@ constexpr const char* kWho = "gpu client step";
 
 constexpr int kDispatchThreads = 1024;
 constexpr std::uint32_t kRouteUnroll = 8;  // routing entries a dispatch thread looks up at a time
-constexpr int kPackThreads = 128;
+// Threads per packing block: the server's blocks are few (kPackBlocks), so each holds many copies in flight.
+constexpr int kPackThreads = 512;
 // Blocks per server writing its request into the server's GPU: more writers into one GPU at once slow every
 // transfer into it (docs/PERF.md, the all-to-all's combine).
 constexpr unsigned kPackBlocks = 32;
-constexpr std::uint32_t kPackUnroll = 8;  // 16-byte vectors each packing thread has in flight
+constexpr std::uint32_t kPackUnroll = 8;   // 16-byte vectors each packing thread has in flight
+constexpr std::uint32_t kEntryUnroll = 4;  // routing entries each packing thread has in flight
 constexpr int kCombineThreads = 128;
 constexpr std::uint64_t kWaitSliceNs = 1'000'000;  // between checks for a revoked slot
 // Device stamps per layer (%globaltimer): the dispatch began, the wait began (the requests are committed), the
@@ -297,7 +299,8 @@ __global__ void __launch_bounds__(kPackThreads)
   auto* w_out = reinterpret_cast<float*>(out + l.weights);
   // The rows as one flat range of 16-byte vectors over the server's blocks, kPackUnroll per thread at a time,
   // every load issued before any store: one vector in flight per thread left the copy latency-bound (2 MiB at
-  // Qwen3 x 512 tokens from at most 32 blocks).
+  // Qwen3 x 512 tokens from at most 32 blocks; 128 threads per block still took 31 us there, 163 us for the
+  // 16 MiB of 4096 tokens: H200 x1, docs/PERF.md session 11).
   const std::uint32_t vecs = hidden / 8;  // 16-byte vectors of bf16 per row (hidden % 8 == 0)
   const std::uint64_t total = std::uint64_t{n} * vecs, stride = std::uint64_t{ny} * blockDim.x;
   auto* act = reinterpret_cast<uint4*>(out + l.activations);
@@ -319,14 +322,35 @@ __global__ void __launch_bounds__(kPackThreads)
       if (q < total) act[q] = v[u];
     }
   }
-  // Each row's k entries: the local id where the entry went to s, else kNoExpert.
-  for (std::uint64_t q = std::uint64_t{blockIdx.y} * blockDim.x + threadIdx.x; q < std::uint64_t{n} * topk;
-       q += stride) {
-    const auto r = static_cast<std::uint32_t>(q / topk), k = static_cast<std::uint32_t>(q % topk);
-    const std::size_t ent = std::size_t(list[r]) * topk + k;
-    const bool mine = asg_server[ent] == static_cast<std::int32_t>(s);
-    ids_out[q] = mine ? static_cast<std::uint16_t>(asg_local[ent]) : kNoExpert;
-    w_out[q] = mine ? weights[ent] : 0.0f;
+  // Each row's k entries: the local id where the entry went to s, else kNoExpert; kEntryUnroll per thread at a
+  // time, each step's loads (the token, then its entry's server, local id and weight) issued together.
+  const std::uint64_t entries = std::uint64_t{n} * topk;
+  for (std::uint64_t q0 = std::uint64_t{blockIdx.y} * blockDim.x + threadIdx.x; q0 < entries;
+       q0 += kEntryUnroll * stride) {
+    std::size_t ent[kEntryUnroll];
+#pragma unroll
+    for (std::uint32_t u = 0; u < kEntryUnroll; ++u) {
+      const std::uint64_t q = q0 + u * stride;
+      ent[u] = q < entries ? std::size_t(list[q / topk]) * topk + q % topk : 0;
+    }
+    std::int32_t srv[kEntryUnroll];
+    std::uint32_t loc[kEntryUnroll];
+    float wt[kEntryUnroll];
+#pragma unroll
+    for (std::uint32_t u = 0; u < kEntryUnroll; ++u) {
+      if (q0 + u * stride >= entries) continue;
+      srv[u] = asg_server[ent[u]];
+      loc[u] = asg_local[ent[u]];
+      wt[u] = weights[ent[u]];
+    }
+#pragma unroll
+    for (std::uint32_t u = 0; u < kEntryUnroll; ++u) {
+      const std::uint64_t q = q0 + u * stride;
+      if (q >= entries) continue;
+      const bool mine = srv[u] == static_cast<std::int32_t>(s);
+      ids_out[q] = mine ? static_cast<std::uint16_t>(loc[u]) : kNoExpert;
+      w_out[q] = mine ? wt[u] : 0.0f;
+    }
   }
   // The commit: each block's stores, a system-scope fence and its arrival; the last of the server's blocks to
   // arrive writes the header (from staging, where block 0 put it), its commit word last, then the signal
