@@ -66,6 +66,11 @@ class micro_batched final : public attention_client {
     s.fallback_forwards = x.fallback_forwards + y.fallback_forwards;
     s.graph_captures = x.graph_captures + y.graph_captures;
     s.capture_retries = x.capture_retries + y.capture_retries;
+    s.direct_requests = x.direct_requests + y.direct_requests;
+    s.device_layers = x.device_layers + y.device_layers;
+    s.device_send_ns = x.device_send_ns + y.device_send_ns;
+    s.device_round_ns = x.device_round_ns + y.device_round_ns;
+    s.device_combine_ns = x.device_combine_ns + y.device_combine_ns;
     s.micro_batches = mode_ == micro_batching::two ? 2 : decided() ? (prefer_two() ? 2 : 1) : 0;
     return s;
   }
