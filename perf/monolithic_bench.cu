@@ -473,10 +473,10 @@ bool run_ep(std::uint32_t N, const model& md, std::uint32_t layers, const rt::de
           }
         point p = point_of(md, layers, std::uint64_t{T} * N, graph, shrink, s, wrong);
         std::printf(
-            "%-14s %6u %6u %5d %6d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %12.0f %7s %6zu  gpus %u cap %u dropped "
-            "%llu\n",
+            "%-14s %6u %6u %5d %6d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %12.0f %7s %6zu %10s %12s  gpus %u cap %u "
+            "dropped %llu\n",
             md.name.c_str(), layers, T * N, graph ? 1 : 0, shrink ? 1 : 0, s.t_min, s.t_typical, s.t_avg, s.p99,
-            p.layer_us, p.tps, p.tps_depth, "-", wrong, N, e.cap, static_cast<unsigned long long>(dropped));
+            p.layer_us, p.tps, p.tps_depth, "-", wrong, "-", "-", N, e.cap, static_cast<unsigned long long>(dropped));
         std::fflush(stdout);
         p.json["gpus"] = N;
         p.json["tokens_per_gpu"] = T;

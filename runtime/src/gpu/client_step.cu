@@ -45,7 +45,8 @@ constexpr std::uint64_t kWaitSliceNs = 1'000'000;  // between checks for a revok
 enum : std::uint32_t { kStampDispatch = 0, kStampWait = 1, kStampAnswered = 2, kStampDone = 3, kStamps = 4 };
 
 // What the device reads, uploaded before every forward (one copy), in this order, each part 64-byte
-// aligned: head, state[cap], server[cap], nrep[experts], route[experts × rcap].
+// aligned: head, state[cap], server[cap], nrep[experts], route[experts × rcap]; then, at table_layout::bytes,
+// the forward's tokens (room for max_tokens).
 struct dev_head {
   std::uint32_t servers;  // entries of server[] in use
   std::uint32_t failed;   // 0; 1 once a server failed or a table entry was missing (nothing is sent after)
@@ -525,8 +526,10 @@ class step_impl final : public client_step {
     EAAS_CHECK(asg_local_.alloc(T * K * 4));
     EAAS_CHECK(stamps_.alloc(L * kStamps * 8));
     EAAS_CHECK(ticket_.alloc(4));
-    back_bytes_ = T * H * 4 + 2 * L * T * K * 4;
-    EAAS_STEPC_CUDA(cudaMallocHost(&back_host_, back_bytes_));
+    if (cfg_.host_output) {  // the hidden states and each layer's routing, read back after every forward
+      back_bytes_ = T * H * 4 + 2 * L * T * K * 4;
+      EAAS_STEPC_CUDA(cudaMallocHost(&back_host_, back_bytes_));
+    }
     stage_stride_ = 256;  // each server's request header: the commit's source
     EAAS_STEPC_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
     return status::ok;
@@ -684,10 +687,13 @@ class step_impl final : public client_step {
     std::lock_guard g(capture_mutex());
     drop_graph();
     if (stream_ != nullptr) EAAS_STEPC_CUDA(cudaStreamSynchronize(stream_));  // nothing in flight uses them
-    cap_ = std::max({S, 2 * cap_, 4u});
-    rcap_ = std::max({R, rcap_, 2u});
+    // The new capacities count only once every buffer has them: after a failed allocation the next forward
+    // tries again instead of using buffers sized for less (or none).
+    const std::uint32_t cap = std::max({S, 2 * cap_, 4u}), rcap = std::max({R, rcap_, 2u});
+    cap_ = 0;
+    rcap_ = 0;
     const std::size_t T = cfg_.max_tokens;
-    const table_layout tl = table_for(cap_, rcap_, cfg_.shape.experts);
+    const table_layout tl = table_for(cap, rcap, cfg_.shape.experts);
     EAAS_CHECK(realloc(table_, tl.bytes + T * 4));  // the table, then the tokens
     if (table_host_ != nullptr) EAAS_STEPC_CUDA(cudaFreeHost(table_host_));
     table_host_ = nullptr;
@@ -698,12 +704,14 @@ class step_impl final : public client_step {
     EAAS_STEPC_CUDA(cudaHostAlloc(&summary_host_, summary_bytes, cudaHostAllocMapped));
     std::memset(summary_host_, 0, summary_bytes);
     EAAS_STEPC_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&summary_dev_), summary_host_, 0));
-    EAAS_CHECK(realloc(jobs_, sizeof(dev_job) * cap_));
-    EAAS_CHECK(realloc(row_of_, std::size_t{cap_} * T * 4));
-    EAAS_CHECK(realloc(tok_, std::size_t{cap_} * T * 4));
-    EAAS_CHECK(realloc(staging_, std::size_t{cap_} * stage_stride_));
+    EAAS_CHECK(realloc(jobs_, sizeof(dev_job) * cap));
+    EAAS_CHECK(realloc(row_of_, std::size_t{cap} * T * 4));
+    EAAS_CHECK(realloc(tok_, std::size_t{cap} * T * 4));
+    EAAS_CHECK(realloc(staging_, std::size_t{cap} * stage_stride_));
     // device_buffer zeroes on the legacy stream, which stream_ (non-blocking) is not ordered after.
     EAAS_STEPC_CUDA(cudaDeviceSynchronize());
+    cap_ = cap;
+    rcap_ = rcap;
     return status::ok;
   }
 
@@ -800,7 +808,7 @@ class step_impl final : public client_step {
   // kernel; summary_dev_ is its device address.
   unsigned char* summary_host_ = nullptr;
   unsigned char* summary_dev_ = nullptr;
-  unsigned char* back_host_ = nullptr;   // pinned: what a forward reads back
+  unsigned char* back_host_ = nullptr;   // pinned, with host_output: the hidden states and routing read back
   std::size_t back_bytes_ = 0;
   std::vector<std::vector<std::pair<std::int32_t, std::uint32_t>>> hosts_;
   cudaGraphExec_t exec_ = nullptr;

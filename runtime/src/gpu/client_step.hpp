@@ -137,7 +137,6 @@ struct step_outcome {
   std::uint32_t direct_requests = 0;  ///< of those, packed straight into its slot over NVLink (peer_pointer)
 };
 
-/// What one forward left.
 /// Where one MoE layer's time went on the client's GPU (device clock, ns).
 struct layer_phases {
   std::uint64_t send_ns = 0;     ///< dispatch began .. every request committed (the wait began)
@@ -145,6 +144,7 @@ struct layer_phases {
   std::uint64_t combine_ns = 0;  ///< .. the combine ended
 };
 
+/// What one forward left.
 struct step_result {
   std::vector<float> out;                ///< hidden states, tokens × hidden (empty without host_output)
   std::vector<runtime::routing> layers;  ///< each layer's routing, as computed on the device (ditto)

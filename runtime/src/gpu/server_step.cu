@@ -189,7 +189,7 @@ __device__ void poll(const round_args& a, std::uint64_t& s_until) {
     for (std::uint32_t i = threadIdx.x; i < a.clients; i += blockDim.x) {
       const bool has = a.cfg[i].used != 0 && has_request(a, i);
       if (has) found = 1;
-      if (!has && recent(i)) absent = 1;
+      if (!has && a.batch_window_ns != 0 && recent(i)) absent = 1;
     }
     const int expired = threadIdx.x == 0 && eaas::now_ns() >= until ? 1 : 0;
     if (__syncthreads_or(found) != 0) {
@@ -621,7 +621,7 @@ __device__ void summarize(const round_args& a) {
 
 // Slot i's answer as a grid_put (its staging copy: response header, then the outputs unless the combine wrote
 // them straight into the client's region), or false when it has none. A served request whose GEMM did not run
-// (the plan was refused) gets no answer (unanswered() says why).
+// (the plan was refused) gets no answer (summarize() marks its put_result).
 __device__ bool answer_of(const round_args& a, std::uint32_t i, grid_put& j) {
   server_slot_state& st = a.st[i];
   const auto verdict = static_cast<slot_verdict>(st.verdict);
@@ -649,9 +649,10 @@ __device__ bool answer_of(const round_args& a, std::uint32_t i, grid_put& j) {
 // Each token's answer row = the sum of its rows of y in k order (expert_step's order): straight into the
 // client's result region where the slot has a direct pointer (the NVLink writes overlap the reads of y), else
 // into its slot's staging after the response header. Nothing is written when the grouped GEMM refused its plan
-// (no answer goes out then). With direct answers the last block to finish then answers every slot (a response
-// header and the signal per slot, one thread each; a slot that got no direct pointer is put whole by the block)
-// and writes the round's summary: no kernel follows the combine in the round.
+// (no answer goes out then). With direct answers the last of the blocks that combined a token (block 0 alone
+// when none did) then answers every slot (a response header and the signal per slot, one thread each; a slot
+// that got no direct pointer is put whole by the block) and writes the round's summary: no kernel follows the
+// combine in the round.
 __global__ void __launch_bounds__(kCombineThreads) k_combine(round_args a) {
   pdl_enter();
   if (blockIdx.x == 0 && threadIdx.x == 0) a.head->stamp_combine = eaas::now_ns();
@@ -728,6 +729,7 @@ __global__ void __launch_bounds__(kPutThreads) k_answer(round_args a) {
   pdl_enter();
   grid_put j;
   const bool mine = answer_of(a, blockIdx.y, j);
+  if (!mine && (blockIdx.x | blockIdx.y) != 0) return;  // block-uniform: neither puts nor arrives (below)
   if (mine) grid_put_signal(j, blockIdx.x, gridDim.x);
   __shared__ unsigned s_answers;  // slots with an answer (each block counts them: a few loads)
   if (threadIdx.x == 0) s_answers = 0;
