@@ -119,7 +119,8 @@ std::vector<double> step_loop(cudaStream_t st, int warm, int reps, const std::fu
     body();
     EAAS_CU(cudaMemcpyAsync(h_out, d_out, std::size_t{T} * 4, cudaMemcpyDeviceToHost, st));
     EAAS_CU(cudaStreamSynchronize(st));
-    if (i >= warm) us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+    if (i >= warm)
+      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
   return us;
 }
@@ -551,7 +552,8 @@ int main(int argc, char** argv) {
 #if !EAAS_MONO_WITH_NCCL
   if (gpus != 1) die("--gpus " + std::to_string(gpus) + ": this build has no NCCL", status::unsupported);
 #endif
-  if (no_pdl && gpus != 1) die("--no-pdl: one GPU only (the expert-parallel path launches plainly)", status::invalid_argument);
+  if (no_pdl && gpus != 1)
+    die("--no-pdl: one GPU only (the expert-parallel path launches plainly)", status::invalid_argument);
   if (gpus == 0) die("--gpus must be >= 1", status::invalid_argument);
   if (layers == 0 || reps < 1 || warm < 0 || tokens_sel.empty() || vocab == 0)
     die("bad --layers/--reps/--warmup/--tokens/--vocab", status::invalid_argument);
@@ -661,14 +663,15 @@ int main(int argc, char** argv) {
           all_ok = all_ok && wrong == 0;
 
           const latency_stats s = summarize(time_loop(st, warm, reps, body));
-          const latency_stats step = summarize(
-              step_loop(st, warm, reps, body, mono->tokens(), h_tokens, mono->hidden_states(), h_out, T));
+          const latency_stats step =
+              summarize(step_loop(st, warm, reps, body, mono->tokens(), h_tokens, mono->hidden_states(), h_out, T));
           if (exec != nullptr) EAAS_CU(cudaGraphExecDestroy(exec));
           point p = point_of(md, layers, T, graph, shrink, s, wrong);
           const double step_tps = static_cast<double>(T) / (step.t_typical * 1e-6);
-          std::printf("%-14s %6u %6u %5d %6d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %12.0f %7.1f %6zu %10.1f %12.0f\n",
-                      md.name.c_str(), layers, T, graph ? 1 : 0, shrink ? 1 : 0, s.t_min, s.t_typical, s.t_avg, s.p99,
-                      p.layer_us, p.tps, p.tps_depth, active_mean, wrong, step.t_typical, step_tps);
+          std::printf(
+              "%-14s %6u %6u %5d %6d %10.1f %10.1f %10.1f %10.1f %10.1f %12.0f %12.0f %7.1f %6zu %10.1f %12.0f\n",
+              md.name.c_str(), layers, T, graph ? 1 : 0, shrink ? 1 : 0, s.t_min, s.t_typical, s.t_avg, s.p99,
+              p.layer_us, p.tps, p.tps_depth, active_mean, wrong, step.t_typical, step_tps);
           p.json["step_time"] = to_json(0, step);
           p.json["tokens_per_s_step"] = step_tps;
           std::fflush(stdout);

@@ -702,8 +702,7 @@ int main(int argc, char** argv) {
           "       %-6s device rounds that answered, mean us: wait %.1f, batch window %.1f, validate..scan %.1f, "
           "place+GEMM %.1f, combine+answer %.1f, gap before the round %.1f; request already waiting in %llu of %llu\n",
           "", ru.value("wait", 0.0), ru.value("window", 0.0), ru.value("front", 0.0), ru.value("gemm", 0.0),
-          ru.value("back", 0.0),
-          ru.value("gap", 0.0), st.value("late_rounds", 0ull), st.value("batches", 0ull));
+          ru.value("back", 0.0), ru.value("gap", 0.0), st.value("late_rounds", 0ull), st.value("batches", 0ull));
     }
   }
   if (!kills.empty()) {
@@ -775,9 +774,8 @@ int main(int argc, char** argv) {
   // their request already waiting.
   for (const auto& [name, st] : server_stats)
     if (st.value("device_rounds", 0ull) != 0 && st.contains("round_us"))
-      fleet_json["rounds"][name] = {{"us", st["round_us"]},
-                                    {"late", st.value("late_rounds", 0ull)},
-                                    {"answering", st.value("batches", 0ull)}};
+      fleet_json["rounds"][name] = {
+          {"us", st["round_us"]}, {"late", st.value("late_rounds", 0ull)}, {"answering", st.value("batches", 0ull)}};
   summary["servers"] = fleet_json;
   if (!trace.empty()) {
     std::uint64_t forwards = 0, over = 0, unserved = 0;

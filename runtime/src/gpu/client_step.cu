@@ -253,14 +253,14 @@ __global__ void __launch_bounds__(kDispatchThreads)
   if (direct_payload(sv, l) != nullptr)
     tb.state[s].direct++;
   else  // not sent; k_wait reports it (not_delivered)
-    j.put_result = static_cast<int>(sv.ep.transport != transport_kind::nvlink ? status::unsupported
-                                                                              : status::invalid_argument);
+    j.put_result =
+        static_cast<int>(sv.ep.transport != transport_kind::nvlink ? status::unsupported : status::invalid_argument);
   j.seq = seq;
 }
 
 // Blocks (s, y): server s's request: the header (block y 0) in its staging buffer, the rows split over the
-// blocks (bf16 activations, then the token's k entries: the local id where the entry went to s, else kNoExpert) straight
-// into the server's slot over NVLink (direct_payload). The slot's previous request was answered before this
+// blocks (bf16 activations, then the token's k entries: the local id where the entry went to s, else kNoExpert)
+// straight into the server's slot over NVLink (direct_payload). The slot's previous request was answered before this
 // forward went on, so the server reads nothing there until the request is committed, by the server's last block
 // to finish here (grid_put_signal with the header alone as its head).
 __global__ void __launch_bounds__(kPackThreads)
@@ -498,8 +498,8 @@ class step_impl final : public client_step {
     cudaFreeHost(summary_host_);
     cudaFreeHost(back_host_);
     dense_.reset();
-    for (device_buffer* b : {&table_, &jobs_, &ticket_, &row_of_, &tok_, &staging_, &x_, &normed_, &ids_,
-                             &weights_, &asg_server_, &asg_local_, &stamps_})
+    for (device_buffer* b : {&table_, &jobs_, &ticket_, &row_of_, &tok_, &staging_, &x_, &normed_, &ids_, &weights_,
+                             &asg_server_, &asg_local_, &stamps_})
       release(*b);
   }
 
@@ -530,7 +530,7 @@ class step_impl final : public client_step {
       back_bytes_ = T * H * 4 + 2 * L * T * K * 4;
       EAAS_STEPC_CUDA(cudaMallocHost(&back_host_, back_bytes_));
     }
-    stage_stride_ = 256;  // each server's request header: the commit's source
+    stage_stride_ = 256;                       // each server's request header: the commit's source
     EAAS_STEPC_CUDA(cudaDeviceSynchronize());  // the zero fills ran on the legacy stream
     return status::ok;
   }
@@ -766,7 +766,8 @@ class step_impl final : public client_step {
     auto* jobs = jobs_.as<dev_job>();
     auto* stamps = stamps_.as<std::uint64_t>();
     const table_layout tl = table_for(cap_, rcap_, sh.experts);
-    EAAS_CHECK(dense_->embed(reinterpret_cast<const std::uint32_t*>(table_.as<unsigned char>() + tl.bytes), T, x, stream_));
+    EAAS_CHECK(
+        dense_->embed(reinterpret_cast<const std::uint32_t*>(table_.as<unsigned char>() + tl.bytes), T, x, stream_));
     for (std::uint32_t l = 0; l < sh.layers; ++l) {
       std::uint32_t* ids = ids_.as<std::uint32_t>() + l * TM * K;
       float* w = weights_.as<float>() + l * TM * K;
@@ -779,8 +780,8 @@ class step_impl final : public client_step {
       auto* row_of = row_of_.as<std::int32_t>();
       auto* tok = tok_.as<std::int32_t>();
       auto* staging = staging_.as<unsigned char>();
-      EAAS_STEPC_CUDA(launch(stream_, p, k_dispatch, cap_, kDispatchThreads, 0, tb, jobs, ids, T, H, K, sh.experts, rcap_,
-                             l, asg_server, asg_local, row_of, tok, stamps + kStamps * l));
+      EAAS_STEPC_CUDA(launch(stream_, p, k_dispatch, cap_, kDispatchThreads, 0, tb, jobs, ids, T, H, K, sh.experts,
+                             rcap_, l, asg_server, asg_local, row_of, tok, stamps + kStamps * l));
       EAAS_STEPC_CUDA(launch(stream_, p, k_pack, dim3(cap_, std::min(kPackBlocks, T)), kPackThreads, 0, tb, jobs, tok,
                              asg_server, asg_local, w, normed, T, H, K, l, staging, stage_stride_));
       EAAS_STEPC_CUDA(
@@ -799,7 +800,7 @@ class step_impl final : public client_step {
   cudaStream_t stream_ = nullptr;
   std::uint32_t cap_ = 0, rcap_ = 0;
   std::uint64_t stage_stride_ = 0;
-  bool pdl_ = false;     // cfg_.pdl where the device supports it
+  bool pdl_ = false;  // cfg_.pdl where the device supports it
   device_buffer table_, jobs_, row_of_, tok_, staging_;
   device_buffer ticket_;  // k_combine's
   device_buffer x_, normed_, ids_, weights_, asg_server_, asg_local_, stamps_;
@@ -808,7 +809,7 @@ class step_impl final : public client_step {
   // kernel; summary_dev_ is its device address.
   unsigned char* summary_host_ = nullptr;
   unsigned char* summary_dev_ = nullptr;
-  unsigned char* back_host_ = nullptr;   // pinned, with host_output: the hidden states and routing read back
+  unsigned char* back_host_ = nullptr;  // pinned, with host_output: the hidden states and routing read back
   std::size_t back_bytes_ = 0;
   std::vector<std::vector<std::pair<std::int32_t, std::uint32_t>>> hosts_;
   cudaGraphExec_t exec_ = nullptr;

@@ -296,8 +296,9 @@ class moe_impl final : public moe_local {
                          rank_.as<std::int32_t>(), ticket_.as<unsigned int>(), shrink ? 0 : 1,
                          offsets_.as<std::int32_t>(), row_weight_.as<float>(), x_.as<__nv_bfloat16>(), h,
                          n_active_.as<std::int32_t>() + layer, active_.as<std::int32_t>() + std::size_t{layer} * E));
-    EAAS_MOE_CUDA(launch(stream, p, k_place, std::min(kPlaceBlocks, (pairs + 3) / 4), kPlaceThreads, 0, ids, weights,
-                         rank_.as<std::int32_t>(), offsets_.as<std::int32_t>(), pairs, topk,
+    EAAS_MOE_CUDA(launch(stream, p, k_place,
+                         std::min(kPlaceBlocks, (pairs + kPlaceThreads / 32 - 1) / (kPlaceThreads / 32)), kPlaceThreads,
+                         0, ids, weights, rank_.as<std::int32_t>(), offsets_.as<std::int32_t>(), pairs, topk,
                          static_cast<const __nv_bfloat16*>(normed), h, pair_row_.as<std::int32_t>(),
                          row_weight_.as<float>(), x_.as<__nv_bfloat16>()));
     const void* const* ptrs = ptrs_.as<const void*>() + std::size_t{layer} * 3 * E;
@@ -313,7 +314,8 @@ class moe_impl final : public moe_local {
     a.error = error_.as<std::uint32_t>();
     a.layout = grouped_swiglu_layout::tiled;  // upload and fill_random write the tiled layout
     EAAS_CHECK(grouped_swiglu(gg_shape_, a, ws_bytes_, stream));
-    EAAS_MOE_CUDA(launch(stream, p, k_combine, n, kCombineThreads, 0, pair_row_.as<std::int32_t>(), topk, y_.as<float>(), h, x));
+    EAAS_MOE_CUDA(
+        launch(stream, p, k_combine, n, kCombineThreads, 0, pair_row_.as<std::int32_t>(), topk, y_.as<float>(), h, x));
     return status::ok;
   }
 

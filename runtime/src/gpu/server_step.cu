@@ -29,7 +29,7 @@ constexpr unsigned kFrontBlocks = 32;
 constexpr std::uint32_t kHistExperts = 2048;  // local experts counted in shared memory first (more: global atomics)
 constexpr int kPlaceThreads = 128;
 constexpr unsigned kPlaceWarps = kPlaceThreads / 32;
-constexpr unsigned kPlaceBlocks = 2048;  // a warp per pair, walked with a stride: empty rounds cost one wave
+constexpr unsigned kPlaceBlocks = 2048;   // a warp per pair, walked with a stride: empty rounds cost one wave
 constexpr std::uint32_t kCopyUnroll = 8;  // loads a thread has in flight in a copy (all issued before any store)
 constexpr int kCombineThreads = 256;
 constexpr unsigned kCombineBlocks = 1024;
@@ -83,7 +83,7 @@ struct round_args {
   std::uint64_t poll_ns;
   std::uint64_t batch_window_ns;
   std::uint32_t direct_answers;  // server_step_config::direct_answers
-  std::uint32_t* round_no;       // rounds that served a request so far (the scan counts them); this one is *round_no + 1
+  std::uint32_t* round_no;  // rounds that served a request so far (the scan counts them); this one is *round_no + 1
   // The round's summary goes straight to the host: head and pairs (head_words words), then the slots' states,
   // into the pinned buffer of this launch's parity (launches so far, *launch_no, the host's count too).
   unsigned char* summary[2];
@@ -100,7 +100,7 @@ __device__ __forceinline__ const unsigned char* slot_at(const round_args& a, std
 }
 
 __device__ __forceinline__ cuda::atomic_ref<unsigned int, cuda::thread_scope_device> sync_word(const round_args& a,
-                                                                                              std::uint32_t w) {
+                                                                                               std::uint32_t w) {
   return cuda::atomic_ref<unsigned int, cuda::thread_scope_device>(a.sync[w]);
 }
 
@@ -161,7 +161,8 @@ __device__ __forceinline__ bool has_request(const round_args& a, std::uint32_t i
 // validated is still served, without the window: it only loses batching for that round.) Every thread calls
 // it; every return is block-uniform.
 __device__ void poll(const round_args& a, std::uint64_t& s_until) {
-  for (std::uint32_t w = threadIdx.x; w < a.head_words; w += blockDim.x) reinterpret_cast<std::uint32_t*>(a.head)[w] = 0;
+  for (std::uint32_t w = threadIdx.x; w < a.head_words; w += blockDim.x)
+    reinterpret_cast<std::uint32_t*>(a.head)[w] = 0;
   for (std::uint32_t g = threadIdx.x; g < a.groups; g += blockDim.x) a.counts[g] = 0;
   if (a.pad != 0)
     for (std::uint32_t l = threadIdx.x; l < a.layers; l += blockDim.x) a.layer_live[l] = 0;
@@ -404,17 +405,16 @@ __device__ void take_slot(const round_args& a, std::uint32_t i, front_smem& s) {
 // Run by the front's last block, once every slot is taken: the served requests' first tokens (slot order), the
 // groups' offsets, the active groups. Without shrinking (pad), every empty group of a layer that served a
 // request gets one padding row (a zero activation row, zeroed by the placement, with weight 0, in no token's
-// rows: computed, never combined nor answered), so the grouped GEMM visits every local expert of that layer, as a grouped GEMM over a
-// fixed expert list would. What the other blocks wrote is read from L2 (__ldcg): this SM's L1 may hold older
-// copies.
+// rows: computed, never combined nor answered), so the grouped GEMM visits every local expert of that layer, as a
+// grouped GEMM over a fixed expert list would. What the other blocks wrote is read from L2 (__ldcg): this SM's L1 may
+// hold older copies.
 __device__ void scan(const round_args& a, std::int32_t* s_warp) {
   std::int32_t carry = 0, total = 0;
   for (std::uint32_t b = 0; b < a.clients; b += blockDim.x) {
     const std::uint32_t i = b + threadIdx.x;
-    const std::int32_t v =
-        i < a.clients && __ldcg(&a.st[i].verdict) == static_cast<std::uint32_t>(slot_verdict::served)
-            ? static_cast<std::int32_t>(__ldcg(&a.st[i].tokens))
-            : 0;
+    const std::int32_t v = i < a.clients && __ldcg(&a.st[i].verdict) == static_cast<std::uint32_t>(slot_verdict::served)
+                               ? static_cast<std::int32_t>(__ldcg(&a.st[i].tokens))
+                               : 0;
     const std::int32_t ex = block_scan(v, s_warp, total);
     if (i < a.clients) a.tok_base[i] = static_cast<std::uint32_t>(carry + ex);
     carry += total;
@@ -544,7 +544,8 @@ __global__ void __launch_bounds__(kPlaceThreads) k_place(round_args a) {
         const std::int64_t at = std::int64_t{a.offsets[hd.layer * a.local + e]} + r;
         if (at >= 0 && at < std::int64_t{a.max_rows}) {
           row = static_cast<std::int32_t>(at);
-          const std::uint64_t row_bytes = std::uint64_t{h} * (hd.type == static_cast<std::uint16_t>(dtype::bf16) ? 2 : 4);
+          const std::uint64_t row_bytes =
+              std::uint64_t{h} * (hd.type == static_cast<std::uint16_t>(dtype::bf16) ? 2 : 4);
           src = slot_at(a, i) + sizeof(slot_header) + t * row_bytes;  // layout_for's activations
           if (lane == 0) a.row_weight[row] = a.wts[e_at];
         }
@@ -1007,12 +1008,13 @@ class step_impl final : public server_step {
     // GEMM, the combine (with direct answers, also the answers and the summary), the staged answers' puts.
     const bool p = pdl_;
     EAAS_SSTEP_CUDA(launch(stream_, p, k_front, std::min(C, kFrontBlocks), kFrontThreads, 0, args_));
-    EAAS_SSTEP_CUDA(launch(stream_, p, k_place,
-                           static_cast<unsigned>(std::min<std::uint64_t>(kPlaceBlocks, (max_pairs + kPlaceWarps - 1) / kPlaceWarps)),
-                           kPlaceThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(
+        stream_, p, k_place,
+        static_cast<unsigned>(std::min<std::uint64_t>(kPlaceBlocks, (max_pairs + kPlaceWarps - 1) / kPlaceWarps)),
+        kPlaceThreads, 0, args_));
     EAAS_CHECK(grouped_swiglu(gshape_, gemm_, ws_bytes_, stream_));
-    EAAS_SSTEP_CUDA(
-        launch(stream_, p, k_combine, std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens), kCombineThreads, 0, args_));
+    EAAS_SSTEP_CUDA(launch(stream_, p, k_combine, std::min<unsigned>(kCombineBlocks, C * cfg_.max_tokens),
+                           kCombineThreads, 0, args_));
     if (!cfg_.direct_answers) {
       const std::uint64_t most = sizeof(response_header) + std::uint64_t{cfg_.max_tokens} * cfg_.shape.hidden * 4;
       // The answers' puts launch plainly (pdl.cuh: a few blocks that each move much data must not be placed
@@ -1050,9 +1052,9 @@ class step_impl final : public server_step {
   round_args args_{};
   bool pdl_ = false;  // cfg_.pdl where the device supports it
   struct launched_round {
-    unsigned char* up = nullptr;    // pinned: per slot, configuration and state uploaded before it
-    unsigned char* back = nullptr;  // pinned, mapped: its summary (head, pairs, then every slot's state)
-    cudaEvent_t done = nullptr;     // after the round (its summary is in `back` once this completed)
+    unsigned char* up = nullptr;        // pinned: per slot, configuration and state uploaded before it
+    unsigned char* back = nullptr;      // pinned, mapped: its summary (head, pairs, then every slot's state)
+    cudaEvent_t done = nullptr;         // after the round (its summary is in `back` once this completed)
     std::vector<std::uint32_t> epochs;  // epochs_ at its launch
   };
   launched_round rounds_[2];
