@@ -155,8 +155,9 @@ class client_impl final : public attention_client {
                           o_.max_tokens);
     device_out_ = nullptr;
     if (step_) {
+      const std::uint64_t called = eaas::now_ns();
       bool done = false;
-      EAAS_CHECK(device_forward(tokens, out, done));
+      EAAS_CHECK(device_forward(tokens, out, done, called));
       if (done) return status::ok;
     }
     layer_ns_.assign(o_.shape.layers, 0);
@@ -201,32 +202,41 @@ class client_impl final : public attention_client {
   // the host path waits for one). A server failure leaves `done` false too: the servers that failed are
   // dropped as the host path drops them, and the caller computes the forward again on the host path.
   // The request counters come back from the device: c->seq stays the one count both paths use.
-  status device_forward(std::span<const std::uint32_t> tokens, std::vector<float>& out, bool& done) {
+  status device_forward(std::span<const std::uint32_t> tokens, std::vector<float>& out, bool& done,
+                        std::uint64_t called) {
     done = false;
     refresh();
-    step_servers_.clear();
-    step_conns_.clear();
-    std::vector<bool> covered(o_.shape.experts, false);
-    for (auto& [id, c] : servers_) {
-      gpu::step_server v;
-      v.ep = c->link.ep->view();
-      v.slots = c->slots;
-      v.slot_offset = c->w.slot_offset;
-      v.sig_offset = c->w.sig_offset;
-      v.slot_bytes = c->w.slot_bytes;
-      v.grant = c->w.grant;
-      v.max_tokens = c->w.max_tokens;
-      v.result = c->result->data();
-      v.result_bytes = c->result->size();
-      v.seq = c->seq;
-      for (const auto& [e, local] : c->local) {
-        v.experts.emplace_back(e, local);
-        if (e < covered.size()) covered[e] = true;
+    // The servers' descriptions, built again only when the set of servers changed (no allocation per forward
+    // otherwise); the request counters and endpoint views every forward.
+    if (step_gen_ != servers_gen_) {
+      step_servers_.clear();
+      step_conns_.clear();
+      std::vector<bool> covered(o_.shape.experts, false);
+      for (auto& [id, c] : servers_) {
+        gpu::step_server v;
+        v.slots = c->slots;
+        v.slot_offset = c->w.slot_offset;
+        v.sig_offset = c->w.sig_offset;
+        v.slot_bytes = c->w.slot_bytes;
+        v.grant = c->w.grant;
+        v.max_tokens = c->w.max_tokens;
+        v.result = c->result->data();
+        v.result_bytes = c->result->size();
+        for (const auto& [e, local] : c->local) {
+          v.experts.emplace_back(e, local);
+          if (e < covered.size()) covered[e] = true;
+        }
+        step_servers_.push_back(std::move(v));
+        step_conns_.push_back(c.get());
       }
-      step_servers_.push_back(std::move(v));
-      step_conns_.push_back(c.get());
+      step_covered_ = std::find(covered.begin(), covered.end(), false) == covered.end();
+      step_gen_ = servers_gen_;
     }
-    if (std::find(covered.begin(), covered.end(), false) != covered.end()) return status::ok;
+    if (!step_covered_) return status::ok;
+    for (std::size_t i = 0; i < step_conns_.size(); ++i) {
+      step_servers_[i].ep = step_conns_[i]->link.ep->view();
+      step_servers_[i].seq = step_conns_[i]->seq;
+    }
     const std::uint64_t t0 = eaas::now_ns();
     EAAS_CHECK(step_->forward(tokens, step_servers_, step_result_));
     std::uint64_t requests = 0, direct = 0;
@@ -250,11 +260,24 @@ class client_impl final : public attention_client {
       std::lock_guard g(stats_mu_);
       stats_.forwards++;
       stats_.device_forwards++;
-      for (const gpu::layer_phases& ph : step_result_.phases) {
+      for (std::size_t l = 0; l < step_result_.phases.size(); ++l) {
+        const gpu::layer_phases& ph = step_result_.phases[l];
         stats_.device_layers++;
         stats_.device_send_ns += ph.send_ns;
         stats_.device_round_ns += ph.round_ns;
         stats_.device_combine_ns += ph.combine_ns;
+        if (l != 0) {
+          stats_.device_dense_layers++;
+          stats_.device_dense_ns += ph.dense_ns;
+        }
+      }
+      stats_.device_forward_ns += step_result_.device_ns;
+      if (!step_result_.captured) {
+        stats_.device_timed_forwards++;
+        stats_.device_wall_ns += step_result_.wall_ns;
+        stats_.device_prepare_ns += step_result_.prepare_ns;
+        stats_.device_wait_ns += step_result_.wait_ns;
+        stats_.device_call_ns += eaas::now_ns() - called;
       }
       done = true;
       return status::ok;
@@ -296,6 +319,7 @@ class client_impl final : public attention_client {
     detail::note("[{}] dropping server {}: {}", o_.id, id, why);
     std::unique_ptr<server_conn> c = std::move(it->second);
     servers_.erase(it);
+    servers_gen_++;
     retire(std::move(c));
     {
       std::lock_guard g(mu_);
@@ -419,6 +443,7 @@ class client_impl final : public attention_client {
     for (auto& c : ready) {
       const std::string id = c->rec.id;
       servers_[id] = std::move(c);
+      servers_gen_++;
     }
     for (const auto& id : gone) {
       if (servers_.count(id)) drop(id, "its lease ended", 0);
@@ -674,6 +699,9 @@ class client_impl final : public attention_client {
   // The device path (device_step).
   std::vector<gpu::step_server> step_servers_;
   std::vector<server_conn*> step_conns_;
+  std::uint64_t servers_gen_ = 0;   // bumped whenever servers_ changes
+  std::uint64_t step_gen_ = ~0ull;  // servers_gen_ when step_servers_ was built
+  bool step_covered_ = false;       // step_servers_ host every expert
   gpu::step_result step_result_;
   const float* device_out_ = nullptr;  // the last forward's answer on the GPU (host_output false)
   std::vector<failover_event> device_events_;

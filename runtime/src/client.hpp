@@ -76,6 +76,15 @@ struct client_stats {
   /// stamps): dispatch to every request committed, then to the last answer seen, then to the combine's end.
   std::uint64_t device_layers = 0;
   std::uint64_t device_send_ns = 0, device_round_ns = 0, device_combine_ns = 0;
+  /// The attention and router between two MoE layers (device stamps; layers after the first, counted in
+  /// device_dense_layers).
+  std::uint64_t device_dense_layers = 0, device_dense_ns = 0;
+  /// Per completed device forward, summed: its span on the device (first dispatch .. last combine). Per such
+  /// forward that did not capture a graph (device_timed_forwards), summed: the step's forward call on the host, of
+  /// that the preparation before the forward was queued and the wait for it, and attention_client::forward's call.
+  std::uint64_t device_forward_ns = 0;
+  std::uint64_t device_timed_forwards = 0, device_wall_ns = 0, device_prepare_ns = 0, device_wait_ns = 0;
+  std::uint64_t device_call_ns = 0;
 };
 
 /// A server dropped while it held work, and that work answered by replicas.

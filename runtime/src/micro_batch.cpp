@@ -71,6 +71,14 @@ class micro_batched final : public attention_client {
     s.device_send_ns = x.device_send_ns + y.device_send_ns;
     s.device_round_ns = x.device_round_ns + y.device_round_ns;
     s.device_combine_ns = x.device_combine_ns + y.device_combine_ns;
+    s.device_dense_layers = x.device_dense_layers + y.device_dense_layers;
+    s.device_dense_ns = x.device_dense_ns + y.device_dense_ns;
+    s.device_forward_ns = x.device_forward_ns + y.device_forward_ns;
+    s.device_timed_forwards = x.device_timed_forwards + y.device_timed_forwards;
+    s.device_wall_ns = x.device_wall_ns + y.device_wall_ns;
+    s.device_prepare_ns = x.device_prepare_ns + y.device_prepare_ns;
+    s.device_wait_ns = x.device_wait_ns + y.device_wait_ns;
+    s.device_call_ns = x.device_call_ns + y.device_call_ns;
     s.micro_batches = mode_ == micro_batching::two ? 2 : decided() ? (prefer_two() ? 2 : 1) : 0;
     return s;
   }

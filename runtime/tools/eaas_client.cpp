@@ -35,6 +35,9 @@ using json = nlohmann::json;
 
 namespace {
 
+/// A sum of nanoseconds over `n` samples as a mean in microseconds (0 without samples).
+double mean_us(std::uint64_t sum_ns, std::uint64_t n) { return n != 0 ? double(sum_ns) * 1e-3 / double(n) : 0.0; }
+
 /// max over tokens of ||a - b||_inf / ||b||_inf.
 double rel_error(const std::vector<float>& a, const std::vector<float>& b, std::size_t hidden) {
   double worst = 0;
@@ -419,9 +422,19 @@ int main(int argc, char** argv) {
         {"requests", st.requests},
         {"direct_requests", st.direct_requests},
         {"device_layer_us",
-         {{"send", st.device_layers != 0 ? double(st.device_send_ns) * 1e-3 / double(st.device_layers) : 0.0},
-          {"round", st.device_layers != 0 ? double(st.device_round_ns) * 1e-3 / double(st.device_layers) : 0.0},
-          {"combine", st.device_layers != 0 ? double(st.device_combine_ns) * 1e-3 / double(st.device_layers) : 0.0}}},
+         {{"send", mean_us(st.device_send_ns, st.device_layers)},
+          {"round", mean_us(st.device_round_ns, st.device_layers)},
+          {"combine", mean_us(st.device_combine_ns, st.device_layers)},
+          {"dense", mean_us(st.device_dense_ns, st.device_dense_layers)}}},
+        // Per device forward (each half is one with two micro-batches): on the device from the first dispatch;
+        // then, over those that captured no graph, the client's forward call, the step's, its preparation before
+        // the forward was queued and its wait for the forward.
+        {"device_forward_us",
+         {{"device", mean_us(st.device_forward_ns, st.device_forwards)},
+          {"client_call", mean_us(st.device_call_ns, st.device_timed_forwards)},
+          {"step_call", mean_us(st.device_wall_ns, st.device_timed_forwards)},
+          {"prepare", mean_us(st.device_prepare_ns, st.device_timed_forwards)},
+          {"wait", mean_us(st.device_wait_ns, st.device_timed_forwards)}}},
         {"trace", trace_result}});
   return 0;
 }

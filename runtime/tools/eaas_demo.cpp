@@ -667,10 +667,21 @@ int main(int argc, char** argv) {
                 r["step_us"].value("p50", 0.0) / 1000, r["step_us"].value("max", 0.0) / 1000,
                 r["moe_layer_us"].value("p50", 0.0), r["moe_layer_us"].value("p90", 0.0),
                 r["moe_layer_us"].value("p99", 0.0), r.value("max_rel_err", 0.0));
-    if (r.contains("device_layer_us") && r["device_layer_us"].value("round", 0.0) > 0)
-      std::printf("%-8s device MoE layers, mean us: dispatch and send %.1f, to the last answer %.1f, combine %.1f\n",
-                  "", r["device_layer_us"].value("send", 0.0), r["device_layer_us"].value("round", 0.0),
-                  r["device_layer_us"].value("combine", 0.0));
+    if (r.contains("device_layer_us") && r["device_layer_us"].value("round", 0.0) > 0) {
+      const json& d = r["device_layer_us"];
+      std::printf(
+          "%-8s device MoE layers, mean us: dispatch and send %.1f, to the last answer %.1f, combine %.1f; "
+          "attention and router between two %.1f\n",
+          "", d.value("send", 0.0), d.value("round", 0.0), d.value("combine", 0.0), d.value("dense", 0.0));
+    }
+    if (r.contains("device_forward_us") && r["device_forward_us"].value("device", 0.0) > 0) {
+      const json& f = r["device_forward_us"];
+      std::printf(
+          "%-8s device forwards, mean us: on the device from the first dispatch %.1f; on the host the "
+          "client's call %.1f, the step's %.1f (preparing %.1f, waiting %.1f)\n",
+          "", f.value("device", 0.0), f.value("client_call", 0.0), f.value("step_call", 0.0), f.value("prepare", 0.0),
+          f.value("wait", 0.0));
+    }
   }
   std::printf("\ntokens/s (sum of clients): %.0f   MoE round trip per layer: p50 %.1f us, p90 %.1f us, p99 %.1f us\n",
               total_tps, tool::percentile(layer_all, 50), tool::percentile(layer_all, 90),

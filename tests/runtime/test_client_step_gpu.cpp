@@ -81,6 +81,23 @@ TEST_CASE("GPU client step: forwards on the device match the reference, in a gra
     CHECK(st.dropped_servers == 0);
     CHECK(st.requests >= 4 * kShape.layers * 2);  // several servers per layer
     CHECK(st.graph_captures == (graph ? 1u : 0u));
+    // The device stamps: every layer's phases, the attention and router between two layers, and the forward's
+    // span on the device, which is exactly those pieces end to end; the host call holds the device's work.
+    CHECK(st.device_layers == 4 * kShape.layers);
+    CHECK(st.device_dense_layers == 4 * (kShape.layers - 1));
+    CHECK(st.device_dense_ns > 0);
+    CHECK(st.device_send_ns > 0);
+    CHECK(st.device_round_ns > 0);
+    const std::uint64_t pieces = st.device_send_ns + st.device_round_ns + st.device_combine_ns + st.device_dense_ns;
+    CHECK(st.device_forward_ns + 1000 >= pieces);
+    CHECK(st.device_forward_ns <= pieces + 1000);
+    // With a graph the first forward captured it: its host times are left out.
+    CHECK(st.device_timed_forwards == (graph ? 3u : 4u));
+    CHECK(st.device_prepare_ns > 0);
+    CHECK(st.device_wait_ns > 0);
+    CHECK(st.device_prepare_ns + st.device_wait_ns < st.device_wall_ns);
+    CHECK(st.device_wall_ns < st.device_call_ns);
+    if (!graph) CHECK(st.device_wall_ns > st.device_forward_ns);  // every forward timed: the host's call holds it
     // Another token count: captured again, still right; and the first count again.
     (void)checked_forward(*c, ref, random_tokens(7, 100));
     (void)checked_forward(*c, ref, random_tokens(24, 101));

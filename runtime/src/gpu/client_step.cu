@@ -163,6 +163,19 @@ __global__ void __launch_bounds__(kDispatchThreads)
     stamp[kStampDispatch] = eaas::now_ns();
     stamp[kStampAnswered] = 0;  // k_wait's blocks raise it to their answer's time
   }
+  // Thread 0's reads for the request's decision (after the scan), issued here so that they travel with the
+  // routing's instead of after the scan: this kernel writes none of them before the decision (but block 0's flag
+  // for a bad entry, which every block sees itself as `bad`). s is below the table's capacity: in bounds.
+  std::uint32_t was_failed = 0, st_fail = 0, max_tokens = 0;
+  std::uint64_t st_seq = 0, slot_bytes = 0, result_bytes = 0;
+  if (threadIdx.x == 0) {
+    was_failed = load_flag(&tb.head->failed);
+    st_fail = tb.state[s].fail;
+    st_seq = tb.state[s].seq;
+    max_tokens = tb.server[s].max_tokens;
+    slot_bytes = tb.server[s].slot_bytes;
+    result_bytes = tb.server[s].result_bytes;
+  }
   if (s >= servers) return;  // block-uniform
   __shared__ std::int32_t s_warp[kDispatchThreads / 32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -233,21 +246,21 @@ __global__ void __launch_bounds__(kDispatchThreads)
   j.tokens = static_cast<std::uint32_t>(carry);
   j.put_result = 0;
   j.arrivals = 0;
-  if (carry == 0) return;                        // no request
-  if (load_flag(&tb.head->failed) != 0) return;  // this forward is recomputed on the host anyway
-  if (tb.state[s].fail != 0) return;
+  if (carry == 0) return;       // no request
+  if (was_failed != 0) return;  // this forward is recomputed on the host anyway
+  if (st_fail != 0) return;
   const dev_server& sv = tb.server[s];
   const auto n = static_cast<std::uint32_t>(carry);
-  if (n > sv.max_tokens) {
+  if (n > max_tokens) {
     fail_server(tb, s, step_fail::overflow, layer, n);
     return;
   }
   const slot_layout l = layout_for(n, hidden, topk, dtype::bf16);
-  if (l.end > sv.slot_bytes || kOutputs + std::uint64_t{n} * hidden * 4 > sv.result_bytes) {
+  if (l.end > slot_bytes || kOutputs + std::uint64_t{n} * hidden * 4 > result_bytes) {
     fail_server(tb, s, step_fail::exceeds_slot, layer, n);
     return;
   }
-  const std::uint64_t seq = tb.state[s].seq + 1;
+  const std::uint64_t seq = st_seq + 1;
   tb.state[s].seq = seq;
   tb.state[s].requests++;
   if (direct_payload(sv, l) != nullptr)
@@ -270,16 +283,20 @@ __global__ void __launch_bounds__(kPackThreads)
            std::uint64_t stage_stride) {
   pdl_enter();
   const std::uint32_t s = blockIdx.x;
-  if (s >= tb.head->servers) return;
+  // The server count, the job and the server's view read together (one round trip, not three): s is below the
+  // table's capacity, so the job and the view are in bounds even for a block past the servers in use.
+  const std::uint32_t servers = tb.head->servers;
   dev_job& jb = jobs[s];
   const std::uint64_t seq = jb.seq;
-  // Uniform over the server's blocks: both were written by k_dispatch (only the commit below changes put_result,
-  // after every block of the server has read it).
-  if (seq == 0 || jb.put_result != 0) return;
+  const int undelivered = jb.put_result;
   const std::uint32_t n = jb.tokens;
   const slot_layout l = layout_for(n, hidden, topk, dtype::bf16);
+  unsigned char* const out = direct_payload(tb.server[s], l);  // not null for a request: k_dispatch checked it
+  if (s >= servers) return;
+  // Uniform over the server's blocks: written by k_dispatch (only the commit below changes put_result, after every
+  // block of the server has read it).
+  if (seq == 0 || undelivered != 0 || out == nullptr) return;
   unsigned char* st = staging + std::uint64_t{s} * stage_stride;
-  unsigned char* const out = direct_payload(tb.server[s], l);  // not null: k_dispatch checked it
   if (blockIdx.y == 0 && threadIdx.x == 0) {
     slot_header h{};
     h.magic = kSlotMagic;
@@ -374,7 +391,8 @@ __global__ void __launch_bounds__(kPackThreads)
 
 // Block s (thread 0): waits for server s's answer (bounded), checks its header. The acquire of the
 // wait orders this thread's reads of the header after the server's writes; the combine (a later kernel)
-// reads the rows after this kernel ended. It spins: it does not let the combine's blocks in early (pdl.cuh).
+// reads the rows after this kernel ended. It spins: it lets the combine's blocks in only once its answer is
+// there (pdl.cuh), so that they are made resident while it checks the header and the kernel drains.
 __global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, std::uint64_t timeout_ns,
                        std::uint64_t* stamp) {
   pdl_wait();
@@ -401,6 +419,7 @@ __global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, 
     if (st == status::ok) {
       atomicMax(reinterpret_cast<unsigned long long*>(stamp + kStampAnswered),
                 static_cast<unsigned long long>(eaas::now_ns()));
+      pdl_release();
       break;
     }
     if (st != status::timeout) {
@@ -430,39 +449,64 @@ __global__ void k_wait(dev_tables tb, const dev_job* jobs, std::uint32_t layer, 
     fail_server(tb, s, step_fail::bad_answer, layer, rh->tokens);
 }
 
-// Block t: x[t] += Σ over the servers that answered this layer, in table order, of their row for t. The last
-// block to finish stamps the layer's end (ticket: a device word, 0 again after); in the forward's last layer it
-// then writes the forward's summary into the host's mapped pinned buffer: the table's head and states
-// (head_bytes from tb.head), then every layer's stamps (stamp_words from `stamps`). No copy follows the forward.
+// Block t: x[t] += Σ over the servers that answered this layer, in table order, of their row for t (summed per
+// group of kCombineThreads servers). The last block to finish stamps the layer's end (ticket: a device word, 0
+// again after); in the forward's last layer it then writes the forward's summary into the host's mapped pinned
+// buffer: the table's head and states (head_bytes from tb.head), then every layer's stamps (stamp_words from
+// `stamps`). No copy follows the forward.
 __global__ void __launch_bounds__(kCombineThreads)
     k_combine(dev_tables tb, const dev_job* jobs, const std::int32_t* row_of, std::uint32_t tokens,
               std::uint32_t hidden, float* x, unsigned int* ticket, std::uint64_t* stamp, unsigned char* summary,
               std::uint32_t head_bytes, const std::uint64_t* stamps, std::uint32_t stamp_words) {
+  __shared__ const float4* s_rows[kCombineThreads];
+  __shared__ int s_count[kCombineThreads / 32];
   pdl_enter();
   const std::uint32_t t = blockIdx.x, servers = tb.head->servers, vecs = hidden / 4;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   float4* xr = reinterpret_cast<float4*>(x + std::size_t{t} * hidden);
-  for (std::uint32_t v = threadIdx.x; v < vecs; v += blockDim.x) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (std::uint32_t s = 0; s < servers; ++s) {
-      if (jobs[s].seq == 0 || tb.state[s].fail != 0) continue;
+  // A thread per server reads its job, state, row for t and result region together (one round trip, not four in
+  // a row); the rows that count are listed in table order, then summed.
+  for (std::uint32_t s0 = 0; s0 < servers; s0 += kCombineThreads) {
+    const std::uint32_t s = s0 + static_cast<std::uint32_t>(tid);
+    const float4* row = nullptr;
+    if (s < servers) {
+      const std::uint64_t seq = jobs[s].seq;
+      const std::uint32_t fail = tb.state[s].fail;
       const std::int32_t r = row_of[std::size_t{s} * tokens + t];
-      if (r < 0) continue;
-      const float4* ans = reinterpret_cast<const float4*>(tb.server[s].result + kOutputs);
-      const float4 a = __ldcg(ans + std::size_t(r) * vecs + v);  // written by a peer: not from L1
-      acc.x += a.x;
-      acc.y += a.y;
-      acc.z += a.z;
-      acc.w += a.w;
+      const unsigned char* result = tb.server[s].result;
+      if (seq != 0 && fail == 0 && r >= 0)
+        row = reinterpret_cast<const float4*>(result + kOutputs) + std::size_t(r) * vecs;
     }
-    float4 o = xr[v];
-    o.x += acc.x;
-    o.y += acc.y;
-    o.z += acc.z;
-    o.w += acc.w;
-    xr[v] = o;
+    const unsigned listed_here = __ballot_sync(0xffffffffu, row != nullptr);
+    if (lane == 0) s_count[warp] = __popc(listed_here);
+    __syncthreads();
+    int before = 0, listed = 0;
+#pragma unroll
+    for (int w = 0; w < kCombineThreads / 32; ++w) {
+      before += w < warp ? s_count[w] : 0;
+      listed += s_count[w];
+    }
+    if (row != nullptr) s_rows[before + __popc(listed_here & ((1u << lane) - 1))] = row;
+    __syncthreads();
+    for (std::uint32_t v = threadIdx.x; listed != 0 && v < vecs; v += blockDim.x) {
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int i = 0; i < listed; ++i) {
+        const float4 a = __ldcg(s_rows[i] + v);  // written by a peer: not from L1
+        acc.x += a.x;
+        acc.y += a.y;
+        acc.z += a.z;
+        acc.w += a.w;
+      }
+      float4 o = xr[v];
+      o.x += acc.x;
+      o.y += acc.y;
+      o.z += acc.z;
+      o.w += acc.w;
+      xr[v] = o;
+    }
+    __syncthreads();  // s_rows and s_count are rewritten by the next group
   }
   __shared__ int s_last;
-  __syncthreads();
   if (threadIdx.x == 0) {
     cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*ticket);
     s_last = done.fetch_add(1, cuda::std::memory_order_relaxed) + 1 == gridDim.x ? 1 : 0;
@@ -540,6 +584,7 @@ class step_impl final : public client_step {
   const float* device_out() const override { return x_.as<float>(); }
 
   status forward(std::span<const std::uint32_t> tokens, std::span<step_server> servers, step_result& r) override {
+    const std::uint64_t called = eaas::now_ns();
     const model_shape& sh = cfg_.shape;
     const auto T = static_cast<std::uint32_t>(tokens.size());
     if (T == 0 || T > cfg_.max_tokens)
@@ -570,7 +615,9 @@ class step_impl final : public client_step {
     // link's IPC mapping) does not fail the forward: its kernels run uncaptured this once, and the next forward
     // captures again (exec_ stays null). A real CUDA failure then shows in the uncaptured launches.
     bool replay = cfg_.graph;
+    r.captured = false;
     if (cfg_.graph && (exec_ == nullptr || graph_tokens_ != T)) {
+      r.captured = true;
       if (const status st = capture(T); st != status::ok) {
         if (st != status::internal_error) return st;
         replay = false;
@@ -615,6 +662,7 @@ class step_impl final : public client_step {
     } else {
       EAAS_CHECK(enqueue(T));
     }
+    const std::uint64_t queued = eaas::now_ns();
     // Back: the head, states and stamps are in summary_host_ once the forward completed (its last kernel wrote
     // them); with host_output the hidden states and routing are copied.
     const std::size_t H = sh.hidden, K = sh.topk, L = sh.layers, TM = cfg_.max_tokens;
@@ -629,7 +677,9 @@ class step_impl final : public client_step {
                                         T * K * 4, cudaMemcpyDeviceToHost, stream_));
       }
     }
+    const std::uint64_t waiting = eaas::now_ns();
     EAAS_STEPC_CUDA(cudaStreamSynchronize(stream_));
+    r.wait_ns = eaas::now_ns() - waiting;
 
     if (full) {
       r.out.resize(T * H);
@@ -649,17 +699,22 @@ class step_impl final : public client_step {
     const auto* done_state = reinterpret_cast<const dev_state*>(summary_host_ + tl.state);
     r.layer_ns.resize(L);
     r.phases.resize(L);
+    const auto span = [](std::uint64_t from, std::uint64_t to) { return from != 0 && to > from ? to - from : 0; };
+    std::uint64_t first = 0, prev_done = 0;
     for (std::size_t l = 0; l < L; ++l) {
       std::uint64_t st[kStamps];
       std::memcpy(st, summary_host_ + tl.server + l * kStamps * 8, sizeof(st));
-      const auto span = [](std::uint64_t from, std::uint64_t to) { return from != 0 && to > from ? to - from : 0; };
       r.layer_ns[l] = span(st[kStampDispatch], st[kStampDone]);
       // No answer seen (no request in this layer): the whole layer is sending and combining.
       const std::uint64_t answered = st[kStampAnswered] != 0 ? st[kStampAnswered] : st[kStampWait];
       r.phases[l] = layer_phases{.send_ns = span(st[kStampDispatch], st[kStampWait]),
                                  .round_ns = span(st[kStampWait], answered),
-                                 .combine_ns = span(answered, st[kStampDone])};
+                                 .combine_ns = span(answered, st[kStampDone]),
+                                 .dense_ns = span(prev_done, st[kStampDispatch])};
+      if (l == 0) first = st[kStampDispatch];
+      prev_done = st[kStampDone];
     }
+    r.device_ns = span(first, prev_done);
     r.outcomes.resize(S);
     bool any = false;
     for (std::uint32_t s = 0; s < S; ++s) {
@@ -675,6 +730,8 @@ class step_impl final : public client_step {
       any = any || o.fail != step_fail::none;
     }
     r.complete = done_head->failed == 0 && !any;
+    r.prepare_ns = queued - called;
+    r.wall_ns = eaas::now_ns() - called;
     return status::ok;
   }
 

@@ -130,10 +130,10 @@ constexpr const char* step_fail_name(step_fail f) {
 /// One server's outcome of a forward.
 struct step_outcome {
   step_fail fail = step_fail::none;
-  std::uint32_t layer = 0;     ///< the layer that failed
-  std::uint32_t detail = 0;    ///< slot_error for `refused`, a status for `not_delivered`
-  std::uint64_t seq = 0;       ///< its request counter after the forward
-  std::uint32_t requests = 0;  ///< requests sent to it in this forward
+  std::uint32_t layer = 0;            ///< the layer that failed
+  std::uint32_t detail = 0;           ///< slot_error for `refused`, a status for `not_delivered`
+  std::uint64_t seq = 0;              ///< its request counter after the forward
+  std::uint32_t requests = 0;         ///< requests sent to it in this forward
   std::uint32_t direct_requests = 0;  ///< of those, packed straight into its slot over NVLink (peer_pointer)
 };
 
@@ -142,6 +142,9 @@ struct layer_phases {
   std::uint64_t send_ns = 0;     ///< dispatch began .. every request committed (the wait began)
   std::uint64_t round_ns = 0;    ///< .. the last answer seen: the servers' time and both detections
   std::uint64_t combine_ns = 0;  ///< .. the combine ended
+  /// The attention and router before this layer's dispatch: from the previous layer's combine end (0 in the
+  /// first layer, whose start is not stamped).
+  std::uint64_t dense_ns = 0;
 };
 
 /// What one forward left.
@@ -150,8 +153,14 @@ struct step_result {
   std::vector<runtime::routing> layers;  ///< each layer's routing, as computed on the device (ditto)
   std::vector<std::uint64_t> layer_ns;   ///< each MoE layer's round trip (dispatch to combine, device clock)
   std::vector<layer_phases> phases;      ///< the same, split
-  std::vector<step_outcome> outcomes;    ///< one per server, in the order given
-  bool complete = false;                 ///< no server failed and the table covered every entry: `out` is right
+  std::uint64_t device_ns = 0;           ///< the first layer's dispatch .. the last layer's combine end
+  /// forward()'s own time on the host (its call to its return), of that the part before the forward was queued
+  /// (the table, the tokens, the launch) and the wait for it to complete: with device_ns, what the host's turn
+  /// between forwards costs.
+  std::uint64_t wall_ns = 0, prepare_ns = 0, wait_ns = 0;
+  bool captured = false;               ///< this forward captured its graph first (its host times include the capture)
+  std::vector<step_outcome> outcomes;  ///< one per server, in the order given
+  bool complete = false;               ///< no server failed and the table covered every entry: `out` is right
 };
 
 class client_step {

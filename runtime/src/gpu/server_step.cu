@@ -249,8 +249,13 @@ __device__ void take_slot(const round_args& a, std::uint32_t i, front_smem& s) {
     st.put_result = 0;
     st.direct = 0;
     const server_slot_config& c = a.cfg[i];
-    const std::uint64_t v = c.used != 0 ? sig_word(a, i) : st.last_sig;
-    if (v != st.last_sig) {
+    // The config's flag and the cursor are read before the word (plain loads, then the acquire): the three
+    // travel together, not one after the other. The word is in the server's own slots region, used or not.
+    const bool used = c.used != 0;
+    const std::uint64_t last = st.last_sig;
+    const std::uint64_t word = sig_word(a, i);
+    const std::uint64_t v = used ? word : last;
+    if (v != last) {
       // The commit word with acquire (slot.hpp), then a private copy, each word read once (the peer may be
       // writing the slot again): a committed request's header, routing and rows (read by this block after
       // the barrier below, and by later kernels) are then all the owner wrote before its commit.
@@ -264,7 +269,7 @@ __device__ void take_slot(const round_args& a, std::uint32_t i, front_smem& s) {
       for (std::size_t k = 0; k < sizeof(slot_header) / 8; ++k) w[k] = __ldcg(src + k);
       slot_header h;
       memcpy(&h, w, sizeof(h));
-      slot_cursor cur{st.last_sig, st.expected, st.ignored_sig};
+      slot_cursor cur{last, st.expected, st.ignored_sig};
       const slot_look look = look_at_slot(cur, v, committed, h, c.grant);
       st.last_sig = cur.last_sig;
       st.ignored_sig = cur.ignored_sig;
@@ -476,7 +481,9 @@ __global__ void __launch_bounds__(kFrontThreads) k_front(round_args a) {
   __syncthreads();
   if (const std::uint32_t i = blockIdx.x + threadIdx.x * gridDim.x; i < a.clients) {
     server_slot_state& st = a.st[i];
-    if (a.cfg[i].used != 0 && sig_word(a, i) != st.last_sig) {
+    const bool used = a.cfg[i].used != 0;  // plain loads before the word's acquire: one round trip for the three
+    const std::uint64_t last = st.last_sig;
+    if (const std::uint64_t word = sig_word(a, i); used && word != last) {
       s.list[atomicAdd(&s.n, 1u)] = i;
     } else {
       st.verdict = static_cast<std::uint32_t>(slot_verdict::none);
