@@ -14,6 +14,7 @@
 
 #include "capture_lock.hpp"
 #include "client_step.hpp"
+#include "combine.cuh"
 #include "cuda_fail.cuh"
 #include "dense_gpu.hpp"
 #include "dense_gpu_detail.cuh"
@@ -458,24 +459,23 @@ __global__ void __launch_bounds__(kCombineThreads)
     k_combine(dev_tables tb, const dev_job* jobs, const std::int32_t* row_of, std::uint32_t tokens,
               std::uint32_t hidden, float* x, unsigned int* ticket, std::uint64_t* stamp, unsigned char* summary,
               std::uint32_t head_bytes, const std::uint64_t* stamps, std::uint32_t stamp_words) {
-  __shared__ const float4* s_rows[kCombineThreads];
+  __shared__ const float* s_rows[kCombineThreads];
   __shared__ int s_count[kCombineThreads / 32];
   pdl_enter();
-  const std::uint32_t t = blockIdx.x, servers = tb.head->servers, vecs = hidden / 4;
+  const std::uint32_t t = blockIdx.x, servers = tb.head->servers;
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-  float4* xr = reinterpret_cast<float4*>(x + std::size_t{t} * hidden);
   // A thread per server reads its job, state, row for t and result region together (one round trip, not four in
   // a row); the rows that count are listed in table order, then summed.
   for (std::uint32_t s0 = 0; s0 < servers; s0 += kCombineThreads) {
     const std::uint32_t s = s0 + static_cast<std::uint32_t>(tid);
-    const float4* row = nullptr;
+    const float* row = nullptr;
     if (s < servers) {
       const std::uint64_t seq = jobs[s].seq;
       const std::uint32_t fail = tb.state[s].fail;
       const std::int32_t r = row_of[std::size_t{s} * tokens + t];
       const unsigned char* result = tb.server[s].result;
       if (seq != 0 && fail == 0 && r >= 0)
-        row = reinterpret_cast<const float4*>(result + kOutputs) + std::size_t(r) * vecs;
+        row = reinterpret_cast<const float*>(result + kOutputs) + std::size_t(r) * hidden;
     }
     const unsigned listed_here = __ballot_sync(0xffffffffu, row != nullptr);
     if (lane == 0) s_count[warp] = __popc(listed_here);
@@ -488,22 +488,9 @@ __global__ void __launch_bounds__(kCombineThreads)
     }
     if (row != nullptr) s_rows[before + __popc(listed_here & ((1u << lane) - 1))] = row;
     __syncthreads();
-    for (std::uint32_t v = threadIdx.x; listed != 0 && v < vecs; v += blockDim.x) {
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int i = 0; i < listed; ++i) {
-        const float4 a = __ldcg(s_rows[i] + v);  // written by a peer: not from L1
-        acc.x += a.x;
-        acc.y += a.y;
-        acc.z += a.z;
-        acc.w += a.w;
-      }
-      float4 o = xr[v];
-      o.x += acc.x;
-      o.y += acc.y;
-      o.z += acc.z;
-      o.w += acc.w;
-      xr[v] = o;
-    }
+    if (listed != 0)  // block-uniform
+      add_rows([&](std::uint32_t i) { return s_rows[i]; }, static_cast<std::uint32_t>(listed), hidden,
+               x + std::size_t{t} * hidden);
     __syncthreads();  // s_rows and s_count are rewritten by the next group
   }
   __shared__ int s_last;
