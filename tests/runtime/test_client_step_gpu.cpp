@@ -476,6 +476,14 @@ TEST_CASE("GPU client step: double batching captures while servers join and leav
   CHECK(st.micro_batches == 2);
   CHECK(st.graph_captures >= forwards);  // two halves, each a new token count every forward
   CHECK(st.dropped_servers >= 2);        // a leave is seen by both inner clients
+  // Both halves' device stamps are summed (each half is a device forward of its own), and every half captured
+  // its graph first (a new token count each time): none counts into the host's timings.
+  CHECK(st.device_forwards > 0);
+  CHECK(st.device_layers == st.device_forwards * kShape.layers);
+  CHECK(st.device_dense_layers == st.device_forwards * (kShape.layers - 1));
+  CHECK(st.device_forward_ns > 0);
+  CHECK(st.device_timed_forwards == 0);
+  CHECK(st.device_wall_ns == 0);
 }
 
 int main(int argc, char** argv) {
