@@ -59,26 +59,18 @@ class micro_batched final : public attention_client {
     const client_stats x = a_->stats(), y = b_->stats();
     client_stats s;
     s.forwards = forwards_;
-    s.requests = x.requests + y.requests;
-    s.dropped_servers = x.dropped_servers + y.dropped_servers;
-    s.resent_entries = x.resent_entries + y.resent_entries;
-    s.device_forwards = x.device_forwards + y.device_forwards;
-    s.fallback_forwards = x.fallback_forwards + y.fallback_forwards;
-    s.graph_captures = x.graph_captures + y.graph_captures;
-    s.capture_retries = x.capture_retries + y.capture_retries;
-    s.direct_requests = x.direct_requests + y.direct_requests;
-    s.device_layers = x.device_layers + y.device_layers;
-    s.device_send_ns = x.device_send_ns + y.device_send_ns;
-    s.device_round_ns = x.device_round_ns + y.device_round_ns;
-    s.device_combine_ns = x.device_combine_ns + y.device_combine_ns;
-    s.device_dense_layers = x.device_dense_layers + y.device_dense_layers;
-    s.device_dense_ns = x.device_dense_ns + y.device_dense_ns;
-    s.device_forward_ns = x.device_forward_ns + y.device_forward_ns;
-    s.device_timed_forwards = x.device_timed_forwards + y.device_timed_forwards;
-    s.device_wall_ns = x.device_wall_ns + y.device_wall_ns;
-    s.device_prepare_ns = x.device_prepare_ns + y.device_prepare_ns;
-    s.device_wait_ns = x.device_wait_ns + y.device_wait_ns;
-    s.device_call_ns = x.device_call_ns + y.device_call_ns;
+    // Every counter of the halves is summed (each half is a forward of its own on the device path), but the
+    // forwards, which are this client's, and the micro-batch count.
+    using S = client_stats;
+    // clang-format off
+    static constexpr std::uint64_t S::*kSummed[] = {
+        &S::requests, &S::dropped_servers, &S::resent_entries, &S::device_forwards, &S::direct_requests,
+        &S::fallback_forwards, &S::graph_captures, &S::capture_retries, &S::device_layers, &S::device_send_ns,
+        &S::device_round_ns, &S::device_combine_ns, &S::device_dense_layers, &S::device_dense_ns,
+        &S::device_forward_ns, &S::device_timed_forwards, &S::device_wall_ns, &S::device_prepare_ns,
+        &S::device_wait_ns, &S::device_call_ns};
+    // clang-format on
+    for (const auto m : kSummed) s.*m = x.*m + y.*m;
     s.micro_batches = mode_ == micro_batching::two ? 2 : decided() ? (prefer_two() ? 2 : 1) : 0;
     return s;
   }
