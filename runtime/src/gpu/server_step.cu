@@ -517,6 +517,22 @@ __device__ __forceinline__ std::uint32_t slot_of(const round_args& a, std::uint3
   return lo;
 }
 
+// out[j] = convert(in[j]) for j < vecs by the 32 lanes of a warp (this one is `lane`), kCopyUnroll 16-byte loads
+// per lane in flight (all issued before any store); `in` is read from L2 (a peer wrote it).
+template <class In, class Out, class Convert>
+__device__ __forceinline__ void warp_copy(const In* in, Out* out, std::uint32_t vecs, std::uint32_t lane,
+                                          Convert convert) {
+  for (std::uint32_t j0 = lane; j0 < vecs; j0 += 32 * kCopyUnroll) {
+    In v[kCopyUnroll];
+#pragma unroll
+    for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
+      if (j0 + 32 * u < vecs) v[u] = __ldcg(in + j0 + 32 * u);
+#pragma unroll
+    for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
+      if (j0 + 32 * u < vecs) out[j0 + 32 * u] = convert(v[u]);
+  }
+}
+
 // Each (token, k) pair of the served requests gets its row (or -1), its row its router weight and its activation
 // row (bf16; an f32 row is converted as expert_step does), each token its slot. A warp per pair, the pairs walked
 // with the grid's stride; the warp's lanes copy the row, kCopyUnroll 16-byte vectors each in flight. Without
@@ -564,39 +580,17 @@ __global__ void __launch_bounds__(kPlaceThreads) k_place(round_args a) {
     }
     if (row < 0) continue;  // warp-uniform
     __nv_bfloat16* dst = a.x + std::size_t(row) * h;
-    if (hd.type == static_cast<std::uint16_t>(dtype::bf16)) {
-      const auto* in = reinterpret_cast<const uint4*>(src);
-      auto* out = reinterpret_cast<uint4*>(dst);
-      const std::uint32_t vecs = h / 8;
-      for (std::uint32_t j0 = lane; j0 < vecs; j0 += 32 * kCopyUnroll) {
-        uint4 v[kCopyUnroll];
-#pragma unroll
-        for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
-          if (j0 + 32 * u < vecs) v[u] = __ldcg(in + j0 + 32 * u);
-#pragma unroll
-        for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
-          if (j0 + 32 * u < vecs) out[j0 + 32 * u] = v[u];
-      }
-    } else {
-      const auto* in = reinterpret_cast<const float4*>(src);
-      auto* out = reinterpret_cast<uint2*>(dst);
-      const std::uint32_t vecs = h / 4;
-      for (std::uint32_t j0 = lane; j0 < vecs; j0 += 32 * kCopyUnroll) {
-        float4 v[kCopyUnroll];
-#pragma unroll
-        for (std::uint32_t u = 0; u < kCopyUnroll; ++u)
-          if (j0 + 32 * u < vecs) v[u] = __ldcg(in + j0 + 32 * u);
-#pragma unroll
-        for (std::uint32_t u = 0; u < kCopyUnroll; ++u) {
-          if (j0 + 32 * u >= vecs) continue;
-          __nv_bfloat162 lo = __floats2bfloat162_rn(v[u].x, v[u].y), hi = __floats2bfloat162_rn(v[u].z, v[u].w);
-          uint2 packed;
-          memcpy(&packed.x, &lo, 4);
-          memcpy(&packed.y, &hi, 4);
-          out[j0 + 32 * u] = packed;
-        }
-      }
-    }
+    if (hd.type == static_cast<std::uint16_t>(dtype::bf16))
+      warp_copy(reinterpret_cast<const uint4*>(src), reinterpret_cast<uint4*>(dst), h / 8, lane,
+                [](const uint4& v) { return v; });
+    else  // f32 rows converted as expert_step does
+      warp_copy(reinterpret_cast<const float4*>(src), reinterpret_cast<uint2*>(dst), h / 4, lane, [](const float4& v) {
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+        uint2 packed;
+        memcpy(&packed.x, &lo, 4);
+        memcpy(&packed.y, &hi, 4);
+        return packed;
+      });
   }
 }
 
